@@ -1,0 +1,1 @@
+"""The fedge wire protocol: topics, tensor encoding, sealed envelopes, validation."""

@@ -1,0 +1,108 @@
+"""MQTT topic layout: the one place that names every topic fedge uses.
+
+Layout on a regional broker (``{fleet}`` and ``{region}`` are configuration;
+``{device}`` is the device id, which is also its MQTT username so that
+Mosquitto ACL ``pattern`` lines with ``%u`` confine a device to its own topics)::
+
+    fedge/{fleet}/dev/{device}/up/update      device -> regional aggregator (sealed update or chunks)
+    fedge/{fleet}/dev/{device}/down/receipt   regional aggregator -> device (signed receipt)
+    fedge/{fleet}/dev/{device}/down/candidates regional aggregator -> device (FedFomo candidate models)
+    fedge/{fleet}/dev/{device}/presence       device presence, retained; the last will sets it offline
+    fedge/{fleet}/model/global                regional aggregator -> devices, retained signed model
+    fedge/{fleet}/region/{region}/up/aggregate regional aggregator -> root (bridged out to the root broker)
+    fedge/{fleet}/root/model/global           root -> regional aggregators (bridged in from the root broker)
+
+A device may write only under ``dev/{device}/up/`` and its presence topic and
+read only ``dev/{device}/down/#`` and ``model/#``; it can never publish a
+model. Aggregators use shared subscriptions (``$share/{group}/...``) on the
+update topic so several aggregator processes can split one region's load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_FORBIDDEN = set("/+#\x00")
+
+
+def _check_segment(kind: str, value: str) -> str:
+    if not value or any(ch in _FORBIDDEN for ch in value) or value.startswith("$"):
+        raise ValueError(f"{kind} {value!r} is not a valid topic segment (no '/', '+', '#', NUL, or leading '$')")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class TopicLayout:
+    """Topic names for one fleet. ``fleet`` must be a single topic segment."""
+
+    fleet: str
+    root_prefix: str = "fedge"
+
+    def __post_init__(self) -> None:
+        _check_segment("fleet", self.fleet)
+        _check_segment("root prefix", self.root_prefix)
+
+    @property
+    def base(self) -> str:
+        """Prefix shared by every topic of this fleet."""
+        return f"{self.root_prefix}/{self.fleet}"
+
+    def device_update(self, device: str) -> str:
+        """Where a device publishes its sealed updates."""
+        return f"{self.base}/dev/{_check_segment('device id', device)}/up/update"
+
+    def device_receipt(self, device: str) -> str:
+        """Where the aggregator answers a device with a receipt."""
+        return f"{self.base}/dev/{_check_segment('device id', device)}/down/receipt"
+
+    def device_candidates(self, device: str) -> str:
+        """Where the aggregator serves FedFomo candidate models to one device."""
+        return f"{self.base}/dev/{_check_segment('device id', device)}/down/candidates"
+
+    def device_presence(self, device: str) -> str:
+        """Retained presence topic of one device (last will)."""
+        return f"{self.base}/dev/{_check_segment('device id', device)}/presence"
+
+    @property
+    def global_model(self) -> str:
+        """Retained, signed model that devices of a region train from."""
+        return f"{self.base}/model/global"
+
+    def region_aggregate(self, region: str) -> str:
+        """Where a regional aggregator sends its sealed aggregate to the root."""
+        return f"{self.base}/region/{_check_segment('region', region)}/up/aggregate"
+
+    @property
+    def root_model(self) -> str:
+        """Where the root publishes the signed global model for the regions."""
+        return f"{self.base}/root/model/global"
+
+    @property
+    def all_device_updates(self) -> str:
+        """Subscription filter matching every device's updates."""
+        return f"{self.base}/dev/+/up/update"
+
+    @property
+    def all_region_aggregates(self) -> str:
+        """Subscription filter matching every region's aggregate."""
+        return f"{self.base}/region/+/up/aggregate"
+
+    def shared(self, group: str, topic_filter: str) -> str:
+        """A shared-subscription filter so several processes split one stream."""
+        return f"$share/{_check_segment('share group', group)}/{topic_filter}"
+
+    def device_of(self, topic: str) -> str | None:
+        """The device id in a ``dev/{device}/...`` topic, or None for any other topic."""
+        parts = topic.split("/")
+        base = self.base.split("/")
+        if len(parts) > len(base) + 2 and parts[: len(base)] == base and parts[len(base)] == "dev":
+            return parts[len(base) + 1]
+        return None
+
+    def region_of(self, topic: str) -> str | None:
+        """The region in a ``region/{region}/...`` topic, or None for any other topic."""
+        parts = topic.split("/")
+        base = self.base.split("/")
+        if len(parts) > len(base) + 2 and parts[: len(base)] == base and parts[len(base)] == "region":
+            return parts[len(base) + 1]
+        return None

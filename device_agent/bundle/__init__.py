@@ -1,0 +1,1 @@
+"""Signed training bundles: manifest schema and on-device verification."""

@@ -1,0 +1,194 @@
+"""Opening a training bundle on the device: signature first, then every file hash.
+
+A bundle is a zip archive (``.fedge``) or the directory it was installed to,
+holding ``manifest.json``, ``manifest.sig`` (64-byte Ed25519 signature over the
+manifest's exact bytes) and the files the manifest lists. Nothing is parsed
+before the signature checks out against a trusted fleet key, and no artifact is
+used before its SHA-256 matches. Any authentication failure (unknown signer,
+bad signature, hash or size mismatch, missing or extra file) raises the same
+opaque :class:`BundleVerificationError`; a well-signed but structurally bad
+manifest raises :class:`BundleError` with details.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from cryptography.exceptions import InvalidSignature
+
+from device_agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, BundleManifest, parse_manifest
+from device_agent.errors import BundleError, BundleVerificationError
+from device_agent.keys import TrustedKeys, trusted_key_map
+
+logger = logging.getLogger(__name__)
+
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_FILE_BYTES = 256 << 20
+MAX_FILES = 64
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingBundle:
+    """A verified bundle installed in ``directory``; ``manifest`` is authentic."""
+
+    manifest: BundleManifest
+    directory: Path
+    manifest_sha256: str
+
+    def path(self, file_name: str) -> Path:
+        """Path of a file the manifest lists; KeyError for anything else."""
+        if file_name not in self.manifest.files:
+            raise KeyError(file_name)
+        return self.directory / file_name
+
+
+def _hash_stream(fh: BinaryIO, limit: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := fh.read(_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise BundleVerificationError()
+        digest.update(chunk)
+    return digest.hexdigest(), size
+
+
+class _Source:
+    """Uniform read access to a zip bundle or an installed bundle directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._zip: zipfile.ZipFile | None = None
+        if path.is_dir():
+            self.names = {p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")}
+        elif path.is_file():
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise BundleError(f"{path} is not a fedge bundle archive: {exc}") from exc
+            names = self._zip.namelist()
+            if len(names) != len(set(names)) or any("/" in n or "\\" in n or n.startswith(".") for n in names):
+                raise BundleVerificationError()
+            self.names = set(names)
+        else:
+            raise BundleError(f"no bundle at {path}")
+
+    def open(self, name: str) -> BinaryIO:
+        if name not in self.names:
+            raise BundleVerificationError()
+        if self._zip is not None:
+            return self._zip.open(name)  # type: ignore[return-value]
+        return open(self.path / name, "rb")
+
+    def read_small(self, name: str, limit: int) -> bytes:
+        with self.open(name) as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise BundleVerificationError()
+        return data
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def _verify(source: _Source, trusted: TrustedKeys, on_file: Callable[[str, BinaryIO], None] | None) -> tuple[BundleManifest, bytes]:
+    keys = trusted_key_map(trusted)
+    if not keys:
+        raise ValueError("no trusted fleet key given")
+    raw = source.read_small(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    signature = source.read_small(SIGNATURE_NAME, 64)
+    # Try every trusted key rather than trusting the manifest's own signer field before
+    # the signature is checked; a fleet rarely has more than two keys (rotation).
+    if not any(_signature_ok(k, signature, raw) for k in keys.values()):
+        raise BundleVerificationError()
+    manifest = parse_manifest(raw)
+    if len(manifest.files) > MAX_FILES:
+        raise BundleError(f"bundle lists {len(manifest.files)} files; at most {MAX_FILES} are allowed")
+    if source.names != set(manifest.files) | {MANIFEST_NAME, SIGNATURE_NAME}:
+        raise BundleVerificationError()
+    for name, entry in sorted(manifest.files.items()):
+        if entry.size > MAX_FILE_BYTES:
+            raise BundleVerificationError()
+        with source.open(name) as fh:
+            digest, size = _hash_stream(fh, entry.size)
+        if size != entry.size or digest != entry.sha256:
+            raise BundleVerificationError()
+        if on_file is not None:
+            with source.open(name) as fh:
+                on_file(name, fh)
+    return manifest, raw
+
+
+def _signature_ok(key: object, signature: bytes, raw: bytes) -> bool:
+    try:
+        key.verify(signature, raw)  # type: ignore[attr-defined]
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_bundle(path: str | os.PathLike[str], trusted: TrustedKeys) -> BundleManifest:
+    """Check a bundle (archive or directory) against the trusted fleet keys and return its manifest."""
+    source = _Source(Path(path))
+    try:
+        return _verify(source, trusted, None)[0]
+    finally:
+        source.close()
+
+
+def install_bundle(path: str | os.PathLike[str], trusted: TrustedKeys, dest: str | os.PathLike[str]) -> TrainingBundle:
+    """Verify a bundle and install it into directory ``dest`` atomically.
+
+    ``dest`` is replaced only once every file has been checked and written, so
+    a crash leaves either the old installation or the new one, never a mix.
+    """
+    source = _Source(Path(path))
+    dest_path = Path(dest)
+    dest_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=dest_path.parent))
+    try:
+        def copy(name: str, fh: BinaryIO) -> None:
+            with open(staging / name, "wb") as out:
+                shutil.copyfileobj(fh, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+
+        manifest, raw = _verify(source, trusted, copy)
+        signature = source.read_small(SIGNATURE_NAME, 64)
+        (staging / MANIFEST_NAME).write_bytes(raw)
+        (staging / SIGNATURE_NAME).write_bytes(signature)
+        if dest_path.exists():
+            old = dest_path.with_name(dest_path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest_path, old)
+            os.replace(staging, dest_path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, dest_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        source.close()
+    logger.info("installed bundle %s v%s into %s", manifest.model_name, manifest.bundle_version, dest_path)
+    return TrainingBundle(manifest=manifest, directory=dest_path, manifest_sha256=hashlib.sha256(raw).hexdigest())
+
+
+def load_bundle(directory: str | os.PathLike[str], trusted: TrustedKeys) -> TrainingBundle:
+    """Re-verify an installed bundle directory (or an archive, read in place is not possible: use install_bundle)."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise BundleError(f"{path} is not an installed bundle directory; install the archive with install_bundle()")
+    source = _Source(path)
+    manifest, raw = _verify(source, trusted, None)
+    return TrainingBundle(manifest=manifest, directory=path, manifest_sha256=hashlib.sha256(raw).hexdigest())

@@ -1,0 +1,343 @@
+"""The bundle manifest: what a training bundle contains, parsed and validated in one place.
+
+The manifest is JSON. The device trusts nothing in it until the Ed25519
+signature over its exact bytes has been checked (see ``archive.py``); after
+that, :func:`parse_manifest` is the only code that turns those bytes into
+typed objects, and it rejects anything structurally wrong with a
+:class:`~device_agent.errors.BundleError` that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from device_agent.errors import BundleError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+ANCHOR_PREFIX = "anchor."
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_SUPPORTED_DTYPES = {"float32", "int64"}
+
+
+class TrainingMode(str, Enum):
+    """How the bundle trains.
+
+    ``fedavg``: every parameter shared, plain local SGD/AdamW.
+    ``fedprox``: every parameter shared, proximal term mu/2 ||w - w_global||^2.
+    ``fedsim``: shared layers + personal head updated together (Pillutla et al. 2022), prox on shared.
+    ``fedalt``: personal head first with shared frozen, then shared with the head frozen.
+    """
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDSIM = "fedsim"
+    FEDALT = "fedalt"
+
+
+class LossKind(str, Enum):
+    """Task losses the bundle builder supports."""
+
+    CROSS_ENTROPY = "cross_entropy"
+    MSE = "mse"
+    BCE_WITH_LOGITS = "bce_with_logits"
+
+
+class OptimizerKind(str, Enum):
+    """Optimizers the bundle builder supports (learning rate settable at run time)."""
+
+    SGD = "sgd"
+    ADAMW = "adamw"
+
+
+class ArtifactSetName(str, Enum):
+    """Which parameters an artifact set trains."""
+
+    JOINT = "joint"  # every trainable parameter (fedavg, fedprox, fedsim)
+    PERSONAL = "personal"  # personal head only (fedalt phase 1)
+    SHARED = "shared"  # shared layers only (fedalt phase 2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParameterInfo:
+    """One model parameter: its name, shape, dtype and role (``shared``/``personal``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    """A graph input: name, shape (``None`` for the batch axis) and dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArtifactSet:
+    """File names of one ORT training artifact set and the parameters it updates."""
+
+    name: ArtifactSetName
+    training_model: str
+    eval_model: str
+    optimizer_model: str
+    checkpoint: str
+    trainable: tuple[str, ...]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file this set needs."""
+        return (self.training_model, self.eval_model, self.optimizer_model, self.checkpoint)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hyperparameters:
+    """Training hyper-parameters baked into (or defaulted by) the bundle."""
+
+    mode: TrainingMode
+    mu: float
+    loss: LossKind
+    optimizer: OptimizerKind
+    learning_rate: float
+    num_classes: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry:
+    """Size and SHA-256 (hex) of one file in the bundle."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleManifest:
+    """Everything a device needs to know about a bundle before loading any artifact."""
+
+    format_version: int
+    model_name: str
+    bundle_version: int
+    created_at: int
+    signer_key_id: str
+    hyperparameters: Hyperparameters
+    inputs: tuple[TensorSpec, ...]
+    label: TensorSpec
+    output_name: str
+    parameters: tuple[ParameterInfo, ...]
+    artifact_sets: tuple[ArtifactSet, ...]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    @property
+    def shared_names(self) -> tuple[str, ...]:
+        """Names of the federated parameters, in model order."""
+        return tuple(p.name for p in self.parameters if p.role == "shared")
+
+    @property
+    def personal_names(self) -> tuple[str, ...]:
+        """Names of the parameters that never leave the device (empty for fedavg/fedprox)."""
+        return tuple(p.name for p in self.parameters if p.role == "personal")
+
+    def parameter(self, name: str) -> ParameterInfo:
+        """The table entry of ``name``; KeyError if the bundle has no such parameter."""
+        for p in self.parameters:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def artifact_set(self, name: ArtifactSetName) -> ArtifactSet:
+        """The artifact set called ``name``; KeyError if the bundle lacks it."""
+        for s in self.artifact_sets:
+            if s.name is name:
+                return s
+        raise KeyError(name.value)
+
+    def shared_spec(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name -> (shape, dtype) of the shared parameters: what a valid update must contain."""
+        return {p.name: (p.shape, p.dtype) for p in self.parameters if p.role == "shared"}
+
+    def to_json_bytes(self) -> bytes:
+        """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed."""
+        return json.dumps(_to_plain(asdict(self)), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+class _Reader:
+    """Typed field access over untrusted JSON with errors that name the field."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise BundleError(f"{where}: expected an object, got {type(data).__name__}")
+        self.data = data
+        self.where = where
+
+    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+        if key not in self.data:
+            if optional:
+                return None
+            raise BundleError(f"{self.where}: missing field {key!r}")
+        value = self.data[key]
+        if value is None and optional:
+            return None
+        # bool is an int subclass; never accept it where a number is wanted
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise BundleError(f"{self.where}.{key}: expected {kind}, got bool")
+        if not isinstance(value, kind):
+            raise BundleError(f"{self.where}.{key}: expected {kind}, got {type(value).__name__}")
+        return value
+
+    def enum(self, key: str, enum_type: type[Enum]) -> Any:
+        raw = self.get(key, str)
+        try:
+            return enum_type(raw)
+        except ValueError:
+            allowed = [e.value for e in enum_type]  # type: ignore[var-annotated]
+            raise BundleError(f"{self.where}.{key}: {raw!r} is not one of {allowed}") from None
+
+    def name(self, key: str) -> str:
+        value = self.get(key, str)
+        if not value or len(value) > 256:
+            raise BundleError(f"{self.where}.{key}: bad name {value!r}")
+        return value
+
+    def file_name(self, key: str) -> str:
+        value = self.get(key, str)
+        if not _FILE_NAME.match(value):
+            raise BundleError(f"{self.where}.{key}: {value!r} is not a plain file name")
+        return value
+
+    def dtype(self, key: str) -> str:
+        value = self.get(key, str)
+        if value not in _SUPPORTED_DTYPES:
+            raise BundleError(f"{self.where}.{key}: unsupported dtype {value!r}")
+        return value
+
+
+def _dims(values: Any, where: str, *, allow_none: bool) -> tuple[Any, ...]:
+    if not isinstance(values, list) or len(values) > 8:
+        raise BundleError(f"{where}: expected a list of at most 8 dimensions")
+    out = []
+    for d in values:
+        if d is None and allow_none:
+            out.append(None)
+        elif isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31:
+            out.append(d)
+        else:
+            raise BundleError(f"{where}: bad dimension {d!r}")
+    return tuple(out)
+
+
+def _tensor_spec(data: Any, where: str) -> TensorSpec:
+    r = _Reader(data, where)
+    return TensorSpec(name=r.name("name"), shape=_dims(r.get("shape", list), where + ".shape", allow_none=True), dtype=r.dtype("dtype"))
+
+
+def parse_manifest(raw: bytes) -> BundleManifest:
+    """Parse and validate manifest bytes; BundleError says exactly what is wrong."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest is not valid UTF-8 JSON: {exc}") from exc
+    top = _Reader(data, "manifest")
+    version = top.get("format_version", int)
+    if version != FORMAT_VERSION:
+        raise BundleError(f"manifest format version {version} is not supported (this agent reads {FORMAT_VERSION})")
+    h = _Reader(top.get("hyperparameters", dict), "manifest.hyperparameters")
+    mu = float(h.get("mu", (int, float)))
+    lr = float(h.get("learning_rate", (int, float)))
+    if not (mu >= 0 and mu < 1e6) or not (0 < lr < 1e3):
+        raise BundleError("manifest.hyperparameters: mu must be >= 0 and learning_rate > 0")
+    num_classes = h.get("num_classes", int, optional=True)
+    hyper = Hyperparameters(
+        mode=h.enum("mode", TrainingMode),
+        mu=mu,
+        loss=h.enum("loss", LossKind),
+        optimizer=h.enum("optimizer", OptimizerKind),
+        learning_rate=lr,
+        num_classes=num_classes,
+    )
+    params = []
+    for i, item in enumerate(top.get("parameters", list)):
+        r = _Reader(item, f"manifest.parameters[{i}]")
+        role = r.get("role", str)
+        if role not in ("shared", "personal"):
+            raise BundleError(f"manifest.parameters[{i}].role: {role!r} is not shared/personal")
+        params.append(
+            ParameterInfo(
+                name=r.name("name"), shape=_dims(r.get("shape", list), f"manifest.parameters[{i}].shape", allow_none=False),
+                dtype=r.dtype("dtype"), role=role,
+            )
+        )
+    names = [p.name for p in params]
+    if len(set(names)) != len(names):
+        raise BundleError("manifest.parameters: duplicate parameter names")
+    if not any(p.role == "shared" for p in params):
+        raise BundleError("manifest.parameters: no shared parameter")
+    sets = []
+    for i, item in enumerate(top.get("artifact_sets", list)):
+        r = _Reader(item, f"manifest.artifact_sets[{i}]")
+        trainable = tuple(r.get("trainable", list))
+        unknown = [t for t in trainable if t not in names]
+        if unknown or not trainable:
+            raise BundleError(f"manifest.artifact_sets[{i}].trainable: unknown or empty {unknown}")
+        sets.append(
+            ArtifactSet(
+                name=r.enum("name", ArtifactSetName),
+                training_model=r.file_name("training_model"),
+                eval_model=r.file_name("eval_model"),
+                optimizer_model=r.file_name("optimizer_model"),
+                checkpoint=r.file_name("checkpoint"),
+                trainable=trainable,
+            )
+        )
+    expected_sets = {ArtifactSetName.PERSONAL, ArtifactSetName.SHARED} if hyper.mode is TrainingMode.FEDALT else {ArtifactSetName.JOINT}
+    if {s.name for s in sets} != expected_sets or len(sets) != len(expected_sets):
+        raise BundleError(f"manifest.artifact_sets: mode {hyper.mode.value} needs exactly {sorted(s.value for s in expected_sets)}")
+    files: dict[str, FileEntry] = {}
+    for fname, entry in top.get("files", dict).items():
+        if not _FILE_NAME.match(fname) or fname in (MANIFEST_NAME, SIGNATURE_NAME):
+            raise BundleError(f"manifest.files: bad file name {fname!r}")
+        r = _Reader(entry, f"manifest.files[{fname}]")
+        size = r.get("size", int)
+        digest = r.get("sha256", str)
+        if size < 0 or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise BundleError(f"manifest.files[{fname}]: bad size or sha256")
+        files[fname] = FileEntry(size=size, sha256=digest)
+    missing = [f for s in sets for f in s.files if f not in files]
+    if missing:
+        raise BundleError(f"manifest.files: artifact files not listed: {missing}")
+    bundle_version = top.get("bundle_version", int)
+    if bundle_version < 0:
+        raise BundleError("manifest.bundle_version must be >= 0")
+    return BundleManifest(
+        format_version=version,
+        model_name=top.name("model_name"),
+        bundle_version=bundle_version,
+        created_at=top.get("created_at", int),
+        signer_key_id=top.name("signer_key_id"),
+        hyperparameters=hyper,
+        inputs=tuple(_tensor_spec(x, f"manifest.inputs[{i}]") for i, x in enumerate(top.get("inputs", list))),
+        label=_tensor_spec(top.get("label", dict), "manifest.label"),
+        output_name=top.name("output_name"),
+        parameters=tuple(params),
+        artifact_sets=tuple(sets),
+        files=files,
+    )

@@ -1,0 +1,280 @@
+"""PyTorch model -> ONNX -> ONNX Runtime on-device training artifacts.
+
+FedProx lives *inside* the training graph: each shared parameter ``w`` gets a
+frozen twin initializer ``anchor.w`` and the loss becomes
+``task_loss + mu/2 * sum ||w - anchor.w||^2``. The device writes the last
+received global weights into the anchors each round, so no host round-trip is
+needed to regularise towards them (Li et al., "Federated Optimization in
+Heterogeneous Networks", MLSys 2020).
+
+For ``fedalt`` (Pillutla et al., "Federated Learning with Partial Model
+Personalization", ICML 2022) two artifact sets are generated: one trains the
+personal head with the shared layers frozen, the other trains the shared layers
+with the head frozen. ORT cannot share one ``CheckpointState`` between two
+modules, so the device keeps one state per set and copies the parameters that
+just changed at each phase switch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from device_agent.bundle.manifest import (
+    ANCHOR_PREFIX,
+    ArtifactSet,
+    ArtifactSetName,
+    Hyperparameters,
+    LossKind,
+    OptimizerKind,
+    ParameterInfo,
+    TensorSpec,
+    TrainingMode,
+)
+from sdk.model_spec import ParameterSplit, Role, names_with_role
+
+logger = logging.getLogger(__name__)
+
+#: ORT 1.19 loads ONNX IR <= 10 and opset <= 21.
+MAX_IR_VERSION = 10
+OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+LABEL_NAME = "labels"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSpec:
+    """How a bundle trains. ``mu`` > 0 adds the FedProx term on the shared layers."""
+
+    mode: TrainingMode
+    loss: LossKind = LossKind.CROSS_ENTROPY
+    optimizer: OptimizerKind = OptimizerKind.ADAMW
+    learning_rate: float = 1e-3
+    mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", TrainingMode(self.mode))
+        object.__setattr__(self, "loss", LossKind(self.loss))
+        object.__setattr__(self, "optimizer", OptimizerKind(self.optimizer))
+        if not (self.learning_rate > 0):
+            raise ValueError("learning_rate must be > 0")
+        if not (self.mu >= 0):
+            raise ValueError("mu must be >= 0")
+        if self.mode is TrainingMode.FEDAVG and self.mu != 0:
+            raise ValueError("fedavg has no proximal term; use mode fedprox for mu > 0")
+        if self.mode is TrainingMode.FEDPROX and self.mu == 0:
+            raise ValueError("fedprox needs mu > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratedArtifacts:
+    """What :func:`generate_training_artifacts` wrote and what the manifest must say about it."""
+
+    directory: Path
+    hyperparameters: Hyperparameters
+    parameters: tuple[ParameterInfo, ...]
+    artifact_sets: tuple[ArtifactSet, ...]
+    inputs: tuple[TensorSpec, ...]
+    label: TensorSpec
+    output_name: str
+
+
+def _check_mode_split(spec: TrainingSpec, roles: dict[str, Role]) -> None:
+    personal = names_with_role(roles, Role.PERSONAL)
+    if spec.mode in (TrainingMode.FEDAVG, TrainingMode.FEDPROX) and personal:
+        raise ValueError(f"mode {spec.mode.value} federates every parameter; declare no personal prefixes (got {personal})")
+    if spec.mode in (TrainingMode.FEDSIM, TrainingMode.FEDALT) and not personal:
+        raise ValueError(f"mode {spec.mode.value} needs a personal head; declare personal prefixes")
+
+
+def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: Path) -> onnx.ModelProto:
+    """Export ``model`` for training with a dynamic batch axis; initializer names equal parameter names."""
+    model = copy.deepcopy(model).cpu().float()
+    model.train()
+    torch.onnx.export(
+        model,
+        (example_input,),
+        str(path),
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        export_params=True,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.TRAINING,
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    proto = onnx.load(str(path))
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    return proto
+
+
+def _add_anchors(proto: onnx.ModelProto, shared: Sequence[str]) -> list[str]:
+    inits = {i.name: i for i in proto.graph.initializer}
+    anchors = []
+    for name in shared:
+        anchor = numpy_helper.from_array(numpy_helper.to_array(inits[name]).copy(), ANCHOR_PREFIX + name)
+        proto.graph.initializer.append(anchor)
+        anchors.append(anchor.name)
+    return anchors
+
+
+def _task_loss_block(kind: LossKind):  # type: ignore[no-untyped-def]
+    from onnxruntime.training import onnxblock
+
+    if kind is LossKind.CROSS_ENTROPY:
+        return onnxblock.loss.CrossEntropyLoss()
+    if kind is LossKind.MSE:
+        return onnxblock.loss.MSELoss()
+    return onnxblock.loss.BCEWithLogitsLoss()
+
+
+def _make_loss_block(kind: LossKind, shared: Sequence[str], mu: float):  # type: ignore[no-untyped-def]
+    from onnxruntime.training import onnxblock
+
+    class FedProxLoss(onnxblock.Block):  # type: ignore[misc]
+        """task loss + mu/2 * sum over shared w of ||w - anchor.w||^2."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._task = _task_loss_block(kind)
+
+        def build(self, output_name: str, labels_name: str = LABEL_NAME) -> str:
+            loss = self._task(output_name, labels_name)
+            if mu == 0 or not shared:
+                return loss
+            total = None
+            for name in shared:
+                diff = onnxblock.blocks.Sub()(name, ANCHOR_PREFIX + name)
+                squared = onnxblock.blocks.Mul()(diff, diff)
+                term = onnxblock.blocks.ReduceSum(keepdims=False)(squared)
+                total = term if total is None else onnxblock.blocks.Add()(total, term)
+            # A rank-0 initializer: onnxblock's Constant is shape [1], and adding it to
+            # the rank-0 loss breaks gradient building (ReduceSum axis error).
+            half_mu = "fedprox.half_mu"
+            self.base.graph.initializer.append(numpy_helper.from_array(np.array(mu / 2, dtype=np.float32), half_mu))
+            prox = onnxblock.blocks.Mul()(total, half_mu)
+            return onnxblock.blocks.Add()(loss, prox)
+
+    return FedProxLoss()
+
+
+def _generate_set(
+    proto: onnx.ModelProto,
+    *,
+    set_name: ArtifactSetName,
+    trainable: list[str],
+    frozen: list[str],
+    spec: TrainingSpec,
+    shared: Sequence[str],
+    out_dir: Path,
+) -> ArtifactSet:
+    import onnxruntime
+    from onnxruntime.training import artifacts
+
+    onnxruntime.set_default_logger_severity(3)
+    prefix = f"{set_name.value}_"
+    optim = artifacts.OptimType.SGD if spec.optimizer is OptimizerKind.SGD else artifacts.OptimType.AdamW
+    # onnxblock writes scratch files to the cwd; keep them out of the user's tree.
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        artifacts.generate_artifacts(
+            copy.deepcopy(proto),
+            requires_grad=trainable,
+            frozen_params=frozen,
+            loss=_make_loss_block(spec.loss, shared if spec.mu > 0 else (), spec.mu),
+            optimizer=optim,
+            artifact_directory=str(out_dir),
+            prefix=prefix,
+            additional_output_names=[OUTPUT_NAME],
+        )
+    files = {
+        "training_model": f"{prefix}training_model.onnx",
+        "eval_model": f"{prefix}eval_model.onnx",
+        "optimizer_model": f"{prefix}optimizer_model.onnx",
+        "checkpoint": f"{prefix}checkpoint",
+    }
+    for f in files.values():
+        if not (out_dir / f).is_file():
+            raise RuntimeError(f"onnxruntime did not write {f}")
+    return ArtifactSet(name=set_name, trainable=tuple(trainable), **files)
+
+
+def _label_spec(kind: LossKind, output_shape: tuple[int, ...]) -> TensorSpec:
+    if kind is LossKind.CROSS_ENTROPY:
+        return TensorSpec(name=LABEL_NAME, shape=(None,), dtype="int64")
+    return TensorSpec(name=LABEL_NAME, shape=(None, *output_shape[1:]), dtype="float32")
+
+
+def generate_training_artifacts(
+    model: torch.nn.Module,
+    *,
+    example_input: torch.Tensor,
+    split: ParameterSplit,
+    spec: TrainingSpec,
+    out_dir: str | os.PathLike[str],
+) -> GeneratedArtifacts:
+    """Export ``model`` and write the ORT training artifact set(s) for ``spec.mode`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    param_names = [n for n, p in model.named_parameters()]
+    roles = split.assign(param_names)
+    _check_mode_split(spec, roles)
+    shared = names_with_role(roles, Role.SHARED)
+    personal = names_with_role(roles, Role.PERSONAL)
+    frozen_by_torch = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen_by_torch:
+        raise ValueError(f"parameters with requires_grad=False are not supported, found {frozen_by_torch}; use a buffer instead")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = export_onnx(model, example_input, Path(tmp) / "model.onnx")
+    init_names = {i.name for i in proto.graph.initializer}
+    missing = [n for n in param_names if n not in init_names]
+    if missing:
+        raise RuntimeError(f"ONNX export renamed or folded parameters {missing}; export needs do_constant_folding=False")
+    anchors = _add_anchors(proto, shared) if spec.mu > 0 else []
+    buffers = sorted(init_names - set(param_names))
+
+    with torch.no_grad():
+        example_output = copy.deepcopy(model).eval()(example_input)
+    output_shape = tuple(example_output.shape)
+    num_classes = int(output_shape[-1]) if spec.loss is LossKind.CROSS_ENTROPY else None
+
+    sets: list[ArtifactSet] = []
+    common = dict(spec=spec, shared=shared, out_dir=out)
+    if spec.mode is TrainingMode.FEDALT:
+        sets.append(_generate_set(proto, set_name=ArtifactSetName.PERSONAL, trainable=personal, frozen=shared + anchors, **common))  # type: ignore[arg-type]
+        sets.append(_generate_set(proto, set_name=ArtifactSetName.SHARED, trainable=shared, frozen=personal + anchors, **common))  # type: ignore[arg-type]
+    else:
+        sets.append(_generate_set(proto, set_name=ArtifactSetName.JOINT, trainable=shared + personal, frozen=anchors, **common))  # type: ignore[arg-type]
+    if buffers:
+        logger.info("non-parameter initializers stay constant in the graph: %s", buffers)
+
+    params = tuple(
+        ParameterInfo(name=n, shape=tuple(int(d) for d in p.shape), dtype="float32", role=roles[n].value)
+        for n, p in model.named_parameters()
+    )
+    return GeneratedArtifacts(
+        directory=out,
+        hyperparameters=Hyperparameters(
+            mode=spec.mode, mu=float(spec.mu), loss=spec.loss, optimizer=spec.optimizer,
+            learning_rate=float(spec.learning_rate), num_classes=num_classes,
+        ),
+        parameters=params,
+        artifact_sets=tuple(sets),
+        inputs=(TensorSpec(name=INPUT_NAME, shape=(None, *tuple(int(d) for d in example_input.shape[1:])), dtype="float32"),),
+        label=_label_spec(spec.loss, output_shape),
+        output_name=OUTPUT_NAME,
+    )

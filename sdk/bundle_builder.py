@@ -1,0 +1,85 @@
+"""Packing training artifacts into a signed, versioned bundle (``.fedge`` zip)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from device_agent.bundle.manifest import FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, BundleManifest, FileEntry
+from device_agent.keys import key_id
+from sdk.artifacts import GeneratedArtifacts, TrainingSpec, generate_training_artifacts
+from sdk.model_spec import ParameterSplit
+
+
+def _file_entry(path: Path) -> FileEntry:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return FileEntry(size=path.stat().st_size, sha256=digest.hexdigest())
+
+
+def manifest_for(
+    generated: GeneratedArtifacts, *, model_name: str, bundle_version: int, signing_key: Ed25519PrivateKey, created_at: int | None = None
+) -> BundleManifest:
+    """The manifest describing ``generated`` (files hashed from disk)."""
+    files = {f: _file_entry(generated.directory / f) for s in generated.artifact_sets for f in s.files}
+    return BundleManifest(
+        format_version=FORMAT_VERSION,
+        model_name=model_name,
+        bundle_version=int(bundle_version),
+        created_at=int(time.time()) if created_at is None else int(created_at),
+        signer_key_id=key_id(signing_key.public_key()),
+        hyperparameters=generated.hyperparameters,
+        inputs=generated.inputs,
+        label=generated.label,
+        output_name=generated.output_name,
+        parameters=generated.parameters,
+        artifact_sets=generated.artifact_sets,
+        files=files,
+    )
+
+
+def write_bundle(directory: Path, manifest: BundleManifest, signing_key: Ed25519PrivateKey, out_path: Path) -> Path:
+    """Sign ``manifest`` and zip it with the files it lists from ``directory`` into ``out_path``."""
+    raw = manifest.to_json_bytes()
+    signature = signing_key.sign(raw)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(MANIFEST_NAME, raw)
+        zf.writestr(SIGNATURE_NAME, signature)
+        for name in sorted(manifest.files):
+            zf.write(directory / name, arcname=name)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def build_bundle(
+    model: torch.nn.Module,
+    *,
+    example_input: torch.Tensor,
+    split: ParameterSplit,
+    spec: TrainingSpec,
+    signing_key: Ed25519PrivateKey,
+    out_path: str | os.PathLike[str],
+    model_name: str,
+    bundle_version: int = 1,
+) -> BundleManifest:
+    """Export ``model``, generate ORT training artifacts for ``spec``, and write a signed bundle.
+
+    Returns the manifest that was signed. ``example_input`` fixes every input
+    dimension except the batch axis.
+    """
+    with tempfile.TemporaryDirectory(prefix="fedge-artifacts-") as tmp:
+        generated = generate_training_artifacts(model, example_input=example_input, split=split, spec=spec, out_dir=tmp)
+        manifest = manifest_for(generated, model_name=model_name, bundle_version=bundle_version, signing_key=signing_key)
+        write_bundle(Path(tmp), manifest, signing_key, Path(out_path))
+    return manifest

@@ -21,12 +21,19 @@ from typing import Any
 import numpy as np
 
 
-class _HideTorch(importlib.abc.MetaPathFinder):
-    """Makes ``import torch`` fail with ModuleNotFoundError while onnxruntime initialises."""
+_HIDDEN = ("torch", "onnxruntime.training")
+
+
+class _HideTrainingFrontend(importlib.abc.MetaPathFinder):
+    """Makes torch and ``onnxruntime.training`` unimportable while onnxruntime initialises.
+
+    onnxruntime's import probes ``onnxruntime.training.ortmodule``, whose package
+    imports onnx and torch; hidden, the probe fails cleanly as on a device.
+    """
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
-        if fullname == "torch" or fullname.startswith("torch."):
-            raise ModuleNotFoundError(f"torch is hidden from the fedge device agent ({fullname})", name=fullname)
+        if any(fullname == h or fullname.startswith(h + ".") for h in _HIDDEN):
+            raise ModuleNotFoundError(f"{fullname} is hidden from the fedge device agent", name=fullname)
         return None
 
 
@@ -35,7 +42,7 @@ def _import_onnxruntime() -> ModuleType:
         import onnxruntime
 
         return onnxruntime
-    finder = _HideTorch()
+    finder = _HideTrainingFrontend()
     sys.meta_path.insert(0, finder)
     try:
         import onnxruntime

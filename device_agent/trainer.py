@@ -208,6 +208,8 @@ class DeviceTrainer:
         x = np.ascontiguousarray(batch.x, dtype=np.float32)
         if x.shape[1:] != tuple(spec.shape[1:]):
             raise TrainingError(f"input shape {x.shape[1:]} does not match the bundle's {tuple(spec.shape[1:])}")
+        if not np.isfinite(x).all():
+            raise TrainingError("input batch contains NaN or Inf")
         if self._hyper.loss is LossKind.CROSS_ENTROPY:
             y = np.asarray(batch.y)
             if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):

@@ -22,6 +22,7 @@ import copy
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,17 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: Path)
     """Export ``model`` for training with a dynamic batch axis; initializer names equal parameter names."""
     model = copy.deepcopy(model).cpu().float()
     model.train()
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates training=TRAINING in favour of model.train(); we set both.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        _export(model, example_input, path)
+    proto = onnx.load(str(path))
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+    return proto
+
+
+def _export(model: torch.nn.Module, example_input: torch.Tensor, path: Path) -> None:
     torch.onnx.export(
         model,
         (example_input,),
@@ -116,10 +128,6 @@ def export_onnx(model: torch.nn.Module, example_input: torch.Tensor, path: Path)
         opset_version=OPSET,
         dynamo=False,
     )
-    proto = onnx.load(str(path))
-    if proto.ir_version > MAX_IR_VERSION:
-        proto.ir_version = MAX_IR_VERSION
-    return proto
 
 
 def _add_anchors(proto: onnx.ModelProto, shared: Sequence[str]) -> list[str]:

@@ -66,6 +66,20 @@ def session_options(threads: int | None) -> Any:
     return opts
 
 
+def _ort_values(arrays: Sequence[np.ndarray]) -> tuple[Any, list[Any]]:
+    # Wrapping numpy buffers as OrtValues ourselves is ~20% faster per step for small
+    # models than handing numpy arrays to the pybind layer (measured, bench/train.py).
+    vec = _C.OrtValueVector()
+    vec.reserve(len(arrays))
+    keep = []
+    for a in arrays:
+        value = OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+        keep.append(value)
+        vec.push_back(value._ortvalue)
+    # OrtValues from numpy alias the numpy buffers: the caller keeps `keep` alive for the call
+    return vec, keep
+
+
 class TrainingSession:
     """One ORT artifact set: a checkpoint state, a training module and its optimizer."""
 
@@ -96,7 +110,8 @@ class TrainingSession:
     def train_step(self, inputs: Sequence[np.ndarray]) -> float:
         """Forward, backward and one optimizer step; returns the training loss."""
         fetches = _C.OrtValueVector()
-        self._module.train_step(list(inputs), fetches)
+        values, _keep = _ort_values(inputs)
+        self._module.train_step_with_ort_values(values, fetches)
         self._optimizer.optimizer_step()
         self._module.lazy_reset_grad()
         return float(fetches[0].numpy())
@@ -104,7 +119,8 @@ class TrainingSession:
     def eval_step(self, inputs: Sequence[np.ndarray]) -> tuple[float, np.ndarray]:
         """Loss and model output (logits) without updating anything."""
         fetches = _C.OrtValueVector()
-        self._module.eval_step(list(inputs), fetches)
+        values, _keep = _ort_values(inputs)
+        self._module.eval_step_with_ort_values(values, fetches)
         return float(fetches[0].numpy()), fetches[1].numpy()
 
     def has_parameter(self, name: str) -> bool:

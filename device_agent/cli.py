@@ -1,0 +1,94 @@
+"""``fedge-agent``: the device-side command line (argparse only: no extra device dependency)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.bundle.archive import install_bundle, load_bundle
+from device_agent.data import DataSource, load_csv, load_npz
+from device_agent.errors import FedgeError
+from device_agent.keys import load_verify_key
+from device_agent.trainer import DeviceTrainer, TrainBudget
+
+
+def _data(path: str) -> DataSource:
+    return load_csv(path) if path.endswith(".csv") else load_npz(path)
+
+
+def _cmd_install(args: argparse.Namespace) -> dict[str, object]:
+    bundle = install_bundle(args.bundle, load_verify_key(args.fleet_key), args.dest)
+    m = bundle.manifest
+    return {"installed": str(bundle.directory), "model": m.model_name, "version": m.bundle_version, "mode": m.hyperparameters.mode.value}
+
+
+def _cmd_train(args: argparse.Namespace) -> dict[str, object]:
+    bundle = load_bundle(args.bundle_dir, load_verify_key(args.fleet_key))
+    trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads)
+    budget = TrainBudget(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr)
+    report = trainer.train(_data(args.data), budget, rng=np.random.default_rng(args.seed))
+    trainer.save_state()
+    out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds}
+    if args.eval_data:
+        ev = trainer.evaluate(_data(args.eval_data))
+        out.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy, eval_examples=ev.examples)
+    return out
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
+    bundle = load_bundle(args.bundle_dir, load_verify_key(args.fleet_key))
+    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data))
+    return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The fedge-agent argument parser."""
+    p = argparse.ArgumentParser(prog="fedge-agent", description="fedge device agent: verify bundles and train on local data (no torch).")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    inst = sub.add_parser("install", help="verify a .fedge bundle against the fleet key and install it")
+    inst.add_argument("bundle")
+    inst.add_argument("--fleet-key", required=True, help="trusted fleet Ed25519 public key (PEM)")
+    inst.add_argument("--dest", required=True, help="installation directory (replaced atomically)")
+    inst.set_defaults(func=_cmd_install)
+
+    for name, func, helptext in (("train", _cmd_train, "train the installed bundle on local data and save state"),
+                                 ("evaluate", _cmd_evaluate, "evaluate the personalised model on local data")):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--bundle-dir", required=True, help="installed bundle directory (re-verified)")
+        c.add_argument("--fleet-key", required=True)
+        c.add_argument("--state", required=True, help="device state directory (personal weights, optimizer state)")
+        c.add_argument("--data", required=True, help=".npz (arrays x, y) or .csv (last column = label)")
+        c.add_argument("--threads", type=int, default=None)
+        c.set_defaults(func=func)
+        if name == "train":
+            c.add_argument("--epochs", type=int, default=1)
+            c.add_argument("--batch-size", type=int, default=32)
+            c.add_argument("--max-steps", type=int, default=None)
+            c.add_argument("--lr", type=float, default=None)
+            c.add_argument("--seed", type=int, default=0)
+            c.add_argument("--eval-data", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; prints one JSON object per command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = args.func(args)
+    except (FedgeError, ValueError, OSError) as exc:
+        print(f"fedge-agent: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -222,7 +222,7 @@ class DeviceTrainer:
             y = np.ascontiguousarray(batch.y, dtype=np.float32)
             want = tuple(self.manifest.label.shape[1:])
             if y.shape[1:] != want:
-                y = y.reshape((y.shape[0], *want)) if y.size == y.shape[0] * int(np.prod(want)) else y
+                y = y.reshape((y.shape[0], *want)) if y.size == y.shape[0] * math.prod(d or 1 for d in want) else y
             if y.shape[1:] != want:
                 raise TrainingError(f"target shape {y.shape[1:]} does not match the bundle's {want}")
         return x, y
@@ -337,7 +337,7 @@ class DeviceTrainer:
             for name, session in self._sessions.items():
                 session.save(d / f"ckpt-{name.value}")
             with open(d / "global.npz", "wb") as fh:
-                np.savez(fh, **self._global)
+                np.savez(fh, **self._global)  # type: ignore[arg-type]
 
         self._store.save(write, {"manifest_sha256": self.bundle.manifest_sha256, "round": self.round, "total_steps": self.total_steps})
 

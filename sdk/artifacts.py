@@ -57,7 +57,10 @@ LABEL_NAME = "labels"
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingSpec:
-    """How a bundle trains. ``mu`` > 0 adds the FedProx term on the shared layers."""
+    """How a bundle trains. ``mu`` > 0 adds the FedProx term on the shared layers.
+
+    Enum fields also accept their string values (``mode="fedalt"``).
+    """
 
     mode: TrainingMode
     loss: LossKind = LossKind.CROSS_ENTROPY

@@ -234,7 +234,7 @@ class _Reader:
 def _dims(values: Any, where: str, *, allow_none: bool) -> tuple[Any, ...]:
     if not isinstance(values, list) or len(values) > 8:
         raise BundleError(f"{where}: expected a list of at most 8 dimensions")
-    out = []
+    out: list[int | None] = []
     for d in values:
         if d is None and allow_none:
             out.append(None)

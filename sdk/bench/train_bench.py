@@ -152,6 +152,7 @@ def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey) -> Path:
     import torch
 
     import sdk.models as zoo
+    from device_agent.bundle.manifest import OptimizerKind, TrainingMode
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.model_spec import ParameterSplit
@@ -160,7 +161,7 @@ def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey) -> Path:
     net = getattr(zoo, model.factory)(**model.kwargs)
     path = work / f"{model.name}.fedge"
     build_bundle(net, example_input=torch.zeros((2, *model.input_shape)), split=ParameterSplit(shared=("*",)),
-                 spec=TrainingSpec(mode="fedavg", optimizer="adamw", learning_rate=1e-3), signing_key=key,
+                 spec=TrainingSpec(mode=TrainingMode.FEDAVG, optimizer=OptimizerKind.ADAMW, learning_rate=1e-3), signing_key=key,
                  out_path=path, model_name=model.name)
     from device_agent.bundle.archive import install_bundle
 

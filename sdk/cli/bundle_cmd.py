@@ -63,6 +63,7 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     """Export a PyTorch model and write a signed training bundle."""
     import torch
 
+    from device_agent.bundle.manifest import LossKind, OptimizerKind, TrainingMode
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.model_spec import ParameterSplit, ParameterSplitError, parse_prefixes
@@ -74,7 +75,7 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
         split = ParameterSplit(shared=parse_prefixes(shared), personal=parse_prefixes(personal))
         manifest = build_bundle(
             model, example_input=torch.zeros((2, *shape)), split=split,
-            spec=TrainingSpec(mode=mode, mu=mu, loss=loss, optimizer=optimizer, learning_rate=lr),
+            spec=TrainingSpec(mode=TrainingMode(mode), mu=mu, loss=LossKind(loss), optimizer=OptimizerKind(optimizer), learning_rate=lr),
             signing_key=load_signing_key(key_path), out_path=out, model_name=model_name, bundle_version=bundle_version,
         )
     except (ParameterSplitError, ValueError) as exc:

@@ -48,6 +48,7 @@ def demo(devices: int, epochs: int, workdir: Path | None, seed: int) -> None:
     from tqdm import tqdm
 
     from device_agent.keys import save_private_key, save_public_key
+    from device_agent.bundle.manifest import OptimizerKind, TrainingMode
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.models import BASE_HEAD_SPLIT, PersonalizedMLP
@@ -61,7 +62,7 @@ def demo(devices: int, epochs: int, workdir: Path | None, seed: int) -> None:
         save_public_key(key.public_key(), work / "fleet.pub")
         torch.manual_seed(seed)
         build_bundle(PersonalizedMLP(64, (64,), 10), example_input=torch.zeros(2, 64), split=BASE_HEAD_SPLIT,
-                     spec=TrainingSpec(mode="fedalt", mu=0.01, optimizer="adamw", learning_rate=0.005),
+                     spec=TrainingSpec(mode=TrainingMode.FEDALT, mu=0.01, optimizer=OptimizerKind.ADAMW, learning_rate=0.005),
                      signing_key=key, out_path=work / "digits.fedge", model_name="digits-mlp")
         click.echo(f"built and signed {work / 'digits.fedge'} (fedalt, mu=0.01)")
         x, y = load_digits(return_X_y=True)

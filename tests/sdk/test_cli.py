@@ -1,0 +1,75 @@
+"""The fedge and fedge-agent command lines, end to end on real files."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+from device_agent.cli import main as agent_main
+from sdk.cli.main import cli
+
+
+def test_cli_keys_bundle_build_verify_and_agent_train(tmp_path: Path, digits, capsys):
+    runner = CliRunner()
+    key = tmp_path / "fleet.key"
+    res = runner.invoke(cli, ["keys", "generate", "--out", str(key)])
+    assert res.exit_code == 0, res.output
+    assert (key.stat().st_mode & 0o777) == 0o600
+    bundle = tmp_path / "digits.fedge"
+    res = runner.invoke(cli, ["bundle", "build", "--model", "sdk.models:PersonalizedMLP", "--model-arg", "in_features=64",
+                              "--model-arg", "hidden=(32,)", "--model-arg", "num_classes=10", "--input-shape", "64",
+                              "--shared", "base", "--personal", "head", "--mode", "fedalt", "--mu", "0.01", "--lr", "0.01",
+                              "--key", str(key), "--name", "digits", "--version", "3", "-o", str(bundle)])
+    assert res.exit_code == 0, res.output
+    assert "2080 shared + 330 personal" in res.output
+    res = runner.invoke(cli, ["bundle", "verify", str(bundle), "--pub", str(key) + ".pub", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["bundle_version"] == 3
+
+    other = tmp_path / "other.key"
+    runner.invoke(cli, ["keys", "generate", "--out", str(other)])
+    res = runner.invoke(cli, ["bundle", "verify", str(bundle), "--pub", str(other) + ".pub"])
+    assert res.exit_code == 1 and "REFUSED" in res.output
+
+    x, y = digits
+    np.savez(tmp_path / "train.npz", x=x[:1200], y=y[:1200])
+    np.savez(tmp_path / "test.npz", x=x[1200:], y=y[1200:])
+    pub = str(key) + ".pub"
+    assert agent_main(["install", str(bundle), "--fleet-key", pub, "--dest", str(tmp_path / "inst")]) == 0
+    assert agent_main(["train", "--bundle-dir", str(tmp_path / "inst"), "--fleet-key", pub, "--state", str(tmp_path / "st"),
+                       "--data", str(tmp_path / "train.npz"), "--eval-data", str(tmp_path / "test.npz"), "--epochs", "5"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["eval_accuracy"] > 0.85
+    assert agent_main(["evaluate", "--bundle-dir", str(tmp_path / "inst"), "--fleet-key", pub, "--state", str(tmp_path / "st"),
+                       "--data", str(tmp_path / "test.npz")]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["accuracy"] == trained["eval_accuracy"]  # state was persisted and reloaded
+
+
+def test_cli_bundle_build_reports_split_errors(tmp_path: Path):
+    runner = CliRunner()
+    runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "k")])
+    res = runner.invoke(cli, ["bundle", "build", "--model", "sdk.models:PersonalizedMLP", "--model-arg", "in_features=4",
+                              "--input-shape", "4", "--shared", "base", "--personal", "haed", "--mode", "fedalt",
+                              "--key", str(tmp_path / "k"), "--name", "x", "-o", str(tmp_path / "x.fedge")])
+    assert res.exit_code == 1
+    assert "match no parameter" in res.output
+    assert not (tmp_path / "x.fedge").exists()
+
+
+def test_agent_refuses_tampered_bundle_with_exit_code(tmp_path: Path, bundle_factory, fleet_key, capsys):
+    from device_agent.keys import save_public_key
+
+    save_public_key(fleet_key.public_key(), tmp_path / "fleet.pub")
+    src = bundle_factory("fedavg")
+    bad = tmp_path / "bad.fedge"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for name in zin.namelist():
+            data = zin.read(name)
+            zout.writestr(name, data.replace(b'"digits-mlp"', b'"digits-mlq"') if name == "manifest.json" else data)
+    assert agent_main(["install", str(bad), "--fleet-key", str(tmp_path / "fleet.pub"), "--dest", str(tmp_path / "i")]) == 2
+    assert "verification failed" in capsys.readouterr().err

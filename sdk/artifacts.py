@@ -21,9 +21,10 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,7 @@ def _generate_set(
     prefix = f"{set_name.value}_"
     optim = artifacts.OptimType.SGD if spec.optimizer is OptimizerKind.SGD else artifacts.OptimType.AdamW
     # onnxblock writes scratch files to the cwd; keep them out of the user's tree.
-    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch), _native_stderr_to_log():
         artifacts.generate_artifacts(
             copy.deepcopy(proto),
             requires_grad=trainable,
@@ -221,6 +222,25 @@ def _generate_set(
         if not (out_dir / f).is_file():
             raise RuntimeError(f"onnxruntime did not write {f}")
     return ArtifactSet(name=set_name, trainable=tuple(trainable), **files)
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Capture C++ stderr (ORT's gradient builder logs every graph pass at INFO, ignoring
+    the Python-side severity) and replay it to our logger at debug level."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            if text:
+                logger.debug("onnxruntime artifact generation said:\n%s", text)
 
 
 def _label_spec(kind: LossKind, output_shape: tuple[int, ...]) -> TensorSpec:

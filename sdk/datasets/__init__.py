@@ -1,0 +1,52 @@
+"""Real non-IID federated datasets for fedge's simulator and benchmarks, all offline.
+
+Every loader returns a :class:`FederatedDataset`: clients with float32/int64
+train/val/test arrays, plus the input shape, class count and a one-line
+description of how the data was split. The same arguments (seed included)
+give identical arrays.
+
+- :func:`load_watch`: seglearn's smartwatch IMU data, 20 natural clients
+  (10 subjects x left/right arm), 7 exercises, (6, 100) windows.
+- :func:`load_fashion_mnist`: Debian's Fashion-MNIST, Dirichlet label skew (PFLlib's setting).
+- :func:`make_synthetic`: FedProx's Synthetic(alpha, beta) generator.
+- :func:`load_digits`: scikit-learn's digits, the fast unit-test fixture.
+"""
+
+from __future__ import annotations
+
+from sdk.datasets.digits import load_digits
+from sdk.datasets.errors import DatasetError, DatasetFormatError, DatasetNotFoundError, UnsafePickleError
+from sdk.datasets.fashion_mnist import load_fashion_mnist, read_fashion_mnist, read_idx
+from sdk.datasets.federated import ClientData, FederatedDataset, LabeledArrays, split_client
+from sdk.datasets.partition import SplitIndices, dirichlet_split, iid_split, train_val_test_indices
+from sdk.datasets.restricted_pickle import RestrictedUnpickler, read_object_npy, restricted_loads
+from sdk.datasets.synthetic import make_synthetic, synthetic_device_sizes
+from sdk.datasets.watch import RecordingSplit, TimeSplit, load_watch, read_watch_recordings
+
+__all__ = [
+    "ClientData",
+    "DatasetError",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "FederatedDataset",
+    "LabeledArrays",
+    "RecordingSplit",
+    "RestrictedUnpickler",
+    "SplitIndices",
+    "TimeSplit",
+    "UnsafePickleError",
+    "dirichlet_split",
+    "iid_split",
+    "load_digits",
+    "load_fashion_mnist",
+    "load_watch",
+    "make_synthetic",
+    "read_fashion_mnist",
+    "read_idx",
+    "read_object_npy",
+    "read_watch_recordings",
+    "restricted_loads",
+    "split_client",
+    "synthetic_device_sizes",
+    "train_val_test_indices",
+]

@@ -1,0 +1,1 @@
+"""In-process federated simulation with real ORT training per device (no broker)."""

@@ -1,0 +1,179 @@
+"""Sealed updates (device -> region -> root) and signed models (root -> region -> device).
+
+A sealed update is encrypted to one recipient and signed by its sender::
+
+    b"FDGU" | version u8 | header_len u16 | header | ephemeral X25519 public 32 | ciphertext | Ed25519 signature 64
+
+Construction: ``shared = X25519(ephemeral_private, recipient_public)``;
+``key (32) || nonce (12) = HKDF-SHA256(shared, salt=SHA-256(header),
+info="fedge-seal-v1" || 0x00 || ephemeral_public || recipient_public)``;
+``ciphertext = ChaCha20-Poly1305(key, nonce, plaintext=tensor payload,
+aad=every byte before the ciphertext)``; the signature covers every byte
+before it. A fresh ephemeral key per message makes key and nonce unique.
+ChaCha20 rather than AES-GCM because the Raspberry Pi 4 has no AES instructions.
+
+A signed model is ``b"FDGM" | version | header_len | header | tensor payload | signature``.
+
+The opener checks the signature before it decrypts or decodes anything.
+Unknown sender, bad signature, wrong recipient and AEAD failure all raise the
+same opaque :class:`AuthenticationError`; structural problems raise
+:class:`MalformedMessageError` saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from device_agent.errors import AuthenticationError
+from device_agent.keys import TrustedKeys, raw_public_bytes, trusted_key_map
+from device_agent.protocol._frame import SIGNATURE_BYTES, frame_prefix, sign_frame, split_frame, verify_frame
+from device_agent.protocol.headers import MAX_HEADER_BYTES, ModelHeader, UpdateHeader
+from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors, encode_tensors
+
+UPDATE_MAGIC = b"FDGU"
+MODEL_MAGIC = b"FDGM"
+_KDF_INFO = b"fedge-seal-v1\x00"
+_KEY_BYTES = 32
+_NONCE_BYTES = 12
+_TAG_BYTES = 16
+_PUBLIC_BYTES = 32
+_FRAME_OVERHEAD = 7 + MAX_HEADER_BYTES + _PUBLIC_BYTES + _TAG_BYTES + SIGNATURE_BYTES
+
+#: Who may have sent an update: sender id -> key, or a lookup returning None for "unknown".
+SenderKeys = Union[Mapping[str, Ed25519PublicKey], Callable[[str], Union[Ed25519PublicKey, None]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenedUpdate:
+    """An authenticated, decrypted update; ``sender_key_id`` names the key that signed it."""
+
+    header: UpdateHeader
+    tensors: dict[str, np.ndarray]
+    sender_key_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenedModel:
+    """An authenticated model; ``signer_key_id`` names the trusted key that signed it."""
+
+    header: ModelHeader
+    tensors: dict[str, np.ndarray]
+    signer_key_id: str
+
+
+def _cipher(shared: bytes, header: bytes, ephemeral_public: bytes, recipient_public: bytes) -> tuple[ChaCha20Poly1305, bytes]:
+    okm = HKDF(
+        algorithm=SHA256(),
+        length=_KEY_BYTES + _NONCE_BYTES,
+        salt=hashlib.sha256(header).digest(),
+        info=_KDF_INFO + ephemeral_public + recipient_public,
+    ).derive(shared)
+    return ChaCha20Poly1305(okm[:_KEY_BYTES]), okm[_KEY_BYTES:]
+
+
+def seal_update(
+    header: UpdateHeader,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    recipient_public_key: X25519PublicKey,
+    sender_key: Ed25519PrivateKey,
+    ephemeral_key: X25519PrivateKey | None = None,
+) -> bytes:
+    """Encode ``tensors`` with ``header.encoding``, encrypt them to the recipient and sign.
+
+    ``ephemeral_key`` None means a fresh random key (always, outside known-answer tests).
+    """
+    if not isinstance(header, UpdateHeader):
+        raise TypeError("header must be an UpdateHeader")
+    if not isinstance(recipient_public_key, X25519PublicKey):
+        raise TypeError("recipient_public_key must be an X25519PublicKey")
+    ephemeral = X25519PrivateKey.generate() if ephemeral_key is None else ephemeral_key
+    ephemeral_public = raw_public_bytes(ephemeral.public_key())
+    record = header.to_bytes()
+    aad = frame_prefix(UPDATE_MAGIC, record) + ephemeral_public
+    cipher, nonce = _cipher(ephemeral.exchange(recipient_public_key), record, ephemeral_public, raw_public_bytes(recipient_public_key))
+    ciphertext = cipher.encrypt(nonce, encode_tensors(tensors, encoding=header.encoding), aad)
+    return sign_frame(aad + ciphertext, sender_key)
+
+
+def _lookup(sender_public_key: SenderKeys, sender: str) -> Ed25519PublicKey:
+    try:
+        key = sender_public_key.get(sender) if isinstance(sender_public_key, Mapping) else sender_public_key(sender)
+    except KeyError as exc:
+        raise AuthenticationError() from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise AuthenticationError()
+    return key
+
+
+def open_update(
+    blob: bytes | bytearray | memoryview,
+    *,
+    recipient_key: X25519PrivateKey,
+    sender_public_key: SenderKeys,
+    limits: DecodeLimits = DecodeLimits(),
+) -> OpenedUpdate:
+    """Authenticate, decrypt and decode a sealed update.
+
+    ``sender_public_key`` maps ``header.sender`` to its Ed25519 key (a lookup
+    may return None: unknown sender). The header is parsed before the
+    signature is checked only to find the sender; nothing is decrypted or
+    decoded until the signature verifies.
+    """
+    if not isinstance(recipient_key, X25519PrivateKey):
+        raise TypeError("recipient_key must be an X25519PrivateKey")
+    frame = split_frame(
+        blob, magic=UPDATE_MAGIC, what="sealed update", min_body=_PUBLIC_BYTES + _TAG_BYTES, max_bytes=limits.max_encoded_bytes + _FRAME_OVERHEAD
+    )
+    header = UpdateHeader.from_bytes(frame.record)
+    key_id = verify_frame(frame, [_lookup(sender_public_key, header.sender)])
+    ephemeral_public = bytes(frame.body[:_PUBLIC_BYTES])
+    try:
+        shared = recipient_key.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+    except ValueError as exc:  # low-order point: all-zero shared secret
+        raise AuthenticationError() from exc
+    recipient_public = raw_public_bytes(recipient_key.public_key())
+    cipher, nonce = _cipher(shared, frame.record, ephemeral_public, recipient_public)
+    aad = frame.signed[: len(frame.signed) - len(frame.body) + _PUBLIC_BYTES]
+    try:
+        payload = cipher.decrypt(nonce, bytes(frame.body[_PUBLIC_BYTES:]), bytes(aad))
+    except InvalidTag as exc:
+        raise AuthenticationError() from exc
+    tensors = decode_tensors(payload, encoding=header.encoding, limits=limits)
+    return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id)
+
+
+def sign_model(header: ModelHeader, tensors: Mapping[str, np.ndarray], *, signer_key: Ed25519PrivateKey) -> bytes:
+    """Encode ``tensors`` with ``header.encoding`` and sign header and payload (no encryption)."""
+    if not isinstance(header, ModelHeader):
+        raise TypeError("header must be a ModelHeader")
+    unsigned = frame_prefix(MODEL_MAGIC, header.to_bytes()) + encode_tensors(tensors, encoding=header.encoding)
+    return sign_frame(unsigned, signer_key)
+
+
+def open_model(
+    blob: bytes | bytearray | memoryview,
+    *,
+    trusted_signers: TrustedKeys,
+    limits: DecodeLimits = DecodeLimits(),
+) -> OpenedModel:
+    """Verify a signed model against any of ``trusted_signers`` (root and region keys) and decode it."""
+    keys = trusted_key_map(trusted_signers)
+    if not keys:
+        raise ValueError("no trusted signer key given")
+    frame = split_frame(blob, magic=MODEL_MAGIC, what="signed model", min_body=0, max_bytes=limits.max_encoded_bytes + _FRAME_OVERHEAD)
+    header = ModelHeader.from_bytes(frame.record)
+    key_id = verify_frame(frame, keys.values())
+    tensors = decode_tensors(frame.body, encoding=header.encoding, limits=limits)
+    return OpenedModel(header=header, tensors=tensors, signer_key_id=key_id)

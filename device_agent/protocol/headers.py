@@ -1,0 +1,215 @@
+"""Message headers and their canonical bytes (compact, sorted-key, ASCII JSON).
+
+A header is parsed only from its canonical form: the parser re-serialises
+what it read and rejects any other spelling (key order, spaces, duplicate
+keys, floats, unknown or missing keys), so one header has exactly one byte
+string to sign. Ids (fleet, region, sender) match ``[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}``,
+a subset of what :mod:`device_agent.protocol.topics` accepts as a topic segment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, ClassVar, TypeVar
+
+from device_agent.errors import MalformedMessageError
+from device_agent.protocol.tensor_codec import Encoding
+
+PROTOCOL_VERSION = 1
+NONCE_BYTES = 16
+MAX_HEADER_BYTES = 4096
+_MAX_INT = (1 << 53) - 1  # exact in every JSON reader
+_R = TypeVar("_R", bound="CanonicalRecord")
+_E = TypeVar("_E", bound=Enum)
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+
+
+class MessageKind(str, Enum):
+    """What a message carries: a device ``update``, a region ``aggregate``, or a signed ``model``."""
+
+    UPDATE = "update"
+    AGGREGATE = "aggregate"
+    MODEL = "model"
+
+
+def check_id(field: str, value: object, *, optional: bool = False) -> None:
+    """ValueError unless ``value`` is a valid id (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ValueError(f"{field} {value!r} is not a valid id ([A-Za-z0-9][A-Za-z0-9._:@-]{{0,127}})")
+
+
+def check_int(field: str, value: object, *, minimum: int = 0) -> None:
+    """ValueError unless ``value`` is an int (not bool) in ``minimum..2**53-1``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= _MAX_INT:
+        raise ValueError(f"{field} must be an integer in {minimum}..{_MAX_INT}, got {value!r}")
+
+
+def as_enum(field: str, enum: type[_E], value: object) -> _E:
+    """``value`` as a member of ``enum``; ValueError naming the field and the allowed values."""
+    try:
+        return enum(value)
+    except ValueError:
+        allowed = ", ".join(repr(member.value) for member in enum)
+        raise ValueError(f"{field} {value!r} is not one of {allowed}") from None
+
+
+def check_protocol(value: object) -> None:
+    """ValueError unless ``value`` is the protocol version this code speaks."""
+    if type(value) is not int or value != PROTOCOL_VERSION:
+        raise ValueError(f"unsupported protocol version {value!r} (this code speaks {PROTOCOL_VERSION})")
+
+
+def check_nonce(field: str, value: object) -> None:
+    """ValueError unless ``value`` is exactly NONCE_BYTES bytes."""
+    if not isinstance(value, bytes) or len(value) != NONCE_BYTES:
+        raise ValueError(f"{field} must be {NONCE_BYTES} bytes")
+
+
+class CanonicalRecord:
+    """Mixin for frozen dataclasses that travel as canonical JSON.
+
+    ``bytes`` fields named in ``_HEX_FIELDS`` travel as lowercase hex, enums as
+    their value. ``__post_init__`` of the dataclass does all validation, so a
+    record built from the wire is checked by the same code as one built in memory.
+    """
+
+    _HEX_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    _WHAT: ClassVar[str] = "record"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (hex for bytes, values for enums)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = value.hex() if isinstance(value, bytes) else value.value if isinstance(value, Enum) else value
+        return out
+
+    def to_bytes(self) -> bytes:
+        """The canonical byte string of this record (what gets signed)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+    @classmethod
+    def from_bytes(cls: type[_R], raw: bytes | memoryview) -> _R:
+        """Parse canonical bytes; MalformedMessageError for anything else."""
+        raw = bytes(raw)
+        if len(raw) > MAX_HEADER_BYTES:
+            raise MalformedMessageError(f"{cls._WHAT}: {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+        try:
+            data = json.loads(raw.decode("ascii"), parse_float=_no_float, parse_constant=_no_float)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise MalformedMessageError(f"{cls._WHAT}: not ASCII JSON ({exc})") from exc
+        except RecursionError as exc:  # thousands of nested brackets still fit in MAX_HEADER_BYTES
+            raise MalformedMessageError(f"{cls._WHAT}: JSON nested too deeply") from exc
+        if not isinstance(data, dict):
+            raise MalformedMessageError(f"{cls._WHAT}: not a JSON object")
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        if set(data) != names:
+            raise MalformedMessageError(f"{cls._WHAT}: keys {sorted(data)} differ from {sorted(names)}")
+        try:
+            for name in cls._HEX_FIELDS:
+                if not isinstance(data[name], str) or data[name] != data[name].lower():
+                    raise ValueError(f"{name} must be lowercase hex")
+                data[name] = bytes.fromhex(data[name])
+            record = cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise MalformedMessageError(f"{cls._WHAT}: {exc}") from exc
+        if record.to_bytes() != raw:
+            raise MalformedMessageError(f"{cls._WHAT}: not in canonical form")
+        return record
+
+
+def _no_float(text: str) -> Any:
+    raise ValueError(f"non-integer number {text!r}")
+
+
+_H = TypeVar("_H", bound="MessageHeader")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MessageHeader(CanonicalRecord):
+    """Fields every update, aggregate and model message carries.
+
+    ``sender`` is the device id for updates and the aggregator's (or root's) id
+    otherwise; ``nonce`` is 16 random bytes naming this message (replay checks,
+    receipts); ``timestamp_ms`` is the sender's Unix time in milliseconds.
+    """
+
+    _KINDS: ClassVar[frozenset[MessageKind]] = frozenset(MessageKind)
+    _HEX_FIELDS: ClassVar[frozenset[str]] = frozenset({"nonce"})
+
+    protocol: int = PROTOCOL_VERSION
+    kind: MessageKind
+    fleet: str
+    sender: str
+    round: int
+    bundle_version: int
+    encoding: Encoding = Encoding.RAW
+    nonce: bytes
+    timestamp_ms: int
+
+    def __post_init__(self) -> None:
+        check_protocol(self.protocol)
+        object.__setattr__(self, "kind", as_enum("kind", MessageKind, self.kind))
+        object.__setattr__(self, "encoding", as_enum("encoding", Encoding, self.encoding))
+        if self.kind not in self._KINDS:
+            raise ValueError(f"kind {self.kind.value!r} is not allowed in {type(self).__name__}")
+        check_id("fleet", self.fleet)
+        check_id("sender", self.sender)
+        check_int("round", self.round)
+        check_int("bundle_version", self.bundle_version)
+        check_nonce("nonce", self.nonce)
+        check_int("timestamp_ms", self.timestamp_ms)
+
+    @classmethod
+    def create(
+        cls: type[_H],
+        *,
+        clock: Callable[[], float] = time.time,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        **values: Any,
+    ) -> _H:
+        """A header with a fresh random nonce and the current time; ``values`` are the other fields."""
+        return cls(nonce=random_bytes(NONCE_BYTES), timestamp_ms=int(clock() * 1000), **values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateHeader(MessageHeader):
+    """Header of a sealed update: a device's delta (``update``) or a region's sum (``aggregate``).
+
+    ``sample_count`` is the number of training examples behind the tensors.
+    """
+
+    _KINDS: ClassVar[frozenset[MessageKind]] = frozenset({MessageKind.UPDATE, MessageKind.AGGREGATE})
+    _WHAT: ClassVar[str] = "update header"
+
+    kind: MessageKind = MessageKind.UPDATE
+    region: str
+    sample_count: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_id("region", self.region)
+        check_int("sample_count", self.sample_count)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelHeader(MessageHeader):
+    """Header of a signed model going down. ``region`` None: the root's global model."""
+
+    _KINDS: ClassVar[frozenset[MessageKind]] = frozenset({MessageKind.MODEL})
+    _WHAT: ClassVar[str] = "model header"
+
+    kind: MessageKind = MessageKind.MODEL
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_id("region", self.region, optional=True)

@@ -68,3 +68,8 @@ def install(tmp_path: Path, fleet_key: Ed25519PrivateKey):
         return install_bundle(path, fleet_key.public_key(), tmp_path / f"installed-{next(counter)}")
 
     return _install
+
+
+from tests.mosquitto_broker import mosquitto_fixture  # noqa: E402
+
+mosquitto = mosquitto_fixture()

@@ -67,3 +67,29 @@ class LogisticRegression(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x)
+
+
+class PersonalizedCNN2D(nn.Module):
+    """The 4-layer CNN of the PFLlib leaderboard (2 conv + 2 fc) for 1x28x28 images.
+
+    Trunk: conv5x5(32) -> pool -> conv5x5(64) -> pool -> fc(512); head: fc(num_classes),
+    i.e. FedPer/FedRep's split into a shared feature extractor and a personal classifier.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, hidden: int = 512) -> None:
+        super().__init__()
+        self.base = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, hidden),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.base(x))

@@ -11,6 +11,7 @@ from sdk.cli.bench_cmd import bench
 from sdk.cli.bundle_cmd import bundle
 from sdk.cli.demo_cmd import demo
 from sdk.cli.keys_cmd import keys
+from sdk.cli.simulate_cmd import simulate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +31,7 @@ cli.add_command(keys)
 cli.add_command(bundle)
 cli.add_command(demo)
 cli.add_command(bench)
+cli.add_command(simulate)
 cli.add_command(broker_config, name="broker-config")
 
 

@@ -24,9 +24,12 @@ def _load(name: str, seed: int, subsample: float | None):  # type: ignore[no-unt
 
 
 def _model(name: str, dataset, personal: bool):  # type: ignore[no-untyped-def]
+    import torch
+
     from sdk.model_spec import ParameterSplit
     from sdk.models import BASE_HEAD_SPLIT, LogisticRegression, PersonalizedCNN1D, PersonalizedCNN2D, PersonalizedMLP
 
+    model: torch.nn.Module
     if name == "digits":
         model = PersonalizedMLP(64, (64,), dataset.num_classes)
     elif name == "watch":
@@ -68,7 +71,7 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.simulation.algorithms import algorithm
-    from sdk.simulation.simulator import FederatedSimulator, SimulationConfig
+    from sdk.simulation.simulator import FederatedSimulator, RoundRecord, SimulationConfig
 
     spec = algorithm(algo)
     data = _load(dataset, seed, subsample)
@@ -85,7 +88,12 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
                                   federated=spec.federated, seed=seed)
         sim = FederatedSimulator(bundle, data, config)
         with tqdm(total=rounds, desc=f"{algo} on {dataset}", unit="round") as bar:
-            result = sim.run(on_round=lambda r: (bar.update(1), bar.set_postfix(acc=f"{r.mean_accuracy:.3f}")))
+
+            def progress(record: RoundRecord) -> None:
+                bar.update(1)
+                bar.set_postfix(acc=f"{record.mean_accuracy:.3f}")
+
+            result = sim.run(on_round=progress)
     click.echo(f"{'round':>5s} {'mean acc':>9s} {'aggregated':>10s} {'dropped':>7s} {'seconds':>8s}")
     for r in result.rounds:
         click.echo(f"{r.round_number:5d} {r.mean_accuracy:9.4f} {len(r.aggregated):10d} {len(r.dropped):7d} {r.seconds:8.2f}")

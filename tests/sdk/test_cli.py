@@ -73,3 +73,15 @@ def test_agent_refuses_tampered_bundle_with_exit_code(tmp_path: Path, bundle_fac
             zout.writestr(name, data.replace(b'"digits-mlp"', b'"digits-mlq"') if name == "manifest.json" else data)
     assert agent_main(["install", str(bad), "--fleet-key", str(tmp_path / "fleet.pub"), "--dest", str(tmp_path / "i")]) == 2
     assert "verification failed" in capsys.readouterr().err
+
+
+def test_cli_simulate_digits_writes_json(tmp_path: Path):
+    out = tmp_path / "sim.json"
+    res = CliRunner().invoke(cli, ["simulate", "--dataset", "digits", "--algorithm", "fedalt", "--rounds", "2",
+                                   "--epochs", "2", "--lr", "0.01", "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1]
+    assert len(doc["rounds"][-1]["accuracy"]) == 10
+    assert doc["rounds"][-1]["mean_accuracy"] > 0.5
+    assert "final mean personalised accuracy" in res.output

@@ -185,7 +185,7 @@ def install_bundle(path: str | os.PathLike[str], trusted: TrustedKeys, dest: str
 
 
 def load_bundle(directory: str | os.PathLike[str], trusted: TrustedKeys) -> TrainingBundle:
-    """Re-verify an installed bundle directory (or an archive, read in place is not possible: use install_bundle)."""
+    """Re-verify an installed bundle directory; archives must go through :func:`install_bundle` first."""
     path = Path(directory)
     if not path.is_dir():
         raise BundleError(f"{path} is not an installed bundle directory; install the archive with install_bundle()")

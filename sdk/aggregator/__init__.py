@@ -1,0 +1,47 @@
+"""The regional and root aggregators: transport-agnostic, durable, exactly-once.
+
+Bytes in, bytes out; an MQTT service wraps them. Every accepted update is
+one SQLite transaction (the accepted row and the new running sum together),
+so a crash loses nothing that was acknowledged and a resend is never counted
+twice. See docs/aggregation.md for the round lifecycle, the durability
+argument, the mixing definition and how several processes share a region.
+
+- :mod:`~sdk.aggregator.round_state`: the pure round state machine (quorum, deadline, stale rounds).
+- :mod:`~sdk.aggregator.store` / :mod:`~sdk.aggregator.records`: the SQLite edge (WAL, ``synchronous=FULL``) and its records.
+- :mod:`~sdk.aggregator.intake`: open -> deduplicate -> validate -> fold -> commit -> receipt.
+- :mod:`~sdk.aggregator.tier` / :mod:`~sdk.aggregator.config`: what both tiers share.
+- :mod:`~sdk.aggregator.regional` / :mod:`~sdk.aggregator.root`: the two tiers.
+- :mod:`~sdk.aggregator.outcomes` / :mod:`~sdk.aggregator.errors`: results and errors.
+"""
+
+from __future__ import annotations
+
+from sdk.aggregator.config import AggregatorConfig
+from sdk.aggregator.errors import AggregatorError, ModelRejectedError, RoundStateError, StoreError
+from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate, IntakeReason, Verdict
+from sdk.aggregator.regional import RegionalAggregate, RegionalAggregator, RegionalConfig
+from sdk.aggregator.root import RootAggregator, RootConfig
+from sdk.aggregator.round_state import CloseReason, RoundPolicy, RoundState, RoundStatus
+from sdk.aggregator.store import AggregatorStore
+
+__all__ = [
+    "AggregatorConfig",
+    "AggregatorError",
+    "AggregatorStatus",
+    "AggregatorStore",
+    "CloseReason",
+    "HandledUpdate",
+    "IntakeReason",
+    "ModelRejectedError",
+    "RegionalAggregate",
+    "RegionalAggregator",
+    "RegionalConfig",
+    "RootAggregator",
+    "RootConfig",
+    "RoundPolicy",
+    "RoundState",
+    "RoundStatus",
+    "RoundStateError",
+    "StoreError",
+    "Verdict",
+]

@@ -1,0 +1,391 @@
+"""The intake both aggregator tiers share: one sealed message in, one :class:`HandledUpdate` out.
+
+Pipeline, cheapest and least trusting first::
+
+    open_update (authenticate, decrypt, decode)     -> auth / malformed, no receipt
+    for the current round (collecting or closed), already accepted from this sender?
+        same nonce, same content                    -> duplicate: "accepted" receipt again, not counted
+        same nonce, other content                   -> replay
+        another nonce                               -> already_counted
+    round state (collecting, same round)            -> no_round / stale_round / future_round
+    UpdateValidator (header, shapes, finite, norm)  -> its reason
+    in ONE transaction: replay window check, INSERT the accepted row,
+    fold into this member's running sum, write it   -> accepted
+    receipt signed only after the commit
+
+The store is the authority; this object caches the current round, this
+member's running sum and the replay window, and reloads them when the
+store's round marker changes or a write failed. Every write re-checks the
+marker inside its transaction, so several members sharing one store never
+fold into a round another member has closed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agent.errors import AuthenticationError, MalformedMessageError, RejectedUpdateError
+from device_agent.protocol.envelope import OpenedUpdate, SenderKeys, open_update
+from device_agent.protocol.headers import MessageKind, UpdateHeader
+from device_agent.protocol.receipts import Receipt, sign_receipt
+from device_agent.protocol.tensor_codec import encode_tensors
+from device_agent.protocol.validation import RejectReason, ReplayWindow, UpdateValidator
+from sdk.aggregation import AggregationConfig, MeanRule, StreamingWeightedMean, WeightedMeanState, make_rule
+from sdk.aggregator.config import AggregatorConfig
+from sdk.aggregator.errors import StoreError
+from sdk.aggregator.outcomes import HandledUpdate, IntakeReason, Verdict
+from sdk.aggregator.records import Acceptance, PartialSum, ReplaySnapshot, RoundMarker, RoundRecord
+from sdk.aggregator.round_state import CloseReason, RoundState, RoundStatus
+from sdk.aggregator.store import AcceptanceConflict, AggregatorStore
+
+logger = logging.getLogger(__name__)
+
+_MAX_ATTEMPTS = 8
+WeightOf = Callable[[UpdateHeader], float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergedRound:
+    """A round's result over every member: ``mean_delta`` None when nothing was accepted."""
+
+    mean_delta: dict[str, np.ndarray] | None
+    update_count: int
+    sample_count: int
+
+
+class _Retry(Exception):
+    """The store changed under a write (round moved, or another member took the update): decide again."""
+
+
+def content_digest(opened: OpenedUpdate) -> bytes:
+    """SHA-256 of the header and the decoded tensors: equal for a resend of the same update,
+    even though each sealing uses a fresh ephemeral key and so different ciphertext."""
+    return hashlib.sha256(opened.header.to_bytes() + encode_tensors(opened.tensors)).digest()
+
+
+class UpdateIntake:
+    """Authenticates, deduplicates, validates and durably folds in the updates of one aggregator.
+
+    ``identity``: issuer of receipts. ``kind``/``region``: what the validator
+    requires (``region`` None: any). ``sender_is_region``: the sender id must
+    equal the header's region (the root's rule for aggregates). ``weight_of``:
+    an accepted update's weight in the mean.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: AggregatorConfig,
+        store: AggregatorStore,
+        identity: str,
+        kind: MessageKind,
+        region: str | None,
+        sender_keys: SenderKeys,
+        aggregation: AggregationConfig,
+        weight_of: WeightOf,
+        sender_is_region: bool = False,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._identity = identity
+        self._sender_keys = sender_keys
+        self._aggregation = aggregation
+        self._weight_of = weight_of
+        self._sender_is_region = sender_is_region
+        self._limits = config.decode_limits()
+        self._validator = UpdateValidator(
+            params=config.spec,
+            max_norm=config.norm_bound,
+            fleet=config.fleet,
+            region=region,
+            bundle_version=config.bundle_version,
+            kind=kind,
+        )
+        self._pending: Counter[str] = Counter()
+        self._loaded = False
+        self._marker: RoundMarker | None = None
+        self._record: RoundRecord | None = None
+        self._state: RoundState | None = None
+        self._partial = PartialSum()
+        self._rule: MeanRule | None = None
+        self._window = ReplayWindow(rounds=config.replay_rounds)
+        self._window_seq = 0
+        self.refresh()
+
+    @property
+    def store(self) -> AggregatorStore:
+        """The durable store this intake writes to."""
+        return self._store
+
+    @property
+    def record(self) -> RoundRecord | None:
+        """The cached current round (None before the first); call :meth:`refresh` first for the latest."""
+        return self._record
+
+    # -- cache ---------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Reload the cached round when the store's marker moved (another member, or a failed write)."""
+        marker = self._store.round_marker()
+        if self._loaded and marker == self._marker:
+            return
+        record = None if marker is None else self._store.load_round()
+        same_round = record is not None and self._state is not None and record.round == self._state.round
+        state: RoundState | None = None
+        partial = PartialSum()
+        if record is not None:
+            accepted, samples = self._store.round_totals(record.round)
+            # A restart re-arms the deadline from now: it can extend a round, never cut it short.
+            opened_at = self._state.opened_at if same_round and self._state is not None else self._config.clock()
+            state = RoundState(
+                round=record.round,
+                status=record.status,
+                policy=self._config.policy,
+                opened_at=opened_at,
+                accepted=accepted,
+                samples=samples,
+            )
+            partial = self._store.load_partial(record.round) or PartialSum()
+        self._record, self._state, self._partial = record, state, partial
+        self._rule = self._mean_rule()
+        if same_round:
+            self._catch_up()
+        else:
+            self._load_window()
+        self._marker = None if record is None else RoundMarker(round=record.round, status=record.status)
+        self._loaded = True
+
+    def _mean_rule(self) -> MeanRule | None:
+        if self._aggregation.rule != "mean":
+            return None  # buffered rules keep each delta in the store and replay them at close
+        if self._partial.state.count == 0:
+            return MeanRule(clip_norm=self._aggregation.clip_norm, expected_shapes=self._config.shapes)
+        return MeanRule.from_state(self._partial.state, clip_norm=self._aggregation.clip_norm)
+
+    def _load_window(self) -> None:
+        snapshot = self._store.replay_snapshot()
+        if snapshot is None:
+            self._window, self._window_seq = ReplayWindow(rounds=self._config.replay_rounds), 0
+        else:
+            self._window, self._window_seq = ReplayWindow.from_state(snapshot.state), snapshot.seq
+        self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Replay accepted rows committed since the window last looked (by any member)."""
+        for key in self._store.accepted_since(self._window_seq):
+            try:
+                self._window.record(key.sender, key.round, key.nonce)
+            except RejectedUpdateError as exc:  # the window dropped that round or is full; the accepted table still guards it
+                logger.debug("replay window skipped accepted row %d: %s", key.seq, exc)
+            self._window_seq = key.seq
+
+    # -- the pipeline ----------------------------------------------------------
+
+    def handle(self, blob: bytes | bytearray | memoryview, *, topic_sender: str | None = None) -> HandledUpdate:
+        """Run one sealed message through the pipeline; ``topic_sender`` (None: unchecked) must equal its sender."""
+        try:
+            opened = open_update(blob, recipient_key=self._config.encryption_key, sender_public_key=self._sender_keys, limits=self._limits)
+        except AuthenticationError:
+            return self._refuse(IntakeReason.AUTH, "", len(blob))
+        except MalformedMessageError as exc:
+            return self._refuse(IntakeReason.MALFORMED, str(exc), len(blob))
+        header = opened.header
+        if topic_sender is not None and topic_sender != header.sender:
+            logger.warning("update signed by %s arrived on the topic of %s", header.sender, topic_sender)
+            return self._refuse(IntakeReason.AUTH, "", len(blob))
+        digest = content_digest(opened)
+        for _ in range(_MAX_ATTEMPTS):
+            self.refresh()
+            try:
+                # Only the current round (collecting or closed) answers duplicates: older blobs are stale.
+                prior = None
+                if self._state is not None and header.round == self._state.round:
+                    prior = self._store.find_acceptance(header.sender, header.round)
+                if prior is not None:
+                    if prior.nonce == header.nonce and prior.digest == digest:
+                        return self._answer(header, Verdict.DUPLICATE)
+                    raise _prior_rejection(prior.nonce, header)
+                self._admit(opened)
+                if self._commit(opened, digest):
+                    return self._answer(header, Verdict.ACCEPTED)
+            except RejectedUpdateError as rejection:
+                return self._answer(header, Verdict.REJECTED, rejection)
+        raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
+
+    def _admit(self, opened: OpenedUpdate) -> None:
+        header = opened.header
+        if self._state is None:
+            raise RejectedUpdateError(IntakeReason.NO_ROUND.value, "no round has started")
+        if self._sender_is_region and header.sender != header.region:
+            raise RejectedUpdateError(RejectReason.REGION.value, f"sender {header.sender!r} reports for region {header.region!r}")
+        self._state.check_admission(header.round)
+        self._validator.validate(opened, current_round=self._state.round)
+
+    def _commit(self, opened: OpenedUpdate, digest: bytes) -> bool:
+        """Accept in one transaction; False when the store moved under us (retry), True once committed."""
+        header = opened.header
+        weight = self._weight_of(header)
+        acceptance = Acceptance(
+            sender=header.sender, round=header.round, nonce=header.nonce, digest=digest, sample_count=header.sample_count, weight=weight
+        )
+        try:
+            with self.write_transaction():
+                if self._store.round_marker() != self._marker:
+                    raise _Retry()
+                if self._store.find_acceptance(header.sender, header.round) is not None:
+                    raise _Retry()  # another member accepted it meanwhile: answer it as a duplicate
+                self._catch_up()
+                self._window.check(header.sender, header.round, header.nonce)
+                seq = self._store.insert_acceptance(acceptance, delta=None if self._rule is not None else opened.tensors)
+                partial = self._fold(opened, weight)  # mutates the cached rule: reload if anything below fails
+                self._store.write_partial(header.round, partial)
+                accepted, samples = self._store.round_totals(header.round)
+        except (_Retry, AcceptanceConflict):
+            self._loaded = False
+            return False
+        except RejectedUpdateError:
+            raise
+        except BaseException:
+            self._loaded = False
+            raise
+        self._partial = partial
+        self._window.record(header.sender, header.round, header.nonce)
+        self._window_seq = seq
+        if self._state is not None:
+            self._state = self._state.with_totals(accepted=accepted, samples=samples)
+        return True
+
+    def _fold(self, opened: OpenedUpdate, weight: float) -> PartialSum:
+        old = self._partial
+        if self._rule is not None:
+            self._rule.accumulate(opened.tensors, weight)
+            state = self._rule.to_state()
+        else:
+            state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + 1)
+        return PartialSum(state=state, samples=old.samples + opened.header.sample_count)
+
+    # -- answers ---------------------------------------------------------------
+
+    def _refuse(self, reason: IntakeReason, detail: str, size: int) -> HandledUpdate:
+        self._pending[f"rejected:{reason.value}"] += 1
+        if reason is IntakeReason.AUTH:
+            logger.warning("refused a message of %d bytes: authentication failed", size)
+        else:
+            logger.warning("refused a message of %d bytes: %s (%s)", size, reason.value, detail)
+        return HandledUpdate(verdict=Verdict.REJECTED, reason=reason.value, detail=detail)
+
+    def _answer(self, header: UpdateHeader, verdict: Verdict, rejection: RejectedUpdateError | None = None) -> HandledUpdate:
+        if rejection is not None:
+            self._pending[f"rejected:{rejection.reason}"] += 1
+            logger.info("rejected %s from %s for round %d: %s", header.kind.value, header.sender, header.round, rejection)
+        elif verdict is Verdict.DUPLICATE:
+            self._pending["duplicate"] += 1
+            logger.info("duplicate %s from %s for round %d: acknowledged again", header.kind.value, header.sender, header.round)
+        else:
+            logger.debug("accepted %s from %s for round %d", header.kind.value, header.sender, header.round)
+        receipt = Receipt.answering(header, issuer=self._identity, rejection=rejection, clock=self._config.wall_clock)
+        return HandledUpdate(
+            verdict=verdict,
+            reason="" if rejection is None else rejection.reason,
+            detail="" if rejection is None else rejection.detail,
+            receipt=sign_receipt(receipt, signer_key=self._config.signing_key),
+            header=header,
+        )
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add to a counter; it reaches the store with the next write (or :meth:`flush_counters`)."""
+        self._pending[name] += amount
+
+    def counters(self) -> dict[str, int]:
+        """Stored counters plus those not yet written."""
+        merged = Counter(self._store.counters())
+        merged.update(self._pending)
+        return dict(sorted(merged.items()))
+
+    def flush_counters(self) -> None:
+        """Write pending counters now (one transaction)."""
+        if +self._pending:
+            with self.write_transaction():
+                pass
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[None]:
+        """A store transaction that also writes the pending counters; they are cleared once it commits."""
+        pending = +self._pending
+        with self._store.transaction():
+            yield
+            self._store.add_counters(pending)
+        self._pending.subtract(pending)
+        self._pending = +self._pending
+
+    # -- round phases (the callers run these inside write_transaction) ---------
+
+    def write_round_start(self, *, round: int, global_params: dict[str, np.ndarray], base_params: dict[str, np.ndarray], model_blob: bytes) -> None:
+        """Make ``round`` current in the store, with a replay-window snapshot advanced to it."""
+        self._catch_up()
+        window = ReplayWindow.from_state(self._window.export_state())
+        window.advance(round)
+        self._store.begin_round(
+            round=round,
+            global_params=global_params,
+            base_params=base_params,
+            model_blob=model_blob,
+            replay=ReplaySnapshot(state=window.export_state(), seq=self._window_seq),
+            keep_accepted_from=window.floor,
+        )
+        self._loaded = False
+
+    def merge(self, round: int) -> MergedRound:
+        """Every member's share of ``round`` combined by the aggregation rule (a fixed order, so reproducible)."""
+        partials = self._store.partials(round)
+        count = sum(p.state.count for p in partials)
+        samples = sum(p.samples for p in partials)
+        if self._aggregation.rule == "mean":
+            mean = _merge_means([p.state for p in partials if p.state.count])
+        else:
+            rule = make_rule(self._aggregation, expected_shapes=self._config.shapes)
+            for delta, weight in self._store.buffered_deltas(round):
+                rule.accumulate(delta, weight)
+            mean = rule.finalize()
+        return MergedRound(mean_delta=mean, update_count=count, sample_count=samples)
+
+    def close_reason(self) -> CloseReason | None:
+        """Why the current round should close now (None: keep collecting, closed, or no round)."""
+        self.refresh()
+        if self._state is None or self._state.status is not RoundStatus.COLLECTING:
+            return None
+        accepted, samples = self._store.round_totals(self._state.round)
+        self._state = self._state.with_totals(accepted=accepted, samples=samples)
+        return self._state.close_reason(self._config.clock())
+
+    @property
+    def state(self) -> RoundState | None:
+        """The cached round state (None before the first round)."""
+        return self._state
+
+
+def _prior_rejection(prior_nonce: bytes, header: UpdateHeader) -> RejectedUpdateError:
+    if prior_nonce == header.nonce:
+        return RejectedUpdateError(RejectReason.REPLAY.value, f"nonce {header.nonce.hex()} reused with different content")
+    return RejectedUpdateError(IntakeReason.ALREADY_COUNTED.value, f"{header.sender} already has an update counted in round {header.round}")
+
+
+def _merge_means(states: list[WeightedMeanState]) -> dict[str, np.ndarray] | None:
+    """The weighted mean over several running sums; one sum gives exactly its own mean."""
+    if not states:
+        return None
+    sums = {name: np.array(value, dtype=np.float64) for name, value in states[0].sums.items()}
+    total, count = states[0].total_weight, states[0].count
+    for state in states[1:]:
+        for name, value in state.sums.items():
+            sums[name] += value
+        total += state.total_weight
+        count += state.count
+    return StreamingWeightedMean.from_state(WeightedMeanState(sums=sums, total_weight=total, count=count)).finalize()

@@ -1,0 +1,91 @@
+"""The records the aggregator store reads and writes: plain frozen data, no SQL.
+
+They describe the current round (:class:`RoundRecord`, :class:`ClosedRound`,
+:class:`RoundMarker`), one member's running sum (:class:`PartialSum`), one
+accepted update (:class:`Acceptance`, :class:`AcceptedKey`) and the replay
+window's snapshot (:class:`ReplaySnapshot`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sdk.aggregation import WeightedMeanState
+from sdk.aggregator.round_state import RoundStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClosedRound:
+    """What closing a round produced.
+
+    ``mean_delta`` None: nothing was accepted (nothing to forward).
+    ``result_params``: the regional model after the round (None at the root).
+    ``result_blob``: the sealed aggregate for the tier above (None when there is nothing to forward).
+    """
+
+    mean_delta: dict[str, np.ndarray] | None
+    update_count: int
+    sample_count: int
+    result_params: dict[str, np.ndarray] | None
+    result_blob: bytes | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRecord:
+    """The stored current round. ``base_params``: the model the round's deltas are relative to."""
+
+    round: int
+    status: RoundStatus
+    global_params: dict[str, np.ndarray]
+    base_params: dict[str, np.ndarray]
+    model_blob: bytes
+    closing: ClosedRound | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundMarker:
+    """Which round is current and whether it is collecting: cheap to read on every update."""
+
+    round: int
+    status: RoundStatus
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartialSum:
+    """One member's share of a round: ``state.sums`` is empty for the buffered rules; ``samples`` sums sample counts."""
+
+    state: WeightedMeanState = field(default_factory=WeightedMeanState)
+    samples: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Acceptance:
+    """One accepted update: its identity, a digest of its content, and what it weighed."""
+
+    sender: str
+    round: int
+    nonce: bytes
+    digest: bytes
+    sample_count: int
+    weight: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class AcceptedKey:
+    """What the replay window needs from an ``accepted`` row, in commit order (``seq``)."""
+
+    seq: int
+    sender: str
+    round: int
+    nonce: bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplaySnapshot:
+    """The replay window state (``ReplayWindow.export_state``) including every accepted row up to ``seq``."""
+
+    state: dict[str, Any]
+    seq: int

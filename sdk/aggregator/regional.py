@@ -1,0 +1,235 @@
+"""The regional aggregator: devices' sealed updates in, one sealed aggregate per round out.
+
+Round ``r`` at region ``j`` (notation of docs/aggregation.md)::
+
+    G_r   the root's global model for round r (verified with the root's key)
+    S_r   the model the region serves its devices for round r:
+              S_r = mix_regional(R_{r-1}, G_r, regional_weight)
+                  = a * R_{r-1} + (1 - a) * G_r        (S_r = G_r when there is no R_{r-1} yet)
+    d_k   device k's delta, trained from S_r, with n_k samples
+    D_r   the region's mean delta: sum_k n_k d_k / sum_k n_k   (or median / trimmed mean)
+    R_r   the regional model after the round: S_r + D_r  (S_r if nothing was accepted)
+
+``D_r`` and ``sum_k n_k`` go to the root, sealed to the root's X25519 key
+and signed by the region. ``regional_weight`` 0 is plain hierarchical
+FedAvg (devices train from the global model); 1 keeps the region on its
+own model, the global one only seeding the first round. The interpolation
+is the cluster-level form of Mansour et al., "Three Approaches for
+Personalization with Applications to Federated Learning" (2020); the two
+tiers follow HierFAVG (Liu et al., ICC 2020).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from device_agent.errors import AuthenticationError, MalformedMessageError
+from device_agent.protocol.envelope import SenderKeys, open_model, seal_update
+from device_agent.protocol.headers import MessageKind, UpdateHeader, check_id
+from sdk.aggregation import AggregationConfig, mix_regional
+from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
+from sdk.aggregator.errors import RoundStateError
+from sdk.aggregator.intake import MergedRound, UpdateIntake
+from sdk.aggregator.outcomes import HandledUpdate
+from sdk.aggregator.records import ClosedRound, RoundRecord
+from sdk.aggregator.store import AggregatorStore
+from sdk.aggregator.tier import AggregatorTier, open_with_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionalConfig(AggregatorConfig):
+    """A regional aggregator: :class:`AggregatorConfig` plus the region's own settings.
+
+    ``region``: the region id (also the id it signs receipts, models and
+    aggregates as). ``device_keys``: device id -> Ed25519 public key, or a
+    lookup returning None for an unknown device. ``root_verify_key``: the
+    root's Ed25519 key (global models). ``root_encryption_key``: the root's
+    X25519 key (aggregates are sealed to it). ``aggregation``: how updates are
+    combined (mean, median, trimmed mean; optional clipping).
+    ``regional_weight``: ``a`` in ``S_r = a R_{r-1} + (1 - a) G_r``, in [0, 1].
+    """
+
+    region: str
+    device_keys: SenderKeys
+    root_verify_key: Ed25519PublicKey
+    root_encryption_key: X25519PublicKey
+    aggregation: AggregationConfig = AggregationConfig()
+    regional_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_id("region", self.region)
+        if not isinstance(self.root_verify_key, Ed25519PublicKey):
+            raise TypeError("root_verify_key must be an Ed25519PublicKey")
+        if not isinstance(self.root_encryption_key, X25519PublicKey):
+            raise TypeError("root_encryption_key must be an X25519PublicKey")
+        if not isinstance(self.aggregation, AggregationConfig):
+            raise TypeError("aggregation must be an AggregationConfig")
+        a = self.regional_weight
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and 0.0 <= a <= 1.0):
+            raise ValueError(f"regional_weight must be a number in [0, 1], got {a!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionalAggregate:
+    """The result of closing a regional round.
+
+    ``mean_delta`` (D_r) is None and ``blob`` None when nothing was accepted:
+    there is nothing to forward. ``blob`` is the sealed aggregate for the root
+    (kind ``aggregate``, ``sample_count`` = ``sample_count``).
+    ``regional_params`` is R_r = S_r + D_r, the model mixed into the next round.
+    """
+
+    round: int
+    mean_delta: dict[str, np.ndarray] | None
+    update_count: int
+    sample_count: int
+    regional_params: dict[str, np.ndarray]
+    blob: bytes | None
+
+
+class RegionalAggregator(AggregatorTier):
+    """One region's aggregator over a durable store; see the module docstring for the round's math.
+
+    Phases: :meth:`handle_root_model` (or :meth:`start_round`) starts a round
+    and gives the signed model to publish to the region's devices;
+    :meth:`handle_update` takes each sealed device update; when
+    :meth:`should_close` says so, :meth:`close_round` gives the sealed aggregate
+    to forward to the root. Transport-agnostic: bytes in, bytes out.
+    """
+
+    def __init__(self, config: RegionalConfig, *, store: AggregatorStore) -> None:
+        if not isinstance(config, RegionalConfig):
+            raise TypeError("config must be a RegionalConfig")
+        intake = UpdateIntake(
+            config=config,
+            store=store,
+            identity=config.region,
+            kind=MessageKind.UPDATE,
+            region=config.region,
+            sender_keys=config.device_keys,
+            aggregation=config.aggregation,
+            weight_of=lambda header: float(header.sample_count),
+        )
+        super().__init__(config=config, intake=intake, identity=config.region)
+        self._regional = config
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], config: RegionalConfig, *, member: str = "main") -> RegionalAggregator:
+        """Open (or create) the region's SQLite store at ``path`` as ``member`` and resume where it stood."""
+        return open_with_store(path, identity=f"region:{config.fleet}/{config.region}", member=member, build=lambda store: cls(config, store=store))
+
+    def start_round(self, round: int, global_params: Mapping[str, np.ndarray]) -> bytes:
+        """Start ``round`` from the global model G_r: the model S_r signed for the region's devices.
+
+        Idempotent for the current round; ModelRejectedError ``stale_round`` for an older one.
+        """
+        return self._start(round, global_params, self._serve)
+
+    def handle_root_model(self, blob: bytes | bytearray | memoryview) -> bytes:
+        """Verify the root's signed global model, start its round, and return the mixed model signed for devices.
+
+        ModelRejectedError (counted as ``model_rejected:<reason>``) when the
+        signature does not verify (``auth``, nothing more said), the model is
+        malformed, for another fleet, a regional rather than a global model,
+        for another bundle version, has other parameters, or is older than
+        the current round.
+        """
+        try:
+            opened = open_model(blob, trusted_signers=self._regional.root_verify_key, limits=self._config.decode_limits())
+        except AuthenticationError:
+            raise self._reject_model("auth", "") from None
+        except MalformedMessageError as exc:
+            raise self._reject_model("malformed", str(exc)) from exc
+        header = opened.header
+        if header.fleet != self._config.fleet:
+            raise self._reject_model("fleet", f"model for fleet {header.fleet!r}")
+        if header.region is not None:
+            raise self._reject_model("region", f"a model for region {header.region!r}, not a global model")
+        if header.bundle_version != self._config.bundle_version:
+            raise self._reject_model("bundle_version", f"model for bundle {header.bundle_version}")
+        try:
+            params = conform_params(self._config.spec, opened.tensors, what="global model")
+        except (TypeError, ValueError) as exc:
+            raise self._reject_model("params", str(exc)) from exc
+        return self.start_round(header.round, params)
+
+    def handle_update(self, blob: bytes | bytearray | memoryview, *, topic_device: str | None = None) -> HandledUpdate:
+        """Authenticate, validate and durably count one sealed device update; never raises for bad input.
+
+        ``topic_device``: the device id from the topic it arrived on (None:
+        unchecked); an update signed by another device is refused as ``auth``.
+        """
+        return self._intake.handle(blob, topic_sender=topic_device)
+
+    def close_round(self) -> RegionalAggregate:
+        """Close the current round: D_r, its counts, R_r, and the aggregate sealed for the root.
+
+        Idempotent: closing a closed round returns what closing it produced
+        (the same sealed bytes, so a resend after a crash is a duplicate at the
+        root). RoundStateError before the first round.
+        """
+        with self._intake.write_transaction():
+            record = self._intake.store.load_round()
+            if record is None:
+                raise RoundStateError("no round has started")
+            closing = record.closing
+            if closing is None:
+                merged = self._intake.merge(record.round)
+                closing = ClosedRound(
+                    mean_delta=merged.mean_delta,
+                    update_count=merged.update_count,
+                    sample_count=merged.sample_count,
+                    result_params=apply_delta(record.base_params, merged.mean_delta),
+                    result_blob=self._seal(record.round, merged),
+                )
+                self._intake.store.close_round(record.round, closing)
+                logger.info("round %d closed: %d updates, %d samples", record.round, merged.update_count, merged.sample_count)
+        self._intake.refresh()
+        return RegionalAggregate(
+            round=record.round,
+            mean_delta=closing.mean_delta,
+            update_count=closing.update_count,
+            sample_count=closing.sample_count,
+            regional_params=closing.result_params if closing.result_params is not None else record.base_params,
+            blob=closing.result_blob,
+        )
+
+    def _serve(self, record: RoundRecord | None, round: int, global_params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bytes]:
+        previous = None
+        if record is not None:
+            # R_{r-1}: the closed round's result, or (abandoned round) the model it served.
+            closed = record.closing.result_params if record.closing is not None else None
+            previous = closed if closed is not None else record.base_params
+        served = mix_regional(previous, global_params, regional_weight=self._regional.regional_weight)
+        return served, self._sign_model(round=round, params=served, region=self._regional.region)
+
+    def _seal(self, round: int, merged: MergedRound) -> bytes | None:
+        if merged.mean_delta is None:
+            return None
+        header = UpdateHeader.create(
+            kind=MessageKind.AGGREGATE,
+            fleet=self._config.fleet,
+            sender=self._regional.region,
+            region=self._regional.region,
+            round=round,
+            bundle_version=self._config.bundle_version,
+            sample_count=merged.sample_count,
+            clock=self._config.wall_clock,
+        )
+        return seal_update(
+            header,
+            merged.mean_delta,
+            recipient_public_key=self._regional.root_encryption_key,
+            sender_key=self._config.signing_key,
+        )

@@ -11,6 +11,7 @@ DEVICE_REQUIRES = [
     "onnxruntime-training-cpu==1.19.2",
     "paho-mqtt>=2.1,<3",
     "cryptography>=42",
+    "tomli>=2; python_version<'3.11'",
 ]
 
 SDK_REQUIRES = [
@@ -19,7 +20,6 @@ SDK_REQUIRES = [
     # ORT 1.19 loads ONNX IR <= 10; onnx 1.17+ writes newer IR by default.
     "onnx>=1.16,<1.17",
     "click>=8.1",
-    "tomli>=2; python_version<'3.11'",
     "tqdm>=4.66",
     "matplotlib>=3.8",
     "scikit-learn>=1.3",

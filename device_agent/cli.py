@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from device_agent.bundle.archive import install_bundle, load_bundle
+from device_agent.daemon.bootstrap import open_agent
+from device_agent.daemon.config import load_config
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import FedgeError
 from device_agent.keys import load_verify_key
@@ -46,6 +50,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples}
 
 
+def _cmd_run(args: argparse.Namespace) -> dict[str, object]:
+    config = load_config(args.config)
+    stop = threading.Event()
+    # SIGTERM (systemd, docker stop) and Ctrl-C end the run between steps; a pending update
+    # stays on disk and is resent by the next start.
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with open_agent(config) as agent:
+            result = agent.run(max_rounds=args.rounds, stop_event=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return {
+        "device": config.device_id,
+        "finished": result.finished,
+        "stopped": result.stopped,
+        "rounds": [{"round": r.round, "status": r.status.value, "reason": r.reason, "trained": r.trained}
+                   for r in result.rounds],
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The fedge-agent argument parser."""
     p = argparse.ArgumentParser(prog="fedge-agent", description="fedge device agent: verify bundles and train on local data (no torch).")
@@ -74,7 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--lr", type=float, default=None)
             c.add_argument("--seed", type=int, default=0)
             c.add_argument("--eval-data", default=None)
+
+    run = sub.add_parser("run", help="join the federation: wait for signed models, train, send sealed updates")
+    run.add_argument("--config", required=True, help="agent TOML file (see examples/agent.toml)")
+    run.add_argument("--rounds", type=_non_negative, default=None, help="stop after N finished rounds (default: run until stopped)")
+    run.set_defaults(func=_cmd_run)
     return p
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

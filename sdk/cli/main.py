@@ -7,6 +7,7 @@ import logging
 import click
 
 from sdk.broker_config.cli import broker_config
+from sdk.cli.aggregator_cmd import aggregator
 from sdk.cli.bench_cmd import bench
 from sdk.cli.bundle_cmd import bundle
 from sdk.cli.demo_cmd import demo
@@ -32,6 +33,7 @@ cli.add_command(bundle)
 cli.add_command(demo)
 cli.add_command(bench)
 cli.add_command(simulate)
+cli.add_command(aggregator)
 cli.add_command(broker_config, name="broker-config")
 
 

@@ -1,0 +1,401 @@
+"""The device agent: one method per phase of a round, and a loop that plays rounds.
+
+A round, from the device's side (docs/device-agent.md has the full argument):
+
+1. :meth:`DeviceAgent.wait_for_model`: the retained, signed model on
+   ``model/global``, verified against the trusted signers, for this fleet,
+   region and bundle version, not older than anything seen (rollback) and
+   newer than the last round the device finished.
+2. :meth:`DeviceAgent.train_round`: adopt it, train within the budget, save
+   the trainer state.
+3. :meth:`DeviceAgent.seal_update`: encrypt the shared delta to the region's
+   aggregator, sign it with the device key, and persist the exact bytes as
+   the pending update *before* anything is published.
+4. :meth:`DeviceAgent.submit`: publish, wait for the signed receipt naming
+   the update's nonce, resend the same bytes on timeout (the aggregator
+   deduplicates by nonce), record the receipt and clear the pending update.
+
+A restart finds the pending update and resends it instead of training again;
+a crash between saving the trainer and sealing re-seals the saved delta; a
+crash during training retrains from the last saved state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import numpy as np
+
+from device_agent.daemon.agent_state import AgentProgress, AgentStateFiles, SealedUpdate
+from device_agent.daemon.backoff import Backoff
+from device_agent.daemon.config import AgentConfig
+from device_agent.daemon.connection import MqttConnection
+from device_agent.daemon.errors import AgentStopped, ReceiptTimeoutError
+from device_agent.daemon.intake import MessageIntake
+from device_agent.daemon.keyring import DeviceKeys
+from device_agent.data import DataSource
+from device_agent.errors import TrainingError
+from device_agent.local_round import LocalUpdate, train_local_round
+from device_agent.protocol import envelope
+from device_agent.protocol.chunking import PayloadTooLargeError
+from device_agent.protocol.envelope import OpenedModel
+from device_agent.protocol.headers import UpdateHeader
+from device_agent.protocol.receipts import Receipt, ReceiptStatus
+from device_agent.protocol.validation import RejectReason
+from device_agent.trainer import DeviceTrainer, TrainReport
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 1.0
+_NOT_TRAINED = TrainReport(steps=0, examples=0, mean_loss=float("nan"), seconds=0.0)
+
+
+class RoundStatus(str, Enum):
+    """How a round ended for the device.
+
+    ``duplicate``: a resend was answered ``replay``, which the aggregator says
+    only for a nonce it already counted, so an earlier copy was accepted.
+    ``no_receipt``: nothing answered; the update stays pending and is resent.
+    ``refused``: the update could not be published (over the broker limit with chunking off).
+    ``failed``: local training failed (unreadable data, non-finite loss); the round is skipped.
+    """
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+    NO_RECEIPT = "no_receipt"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundResult:
+    """One attempt at one round. ``trained`` False: a pending or saved update was sent instead.
+
+    ``reason``: the aggregator's reason code (rejected) or why nothing was sent (refused, failed), else empty.
+    ``report`` None when nothing was trained; ``receipt`` None when none came.
+    """
+
+    round: int
+    status: RoundStatus
+    trained: bool
+    reason: str = ""
+    report: TrainReport | None = None
+    receipt: Receipt | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """What :meth:`DeviceAgent.run` did; ``stopped`` True when its stop event ended it."""
+
+    rounds: tuple[RoundResult, ...]
+    stopped: bool
+
+    @property
+    def finished(self) -> int:
+        """Rounds that ended (any status but ``no_receipt``)."""
+        return sum(r.status is not RoundStatus.NO_RECEIPT for r in self.rounds)
+
+
+class DeviceAgent:
+    """Plays federated rounds for one device over a :class:`MqttConnection`.
+
+    Build one from a config with :func:`device_agent.daemon.bootstrap.open_agent`.
+    ``load_data`` is called for every round, so new local data is picked up.
+    ``clock`` (monotonic s) drives timeouts, ``wall_clock`` stamps headers,
+    ``rng`` jitters backoff, ``random_bytes`` makes nonces and ``train_rng``
+    shuffles batches (None: in order). All methods run on the caller's
+    thread; the connection's network thread only feeds :attr:`MqttConnection.inbox`.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        keys: DeviceKeys,
+        trainer: DeviceTrainer,
+        load_data: Callable[[], DataSource],
+        connection: MqttConnection,
+        state: AgentStateFiles,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        train_rng: np.random.Generator | None = None,
+    ) -> None:
+        self.config = config
+        self.keys = keys
+        self.trainer = trainer
+        self.connection = connection
+        self.state = state
+        self._load_data = load_data
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._rng = rng if rng is not None else random.Random()
+        self._random_bytes = random_bytes
+        self._train_rng = train_rng
+        self._topics = config.topics
+        self._update_topic = self._topics.device_update(config.device_id)
+        self._receipt_topic = self._topics.device_receipt(config.device_id)
+        self._bundle_version = trainer.manifest.bundle_version
+        self._progress = state.load_progress()
+        if self._progress.bundle_version != self._bundle_version:
+            if self._progress.bundle_version >= 0:
+                logger.info("bundle v%d replaced v%d: round progress starts afresh", self._bundle_version,
+                            self._progress.bundle_version)
+            self._save_progress(AgentProgress(bundle_version=self._bundle_version))
+        self.intake = MessageIntake(
+            inbox=connection.inbox,
+            topics=self._topics,
+            device_id=config.device_id,
+            region=config.region,
+            bundle_version=self._bundle_version,
+            spec=trainer.manifest.shared_spec(),
+            model_signers=keys.model_signers,
+            receipt_signers=keys.receipt_signers,
+            clock=clock,
+        )
+        self.intake.rollback_floor = self._progress.highest_model_round
+        self._stop = threading.Event()
+        self._started = False
+
+    @property
+    def progress(self) -> AgentProgress:
+        """The durable progress (bundle, last round done, rollback floor, last receipt)."""
+        return self._progress
+
+    def start(self) -> None:
+        """Start the connection (idempotent)."""
+        if not self._started:
+            self.connection.start()
+            self._started = True
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Close the connection for good (``graceful`` False drops it so the broker publishes the will)."""
+        self.connection.close(graceful=graceful)
+        self._started = False
+
+    def __enter__(self) -> DeviceAgent:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- phase 1: the model -----------------------------------------------------------------
+
+    def wait_for_model(self, timeout: float, *, after_round: int | None = None) -> OpenedModel | None:
+        """The newest acceptable model for a round after ``after_round`` (None: the last round done).
+
+        Returns None when none came within ``timeout`` seconds; raises
+        AgentStopped when the stop event of :meth:`run` is set.
+        """
+        floor = self._progress.completed_round if after_round is None else after_round
+
+        def ready() -> bool:
+            model = self.intake.latest_model
+            return model is not None and model.header.round > floor
+
+        model = self.intake.latest_model if self._pump(self._clock() + timeout, ready) else None
+        if model is not None and model.header.round > self._progress.highest_model_round:
+            self._save_progress(replace(self._progress, highest_model_round=model.header.round))
+            self.intake.rollback_floor = model.header.round
+        return model
+
+    # -- phase 2: training ------------------------------------------------------------------
+
+    def train_round(self, model: OpenedModel) -> LocalUpdate:
+        """Adopt ``model``, train on fresh local data within the budget, then save the trainer state.
+
+        TrainingError when the data cannot be read or training fails; nothing is saved then.
+        """
+        update = train_local_round(
+            self.trainer,
+            self._local_data(),
+            global_params=model.tensors,
+            round_number=model.header.round,
+            budget=self.config.budget,
+            rng=self._train_rng,
+        )
+        self.trainer.save_state()
+        logger.info("round %d: trained %d steps on %d examples (mean loss %.4f)",
+                    update.round_number, update.report.steps, update.num_examples, update.report.mean_loss)
+        return update
+
+    # -- phase 3: sealing -------------------------------------------------------------------
+
+    def seal_update(self, update: LocalUpdate) -> SealedUpdate:
+        """Encrypt the delta to the aggregator, sign it, and persist it as the pending update."""
+        header = UpdateHeader.create(
+            clock=self._wall_clock,
+            random_bytes=self._random_bytes,
+            fleet=self.config.fleet,
+            region=self.config.region,
+            sender=self.config.device_id,
+            round=update.round_number,
+            bundle_version=self._bundle_version,
+            sample_count=update.num_examples,
+            encoding=self.config.encoding,
+        )
+        blob = envelope.seal_update(
+            header, update.delta, recipient_public_key=self.keys.aggregator_key, sender_key=self.keys.signing_key
+        )
+        sealed = SealedUpdate(header=header, blob=blob)
+        self.state.save_pending(sealed)
+        return sealed
+
+    # -- phase 4: submitting ----------------------------------------------------------------
+
+    def submit(self, sealed: SealedUpdate) -> Receipt:
+        """Publish ``sealed`` until a signed receipt answers it; the receipt, accepted or rejected.
+
+        Every attempt sends the same bytes and waits ``receipt_timeout_s``;
+        between attempts a backoff delay passes, still listening, so a late
+        receipt counts. ReceiptTimeoutError after ``max_attempts`` (the update
+        stays pending); PayloadTooLargeError when it may not be published.
+        """
+        header = sealed.header
+        backoff = Backoff(self.config.backoff, rng=self._rng)
+
+        def answered() -> bool:
+            return self.intake.receipt_for(header) is not None
+
+        for attempt in range(1, self.config.max_attempts + 1):
+            deadline = self._clock() + self.config.receipt_timeout_s
+            if not answered():
+                if self.connection.wait_connected(max(0.0, deadline - self._clock())):
+                    ticket = self.connection.publish_checked(self._update_topic, sealed.blob, qos=1)
+                    logger.info("round %d: sent update %s (%d bytes, %d frame(s)), attempt %d/%d", header.round,
+                                header.nonce.hex(), len(sealed.blob), ticket.frames, attempt, self.config.max_attempts)
+                else:
+                    logger.warning("round %d: not connected, attempt %d/%d skipped", header.round, attempt,
+                                   self.config.max_attempts)
+            if self._pump(deadline, answered):
+                break
+            if attempt < self.config.max_attempts and self._pump(self._clock() + backoff.next_delay(), answered):
+                break
+        else:
+            raise ReceiptTimeoutError(header.round, self.config.max_attempts)
+        found = self.intake.receipt_for(header)
+        if found is None:  # unreachable: the loop above ended on answered()
+            raise ReceiptTimeoutError(header.round, self.config.max_attempts)
+        receipt, raw = found
+        self._finish_round(header.round, raw)
+        if receipt.status is ReceiptStatus.REJECTED:
+            logger.warning("round %d: update %s rejected by %s: %s", header.round, header.nonce.hex(), receipt.issuer,
+                           receipt.reason)
+        return receipt
+
+    # -- a whole round, and the loop ---------------------------------------------------------
+
+    def complete_round(self, model: OpenedModel) -> RoundResult:
+        """Play round ``model.header.round``: resume a pending or trained update, or train one, then submit it."""
+        number = model.header.round
+        report = None
+        try:
+            sealed = self._resume(number)
+            if sealed is None:
+                update = self.train_round(model)
+                report = update.report
+                sealed = self.seal_update(update)
+        except TrainingError as exc:
+            # Skipping the round (rather than crashing) keeps a device with bad data from
+            # restarting into the same failure; the next model gets a fresh attempt.
+            logger.error("round %d: training failed, skipping the round: %s", number, exc)
+            self._finish_round(number, None)
+            return RoundResult(round=number, status=RoundStatus.FAILED, trained=False, reason=str(exc))
+        trained = report is not None
+        try:
+            receipt = self.submit(sealed)
+        except ReceiptTimeoutError as exc:
+            logger.warning("round %d: %s; the update stays pending", number, exc)
+            return RoundResult(round=number, status=RoundStatus.NO_RECEIPT, trained=trained, report=report)
+        except PayloadTooLargeError as exc:
+            logger.error("round %d: update not sent: %s", number, exc)
+            self._finish_round(number, None)
+            return RoundResult(round=number, status=RoundStatus.REFUSED, trained=trained, reason=str(exc), report=report)
+        if receipt.status is ReceiptStatus.ACCEPTED:
+            status = RoundStatus.ACCEPTED
+        elif receipt.reason == RejectReason.REPLAY.value:
+            status = RoundStatus.DUPLICATE
+        else:
+            status = RoundStatus.REJECTED
+        return RoundResult(round=number, status=status, trained=trained, reason=receipt.reason, report=report,
+                           receipt=receipt)
+
+    def run(self, *, max_rounds: int | None = None, stop_event: threading.Event | None = None) -> RunResult:
+        """Play rounds until ``max_rounds`` have finished (None: forever) or ``stop_event`` is set.
+
+        A round without a receipt is retried after a backoff pause (the same
+        pending bytes), unless a newer model arrives during the pause.
+        """
+        if max_rounds is not None and max_rounds < 0:
+            raise ValueError("max_rounds must be >= 0 or None")
+        self.start()
+        self._stop = stop_event if stop_event is not None else threading.Event()
+        results: list[RoundResult] = []
+        pause = Backoff(self.config.backoff, rng=self._rng)
+        try:
+            while max_rounds is None or sum(r.status is not RoundStatus.NO_RECEIPT for r in results) < max_rounds:
+                model = self.wait_for_model(_IDLE_WAIT_S)
+                if model is None:
+                    continue
+                result = self.complete_round(model)
+                results.append(result)
+                if result.status is RoundStatus.NO_RECEIPT:
+                    self.wait_for_model(pause.next_delay(), after_round=result.round)
+                else:
+                    pause.reset()
+        except AgentStopped:
+            return RunResult(rounds=tuple(results), stopped=True)
+        finally:
+            self._stop = threading.Event()
+        return RunResult(rounds=tuple(results), stopped=False)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _resume(self, number: int) -> SealedUpdate | None:
+        """The update to send for round ``number`` without training, if a previous run left one."""
+        pending = self.state.load_pending()
+        if pending is not None:
+            h = pending.header
+            if (h.round, h.bundle_version, h.sender, h.fleet) == (number, self._bundle_version, self.config.device_id,
+                                                                   self.config.fleet):
+                logger.info("round %d: resending pending update %s instead of training", number, h.nonce.hex())
+                return pending
+            logger.info("dropping the pending update of round %d (now at round %d)", h.round, number)
+            self.state.clear_pending()
+        if self.trainer.round == number:
+            # The trainer saved this round's training but the process died before sealing:
+            # seal the saved delta rather than train twice.
+            logger.info("round %d: sealing the delta saved before a restart instead of training", number)
+            delta = self.trainer.shared_delta()
+            return self.seal_update(LocalUpdate(round_number=number, delta=delta, num_examples=len(self._local_data()),
+                                                report=_NOT_TRAINED))
+        return None
+
+    def _local_data(self) -> DataSource:
+        try:
+            return self._load_data()
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"cannot load the local data: {exc}") from exc
+
+    def _finish_round(self, number: int, receipt: bytes | None) -> None:
+        last = receipt if receipt is not None else self._progress.last_receipt
+        self._save_progress(replace(self._progress, completed_round=max(self._progress.completed_round, number),
+                                    last_receipt=last))
+        self.state.clear_pending()
+
+    def _save_progress(self, progress: AgentProgress) -> None:
+        self.state.save_progress(progress)
+        self._progress = progress
+
+    def _pump(self, deadline: float, done: Callable[[], bool]) -> bool:
+        return self.intake.pump(deadline, done, self._stop)

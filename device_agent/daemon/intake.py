@@ -1,0 +1,162 @@
+"""What the broker delivers to a device, verified and filed: the newest acceptable model and receipts.
+
+The agent's loop calls :meth:`MessageIntake.pump` whenever it waits; the
+connection's network thread only fills the queue. Nothing unauthenticated is
+kept, and every message dropped is counted by reason in
+:attr:`MessageIntake.ignored` and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from device_agent.daemon.connection import InboundMessage, drain
+from device_agent.daemon.errors import AgentStopped
+from device_agent.errors import AuthenticationError, MalformedMessageError
+from device_agent.protocol.chunking import is_chunk
+from device_agent.protocol.envelope import OpenedModel, open_model
+from device_agent.protocol.headers import UpdateHeader
+from device_agent.protocol.receipts import Receipt, open_receipt
+from device_agent.protocol.tensor_codec import DecodeLimits
+from device_agent.protocol.topics import TopicLayout
+
+logger = logging.getLogger(__name__)
+
+_REMEMBERED_RECEIPTS = 32
+
+
+class MessageIntake:
+    """Verifies models and receipts for one device and keeps what passes.
+
+    A model is kept when a trusted signer signed it for this fleet, for this
+    region (or the root's, region None), for ``bundle_version``, its tensors
+    match ``spec`` exactly, and its round is not below :attr:`rollback_floor`.
+    Receipts must be signed by a receipt signer and name this device; the
+    newest ``32`` are kept by update nonce. ``spec`` also bounds decoding, so
+    even a trusted signer cannot make the device allocate more than one model.
+    """
+
+    def __init__(
+        self,
+        *,
+        inbox: queue.Queue[InboundMessage],
+        topics: TopicLayout,
+        device_id: str,
+        region: str,
+        bundle_version: int,
+        spec: Mapping[str, tuple[tuple[int, ...], str]],
+        model_signers: tuple[Ed25519PublicKey, ...],
+        receipt_signers: tuple[Ed25519PublicKey, ...],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._inbox = inbox
+        self._topics = topics
+        self._device = device_id
+        self._region = region
+        self._bundle_version = bundle_version
+        self._spec = {name: (tuple(shape), np.dtype(dtype).name) for name, (shape, dtype) in spec.items()}
+        self._model_signers = model_signers
+        self._receipt_signers = receipt_signers
+        self._clock = clock
+        self._model_topic = topics.global_model
+        self._receipt_topic = topics.device_receipt(device_id)
+        self._limits = DecodeLimits(
+            max_tensors=len(self._spec),
+            max_total_bytes=sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self._spec.values()),
+        )
+        self._receipts: OrderedDict[bytes, tuple[Receipt, bytes]] = OrderedDict()
+        #: The newest acceptable model seen, None before the first.
+        self.latest_model: OpenedModel | None = None
+        #: Models older than this round are rollbacks and ignored.
+        self.rollback_floor = -1
+        #: Messages dropped so far, by reason (``untrusted_model``, ``model_rollback``...).
+        self.ignored: Counter[str] = Counter()
+
+    def receipt_for(self, header: UpdateHeader) -> tuple[Receipt, bytes] | None:
+        """The verified receipt answering ``header`` and its signed bytes, or None when none came."""
+        found = self._receipts.get(header.nonce)
+        return found if found is not None and found[0].answers(header) else None
+
+    def pump(self, deadline: float, done: Callable[[], bool], stop: threading.Event) -> bool:
+        """Handle messages until ``done()`` or the ``deadline`` (on the clock); the final ``done()``.
+
+        Everything already queued is handled before ``done()`` is asked, so
+        the newest model wins. AgentStopped when ``stop`` is set.
+        """
+        while True:
+            for message in drain(self._inbox):
+                self.handle(message)
+            if done():
+                return True
+            if stop.is_set():
+                raise AgentStopped()
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            try:
+                self.handle(self._inbox.get(timeout=min(left, 0.1)))
+            except queue.Empty:
+                pass
+
+    def handle(self, message: InboundMessage) -> None:
+        """Verify and file one message (or count and log why it was dropped)."""
+        if message.topic == self._model_topic:
+            self._on_model(message.payload)
+        elif message.topic == self._receipt_topic:
+            self._on_receipt(message.payload)
+        else:
+            self._ignore("topic", "message on unexpected topic %s", message.topic)
+
+    def _ignore(self, reason: str, fmt: str, *args: object) -> None:
+        self.ignored[reason] += 1
+        logger.warning("ignored (%s): " + fmt, reason, *args)
+
+    def _on_model(self, payload: bytes) -> None:
+        if is_chunk(payload):
+            self._ignore("chunked_model", "models must fit in one retained message")
+            return
+        try:
+            model = open_model(payload, trusted_signers=self._model_signers, limits=self._limits)
+        except AuthenticationError:
+            self._ignore("untrusted_model", "model not signed by a trusted signer")
+            return
+        except MalformedMessageError as exc:
+            self._ignore("malformed_model", "%s", exc)
+            return
+        h = model.header
+        if h.fleet != self._topics.fleet or h.region not in (None, self._region):
+            self._ignore("model_scope", "model for fleet %s region %s", h.fleet, h.region)
+        elif h.bundle_version != self._bundle_version:
+            self._ignore("model_bundle_version", "model for bundle v%d, device runs v%d", h.bundle_version,
+                         self._bundle_version)
+        elif h.round < self.rollback_floor:
+            self._ignore("model_rollback", "model round %d is older than round %d already seen", h.round,
+                         self.rollback_floor)
+        elif {n: (t.shape, t.dtype.name) for n, t in model.tensors.items()} != self._spec:
+            self._ignore("model_shape", "model tensors do not match the bundle's shared parameters")
+        elif self.latest_model is None or h.round >= self.latest_model.header.round:
+            self.latest_model = model
+
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            receipt = open_receipt(payload, trusted_signers=self._receipt_signers)
+        except AuthenticationError:
+            self._ignore("untrusted_receipt", "receipt not signed by a trusted aggregator")
+            return
+        except MalformedMessageError as exc:
+            self._ignore("malformed_receipt", "%s", exc)
+            return
+        if (receipt.fleet, receipt.device) != (self._topics.fleet, self._device):
+            self._ignore("receipt_scope", "receipt for %s/%s", receipt.fleet, receipt.device)
+            return
+        self._receipts[receipt.update_nonce] = (receipt, bytes(payload))
+        while len(self._receipts) > _REMEMBERED_RECEIPTS:
+            self._receipts.popitem(last=False)

@@ -1,0 +1,315 @@
+"""Configuration of the aggregator services: one TOML file per process, parsed and validated here only.
+
+Every problem raises :class:`~device_agent.daemon.errors.ConfigError` naming
+the file and the dotted key (``regional.toml: round.quorum: expected an
+integer in 1.., got 0``); unknown keys are errors too. Relative paths resolve
+against the config file's directory. The shared-parameter spec and the bundle
+version come from the signed bundle (verified with the fleet key), so an
+aggregator can never disagree with the devices about what an update holds.
+Keys are PEM files (``fedge keys generate``); the devices' (or regions')
+Ed25519 public keys are the ``<id>.pub`` files of one directory.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from device_agent.bundle.archive import verify_bundle
+from device_agent.bundle.manifest import BundleManifest
+from device_agent.daemon.errors import ConfigError
+from device_agent.daemon.toml_table import REQUIRED, TomlTable
+from device_agent.errors import BundleError
+from device_agent.keys import load_private_key, load_public_key, load_signing_key, load_verify_key
+from device_agent.protocol.headers import check_id
+from sdk.aggregation import AggregationConfig
+from sdk.aggregator.regional import RegionalConfig
+from sdk.aggregator.root import RootConfig
+from sdk.aggregator.round_state import RoundPolicy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerSettings:
+    """How a service reaches its broker (clean MQTT session, paho-managed reconnects).
+
+    ``client_id`` must be unique per process. ``username``/``password`` None:
+    anonymous / no password. ``tls_ca_file`` None: plain TCP; ``tls_cert_file``
+    and ``tls_key_file`` (mTLS) come together or not at all. ``share_group``
+    None subscribes directly instead of through ``$share/<group>/``.
+    ``max_packet_size``: the broker's ``message_size_limit``; nothing larger is published.
+    """
+
+    host: str
+    port: int = 1883
+    client_id: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    keepalive_s: int = 60
+    max_packet_size: int = 5 * 1024 * 1024
+    share_group: str | None = None
+    reconnect_min_s: int = 1
+    reconnect_max_s: int = 30
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file come together or not at all")
+        if self.tls_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError("a client certificate needs tls_ca_file (TLS on)")
+        if not 1 <= self.reconnect_min_s <= self.reconnect_max_s:
+            raise ValueError("reconnect delays must satisfy 1 <= reconnect_min_s <= reconnect_max_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopSettings:
+    """The service loop's cadence: ``tick_s`` between close checks, ``flush_every_s`` between counter writes."""
+
+    tick_s: float = 0.2
+    flush_every_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not (self.tick_s > 0 and self.flush_every_s > 0):
+            raise ValueError("tick_s and flush_every_s must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionalServiceConfig:
+    """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop."""
+
+    aggregator: RegionalConfig
+    store: Path
+    member: str = "main"
+    broker: BrokerSettings
+    loop: LoopSettings = LoopSettings()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RootServiceConfig:
+    """Everything ``fedge aggregator root`` needs; round 0's initial shared weights come from ``bundle``
+    (verified with ``fleet_public_key``)."""
+
+    aggregator: RootConfig
+    store: Path
+    member: str = "main"
+    broker: BrokerSettings
+    loop: LoopSettings = LoopSettings()
+    bundle: Path
+    fleet_public_key: Path
+
+
+def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
+    """Read and validate a regional service's TOML file (see docs/aggregation.md, "Running the services")."""
+    top = _open_toml(Path(path))
+    agg = top.table("aggregator")
+    fleet, region = agg.identifier("fleet"), agg.identifier("region")
+    manifest = _manifest(agg)
+    config = _build(agg, "regional_weight", RegionalConfig, dict(
+        fleet=fleet,
+        region=region,
+        device_keys=_public_keys_dir(agg, "device_keys_dir"),
+        root_verify_key=_key(agg, "root_verify_key", load_verify_key),
+        root_encryption_key=_key(agg, "root_encryption_key", _x25519_public),
+        regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
+        aggregation=_aggregation(top),
+        **_common(top, agg, manifest),
+    ))
+    store = agg.path("store")
+    member = agg.string("member", "main")
+    broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
+    loop = _loop(top)
+    agg.done()
+    top.done()
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop)
+
+
+def load_root_service_config(path: str | Path) -> RootServiceConfig:
+    """Read and validate the root service's TOML file (see docs/aggregation.md, "Running the services")."""
+    top = _open_toml(Path(path))
+    agg = top.table("aggregator")
+    fleet = agg.identifier("fleet")
+    manifest = _manifest(agg)
+    region_keys = _public_keys_dir(agg, "region_keys_dir")
+    weighting = agg.string("weighting", "samples")
+    if weighting not in ("samples", "uniform"):
+        raise agg.error("weighting", f"expected 'samples' or 'uniform', got {weighting!r}")
+    config = _build(agg, "root_id", RootConfig, dict(
+        fleet=fleet,
+        region_keys=region_keys,
+        root_id=agg.string("root_id", "root"),
+        weighting=weighting,
+        **_common(top, agg, manifest, default_quorum=len(region_keys)),
+    ))
+    store = agg.path("store")
+    member = agg.string("member", "main")
+    bundle = agg.path("bundle")
+    broker = _broker(top, default_client_id=f"fedge-{fleet}-root-{member}")
+    loop = _loop(top)
+    agg.done()
+    top.done()
+    return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, bundle=bundle,
+                             fleet_public_key=agg.path("fleet_public_key"))
+
+
+# -- pieces ---------------------------------------------------------------------------------
+
+
+def _open_toml(path: Path) -> TomlTable:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return TomlTable(data, prefix="", source=path.name, base_dir=path.parent.resolve())
+
+
+def _build(table: TomlTable, key: str, cls: Callable[..., _K], values: dict[str, Any]) -> _K:
+    """``cls(**values)``; the dataclass's own (cross-field) checks become a ConfigError naming ``key`` of ``table``."""
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise table.error(key, str(exc)) from exc
+
+
+def _manifest(agg: TomlTable) -> BundleManifest:
+    bundle = agg.path("bundle", must_exist=True)
+    fleet_key = _key(agg, "fleet_public_key", load_verify_key)
+    try:
+        return verify_bundle(bundle, fleet_key)
+    except BundleError as exc:
+        raise agg.error("bundle", f"{bundle} does not verify with the fleet key: {exc}") from exc
+
+
+def _common(top: TomlTable, agg: TomlTable, manifest: BundleManifest, *, default_quorum: int | None = None) -> dict[str, Any]:
+    """The :class:`~sdk.aggregator.config.AggregatorConfig` fields both tiers read the same way."""
+    round_table = top.table("round")
+    quorum = round_table.integer("quorum", REQUIRED if default_quorum is None else default_quorum, minimum=1)
+    policy = _build(round_table, "min_updates", RoundPolicy, dict(
+        quorum=quorum,
+        deadline_s=round_table.number("deadline_s", positive=True),
+        min_updates=round_table.integer("min_updates", 1, minimum=1),
+    ))
+    round_table.done()
+    norm_bound = agg.number("norm_bound", None, positive=True)
+    return dict(
+        encryption_key=_key(agg, "encryption_key", _x25519_private),
+        signing_key=_key(agg, "signing_key", load_signing_key),
+        spec=manifest.shared_spec(),
+        bundle_version=manifest.bundle_version,
+        policy=policy,
+        norm_bound=norm_bound,
+        replay_rounds=agg.integer("replay_rounds", 8, minimum=1),
+    )
+
+
+def _aggregation(top: TomlTable) -> AggregationConfig:
+    table = top.section("aggregation")
+    rule = table.string("rule", "mean")
+    if rule not in ("mean", "median", "trimmed_mean"):
+        raise table.error("rule", f"expected 'mean', 'median' or 'trimmed_mean', got {rule!r}")
+    config = _build(table, "trim_fraction", AggregationConfig, dict(
+        rule=rule,
+        trim_fraction=table.number("trim_fraction", 0.1, minimum=0.0),
+        clip_norm=table.number("clip_norm", None, positive=True),
+    ))
+    table.done()
+    return config
+
+
+def _broker(top: TomlTable, *, default_client_id: str) -> BrokerSettings:
+    table = top.table("broker")
+    tls = table.section("tls")
+    password = table.string("password", None)
+    password_file = table.path("password_file", None, must_exist=True)
+    if password is not None and password_file is not None:
+        raise table.error("password_file", "give password or password_file, not both")
+    if password_file is not None:
+        lines = password_file.read_text(encoding="utf-8").splitlines()
+        password = lines[0] if lines else ""
+    share_group = table.string("share_group", None)
+    if share_group is not None and any(ch in share_group for ch in "/+#"):
+        raise table.error("share_group", f"{share_group!r} must be one topic segment")
+    reconnect_min_s = table.integer("reconnect_min_s", 1, minimum=1)
+    reconnect_max_s = table.integer("reconnect_max_s", 30, minimum=reconnect_min_s)
+    settings = _build(tls, "cert_file", BrokerSettings, dict(
+        host=table.string("host"),
+        port=table.integer("port", 1883, minimum=1, maximum=65535),
+        client_id=table.string("client_id", default_client_id),
+        username=table.string("username", None),
+        password=password,
+        tls_ca_file=tls.path("ca_file", None, must_exist=True),
+        tls_cert_file=tls.path("cert_file", None, must_exist=True),
+        tls_key_file=tls.path("key_file", None, must_exist=True),
+        keepalive_s=table.integer("keepalive_s", 60, minimum=5),
+        max_packet_size=table.integer("max_packet_size", 5 * 1024 * 1024, minimum=1024),
+        share_group=share_group,
+        reconnect_min_s=reconnect_min_s,
+        reconnect_max_s=reconnect_max_s,
+    ))
+    tls.done()
+    table.done()
+    return settings
+
+
+def _loop(top: TomlTable) -> LoopSettings:
+    table = top.section("service")
+    settings = LoopSettings(
+        tick_s=table.number("tick_s", 0.2, positive=True),
+        flush_every_s=table.number("flush_every_s", 5.0, positive=True),
+    )
+    table.done()
+    return settings
+
+
+def _key(table: TomlTable, key: str, load: Callable[[Path], _K]) -> _K:
+    path = table.path(key, must_exist=True)
+    try:
+        return load(path)
+    except (OSError, ValueError) as exc:
+        raise table.error(key, f"cannot load {path}: {exc}") from exc
+
+
+def _x25519_private(path: Path) -> X25519PrivateKey:
+    key = load_private_key(path)
+    if not isinstance(key, X25519PrivateKey):
+        raise ValueError("expected an X25519 (encryption) private key")
+    return key
+
+
+def _x25519_public(path: Path) -> X25519PublicKey:
+    key = load_public_key(path)
+    if not isinstance(key, X25519PublicKey):
+        raise ValueError("expected an X25519 (encryption) public key")
+    return key
+
+
+def _public_keys_dir(table: TomlTable, key: str) -> dict[str, Ed25519PublicKey]:
+    """id -> Ed25519 public key from the ``<id>.pub`` files of a directory (read once, at start)."""
+    directory = table.path(key)
+    if not directory.is_dir():
+        raise table.error(key, f"{str(directory)!r} is not a directory")
+    keys: dict[str, Ed25519PublicKey] = {}
+    for pub in sorted(directory.glob("*.pub")):
+        try:
+            check_id(key, pub.stem)
+            keys[pub.stem] = load_verify_key(pub)
+        except (OSError, ValueError) as exc:
+            raise table.error(key, f"{pub.name}: {exc}") from exc
+    if not keys:
+        raise table.error(key, f"no <id>.pub files in {str(directory)!r}")
+    return keys

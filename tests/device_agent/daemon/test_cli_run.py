@@ -1,0 +1,75 @@
+"""``fedge-agent run``: a round through the real entry point, bad configs, and SIGTERM in a torch-free process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from device_agent.cli import main
+from tests.device_agent.daemon.fleet_harness import Probe, write_config
+
+pytestmark = pytest.mark.mosquitto
+
+NO_TORCH_CLI = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name.split(".")[0] in ("torch", "onnx", "sdk"):
+                raise ModuleNotFoundError(f"{name} is not installed on this device", name=name)
+
+    sys.meta_path.insert(0, NoTorch())
+    from device_agent.cli import main
+    code = main(sys.argv[1:])
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx", "sdk"))
+    print("heavy=" + ",".join(heavy))
+    sys.exit(code)
+    """
+)
+
+
+def test_cli_run_plays_a_round_and_prints_the_outcome(fleet, capsys):
+    config = write_config(fleet.config_path, fleet.sections)
+    peek = fleet.agent()  # installs the bundle; only used to read its initial weights
+    weights = peek.trainer.global_reference
+    peek.close()
+    fleet.responder.publish_model(0, weights)
+
+    assert main(["run", "--config", str(config), "--rounds", "1"]) == 0
+
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"device": "eu-dev-0001", "finished": 1, "stopped": False,
+                   "rounds": [{"round": 0, "status": "accepted", "reason": "", "trained": True}]}
+    assert [o.header.round for o in fleet.responder.opened] == [0]
+
+
+def test_cli_run_reports_a_bad_config_key_and_exits_2(fleet, capsys):
+    fleet.sections["broker"]["port"] = "eighty"
+    config = write_config(fleet.config_path, fleet.sections)
+    assert main(["run", "--config", str(config)]) == 2
+    assert "broker.port: expected an integer" in capsys.readouterr().err
+
+
+def test_cli_run_stops_cleanly_on_sigterm_without_importing_torch(fleet):
+    config = write_config(fleet.config_path, fleet.sections)
+    presence = Probe(fleet.broker.port, "fedge/itest/dev/eu-dev-0001/presence")
+    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_CLI, "run", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert presence.next(timeout=30) == b"online"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        presence.close()
+    assert proc.returncode == 0, err
+    lines = out.strip().splitlines()
+    assert json.loads(lines[0]) == {"device": "eu-dev-0001", "finished": 0, "stopped": True, "rounds": []}
+    assert lines[1] == "heavy="

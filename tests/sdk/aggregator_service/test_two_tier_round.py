@@ -80,6 +80,11 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
                                      store=tmp_path / f"{name}.sqlite", quorum=len(DEVICES[name]),
                                      broker=account(fleet, f"{name}-agg", share_group=f"{name}-aggregators"))
             started.thread(thread)
+        # A sniffer on every broker sees every message of the fleet (what a broker operator sees).
+        sniffers = [fleet.client(user) for user in ("root-agg", "eu-agg", "us-agg")]
+        probes += sniffers
+        for sniffer in sniffers:
+            sniffer.subscribe("fedge/#")
         watcher = fleet.client("root-agg")
         probes.append(watcher)
         watcher.subscribe(LAYOUT.root_model)
@@ -115,6 +120,21 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
         for name in SPEC:
             expected = initial[name] + sum(d.samples * d.delta[name].astype(np.float64) for d in everyone) / total
             np.testing.assert_allclose(models[1][name], expected, atol=1e-6, rtol=0)
+
+        # No broker ever carried a device's delta in the clear: only ciphertext crossed them.
+        seen: list[tuple[str, bytes]] = []
+        for sniffer in sniffers:
+            while not sniffer.messages.empty():
+                topic, payload, _ = sniffer.messages.get_nowait()
+                seen.append((topic, payload))
+        update_topics = {t for t, _ in seen if t.endswith("/up/update")}
+        assert update_topics == {LAYOUT.device_update(d.device_id) for d in everyone}
+        assert any(t.endswith("/up/aggregate") for t, _ in seen)
+        for device in everyone:
+            for name, value in device.delta.items():
+                raw = np.ascontiguousarray(value, dtype=np.float32).tobytes()
+                for topic, payload in seen:
+                    assert raw[:16] not in payload, f"{device.device_id}'s {name} delta visible on {topic}"
 
         # Round 1 reaches the devices as their region's model (regional_weight 0: exactly G_1).
         for name, ds in devices.items():

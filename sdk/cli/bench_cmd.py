@@ -29,3 +29,33 @@ def train(repeats: int, threads: int, batch: int, quick: bool, out: Path) -> Non
     click.echo(format_table(rows))
     write_json(rows, out, threads=threads)
     click.echo(f"wrote {out}")
+
+
+def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
+    if not counts or any(n < 1 for n in counts):
+        raise click.BadParameter("every update count must be >= 1")
+    return counts
+
+
+@bench.command("aggregator")
+@click.option("--updates", default="50,200", show_default=True, callback=_updates_list,
+              help="Comma-separated numbers of sealed updates per round (one row each).")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per path; the median is reported.")
+@click.option("--no-memory", is_flag=True, help="Skip the in-memory streaming path (no SQLite).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True)
+def aggregator(updates: tuple[int, ...], repeats: int, no_memory: bool, out: Path) -> None:
+    """Regional aggregator, 100k-parameter model: streaming + SQLite vs keeping every delta; updates/s and peak RSS."""
+    from tqdm import tqdm
+
+    from sdk.bench.aggregator_bench import PATHS, format_table, run_aggregator_bench, write_json
+
+    paths = tuple(p for p in PATHS if not (no_memory and p == "memory"))
+    with tqdm(total=repeats * len(updates), desc="aggregator bench", unit="round") as bar:
+        rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=paths, progress=bar.update)
+    click.echo(format_table(rows))
+    write_json(rows, out)
+    click.echo(f"wrote {out}")

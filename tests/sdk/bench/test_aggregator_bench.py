@@ -1,0 +1,53 @@
+"""Smoke test of the aggregator benchmark: tiny sizes, every path in a real subprocess, JSON shape, agreement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sdk.bench.aggregator_bench import PATHS, format_table, prepare_updates, run_aggregator_bench, write_json
+from sdk.cli.main import cli
+
+TINY_SPEC = {"base.0.weight": (10, 90), "base.0.bias": (10,), "head.weight": (9, 10)}  # 1,000 parameters
+
+
+def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path: Path) -> None:
+    rows = run_aggregator_bench(updates=(5,), spec=TINY_SPEC, repeats=1)
+    out = tmp_path / "aggregator.json"
+    write_json(rows, out)
+    doc = json.loads(out.read_text())
+
+    assert doc["benchmark"] == "aggregator" and set(doc["machine"]) == {"python", "cpu_count", "platform"}
+    (row,) = doc["rows"]
+    assert (row["updates"], row["parameters"], row["repeats"]) == (5, 1000, 1)
+    assert row["update_bytes"] > 4 * 1000
+    assert set(row["paths"]) == set(PATHS)
+    for figures in row["paths"].values():
+        assert set(figures) == {"updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb"}
+        assert figures["updates_per_s"] > 0 and figures["peak_rss_mb"] >= figures["rss_before_mb"] > 0
+    assert row["max_abs_diff"] <= 1e-5
+    assert row["rss_ratio_naive_streaming"] == pytest.approx(row["paths"]["naive"]["peak_rss_mb"] / row["paths"]["streaming"]["peak_rss_mb"])
+    assert "RSS ratio naive/streaming" in format_table(rows)
+
+
+def test_aggregator_bench_reference_is_the_sample_weighted_mean(tmp_path: Path) -> None:
+    _, index, reference = prepare_updates({"w": (3,)}, 3, tmp_path)
+    assert len(index) == 3
+    rngs = [np.random.default_rng(1000 + i).normal(scale=0.01, size=(3,)).astype(np.float32) for i in range(3)]
+    samples = np.array([5, 42, 79], dtype=np.float64)  # 5 + (37 i) mod 200
+    expected = sum(n * d.astype(np.float64) for n, d in zip(samples, rngs)) / samples.sum()
+    np.testing.assert_allclose(reference["w"], expected.astype(np.float32), rtol=1e-6)
+
+
+def test_aggregator_bench_rejects_a_run_without_both_paths() -> None:
+    with pytest.raises(ValueError, match="streaming"):
+        run_aggregator_bench(updates=(2,), spec=TINY_SPEC, repeats=1, paths=("memory",))
+
+
+def test_bench_aggregator_cli_rejects_bad_update_counts() -> None:
+    result = CliRunner().invoke(cli, ["bench", "aggregator", "--updates", "5,x"])
+    assert result.exit_code != 0 and "comma-separated integers" in result.output

@@ -1,91 +1,55 @@
-"""``fedge demo``: the whole on-device loop on one machine.
+"""``fedge demo``: a whole federation on this machine (root + two bridged regions over real Mosquitto).
 
-Builds a fleet key and a signed FedAlt bundle on the host, then, for each
-simulated device, runs the real device agent in its own process with torch
-unavailable: verify and install the bundle, train on that device's own
-(label-skewed) data, save state, and evaluate the personalised model.
+The logic is in :mod:`sdk.demo`; this command only parses options, prints
+progress and the final table, and maps failures to a clean exit.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+import logging
+import signal
 
 import click
-import numpy as np
 
-_NO_TORCH_AGENT = (
-    "import importlib.abc, sys\n"
-    "class NoTorch(importlib.abc.MetaPathFinder):\n"
-    "    def find_spec(self, name, path, target=None):\n"
-    "        if name.split('.')[0] in ('torch', 'onnx', 'sdk'):\n"
-    "            raise ModuleNotFoundError(name, name=name)\n"
-    "sys.meta_path.insert(0, NoTorch())\n"
-    "from device_agent.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
-def _agent(*args: str) -> dict[str, object]:
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH_AGENT, *args], capture_output=True, text=True, timeout=600, check=False)
-    if proc.returncode != 0:
-        raise click.ClickException(f"device agent failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from sdk.demo.settings import MAX_DEVICES
 
 
 @click.command()
-@click.option("--devices", type=int, default=4, show_default=True, help="Number of simulated devices.")
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Keep keys, bundle and device state here (default: a temp dir).")
+@click.option("--devices", type=click.IntRange(2, MAX_DEVICES), default=MAX_DEVICES, show_default=True,
+              help="Smartwatch clients to run as devices, split between the left-arm and right-arm regions.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Federated rounds.")
+@click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Local epochs per FedAlt phase per round.")
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--mu", type=click.FloatRange(min=0), default=0.01, show_default=True, help="FedProx weight on the shared layers.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(devices: int, epochs: int, workdir: Path | None, seed: int) -> None:
-    """Run the on-device training loop end to end (local; no broker yet)."""
-    import torch
-    from sklearn.datasets import load_digits
-    from tqdm import tqdm
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
+              help="Give up after this many seconds of federated training.")
+@click.option("--keep-workdir", is_flag=True, help="Keep keys, bundle, broker files, stores and device state.")
+@click.option("-v", "--verbose", count=True, help="-v info logs, -vv debug logs.")
+def demo(devices: int, rounds: int, epochs: int, learning_rate: float, mu: float, seed: int, timeout_s: float,
+         keep_workdir: bool, verbose: int) -> None:
+    """Run a federation end to end: signed FedAlt bundle, root + 2 regional brokers, aggregators, device agents."""
+    from sdk.demo import DemoError, DemoSettings, format_result, run_demo
+    from sdk.demo.report import format_round
 
-    from device_agent.keys import save_private_key, save_public_key
-    from device_agent.bundle.manifest import OptimizerKind, TrainingMode
-    from sdk.artifacts import TrainingSpec
-    from sdk.bundle_builder import build_bundle
-    from sdk.models import BASE_HEAD_SPLIT, PersonalizedMLP
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    with tempfile.TemporaryDirectory(prefix="fedge-demo-") as tmp:
-        work = workdir or Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
-        save_private_key(key, work / "fleet.key")
-        save_public_key(key.public_key(), work / "fleet.pub")
-        torch.manual_seed(seed)
-        build_bundle(PersonalizedMLP(64, (64,), 10), example_input=torch.zeros(2, 64), split=BASE_HEAD_SPLIT,
-                     spec=TrainingSpec(mode=TrainingMode.FEDALT, mu=0.01, optimizer=OptimizerKind.ADAMW, learning_rate=0.005),
-                     signing_key=key, out_path=work / "digits.fedge", model_name="digits-mlp")
-        click.echo(f"built and signed {work / 'digits.fedge'} (fedalt, mu=0.01)")
-        x, y = load_digits(return_X_y=True)
-        x = (x / 16.0).astype(np.float32)
-        rng = np.random.default_rng(seed)
-        rows = []
-        for d in tqdm(range(devices), desc="devices", unit="device"):
-            # each device sees mostly 3 of the 10 digits: a small, skewed local dataset
-            favourite = rng.choice(10, 3, replace=False)
-            p = np.where(np.isin(y, favourite), 8.0, 1.0)
-            idx = rng.choice(len(y), 400, replace=False, p=p / p.sum())
-            dev = work / f"device-{d}"
-            dev.mkdir(exist_ok=True)
-            np.savez(dev / "train.npz", x=x[idx[:300]], y=y[idx[:300]])
-            np.savez(dev / "test.npz", x=x[idx[300:]], y=y[idx[300:]])
-            _agent("install", str(work / "digits.fedge"), "--fleet-key", str(work / "fleet.pub"), "--dest", str(dev / "bundle"))
-            before = _agent("evaluate", "--bundle-dir", str(dev / "bundle"), "--fleet-key", str(work / "fleet.pub"),
-                            "--state", str(dev / "state"), "--data", str(dev / "test.npz"))
-            after = _agent("train", "--bundle-dir", str(dev / "bundle"), "--fleet-key", str(work / "fleet.pub"), "--state",
-                           str(dev / "state"), "--data", str(dev / "train.npz"), "--eval-data", str(dev / "test.npz"),
-                           "--epochs", str(epochs), "--seed", str(seed + d))
-            rows.append((d, sorted(favourite.tolist()), before["accuracy"], after["eval_accuracy"], after["steps"]))
-        click.echo(f"\n{'device':>6s} {'main digits':>12s} {'acc before':>10s} {'acc after':>10s} {'steps':>6s}")
-        for d, fav, b, a, s in rows:
-            click.echo(f"{d:6d} {str(fav):>12s} {b:10.3f} {a:10.3f} {s:6d}")
-        click.echo(f"mean personalised accuracy: {np.mean([r[3] for r in rows]):.3f} (devices trained without torch)")
+    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = DemoSettings(devices=devices, rounds=rounds, epochs=epochs, learning_rate=learning_rate, mu=mu,
+                            seed=seed, timeout_s=timeout_s)
+    click.echo(f"fedge demo: {devices} devices in 2 regions (left arm / right arm), {rounds} rounds, FedAlt (mu={mu:g}); "
+               "building the bundle and the fleet...")
+    # SIGTERM tears down like Ctrl-C: the brokers run in their own sessions and would outlive a plain kill.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        result = run_demo(settings, keep_workdir=keep_workdir, on_round=lambda line: click.echo(format_round(line)))
+    except DemoError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        raise click.Abort() from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    click.echo("")
+    click.echo(format_result(result))
+    if result.workdir is not None:
+        click.echo(f"work directory kept: {result.workdir}")

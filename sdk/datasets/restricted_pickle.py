@@ -2,7 +2,7 @@
 
 Some public datasets (seglearn's smartwatch data among them) ship as an
 object-dtype ``.npy``: a normal npy header followed by a pickle. The usual
-``np.load(path, allow_pickle=True)`` runs that pickle with the standard
+pickle-enabled ``np.load`` runs that pickle with the standard
 unpickler, which imports and calls whatever the file names
 (``os.system``, ``builtins.eval``...): loading a dataset would mean trusting
 everything that wrote it and every mirror it passed through.

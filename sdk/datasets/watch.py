@@ -9,7 +9,7 @@ gyroscope series at 50 Hz, 947 to 2,618 steps long. Every (subject, arm)
 pair has exactly **one recording per exercise**: 7 recordings per client.
 
 We never import seglearn (its import needs pandas) and never
-``np.load(allow_pickle=True)`` the file: it is found with
+load the file with pickle-enabled ``np.load``: it is found with
 ``importlib.util.find_spec`` and read with the allow-list unpickler of
 :mod:`sdk.datasets.restricted_pickle`.
 

@@ -64,7 +64,7 @@ def test_render_region_conf_with_tls(topology: Topology) -> None:
     conf = render_region_conf(topology, topology.region("eu"), paths=PATHS)
     lines = conf.splitlines()
     for line in ("per_listener_settings false", "allow_anonymous false", "message_size_limit 1000",
-                 f"max_packet_size {1000 + 65536}", "listener 1883 127.0.0.1", "listener 8883 10.0.0.1",
+                 f"max_packet_size {1000 + 65536}", "listener 1883 127.0.0.1", "listener 8883 127.0.0.2",
                  "persistence true", "include_dir /srv/b/conf.d", "log_dest stderr"):
         assert line in lines
     assert "require_certificate true" not in lines

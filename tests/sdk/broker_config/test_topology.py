@@ -22,7 +22,7 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "broker_config" / "topology.toml
 
 SMALL = (Path(__file__).parent / "data" / "small_topology.toml").read_text(encoding="utf-8")
 MINIMAL = SMALL.replace("message_size_limit = 1000\n", "").replace("[tls]\nenabled = true\n", "").replace(
-    'bind = "10.0.0.1"\n', "")
+    'bind = "127.0.0.2"\n', "")
 
 
 def test_parse_topology_minimal_applies_defaults() -> None:

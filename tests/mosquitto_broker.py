@@ -20,13 +20,11 @@ files its config names to that user before it starts.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -37,43 +35,13 @@ from typing import Any, Literal
 
 import pytest
 
-LOOPBACK = "127.0.0.1"
+from sdk.demo.brokers import LOOPBACK, ensure_mosquitto, free_port, port_open
+
 MOSQUITTO_USER = "mosquitto"
-_INSTALL_LOCK = Path(tempfile.gettempdir()) / "fedge-mosquitto-install.lock"
 _LISTENER_RE = re.compile(r"^\s*listener\s+(\d+)", re.MULTILINE)
 _OWNED_RE = re.compile(
     r"^\s*(password_file|acl_file|persistence_location|keyfile|bridge_keyfile)\s+(\S+)", re.MULTILINE
 )
-
-
-def ensure_mosquitto(timeout: float = 600.0) -> str:
-    """Path of the ``mosquitto`` binary; installs the Debian package first when it is missing (needs root)."""
-    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise RuntimeError("mosquitto is not installed and installing it needs root: apt-get install -y mosquitto")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    with open(_INSTALL_LOCK, "w") as lock:  # one installer at a time (parallel test workers)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        found = shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin")
-        if not found:
-            install = ["apt-get", "install", "-y", "--no-install-recommends", "mosquitto", "mosquitto-clients"]
-            if subprocess.run(install, env=env, capture_output=True, timeout=timeout).returncode != 0:
-                # A fresh machine has no package lists yet.
-                subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=timeout, check=True)
-                subprocess.run(install, env=env, capture_output=True, timeout=timeout, check=True)
-            found = shutil.which("mosquitto", path="/usr/sbin:/usr/bin:/usr/local/sbin")
-    if not found:
-        raise RuntimeError("apt-get installed mosquitto but the binary is not on PATH or in /usr/sbin")
-    return found
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _mosquitto_ids() -> tuple[int, int] | None:
@@ -104,14 +72,6 @@ def hand_to_mosquitto(*paths: Path) -> None:
             continue
         for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
             os.chown(item, *ids)
-
-
-def _port_open(port: int, host: str = LOOPBACK) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 class MosquittoBroker:
@@ -186,7 +146,7 @@ class MosquittoBroker:
         while pending:
             if self._process.poll() is not None:
                 raise RuntimeError(f"mosquitto exited with {self._process.returncode}:\n{self.log()[-3000:]}")
-            pending = [p for p in pending if not _port_open(p)]
+            pending = [p for p in pending if not port_open(p)]
             if pending and time.monotonic() > deadline:
                 self.kill()
                 raise TimeoutError(f"mosquitto did not open ports {pending} in {self.startup_timeout}s:\n"

@@ -9,12 +9,14 @@ file, ACL and persistence directory: :func:`generate_topology` hands those to
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 MOSQUITTO_USER = "mosquitto"
 _SEARCH_PATH = "/usr/sbin:/usr/bin:/usr/local/sbin:/usr/local/bin"
+_INSTALL_LOCK = Path(tempfile.gettempdir()) / "fedge-mosquitto-install.lock"
 
 
 def find_mosquitto() -> str | None:
@@ -46,10 +49,13 @@ def ensure_mosquitto(*, timeout_s: float = 600.0) -> str:
     install = ["apt-get", "install", "-y", "--no-install-recommends", "mosquitto"]
     logger.info("installing mosquitto with apt-get")
     try:
-        if subprocess.run(install, env=env, capture_output=True, timeout=timeout_s, check=False).returncode != 0:
-            # A fresh machine has no package lists yet.
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=timeout_s, check=True)
-            subprocess.run(install, env=env, capture_output=True, timeout=timeout_s, check=True)
+        with open(_INSTALL_LOCK, "w") as lock:  # one installer at a time (parallel test workers, several demos)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if find_mosquitto() is None:
+                if subprocess.run(install, env=env, capture_output=True, timeout=timeout_s, check=False).returncode != 0:
+                    # A fresh machine has no package lists yet.
+                    subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=timeout_s, check=True)
+                    subprocess.run(install, env=env, capture_output=True, timeout=timeout_s, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
         raise DemoError(f"installing mosquitto with apt-get failed: {exc}") from exc
     found = find_mosquitto()
@@ -76,7 +82,8 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_open(port: int, host: str = LOOPBACK) -> bool:
+def port_open(port: int, host: str = LOOPBACK) -> bool:
+    """Whether something accepts TCP connections on ``host:port`` right now."""
     try:
         with socket.create_connection((host, port), timeout=0.2):
             return True
@@ -102,7 +109,7 @@ class BrokerProcess:
             self._process = subprocess.Popen([self._binary, "-c", str(self.config_file)], cwd=self.config_file.parent,
                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self._startup_timeout_s
-        while not _port_open(self.port):
+        while not port_open(self.port):
             if self._process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = self.log_file.read_text(errors="replace")[-2000:]

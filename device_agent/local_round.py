@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_agent.data import DataSource
+from device_agent.personalization.fedfomo import FomoUpdate, fomo_update
 from device_agent.trainer import DeviceTrainer, TrainBudget, TrainReport
 
 
@@ -42,3 +43,28 @@ def train_local_round(
         trainer.round = round_number
     report = trainer.train(data, budget, rng=rng)
     return LocalUpdate(round_number=round_number, delta=trainer.shared_delta(), num_examples=len(data), report=report)
+
+
+def combine_candidates_fomo(
+    trainer: DeviceTrainer,
+    candidates: list[Mapping[str, np.ndarray]],
+    validation: DataSource,
+    *,
+    round_number: int,
+) -> FomoUpdate:
+    """FedFomo's device step: weigh peers' shared layers by what they do on *this* device's validation data.
+
+    Each candidate's shared layers are evaluated next to the device's own
+    personal head; the first-order weighted combination (Zhang et al., ICLR
+    2021) becomes the device's new shared layers and its FedProx anchor and
+    delta reference for the round. No better candidate: the model is unchanged.
+    """
+    own = trainer.get_shared()
+    own_loss = trainer.evaluate(validation).loss
+    losses = []
+    for candidate in candidates:
+        trainer.set_shared(candidate)
+        losses.append(trainer.evaluate(validation).loss)
+    update = fomo_update(own, candidates, own_loss=own_loss, candidate_losses=losses)
+    trainer.set_global(update.parameters, round_number=round_number)
+    return update

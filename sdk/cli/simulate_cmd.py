@@ -45,7 +45,8 @@ def _model(name: str, dataset, personal: bool):  # type: ignore[no-untyped-def]
 
 @click.command()
 @click.option("--dataset", type=click.Choice(DATASETS), default="digits", show_default=True)
-@click.option("--algorithm", "algo", type=click.Choice(["local", "fedavg", "fedprox", "fedsim", "fedalt"]), default="fedalt", show_default=True)
+@click.option("--algorithm", "algo", type=click.Choice(["local", "fedavg", "fedprox", "fedsim", "fedalt", "fedfomo"]), default="fedalt", show_default=True)
+@click.option("--fomo-candidates", type=int, default=5, show_default=True, help="FedFomo: peer models each device asks for per round.")
 @click.option("--rounds", type=int, default=10, show_default=True)
 @click.option("--epochs", type=int, default=1, show_default=True, help="Local epochs per round (per phase for fedalt).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -59,7 +60,8 @@ def _model(name: str, dataset, personal: bool):  # type: ignore[no-untyped-def]
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write per-round results as JSON.")
 def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int, lr: float, optimizer: str, mu: float | None,
-             participation: float, stragglers: float, dropouts: float, subsample: float | None, seed: int, json_out: Path | None) -> None:
+             participation: float, stragglers: float, dropouts: float, subsample: float | None, seed: int, json_out: Path | None,
+             fomo_candidates: int) -> None:
     """Simulate a federation in-process: real ORT training per device, no broker."""
     import torch
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -85,7 +87,7 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
         bundle = install_bundle(Path(tmp) / "b.fedge", key.public_key(), Path(tmp) / "bundle")
         config = SimulationConfig(rounds=rounds, budget=TrainBudget(epochs=epochs, batch_size=batch_size), participation=participation,
                                   straggler_fraction=stragglers, dropout_fraction=dropouts, straggler_policy=spec.straggler_policy,  # type: ignore[arg-type]
-                                  federated=spec.federated, seed=seed)
+                                  federated=spec.federated, fomo_candidates=fomo_candidates if spec.fomo else None, seed=seed)
         sim = FederatedSimulator(bundle, data, config)
         with tqdm(total=rounds, desc=f"{algo} on {dataset}", unit="round") as bar:
 
@@ -103,4 +105,5 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
         json_out.write_text(json.dumps({"dataset": dataset, "algorithm": algo, "rounds": [
             {"round": r.round_number, "mean_accuracy": r.mean_accuracy, "accuracy": r.personalised_accuracy,
              "aggregated": list(r.aggregated), "dropped": r.dropped, "bytes_up_per_device": r.bytes_up_per_device,
+             "bytes_down_per_device": r.bytes_down_per_device,
              "seconds": r.seconds} for r in result.rounds]}, indent=2))

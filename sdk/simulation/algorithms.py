@@ -3,7 +3,9 @@
 Local-only trains every parameter on the device's own data and never
 aggregates; FedAvg (McMahan et al., 2017) and FedProx (Li et al., 2020)
 federate every parameter; FedSim and FedAlt (Pillutla et al., 2022) federate
-the shared layers and keep a personal head on each device.
+the shared layers and keep a personal head on each device; FedFomo (Zhang et
+al., 2021) replaces averaging with per-device first-order weighted
+combinations of peers' shared layers (head trained with them, FedSim-style).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class AlgorithmSpec:
     federated: bool
     personal_head: bool
     straggler_policy: str
+    fomo: bool = False
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -33,6 +36,8 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec(name="fedprox", mode=TrainingMode.FEDPROX, default_mu=0.01, federated=True, personal_head=False, straggler_policy="partial"),
         AlgorithmSpec(name="fedsim", mode=TrainingMode.FEDSIM, default_mu=0.0, federated=True, personal_head=True, straggler_policy="partial"),
         AlgorithmSpec(name="fedalt", mode=TrainingMode.FEDALT, default_mu=0.0, federated=True, personal_head=True, straggler_policy="partial"),
+        AlgorithmSpec(name="fedfomo", mode=TrainingMode.FEDSIM, default_mu=0.0, federated=True, personal_head=True, straggler_policy="partial",
+                      fomo=True),
     )
 }
 

@@ -11,6 +11,12 @@ nothing) and some as stragglers (their step budget is cut to
 ``straggler_work`` of a full budget). ``straggler_policy="drop"`` discards
 straggler updates as FedAvg does in Li et al. (2020); ``"partial"`` accepts
 partial work as FedProx does.
+
+FedFomo (``fomo_candidates=k``) replaces server averaging: the server keeps
+every device's latest shared layers, each selected device asks for k of them
+(epsilon-greedy on its affinity vector), combines them with
+:func:`~device_agent.local_round.combine_candidates_fomo` on its validation
+split, trains, and uploads its own shared layers.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle
 from device_agent.data import ArrayDataSource
-from device_agent.local_round import train_local_round
+from device_agent.local_round import combine_candidates_fomo, train_local_round
+from device_agent.personalization.fedfomo import exploration_rate, select_candidates, update_affinity
 from device_agent.trainer import DeviceTrainer, TrainBudget
 from sdk.aggregation import AggregationConfig, make_rule
 from sdk.datasets.federated import FederatedDataset
@@ -51,6 +58,7 @@ class SimulationConfig:
     dropout_fraction: float = 0.0
     aggregation: AggregationConfig = AggregationConfig()
     federated: bool = True
+    fomo_candidates: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,6 +69,8 @@ class SimulationConfig:
                 raise ValueError(f"{name} must be in [0, 1]")
         if self.participation == 0:
             raise ValueError("participation must be > 0")
+        if self.fomo_candidates is not None and self.fomo_candidates < 1:
+            raise ValueError("fomo_candidates must be >= 1")
         if self.straggler_policy not in ("drop", "partial"):
             raise ValueError("straggler_policy must be 'drop' or 'partial'")
 
@@ -76,6 +86,7 @@ class RoundRecord:
     personalised_accuracy: dict[str, float]
     mean_accuracy: float
     bytes_up_per_device: int
+    bytes_down_per_device: int
     seconds: float
 
 
@@ -107,10 +118,18 @@ class FederatedSimulator:
         self._trainers = {c.client_id: DeviceTrainer(bundle, threads=threads) for c in dataset.clients}
         self._train = {c.client_id: ArrayDataSource(c.train.x, c.train.y) for c in dataset.clients}
         self._test = {c.client_id: ArrayDataSource(c.test.x, c.test.y) for c in dataset.clients}
+        self._val = {c.client_id: ArrayDataSource(c.val.x, c.val.y) for c in dataset.clients}
         first = next(iter(self._trainers.values()))
         self.global_params = first.get_shared()
         self._shapes = {n: v.shape for n, v in self.global_params.items()}
         self._bytes_per_update = sum(v.nbytes for v in self.global_params.values())
+        # FedFomo server state: every device's latest upload and each device's affinity to its peers.
+        self._uploads = {cid: dict(self.global_params) for cid in self._trainers}
+        self._affinity = {cid: np.zeros(len(self._trainers)) for cid in self._trainers}
+        if config.fomo_candidates is not None:
+            empty = [c.client_id for c in dataset.clients if len(c.val.y) == 0]
+            if empty:
+                raise ValueError(f"FedFomo needs a validation split on every device; empty for {empty}")
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, *keys])
@@ -144,15 +163,19 @@ class FederatedSimulator:
                 cap = max(1, int(cfg.straggler_work * _full_steps(len(self._train[cid]), budget)))
                 budget = TrainBudget(epochs=budget.epochs, batch_size=budget.batch_size, max_steps=cap,
                                      personal_epochs=budget.personal_epochs, learning_rate=budget.learning_rate)
+            if cfg.fomo_candidates is not None:
+                self._combine_fomo(cid, index, ids, round_number)
             update = train_local_round(
                 self._trainers[cid], self._train[cid],
-                global_params=self.global_params if cfg.federated else None,
+                global_params=self.global_params if cfg.federated and cfg.fomo_candidates is None else None,
                 round_number=round_number, budget=budget, rng=self._rng(round_number, 1, index),
             )
-            if cfg.federated:
+            if cfg.fomo_candidates is not None:
+                self._uploads[cid] = self._trainers[cid].get_shared()
+            elif cfg.federated:
                 rule.accumulate(update.delta, float(update.num_examples))
             aggregated.append(cid)
-        if cfg.federated:
+        if cfg.federated and cfg.fomo_candidates is None:
             mean_delta = rule.finalize()
             if mean_delta is not None:
                 self.global_params = {n: (v + mean_delta[n]).astype(np.float32) for n, v in self.global_params.items()}
@@ -162,8 +185,20 @@ class FederatedSimulator:
         return RoundRecord(
             round_number=round_number, selected=tuple(selected), aggregated=tuple(aggregated), dropped=dropped,
             personalised_accuracy=accuracy, mean_accuracy=float(np.mean(list(accuracy.values()))),
-            bytes_up_per_device=self._bytes_per_update if cfg.federated else 0, seconds=time.perf_counter() - start,
+            bytes_up_per_device=self._bytes_per_update if cfg.federated else 0,
+            bytes_down_per_device=self._bytes_per_update * (cfg.fomo_candidates or 1) if cfg.federated else 0,
+            seconds=time.perf_counter() - start,
         )
+
+    def _combine_fomo(self, cid: str, index: int, ids: list[str], round_number: int) -> None:
+        k = min(self.config.fomo_candidates or 0, len(ids) - 1)
+        if k == 0:
+            return
+        picked = select_candidates(self._affinity[cid], k=k, epsilon=exploration_rate(round_number),
+                                   rng=self._rng(round_number, 2, index), exclude={index})
+        candidates = [self._uploads[ids[j]] for j in picked]
+        update = combine_candidates_fomo(self._trainers[cid], candidates, self._val[cid], round_number=round_number)
+        self._affinity[cid] = update_affinity(self._affinity[cid], picked, update.weights)
 
     def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
         """All rounds; ``on_round`` (e.g. a progress bar) is called after each."""

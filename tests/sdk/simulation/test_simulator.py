@@ -19,6 +19,7 @@ ALGORITHMS = {
     "fedprox": ("fedprox", 0.01, True, 0.70),
     "fedsim": ("fedsim", 0.01, True, 0.85),
     "fedalt": ("fedalt", 0.01, True, 0.85),
+    "fedfomo": ("fedsim", 0.0, True, 0.85),
 }
 
 
@@ -30,6 +31,8 @@ def skewed_digits():
 def _simulator(bundle_factory, fleet_key, tmp_path, data, algorithm, **overrides):
     mode, mu, federated, _ = ALGORITHMS[algorithm]
     bundle = install_bundle(bundle_factory(mode, mu=mu, lr=0.01, hidden=(32,)), fleet_key.public_key(), tmp_path / algorithm)
+    if algorithm == "fedfomo":
+        overrides.setdefault("fomo_candidates", 3)
     config = SimulationConfig(rounds=overrides.pop("rounds", 4), budget=TrainBudget(epochs=2, batch_size=16),
                               federated=federated, seed=overrides.pop("seed", 0), **overrides)
     return FederatedSimulator(bundle, data, config)
@@ -78,3 +81,18 @@ def test_simulator_median_rule_runs(bundle_factory, fleet_key, tmp_path, skewed_
     sim = _simulator(bundle_factory, fleet_key, tmp_path, skewed_digits, "fedavg", rounds=3,
                      aggregation=AggregationConfig(rule="median"))
     assert sim.run().mean_final_accuracy > 0.6
+
+
+def test_simulator_fedfomo_weights_follow_validation_gain(bundle_factory, fleet_key, tmp_path, skewed_digits):
+    """Devices pull towards peers that lower their own validation loss; bytes reflect k downloads."""
+    sim = _simulator(bundle_factory, fleet_key, tmp_path, skewed_digits, "fedfomo", rounds=2, fomo_candidates=3)
+    result = sim.run()
+    assert result.rounds[0].bytes_down_per_device == 3 * result.rounds[0].bytes_up_per_device
+    # affinities grew only where a peer helped, and never towards the device itself
+    ids = [c.client_id for c in skewed_digits.clients]
+    for i, cid in enumerate(ids):
+        assert sim._affinity[cid][i] == 0
+    assert sum(float(a.sum()) for a in sim._affinity.values()) > 0
+    # the server keeps each device's own upload, not an average: uploads differ across devices
+    uploads = [sim._uploads[cid]["base.0.weight"] for cid in ids]
+    assert not np.array_equal(uploads[0], uploads[1])

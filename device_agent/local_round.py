@@ -7,7 +7,7 @@ the sample count it should be weighted by. Personal weights stay in the trainer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +47,7 @@ def train_local_round(
 
 def combine_candidates_fomo(
     trainer: DeviceTrainer,
-    candidates: list[Mapping[str, np.ndarray]],
+    candidates: Sequence[Mapping[str, np.ndarray]],
     validation: DataSource,
     *,
     round_number: int,

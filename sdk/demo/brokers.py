@@ -128,6 +128,17 @@ class BrokerProcess:
             process.kill()
             process.wait(timeout=timeout_s)
 
+    def kill(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL, as a crash would (nothing flushed to persistence); nothing when it is not running.
+
+        For fault-injection tests (``tests/integration``): :meth:`start` brings it back on the same port and config.
+        """
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        process.wait(timeout=timeout_s)
+
 
 class BrokerSet:
     """Every broker of a generated topology, root first; a context manager that stops them all."""

@@ -59,3 +59,24 @@ def aggregator(updates: tuple[int, ...], repeats: int, no_memory: bool, out: Pat
     click.echo(format_table(rows))
     write_json(rows, out)
     click.echo(f"wrote {out}")
+
+
+@bench.command("round")
+@click.option("--devices", type=int, default=50, show_default=True, help="Device clients in the region, all started at once.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Alternating rounds per store variant; the median is reported.")
+@click.option("--no-tmpfs", is_flag=True, help="Only fedge's store on disk (skip the same store on /dev/shm).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/round.json"), show_default=True)
+def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
+    """End-to-end round through Mosquitto (root + 1 bridged region): round time, receipt latency, regional peak RSS."""
+    from tqdm import tqdm
+
+    from sdk.bench.round_bench import DEFAULT_MODELS, VARIANTS, format_table, run_round_bench, write_json
+
+    if devices < 1 or repeats < 1:
+        raise click.BadParameter("--devices and --repeats must be >= 1")
+    variants = tuple(v for v in VARIANTS if not (no_tmpfs and v == "tmpfs"))
+    with tqdm(total=repeats * len(DEFAULT_MODELS), desc="round bench", unit="repeat") as bar:
+        rows = run_round_bench(devices=devices, repeats=repeats, variants=variants, progress=bar.update)
+    click.echo(format_table(rows))
+    write_json(rows, out)
+    click.echo(f"wrote {out}")

@@ -24,6 +24,8 @@ SDK_REQUIRES = [
     "matplotlib>=3.8",
     "scikit-learn>=1.3",
     "seglearn==1.2.5",
+    # embedded MQTT broker for `fedge demo` on machines without Mosquitto (host only, ~24 MB)
+    "amqtt==0.12.1",
 ]
 
 TEST_REQUIRES = ["pytest>=8", "pytest-timeout>=2.3"]

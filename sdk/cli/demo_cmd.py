@@ -11,7 +11,7 @@ import signal
 
 import click
 
-from sdk.demo.settings import MAX_DEVICES
+from sdk.demo.settings import BROKER_BACKENDS, MAX_DEVICES
 
 
 @click.command()
@@ -25,10 +25,13 @@ from sdk.demo.settings import MAX_DEVICES
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
               help="Give up after this many seconds of federated training.")
+@click.option("--broker", type=click.Choice(BROKER_BACKENDS), default="auto", show_default=True,
+              help="auto: Mosquitto if installed (or installable as root), else embedded amqtt brokers in this "
+                   "process (dev mode: no ACLs).")
 @click.option("--keep-workdir", is_flag=True, help="Keep keys, bundle, broker files, stores and device state.")
 @click.option("-v", "--verbose", count=True, help="-v info logs, -vv debug logs.")
 def demo(devices: int, rounds: int, epochs: int, learning_rate: float, mu: float, seed: int, timeout_s: float,
-         keep_workdir: bool, verbose: int) -> None:
+         broker: str, keep_workdir: bool, verbose: int) -> None:
     """Run a federation end to end: signed FedAlt bundle, root + 2 regional brokers, aggregators, device agents."""
     from sdk.demo import DemoError, DemoSettings, format_result, run_demo
     from sdk.demo.report import format_round
@@ -36,7 +39,7 @@ def demo(devices: int, rounds: int, epochs: int, learning_rate: float, mu: float
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = DemoSettings(devices=devices, rounds=rounds, epochs=epochs, learning_rate=learning_rate, mu=mu,
-                            seed=seed, timeout_s=timeout_s)
+                            seed=seed, timeout_s=timeout_s, broker=broker)
     click.echo(f"fedge demo: {devices} devices in 2 regions (left arm / right arm), {rounds} rounds, FedAlt (mu={mu:g}); "
                "building the bundle and the fleet...")
     # SIGTERM tears down like Ctrl-C: the brokers run in their own sessions and would outlive a plain kill.

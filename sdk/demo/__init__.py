@@ -1,4 +1,4 @@
-"""``fedge demo``: a whole federation on one machine, over real Mosquitto brokers.
+"""``fedge demo``: a whole federation on one machine, over real Mosquitto brokers (or embedded amqtt ones).
 
 A fleet key signs a FedAlt bundle (:class:`~sdk.models.PersonalizedCNN1D` on
 the smartwatch data); a generated topology puts a root broker and two bridged
@@ -10,6 +10,7 @@ per client run as threads of this process. See ``docs/demo.md``.
 |---|---|
 | ``settings`` | :class:`DemoSettings`, :class:`DemoError` |
 | ``brokers`` | finding (or installing) Mosquitto, starting and stopping its processes |
+| ``embedded`` | without Mosquitto: amqtt brokers on event-loop threads and paho bridges (no ACLs) |
 | ``fleet`` | keys, the bundle, the topology, each device's data and agent config |
 | ``services`` | the aggregator services in threads |
 | ``devices`` | one device agent in a thread, playing rounds and evaluating itself |

@@ -55,6 +55,7 @@ class DemoResult:
     ``global_shift``: L2 norm over every shared parameter of G_R - G_0, the
     root's final global model minus its initial one. ``final_round`` is R.
     ``workdir``: where keys, bundle, broker files and state were kept (None: removed after the run).
+    ``broker``: the backend that ran, ``"mosquitto"`` or ``"embedded"`` (amqtt, no ACLs).
     """
 
     settings: DemoSettings
@@ -66,6 +67,7 @@ class DemoResult:
     final_round: int
     setup_seconds: float
     workdir: Path | None = None
+    broker: str = "mosquitto"
 
     @property
     def all_accepted(self) -> bool:
@@ -95,6 +97,13 @@ def format_round(line: RegionRound) -> str:
             f"mean train loss {line.mean_train_loss:.3f}  t={line.elapsed_s:6.1f} s")
 
 
+def broker_line(backend: str) -> str:
+    """Which brokers carried the run; the embedded one says that it enforces no ACLs."""
+    if backend == "embedded":
+        return "brokers: embedded (amqtt in this process, MQTT 3.1.1, passwords checked, ACLs NOT enforced: dev mode only)"
+    return "brokers: Mosquitto (generated passwords and ACLs enforced)"
+
+
 def format_result(result: DemoResult) -> str:
     """The final table: accuracies per region and overall, then round times and what was measured."""
     s = result.settings
@@ -112,5 +121,6 @@ def format_result(result: DemoResult) -> str:
         f"{s.rounds} rounds, FedAlt, mu={s.mu:g}, lr={s.learning_rate:g}, {s.epochs} epoch(s) per phase; chance = 1/7 = 0.143.",
         "personalised: each device's own model after its last round, on its own test split;",
         f"global-model: the root's final global shared layers G_{result.final_round} with each device's own head.",
+        broker_line(result.broker),
     ]
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -24,7 +25,8 @@ import numpy as np
 from device_agent.bundle.archive import install_bundle
 from device_agent.daemon.agent import RoundStatus
 from device_agent.trainer import DeviceTrainer
-from sdk.demo.brokers import BrokerSet, broker_owner, ensure_mosquitto
+from sdk.demo.brokers import BrokerSet, broker_owner, ensure_mosquitto, find_mosquitto
+from sdk.demo.embedded import INSTALL_HINT, EmbeddedBrokerSet, amqtt_available
 from sdk.demo.devices import DeviceEvaluation, DeviceEvent, DeviceFailed, DeviceRound, DeviceWorker
 from sdk.demo.fleet import DemoFleet, prepare_fleet
 from sdk.demo.report import DemoResult, RegionRound, RegionSummary, parameter_shift, summarise
@@ -44,14 +46,38 @@ def make_workdir() -> Path:
     return path
 
 
+def choose_backend(choice: str) -> str:
+    """``"mosquitto"`` or ``"embedded"`` for a :attr:`DemoSettings.broker` choice (DemoError when it cannot run).
+
+    ``"auto"``: Mosquitto when installed, or installable (root with apt-get); otherwise the embedded amqtt brokers.
+    """
+    if choice == "mosquitto":
+        ensure_mosquitto()
+        return "mosquitto"
+    if choice == "auto":
+        if find_mosquitto():
+            return "mosquitto"
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            try:
+                ensure_mosquitto()
+                return "mosquitto"
+            except DemoError as exc:
+                logger.warning("%s; falling back to the embedded broker", exc)
+    if not amqtt_available():
+        raise DemoError("mosquitto is not installed and the embedded broker needs amqtt: install mosquitto "
+                        f"(e.g. `sudo apt-get install -y mosquitto`) or `{INSTALL_HINT}`")
+    logger.warning("using embedded amqtt brokers in this process: passwords are checked, ACLs are NOT enforced (dev mode)")
+    return "embedded"
+
+
 def run_demo(settings: DemoSettings, *, on_round: OnRound | None = None, keep_workdir: bool = False,
              clock: Callable[[], float] = time.monotonic) -> DemoResult:
     """Run the demo. With ``keep_workdir`` the work directory stays (``DemoResult.workdir``); otherwise it is removed.
 
     ``on_round`` is called in this thread each time a region finishes a round.
-    Raises :class:`DemoError` when Mosquitto is missing, a component fails or the time limit passes.
+    Raises :class:`DemoError` when no broker backend can run, a component fails or the time limit passes.
     """
-    ensure_mosquitto()  # before minutes of set-up, fail fast
+    backend = choose_backend(settings.broker)  # before minutes of set-up, fail fast
     workdir = make_workdir()
     try:
         started = clock()
@@ -59,29 +85,36 @@ def run_demo(settings: DemoSettings, *, on_round: OnRound | None = None, keep_wo
         # The root's copy of the bundle: G_0 is its initial shared weights, the spec and version its manifest's.
         bundle = install_bundle(fleet.bundle_path, fleet.fleet_public_key, fleet.workdir / "root-bundle")
         result = _run_fleet(settings, fleet, initial=DeviceTrainer(bundle).get_shared(), spec=bundle.manifest.shared_spec(),
-                            bundle_version=bundle.manifest.bundle_version, on_round=on_round, clock=clock, started=started)
+                            bundle_version=bundle.manifest.bundle_version, on_round=on_round, clock=clock, started=started,
+                            backend=backend)
     finally:
         if not keep_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+    result = dataclasses.replace(result, broker=backend)
     return dataclasses.replace(result, workdir=workdir) if keep_workdir else result
 
 
 def _run_fleet(settings: DemoSettings, fleet: DemoFleet, *, initial: dict[str, np.ndarray],
                spec: dict[str, tuple[tuple[int, ...], str]], bundle_version: int, on_round: OnRound | None,
-               clock: Callable[[], float], started: float) -> DemoResult:
+               clock: Callable[[], float], started: float, backend: str) -> DemoResult:
     (fleet.workdir / "aggregators").mkdir()
     events: queue.Queue[DeviceEvent] = queue.Queue()
     limit = settings.timeout_s
     with ExitStack() as stack:
-        stack.enter_context(BrokerSet(fleet.generated))
+        if backend == "embedded":
+            passwords = {user: fleet.password(user) for user in fleet.generated.credential_files}
+            stack.enter_context(EmbeddedBrokerSet(fleet.generated, passwords=passwords, workdir=fleet.workdir / "embedded"))
+        else:
+            stack.enter_context(BrokerSet(fleet.generated))
+        shared = backend == "mosquitto"  # amqtt has no $share subscriptions
         services: list[ServiceThread] = []
         stack.callback(_stop_services, services)
         for region in fleet.regions:
             services.append(regional_thread(fleet, region, spec=spec, bundle_version=bundle_version,
-                                            deadline_s=settings.round_deadline_s, max_seconds=limit))
+                                            deadline_s=settings.round_deadline_s, max_seconds=limit, shared=shared))
             services[-1].start()
         services.append(root_thread(fleet, initial=initial, spec=spec, bundle_version=bundle_version,
-                                    deadline_s=settings.round_deadline_s, max_seconds=limit))
+                                    deadline_s=settings.round_deadline_s, max_seconds=limit, shared=shared))
         services[-1].start()
         workers = [DeviceWorker(device, rounds=settings.rounds, events=events) for device in fleet.devices]
         stack.callback(_stop_workers, workers)

@@ -79,14 +79,17 @@ class ServiceThread:
             logger.warning("aggregator service %s did not stop within %g s", self.name, timeout_s)
 
 
-def _broker(fleet: DemoFleet, *, broker: str, username: str, share_group: str) -> BrokerSettings:
+def _broker(fleet: DemoFleet, *, broker: str, username: str, share_group: str | None) -> BrokerSettings:
     return BrokerSettings(host=LOOPBACK, port=fleet.port(broker), client_id=f"{username}-svc", username=username,
                           password=fleet.password(username), share_group=share_group, max_packet_size=MESSAGE_SIZE_LIMIT)
 
 
 def regional_thread(fleet: DemoFleet, region: str, *, spec: Mapping[str, Any], bundle_version: int,
-                    deadline_s: float, max_seconds: float) -> ServiceThread:
-    """The aggregator service of ``region``: quorum = all its devices, plain mean, regional_weight 0."""
+                    deadline_s: float, max_seconds: float, shared: bool = True) -> ServiceThread:
+    """The aggregator service of ``region``: quorum = all its devices, plain mean, regional_weight 0.
+
+    ``shared`` False subscribes directly instead of through ``$share/`` (the embedded broker has no shared subscriptions).
+    """
     devices = fleet.devices_in(region)
     keys = fleet.region_keys[region]
     config = RegionalConfig(
@@ -96,7 +99,7 @@ def regional_thread(fleet: DemoFleet, region: str, *, spec: Mapping[str, Any], b
         root_verify_key=fleet.root_keys.signing.public_key(), root_encryption_key=fleet.root_keys.encryption.public_key(),
     )
     account = aggregator_account(region)
-    broker = _broker(fleet, broker=region, username=account, share_group=f"{region}-aggregators")
+    broker = _broker(fleet, broker=region, username=account, share_group=f"{region}-aggregators" if shared else None)
     store = fleet.workdir / "aggregators" / f"{region}.sqlite"
 
     def build() -> tuple[MqttAggregatorService, Any]:
@@ -107,14 +110,17 @@ def regional_thread(fleet: DemoFleet, region: str, *, spec: Mapping[str, Any], b
 
 
 def root_thread(fleet: DemoFleet, *, initial: Mapping[str, np.ndarray], spec: Mapping[str, Any], bundle_version: int,
-                deadline_s: float, max_seconds: float) -> ServiceThread:
-    """The root service: quorum = every region, sample-weighted mean of the regions' deltas; round 0 = ``initial``."""
+                deadline_s: float, max_seconds: float, shared: bool = True) -> ServiceThread:
+    """The root service: quorum = every region, sample-weighted mean of the regions' deltas; round 0 = ``initial``.
+
+    ``shared``: as for :func:`regional_thread`.
+    """
     config = RootConfig(
         fleet=FLEET, encryption_key=fleet.root_keys.encryption, signing_key=fleet.root_keys.signing, spec=dict(spec),
         bundle_version=bundle_version, policy=RoundPolicy(quorum=len(fleet.regions), deadline_s=deadline_s),
         region_keys={name: keys.signing.public_key() for name, keys in fleet.region_keys.items()},
     )
-    broker = _broker(fleet, broker="root", username=ROOT_ACCOUNT, share_group="root")
+    broker = _broker(fleet, broker="root", username=ROOT_ACCOUNT, share_group="root" if shared else None)
     store = fleet.workdir / "aggregators" / "root.sqlite"
 
     def build() -> tuple[MqttAggregatorService, Any]:

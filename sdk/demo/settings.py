@@ -8,6 +8,8 @@ from device_agent.errors import FedgeError
 
 #: Clients of the smartwatch data set (10 subjects x 2 arms).
 MAX_DEVICES = 20
+#: ``broker`` choices: Mosquitto when installed or installable (as root), else embedded; or either one by name.
+BROKER_BACKENDS = ("auto", "mosquitto", "embedded")
 
 
 class DemoError(FedgeError):
@@ -23,7 +25,9 @@ class DemoSettings:
     local passes per phase per round with ``learning_rate`` (AdamW) and the
     FedProx weight ``mu`` on the shared layers. ``round_deadline_s``: a region
     closes a round early (with whatever arrived) after this long;
-    ``timeout_s`` bounds the whole run after the brokers are up.
+    ``timeout_s`` bounds the whole run after the brokers are up. ``broker``:
+    one of :data:`BROKER_BACKENDS` (``"embedded"``: amqtt brokers in this
+    process, no ACLs, see :mod:`sdk.demo.embedded`).
     """
 
     devices: int = MAX_DEVICES
@@ -35,6 +39,7 @@ class DemoSettings:
     seed: int = 0
     round_deadline_s: float = 120.0
     timeout_s: float = 900.0
+    broker: str = "auto"
 
     def __post_init__(self) -> None:
         if not 2 <= self.devices <= MAX_DEVICES:
@@ -45,3 +50,5 @@ class DemoSettings:
             raise ValueError("learning_rate must be > 0 and mu >= 0")
         if not (self.round_deadline_s > 0 and self.timeout_s > 0):
             raise ValueError("round_deadline_s and timeout_s must be > 0")
+        if self.broker not in BROKER_BACKENDS:
+            raise ValueError(f"broker must be one of {', '.join(BROKER_BACKENDS)}, got {self.broker!r}")

@@ -5,6 +5,7 @@ Pipeline, cheapest and least trusting first::
     open_update (authenticate, decrypt, decode)     -> auth / malformed, no receipt
     for the current round (collecting or closed), already accepted from this sender?
         same nonce, same content                    -> duplicate: "accepted" receipt again, not counted
+                                                       (also for a remembered earlier round)
         same nonce, other content                   -> replay
         another nonce                               -> already_counted
     round state (collecting, same round)            -> no_round / stale_round / future_round
@@ -204,14 +205,18 @@ class UpdateIntake:
         for _ in range(_MAX_ATTEMPTS):
             self.refresh()
             try:
-                # Only the current round (collecting or closed) answers duplicates: older blobs are stale.
+                # An exact resend of an update accepted in this or a still-remembered earlier round is
+                # acknowledged again: its receipt may have died with a crashed aggregator after the commit,
+                # and the round may have closed while the device waited to resend. Anything else for an
+                # earlier round is stale; a different update for the current round is refused.
                 prior = None
-                if self._state is not None and header.round == self._state.round:
+                if self._state is not None and header.round <= self._state.round:
                     prior = self._store.find_acceptance(header.sender, header.round)
                 if prior is not None:
                     if prior.nonce == header.nonce and prior.digest == digest:
                         return self._answer(header, Verdict.DUPLICATE)
-                    raise _prior_rejection(prior.nonce, header)
+                    if header.round == self._state.round:  # type: ignore[union-attr]
+                        raise _prior_rejection(prior.nonce, header)
                 self._admit(opened)
                 if self._commit(opened, digest):
                     return self._answer(header, Verdict.ACCEPTED)

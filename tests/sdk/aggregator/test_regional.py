@@ -297,12 +297,15 @@ def test_rejected_update_error_reasons_fit_receipts() -> None:
         Receipt(status=ReceiptStatus.REJECTED, reason=RejectedUpdateError(reason.value).reason, **header_fields)  # type: ignore[arg-type]
 
 
-def test_regional_replay_of_an_accepted_blob_in_a_later_round_is_stale(region: RegionalAggregator) -> None:
-    update = scenario.device_updates(count=1)[0]
-    blob = scenario.seal(update)
+def test_regional_resend_of_an_accepted_blob_in_a_later_round_is_acknowledged_not_counted(region: RegionalAggregator) -> None:
+    """A receipt lost in a crash: the device resends after the round moved on; it hears "accepted", nothing is re-counted."""
+    updates = scenario.device_updates(count=2)
+    blob = scenario.seal(updates[0])
     assert region.handle_update(blob).verdict is Verdict.ACCEPTED
     region.close_round()
     region.start_round(1, scenario.initial_model())
     replayed = region.handle_update(blob)
-    assert (replayed.verdict, replayed.reason) == (Verdict.REJECTED, "stale_round")
+    assert replayed.verdict is Verdict.DUPLICATE
     assert region.status().accepted == 0
+    never_accepted = region.handle_update(scenario.seal(updates[1]))
+    assert (never_accepted.verdict, never_accepted.reason) == (Verdict.REJECTED, "stale_round")

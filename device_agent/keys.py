@@ -88,6 +88,22 @@ def load_signing_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     return key
 
 
+def load_encryption_key(path: str | os.PathLike[str]) -> X25519PrivateKey:
+    """Read an X25519 private key (an aggregator's decryption key)."""
+    key = load_private_key(path)
+    if not isinstance(key, X25519PrivateKey):
+        raise ValueError(f"{path}: expected an X25519 (encryption) private key")
+    return key
+
+
+def load_recipient_key(path: str | os.PathLike[str]) -> X25519PublicKey:
+    """Read an X25519 public key (the aggregator an update is sealed to)."""
+    key = load_public_key(path)
+    if not isinstance(key, X25519PublicKey):
+        raise ValueError(f"{path}: expected an X25519 (encryption) public key")
+    return key
+
+
 def load_verify_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Read an Ed25519 public key (a fleet or device verification key)."""
     key = load_public_key(path)

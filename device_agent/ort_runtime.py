@@ -10,7 +10,6 @@ reasons still does not pay its ~300 MB of RSS.
 
 from __future__ import annotations
 
-import importlib.abc
 import os
 import sys
 from collections.abc import Sequence
@@ -20,21 +19,12 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.import_guard import ModuleBlocker
 
+
+# onnxruntime's import probes ``onnxruntime.training.ortmodule``, whose package imports
+# onnx and torch; hidden while onnxruntime initialises, the probe fails cleanly as on a device.
 _HIDDEN = ("torch", "onnxruntime.training")
-
-
-class _HideTrainingFrontend(importlib.abc.MetaPathFinder):
-    """Makes torch and ``onnxruntime.training`` unimportable while onnxruntime initialises.
-
-    onnxruntime's import probes ``onnxruntime.training.ortmodule``, whose package
-    imports onnx and torch; hidden, the probe fails cleanly as on a device.
-    """
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
-        if any(fullname == h or fullname.startswith(h + ".") for h in _HIDDEN):
-            raise ModuleNotFoundError(f"{fullname} is hidden from the fedge device agent", name=fullname)
-        return None
 
 
 def _import_onnxruntime() -> ModuleType:
@@ -42,7 +32,7 @@ def _import_onnxruntime() -> ModuleType:
         import onnxruntime
 
         return onnxruntime
-    finder = _HideTrainingFrontend()
+    finder = ModuleBlocker(_HIDDEN, reason="is hidden from the fedge device agent")
     sys.meta_path.insert(0, finder)
     try:
         import onnxruntime

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device_agent.daemon.config import AgentConfig
 from device_agent.daemon.errors import ConfigError
-from device_agent.keys import load_public_key, load_signing_key, load_verify_key
+from device_agent.keys import load_recipient_key, load_signing_key, load_verify_key
 
 _K = TypeVar("_K")
 
@@ -38,18 +38,11 @@ def _load(key: str, path: Path, loader: Callable[[Path], _K]) -> _K:
         raise ConfigError(f"{key}: cannot load {path}: {exc}") from exc
 
 
-def _x25519(path: Path) -> X25519PublicKey:
-    key = load_public_key(path)
-    if not isinstance(key, X25519PublicKey):
-        raise ValueError("expected an X25519 public key (the region aggregator's encryption key)")
-    return key
-
-
 def load_device_keys(config: AgentConfig) -> DeviceKeys:
     """Read every key file of ``config``; ConfigError naming the key for a missing or wrong-typed file."""
     return DeviceKeys(
         signing_key=_load("keys.device_private_key", config.device_private_key, load_signing_key),
-        aggregator_key=_load("keys.aggregator_public_key", config.aggregator_public_key, _x25519),
+        aggregator_key=_load("keys.aggregator_public_key", config.aggregator_public_key, load_recipient_key),
         model_signers=tuple(_load("keys.model_signers", p, load_verify_key) for p in config.model_signers),
         receipt_signers=tuple(_load("keys.receipt_signers", p, load_verify_key) for p in config.receipt_signers),
     )

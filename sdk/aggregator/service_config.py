@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from device_agent.bundle.archive import verify_bundle
 from device_agent.bundle.manifest import BundleManifest
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
-from device_agent.keys import load_private_key, load_public_key, load_signing_key, load_verify_key
+from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
 from device_agent.protocol.headers import check_id
 from sdk.aggregation import AggregationConfig
 from sdk.aggregator.regional import RegionalConfig
@@ -123,7 +122,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         region=region,
         device_keys=_public_keys_dir(agg, "device_keys_dir"),
         root_verify_key=_key(agg, "root_verify_key", load_verify_key),
-        root_encryption_key=_key(agg, "root_encryption_key", _x25519_public),
+        root_encryption_key=_key(agg, "root_encryption_key", load_recipient_key),
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
         aggregation=_aggregation(top),
         **_common(top, agg, manifest),
@@ -207,7 +206,7 @@ def _common(top: TomlTable, agg: TomlTable, manifest: BundleManifest, *, default
     round_table.done()
     norm_bound = agg.number("norm_bound", None, positive=True)
     return dict(
-        encryption_key=_key(agg, "encryption_key", _x25519_private),
+        encryption_key=_key(agg, "encryption_key", load_encryption_key),
         signing_key=_key(agg, "signing_key", load_signing_key),
         spec=manifest.shared_spec(),
         bundle_version=manifest.bundle_version,
@@ -282,20 +281,6 @@ def _key(table: TomlTable, key: str, load: Callable[[Path], _K]) -> _K:
         return load(path)
     except (OSError, ValueError) as exc:
         raise table.error(key, f"cannot load {path}: {exc}") from exc
-
-
-def _x25519_private(path: Path) -> X25519PrivateKey:
-    key = load_private_key(path)
-    if not isinstance(key, X25519PrivateKey):
-        raise ValueError("expected an X25519 (encryption) private key")
-    return key
-
-
-def _x25519_public(path: Path) -> X25519PublicKey:
-    key = load_public_key(path)
-    if not isinstance(key, X25519PublicKey):
-        raise ValueError("expected an X25519 (encryption) public key")
-    return key
 
 
 def _public_keys_dir(table: TomlTable, key: str) -> dict[str, Ed25519PublicKey]:

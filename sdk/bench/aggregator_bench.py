@@ -64,13 +64,7 @@ _CHILD_PRELUDE = textwrap.dedent(
     cfg = json.loads(sys.argv[1])
     def seed(label):
         return hashlib.sha256(f"fedge-bench:{label}".encode()).digest()
-    def status_mb(field):
-        # VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the parent's pages at fork
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+    from sdk.bench.process_memory import status_mb
     spec = {name: (tuple(shape), "float32") for name, shape in cfg["spec"].items()}
     devices = {d: Ed25519PrivateKey.from_private_bytes(seed("ed25519:" + d)).public_key() for d in cfg["devices"]}
     region_key = X25519PrivateKey.from_private_bytes(seed("x25519:" + cfg["region"]))

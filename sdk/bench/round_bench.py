@@ -81,13 +81,7 @@ _REGION_CHILD = textwrap.dedent(
     cfg = json.loads(sys.argv[1])
     def seed(label):
         return hashlib.sha256(f"fedge-round-bench:{label}".encode()).digest()
-    def status_mb(field):
-        # VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the parent's pages at fork
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+    from sdk.bench.process_memory import status_mb
     config = RegionalConfig(
         fleet=cfg["fleet"], region=cfg["region"],
         encryption_key=X25519PrivateKey.from_private_bytes(seed("x25519:" + cfg["region"])),

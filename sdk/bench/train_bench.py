@@ -23,32 +23,23 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 _COMMON = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 cfg = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
 x = rng.normal(size=[cfg["batch"], *cfg["input_shape"]]).astype(np.float32)
 y = rng.integers(0, cfg["classes"], cfg["batch"]).astype(np.int64)
-def peak_rss_mb():
-    # VmHWM, not ru_maxrss: ru_maxrss survives exec and would count the parent's pages at fork
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from sdk.bench.process_memory import status_mb
 def report(steps, seconds, t_import):
-    print(json.dumps({"steps_per_s": steps / seconds, "peak_rss_mb": peak_rss_mb(),
+    print(json.dumps({"steps_per_s": steps / seconds, "peak_rss_mb": status_mb("VmHWM"),
                       "import_s": t_import, "torch_loaded": "torch" in sys.modules}))
 """
 
 ORT_CHILD = textwrap.dedent(
     """
-    import importlib.abc, sys, time
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("torch", "onnx"):
-                raise ModuleNotFoundError(name, name=name)
-    sys.meta_path.insert(0, NoTorch())
+    import sys, time
+    from device_agent.import_guard import ModuleBlocker
+    sys.meta_path.insert(0, ModuleBlocker(("torch", "onnx")))
     t0 = time.perf_counter()
     from device_agent.bundle.archive import load_bundle
     from device_agent.keys import load_verify_key

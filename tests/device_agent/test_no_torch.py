@@ -12,14 +12,10 @@ from device_agent.keys import save_public_key
 
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, json, sys
+    import json, sys
+    from device_agent.import_guard import ModuleBlocker
 
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("torch", "onnx", "sdk"):
-                raise ModuleNotFoundError(f"{name} is not installed on this device", name=name)
-
-    sys.meta_path.insert(0, NoTorch())
+    sys.meta_path.insert(0, ModuleBlocker(("torch", "onnx", "sdk")))
     import numpy as np
     from device_agent.bundle.archive import install_bundle
     from device_agent.data import ArrayDataSource

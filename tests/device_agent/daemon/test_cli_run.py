@@ -17,14 +17,10 @@ pytestmark = pytest.mark.mosquitto
 
 NO_TORCH_CLI = textwrap.dedent(
     """
-    import importlib.abc, sys
+    import sys
+    from device_agent.import_guard import ModuleBlocker
 
-    class NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name.split(".")[0] in ("torch", "onnx", "sdk"):
-                raise ModuleNotFoundError(f"{name} is not installed on this device", name=name)
-
-    sys.meta_path.insert(0, NoTorch())
+    sys.meta_path.insert(0, ModuleBlocker(("torch", "onnx", "sdk")))
     from device_agent.cli import main
     code = main(sys.argv[1:])
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx", "sdk"))

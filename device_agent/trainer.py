@@ -287,12 +287,9 @@ class DeviceTrainer:
                 if other is not set_name:
                     session.set_parameter(name, value)
 
-    def _eval_session(self) -> TrainingSession:
-        return self._any_session()
-
     def evaluate(self, data: DataSource, *, batch_size: int = 256) -> EvalReport:
         """Mean loss (including the FedProx term when mu > 0) and accuracy for classification."""
-        session = self._eval_session()
+        session = self._any_session()  # every state holds the same weights after a phase sync
         total_loss = 0.0
         correct = 0
         n = 0
@@ -320,7 +317,7 @@ class DeviceTrainer:
         # The eval graph ends in the loss and needs labels; dummy labels only change the
         # discarded loss value, never the outputs.
         outs = []
-        session = self._eval_session()
+        session = self._any_session()  # every state holds the same weights after a phase sync
         for b in ArrayDataSource(x, dummy).batches(batch_size):
             xx, yy = self._prepare(b)
             outs.append(session.eval_step([xx, yy])[1])

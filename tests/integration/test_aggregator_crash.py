@@ -41,7 +41,7 @@ from sdk.demo.brokers import BrokerSet
 from sdk.demo.devices import DeviceEvaluation, DeviceEvent, DeviceFailed, DeviceWorker
 from sdk.demo.fleet import FLEET, MESSAGE_SIZE_LIMIT, DemoFleet, aggregator_account, prepare_fleet
 from sdk.demo.run import make_workdir
-from sdk.demo.services import LAYOUT, ServiceThread, regional_thread, root_thread
+from sdk.demo.services import LAYOUT, ServiceThread
 from tests.integration.test_federation_end_to_end import (
     ROUNDS,
     Capture,
@@ -50,6 +50,7 @@ from tests.integration.test_federation_end_to_end import (
     opened_device_updates,
     root_models,
     sniffed_aggregates,
+    start_services,
 )
 
 pytestmark = pytest.mark.mosquitto
@@ -218,14 +219,7 @@ def test_regional_aggregator_sigkilled_mid_round_resumes_from_its_store_without_
                 for service in reversed(services):
                     service.stop()
             stack.callback(stop_threads)
-            for region in fleet.regions:
-                if region != CRASHED:
-                    services.append(regional_thread(fleet, region, spec=spec, bundle_version=version,
-                                                    deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
-                    services[-1].start()
-            services.append(root_thread(fleet, initial=initial, spec=spec, bundle_version=version,
-                                        deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
-            services[-1].start()
+            start_services(fleet, services, spec=spec, bundle_version=version, initial=initial, skip_regions=(CRASHED,))
             events: queue.Queue[DeviceEvent] = queue.Queue()
             # One device of the crashed region takes up round 1 only after the restart, so the crash is mid-round.
             held = fleet.devices_in(CRASHED)[-1].device_id

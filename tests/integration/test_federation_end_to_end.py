@@ -115,13 +115,7 @@ def run_federation(*, restart: Fault | None = None) -> Capture:
                 stack.callback(sniffers[name].close)
             services: list[ServiceThread] = []
             stack.callback(_stop_all, services, [])
-            for region in fleet.regions:
-                services.append(regional_thread(fleet, region, spec=spec, bundle_version=version,
-                                                deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
-                services[-1].start()
-            services.append(root_thread(fleet, initial=initial, spec=spec, bundle_version=version,
-                                        deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
-            services[-1].start()
+            start_services(fleet, services, spec=spec, bundle_version=version, initial=initial)
             events: queue.Queue[DeviceEvent] = queue.Queue()
             workers = [DeviceWorker(device, rounds=ROUNDS, events=events) for device in fleet.devices]
             stack.callback(_stop_all, [], workers)
@@ -159,6 +153,18 @@ def run_federation(*, restart: Fault | None = None) -> Capture:
         return capture
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_services(fleet, services: list, *, spec, bundle_version: int, initial, skip_regions: tuple[str, ...] = ()) -> None:
+    """Start a regional service thread per region (except ``skip_regions``) and the root's, appending them to ``services``."""
+    for region in fleet.regions:
+        if region not in skip_regions:
+            services.append(regional_thread(fleet, region, spec=spec, bundle_version=bundle_version,
+                                            deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
+            services[-1].start()
+    services.append(root_thread(fleet, initial=initial, spec=spec, bundle_version=bundle_version,
+                                deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
+    services[-1].start()
 
 
 def _stop_all(services: list[ServiceThread], workers: list[DeviceWorker]) -> None:

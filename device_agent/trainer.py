@@ -243,6 +243,42 @@ class DeviceTrainer:
         rng: np.random.Generator | None = None,
     ) -> TrainReport:
         """Train within ``budget`` on ``data`` (shuffled with ``rng``; in order when None)."""
+        return self._run_phases(data, budget, self._phases(budget), rng)
+
+    @property
+    def can_fine_tune(self) -> bool:
+        """True when the bundle ships a ``finetune`` artifact set."""
+        return ArtifactSetName.FINETUNE in self._sessions
+
+    @property
+    def fine_tune_names(self) -> tuple[str, ...]:
+        """The parameters :meth:`fine_tune` trains (empty without a ``finetune`` set)."""
+        return tuple(self._trainable.get(ArtifactSetName.FINETUNE, ()))
+
+    def fine_tune(
+        self,
+        data: DataSource,
+        budget: TrainBudget = TrainBudget(),
+        *,
+        rng: np.random.Generator | None = None,
+    ) -> TrainReport:
+        """Train only the bundle's ``finetune`` parameters (e.g. the head of a FedAvg model) for ``budget.epochs``.
+
+        The tuned weights replace the model's; :meth:`set_global` brings the
+        received global weights back. Raises TrainingError when the bundle
+        has no ``finetune`` set.
+        """
+        if not self.can_fine_tune:
+            raise TrainingError("this bundle has no 'finetune' artifact set (build it with TrainingSpec(finetune=...))")
+        return self._run_phases(data, budget, [(ArtifactSetName.FINETUNE, budget.epochs)], rng)
+
+    def _run_phases(
+        self,
+        data: DataSource,
+        budget: TrainBudget,
+        phases: list[tuple[ArtifactSetName, int]],
+        rng: np.random.Generator | None,
+    ) -> TrainReport:
         if len(data) == 0:
             raise TrainingError("no local data to train on")
         lr = budget.learning_rate if budget.learning_rate is not None else self._hyper.learning_rate
@@ -250,7 +286,7 @@ class DeviceTrainer:
         losses = 0.0
         examples = 0
         phase_steps: dict[str, int] = {}
-        for set_name, epochs in self._phases(budget):
+        for set_name, epochs in phases:
             session = self._sessions[set_name]
             session.learning_rate = lr
             steps = 0

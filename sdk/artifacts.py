@@ -44,7 +44,7 @@ from device_agent.bundle.manifest import (
     TensorSpec,
     TrainingMode,
 )
-from sdk.model_spec import ParameterSplit, Role, names_with_role
+from sdk.model_spec import ParameterSplit, ParameterSplitError, Role, matches_prefix, names_with_role
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ LABEL_NAME = "labels"
 class TrainingSpec:
     """How a bundle trains. ``mu`` > 0 adds the FedProx term on the shared layers.
 
+    ``finetune`` (name prefixes, e.g. ``("head",)``) adds an extra artifact set
+    that trains only those parameters with everything else frozen: what a
+    device runs to fine-tune a received global model locally (FedAvg + local
+    fine-tuning). Empty: no such set.
+
     Enum fields also accept their string values (``mode="fedalt"``).
     """
 
@@ -68,8 +73,12 @@ class TrainingSpec:
     optimizer: OptimizerKind = OptimizerKind.ADAMW
     learning_rate: float = 1e-3
     mu: float = 0.0
+    finetune: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.finetune, str):
+            raise TypeError("finetune must be a sequence of name prefixes, not a string")
+        object.__setattr__(self, "finetune", tuple(self.finetune))
         object.__setattr__(self, "mode", TrainingMode(self.mode))
         object.__setattr__(self, "loss", LossKind(self.loss))
         object.__setattr__(self, "optimizer", OptimizerKind(self.optimizer))
@@ -290,6 +299,14 @@ def generate_training_artifacts(
         sets.append(_generate_set(proto, set_name=ArtifactSetName.SHARED, trainable=shared, frozen=personal + anchors, **common))  # type: ignore[arg-type]
     else:
         sets.append(_generate_set(proto, set_name=ArtifactSetName.JOINT, trainable=shared + personal, frozen=anchors, **common))  # type: ignore[arg-type]
+    if spec.finetune:
+        tuned = [n for n in param_names if any(matches_prefix(n, p) for p in spec.finetune)]
+        unused = [p for p in spec.finetune if not any(matches_prefix(n, p) for n in param_names)]
+        if unused or len(tuned) == len(param_names):
+            raise ParameterSplitError(f"finetune prefixes {list(spec.finetune)} must each match a parameter and leave some frozen"
+                                      f" (unmatched: {unused})")
+        rest = [n for n in param_names if n not in tuned]
+        sets.append(_generate_set(proto, set_name=ArtifactSetName.FINETUNE, trainable=tuned, frozen=rest + anchors, **common))  # type: ignore[arg-type]
     if buffers:
         logger.info("non-parameter initializers stay constant in the graph: %s", buffers)
 

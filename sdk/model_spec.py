@@ -27,7 +27,8 @@ class ParameterSplitError(FedgeError):
     """The shared/personal declaration does not fit the model's parameter names."""
 
 
-def _matches(name: str, prefix: str) -> bool:
+def matches_prefix(name: str, prefix: str) -> bool:
+    """True when ``name`` is ``prefix`` or lies under it (``head`` matches ``head.weight``, not ``header.w``)."""
     return name == prefix or name.startswith(prefix + ".")
 
 
@@ -58,7 +59,7 @@ class ParameterSplit:
         """Map every parameter name to its role; raise ParameterSplitError on any mismatch."""
         names = list(parameter_names)
         unmatched_prefixes = [
-            p for p in (*self.personal, *(s for s in self.shared if s != "*")) if not any(_matches(n, p) for n in names)
+            p for p in (*self.personal, *(s for s in self.shared if s != "*")) if not any(matches_prefix(n, p) for n in names)
         ]
         if unmatched_prefixes:
             raise ParameterSplitError(
@@ -67,8 +68,8 @@ class ParameterSplit:
         roles: dict[str, Role] = {}
         problems: list[str] = []
         for name in names:
-            personal = any(_matches(name, p) for p in self.personal)
-            shared = any(_matches(name, p) for p in self.shared if p != "*") or ("*" in self.shared and not personal)
+            personal = any(matches_prefix(name, p) for p in self.personal)
+            shared = any(matches_prefix(name, p) for p in self.shared if p != "*") or ("*" in self.shared and not personal)
             if personal and shared:
                 problems.append(f"{name} matches both a shared and a personal prefix")
             elif not personal and not shared:

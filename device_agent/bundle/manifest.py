@@ -62,6 +62,7 @@ class ArtifactSetName(str, Enum):
     JOINT = "joint"  # every trainable parameter (fedavg, fedprox, fedsim)
     PERSONAL = "personal"  # personal head only (fedalt phase 1)
     SHARED = "shared"  # shared layers only (fedalt phase 2)
+    FINETUNE = "finetune"  # optional: the parameters a device may fine-tune locally (e.g. FedAvg + head fine-tuning)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,8 +310,11 @@ def parse_manifest(raw: bytes) -> BundleManifest:
             )
         )
     expected_sets = {ArtifactSetName.PERSONAL, ArtifactSetName.SHARED} if hyper.mode is TrainingMode.FEDALT else {ArtifactSetName.JOINT}
-    if {s.name for s in sets} != expected_sets or len(sets) != len(expected_sets):
-        raise BundleError(f"manifest.artifact_sets: mode {hyper.mode.value} needs exactly {sorted(s.value for s in expected_sets)}")
+    present = [s.name for s in sets if s.name is not ArtifactSetName.FINETUNE]
+    finetune = [s for s in sets if s.name is ArtifactSetName.FINETUNE]
+    if set(present) != expected_sets or len(present) != len(expected_sets) or len(finetune) > 1:
+        raise BundleError(f"manifest.artifact_sets: mode {hyper.mode.value} needs exactly {sorted(s.value for s in expected_sets)}"
+                          " (plus at most one 'finetune' set)")
     files: dict[str, FileEntry] = {}
     for fname, entry in top.get("files", dict).items():
         if not _FILE_NAME.match(fname) or fname in (MANIFEST_NAME, SIGNATURE_NAME):

@@ -73,7 +73,7 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.simulation.algorithms import algorithm
-    from sdk.simulation.simulator import FederatedSimulator, RoundRecord, SimulationConfig
+    from sdk.simulation.simulator import FederatedSimulator, RoundMetrics, SimulationConfig
 
     spec = algorithm(algo)
     data = _load(dataset, seed, subsample)
@@ -91,7 +91,7 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
         sim = FederatedSimulator(bundle, data, config)
         with tqdm(total=rounds, desc=f"{algo} on {dataset}", unit="round") as bar:
 
-            def progress(record: RoundRecord) -> None:
+            def progress(record: RoundMetrics) -> None:
                 bar.update(1)
                 bar.set_postfix(acc=f"{record.mean_accuracy:.3f}")
 

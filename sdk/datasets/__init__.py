@@ -17,7 +17,7 @@ from __future__ import annotations
 from sdk.datasets.digits import load_digits
 from sdk.datasets.errors import DatasetError, DatasetFormatError, DatasetNotFoundError, UnsafePickleError
 from sdk.datasets.fashion_mnist import load_fashion_mnist, read_fashion_mnist, read_idx
-from sdk.datasets.federated import ClientData, FederatedDataset, LabeledArrays, split_client
+from sdk.datasets.federated import ClientData, FederatedDataset, LabeledArrays, regions_by_label_mix, split_client
 from sdk.datasets.partition import SplitIndices, dirichlet_split, iid_split, train_val_test_indices
 from sdk.datasets.restricted_pickle import RestrictedUnpickler, read_object_npy, restricted_loads
 from sdk.datasets.synthetic import make_synthetic, synthetic_device_sizes
@@ -41,6 +41,7 @@ __all__ = [
     "load_fashion_mnist",
     "load_watch",
     "make_synthetic",
+    "regions_by_label_mix",
     "read_fashion_mnist",
     "read_idx",
     "read_object_npy",

@@ -9,7 +9,8 @@ them changing another's data by accident.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -111,6 +112,13 @@ class FederatedDataset:
         """The distinct regions in client order; empty when no client has one."""
         return tuple(dict.fromkeys(c.region for c in self.clients if c.region is not None))
 
+    def with_regions(self, regions: Mapping[str, str]) -> FederatedDataset:
+        """The same clients and arrays, with ``regions[client_id]`` as each client's region."""
+        missing = [c.client_id for c in self.clients if c.client_id not in regions]
+        if missing:
+            raise ValueError(f"no region given for clients {missing}")
+        return replace(self, clients=tuple(replace(c, region=str(regions[c.client_id])) for c in self.clients))
+
     def num_samples(self, split: SplitName = "train") -> int:
         """Total number of examples in ``split`` over all clients."""
         return sum(len(c.split(split)) for c in self.clients)
@@ -165,3 +173,45 @@ def client_ids(prefix: str, count: int) -> tuple[str, ...]:
     width = max(2, len(str(count - 1)))
     return tuple(f"{prefix}-{i:0{width}d}" for i in range(count))
 
+
+
+def regions_by_label_mix(dataset: FederatedDataset, num_regions: int, *, seed: int = 0, max_iterations: int = 100) -> dict[str, str]:
+    """Group clients whose training label distributions look alike into ``num_regions`` regions.
+
+    k-means (k-means++ seeding, at most ``max_iterations`` Lloyd steps) on
+    each client's normalised training label histogram; a cluster left empty
+    takes the client farthest from its centre, so every region has at least
+    one client. Regions are named ``labels-<k>``, numbered by their first
+    client. Deterministic for a given ``seed``.
+    """
+    n = len(dataset.clients)
+    if not 1 <= num_regions <= n:
+        raise ValueError(f"num_regions must be in [1, {n}], got {num_regions}")
+    counts = dataset.class_counts("train").astype(np.float64)
+    points = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    rng = np.random.default_rng(seed)
+    centres = [points[rng.integers(n)]]
+    while len(centres) < num_regions:
+        d2 = np.min([np.sum((points - c) ** 2, axis=1) for c in centres], axis=0)
+        total = d2.sum()
+        centres.append(points[rng.choice(n, p=d2 / total)] if total > 0 else points[rng.integers(n)])
+    centre = np.stack(centres)
+    assign = np.zeros(n, dtype=np.int64)
+    for _ in range(max_iterations):
+        dist = ((points[:, None, :] - centre[None, :, :]) ** 2).sum(axis=2)
+        new = dist.argmin(axis=1)
+        for k in range(num_regions):
+            if not np.any(new == k):
+                sizes = np.bincount(new, minlength=num_regions)
+                movable = np.flatnonzero(sizes[new] > 1)  # never empty another cluster
+                far = int(movable[np.argmax(dist[movable, new[movable]])])
+                new[far] = k
+        centre = np.stack([points[new == k].mean(axis=0) for k in range(num_regions)])
+        if np.array_equal(new, assign):
+            break
+        assign = new
+    first = {}
+    for i, k in enumerate(assign):
+        first.setdefault(int(k), len(first))
+    width = len(str(num_regions - 1))
+    return {c.client_id: f"labels-{first[int(assign[i])]:0{width}d}" for i, c in enumerate(dataset.clients)}

@@ -17,6 +17,23 @@ every device's latest shared layers, each selected device asks for k of them
 (epsilon-greedy on its affinity vector), combines them with
 :func:`~device_agent.local_round.combine_candidates_fomo` on its validation
 split, trains, and uploads its own shared layers.
+
+Hierarchy (``hierarchy=HierarchyConfig(...)``) runs the deployment's two
+tiers over the clients' ``region`` labels with the same pure functions as
+the regional and root aggregators: region ``j`` serves
+``S_j = mix_regional(R_j, G, a)``, aggregates its devices' deltas into
+``D_j``, keeps ``R_j = S_j + D_j``, and the root sets
+``G = G + combine_regions(D, n)``. ``a = 0`` is hierarchical FedAvg (which,
+weighted by samples, equals flat FedAvg).
+
+Evaluation, per device on its own test split: ``personalised_accuracy`` is
+the model the device holds after the round (the served model plus its
+personal head, or its own model for local-only and FedFomo);
+``global_accuracy`` is the root's shared layers (plus the device's head,
+if any); ``regional_accuracy`` its region's model. ``finetune_epochs`` > 0
+adds, after the last round, FedAvg+FT: the device fine-tunes the received
+model locally, the head only (bundles with a ``finetune`` set) and every
+parameter (bundles without personal layers), and is evaluated.
 """
 
 from __future__ import annotations
@@ -35,8 +52,30 @@ from device_agent.data import ArrayDataSource
 from device_agent.local_round import combine_candidates_fomo, train_local_round
 from device_agent.personalization.fedfomo import exploration_rate, select_candidates, update_affinity
 from device_agent.trainer import DeviceTrainer, TrainBudget
-from sdk.aggregation import AggregationConfig, make_rule
+from sdk.aggregation import AggregationConfig, combine_regions, make_rule, mix_regional
+from sdk.aggregation.mixing import RegionWeighting
 from sdk.datasets.federated import FederatedDataset
+
+ParameterDict = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HierarchyConfig:
+    """Two-tier aggregation over the clients' regions.
+
+    ``regional_weight`` (a): each region serves a * its regional model +
+    (1 - a) * the global one; 0 is hierarchical FedAvg. ``region_weighting``:
+    the root combines regional aggregates by ``"samples"`` or ``"uniform"``.
+    """
+
+    regional_weight: float = 0.5
+    region_weighting: RegionWeighting = "samples"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.regional_weight <= 1.0:
+            raise ValueError("regional_weight must be in [0, 1]")
+        if self.region_weighting not in ("samples", "uniform"):
+            raise ValueError("region_weighting must be 'samples' or 'uniform'")
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +98,8 @@ class SimulationConfig:
     aggregation: AggregationConfig = AggregationConfig()
     federated: bool = True
     fomo_candidates: int | None = None
+    hierarchy: HierarchyConfig | None = None
+    finetune_epochs: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -73,11 +114,21 @@ class SimulationConfig:
             raise ValueError("fomo_candidates must be >= 1")
         if self.straggler_policy not in ("drop", "partial"):
             raise ValueError("straggler_policy must be 'drop' or 'partial'")
+        if self.finetune_epochs < 0:
+            raise ValueError("finetune_epochs must be >= 0")
+        if self.hierarchy is not None and (self.fomo_candidates is not None or not self.federated):
+            raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
 
 
 @dataclass(frozen=True, kw_only=True)
-class RoundRecord:
-    """Metrics of one round. Accuracies are per device on its own test split."""
+class RoundMetrics:
+    """Metrics of one round. Accuracies are per device on its own test split.
+
+    ``global_accuracy`` is empty for local-only and FedFomo (no server
+    model); ``regional_accuracy`` is empty without a hierarchy.
+    ``pooled_accuracy`` is correct / examples over every device's test split
+    (PFLlib's figure); ``mean_accuracy`` the unweighted mean over devices.
+    """
 
     round_number: int
     selected: tuple[str, ...]
@@ -85,6 +136,9 @@ class RoundRecord:
     dropped: dict[str, str]
     personalised_accuracy: dict[str, float]
     mean_accuracy: float
+    pooled_accuracy: float
+    global_accuracy: dict[str, float]
+    regional_accuracy: dict[str, float]
     bytes_up_per_device: int
     bytes_down_per_device: int
     seconds: float
@@ -92,11 +146,18 @@ class RoundRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class SimulationResult:
-    """Everything a run produced; ``final_accuracy`` is per device after the last round."""
+    """Everything a run produced; ``final_accuracy`` is per device after the last round.
 
-    rounds: tuple[RoundRecord, ...]
+    ``fine_tuned_accuracy`` maps ``"head"``/``"all"`` to per-device accuracy
+    after local fine-tuning of the final model (only with ``finetune_epochs``).
+    """
+
+    rounds: tuple[RoundMetrics, ...]
     final_accuracy: dict[str, float]
     global_params: dict[str, np.ndarray] = field(repr=False)
+    fine_tuned_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    test_examples: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
 
     @property
     def mean_final_accuracy(self) -> float:
@@ -124,6 +185,12 @@ class FederatedSimulator:
         self._shapes = {n: v.shape for n, v in self.global_params.items()}
         self._bytes_per_update = sum(v.nbytes for v in self.global_params.values())
         # FedFomo server state: every device's latest upload and each device's affinity to its peers.
+        # Flat runs treat the whole fleet as one unnamed region whatever the dataset's labels.
+        self._region = {c.client_id: (c.region or "") if config.hierarchy is not None else "" for c in dataset.clients}
+        if config.hierarchy is not None and any(c.region is None for c in dataset.clients):
+            raise ValueError("a hierarchy needs a region on every client; load the dataset with regions")
+        self._regional: dict[str, ParameterDict | None] = {r: None for r in sorted(set(self._region.values()))}
+        self._test_examples = {cid: len(c.test.y) for cid, c in ((c.client_id, c) for c in dataset.clients)}
         self._uploads = {cid: dict(self.global_params) for cid in self._trainers}
         self._affinity = {cid: np.zeros(len(self._trainers)) for cid in self._trainers}
         if config.fomo_candidates is not None:
@@ -134,7 +201,17 @@ class FederatedSimulator:
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, *keys])
 
-    def run_round(self, round_number: int) -> RoundRecord:
+    def _averaging(self) -> bool:
+        return self.config.federated and self.config.fomo_candidates is None
+
+    def _served(self, cid: str) -> ParameterDict:
+        """The shared weights device ``cid`` trains from: the global model, or its region's mix."""
+        h = self.config.hierarchy
+        if h is None:
+            return self.global_params
+        return mix_regional(self._regional[self._region[cid]], self.global_params, regional_weight=h.regional_weight)
+
+    def run_round(self, round_number: int) -> RoundMetrics:
         """Select, train, aggregate and evaluate one round."""
         cfg = self.config
         start = time.perf_counter()
@@ -147,7 +224,9 @@ class FederatedSimulator:
         order = rng.permutation(k)
         dropouts = {selected[i] for i in order[:n_drop]}
         stragglers = {selected[i] for i in order[n_drop:n_drop + n_slow]}
-        rule = make_rule(cfg.aggregation, expected_shapes=self._shapes)
+        served = {r: self._served(cid) for cid, r in self._region.items()}  # one model per region
+        rules = {r: make_rule(cfg.aggregation, expected_shapes=self._shapes) for r in self._regional}
+        samples = dict.fromkeys(self._regional, 0)
         aggregated, dropped = [], {}
         for index, cid in enumerate(ids):
             if cid not in selected:
@@ -165,30 +244,96 @@ class FederatedSimulator:
                                      personal_epochs=budget.personal_epochs, learning_rate=budget.learning_rate)
             if cfg.fomo_candidates is not None:
                 self._combine_fomo(cid, index, ids, round_number)
+            region = self._region[cid]
             update = train_local_round(
                 self._trainers[cid], self._train[cid],
-                global_params=self.global_params if cfg.federated and cfg.fomo_candidates is None else None,
+                global_params=served[region] if self._averaging() else None,
                 round_number=round_number, budget=budget, rng=self._rng(round_number, 1, index),
             )
             if cfg.fomo_candidates is not None:
                 self._uploads[cid] = self._trainers[cid].get_shared()
             elif cfg.federated:
-                rule.accumulate(update.delta, float(update.num_examples))
+                rules[region].accumulate(update.delta, float(update.num_examples))
+                samples[region] += update.num_examples
             aggregated.append(cid)
-        if cfg.federated and cfg.fomo_candidates is None:
-            mean_delta = rule.finalize()
-            if mean_delta is not None:
-                self.global_params = {n: (v + mean_delta[n]).astype(np.float32) for n, v in self.global_params.items()}
+        if self._averaging():
+            self._aggregate(rules, samples, served)
             for cid, trainer in self._trainers.items():
-                trainer.set_global(self.global_params, round_number=round_number)
-        accuracy = {cid: float(self._trainers[cid].evaluate(self._test[cid]).accuracy or 0.0) for cid in ids}
-        return RoundRecord(
+                trainer.set_global(self._served(cid), round_number=round_number)
+        personal = self._evaluate()
+        # Flat averaging: every device holds the global shared layers already.
+        server = {} if not self._averaging() else (
+            dict(personal) if cfg.hierarchy is None else self._evaluate(lambda cid: self.global_params))
+        regional = ({} if cfg.hierarchy is None else
+                    self._evaluate(lambda cid: self._regional[self._region[cid]] or self.global_params))
+        return RoundMetrics(
             round_number=round_number, selected=tuple(selected), aggregated=tuple(aggregated), dropped=dropped,
-            personalised_accuracy=accuracy, mean_accuracy=float(np.mean(list(accuracy.values()))),
+            personalised_accuracy=personal, mean_accuracy=float(np.mean(list(personal.values()))),
+            pooled_accuracy=self._pooled(personal), global_accuracy=server, regional_accuracy=regional,
             bytes_up_per_device=self._bytes_per_update if cfg.federated else 0,
             bytes_down_per_device=self._bytes_per_update * (cfg.fomo_candidates or 1) if cfg.federated else 0,
             seconds=time.perf_counter() - start,
         )
+
+    def _aggregate(self, rules: dict, samples: dict[str, int], served: dict[str, ParameterDict]) -> None:
+        """The regional and root aggregators' arithmetic (flat: one unnamed region, G += D)."""
+        h = self.config.hierarchy
+        means = {r: rule.finalize() for r, rule in rules.items()}
+        if h is None:
+            mean = means[""]
+            if mean is not None:
+                self.global_params = {n: (v + mean[n]).astype(np.float32) for n, v in self.global_params.items()}
+            return
+        for r, mean in means.items():
+            base = served[r]
+            self._regional[r] = dict(base) if mean is None else {n: (v + mean[n]).astype(np.float32) for n, v in base.items()}
+        order = sorted(means)
+        combined = combine_regions([means[r] for r in order], [float(samples[r]) if means[r] is not None else 0.0 for r in order],
+                                   by=h.region_weighting)
+        if combined is not None:
+            self.global_params = {n: (v + combined[n]).astype(np.float32) for n, v in self.global_params.items()}
+
+    def _evaluate(self, shared_for: Callable[[str], ParameterDict] | None = None) -> dict[str, float]:
+        """Per-device test accuracy of the device's model, or with its shared layers swapped for ``shared_for(cid)``."""
+        out = {}
+        for cid, trainer in self._trainers.items():
+            if shared_for is None:
+                out[cid] = float(trainer.evaluate(self._test[cid]).accuracy or 0.0)
+                continue
+            own = trainer.get_shared()
+            trainer.set_shared(shared_for(cid))
+            out[cid] = float(trainer.evaluate(self._test[cid]).accuracy or 0.0)
+            trainer.set_shared(own)
+        return out
+
+    def _pooled(self, accuracy: dict[str, float]) -> float:
+        total = sum(self._test_examples[c] for c in accuracy)
+        return float(sum(accuracy[c] * self._test_examples[c] for c in accuracy) / total) if total else 0.0
+
+    def _fine_tune(self) -> dict[str, dict[str, float]]:
+        """FedAvg+FT after the last round: tune the held model locally, evaluate, put it back."""
+        cfg = self.config
+        first = next(iter(self._trainers.values()))
+        kinds = []
+        if first.can_fine_tune:
+            kinds.append("head")
+        if not first.manifest.personal_names and cfg.federated:
+            kinds.append("all")
+        budget = TrainBudget(epochs=cfg.finetune_epochs, batch_size=cfg.budget.batch_size, learning_rate=cfg.budget.learning_rate)
+        out: dict[str, dict[str, float]] = {}
+        for kind in kinds:
+            out[kind] = {}
+            for index, (cid, trainer) in enumerate(self._trainers.items()):
+                held, reference = trainer.get_shared(), trainer.global_reference
+                rng = self._rng(cfg.rounds, 3, index)
+                if kind == "head":
+                    trainer.fine_tune(self._train[cid], budget, rng=rng)
+                else:
+                    trainer.train(self._train[cid], budget, rng=rng)
+                out[kind][cid] = float(trainer.evaluate(self._test[cid]).accuracy or 0.0)
+                trainer.set_global(reference)
+                trainer.set_shared(held)
+        return out
 
     def _combine_fomo(self, cid: str, index: int, ids: list[str], round_number: int) -> None:
         k = min(self.config.fomo_candidates or 0, len(ids) - 1)
@@ -200,8 +345,9 @@ class FederatedSimulator:
         update = combine_candidates_fomo(self._trainers[cid], candidates, self._val[cid], round_number=round_number)
         self._affinity[cid] = update_affinity(self._affinity[cid], picked, update.weights)
 
-    def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
-        """All rounds; ``on_round`` (e.g. a progress bar) is called after each."""
+    def run(self, *, on_round: Callable[[RoundMetrics], None] | None = None) -> SimulationResult:
+        """All rounds, then the optional fine-tuning; ``on_round`` (e.g. a progress bar) is called after each round."""
+        start = time.perf_counter()
         records = []
         for r in range(self.config.rounds):
             record = self.run_round(r)
@@ -210,6 +356,8 @@ class FederatedSimulator:
                         len(record.aggregated), len(record.dropped))
             if on_round is not None:
                 on_round(record)
-        final = records[-1].personalised_accuracy if records else {
-            cid: float(t.evaluate(self._test[cid]).accuracy or 0.0) for cid, t in self._trainers.items()}
-        return SimulationResult(rounds=tuple(records), final_accuracy=final, global_params=dict(self.global_params))
+        final = records[-1].personalised_accuracy if records else self._evaluate()
+        tuned = self._fine_tune() if self.config.finetune_epochs > 0 else {}
+        return SimulationResult(rounds=tuple(records), final_accuracy=final, global_params=dict(self.global_params),
+                                fine_tuned_accuracy=tuned, test_examples=dict(self._test_examples),
+                                seconds=time.perf_counter() - start)

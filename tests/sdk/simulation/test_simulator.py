@@ -96,3 +96,57 @@ def test_simulator_fedfomo_weights_follow_validation_gain(bundle_factory, fleet_
     # the server keeps each device's own upload, not an average: uploads differ across devices
     uploads = [sim._uploads[cid]["base.0.weight"] for cid in ids]
     assert not np.array_equal(uploads[0], uploads[1])
+
+
+# -- hierarchy and fine-tuning ---------------------------------------------------------------
+
+from sdk.datasets import regions_by_label_mix  # noqa: E402
+from sdk.simulation.simulator import HierarchyConfig  # noqa: E402
+
+
+def _fedavg(bundle_factory, fleet_key, tmp_path, data, *, finetune=(), **overrides):
+    bundle = install_bundle(bundle_factory("fedavg", lr=0.01, hidden=(32,), finetune=finetune), fleet_key.public_key(), tmp_path)
+    config = SimulationConfig(rounds=overrides.pop("rounds", 3), budget=TrainBudget(epochs=2, batch_size=16), seed=0, **overrides)
+    return FederatedSimulator(bundle, data, config)
+
+
+def test_hierarchy_without_mixing_equals_flat_fedavg(bundle_factory, fleet_key, tmp_path):
+    data = load_digits(num_clients=6, label_skew=0.5, seed=3, num_regions=2)
+    flat = _fedavg(bundle_factory, fleet_key, tmp_path / "flat", data, rounds=2).run()
+    tiered = _fedavg(bundle_factory, fleet_key, tmp_path / "tiered", data, rounds=2,
+                     hierarchy=HierarchyConfig(regional_weight=0.0, region_weighting="samples")).run()
+    for name, value in flat.global_params.items():
+        np.testing.assert_allclose(tiered.global_params[name], value, atol=1e-4)
+    assert tiered.rounds[-1].regional_accuracy and not flat.rounds[-1].regional_accuracy
+    # Uniform region weighting differs when the regions hold different sample counts.
+    uniform = _fedavg(bundle_factory, fleet_key, tmp_path / "uniform", data, rounds=1,
+                      hierarchy=HierarchyConfig(regional_weight=0.0, region_weighting="uniform")).run()
+    one_round = _fedavg(bundle_factory, fleet_key, tmp_path / "flat1", data, rounds=1).run()
+    assert any(not np.allclose(uniform.global_params[n], v, atol=1e-6) for n, v in one_round.global_params.items())
+
+
+def test_hierarchy_keeps_what_a_region_learned_when_regions_differ(bundle_factory, fleet_key, tmp_path):
+    base = load_digits(num_clients=8, label_skew=0.3, seed=5)
+    data = base.with_regions(regions_by_label_mix(base, 2, seed=0))
+    result = _fedavg(bundle_factory, fleet_key, tmp_path, data, rounds=4,
+                     hierarchy=HierarchyConfig(regional_weight=0.8)).run()
+    last = result.rounds[-1]
+    regional = np.mean(list(last.regional_accuracy.values()))
+    global_ = np.mean(list(last.global_accuracy.values()))
+    assert regional > global_ + 0.02, (regional, global_)
+    assert last.mean_accuracy > global_, (last.mean_accuracy, global_)
+
+
+def test_hierarchy_needs_regions(bundle_factory, fleet_key, tmp_path, skewed_digits):
+    with pytest.raises(ValueError, match="region"):
+        _fedavg(bundle_factory, fleet_key, tmp_path, skewed_digits, hierarchy=HierarchyConfig())
+
+
+def test_fedavg_with_local_fine_tuning_beats_the_global_model(bundle_factory, fleet_key, tmp_path, skewed_digits):
+    result = _fedavg(bundle_factory, fleet_key, tmp_path, skewed_digits, finetune=("head",), rounds=3, finetune_epochs=3).run()
+    global_ = np.mean(list(result.rounds[-1].global_accuracy.values()))
+    assert set(result.fine_tuned_accuracy) == {"head", "all"}
+    for kind, accuracy in result.fine_tuned_accuracy.items():
+        assert np.mean(list(accuracy.values())) > global_ + 0.02, (kind, global_)
+    # Fine-tuning is evaluation only: the device is back on the global model afterwards.
+    assert result.final_accuracy == result.rounds[-1].global_accuracy

@@ -80,3 +80,47 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     click.echo(format_table(rows))
     write_json(rows, out)
     click.echo(f"wrote {out}")
+
+
+@bench.command("accuracy")
+@click.option("--setting", "names", multiple=True,
+              help="Setting to run (repeatable): watch, watch-recording, fmnist, synthetic. Default: all four.")
+@click.option("--quick", is_flag=True, help="Few rounds on a small data subsample: a smoke run, not the benchmark.")
+@click.option("--workers", type=int, default=2, show_default=True, help="Runs in parallel (one ORT thread each).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("docs/results"), show_default=True,
+              help="Where <setting>.json, <setting>.md and the PNG plots go.")
+@click.option("--report-only", is_flag=True, help="Rebuild the tables and plots from the JSON already under --out; train nothing.")
+def accuracy(names: tuple[str, ...], quick: bool, workers: int, seed: int, out: Path, report_only: bool) -> None:
+    """Every algorithm on real non-IID data: per-device personalised accuracy, global model, gain over local-only,
+    bytes per device per round and wall time; JSON, Markdown tables and PNG plots under --out."""
+    from tqdm import tqdm
+
+    from sdk.bench.accuracy_bench import rewrite_reports, run_accuracy_bench, settings
+
+    table = settings("quick" if quick else "full")
+    chosen = list(names) or list(table)
+    unknown = [n for n in chosen if n not in table]
+    if unknown:
+        raise click.BadParameter(f"unknown settings {unknown}; choose from {sorted(table)}", param_hint="--setting")
+    if report_only:
+        missing = [n for n in chosen if not (out / f"{n}.json").is_file()]
+        if missing:
+            raise click.ClickException(f"no results to report for {missing} under {out}; run without --report-only first")
+        for name, (text, _) in rewrite_reports(out, chosen).items():
+            click.echo("\n" + text)
+        return
+    if workers < 1:
+        raise click.BadParameter("--workers must be >= 1")
+    total = sum(len(table[n].runs) for n in chosen)
+    with tqdm(total=total, desc="accuracy bench", unit="run") as bar:
+
+        def progress(message: str) -> None:
+            bar.update(1)
+            bar.write(message)
+
+        reports = run_accuracy_bench(chosen, profile="quick" if quick else "full", seed=seed, workers=workers, out_dir=out,
+                                     progress=progress)
+    for name in chosen:
+        click.echo("\n" + reports[name][0])
+    click.echo(f"\nwrote {out}/<setting>.json, .md and .png for: {', '.join(chosen)}")

@@ -160,9 +160,12 @@ def _load_dataset(setting: AccuracySetting, seed: int):  # type: ignore[no-untyp
 
 
 def _model(setting: AccuracySetting, data, personal: bool):  # type: ignore[no-untyped-def]
+    import torch
+
     from sdk.model_spec import ParameterSplit
     from sdk.models import BASE_HEAD_SPLIT, LogisticRegression, PersonalizedCNN1D, PersonalizedCNN2D, PersonalizedMLP
 
+    model: torch.nn.Module
     if setting.model == "cnn1d":
         model = PersonalizedCNN1D(data.input_shape[0], data.num_classes)
     elif setting.model == "cnn2d":
@@ -184,6 +187,7 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.bundle.archive import install_bundle
+    from device_agent.bundle.manifest import OptimizerKind
     from device_agent.trainer import TrainBudget
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
@@ -201,7 +205,7 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
     hierarchy = None if run.regional_weight is None else HierarchyConfig(regional_weight=run.regional_weight)
     with tempfile.TemporaryDirectory(prefix="fedge-acc-") as tmp:
         build_bundle(model, example_input=torch.zeros((2, *data.input_shape)), split=split,
-                     spec=TrainingSpec(mode=spec.mode, mu=mu, optimizer=setting.optimizer, learning_rate=setting.learning_rate,
+                     spec=TrainingSpec(mode=spec.mode, mu=mu, optimizer=OptimizerKind(setting.optimizer), learning_rate=setting.learning_rate,
                                        finetune=finetune if run.finetune_epochs else ()),
                      signing_key=key, out_path=Path(tmp) / "b.fedge", model_name=setting.name)
         bundle = install_bundle(Path(tmp) / "b.fedge", key.public_key(), Path(tmp) / "bundle")
@@ -309,7 +313,7 @@ def _claim(text: str, holds: bool | None, evidence: str) -> dict[str, Any]:
 def _claims(setting: AccuracySetting, table: dict[str, SummaryRow], by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     mean = {k: v.personalised_mean for k, v in table.items()}
-    personal = [k for k in ("FedSim", "FedAlt", "FedFomo") if k in mean]
+    personal: list[str] = [k for k in ("FedSim", "FedAlt", "FedFomo") if k in mean]
     if personal and "FedAvg" in table and "Local-only" in mean:
         best = max(personal, key=lambda k: mean[k])
         fedavg_global = table["FedAvg"].global_mean or 0.0

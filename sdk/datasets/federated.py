@@ -210,8 +210,8 @@ def regions_by_label_mix(dataset: FederatedDataset, num_regions: int, *, seed: i
         if np.array_equal(new, assign):
             break
         assign = new
-    first = {}
-    for i, k in enumerate(assign):
+    first: dict[int, int] = {}
+    for k in assign.tolist():
         first.setdefault(int(k), len(first))
     width = len(str(num_regions - 1))
     return {c.client_id: f"labels-{first[int(assign[i])]:0{width}d}" for i, c in enumerate(dataset.clients)}

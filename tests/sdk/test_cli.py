@@ -85,3 +85,12 @@ def test_cli_simulate_digits_writes_json(tmp_path: Path):
     assert len(doc["rounds"][-1]["accuracy"]) == 10
     assert doc["rounds"][-1]["mean_accuracy"] > 0.5
     assert "final mean personalised accuracy" in res.output
+
+
+def test_cli_bench_accuracy_refuses_unknown_setting_and_missing_results(tmp_path: Path):
+    from sdk.cli.main import cli
+
+    res = CliRunner().invoke(cli, ["bench", "accuracy", "--setting", "nope", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown settings" in res.output
+    res = CliRunner().invoke(cli, ["bench", "accuracy", "--setting", "watch", "--report-only", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "no results to report" in res.output

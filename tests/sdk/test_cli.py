@@ -94,3 +94,18 @@ def test_cli_bench_accuracy_refuses_unknown_setting_and_missing_results(tmp_path
     assert res.exit_code == 2 and "unknown settings" in res.output
     res = CliRunner().invoke(cli, ["bench", "accuracy", "--setting", "watch", "--report-only", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "no results to report" in res.output
+
+
+def test_cli_simulate_hierarchy_robust_rule_and_fine_tuning(tmp_path: Path):
+    from sdk.cli.main import cli
+
+    out = tmp_path / "sim.json"
+    res = CliRunner().invoke(cli, ["simulate", "--dataset", "digits", "--algorithm", "fedavg", "--rounds", "2", "--regions", "2",
+                                   "--regional-weight", "0.5", "--aggregation", "trimmed_mean", "--clip-norm", "5",
+                                   "--finetune-epochs", "1", "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "hierarchy: global model" in res.output and "after local fine-tuning (head)" in res.output
+    data = json.loads(out.read_text())
+    assert data["rounds"][-1]["regional_accuracy"] and set(data["fine_tuned_accuracy"]) == {"all", "head"}
+    res = CliRunner().invoke(cli, ["simulate", "--dataset", "digits", "--rounds", "1", "--regional-weight", "0.5"])
+    assert res.exit_code == 2 and "has no regions" in res.output

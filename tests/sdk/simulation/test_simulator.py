@@ -133,8 +133,9 @@ def test_hierarchy_keeps_what_a_region_learned_when_regions_differ(bundle_factor
     last = result.rounds[-1]
     regional = np.mean(list(last.regional_accuracy.values()))
     global_ = np.mean(list(last.global_accuracy.values()))
-    assert regional > global_ + 0.02, (regional, global_)
-    assert last.mean_accuracy > global_, (last.mean_accuracy, global_)
+    # measured: regional 0.72, served 0.71, global 0.48
+    assert regional > global_ + 0.1, (regional, global_)
+    assert last.mean_accuracy >= 0.65 and last.mean_accuracy > global_ + 0.1, (last.mean_accuracy, global_)
 
 
 def test_hierarchy_needs_regions(bundle_factory, fleet_key, tmp_path, skewed_digits):
@@ -147,6 +148,7 @@ def test_fedavg_with_local_fine_tuning_beats_the_global_model(bundle_factory, fl
     global_ = np.mean(list(result.rounds[-1].global_accuracy.values()))
     assert set(result.fine_tuned_accuracy) == {"head", "all"}
     for kind, accuracy in result.fine_tuned_accuracy.items():
-        assert np.mean(list(accuracy.values())) > global_ + 0.02, (kind, global_)
+        # measured 0.92 (head) and 0.93 (all) against a 0.74 global model
+        assert np.mean(list(accuracy.values())) >= max(0.85, global_ + 0.05), (kind, global_)
     # Fine-tuning is evaluation only: the device is back on the global model afterwards.
     assert result.final_accuracy == result.rounds[-1].global_accuracy

@@ -159,28 +159,6 @@ def _load_dataset(setting: AccuracySetting, seed: int):  # type: ignore[no-untyp
     return data
 
 
-def _model(setting: AccuracySetting, data, personal: bool):  # type: ignore[no-untyped-def]
-    import torch
-
-    from sdk.model_spec import ParameterSplit
-    from sdk.models import BASE_HEAD_SPLIT, LogisticRegression, PersonalizedCNN1D, PersonalizedCNN2D, PersonalizedMLP
-
-    model: torch.nn.Module
-    if setting.model == "cnn1d":
-        model = PersonalizedCNN1D(data.input_shape[0], data.num_classes)
-    elif setting.model == "cnn2d":
-        model = PersonalizedCNN2D(1, data.num_classes)
-    elif setting.model == "mlp":
-        model = PersonalizedMLP(data.input_shape[0], (32,), data.num_classes)
-    elif setting.model == "logreg":
-        return LogisticRegression(data.input_shape[0], data.num_classes), ParameterSplit(shared=("*",)), ()
-    else:
-        raise ValueError(f"unknown model {setting.model!r}")
-    if personal:
-        return model, BASE_HEAD_SPLIT, ()
-    return model, ParameterSplit(shared=("*",)), ("head",)
-
-
 def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, threads: int = 1) -> dict[str, Any]:
     """Build the run's bundle, simulate it, and return every figure as plain JSON-able data."""
     import torch
@@ -192,12 +170,13 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.simulation.algorithms import algorithm
+    from sdk.simulation.catalog import build_model
     from sdk.simulation.simulator import FederatedSimulator, HierarchyConfig, SimulationConfig
 
     spec = algorithm(run.algorithm)
     data = _load_dataset(setting, seed)
     torch.manual_seed(seed)  # every run of a setting starts from the same initial weights
-    model, split, finetune = _model(setting, data, spec.personal_head)
+    model, split, finetune = build_model(setting.model, data, personal=spec.personal_head)
     n_params = sum(p.numel() for p in model.parameters())
     head_params = sum(p.numel() for n, p in model.named_parameters() if n.startswith("head."))
     key = Ed25519PrivateKey.generate()

@@ -23,24 +23,7 @@ def _load(name: str, seed: int, subsample: float | None):  # type: ignore[no-unt
     return ds.make_synthetic(alpha=1.0, beta=1.0, seed=seed)
 
 
-def _model(name: str, dataset, personal: bool):  # type: ignore[no-untyped-def]
-    import torch
-
-    from sdk.model_spec import ParameterSplit
-    from sdk.models import BASE_HEAD_SPLIT, LogisticRegression, PersonalizedCNN1D, PersonalizedCNN2D, PersonalizedMLP
-
-    model: torch.nn.Module
-    if name == "digits":
-        model = PersonalizedMLP(64, (64,), dataset.num_classes)
-    elif name == "watch":
-        model = PersonalizedCNN1D(dataset.input_shape[0], dataset.num_classes)
-    elif name == "fashion-mnist":
-        model = PersonalizedCNN2D(1, dataset.num_classes)
-    else:
-        if personal:
-            raise click.ClickException("the synthetic benchmark uses logistic regression, which has no personal head")
-        model = LogisticRegression(dataset.input_shape[0], dataset.num_classes)
-    return model, (BASE_HEAD_SPLIT if personal else ParameterSplit(shared=("*",)))
+MODEL_FOR = {"digits": "mlp", "watch": "cnn1d", "fashion-mnist": "cnn2d", "synthetic": "logreg"}
 
 
 @click.command()
@@ -85,6 +68,7 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.simulation.algorithms import algorithm
+    from sdk.simulation.catalog import build_model
     from sdk.simulation.simulator import FederatedSimulator, RoundMetrics, SimulationConfig
 
     from sdk.aggregation import AggregationConfig
@@ -103,9 +87,12 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
         raise click.BadParameter(str(exc)) from exc
     if hierarchy is not None and not data.regions:
         raise click.BadParameter(f"{dataset} has no regions; pass --regions N to group clients by label mix")
-    model, split = _model(dataset, data, spec.personal_head)
-    finetune = ("head",) if finetune_epochs and not spec.personal_head and dataset != "synthetic" else ()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # before the model exists: the initial weights follow the seed
+    try:
+        model, split, finetune = build_model(MODEL_FOR[dataset], data, personal=spec.personal_head, hidden=(64,))
+    except ValueError as exc:
+        raise click.ClickException(f"{algo} on {dataset}: {exc}") from exc
+    finetune = finetune if finetune_epochs else ()
     key = Ed25519PrivateKey.generate()
     with tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp:
         build_bundle(model, example_input=torch.zeros((2, *data.input_shape)), split=split,

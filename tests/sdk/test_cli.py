@@ -109,3 +109,16 @@ def test_cli_simulate_hierarchy_robust_rule_and_fine_tuning(tmp_path: Path):
     assert data["rounds"][-1]["regional_accuracy"] and set(data["fine_tuned_accuracy"]) == {"all", "head"}
     res = CliRunner().invoke(cli, ["simulate", "--dataset", "digits", "--rounds", "1", "--regional-weight", "0.5"])
     assert res.exit_code == 2 and "has no regions" in res.output
+
+
+def test_cli_simulate_same_seed_same_numbers(tmp_path: Path):
+    from sdk.cli.main import cli
+
+    outs = []
+    for i in range(2):
+        out = tmp_path / f"{i}.json"
+        res = CliRunner().invoke(cli, ["simulate", "--dataset", "digits", "--algorithm", "fedavg", "--rounds", "1", "--seed", "7",
+                                       "--json-out", str(out)])
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads(out.read_text())["rounds"][0]["accuracy"])
+    assert outs[0] == outs[1]

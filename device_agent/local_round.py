@@ -51,6 +51,7 @@ def combine_candidates_fomo(
     validation: DataSource,
     *,
     round_number: int,
+    keep_reference: bool = False,
 ) -> FomoUpdate:
     """FedFomo's device step: weigh peers' shared layers by what they do on *this* device's validation data.
 
@@ -58,6 +59,8 @@ def combine_candidates_fomo(
     personal head; the first-order weighted combination (Zhang et al., ICLR
     2021) becomes the device's new shared layers and its FedProx anchor and
     delta reference for the round. No better candidate: the model is unchanged.
+    ``keep_reference``: only the shared layers change; anchors and delta
+    reference stay (the MQTT agent's deltas are against the served model S_r).
     """
     own = trainer.get_shared()
     own_loss = trainer.evaluate(validation).loss
@@ -66,5 +69,9 @@ def combine_candidates_fomo(
         trainer.set_shared(candidate)
         losses.append(trainer.evaluate(validation).loss)
     update = fomo_update(own, candidates, own_loss=own_loss, candidate_losses=losses)
-    trainer.set_global(update.parameters, round_number=round_number)
+    if keep_reference:
+        trainer.set_shared(update.parameters)
+        trainer.round = round_number
+    else:
+        trainer.set_global(update.parameters, round_number=round_number)
     return update

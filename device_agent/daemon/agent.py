@@ -6,7 +6,8 @@ A round, from the device's side (docs/device-agent.md has the full argument):
    ``model/global``, verified against the trusted signers, for this fleet,
    region and bundle version, not older than anything seen (rollback) and
    newer than the last round the device finished.
-2. :meth:`DeviceAgent.train_round`: adopt it, train within the budget, save
+2. :meth:`DeviceAgent.train_round`: adopt it (with FedFomo: as the delta
+   reference, combining peers' models first), train within the budget, save
    the trainer state.
 3. :meth:`DeviceAgent.seal_update`: encrypt the shared delta to the region's
    aggregator, sign it with the device key, and persist the exact bytes as
@@ -37,6 +38,7 @@ from device_agent.daemon.agent_state import AgentProgress, AgentStateFiles, Seal
 from device_agent.daemon.backoff import Backoff
 from device_agent.daemon.config import AgentConfig
 from device_agent.daemon.connection import MqttConnection
+from device_agent.daemon.fomo_client import FomoClient
 from device_agent.daemon.errors import AgentStopped, ReceiptTimeoutError
 from device_agent.daemon.intake import MessageIntake
 from device_agent.daemon.keyring import DeviceKeys
@@ -129,6 +131,7 @@ class DeviceAgent:
         rng: random.Random | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         train_rng: np.random.Generator | None = None,
+        load_validation: Callable[[], DataSource] | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -163,6 +166,11 @@ class DeviceAgent:
             clock=clock,
         )
         self.intake.rollback_floor = self._progress.highest_model_round
+        #: FedFomo's device side (None when ``fomo_candidates`` is 0).
+        self.fomo = None if not config.fomo_candidates else FomoClient(
+            config, keys=keys, trainer=trainer, connection=connection, intake=self.intake,
+            pump=self._pump, load_validation=load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
+            clock=clock, wall_clock=wall_clock, random_bytes=random_bytes)
         self._stop = threading.Event()
         self._started = False
 
@@ -214,12 +222,17 @@ class DeviceAgent:
     def train_round(self, model: OpenedModel) -> LocalUpdate:
         """Adopt ``model``, train on fresh local data within the budget, then save the trainer state.
 
+        With FedFomo on, the model becomes the delta reference and the device
+        trains its FedFomo combination instead (:class:`FomoClient`).
         TrainingError when the data cannot be read or training fails; nothing is saved then.
         """
+        data = self._local_data()
+        if self.fomo is not None:
+            self.fomo.prepare_round(model)
         update = train_local_round(
             self.trainer,
-            self._local_data(),
-            global_params=model.tensors,
+            data,
+            global_params=model.tensors if self.fomo is None else None,
             round_number=model.header.round,
             budget=self.config.budget,
             rng=self._train_rng,

@@ -7,6 +7,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -90,7 +91,8 @@ def open_agent(
         config.broker,
         client_id=config.device_id,
         presence_topic=topics.device_presence(config.device_id),
-        subscriptions=(topics.global_model, topics.device_receipt(config.device_id)),
+        subscriptions=(topics.global_model, topics.device_receipt(config.device_id))
+        + ((topics.device_candidates(config.device_id),) if config.fomo_candidates else ()),
         backoff=config.backoff,
         clock=clock,
         rng=rng,
@@ -108,4 +110,6 @@ def open_agent(
         rng=rng,
         random_bytes=random_bytes,
         train_rng=np.random.default_rng(config.seed),
+        load_validation=None if config.data.validation_path is None
+        else data_loader(replace(config.data, path=config.data.validation_path)),
     )

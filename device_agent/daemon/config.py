@@ -23,6 +23,7 @@ from typing import Any
 from device_agent.daemon.backoff import BackoffPolicy
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import TomlTable
+from device_agent.protocol.headers import MAX_CANDIDATES
 from device_agent.protocol.tensor_codec import Encoding
 from device_agent.protocol.topics import TopicLayout
 from device_agent.trainer import TrainBudget
@@ -90,9 +91,11 @@ class DataConfig:
     """The device's local training data: an ``.npz`` with arrays ``x_key``/``y_key`` or a numeric CSV.
 
     ``label_column`` (CSV) is a header name or an index; ``feature_shape`` None keeps rows flat.
+    ``validation_path``: held-out data in the same format, used by FedFomo (None: none).
     """
 
     path: Path
+    validation_path: Path | None = None
     format: DataFormat = DataFormat.AUTO
     x_key: str = "x"
     y_key: str = "y"
@@ -106,7 +109,9 @@ class AgentConfig:
 
     ``bundle_path`` None: use what is installed in ``install_dir``. ``receipt_signers``
     defaults to ``model_signers``. ``threads`` None lets ONNX Runtime choose;
-    ``seed`` None shuffles with fresh randomness each round.
+    ``seed`` None shuffles with fresh randomness each round. ``fomo_candidates``:
+    FedFomo peers to ask the region for each round (0: off), answered within
+    ``fomo_timeout_s``; it needs ``data.validation_path``.
     """
 
     device_id: str
@@ -126,6 +131,8 @@ class AgentConfig:
     threads: int | None = None
     seed: int | None = None
     encoding: Encoding = Encoding.RAW
+    fomo_candidates: int = 0
+    fomo_timeout_s: float = 10.0
     receipt_timeout_s: float = 30.0
     max_attempts: int = 5
     backoff: BackoffPolicy = BackoffPolicy()
@@ -182,6 +189,7 @@ def _data(t: TomlTable) -> DataConfig:
         raise t.error("feature_shape", f"expected a list of positive integers, got {shape!r}")
     data = DataConfig(
         path=t.path("path"),
+        validation_path=t.path("validation_path", None),
         format=t.choice("format", DataFormat, DataFormat.AUTO),
         x_key=t.string("x_key", "x"),
         y_key=t.string("y_key", "y"),
@@ -245,6 +253,8 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = 
         threads=training.integer("threads", None, minimum=1),
         seed=training.integer("seed", None, minimum=0),
         encoding=training.choice("encoding", Encoding, Encoding.RAW),
+        fomo_candidates=training.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),
+        fomo_timeout_s=training.number("fomo_timeout_s", 10.0, positive=True),
         receipt_timeout_s=submit.number("receipt_timeout_s", 30.0, positive=True),
         max_attempts=submit.integer("max_attempts", 5, minimum=1),
         backoff=_backoff(top.optional_table("backoff")),

@@ -1,4 +1,5 @@
-"""What the broker delivers to a device, verified and filed: the newest acceptable model and receipts.
+"""What the broker delivers to a device, verified and filed: the newest acceptable model, receipts,
+and the FedFomo candidates answering the request the agent is waiting on.
 
 The agent's loop calls :meth:`MessageIntake.pump` whenever it waits; the
 connection's network thread only fills the queue. Nothing unauthenticated is
@@ -17,13 +18,15 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from device_agent.daemon.connection import InboundMessage, drain
 from device_agent.daemon.errors import AgentStopped
 from device_agent.errors import AuthenticationError, MalformedMessageError
-from device_agent.protocol.chunking import is_chunk
-from device_agent.protocol.envelope import OpenedModel, open_model
-from device_agent.protocol.headers import UpdateHeader
+from device_agent.protocol.candidate_request import CandidateRequest
+from device_agent.protocol.chunking import Reassembler, is_chunk
+from device_agent.protocol.envelope import OpenedCandidates, OpenedModel, open_candidates, open_model
+from device_agent.protocol.headers import MAX_CANDIDATES, UpdateHeader
 from device_agent.protocol.receipts import Receipt, open_receipt
 from device_agent.protocol.tensor_codec import DecodeLimits
 from device_agent.protocol.topics import TopicLayout
@@ -73,6 +76,11 @@ class MessageIntake:
             max_total_bytes=sum(int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in self._spec.values()),
         )
         self._receipts: OrderedDict[bytes, tuple[Receipt, bytes]] = OrderedDict()
+        self._candidates_topic = topics.device_candidates(device_id)
+        self._awaiting: tuple[CandidateRequest, X25519PrivateKey] | None = None
+        self._reassembler = Reassembler(max_messages=2, max_total_bytes=MAX_CANDIDATES * self._limits.max_encoded_bytes + 8192)
+        #: The verified answer to the awaited candidate request (None until it came).
+        self.candidates: OpenedCandidates | None = None
         #: The newest acceptable model seen, None before the first.
         self.latest_model: OpenedModel | None = None
         #: Models older than this round are rollbacks and ignored.
@@ -84,6 +92,11 @@ class MessageIntake:
         """The verified receipt answering ``header`` and its signed bytes, or None when none came."""
         found = self._receipts.get(header.nonce)
         return found if found is not None and found[0].answers(header) else None
+
+    def expect_candidates(self, request: CandidateRequest, reply_key: X25519PrivateKey) -> None:
+        """Wait for the answer to ``request`` (sealed to ``reply_key``); forgets any earlier answer."""
+        self._awaiting = (request, reply_key)
+        self.candidates = None
 
     def pump(self, deadline: float, done: Callable[[], bool], stop: threading.Event) -> bool:
         """Handle messages until ``done()`` or the ``deadline`` (on the clock); the final ``done()``.
@@ -112,6 +125,8 @@ class MessageIntake:
             self._on_model(message.payload)
         elif message.topic == self._receipt_topic:
             self._on_receipt(message.payload)
+        elif message.topic == self._candidates_topic:
+            self._on_candidates(message.payload)
         else:
             self._ignore("topic", "message on unexpected topic %s", message.topic)
 
@@ -160,3 +175,41 @@ class MessageIntake:
         self._receipts[receipt.update_nonce] = (receipt, bytes(payload))
         while len(self._receipts) > _REMEMBERED_RECEIPTS:
             self._receipts.popitem(last=False)
+
+    def _on_candidates(self, payload: bytes) -> None:
+        if is_chunk(payload):
+            try:
+                whole = self._reassembler.add(payload, sender="region")
+            except MalformedMessageError as exc:
+                self._ignore("malformed_candidates", "%s", exc)
+                return
+            if whole is None:
+                return
+            payload = whole
+        if self._awaiting is None:
+            self._ignore("unexpected_candidates", "candidates arrived but none were asked for")
+            return
+        request, reply_key = self._awaiting
+        limits = DecodeLimits(max_tensors=request.k * len(self._spec), max_total_bytes=request.k * self._limits.max_total_bytes)
+        try:
+            opened = open_candidates(payload, recipient_key=reply_key, trusted_signers=self._receipt_signers, limits=limits)
+        except AuthenticationError:
+            self._ignore("untrusted_candidates", "candidates not signed by a trusted aggregator or not sealed to this request")
+            return
+        except MalformedMessageError as exc:
+            self._ignore("malformed_candidates", "%s", exc)
+            return
+        h = opened.header
+        if (h.fleet, h.region, h.recipient, h.round, h.request_nonce) != (
+                request.fleet, request.region, request.device, request.round, request.nonce) or len(h.peers) > request.k:
+            self._ignore("candidates_scope", "candidates for %s/%s round %d do not answer this request", h.recipient,
+                         h.region, h.round)
+        elif h.bundle_version != self._bundle_version:
+            self._ignore("candidates_bundle_version", "candidates for bundle v%d, device runs v%d", h.bundle_version,
+                         self._bundle_version)
+        elif any({n: (t.shape, t.dtype.name) for n, t in m.items()} != self._spec or not all(
+                np.all(np.isfinite(t)) for t in m.values()) for m in opened.models):
+            self._ignore("candidates_shape", "candidate tensors do not match the bundle's shared parameters or are not finite")
+        else:
+            self.candidates = opened
+            self._awaiting = None

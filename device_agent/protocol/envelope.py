@@ -14,6 +14,10 @@ ChaCha20 rather than AES-GCM because the Raspberry Pi 4 has no AES instructions.
 
 A signed model is ``b"FDGM" | version | header_len | header | tensor payload | signature``.
 
+FedFomo candidates (region -> one device) are sealed like an update under
+the magic ``b"FDGK"``, to the X25519 key the device put in its request, and
+signed by the region; peer ``i``'s tensors travel as ``"<i>/<name>"``.
+
 The opener checks the signature before it decrypts or decodes anything.
 Unknown sender, bad signature, wrong recipient and AEAD failure all raise the
 same opaque :class:`AuthenticationError`; structural problems raise
@@ -23,7 +27,7 @@ same opaque :class:`AuthenticationError`; structural problems raise
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -35,14 +39,15 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from device_agent.errors import AuthenticationError
+from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.keys import TrustedKeys, raw_public_bytes, trusted_key_map
-from device_agent.protocol._frame import SIGNATURE_BYTES, frame_prefix, sign_frame, split_frame, verify_frame
-from device_agent.protocol.headers import MAX_HEADER_BYTES, ModelHeader, UpdateHeader
+from device_agent.protocol._frame import SIGNATURE_BYTES, Frame, frame_prefix, sign_frame, split_frame, verify_frame
+from device_agent.protocol.headers import MAX_HEADER_BYTES, CandidatesHeader, ModelHeader, UpdateHeader
 from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors, encode_tensors
 
 UPDATE_MAGIC = b"FDGU"
 MODEL_MAGIC = b"FDGM"
+CANDIDATES_MAGIC = b"FDGK"
 _KDF_INFO = b"fedge-seal-v1\x00"
 _KEY_BYTES = 32
 _NONCE_BYTES = 12
@@ -61,6 +66,15 @@ class OpenedUpdate:
     header: UpdateHeader
     tensors: dict[str, np.ndarray]
     sender_key_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenedCandidates:
+    """Authenticated, decrypted candidates: ``models[i]`` is the shared model of ``header.peers[i]``."""
+
+    header: CandidatesHeader
+    models: tuple[dict[str, np.ndarray], ...]
+    signer_key_id: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,18 +110,46 @@ def seal_update(
     """
     if not isinstance(header, UpdateHeader):
         raise TypeError("header must be an UpdateHeader")
+    return _seal(UPDATE_MAGIC, header.to_bytes(), encode_tensors(tensors, encoding=header.encoding),
+                 recipient_public_key=recipient_public_key, sender_key=sender_key, ephemeral_key=ephemeral_key)
+
+
+def _seal(
+    magic: bytes,
+    record: bytes,
+    payload: bytes,
+    *,
+    recipient_public_key: X25519PublicKey,
+    sender_key: Ed25519PrivateKey,
+    ephemeral_key: X25519PrivateKey | None,
+) -> bytes:
     if not isinstance(recipient_public_key, X25519PublicKey):
         raise TypeError("recipient_public_key must be an X25519PublicKey")
     ephemeral = X25519PrivateKey.generate() if ephemeral_key is None else ephemeral_key
     ephemeral_public = raw_public_bytes(ephemeral.public_key())
-    record = header.to_bytes()
-    aad = frame_prefix(UPDATE_MAGIC, record) + ephemeral_public
+    aad = frame_prefix(magic, record) + ephemeral_public
     cipher, nonce = _cipher(ephemeral.exchange(recipient_public_key), record, ephemeral_public, raw_public_bytes(recipient_public_key))
-    ciphertext = cipher.encrypt(nonce, encode_tensors(tensors, encoding=header.encoding), aad)
-    return sign_frame(aad + ciphertext, sender_key)
+    return sign_frame(aad + cipher.encrypt(nonce, payload, aad), sender_key)
 
 
-def _lookup(sender_public_key: SenderKeys, sender: str) -> Ed25519PublicKey:
+def _decrypt(frame: Frame, recipient_key: X25519PrivateKey) -> bytes:
+    """The plaintext of an authenticated sealed frame; AuthenticationError when it was not sealed to ``recipient_key``."""
+    ephemeral_public = bytes(frame.body[:_PUBLIC_BYTES])
+    try:
+        shared = recipient_key.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
+    except ValueError as exc:  # low-order point: all-zero shared secret
+        raise AuthenticationError() from exc
+    recipient_public = raw_public_bytes(recipient_key.public_key())
+    cipher, nonce = _cipher(shared, frame.record, ephemeral_public, recipient_public)
+    aad = frame.signed[: len(frame.signed) - len(frame.body) + _PUBLIC_BYTES]
+    try:
+        return cipher.decrypt(nonce, bytes(frame.body[_PUBLIC_BYTES:]), bytes(aad))
+    except InvalidTag as exc:
+        raise AuthenticationError() from exc
+
+
+def lookup_sender(sender_public_key: SenderKeys, sender: str) -> Ed25519PublicKey:
+    """The Ed25519 key of ``sender``; AuthenticationError when unknown (opaque, like a bad signature)."""
     try:
         key = sender_public_key.get(sender) if isinstance(sender_public_key, Mapping) else sender_public_key(sender)
     except KeyError as exc:
@@ -137,20 +179,8 @@ def open_update(
         blob, magic=UPDATE_MAGIC, what="sealed update", min_body=_PUBLIC_BYTES + _TAG_BYTES, max_bytes=limits.max_encoded_bytes + _FRAME_OVERHEAD
     )
     header = UpdateHeader.from_bytes(frame.record)
-    key_id = verify_frame(frame, [_lookup(sender_public_key, header.sender)])
-    ephemeral_public = bytes(frame.body[:_PUBLIC_BYTES])
-    try:
-        shared = recipient_key.exchange(X25519PublicKey.from_public_bytes(ephemeral_public))
-    except ValueError as exc:  # low-order point: all-zero shared secret
-        raise AuthenticationError() from exc
-    recipient_public = raw_public_bytes(recipient_key.public_key())
-    cipher, nonce = _cipher(shared, frame.record, ephemeral_public, recipient_public)
-    aad = frame.signed[: len(frame.signed) - len(frame.body) + _PUBLIC_BYTES]
-    try:
-        payload = cipher.decrypt(nonce, bytes(frame.body[_PUBLIC_BYTES:]), bytes(aad))
-    except InvalidTag as exc:
-        raise AuthenticationError() from exc
-    tensors = decode_tensors(payload, encoding=header.encoding, limits=limits)
+    key_id = verify_frame(frame, [lookup_sender(sender_public_key, header.sender)])
+    tensors = decode_tensors(_decrypt(frame, recipient_key), encoding=header.encoding, limits=limits)
     return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id)
 
 
@@ -177,3 +207,53 @@ def open_model(
     key_id = verify_frame(frame, keys.values())
     tensors = decode_tensors(frame.body, encoding=header.encoding, limits=limits)
     return OpenedModel(header=header, tensors=tensors, signer_key_id=key_id)
+
+
+def seal_candidates(
+    header: CandidatesHeader,
+    models: Sequence[Mapping[str, np.ndarray]],
+    *,
+    recipient_public_key: X25519PublicKey,
+    signer_key: Ed25519PrivateKey,
+) -> bytes:
+    """Seal ``models`` (one per ``header.peers`` entry) to the requesting device's key and sign as the region."""
+    if not isinstance(header, CandidatesHeader):
+        raise TypeError("header must be a CandidatesHeader")
+    if len(models) != len(header.peers):
+        raise ValueError(f"{len(header.peers)} peers but {len(models)} models")
+    flat = {f"{i}/{name}": value for i, model in enumerate(models) for name, value in model.items()}
+    return _seal(CANDIDATES_MAGIC, header.to_bytes(), encode_tensors(flat, encoding=header.encoding),
+                 recipient_public_key=recipient_public_key, sender_key=signer_key, ephemeral_key=None)
+
+
+def open_candidates(
+    blob: bytes | bytearray | memoryview,
+    *,
+    recipient_key: X25519PrivateKey,
+    trusted_signers: TrustedKeys,
+    limits: DecodeLimits = DecodeLimits(),
+) -> OpenedCandidates:
+    """Verify sealed candidates against ``trusted_signers`` (the region keys), decrypt and split them per peer.
+
+    Every peer must have at least one tensor and no tensor may name another
+    index (MalformedMessageError); names and shapes against the bundle are the caller's check.
+    """
+    if not isinstance(recipient_key, X25519PrivateKey):
+        raise TypeError("recipient_key must be an X25519PrivateKey")
+    keys = trusted_key_map(trusted_signers)
+    if not keys:
+        raise ValueError("no trusted signer key given")
+    frame = split_frame(blob, magic=CANDIDATES_MAGIC, what="sealed candidates", min_body=_PUBLIC_BYTES + _TAG_BYTES,
+                        max_bytes=limits.max_encoded_bytes + _FRAME_OVERHEAD)
+    header = CandidatesHeader.from_bytes(frame.record)
+    key_id = verify_frame(frame, keys.values())
+    flat = decode_tensors(_decrypt(frame, recipient_key), encoding=header.encoding, limits=limits)
+    models: list[dict[str, np.ndarray]] = [{} for _ in header.peers]
+    for name, value in flat.items():
+        index, _, param = name.partition("/")
+        if not (index.isascii() and index.isdigit() and str(int(index)) == index and int(index) < len(models) and param):
+            raise MalformedMessageError(f"sealed candidates: tensor {name!r} names no peer of the header")
+        models[int(index)][param] = value
+    if any(not model for model in models):
+        raise MalformedMessageError("sealed candidates: a peer of the header has no tensors")
+    return OpenedCandidates(header=header, models=tuple(models), signer_key_id=key_id)

@@ -23,6 +23,8 @@ from device_agent.protocol.tensor_codec import Encoding
 
 PROTOCOL_VERSION = 1
 NONCE_BYTES = 16
+MAX_CANDIDATES = 32
+"""The most FedFomo candidates one device may ask for (and be served) in a round."""
 MAX_HEADER_BYTES = 4096
 _MAX_INT = (1 << 53) - 1  # exact in every JSON reader
 _R = TypeVar("_R", bound="CanonicalRecord")
@@ -31,11 +33,13 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 
 
 class MessageKind(str, Enum):
-    """What a message carries: a device ``update``, a region ``aggregate``, or a signed ``model``."""
+    """What a message carries: a device ``update``, a region ``aggregate``, a signed ``model``,
+    or FedFomo ``candidates`` (peers' models sealed to one device)."""
 
     UPDATE = "update"
     AGGREGATE = "aggregate"
     MODEL = "model"
+    CANDIDATES = "candidates"
 
 
 def check_id(field: str, value: object, *, optional: bool = False) -> None:
@@ -213,3 +217,49 @@ class ModelHeader(MessageHeader):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("region", self.region, optional=True)
+
+
+def check_peer_ids(field: str, value: object, *, limit: int = MAX_CANDIDATES) -> tuple[str, ...]:
+    """``value`` (a list or tuple of distinct valid ids, at most ``limit``) as a tuple; ValueError otherwise."""
+    if not isinstance(value, (list, tuple)) or len(value) > limit:
+        raise ValueError(f"{field} must be a list of at most {limit} ids")
+    for item in value:
+        check_id(f"{field} entry", item)
+    if len(set(value)) != len(value):
+        raise ValueError(f"{field} holds an id twice")
+    return tuple(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CandidatesHeader(MessageHeader):
+    """Header of FedFomo candidate models sealed by a region to one device.
+
+    ``recipient``: the device; ``request_nonce``: the nonce of the request
+    answered; ``peers[i]`` trained ``peer_rounds[i]``'s model, whose tensors
+    travel as ``"<i>/<name>"``. Empty ``peers``: the pool had nothing to serve.
+    """
+
+    _KINDS: ClassVar[frozenset[MessageKind]] = frozenset({MessageKind.CANDIDATES})
+    _HEX_FIELDS: ClassVar[frozenset[str]] = frozenset({"nonce", "request_nonce"})
+    _WHAT: ClassVar[str] = "candidates header"
+
+    kind: MessageKind = MessageKind.CANDIDATES
+    region: str
+    recipient: str
+    request_nonce: bytes
+    peers: tuple[str, ...] = ()
+    peer_rounds: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_id("region", self.region)
+        check_id("recipient", self.recipient)
+        check_nonce("request_nonce", self.request_nonce)
+        object.__setattr__(self, "peers", check_peer_ids("peers", self.peers))
+        if not isinstance(self.peer_rounds, (list, tuple)) or len(self.peer_rounds) != len(self.peers):
+            raise ValueError("peer_rounds must list one round per peer")
+        for r in self.peer_rounds:
+            check_int("peer_rounds entry", r)
+        object.__setattr__(self, "peer_rounds", tuple(self.peer_rounds))
+        if self.recipient in self.peers:
+            raise ValueError("a device is never served its own model")

@@ -5,6 +5,7 @@ Layout on a regional broker (``{fleet}`` and ``{region}`` are configuration;
 Mosquitto ACL ``pattern`` lines with ``%u`` confine a device to its own topics)::
 
     fedge/{fleet}/dev/{device}/up/update      device -> regional aggregator (sealed update or chunks)
+    fedge/{fleet}/dev/{device}/up/candidates  device -> regional aggregator (signed FedFomo candidate request)
     fedge/{fleet}/dev/{device}/down/receipt   regional aggregator -> device (signed receipt)
     fedge/{fleet}/dev/{device}/down/candidates regional aggregator -> device (FedFomo candidate models)
     fedge/{fleet}/dev/{device}/presence       device presence, retained; the last will sets it offline
@@ -52,6 +53,10 @@ class TopicLayout:
         """Where a device publishes its sealed updates."""
         return f"{self.base}/dev/{_check_segment('device id', device)}/up/update"
 
+    def device_candidate_request(self, device: str) -> str:
+        """Where a device asks its region for FedFomo candidate models."""
+        return f"{self.base}/dev/{_check_segment('device id', device)}/up/candidates"
+
     def device_receipt(self, device: str) -> str:
         """Where the aggregator answers a device with a receipt."""
         return f"{self.base}/dev/{_check_segment('device id', device)}/down/receipt"
@@ -86,6 +91,11 @@ class TopicLayout:
     def all_device_updates(self) -> str:
         """Subscription filter matching every device's updates."""
         return f"{self.base}/dev/+/up/update"
+
+    @property
+    def all_candidate_requests(self) -> str:
+        """Subscription filter matching every device's candidate requests."""
+        return f"{self.base}/dev/+/up/candidates"
 
     @property
     def all_region_aggregates(self) -> str:

@@ -11,15 +11,17 @@ argument, the mixing definition and how several processes share a region.
 - :mod:`~sdk.aggregator.intake`: open -> deduplicate -> validate -> fold -> commit -> receipt.
 - :mod:`~sdk.aggregator.tier` / :mod:`~sdk.aggregator.config`: what both tiers share.
 - :mod:`~sdk.aggregator.regional` / :mod:`~sdk.aggregator.root`: the two tiers.
+- :mod:`~sdk.aggregator.candidates`: FedFomo's pool of device models (pure, in memory).
 - :mod:`~sdk.aggregator.outcomes` / :mod:`~sdk.aggregator.errors`: results and errors.
 """
 
 from __future__ import annotations
 
+from sdk.aggregator.candidates import Candidate, CandidatePool
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.errors import AggregatorError, ModelRejectedError, RoundStateError, StoreError
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate, IntakeReason, Verdict
-from sdk.aggregator.regional import RegionalAggregate, RegionalAggregator, RegionalConfig
+from sdk.aggregator.regional import CandidateAnswer, RegionalAggregate, RegionalAggregator, RegionalConfig
 from sdk.aggregator.root import RootAggregator, RootConfig
 from sdk.aggregator.round_state import CloseReason, RoundPolicy, RoundState, RoundStatus
 from sdk.aggregator.store import AggregatorStore
@@ -29,6 +31,9 @@ __all__ = [
     "AggregatorError",
     "AggregatorStatus",
     "AggregatorStore",
+    "Candidate",
+    "CandidateAnswer",
+    "CandidatePool",
     "CloseReason",
     "HandledUpdate",
     "IntakeReason",

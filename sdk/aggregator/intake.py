@@ -219,7 +219,7 @@ class UpdateIntake:
                         raise _prior_rejection(prior.nonce, header)
                 self._admit(opened)
                 if self._commit(opened, digest):
-                    return self._answer(header, Verdict.ACCEPTED)
+                    return self._answer(header, Verdict.ACCEPTED, delta=opened.tensors)
             except RejectedUpdateError as rejection:
                 return self._answer(header, Verdict.REJECTED, rejection)
         raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
@@ -286,7 +286,8 @@ class UpdateIntake:
             logger.warning("refused a message of %d bytes: %s (%s)", size, reason.value, detail)
         return HandledUpdate(verdict=Verdict.REJECTED, reason=reason.value, detail=detail)
 
-    def _answer(self, header: UpdateHeader, verdict: Verdict, rejection: RejectedUpdateError | None = None) -> HandledUpdate:
+    def _answer(self, header: UpdateHeader, verdict: Verdict, rejection: RejectedUpdateError | None = None, *,
+                delta: dict[str, np.ndarray] | None = None) -> HandledUpdate:
         if rejection is not None:
             self._pending[f"rejected:{rejection.reason}"] += 1
             logger.info("rejected %s from %s for round %d: %s", header.kind.value, header.sender, header.round, rejection)
@@ -302,6 +303,7 @@ class UpdateIntake:
             detail="" if rejection is None else rejection.detail,
             receipt=sign_receipt(receipt, signer_key=self._config.signing_key),
             header=header,
+            delta=delta,
         )
 
     def count(self, name: str, amount: int = 1) -> None:

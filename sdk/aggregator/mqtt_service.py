@@ -270,7 +270,9 @@ class RegionalService(MqttAggregatorService):
     the round should close, the sealed aggregate goes to
     ``region/<region>/up/aggregate``. On its first connect it republishes the
     current model and, when the round is closed, the stored aggregate (the
-    root recognises a resend as a duplicate).
+    root recognises a resend as a duplicate). With FedFomo on it also answers
+    candidate requests on ``dev/<id>/up/candidates`` with sealed candidates on
+    ``dev/<id>/down/candidates``.
     """
 
     def __init__(self, aggregator: RegionalAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
@@ -280,8 +282,12 @@ class RegionalService(MqttAggregatorService):
         self.region = region
 
     def subscriptions(self) -> Sequence[str]:
-        """The device update filter (shared when a group is set) and the root model topic."""
-        return (self.group_filter(self.layout.all_device_updates), self.layout.root_model)
+        """The device update filter (shared when a group is set), the root model topic and,
+        with FedFomo on, the candidate request filter (shared likewise)."""
+        topics = [self.group_filter(self.layout.all_device_updates), self.layout.root_model]
+        if self.aggregator.fomo_enabled:
+            topics.append(self.group_filter(self.layout.all_candidate_requests))
+        return tuple(topics)
 
     def on_connected(self, first: bool) -> None:
         """Republish the current model (retained); on the first connect also a stored aggregate."""
@@ -297,6 +303,9 @@ class RegionalService(MqttAggregatorService):
             self.handle_root_model(payload)
             return
         device = self.layout.device_of(topic)
+        if device is not None and topic == self.layout.device_candidate_request(device) and self.aggregator.fomo_enabled:
+            self.handle_candidate_request(payload, device=device)
+            return
         if device is None or topic != self.layout.device_update(device):
             self.count("unroutable_topic")
             logger.warning("ignoring a message on %s", topic)
@@ -304,6 +313,12 @@ class RegionalService(MqttAggregatorService):
         blob = self.reassemble(payload, sender=device)
         if blob is not None:
             self.handle_update(blob, device=device)
+
+    def handle_candidate_request(self, payload: bytes, *, device: str) -> None:
+        """Answer a device's FedFomo request with its sealed candidates, chunked to fit (nothing for a refused request)."""
+        answer = self.aggregator.handle_candidate_request(payload, topic_device=device)
+        if answer.blob is not None:
+            self.publish(self.layout.device_candidates(device), answer.blob, chunk=True)
 
     def handle_root_model(self, blob: bytes) -> None:
         """Start the round of the root's model and publish the region's signed model retained."""

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 from device_agent.protocol.headers import UpdateHeader
 from sdk.aggregator.round_state import CloseReason, RoundStatus
 
@@ -49,6 +51,7 @@ class HandledUpdate:
     which check failed. ``receipt`` is the signed receipt to send back, None
     when the message did not authenticate (answering it would let anyone make
     the aggregator sign things). ``header`` is None in that case too.
+    ``delta``: the update's tensors when accepted now, else None.
     """
 
     verdict: Verdict
@@ -56,6 +59,7 @@ class HandledUpdate:
     detail: str = ""
     receipt: bytes | None = None
     header: UpdateHeader | None = None
+    delta: Mapping[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def accepted(self) -> bool:

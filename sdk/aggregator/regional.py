@@ -10,6 +10,12 @@ Round ``r`` at region ``j`` (notation of docs/aggregation.md)::
     D_r   the region's mean delta: sum_k n_k d_k / sum_k n_k   (or median / trimmed mean)
     R_r   the regional model after the round: S_r + D_r  (S_r if nothing was accepted)
 
+FedFomo (``fomo_candidates`` > 0): each accepted device's model ``S_r + d_k``
+goes into an in-memory :class:`~sdk.aggregator.candidates.CandidatePool`;
+:meth:`RegionalAggregator.handle_candidate_request` answers a device's signed
+request with peers' models sealed to it. The mean of deltas still runs:
+``R_r = S_r + D_r`` is then the (weighted) average of the device models.
+
 ``D_r`` and ``sum_k n_k`` go to the root, sealed to the root's X25519 key
 and signed by the region. ``regional_weight`` 0 is plain hierarchical
 FedAvg (devices train from the global model); 1 keeps the region on its
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,9 +39,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from device_agent.errors import AuthenticationError, MalformedMessageError
-from device_agent.protocol.envelope import SenderKeys, open_model, seal_update
-from device_agent.protocol.headers import MessageKind, UpdateHeader, check_id
+from device_agent.protocol.candidate_request import open_candidate_request
+from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidates, seal_update
+from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
 from sdk.aggregation import AggregationConfig, mix_regional
+from sdk.aggregator.candidates import CandidatePool
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
 from sdk.aggregator.errors import RoundStateError
 from sdk.aggregator.intake import MergedRound, UpdateIntake
@@ -44,6 +53,8 @@ from sdk.aggregator.store import AggregatorStore
 from sdk.aggregator.tier import AggregatorTier, open_with_store
 
 logger = logging.getLogger(__name__)
+MAX_ANSWER_KEYS = 100_000
+"""Past this many (device, round) answer counts, counts of earlier rounds are forgotten."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +68,8 @@ class RegionalConfig(AggregatorConfig):
     X25519 key (aggregates are sealed to it). ``aggregation``: how updates are
     combined (mean, median, trimmed mean; optional clipping).
     ``regional_weight``: ``a`` in ``S_r = a R_{r-1} + (1 - a) G_r``, in [0, 1].
+    ``fomo_candidates``: the most FedFomo candidates served per request (0: FedFomo off; at most 32).
+    ``fomo_requests_per_round``: answers one device may get per round (bounds the work a device can cause).
     """
 
     region: str
@@ -65,10 +78,16 @@ class RegionalConfig(AggregatorConfig):
     root_encryption_key: X25519PublicKey
     aggregation: AggregationConfig = AggregationConfig()
     regional_weight: float = 0.0
+    fomo_candidates: int = 0
+    fomo_requests_per_round: int = 3
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("region", self.region)
+        for name, low, high in (("fomo_candidates", 0, MAX_CANDIDATES), ("fomo_requests_per_round", 1, 1000)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
         if not isinstance(self.root_verify_key, Ed25519PublicKey):
             raise TypeError("root_verify_key must be an Ed25519PublicKey")
         if not isinstance(self.root_encryption_key, X25519PublicKey):
@@ -78,6 +97,18 @@ class RegionalConfig(AggregatorConfig):
         a = self.regional_weight
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and 0.0 <= a <= 1.0):
             raise ValueError(f"regional_weight must be a number in [0, 1], got {a!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CandidateAnswer:
+    """The fate of one candidate request: ``blob`` (sealed to the requester) to publish on its
+    ``down/candidates`` topic, or None with ``reason`` (``auth``, ``malformed``, ``wrong_round``,
+    ``too_many``, ``fomo_off``) when refused. ``device`` is None when the request did not authenticate."""
+
+    device: str | None
+    blob: bytes | None
+    peers: tuple[str, ...] = ()
+    reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +139,7 @@ class RegionalAggregator(AggregatorTier):
     to forward to the root. Transport-agnostic: bytes in, bytes out.
     """
 
-    def __init__(self, config: RegionalConfig, *, store: AggregatorStore) -> None:
+    def __init__(self, config: RegionalConfig, *, store: AggregatorStore, rng: np.random.Generator | None = None) -> None:
         if not isinstance(config, RegionalConfig):
             raise TypeError("config must be a RegionalConfig")
         intake = UpdateIntake(
@@ -123,11 +154,20 @@ class RegionalAggregator(AggregatorTier):
         )
         super().__init__(config=config, intake=intake, identity=config.region)
         self._regional = config
+        #: FedFomo: every device's latest model (in memory; refills from uploads after a restart).
+        self.candidates = CandidatePool()
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self._answered: Counter[tuple[str, int]] = Counter()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], config: RegionalConfig, *, member: str = "main") -> RegionalAggregator:
-        """Open (or create) the region's SQLite store at ``path`` as ``member`` and resume where it stood."""
-        return open_with_store(path, identity=f"region:{config.fleet}/{config.region}", member=member, build=lambda store: cls(config, store=store))
+    def open(cls, path: str | os.PathLike[str], config: RegionalConfig, *, member: str = "main",
+             rng: np.random.Generator | None = None) -> RegionalAggregator:
+        """Open (or create) the region's SQLite store at ``path`` as ``member`` and resume where it stood.
+
+        ``rng`` picks random FedFomo candidates (None: fresh entropy).
+        """
+        return open_with_store(path, identity=f"region:{config.fleet}/{config.region}", member=member,
+                               build=lambda store: cls(config, store=store, rng=rng))
 
     def start_round(self, round: int, global_params: Mapping[str, np.ndarray]) -> bytes:
         """Start ``round`` from the global model G_r: the model S_r signed for the region's devices.
@@ -170,7 +210,64 @@ class RegionalAggregator(AggregatorTier):
         ``topic_device``: the device id from the topic it arrived on (None:
         unchecked); an update signed by another device is refused as ``auth``.
         """
-        return self._intake.handle(blob, topic_sender=topic_device)
+        handled = self._intake.handle(blob, topic_sender=topic_device)
+        record = self._intake.record
+        if self._regional.fomo_candidates and handled.delta is not None and handled.header is not None \
+                and record is not None and record.round == handled.header.round:
+            self.candidates.record(handled.header.sender, record.round, apply_delta(record.base_params, handled.delta))
+        return handled
+
+    @property
+    def fomo_enabled(self) -> bool:
+        """True when the region serves FedFomo candidates (``fomo_candidates`` > 0)."""
+        return self._regional.fomo_candidates > 0
+
+    def handle_candidate_request(self, blob: bytes | bytearray | memoryview, *, topic_device: str | None = None) -> CandidateAnswer:
+        """Verify a device's signed FedFomo request and seal up to ``k`` peers' models to its reply key; never raises for bad input.
+
+        Refusals are counted as ``candidates_rejected:<reason>`` and logged; an
+        empty pool answers with zero candidates (the device then just trains).
+        """
+        config = self._regional
+        if not config.fomo_candidates:
+            return self._refuse_request("fomo_off", "FedFomo is off in this region", None)
+        try:
+            request = open_candidate_request(blob, device_keys=config.device_keys, fleet=config.fleet, region=config.region)
+        except AuthenticationError:
+            return self._refuse_request("auth", f"{len(blob)} bytes", None)
+        except MalformedMessageError as exc:
+            return self._refuse_request("malformed", str(exc), None)
+        if topic_device is not None and topic_device != request.device:
+            return self._refuse_request("auth", f"request of {request.device} on the topic of {topic_device}", None)
+        state = self._intake.state
+        if state is None or request.round != state.round:
+            current = None if state is None else state.round
+            return self._refuse_request("wrong_round", f"round {request.round}, current {current}", request.device)
+        key = (request.device, request.round)
+        if self._answered[key] >= config.fomo_requests_per_round:
+            return self._refuse_request("too_many", f"already answered {self._answered[key]} times", request.device)
+        chosen = self.candidates.choose(request.device, min(request.k, config.fomo_candidates), prefer=request.prefer, rng=self._rng)
+        header = CandidatesHeader.create(
+            fleet=config.fleet, sender=config.region, region=config.region, recipient=request.device, round=request.round,
+            bundle_version=config.bundle_version, request_nonce=request.nonce,
+            peers=tuple(c.device for c in chosen), peer_rounds=tuple(c.round for c in chosen), clock=config.wall_clock,
+        )
+        try:
+            sealed = seal_candidates(header, [c.params for c in chosen], signer_key=config.signing_key,
+                                     recipient_public_key=X25519PublicKey.from_public_bytes(request.reply_key))
+        except ValueError as exc:  # a low-order reply key: no shared secret
+            return self._refuse_request("malformed", f"unusable reply key: {exc}", request.device)
+        if len(self._answered) >= MAX_ANSWER_KEYS:
+            self._answered = Counter({k: n for k, n in self._answered.items() if k[1] >= state.round})
+        self._answered[key] += 1
+        self._intake.count("candidates_served")
+        logger.info("round %d: served %d FedFomo candidates to %s", request.round, len(chosen), request.device)
+        return CandidateAnswer(device=request.device, blob=sealed, peers=header.peers)
+
+    def _refuse_request(self, reason: str, detail: str, device: str | None) -> CandidateAnswer:
+        self._intake.count(f"candidates_rejected:{reason}")
+        logger.warning("refused a candidate request from %s: %s (%s)", device or "an unauthenticated sender", reason, detail)
+        return CandidateAnswer(device=device, blob=None, reason=reason)
 
     def close_round(self) -> RegionalAggregate:
         """Close the current round: D_r, its counts, R_r, and the aggregate sealed for the root.

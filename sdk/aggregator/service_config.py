@@ -26,7 +26,7 @@ from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
 from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
-from device_agent.protocol.headers import check_id
+from device_agent.protocol.headers import MAX_CANDIDATES, check_id
 from sdk.aggregation import AggregationConfig
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.root import RootConfig
@@ -124,6 +124,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         root_verify_key=_key(agg, "root_verify_key", load_verify_key),
         root_encryption_key=_key(agg, "root_encryption_key", load_recipient_key),
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
+        fomo_candidates=agg.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),
         aggregation=_aggregation(top),
         **_common(top, agg, manifest),
     ))

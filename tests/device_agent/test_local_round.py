@@ -22,13 +22,17 @@ def test_local_round_delta_is_relative_to_received_global(bundle_factory, instal
         np.testing.assert_allclose(update.delta[n], now[n] - received[n], atol=1e-7)
 
 
-def test_fomo_combination_pulls_only_towards_helpful_peers(bundle_factory, install, digits):
+def _device_and_helpful_peer(bundle_factory, install, digits):
+    """A fresh fedsim device, its validation data, and a peer's trained shared layers (lower loss on that data)."""
     x, y = digits
-    val = ArrayDataSource(x[1500:], y[1500:])
     device = DeviceTrainer(install(bundle_factory("fedsim")))
     helper = DeviceTrainer(install(bundle_factory("fedsim")))
     helper.train(ArrayDataSource(x[:1400], y[:1400]), TrainBudget(epochs=3, batch_size=32), rng=np.random.default_rng(0))
-    good = helper.get_shared()  # trained shared layers: lower loss on this device's validation data
+    return device, ArrayDataSource(x[1500:], y[1500:]), helper.get_shared()
+
+
+def test_fomo_combination_pulls_only_towards_helpful_peers(bundle_factory, install, digits):
+    device, val, good = _device_and_helpful_peer(bundle_factory, install, digits)
     own = device.get_shared()
     bad = {n: (v + 5.0).astype(np.float32) for n, v in own.items()}  # wrecked shared layers
 
@@ -43,3 +47,18 @@ def test_fomo_combination_pulls_only_towards_helpful_peers(bundle_factory, insta
     assert worse_only.kept_own
     for n, v in device.get_shared().items():
         np.testing.assert_allclose(v, good[n], atol=1e-6)
+
+
+def test_fomo_combination_keep_reference_leaves_the_served_model_as_reference(bundle_factory, install, digits):
+    device, val, good = _device_and_helpful_peer(bundle_factory, install, digits)
+    served = {n: (v + 0.01).astype(np.float32) for n, v in device.get_shared().items()}
+    device.set_global(served, round_number=4)
+
+    update = combine_candidates_fomo(device, [good], val, round_number=4, keep_reference=True)
+
+    assert update.weights[0] == 1.0 and device.round == 4
+    delta = device.shared_delta()
+    for n, v in device.get_shared().items():
+        np.testing.assert_allclose(v, good[n], atol=1e-6)  # the combination is the model now
+        np.testing.assert_array_equal(device.global_reference[n], served[n])  # but deltas stay against S_r
+        np.testing.assert_allclose(delta[n], good[n] - served[n], atol=1e-6)

@@ -40,6 +40,7 @@ def test_config_minimal_file_gets_the_documented_defaults(tmp_path: Path, base):
     assert (config.receipt_timeout_s, config.max_attempts, config.encoding) == (30.0, 5, Encoding.RAW)
     assert config.backoff == BackoffPolicy()
     assert config.data.format is DataFormat.AUTO and config.seed is None
+    assert (config.fomo_candidates, config.fomo_timeout_s, config.data.validation_path) == (0, 10.0, None)
 
 
 def test_config_resolves_relative_paths_against_the_config_directory(tmp_path: Path, fleet_keys: FleetKeys):
@@ -101,6 +102,8 @@ def test_config_example_in_examples_is_valid(tmp_path: Path, fleet_keys: FleetKe
     (lambda s: s["training"].update(encoding="bf16"), "training.encoding", "'raw', 'fp16', 'int8'"),
     (lambda s: s["training"].update(batch_size=0), "training.batch_size", "integer in 1.."),
     (lambda s: s["training"].update(learning_rate=-0.1), "training.learning_rate", "number > 0"),
+    (lambda s: s["training"].update(fomo_candidates=33), "training.fomo_candidates", "integer in 0..32"),
+    (lambda s: s["training"].update(fomo_timeout_s=0), "training.fomo_timeout_s", "number > 0"),
     (lambda s: s["submit"].update(receipt_timeout_s=0), "submit.receipt_timeout_s", "number > 0"),
     (lambda s: s["submit"].update(max_attempts=0), "submit.max_attempts", "integer in 1.."),
     (lambda s: s["backoff"].update(jitter=2.0), "backoff.jitter", "[0, 1]"),

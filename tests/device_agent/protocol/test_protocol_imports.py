@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODULES = ["chunking", "envelope", "headers", "raw_keys", "receipts", "tensor_codec", "topics", "validation"]
+MODULES = ["candidate_request", "chunking", "envelope", "headers", "raw_keys", "receipts", "tensor_codec", "topics", "validation"]
 
 
 def test_protocol_imports_without_torch_or_onnx() -> None:

@@ -67,6 +67,18 @@ def test_service_config_reads_spec_from_bundle_and_names_bad_keys(bundle_factory
         load_regional_service_config(write_regional(typo, bundle, fleet_key, extra="qourum = 3"))
 
 
+def test_service_config_reads_fomo_candidates(bundle_factory, fleet_key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    bundle = bundle_factory("fedavg")
+    path = write_regional(tmp_path, bundle, fleet_key)
+    assert load_regional_service_config(path).aggregator.fomo_candidates == 0  # off unless asked for
+    text = path.read_text()
+    path.write_text(text.replace('device_keys_dir = "devices"', 'device_keys_dir = "devices"\nfomo_candidates = 4'))
+    assert load_regional_service_config(path).aggregator.fomo_candidates == 4
+    path.write_text(text.replace('device_keys_dir = "devices"', 'device_keys_dir = "devices"\nfomo_candidates = 33'))
+    with pytest.raises(ConfigError, match=r"aggregator\.fomo_candidates"):
+        load_regional_service_config(path)
+
+
 @pytest.mark.mosquitto
 def test_cli_regional_runs_bounded_against_a_broker(bundle_factory, fleet_key: Ed25519PrivateKey,
                                                     mosquitto: MosquittoFactory, tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 Profile = Literal["full", "quick"]
+DEFAULT_SETTINGS = ("watch", "watch-recording", "fmnist", "synthetic")
+"""What ``fedge bench accuracy`` runs without ``--setting``; ``fmnist-long`` is opt-in (about an hour on 2 cores)."""
 PFLLIB_FMNIST_DIR01 = {"FedAvg": 85.85, "FedProx": 85.63, "FedFomo": 97.21, "FedPer": 97.44, "FedRep": 97.56, "Ditto": 97.47}
 
 
@@ -120,6 +122,13 @@ def settings(profile: Profile = "full") -> dict[str, AccuracySetting]:
             notes=("Hierarchical run: four regions of clients grouped by label mix (k-means on label histograms).",),
         ),
     ]
+    out.append(AccuracySetting(
+        name="fmnist-long", title="Fashion-MNIST Dir(0.1): local-only vs FedAlt over 40 rounds (the round-budget check)",
+        dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 40, epochs=1, batch_size=32,
+        learning_rate=0.001, optimizer="adamw", subsample=0.05 if quick else 0.5,
+        runs=(AccuracyRun(label="Local-only", algorithm="local"), AccuracyRun(label="FedAlt", algorithm="fedalt")),
+        notes=("Same data, model and budget per round as the fmnist setting, 40 rounds instead of 15.",),
+    ))
     stragglers = (0.0, 0.5, 0.9)
     synthetic_runs = tuple(
         run for s in stragglers for run in (

@@ -37,7 +37,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 Profile = Literal["full", "quick"]
-DEFAULT_SETTINGS = ("watch", "watch-recording", "fmnist", "synthetic")
+DEFAULT_SETTINGS = ("watch", "watch-scarce", "watch-recording", "fmnist", "synthetic")
 """What ``fedge bench accuracy`` runs without ``--setting``; ``fmnist-long`` is opt-in (about an hour on 2 cores)."""
 PFLLIB_FMNIST_DIR01 = {"FedAvg": 85.85, "FedProx": 85.63, "FedFomo": 97.21, "FedPer": 97.44, "FedRep": 97.56, "Ditto": 97.47}
 
@@ -66,7 +66,7 @@ class AccuracySetting:
 
     name: str
     title: str
-    dataset: str  # "watch-time" | "watch-recording" | "fashion-mnist" | "synthetic" | "digits"
+    dataset: str  # "watch-time" | "watch-scarce" | "watch-recording" | "fashion-mnist" | "synthetic" | "digits"
     model: str  # "cnn1d" | "cnn2d" | "logreg" | "mlp"
     rounds: int
     epochs: int
@@ -107,6 +107,12 @@ def settings(profile: Profile = "full") -> dict[str, AccuracySetting]:
             notes=("Each recording is cut in time: the last 25% of every recording is test, 15% of the rest validation;"
                    " windows never cross a cut, so no time step is in two splits.",
                    "Hierarchical runs: two regions, the left-arm and the right-arm clients."),
+        ),
+        AccuracySetting(
+            name="watch-scarce", title="Smartwatch exercises, 20 clients, time split, only the first 25% of each training segment",
+            dataset="watch-scarce", runs=_personal_runs(2), **watch_common,  # type: ignore[arg-type]
+            notes=("As the watch setting, but each device keeps only the first quarter of its training steps (the first few"
+                   " repetitions of each exercise): the scarce-data case of a new device. Validation and test are unchanged.",),
         ),
         AccuracySetting(
             name="watch-recording", title="Smartwatch exercises, 20 clients, split by recording (unseen exercise)",
@@ -153,6 +159,8 @@ def _load_dataset(setting: AccuracySetting, seed: int):  # type: ignore[no-untyp
 
     if setting.dataset == "watch-time":
         data = ds.load_watch(seed=seed, split=ds.TimeSplit(), regions_by="side")
+    elif setting.dataset == "watch-scarce":
+        data = ds.load_watch(seed=seed, split=ds.TimeSplit(train_fraction=0.25), regions_by="side")
     elif setting.dataset == "watch-recording":
         data = ds.load_watch(seed=seed, split=ds.RecordingSplit(), regions_by="side")
     elif setting.dataset == "fashion-mnist":

@@ -84,7 +84,7 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
 
 @bench.command("accuracy")
 @click.option("--setting", "names", multiple=True,
-              help="Setting to run (repeatable): watch, watch-recording, fmnist, synthetic, fmnist-long. Default: the first four.")
+              help="Setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long. Default: all but fmnist-long.")
 @click.option("--quick", is_flag=True, help="Few rounds on a small data subsample: a smoke run, not the benchmark.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Runs in parallel (one ORT thread each).")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -88,14 +88,21 @@ class RecordingSplit:
 
 @dataclass(frozen=True, kw_only=True)
 class TimeSplit:
-    """Cut every recording in time: the last ``test_fraction`` is test, ``val_fraction`` of the rest before it val."""
+    """Cut every recording in time: the last ``test_fraction`` is test, ``val_fraction`` of the rest before it val.
+
+    ``train_fraction`` < 1 keeps only the first part of each training segment
+    (a device that has recorded only the first few repetitions: the scarce-data case).
+    """
 
     test_fraction: float = 0.25
     val_fraction: float = 0.15
+    train_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         check_fraction("test_fraction", self.test_fraction)
         check_fraction("val_fraction", self.val_fraction)
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,7 +227,7 @@ def _split_by_time(
             length = len(signal)
             test_start = int((1.0 - split.test_fraction) * length)
             val_start = test_start - int(split.val_fraction * test_start)
-            parts["train"].append(Span(recording=r, start=0, stop=val_start))
+            parts["train"].append(Span(recording=r, start=0, stop=int(split.train_fraction * val_start)))
             parts["val"].append(Span(recording=r, start=val_start, stop=test_start))
             parts["test"].append(Span(recording=r, start=test_start, stop=length))
         clients.append(ClientSpans(subject=subject, side=side, **{k: tuple(v) for k, v in parts.items()}))
@@ -300,7 +307,8 @@ def load_watch(
                f"recording(s), held-out classes round-robin over a class order drawn with seed {seed}")
     else:
         how = (f"split in time: per recording the last {split.test_fraction:.0%} test, {split.val_fraction:.0%} "
-               "of the rest before it val, the start train")
+               "of the rest before it val, the start train"
+               + (f" (only its first {split.train_fraction:.0%} kept)" if split.train_fraction < 1.0 else ""))
     return FederatedDataset(
         name="watch",
         clients=clients,

@@ -119,6 +119,21 @@ def test_split_recordings_by_time_segments_are_contiguous_and_disjoint(recording
             assert test.start == int(0.75 * length)
 
 
+def test_time_split_train_fraction_keeps_the_start_of_each_training_segment(recordings: WatchRecordings,
+                                                                          by_time: FederatedDataset) -> None:
+    full = split_recordings(recordings, TimeSplit(), rng=np.random.default_rng(0))
+    scarce = split_recordings(recordings, TimeSplit(train_fraction=0.2), rng=np.random.default_rng(0))
+    for a, b in zip(full, scarce):
+        assert a.val == b.val and a.test == b.test
+        for whole, part in zip(a.train, b.train):
+            assert part.start == 0 and part.stop == int(0.2 * whole.stop)
+    few = load_watch(split=TimeSplit(train_fraction=0.2))
+    assert 0.1 < few.num_samples("train") / by_time.num_samples("train") < 0.25
+    assert few.num_samples("test") == by_time.num_samples("test")
+    with pytest.raises(ValueError, match="train_fraction"):
+        TimeSplit(train_fraction=0.0)
+
+
 def test_load_watch_regions_by_side_and_subject_group(by_recording: FederatedDataset) -> None:
     assert by_recording.regions == ("left", "right")
     grouped = load_watch(regions_by="subject_group", num_subject_groups=2)

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 Profile = Literal["full", "quick"]
 DEFAULT_SETTINGS = ("watch", "watch-scarce", "watch-recording", "fmnist", "synthetic")
 """What ``fedge bench accuracy`` runs without ``--setting``; ``fmnist-long`` is opt-in (about an hour on 2 cores)."""
+TIE_MARGIN = 0.005
+"""Accuracy differences up to half a point count as ties in the claims (seed-to-seed spread measured on the
+smartwatch setting is 0.03-1 point)."""
 PFLLIB_FMNIST_DIR01 = {"FedAvg": 85.85, "FedProx": 85.63, "FedFomo": 97.21, "FedPer": 97.44, "FedRep": 97.56, "Ditto": 97.47}
 
 
@@ -313,9 +316,12 @@ def _claims(setting: AccuracySetting, table: dict[str, SummaryRow], by_label: di
     if personal and "FedAvg" in table and "Local-only" in mean:
         best = max(personal, key=lambda k: mean[k])
         fedavg_global = table["FedAvg"].global_mean or 0.0
-        out.append(_claim("the best personalised method beats FedAvg's global model and local-only (mean per-device accuracy)",
-                          mean[best] > fedavg_global and mean[best] > mean["Local-only"],
-                          f"{best} {mean[best]:.4f} vs FedAvg global {fedavg_global:.4f}, local-only {mean['Local-only']:.4f}"))
+        lead = mean[best] - mean["Local-only"]
+        out.append(_claim(f"the best personalised method beats FedAvg's global model and local-only by more than {TIE_MARGIN:.3f}"
+                          " (mean per-device accuracy)",
+                          mean[best] > fedavg_global + TIE_MARGIN and lead > TIE_MARGIN,
+                          f"{best} {mean[best]:.4f} vs FedAvg global {fedavg_global:.4f}, local-only {mean['Local-only']:.4f}"
+                          + (" (a tie with local-only)" if abs(lead) <= TIE_MARGIN else "")))
     if "FedAlt" in mean and "FedSim" in mean:
         out.append(_claim("FedAlt matches or beats FedSim", mean["FedAlt"] >= mean["FedSim"] - 0.002,
                           f"FedAlt {mean['FedAlt']:.4f} vs FedSim {mean['FedSim']:.4f} (tolerance 0.002)"))

@@ -110,3 +110,13 @@ def test_every_setting_names_known_algorithms() -> None:
         for s in settings(profile).values():  # type: ignore[arg-type]
             assert s.runs and all(r.algorithm in ALGORITHMS for r in s.runs)
             assert len({r.label for r in s.runs}) == len(s.runs)
+
+
+def test_a_lead_under_half_a_point_over_local_only_is_a_tie_not_a_win() -> None:
+    results = [
+        _result("Local-only", "local", {"a": 0.948, "b": 0.948}),
+        _result("FedAvg", "fedavg", {"a": 0.7, "b": 0.7}, global_={"a": 0.7, "b": 0.7}),
+        _result("FedFomo", "fedfomo", {"a": 0.9483, "b": 0.9483}),
+    ]
+    (claim,) = [c for c in summarise(SETTING, results)["claims"] if c["claim"].startswith("the best personalised")]
+    assert claim["holds"] is False and "a tie with local-only" in claim["evidence"]

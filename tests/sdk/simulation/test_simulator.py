@@ -77,10 +77,12 @@ def test_simulator_all_updates_dropped_keeps_global(bundle_factory, fleet_key, t
         np.testing.assert_array_equal(v, before[n])
 
 
-def test_simulator_median_rule_runs(bundle_factory, fleet_key, tmp_path, skewed_digits):
-    sim = _simulator(bundle_factory, fleet_key, tmp_path, skewed_digits, "fedavg", rounds=3,
-                     aggregation=AggregationConfig(rule="median"))
-    assert sim.run().mean_final_accuracy > 0.6
+@pytest.mark.parametrize("aggregation", [AggregationConfig(rule="median"), AggregationConfig(rule="trimmed_mean", trim_fraction=0.2),
+                                         AggregationConfig(rule="mean", clip_norm=2.0)], ids=["median", "trimmed_mean", "clipped_mean"])
+def test_simulator_robust_rules_learn(bundle_factory, fleet_key, tmp_path, skewed_digits, aggregation):
+    result = _simulator(bundle_factory, fleet_key, tmp_path, skewed_digits, "fedavg", rounds=3, aggregation=aggregation).run()
+    assert result.mean_final_accuracy > 0.6
+    assert result.rounds[0].mean_accuracy < result.mean_final_accuracy
 
 
 def test_simulator_fedfomo_weights_follow_validation_gain(bundle_factory, fleet_key, tmp_path, skewed_digits):

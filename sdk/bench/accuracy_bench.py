@@ -106,7 +106,9 @@ def settings(profile: Profile = "full") -> dict[str, AccuracySetting]:
     out = [
         AccuracySetting(
             name="watch", title="Smartwatch exercises, 20 clients (subject x arm), time split", dataset="watch-time",
-            regions="side", runs=(*_personal_runs(2), *hier), **watch_common,  # type: ignore[arg-type]
+            regions="side", runs=(*_personal_runs(2), *hier,
+                                  AccuracyRun(label="Hier. FedAlt a=0.5", algorithm="fedalt", regional_weight=0.5)),
+            **watch_common,  # type: ignore[arg-type]
             notes=("Each recording is cut in time: the last 25% of every recording is test, 15% of the rest validation;"
                    " windows never cross a cut, so no time step is in two splits.",
                    "Hierarchical runs: two regions, the left-arm and the right-arm clients."),

@@ -365,7 +365,7 @@ def _claims(setting: AccuracySetting, table: dict[str, SummaryRow], by_label: di
 
 def format_table(setting: AccuracySetting, summary: dict[str, Any]) -> str:
     """The setting's table (percent) and its claims, as Markdown."""
-    lines = [f"### {setting.title}", "",
+    lines = [f"### {setting.title}", "", *(f"{note}\n" for note in setting.notes),
              "| method | personalised mean ± std | min | pooled | best-round pooled | global model | beats local-only | "
              "up / down per device per round | wall s |",
              "|---|---|---|---|---|---|---|---|---|"]

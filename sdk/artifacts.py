@@ -230,7 +230,22 @@ def _generate_set(
     for f in files.values():
         if not (out_dir / f).is_file():
             raise RuntimeError(f"onnxruntime did not write {f}")
+    for key in ("training_model", "eval_model", "optimizer_model"):
+        _stamp_ir_version(out_dir / files[key])
     return ArtifactSet(name=set_name, trainable=tuple(trainable), **files)
+
+
+def _stamp_ir_version(path: Path) -> None:
+    """Lower a generated graph's IR version to what ORT 1.19 loads.
+
+    onnx >= 1.17 (needed on the host by torch's dynamo exporter) stamps its own,
+    newer IR on the graphs ``generate_artifacts`` builds (the optimizer graph
+    always); ORT 1.19 refuses IR > 10. The ops are unchanged, so stamping is safe.
+    """
+    proto = onnx.load(str(path))
+    if proto.ir_version > MAX_IR_VERSION:
+        proto.ir_version = MAX_IR_VERSION
+        onnx.save(proto, str(path))
 
 
 @contextlib.contextmanager

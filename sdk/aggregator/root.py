@@ -46,7 +46,9 @@ class RootConfig(AggregatorConfig):
     lookup returning None for an unknown region); an aggregate's sender must
     be its region. ``root_id``: the id the root signs as. ``weighting``:
     ``"samples"`` or ``"uniform"`` (see the module docstring). ``policy.quorum``
-    is a number of regions.
+    is a number of regions; ``policy.min_updates`` must be 0: the root always
+    moves on at its deadline, with whatever arrived (nothing: G_{r+1} = G_r),
+    so a lost aggregate can delay the federation by one deadline, never stall it.
     """
 
     region_keys: SenderKeys
@@ -56,6 +58,9 @@ class RootConfig(AggregatorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("root_id", self.root_id)
+        if self.policy.min_updates != 0:
+            raise ValueError("the root's policy.min_updates must be 0: it moves on at its deadline whatever arrived "
+                             f"(got {self.policy.min_updates})")
         if self.weighting not in ("samples", "uniform"):
             raise ValueError(f"weighting must be 'samples' or 'uniform', got {self.weighting!r}")
 
@@ -121,7 +126,8 @@ class RootAggregator(AggregatorTier):
                 logger.warning("root round %d closed without any regional aggregate: the global model is unchanged", record.round)
             new_global = apply_delta(record.global_params, merged.mean_delta)
             blob = self._sign_model(round=record.round + 1, params=new_global, region=None)
-            self._intake.write_round_start(round=record.round + 1, global_params=new_global, base_params=new_global, model_blob=blob)
+            self._intake.write_round_start(previous=record, round=record.round + 1, global_params=new_global,
+                                           base_params=new_global, model_blob=blob)
             logger.info(
                 "root round %d closed: %d regions, %d samples", record.round, merged.update_count, merged.sample_count
             )

@@ -28,6 +28,7 @@ from device_agent.errors import BundleError
 from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
 from device_agent.protocol.headers import MAX_CANDIDATES, check_id
 from sdk.aggregation import AggregationConfig
+from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.root import RootConfig
 from sdk.aggregator.round_state import RoundPolicy
@@ -126,6 +127,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
         fomo_candidates=agg.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),
         aggregation=_aggregation(top),
+        influence=_influence(top),
         **_common(top, agg, manifest),
     ))
     store = agg.path("store")
@@ -152,7 +154,7 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
         region_keys=region_keys,
         root_id=agg.string("root_id", "root"),
         weighting=weighting,
-        **_common(top, agg, manifest, default_quorum=len(region_keys)),
+        **_common(top, agg, manifest, default_quorum=len(region_keys), root=True),
     ))
     store = agg.path("store")
     member = agg.string("member", "main")
@@ -195,14 +197,17 @@ def _manifest(agg: TomlTable) -> BundleManifest:
         raise agg.error("bundle", f"{bundle} does not verify with the fleet key: {exc}") from exc
 
 
-def _common(top: TomlTable, agg: TomlTable, manifest: BundleManifest, *, default_quorum: int | None = None) -> dict[str, Any]:
-    """The :class:`~sdk.aggregator.config.AggregatorConfig` fields both tiers read the same way."""
+def _common(top: TomlTable, agg: TomlTable, manifest: BundleManifest, *, default_quorum: int | None = None,
+            root: bool = False) -> dict[str, Any]:
+    """The :class:`~sdk.aggregator.config.AggregatorConfig` fields both tiers read the same way
+    (``root``: ``round.min_updates`` defaults to 0 and must stay 0)."""
     round_table = top.table("round")
     quorum = round_table.integer("quorum", REQUIRED if default_quorum is None else default_quorum, minimum=1)
+    min_updates = round_table.integer("min_updates", 0 if root else 1, minimum=0, maximum=0 if root else None)
     policy = _build(round_table, "min_updates", RoundPolicy, dict(
         quorum=quorum,
         deadline_s=round_table.number("deadline_s", positive=True),
-        min_updates=round_table.integer("min_updates", 1, minimum=1),
+        min_updates=min_updates,
     ))
     round_table.done()
     norm_bound = agg.number("norm_bound", None, positive=True)
@@ -222,13 +227,39 @@ def _aggregation(top: TomlTable) -> AggregationConfig:
     rule = table.string("rule", "mean")
     if rule not in ("mean", "median", "trimmed_mean"):
         raise table.error("rule", f"expected 'mean', 'median' or 'trimmed_mean', got {rule!r}")
+    if table.number("clip_norm", None, positive=True) is not None:
+        raise table.error("clip_norm", "norms are bounded in [influence] (norm = \"fixed\", norm_bound = ...); "
+                                       "see docs/security.md")
     config = _build(table, "trim_fraction", AggregationConfig, dict(
         rule=rule,
         trim_fraction=table.number("trim_fraction", 0.1, minimum=0.0),
-        clip_norm=table.number("clip_norm", None, positive=True),
     ))
     table.done()
     return config
+
+
+def _influence(top: TomlTable) -> InfluencePolicy:
+    """``[influence]``: every key optional; the defaults are :class:`InfluencePolicy`'s (docs/security.md)."""
+    table = top.section("influence")
+    defaults = InfluencePolicy()
+    norm = table.string("norm", defaults.norm)
+    if norm not in ("adaptive", "fixed", "unbounded"):
+        raise table.error("norm", f"expected 'adaptive', 'fixed' or 'unbounded' (unsafe), got {norm!r}")
+    weight = table.string("weight", defaults.weight)
+    if weight not in ("adaptive", "fixed"):
+        raise table.error("weight", f"expected 'adaptive' or 'fixed', got {weight!r}")
+    policy = _build(table, "norm", InfluencePolicy, dict(
+        norm=norm,
+        norm_bound=table.number("norm_bound", defaults.norm_bound, positive=True),
+        norm_quantile=table.number("norm_quantile", defaults.norm_quantile, positive=True),
+        norm_multiplier=table.number("norm_multiplier", defaults.norm_multiplier, positive=True),
+        weight=weight,
+        max_sample_count=table.integer("max_sample_count", defaults.max_sample_count, minimum=1, maximum=MAX_SAMPLE_COUNT),
+        weight_multiplier=table.number("weight_multiplier", defaults.weight_multiplier, positive=True),
+        min_history=table.integer("min_history", defaults.min_history, minimum=1),
+    ))
+    table.done()
+    return policy
 
 
 def _broker(top: TomlTable, *, default_client_id: str) -> BrokerSettings:

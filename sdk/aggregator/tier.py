@@ -131,7 +131,7 @@ class AggregatorTier:
                     self._intake.count("abandoned_updates", abandoned)
                     logger.warning("round %d abandoned with %d accepted updates: round %d started", record.round, abandoned, round)
             base, blob = serve(record, round, params)
-            self._intake.write_round_start(round=round, global_params=params, base_params=base, model_blob=blob)
+            self._intake.write_round_start(previous=record, round=round, global_params=params, base_params=base, model_blob=blob)
         self._intake.refresh()
         logger.info("round %d started", round)
         return blob

@@ -364,7 +364,7 @@ def run_one_round(spec: Mapping[str, tuple[int, ...]], *, devices: int, variant:
                 fleet=FLEET, encryption_key=X25519PrivateKey.from_private_bytes(_seed("x25519:root")),
                 signing_key=Ed25519PrivateKey.from_private_bytes(_seed("ed25519:root")),
                 spec={name: (shape, "float32") for name, shape in spec.items()}, bundle_version=BUNDLE_VERSION,
-                policy=RoundPolicy(quorum=1, deadline_s=3600.0),
+                policy=RoundPolicy(quorum=1, deadline_s=3600.0, min_updates=0),
                 region_keys={REGION: Ed25519PrivateKey.from_private_bytes(_seed(f"ed25519:{REGION}")).public_key()},
             )
             broker = BrokerSettings(host="127.0.0.1", port=ports["root"], client_id=f"{ROOT_ACCOUNT}-svc", username=ROOT_ACCOUNT,

@@ -52,7 +52,7 @@ def root_thread(fleet: Fleet, *, keys: TierKeys, regions: dict[str, TierKeys], i
                 store: Path) -> ServiceThread:
     config = RootConfig(
         fleet=FLEET, encryption_key=keys.encryption, signing_key=keys.signing, spec=SPEC,
-        bundle_version=BUNDLE_VERSION, policy=RoundPolicy(quorum=len(regions), deadline_s=60.0),
+        bundle_version=BUNDLE_VERSION, policy=RoundPolicy(quorum=len(regions), deadline_s=60.0, min_updates=0),
         region_keys={name: k.signing.public_key() for name, k in regions.items()},
     )
     broker = account(fleet, "root-agg", share_group="root")

@@ -42,6 +42,7 @@ from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.protocol.candidate_request import open_candidate_request
 from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidates, seal_update
 from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
+from device_agent.protocol.receipts import ReceiptStatus, open_receipt
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregator.candidates import CandidatePool
@@ -50,7 +51,7 @@ from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from sdk.aggregator.errors import RoundStateError
 from sdk.aggregator.intake import MergedRound, UpdateIntake
 from sdk.aggregator.outcomes import HandledUpdate
-from sdk.aggregator.records import ClosedRound, RoundRecord
+from sdk.aggregator.records import ClosedRound, ForwardOutcome, RoundRecord
 from sdk.aggregator.store import AggregatorStore
 from sdk.aggregator.tier import AggregatorTier, open_with_store
 
@@ -119,6 +120,21 @@ class CandidateAnswer:
     blob: bytes | None
     peers: tuple[str, ...] = ()
     reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardAnswer:
+    """What a root receipt meant for this region: ``round`` and ``status`` (``accepted`` or
+    ``rejected:<reason>``) when it answered the stored aggregate, else ``status`` ``ignored`` and why."""
+
+    status: str
+    round: int | None = None
+    detail: str = ""
+
+    @property
+    def settled(self) -> bool:
+        """True when the receipt answered the current aggregate (resending can stop)."""
+        return self.status != "ignored"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,6 +333,49 @@ class RegionalAggregator(AggregatorTier):
             regional_params=closing.result_params if closing.result_params is not None else record.base_params,
             blob=closing.result_blob,
         )
+
+    def pending_aggregate(self) -> bytes | None:
+        """The closed round's sealed aggregate while the root has not answered it (resend it), else None."""
+        self._intake.refresh()
+        record = self._intake.record
+        if record is None or record.closing is None or record.forward is not None:
+            return None
+        return record.closing.result_blob
+
+    def handle_root_receipt(self, blob: bytes | bytearray | memoryview) -> ForwardAnswer:
+        """Verify the root's signed receipt and, when it answers the stored aggregate, record it durably
+        (the first answer stands). Counted as ``aggregate_acknowledged`` / ``aggregate_rejected:<reason>``,
+        or ``root_receipt_ignored:<why>``; never raises for bad input."""
+        try:
+            receipt = open_receipt(blob, trusted_signers=self._regional.root_verify_key)
+        except AuthenticationError:
+            return self._ignore_receipt("auth", "not signed by the root")
+        except MalformedMessageError as exc:
+            return self._ignore_receipt("malformed", str(exc))
+        if (receipt.fleet, receipt.device) != (self._config.fleet, self._regional.region):
+            return self._ignore_receipt("scope", f"a receipt for {receipt.fleet}/{receipt.device}")
+        record = self._intake.store.load_round()
+        closing = None if record is None else record.closing
+        if record is None or closing is None or closing.result_nonce != receipt.update_nonce or record.round != receipt.round:
+            return self._ignore_receipt("not_current", f"round {receipt.round}, nonce {receipt.update_nonce.hex()[:12]}")
+        status = "accepted" if receipt.status is ReceiptStatus.ACCEPTED else f"rejected:{receipt.reason}"
+        with self._intake.write_transaction():
+            stored = self._intake.store.record_forward(record.round, receipt.update_nonce,
+                                                       ForwardOutcome(status=status, receipt=bytes(blob)))
+            if stored:
+                self._intake.count("aggregate_acknowledged" if receipt.status is ReceiptStatus.ACCEPTED else f"aggregate_{status}")
+        self._intake.refresh()
+        if stored and receipt.status is ReceiptStatus.ACCEPTED:
+            logger.info("round %d: the root acknowledged the aggregate", record.round)
+        elif stored:
+            logger.error("round %d: the root refused the aggregate (%s): its %d updates do not reach the global model",
+                         record.round, receipt.reason, closing.update_count)
+        return ForwardAnswer(status=status, round=record.round)
+
+    def _ignore_receipt(self, why: str, detail: str) -> ForwardAnswer:
+        self._intake.count(f"root_receipt_ignored:{why}")
+        logger.info("ignored a root receipt (%s): %s", why, detail)
+        return ForwardAnswer(status="ignored", detail=f"{why}: {detail}")
 
     def _serve(self, record: RoundRecord | None, round: int, global_params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bytes]:
         previous = None

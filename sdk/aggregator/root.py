@@ -90,6 +90,7 @@ class RootAggregator(AggregatorTier):
             sender_is_region=True,
         )
         super().__init__(config=config, intake=intake, identity=config.root_id)
+        self._root = config
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], config: RootConfig, *, member: str = "main") -> RootAggregator:
@@ -124,6 +125,10 @@ class RootAggregator(AggregatorTier):
             merged = self._intake.merge(record.round)
             if merged.mean_delta is None:
                 logger.warning("root round %d closed without any regional aggregate: the global model is unchanged", record.round)
+            missing = self._missing_regions(record.round)
+            if missing:
+                self._intake.count("regions_missing", len(missing))
+                logger.warning("root round %d closed without %d region(s): %s", record.round, len(missing), ", ".join(missing))
             new_global = apply_delta(record.global_params, merged.mean_delta)
             blob = self._sign_model(round=record.round + 1, params=new_global, region=None)
             self._intake.write_round_start(previous=record, round=record.round + 1, global_params=new_global,
@@ -133,6 +138,14 @@ class RootAggregator(AggregatorTier):
             )
         self._intake.refresh()
         return blob
+
+    def _missing_regions(self, round: int) -> list[str]:
+        """Regions with a known key that had no aggregate accepted for ``round`` (empty for a key lookup function)."""
+        keys = self._root.region_keys
+        if not isinstance(keys, Mapping):
+            return []
+        reported = {sender for sender, _ in self._intake.store.contributions(round)}
+        return sorted(set(keys) - reported)
 
     def _serve(self, record: RoundRecord | None, round: int, global_params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bytes]:
         return global_params, self._sign_model(round=round, params=global_params, region=None)

@@ -77,14 +77,36 @@ class BrokerSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class LoopSettings:
-    """The service loop's cadence: ``tick_s`` between close checks, ``flush_every_s`` between counter writes."""
+    """The service loop's cadence and limits.
+
+    ``tick_s`` between close checks, ``flush_every_s`` between counter writes.
+    ``resend_min_s``/``resend_max_s``: a region resends its aggregate until the
+    root's receipt, after capped exponential backoff between these delays.
+    Per sender (a device's account, a region at the root), before anything is
+    opened: ``sender_rate_per_s`` messages per second with bursts of
+    ``sender_burst`` (None: sized to the model, enough for a chunked update and
+    a resend), and ``max_pending_bytes`` over everything waiting (docs/aggregation.md, "Floods").
+    """
 
     tick_s: float = 0.2
     flush_every_s: float = 5.0
+    resend_min_s: float = 2.0
+    resend_max_s: float = 30.0
+    sender_rate_per_s: float = 1.0
+    sender_burst: int | None = None
+    max_pending_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not (self.tick_s > 0 and self.flush_every_s > 0):
             raise ValueError("tick_s and flush_every_s must be > 0")
+        if not 0 < self.resend_min_s <= self.resend_max_s:
+            raise ValueError("resend delays must satisfy 0 < resend_min_s <= resend_max_s")
+        if not self.sender_rate_per_s > 0:
+            raise ValueError("sender_rate_per_s must be > 0")
+        if self.sender_burst is not None and self.sender_burst < 1:
+            raise ValueError("sender_burst must be >= 1 or None")
+        if self.max_pending_bytes < 1:
+            raise ValueError("max_pending_bytes must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,10 +321,17 @@ def _broker(top: TomlTable, *, default_client_id: str) -> BrokerSettings:
 
 def _loop(top: TomlTable) -> LoopSettings:
     table = top.section("service")
-    settings = LoopSettings(
-        tick_s=table.number("tick_s", 0.2, positive=True),
-        flush_every_s=table.number("flush_every_s", 5.0, positive=True),
-    )
+    defaults = LoopSettings()
+    resend_min_s = table.number("resend_min_s", defaults.resend_min_s, positive=True)
+    settings = _build(table, "resend_max_s", LoopSettings, dict(
+        tick_s=table.number("tick_s", defaults.tick_s, positive=True),
+        flush_every_s=table.number("flush_every_s", defaults.flush_every_s, positive=True),
+        resend_min_s=resend_min_s,
+        resend_max_s=table.number("resend_max_s", max(defaults.resend_max_s, resend_min_s), positive=True),
+        sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
+        sender_burst=table.integer("sender_burst", None, minimum=1),
+        max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
+    ))
     table.done()
     return settings
 

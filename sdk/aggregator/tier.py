@@ -12,6 +12,7 @@ a newer one starts (its accepted updates are counted as
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -81,6 +82,11 @@ class AggregatorTier:
             close_reason=reason,
             counters=self._intake.counters(),
         )
+
+    def update_bytes_bound(self) -> int:
+        """An upper bound on one sealed update (or aggregate) of the shared parameters, raw float32, in bytes."""
+        tensors = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self._config.spec.values())
+        return tensors + 16 * 1024
 
     def current_model(self) -> bytes | None:
         """The signed model published for the current round (to republish after a restart); None before the first round."""

@@ -76,6 +76,7 @@ _REGION_CHILD = textwrap.dedent(
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from device_agent.protocol.topics import TopicLayout
     from sdk.aggregator import RegionalAggregator, RegionalConfig, RoundPolicy
+    from sdk.aggregation.influence import InfluencePolicy
     from sdk.aggregator.mqtt_service import RegionalService
     from sdk.aggregator.service_config import BrokerSettings, LoopSettings
     cfg = json.loads(sys.argv[1])
@@ -91,6 +92,8 @@ _REGION_CHILD = textwrap.dedent(
         root_encryption_key=X25519PrivateKey.from_private_bytes(seed("x25519:root")).public_key(),
         spec={name: (tuple(shape), "float32") for name, shape in cfg["spec"].items()}, bundle_version=cfg["bundle_version"],
         policy=RoundPolicy(quorum=len(cfg["devices"]), deadline_s=3600.0), norm_bound=cfg["norm_bound"],
+        # Fixed bounds that do not bind (same clipping work as the default), so the round matches the plain reference.
+        influence=InfluencePolicy(norm="fixed", norm_bound=cfg["norm_bound"], weight="fixed", max_sample_count=1_000_000),
     )
     broker = BrokerSettings(host="127.0.0.1", port=cfg["port"], client_id=cfg["account"] + "-svc", username=cfg["account"],
                             password=cfg["password"], share_group=cfg["region"] + "-aggregators",

@@ -105,7 +105,7 @@ def render_region_conf(topology: Topology, region: Region, *, paths: BrokerPaths
 
 
 def render_bridge_conf(topology: Topology, region: Region, *, paths: BrokerPaths, password: str) -> str:
-    """The bridge section for ``region``'s ``include_dir``: uplink out, root model in, QoS 1, persistent.
+    """The bridge section for ``region``'s ``include_dir``: uplink out, root model and receipts in, QoS 1, persistent.
 
     Topic lines map a local prefix to a remote prefix; both sides use the same
     names (``TopicLayout``), so the maps are identities that confine each
@@ -118,6 +118,7 @@ def render_bridge_conf(topology: Topology, region: Region, *, paths: BrokerPaths
     port = root.tls_port if topology.tls.enabled else root.port
     name = bridge_connection_name(topology, region)
     uplink = f"{base}/region/{region.name}/up/"
+    downlink = f"{base}/region/{region.name}/down/"
     model = f"{base}/root/model/"
     base_s, cap_s = BRIDGE_RESTART_TIMEOUT
     text = f"""\
@@ -138,8 +139,10 @@ notifications true
 notification_topic {bridge_state_topic(topology, region.name)}
 
 # topic PATTERN DIRECTION QOS LOCAL-PREFIX REMOTE-PREFIX
+# Out: the region's aggregates. In: the root's models, and the root's signed receipts for this region's aggregates.
 topic # out 1 {uplink} {uplink}
 topic # in 1 {model} {model}
+topic # in 1 {downlink} {downlink}
 """
     if topology.tls.enabled:
         text += f"\nbridge_cafile {paths.of(layout.CA_FILE)}\nbridge_tls_version tlsv1.2\n"

@@ -46,10 +46,10 @@ from tests.integration.test_federation_end_to_end import (
     ROUNDS,
     Capture,
     Sniffer,
+    assert_aggregates_count_each_device_once,
     assert_global_models_follow_the_deltas,
     opened_device_updates,
     root_models,
-    sniffed_aggregates,
     start_services,
 )
 
@@ -280,22 +280,21 @@ def test_regional_aggregator_sigkilled_mid_round_resumes_from_its_store_without_
         finished = {(e.device, e.round): e.status for e in capture.rounds if e.status is not RoundStatus.NO_RECEIPT}
         assert set(finished) == {(d, r) for d in samples for r in range(ROUNDS)}
         refused = [(e.device, e.round, e.status.value, e.reason) for e in capture.rounds
-                   if e.status not in (RoundStatus.ACCEPTED, RoundStatus.DUPLICATE, RoundStatus.NO_RECEIPT)]
-        # A committed update whose receipt died with the process is acknowledged again even when its resend lands
-        # after the region moved on (sdk/aggregator/intake.py): no device is ever told its counted update was refused.
+                   if e.status not in (RoundStatus.ACCEPTED, RoundStatus.DUPLICATE, RoundStatus.STALE, RoundStatus.NO_RECEIPT)]
+        # A committed update whose receipt died with the process is acknowledged again while its round is current, and
+        # answered stale_round once the region moved on (docs/protocol.md); never rejected for any other reason.
         assert refused == [], f"refused: {refused}; committed at the crash: {committed}"
+        stale = sorted((e.device, e.round) for e in capture.rounds if e.status is RoundStatus.STALE)
+        assert all(d in committed and r == 1 for d, r in stale), (stale, committed)
         # The region's store holds each device exactly once per round, across both processes.
         for r in range(ROUNDS):
             assert sorted(s for s, rnd in accepted[CRASHED] if rnd == r) == members[CRASHED], (r, accepted[CRASHED])
         assert len(accepted[CRASHED]) == len(members[CRASHED]) * ROUNDS
-        # What each region forwarded counts each of its devices' samples once (the crashed round included).
-        aggregates = sniffed_aggregates(capture)
-        assert set(aggregates) == {(region, r) for region in fleet.regions for r in range(ROUNDS)}
-        for (region, r), (header, _) in aggregates.items():
-            assert header.sample_count == sum(samples[d] for d in members[region]), (region, r)
-        assert "forwarded round 1" in second_log, second_log[-3000:]
-        # G_{r+1} == G_r + the sample-weighted mean of every device's (sniffed, opened) delta of round r.
+        # What each region forwarded counts each of its devices once (the crashed round included).
         updates = opened_device_updates(capture)
+        assert_aggregates_count_each_device_once(capture, updates)
+        assert "forwarded round 1" in second_log, second_log[-3000:]
+        # G_{r+1} == G_r + the bounded weighted mean of every device's (sniffed, opened) delta of round r.
         assert set(updates) == {(d, r) for d in samples for r in range(ROUNDS)}
         for (device, _), (header, _) in updates.items():
             assert header.sample_count == samples[device]

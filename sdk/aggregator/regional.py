@@ -335,12 +335,10 @@ class RegionalAggregator(AggregatorTier):
         )
 
     def pending_aggregate(self) -> bytes | None:
-        """The closed round's sealed aggregate while the root has not answered it (resend it), else None."""
-        self._intake.refresh()
-        record = self._intake.record
-        if record is None or record.closing is None or record.forward is not None:
-            return None
-        return record.closing.result_blob
+        """The closed round's sealed aggregate while the root has not answered it (resend it), else None.
+
+        Read from the store each time: another member may have stored the answer."""
+        return self._intake.store.unanswered_aggregate()
 
     def handle_root_receipt(self, blob: bytes | bytearray | memoryview) -> ForwardAnswer:
         """Verify the root's signed receipt and, when it answers the stored aggregate, record it durably
@@ -364,7 +362,6 @@ class RegionalAggregator(AggregatorTier):
                                                        ForwardOutcome(status=status, receipt=bytes(blob)))
             if stored:
                 self._intake.count("aggregate_acknowledged" if receipt.status is ReceiptStatus.ACCEPTED else f"aggregate_{status}")
-        self._intake.refresh()
         if stored and receipt.status is ReceiptStatus.ACCEPTED:
             logger.info("round %d: the root acknowledged the aggregate", record.round)
         elif stored:

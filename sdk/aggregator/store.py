@@ -217,6 +217,12 @@ class AggregatorStore:
             forward=None if row[13] is None else ForwardOutcome(status=row[13], receipt=row[14]),
         )
 
+    def unanswered_aggregate(self) -> bytes | None:
+        """The closed current round's sealed aggregate while no answer from the tier above is stored; else None."""
+        row = self._conn.execute(
+            "SELECT closed_blob FROM round_state WHERE id = 1 AND status = 'closed' AND forward_status IS NULL").fetchone()
+        return None if row is None else row[0]
+
     def load_partial(self, round: int) -> PartialSum | None:
         """This member's partial sum for ``round``; None if it accepted nothing yet."""
         row = self._conn.execute(

@@ -124,3 +124,31 @@ def accuracy(names: tuple[str, ...], quick: bool, workers: int, seed: int, out: 
     for name in chosen:
         click.echo("\n" + reports[name][0])
     click.echo(f"\nwrote {out}/<setting>.json, .md and .png for: {', '.join(chosen)}")
+
+
+@bench.command("flood")
+@click.option("--devices", type=click.IntRange(min=1), default=20, show_default=True, help="Honest device clients.")
+@click.option("--flood", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Messages the flooding device account publishes (copies of its signed update, QoS 1).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Alternating rounds per variant; medians reported.")
+@click.option("--receipt-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Honest devices resend after this long without a receipt.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/flood.json"), show_default=True)
+def flood(devices: int, flood: int, repeats: int, receipt_timeout: float, out: Path) -> None:
+    """One device account floods its update topic on real Mosquitto: honest devices' round time with and without it.
+
+    \b
+    Examples:
+      fedge bench flood
+      fedge bench flood --devices 10 --flood 2000 --repeats 1
+    """
+    from tqdm import tqdm
+
+    from sdk.bench.flood_bench import VARIANTS, format_table, run_flood_bench, write_json
+
+    with tqdm(total=repeats * len(VARIANTS), desc="flood bench", unit="round") as bar:
+        rows = run_flood_bench(devices=devices, flood=flood, repeats=repeats, receipt_timeout_s=receipt_timeout,
+                               progress=bar.update)
+    click.echo(format_table(rows))
+    write_json(rows, out)
+    click.echo(f"wrote {out}")

@@ -67,7 +67,8 @@ def test_render_region_conf_with_tls(topology: Topology) -> None:
     lines = conf.splitlines()
     for line in ("per_listener_settings false", "allow_anonymous false", "message_size_limit 1000",
                  f"max_packet_size {1000 + 65536}", "listener 1883 127.0.0.1", "listener 8883 127.0.0.2",
-                 "persistence true", "include_dir /srv/b/conf.d", "log_dest stderr"):
+                 "persistence true", "include_dir /srv/b/conf.d", "log_dest stderr",
+                 "max_inflight_messages 100", "max_queued_messages 10000", f"max_queued_bytes {64 * 1024 * 1024}"):
         assert line in lines
     assert "require_certificate true" not in lines
     assert all(path.startswith("/srv/b/") for _, path in _PATH_KEYS.findall(conf))

@@ -69,10 +69,10 @@ class InfluencePolicy:
     norm: NormMode = "adaptive"
     norm_bound: float = 1.0
     norm_quantile: float = 0.5
-    norm_multiplier: float = 2.0
+    norm_multiplier: float = 1.0
     weight: WeightMode = "adaptive"
     max_sample_count: int = 100_000
-    weight_multiplier: float = 2.0
+    weight_multiplier: float = 1.0
     min_history: int = 3
 
     def __post_init__(self) -> None:

@@ -152,3 +152,28 @@ def flood(devices: int, flood: int, repeats: int, receipt_timeout: float, out: P
     click.echo(format_table(rows))
     write_json(rows, out)
     click.echo(f"wrote {out}")
+
+
+@bench.command("attack")
+@click.option("--rounds", type=click.IntRange(min=1), default=15, show_default=True, help="Rounds per run, attacked every round.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/attack.json"), show_default=True)
+def attack(rounds: int, seed: int, out: Path) -> None:
+    """Colluding devices (1, 2, 5 of 20) send huge-norm updates, inflated sample counts, or both, through the real
+    aggregators: how far the global model moves beyond the honest-only step, and the accuracy left (default vs unsafe).
+
+    \b
+    Examples:
+      fedge bench attack
+      fedge bench attack --rounds 5 --out /tmp/attack.json
+    """
+    from tqdm import tqdm
+
+    from sdk.bench.attack_bench import ATTACKS, COLLUDERS, CONFIGS, format_table, run_attack_bench, write_json
+
+    total = len(CONFIGS) * (1 + (len(ATTACKS) - 1) * len(COLLUDERS))
+    with tqdm(total=total, desc="attack bench", unit="run") as bar:
+        runs = run_attack_bench(rounds=rounds, seed=seed, progress=bar.update)
+    click.echo(format_table(runs, rounds=rounds))
+    write_json(runs, out, rounds=rounds, seed=seed)
+    click.echo(f"wrote {out}")

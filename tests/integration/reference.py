@@ -2,8 +2,8 @@
 
 Per region and round ``r``: weight ``w_k = min(n_k, cap_r)`` and delta
 ``d_k * min(1, B_r / ||d_k||)``. Round 0: ``B_0 = 1.0``, ``cap_0 = 1``. After
-a round with at least 3 updates: ``B = 2 x median ||d||``, ``cap = floor(2 x
-median n)`` (at most 100,000); otherwise the bounds carry over. The root adds
+a round with at least 3 updates: ``B = median ||d||``, ``cap = floor(median
+n)`` (at most 100,000); otherwise the bounds carry over. The root adds
 ``sum_j N_j D_j / sum_j N_j`` with ``N_j = sum_k w_k``, which equals the
 bounded weighted mean over every device of every region.
 """
@@ -32,10 +32,10 @@ def default_bounds(updates_by_round: Mapping[int, Sequence[Update]], rounds: int
         bounds[r] = (clip, cap)
         updates = updates_by_round.get(r, ())
         if len(updates) >= 3:
-            estimate = 2.0 * float(np.median([l2(d) for _, d in updates]))
+            estimate = float(np.median([l2(d) for _, d in updates]))
             if estimate > 0:
                 clip = estimate
-            cap = max(1, min(100_000, math.floor(2.0 * float(np.median([n for n, _ in updates])))))
+            cap = max(1, min(100_000, math.floor(float(np.median([n for n, _ in updates])))))
     return bounds
 
 

@@ -28,12 +28,12 @@ def test_influence_adaptive_bounds_follow_the_previous_rounds_median() -> None:
     norms = [0.5, 0.7, 0.9, 1.1, 40_000.0]  # one huge update cannot move the median
     counts = [60, 80, 100, 120, 10**12]
     bounds = next_bounds(policy, first_bounds(policy), norms=norms, sample_counts=counts)
-    assert bounds.clip_norm == pytest.approx(2.0 * 0.9)
-    assert bounds.weight_cap == 200  # 2 x median 100
+    assert bounds.clip_norm == pytest.approx(0.9)  # the median norm
+    assert bounds.weight_cap == 100  # the median count
     # The quantile and the multipliers are the policy's.
-    strict = InfluencePolicy(norm_quantile=0.25, norm_multiplier=1.0, weight_multiplier=1.5)
-    assert next_bounds(strict, first_bounds(strict), norms=norms, sample_counts=counts) == RoundBounds(
-        clip_norm=float(np.quantile(norms, 0.25)), weight_cap=150)
+    loose = InfluencePolicy(norm_quantile=0.25, norm_multiplier=2.0, weight_multiplier=1.5)
+    assert next_bounds(loose, first_bounds(loose), norms=norms, sample_counts=counts) == RoundBounds(
+        clip_norm=2.0 * float(np.quantile(norms, 0.25)), weight_cap=150)
 
 
 def test_influence_too_little_history_carries_the_bounds_over() -> None:
@@ -41,7 +41,7 @@ def test_influence_too_little_history_carries_the_bounds_over() -> None:
     previous = RoundBounds(clip_norm=2.5, weight_cap=40)
     assert next_bounds(policy, previous, norms=[9.0, 9.0], sample_counts=[900, 900]) == previous
     # All-zero updates give no usable norm statistic: the bound carries over, the cap still moves.
-    assert next_bounds(policy, previous, norms=[0.0] * 4, sample_counts=[10] * 4) == RoundBounds(clip_norm=2.5, weight_cap=20)
+    assert next_bounds(policy, previous, norms=[0.0] * 4, sample_counts=[10] * 4) == RoundBounds(clip_norm=2.5, weight_cap=10)
 
 
 def test_influence_weight_cap_never_exceeds_the_fleet_cap() -> None:

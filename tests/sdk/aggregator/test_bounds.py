@@ -83,9 +83,9 @@ def test_bounds_next_round_follows_the_previous_rounds_median(open_region: Calla
     record = region._intake.store.load_round()  # the bounds are stored with the round
     assert record is not None and record.bounds is not None
     norms = [float(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in u.delta.values()))) for u in honest]
-    assert record.bounds.clip_norm == pytest.approx(2.0 * float(np.median(norms)))
-    assert record.bounds.weight_cap == int(2 * np.median([u.samples for u in honest]))
-    # Round 1 folds with those bounds, an inflated count capped at 2 x the median.
+    assert record.bounds.clip_norm == pytest.approx(float(np.median(norms)))
+    assert record.bounds.weight_cap == int(np.median([u.samples for u in honest]))
+    # Round 1 folds with those bounds, an inflated count capped at the median.
     updates = scenario.device_updates(count=5, seed=1)
     inflated = scenario.DeviceUpdate(device=updates[0].device, delta=updates[0].delta, samples=10**12, nonce=b"\x51" * 16)
     updates[0] = inflated

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -43,12 +41,14 @@ from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.receipts import Receipt, sign_receipt
 from device_agent.protocol.tensor_codec import encode_tensors
 from device_agent.protocol.validation import RejectReason, ReplayWindow, UpdateValidator
-from sdk.aggregation import AggregationConfig, MeanRule, StreamingWeightedMean, WeightedMeanState, make_rule
+from sdk.aggregation import AggregationConfig, MeanRule, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy, RoundBounds, first_bounds, next_bounds
 from sdk.aggregator.admission import Admission, admit, check_round_total
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
 from sdk.aggregator.errors import StoreError
+from sdk.aggregator.ledger import CounterLedger
+from sdk.aggregator.merge import MergedRound, merge_round
 from sdk.aggregator.outcomes import HandledUpdate, IntakeReason, Verdict
 from sdk.aggregator.records import Acceptance, PartialSum, ReplaySnapshot, RoundMarker, RoundRecord
 from sdk.aggregator.round_state import CloseReason, RoundState, RoundStatus
@@ -58,15 +58,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_ATTEMPTS = 8
 WeightOf = Callable[[UpdateHeader], float]
-
-
-@dataclass(frozen=True, kw_only=True)
-class MergedRound:
-    """A round's result over every member: ``mean_delta`` None when nothing was accepted."""
-
-    mean_delta: dict[str, np.ndarray] | None
-    update_count: int
-    sample_count: int
 
 
 class _Retry(Exception):
@@ -79,7 +70,7 @@ def content_digest(opened: OpenedUpdate) -> bytes:
     return hashlib.sha256(opened.header.to_bytes() + encode_tensors(opened.tensors)).digest()
 
 
-class UpdateIntake:
+class UpdateIntake(CounterLedger):
     """Authenticates, deduplicates, validates and durably folds in the updates of one aggregator.
 
     ``identity``: issuer of receipts. ``kind``/``region``: what the validator
@@ -124,7 +115,7 @@ class UpdateIntake:
             bundle_version=config.bundle_version,
             kind=kind,
         )
-        self._pending: Counter[str] = Counter()
+        super().__init__(store)
         self._loaded = False
         self._marker: RoundMarker | None = None
         self._record: RoundRecord | None = None
@@ -134,11 +125,6 @@ class UpdateIntake:
         self._window = ReplayWindow(rounds=config.replay_rounds)
         self._window_seq = 0
         self.refresh()
-
-    @property
-    def store(self) -> AggregatorStore:
-        """The durable store this intake writes to."""
-        return self._store
 
     @property
     def record(self) -> RoundRecord | None:
@@ -358,32 +344,6 @@ class UpdateIntake:
             delta=delta,
         )
 
-    def count(self, name: str, amount: int = 1) -> None:
-        """Add to a counter; it reaches the store with the next write (or :meth:`flush_counters`)."""
-        self._pending[name] += amount
-
-    def counters(self) -> dict[str, int]:
-        """Stored counters plus those not yet written."""
-        merged = Counter(self._store.counters())
-        merged.update(self._pending)
-        return dict(sorted(merged.items()))
-
-    def flush_counters(self) -> None:
-        """Write pending counters now (one transaction)."""
-        if +self._pending:
-            with self.write_transaction():
-                pass
-
-    @contextmanager
-    def write_transaction(self) -> Iterator[None]:
-        """A store transaction that also writes the pending counters; they are cleared once it commits."""
-        pending = +self._pending
-        with self._store.transaction():
-            yield
-            self._store.add_counters(pending)
-        self._pending.subtract(pending)
-        self._pending = +self._pending
-
     # -- round phases (the callers run these inside write_transaction) ---------
 
     def write_round_start(self, *, previous: RoundRecord | None, round: int, global_params: dict[str, np.ndarray],
@@ -424,19 +384,8 @@ class UpdateIntake:
 
     def merge(self, round: int) -> MergedRound:
         """Every member's share of ``round`` combined by the aggregation rule (a fixed order, so reproducible)."""
-        partials = self._store.partials(round)
-        count = sum(p.state.count for p in partials)
-        samples = sum(p.samples for p in partials)
-        if self._aggregation.rule == "mean":
-            mean = _merge_means([p.state for p in partials if p.state.count])
-        else:
-            config = AggregationConfig(rule=self._aggregation.rule, trim_fraction=self._aggregation.trim_fraction,
-                                       clip_norm=self._clip_norm())
-            rule = make_rule(config, expected_shapes=self._config.shapes)
-            for delta, weight in self._store.buffered_deltas(round):
-                rule.accumulate(delta, weight)
-            mean = rule.finalize()
-        return MergedRound(mean_delta=mean, update_count=count, sample_count=samples)
+        return merge_round(self._store, round, aggregation=self._aggregation, shapes=self._config.shapes,
+                           clip_norm=self._clip_norm())
 
     def close_reason(self) -> CloseReason | None:
         """Why the current round should close now (None: keep collecting, closed, or no round)."""
@@ -457,17 +406,3 @@ def _prior_rejection(prior_nonce: bytes, header: UpdateHeader) -> RejectedUpdate
     if prior_nonce == header.nonce:
         return RejectedUpdateError(RejectReason.REPLAY.value, f"nonce {header.nonce.hex()} reused with different content")
     return RejectedUpdateError(IntakeReason.ALREADY_COUNTED.value, f"{header.sender} already has an update counted in round {header.round}")
-
-
-def _merge_means(states: list[WeightedMeanState]) -> dict[str, np.ndarray] | None:
-    """The weighted mean over several running sums; one sum gives exactly its own mean."""
-    if not states:
-        return None
-    sums = {name: np.array(value, dtype=np.float64) for name, value in states[0].sums.items()}
-    total, count = states[0].total_weight, states[0].count
-    for state in states[1:]:
-        for name, value in state.sums.items():
-            sums[name] += value
-        total += state.total_weight
-        count += state.count
-    return StreamingWeightedMean.from_state(WeightedMeanState(sums=sums, total_weight=total, count=count)).finalize()

@@ -42,16 +42,17 @@ from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.protocol.candidate_request import open_candidate_request
 from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidates, seal_update
 from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
-from device_agent.protocol.receipts import ReceiptStatus, open_receipt
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregator.candidates import CandidatePool
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
 from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from sdk.aggregator.errors import RoundStateError
-from sdk.aggregator.intake import MergedRound, UpdateIntake
+from sdk.aggregator.forwarding import ForwardAnswer, settle_forward
+from sdk.aggregator.intake import UpdateIntake
+from sdk.aggregator.merge import MergedRound
 from sdk.aggregator.outcomes import HandledUpdate
-from sdk.aggregator.records import ClosedRound, ForwardOutcome, RoundRecord
+from sdk.aggregator.records import ClosedRound, RoundRecord
 from sdk.aggregator.store import AggregatorStore
 from sdk.aggregator.tier import AggregatorTier, open_with_store
 
@@ -120,21 +121,6 @@ class CandidateAnswer:
     blob: bytes | None
     peers: tuple[str, ...] = ()
     reason: str = ""
-
-
-@dataclass(frozen=True, kw_only=True)
-class ForwardAnswer:
-    """What a root receipt meant for this region: ``round`` and ``status`` (``accepted`` or
-    ``rejected:<reason>``) when it answered the stored aggregate, else ``status`` ``ignored`` and why."""
-
-    status: str
-    round: int | None = None
-    detail: str = ""
-
-    @property
-    def settled(self) -> bool:
-        """True when the receipt answered the current aggregate (resending can stop)."""
-        return self.status != "ignored"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -342,37 +328,9 @@ class RegionalAggregator(AggregatorTier):
 
     def handle_root_receipt(self, blob: bytes | bytearray | memoryview) -> ForwardAnswer:
         """Verify the root's signed receipt and, when it answers the stored aggregate, record it durably
-        (the first answer stands). Counted as ``aggregate_acknowledged`` / ``aggregate_rejected:<reason>``,
-        or ``root_receipt_ignored:<why>``; never raises for bad input."""
-        try:
-            receipt = open_receipt(blob, trusted_signers=self._regional.root_verify_key)
-        except AuthenticationError:
-            return self._ignore_receipt("auth", "not signed by the root")
-        except MalformedMessageError as exc:
-            return self._ignore_receipt("malformed", str(exc))
-        if (receipt.fleet, receipt.device) != (self._config.fleet, self._regional.region):
-            return self._ignore_receipt("scope", f"a receipt for {receipt.fleet}/{receipt.device}")
-        record = self._intake.store.load_round()
-        closing = None if record is None else record.closing
-        if record is None or closing is None or closing.result_nonce != receipt.update_nonce or record.round != receipt.round:
-            return self._ignore_receipt("not_current", f"round {receipt.round}, nonce {receipt.update_nonce.hex()[:12]}")
-        status = "accepted" if receipt.status is ReceiptStatus.ACCEPTED else f"rejected:{receipt.reason}"
-        with self._intake.write_transaction():
-            stored = self._intake.store.record_forward(record.round, receipt.update_nonce,
-                                                       ForwardOutcome(status=status, receipt=bytes(blob)))
-            if stored:
-                self._intake.count("aggregate_acknowledged" if receipt.status is ReceiptStatus.ACCEPTED else f"aggregate_{status}")
-        if stored and receipt.status is ReceiptStatus.ACCEPTED:
-            logger.info("round %d: the root acknowledged the aggregate", record.round)
-        elif stored:
-            logger.error("round %d: the root refused the aggregate (%s): its %d updates do not reach the global model",
-                         record.round, receipt.reason, closing.update_count)
-        return ForwardAnswer(status=status, round=record.round)
-
-    def _ignore_receipt(self, why: str, detail: str) -> ForwardAnswer:
-        self._intake.count(f"root_receipt_ignored:{why}")
-        logger.info("ignored a root receipt (%s): %s", why, detail)
-        return ForwardAnswer(status="ignored", detail=f"{why}: {detail}")
+        (the first answer stands); see :func:`~sdk.aggregator.forwarding.settle_forward`. Never raises for bad input."""
+        return settle_forward(self._intake, blob, root_verify_key=self._regional.root_verify_key,
+                              fleet=self._config.fleet, region=self._regional.region)
 
     def _serve(self, record: RoundRecord | None, round: int, global_params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bytes]:
         previous = None

@@ -10,7 +10,7 @@ import pytest
 
 from device_agent.protocol.envelope import seal_update
 from device_agent.protocol.headers import MessageKind, UpdateHeader
-from device_agent.protocol.receipts import Receipt, ReceiptStatus, sign_receipt
+from device_agent.protocol.receipts import Receipt, sign_receipt
 from sdk.aggregator import RegionalAggregator, RootAggregator, Verdict
 from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from tests.sdk.aggregator import scenario

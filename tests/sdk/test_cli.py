@@ -71,7 +71,7 @@ def test_agent_refuses_tampered_bundle_with_exit_code(tmp_path: Path, bundle_fac
         for name in zin.namelist():
             data = zin.read(name)
             zout.writestr(name, data.replace(b'"digits-mlp"', b'"digits-mlq"') if name == "manifest.json" else data)
-    assert agent_main(["install", str(bad), "--fleet-key", str(tmp_path / "fleet.pub"), "--dest", str(tmp_path / "i")]) == 2
+    assert agent_main(["install", str(bad), "--fleet-key", str(tmp_path / "fleet.pub"), "--dest", str(tmp_path / "i")]) == 1  # refused: exit 1 (docs/cli.md)
     assert "verification failed" in capsys.readouterr().err
 
 

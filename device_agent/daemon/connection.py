@@ -86,6 +86,8 @@ STABLE_AFTER_S = 10.0
 #: Repeated reports (unreachable broker, refused password, packet-size trouble) at most once per this many seconds.
 REPORT_INTERVAL_S = 60.0
 _SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+#: Until a first connect settles the MQTT version (``auto``), an MQTT 5 CONNACK must come this fast, else 3.1.1 is tried.
+_PROBE_TIMEOUT_S = 2.0
 _UNSUPPORTED_PROTOCOL = (0x84, 1)  # MQTT 5 reason code; the 3.1.1 return code
 _BAD_CREDENTIALS = (0x86, 0x87, 4, 5)  # 5: bad user name or password, not authorized; 3.1.1: 4, 5
 _PACKET_TOO_LARGE = 0x95
@@ -285,6 +287,10 @@ class MqttConnection:
             self._attempt()
             return
         if self._state is ConnectionState.CONNECTING and self._clock() > self._connack_deadline:
+            if self._fallback and self.protocol is MqttProtocol.V5:
+                # amqtt 0.12 neither answers nor closes an MQTT 5 CONNECT that carries a will
+                self._switch_protocol(f"no CONNACK within {_PROBE_TIMEOUT_S:g} s")
+                return
             self._mark_down(f"no CONNACK within {self.broker.connect_timeout_s} s")
             return
         if self._state is ConnectionState.CONNECTED:
@@ -292,7 +298,21 @@ class MqttConnection:
         rc = self._client.loop(timeout=self._poll)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._drain_events()  # the on_disconnect event, when paho raised one, names the reason
+            if self._state is ConnectionState.CONNECTING and self._fallback:
+                # Closed before any CONNACK: some 3.1.1-only brokers (amqtt) drop an MQTT 5 CONNECT without answering.
+                self._switch_protocol(mqtt.error_string(rc))
+                return
             self._mark_down(mqtt.error_string(rc))
+
+    def _switch_protocol(self, reason: str) -> None:
+        """Before the first successful connect (``auto``): try the other MQTT version next (3.1.1 at once, 5 after a delay)."""
+        to_v311 = self.protocol is MqttProtocol.V5
+        logger.info("broker %s closed an MQTT %s connect (%s); trying MQTT %s", self._address, self.protocol.value,
+                    reason, "3.1.1" if to_v311 else "5")
+        self._drop_socket()
+        self.protocol = MqttProtocol.V311 if to_v311 else MqttProtocol.V5
+        self._client = self._make_client()
+        self._mark_down(f"closed before CONNACK ({reason})", retry_now=to_v311)
 
     @property
     def _address(self) -> str:
@@ -301,7 +321,9 @@ class MqttConnection:
     def _attempt(self) -> None:
         self._set_state(ConnectionState.CONNECTING)
         self.attempts += 1
-        self._connack_deadline = self._clock() + self.broker.connect_timeout_s
+        probing = self._fallback and self.protocol is MqttProtocol.V5
+        self._connack_deadline = self._clock() + (min(_PROBE_TIMEOUT_S, self.broker.connect_timeout_s) if probing
+                                                  else self.broker.connect_timeout_s)
         self._client.username_pw_set(self.broker.username or self.client_id, self._password())
         v5 = self.protocol is MqttProtocol.V5
         properties = None
@@ -395,13 +417,14 @@ class MqttConnection:
             self._on_refused(event)
             return
         self.connects += 1
+        self._fallback = False  # this version works with this broker: keep it
         self._connected_at = self._clock()
         self._proved = False
         self._unreachable.clear()
+        self._adopt_limit(event.max_packet_size)  # before CONNECTED: publish_checked must see the new limit
         self._set_state(ConnectionState.CONNECTED)
         logger.info("MQTT connected to %s as %s (MQTT %s, session present: %s)",
                     self._address, self.client_id, self.protocol.value, event.session_present)
-        self._adopt_limit(event.max_packet_size)
         # Subscribe every time: a broker that lost its persistence lost the subscriptions too.
         if self.subscriptions:
             self._client.subscribe([(topic, 1) for topic in self.subscriptions])
@@ -409,11 +432,7 @@ class MqttConnection:
 
     def _on_refused(self, event: _ConnAck) -> None:
         if event.code in _UNSUPPORTED_PROTOCOL and self.protocol is MqttProtocol.V5 and self._fallback:
-            logger.info("broker %s does not speak MQTT 5 (%s); using MQTT 3.1.1", self._address, event.reason)
-            self._drop_socket()
-            self.protocol = MqttProtocol.V311
-            self._client = self._make_client()
-            self._mark_down(f"CONNACK {event.reason}", retry_now=True)
+            self._switch_protocol(f"CONNACK {event.reason}")
             return
         if event.code in _BAD_CREDENTIALS and len(self._passwords) > 1:
             self._password_index += 1

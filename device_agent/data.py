@@ -109,7 +109,7 @@ def load_npz(path: str | os.PathLike[str], *, x_key: str = "x", y_key: str = "y"
     except DataFileError:
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, OverflowError,
-            KeyError, struct.error) as exc:
+            KeyError, struct.error, OSError) as exc:  # OSError here: a forged member offset (the file itself opened)
         raise DataFileError(f"{path}: damaged .npz file: {exc}") from exc
     try:
         return ArrayDataSource(x, y)

@@ -93,7 +93,7 @@ def test_agent_install_cli_refuses_a_downgrade_in_one_line(versions, fleet_key, 
     args = ["--fleet-key", str(tmp_path / "fleet.pub"), "--dest", str(tmp_path / "bundle")]
     assert agent_main(["install", str(versions[3]), *args]) == 0
     capsys.readouterr()
-    assert agent_main(["install", str(versions[1]), *args]) == 2
+    assert agent_main(["install", str(versions[1]), *args]) == 1  # refused (docs/cli.md)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "v1" in err and "v3" in err and "Traceback" not in err
     assert agent_main(["install", str(versions[3]), *args]) == 0  # the same again: fine

@@ -56,10 +56,10 @@ def main() -> int:
         crashes.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         run = subprocess.run([sys.executable, "-c", _CHILD, name, str(max(1, int(budget))), str(corpus),
-                              f"{crashes}/{name}-"], capture_output=True, text=True, timeout=budget + 120)
+                              f"{crashes}/{name}.crash-"], capture_output=True, text=True, timeout=budget + 120)
         done = re.search(r"Done (\d+) runs", run.stderr)
         runs = int(done.group(1)) if done else 0
-        found = sorted(p.name for p in crashes.glob(f"{name}-*"))
+        found = sorted(p.name for p in crashes.glob(f"{name}.crash-*"))
         report[name] = {"inputs": runs, "seconds": round(time.monotonic() - started, 1), "crashes": found,
                         "exit": run.returncode}
         if run.returncode != 0:

@@ -283,6 +283,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
             data = tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: tomllib recurses per nesting level (found by fuzzing: ~1,000 nested inline tables)
+        raise ConfigError(f"{file}: not valid TOML: {str(exc) or type(exc).__name__}") from exc
     return parse_config(data, base_dir=file.resolve().parent, source=str(file))

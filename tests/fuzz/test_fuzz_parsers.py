@@ -8,6 +8,7 @@ The long coverage-guided run is tests/fuzz/atheris_fuzz.py.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -63,3 +64,13 @@ def test_parser_raises_only_its_documented_errors(target: Target) -> None:
         _check(target, data)
 
     run()
+
+
+REGRESSIONS = sorted((Path(__file__).parent / "regressions").glob("*.bin"))
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.name for p in REGRESSIONS])
+def test_inputs_the_fuzzers_found_stay_handled(path: Path) -> None:
+    """``<target>.<what>.bin``: an input that once escaped its parser (kept after the fix)."""
+    target = next(t for t in TARGETS if t.name == path.name.split(".")[0])
+    _check(target, path.read_bytes())

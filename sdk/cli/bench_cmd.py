@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
+from sdk.cli.family import examples
+
 
 @click.group()
 def bench() -> None:
     """Benchmarks (measured side by side in one run; ratios are the headline)."""
 
 
-@bench.command("train")
+@bench.command("train", epilog=examples("fedge bench train", "fedge bench train --quick --repeats 1"))
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per runtime; the median is reported.")
 @click.option("--threads", type=int, default=2, show_default=True, help="Intra-op threads for both runtimes.")
 @click.option("--batch", type=int, default=32, show_default=True)
@@ -41,7 +43,7 @@ def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> t
     return counts
 
 
-@bench.command("aggregator")
+@bench.command("aggregator", epilog=examples("fedge bench aggregator --updates 50,200"))
 @click.option("--updates", default="50,200", show_default=True, callback=_updates_list,
               help="Comma-separated numbers of sealed updates per round (one row each).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per path; the median is reported.")
@@ -61,7 +63,7 @@ def aggregator(updates: tuple[int, ...], repeats: int, no_memory: bool, out: Pat
     click.echo(f"wrote {out}")
 
 
-@bench.command("round")
+@bench.command("round", epilog=examples("fedge bench round --devices 50", "fedge bench round --devices 10 --repeats 1 --no-tmpfs"))
 @click.option("--devices", type=int, default=50, show_default=True, help="Device clients in the region, all started at once.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating rounds per store variant; the median is reported.")
 @click.option("--no-tmpfs", is_flag=True, help="Only fedge's store on disk (skip the same store on /dev/shm).")
@@ -82,7 +84,7 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
-@bench.command("accuracy")
+@bench.command("accuracy", epilog=examples("fedge bench accuracy --quick", "fedge bench accuracy --setting watch --setting synthetic", "fedge bench accuracy --report-only"))
 @click.option("--setting", "names", multiple=True,
               help="Setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long. Default: all but fmnist-long.")
 @click.option("--quick", is_flag=True, help="Few rounds on a small data subsample: a smoke run, not the benchmark.")

@@ -197,8 +197,9 @@ def _open_toml(path: Path) -> TomlTable:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # Found by fuzzing (tests/fuzz): non-UTF-8 bytes, and tomllib recursing once per nesting level.
+        raise ConfigError(f"{path}: not valid TOML: {str(exc) or type(exc).__name__}") from exc
     return TomlTable(data, prefix="", source=path.name, base_dir=path.parent.resolve())
 
 

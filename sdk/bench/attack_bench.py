@@ -22,9 +22,11 @@ norm (mean and worst round). After the last round: the final global model's
 accuracy on the test splits of devices that never attack (pooled), and the
 honest devices' mean training loss in the last round.
 
-Configurations: ``default`` (:class:`~sdk.aggregation.influence.InfluencePolicy()`)
-and ``unsafe`` (``norm="unbounded"``, weights capped only at the policy's
-maximum 2**32 - 1), the old behaviour, for contrast.
+Configurations: ``default`` (:class:`~sdk.aggregation.influence.InfluencePolicy()`,
+the streaming mean), ``median`` (the same bounds, the coordinate-wise median:
+the option for a larger share of colluders, at O(devices x model) memory) and
+``unsafe`` (``norm="unbounded"``, weights capped only at the policy's maximum
+2**32 - 1), the old behaviour, for contrast.
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ from typing import Any
 
 import numpy as np
 
+from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 
 ATTACKS = ("none", "norm", "samples", "both")
 COLLUDERS = (1, 2, 5)
-CONFIGS: dict[str, InfluencePolicy] = {
-    "default": InfluencePolicy(),
-    "unsafe": InfluencePolicy(norm="unbounded", weight="fixed", max_sample_count=MAX_SAMPLE_COUNT),
+CONFIGS: dict[str, tuple[InfluencePolicy, AggregationConfig]] = {
+    "default": (InfluencePolicy(), AggregationConfig()),
+    "median": (InfluencePolicy(), AggregationConfig(rule="median")),
+    "unsafe": (InfluencePolicy(norm="unbounded", weight="fixed", max_sample_count=MAX_SAMPLE_COUNT), AggregationConfig()),
 }
 HUGE_NORM = 4.6e4
 HUGE_COUNT = 10**12
@@ -118,7 +122,8 @@ def _malicious(attack: str, delta: Mapping[str, np.ndarray], samples: int) -> tu
 class _Federation:
     """One run's devices (trainers, keys, data) and aggregators (real stores under ``workdir``)."""
 
-    def __init__(self, bundle, data, policy: InfluencePolicy, workdir: Path, *, epochs: int, batch_size: int) -> None:
+    def __init__(self, bundle, data, policy: InfluencePolicy, aggregation: AggregationConfig, workdir: Path, *, epochs: int,
+                 batch_size: int) -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -139,7 +144,7 @@ class _Federation:
         self.region = RegionalAggregator.open(workdir / "region.sqlite", RegionalConfig(
             fleet=FLEET, region=REGION, encryption_key=self.region_enc, signing_key=region_sign, spec=spec,
             bundle_version=self.version, policy=RoundPolicy(quorum=len(self.ids), deadline_s=3600.0),
-            device_keys={cid: key.public_key() for cid, key in self.keys.items()}, influence=policy,
+            device_keys={cid: key.public_key() for cid, key in self.keys.items()}, influence=policy, aggregation=aggregation,
             root_verify_key=root_sign.public_key(), root_encryption_key=self.root_enc.public_key()))
         self.root = RootAggregator.open(workdir / "root.sqlite", RootConfig(
             fleet=FLEET, encryption_key=self.root_enc, signing_key=root_sign, spec=spec, bundle_version=self.version,
@@ -218,7 +223,8 @@ def run_attack(config: str, attack: str, colluders: int, *, rounds: int, seed: i
     data = data if data is not None else _digits(seed)
     with tempfile.TemporaryDirectory(prefix="fedge-attack-") as tmp:
         bundle = _bundle(data, Path(tmp), seed, learning_rate)
-        federation = _Federation(bundle, data, CONFIGS[config], Path(tmp), epochs=epochs, batch_size=batch_size)
+        policy, aggregation = CONFIGS[config]
+        federation = _Federation(bundle, data, policy, aggregation, Path(tmp), epochs=epochs, batch_size=batch_size)
         try:
             attackers = set(federation.ids[:colluders]) if attack != "none" else set()
             rng = np.random.default_rng(seed)
@@ -265,7 +271,8 @@ def write_json(runs: list[AttackRun], path: Path, *, rounds: int, seed: int) -> 
     """Write the runs plus the setting and machine info as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "attack", "rounds": rounds, "seed": seed, "clients": CLIENTS, "huge_norm": HUGE_NORM,
-           "huge_count": HUGE_COUNT, "configs": {name: asdict(policy) for name, policy in CONFIGS.items()},
+           "huge_count": HUGE_COUNT,
+           "configs": {name: {"influence": asdict(p), "aggregation": asdict(a)} for name, (p, a) in CONFIGS.items()},
            "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
            "runs": [asdict(r) for r in runs]}
     path.write_text(json.dumps(doc, indent=2))

@@ -24,7 +24,7 @@ def test_attack_bench_default_bounds_the_pull_the_unsafe_configuration_does_not(
     write_json(runs, out, rounds=3, seed=0)
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "attack" and [r["config"] for r in doc["runs"]] == ["default", "unsafe"]
-    assert doc["configs"]["unsafe"]["norm"] == "unbounded"
+    assert doc["configs"]["unsafe"]["influence"]["norm"] == "unbounded"
     assert "default  both" in format_table(runs, rounds=3)
 
 

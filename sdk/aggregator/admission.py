@@ -58,6 +58,8 @@ def admit(opened: OpenedUpdate, *, base: Mapping[str, np.ndarray], bounds: Round
     norm = global_norm(opened.tensors)
     scale = 1.0 if bounds is None else bounds.clip_scale(norm)
     for name, value in opened.tensors.items():
+        if _largest(base[name]) + scale * _largest(value) <= FLOAT32_SAFE:
+            continue  # the cheap bound (no temporaries) settles almost every update
         moved = np.asarray(base[name], dtype=np.float64) + np.asarray(value, dtype=np.float64) * scale
         if not np.all(np.abs(moved) <= FLOAT32_SAFE):
             raise RejectedUpdateError(RejectReason.NON_FINITE.value, f"{name}: applying it to the round's model leaves float32's range")
@@ -65,6 +67,13 @@ def admit(opened: OpenedUpdate, *, base: Mapping[str, np.ndarray], bounds: Round
     bounded_weight = weight if bounds is None else float(min(weight, bounds.weight_cap))
     return Admission(opened=opened, weight=bounded_weight, samples=samples, norm=norm, clipped=scale < 1.0,
                      capped=bounds is not None and header.sample_count > bounds.weight_cap, contributors=contributors)
+
+
+def _largest(array: np.ndarray) -> float:
+    """max |x| over ``array`` (0 for an empty one), from its min and max: no temporary array."""
+    if array.size == 0:
+        return 0.0
+    return max(abs(float(np.min(array))), abs(float(np.max(array))))
 
 
 def check_round_total(total_samples: int, admission: Admission) -> None:

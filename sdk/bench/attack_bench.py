@@ -193,7 +193,10 @@ class _Federation:
         self.model_blob = self.root.close_round()
         new = open_model(self.model_blob, trusted_signers=self.root_verify).tensors
         total = sum(n for n, _ in honest) or 1
-        honest_step = {k: sum(n * d[k].astype(np.float64) for n, d in honest) / total for k in global_params}
+        honest_step: dict[str, np.ndarray] = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_params.items()}
+        for n, d in honest:
+            for k in honest_step:
+                honest_step[k] += n * d[k].astype(np.float64) / total
         step = {k: new[k].astype(np.float64) - global_params[k].astype(np.float64) for k in global_params}
         excess = _norm({k: step[k] - honest_step[k] for k in step})
         return {"excess": excess, "honest_norm": _norm(honest_step), "loss": float(np.mean(losses)) if losses else math.nan,

@@ -50,13 +50,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sdk.bench.flood_clients import FLEET, FLOODER, REGION, Flooder, HonestDevices, client, password, seed
 from sdk.bench.round_bench import SPEC_CNN
 
-FLEET = "flood"
-REGION = "eu"
 ROOT_ACCOUNT = "root-agg"
 REGION_ACCOUNT = f"{REGION}-agg"
-FLOODER = f"{REGION}-flooder"
 BUNDLE_VERSION = 1
 DELTA_SCALE = 0.01
 MESSAGE_SIZE_LIMIT = 1024 * 1024
@@ -158,12 +156,6 @@ class FloodBenchRow:
     flood_over_baseline: float | None
 
 
-def _seed(label: str) -> bytes:
-    import hashlib
-
-    return hashlib.sha256(f"fedge-flood-bench:{label}".encode()).digest()
-
-
 def _sealed(spec: Mapping[str, tuple[int, ...]], devices: list[str]) -> dict[str, tuple[bytes, bytes]]:
     """device id -> (its sealed round-0 update, its nonce)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -172,7 +164,7 @@ def _sealed(spec: Mapping[str, tuple[int, ...]], devices: list[str]) -> dict[str
     from device_agent.protocol.envelope import seal_update
     from device_agent.protocol.headers import UpdateHeader
 
-    recipient = X25519PrivateKey.from_private_bytes(_seed(f"x25519:{REGION}")).public_key()
+    recipient = X25519PrivateKey.from_private_bytes(seed(f"x25519:{REGION}")).public_key()
     sealed = {}
     for i, device in enumerate(devices):
         rng = np.random.default_rng(2000 + i)
@@ -180,7 +172,7 @@ def _sealed(spec: Mapping[str, tuple[int, ...]], devices: list[str]) -> dict[str
         header = UpdateHeader.create(fleet=FLEET, sender=device, region=REGION, round=0, bundle_version=BUNDLE_VERSION,
                                      sample_count=20 + (i * 37) % 200)
         sealed[device] = (seal_update(header, delta, recipient_public_key=recipient,
-                                      sender_key=Ed25519PrivateKey.from_private_bytes(_seed(f"ed25519:{device}"))), header.nonce)
+                                      sender_key=Ed25519PrivateKey.from_private_bytes(seed(f"ed25519:{device}"))), header.nonce)
     return sealed
 
 
@@ -192,7 +184,7 @@ def _root_model(spec: Mapping[str, tuple[int, ...]]) -> bytes:
 
     header = ModelHeader.create(fleet=FLEET, sender="root", round=0, bundle_version=BUNDLE_VERSION)
     params = {name: np.zeros(shape, dtype=np.float32) for name, shape in spec.items()}
-    return sign_model(header, params, signer_key=Ed25519PrivateKey.from_private_bytes(_seed("ed25519:root")))
+    return sign_model(header, params, signer_key=Ed25519PrivateKey.from_private_bytes(seed("ed25519:root")))
 
 
 def _topology(devices: list[str]):  # -> Topology
@@ -207,170 +199,12 @@ def _topology(devices: list[str]):  # -> Topology
                     message_size_limit=MESSAGE_SIZE_LIMIT)
 
 
-def _password(generated, username: str) -> str:  # generated: GeneratedTopology
-    return str(json.loads(generated.credential_files[username].read_text())["password"])
-
-
-def _client(generated, username: str, port: int, *, inflight: int = 20, **handlers: Callable[..., None]):  # -> mqtt.Client
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=username, clean_session=True, protocol=mqtt.MQTTv311)
-    client.username_pw_set(username, _password(generated, username))
-    client.max_inflight_messages_set(inflight)
-    for name, handler in handlers.items():
-        setattr(client, name, handler)
-    client.connect_async("127.0.0.1", port, keepalive=60)
-    client.loop_start()
-    return client
-
-
-class _HonestDevices:
-    """Paho clients that publish their sealed update when the region's model arrives and resend it every
-    ``receipt_timeout_s`` until a receipt naming its nonce arrives (the device agent's behaviour)."""
-
-    def __init__(self, generated, sealed: Mapping[str, tuple[bytes, bytes]], *, port: int, receipt_timeout_s: float) -> None:
-        from device_agent.protocol.topics import TopicLayout
-
-        self.layout = TopicLayout(fleet=FLEET)
-        self.sealed = sealed
-        self.timeout_s = receipt_timeout_s
-        self.published_at: dict[str, float] = {}
-        self.last_sent: dict[str, float] = {}
-        self.resends = 0
-        self.receipts: dict[str, tuple[float, bytes]] = {}
-        self.subscribed: set[str] = set()
-        self.done = threading.Event()
-        self._lock = threading.Lock()
-        self.clients = {d: _client(generated, d, port, on_connect=self._on_connect(d), on_subscribe=self._on_subscribe(d),
-                                   on_message=self._on_message(d)) for d in sealed}
-
-    def _on_connect(self, device: str) -> Callable[..., None]:
-        def callback(client, _u, _f, rc, _p) -> None:
-            if not rc.is_failure:
-                client.subscribe([(self.layout.device_receipt(device), 1), (self.layout.global_model, 1)])
-        return callback
-
-    def _on_subscribe(self, device: str) -> Callable[..., None]:
-        def callback(*_args) -> None:
-            with self._lock:
-                self.subscribed.add(device)
-        return callback
-
-    def _on_message(self, device: str) -> Callable[..., None]:
-        def callback(client, _u, msg) -> None:
-            now = time.monotonic()
-            with self._lock:
-                if msg.topic == self.layout.global_model:
-                    if device not in self.published_at:
-                        self.published_at[device] = self.last_sent[device] = now
-                        client.publish(self.layout.device_update(device), self.sealed[device][0], qos=1)
-                    return
-                self.receipts.setdefault(device, (now, bytes(msg.payload)))
-                if len(self.receipts) == len(self.sealed):
-                    self.done.set()
-        return callback
-
-    def resend_due(self) -> None:
-        """Resend every update still unanswered after ``receipt_timeout_s`` (called from the bench's loop)."""
-        now = time.monotonic()
-        with self._lock:
-            due = [d for d, at in self.last_sent.items() if d not in self.receipts and now - at >= self.timeout_s]
-            for device in due:
-                self.last_sent[device] = now
-                self.resends += 1
-                self.clients[device].publish(self.layout.device_update(device), self.sealed[device][0], qos=1)
-
-    def stop(self) -> None:
-        for client in self.clients.values():
-            client.disconnect()
-        for client in self.clients.values():
-            client.loop_stop()
-
-
-class _Flooder:
-    """The flooding account: publishes ``count`` copies of its sealed update at QoS 1 from its own thread, as fast
-    as the broker acknowledges them (at most ``window`` unacknowledged, so the flood is on the wire, not in paho).
-    It also wants its update counted: afterwards it resends one copy every ``receipt_timeout_s`` until a receipt
-    says accepted (the limiter may have dropped every copy that came after the round opened)."""
-
-    def __init__(self, generated, blob: bytes, nonce: bytes, *, port: int, count: int, receipt_timeout_s: float,
-                 window: int = 200) -> None:
-        from device_agent.protocol.topics import TopicLayout
-
-        layout = TopicLayout(fleet=FLEET)
-        self.topic = layout.device_update(FLOODER)
-        self.blob = blob
-        self.nonce = nonce
-        self.count = count
-        self.window = window
-        self.timeout_s = receipt_timeout_s
-        self.published = 0
-        self.acked = 0
-        self.started_at = 0.0
-        self.finished_at = 0.0
-        self.connected = threading.Event()
-        self.accepted = threading.Event()
-        self._stop = threading.Event()
-        self._acks = threading.Condition()
-        receipt_topic = layout.device_receipt(FLOODER)
-        self.client = _client(generated, FLOODER, port, inflight=window, on_publish=self._on_publish,
-                              on_connect=lambda c, *a: c.subscribe(receipt_topic, 1),
-                              on_subscribe=lambda *a: self.connected.set(), on_message=self._on_receipt)
-        self._thread = threading.Thread(target=self._flood, name="flooder", daemon=True)
-
-    def _on_publish(self, *_args: object) -> None:
-        with self._acks:
-            self.acked += 1
-            self._acks.notify()
-
-    def _on_receipt(self, _client, _userdata, msg) -> None:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-        from device_agent.protocol.receipts import ReceiptStatus, open_receipt
-
-        key = Ed25519PrivateKey.from_private_bytes(_seed(f"ed25519:{REGION}")).public_key()
-        receipt = open_receipt(bytes(msg.payload), trusted_signers=[key])
-        if receipt.update_nonce == self.nonce and receipt.status is ReceiptStatus.ACCEPTED:
-            self.accepted.set()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def _flood(self) -> None:
-        self.started_at = time.monotonic()
-        for _ in range(self.count):
-            with self._acks:
-                while self.published - self.acked >= self.window and not self._stop.is_set():
-                    self._acks.wait(1.0)
-            self.client.publish(self.topic, self.blob, qos=1)
-            self.published += 1
-        with self._acks:
-            while self.acked < self.published and not self._stop.is_set():
-                if not self._acks.wait(30.0):
-                    break
-        self.finished_at = time.monotonic()
-        while not self.accepted.wait(self.timeout_s) and not self._stop.is_set():
-            self.client.publish(self.topic, self.blob, qos=1)
-
-    def join(self, timeout_s: float) -> None:
-        self._thread.join(timeout_s)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def _accepted(receipts: Mapping[str, tuple[float, bytes]], sealed: Mapping[str, tuple[bytes, bytes]]) -> int:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.protocol.receipts import ReceiptStatus, open_receipt
 
-    key = Ed25519PrivateKey.from_private_bytes(_seed(f"ed25519:{REGION}")).public_key()
+    key = Ed25519PrivateKey.from_private_bytes(seed(f"ed25519:{REGION}")).public_key()
     count = 0
     for device, (_, blob) in receipts.items():
         receipt = open_receipt(blob, trusted_signers=[key])
@@ -403,7 +237,7 @@ def run_flood_round(spec: Mapping[str, tuple[int, ...]], *, devices: int, flood:
             limits = {} if variant != "flood-unlimited" else {"sender_rate_per_s": 1e9, "sender_burst": 1_000_000}
             cfg = {"fleet": FLEET, "region": REGION, "devices": [*honest, FLOODER], "spec": {k: list(v) for k, v in spec.items()},
                    "bundle_version": BUNDLE_VERSION, "port": port, "account": REGION_ACCOUNT,
-                   "password": _password(generated, REGION_ACCOUNT), "max_packet_size": MESSAGE_SIZE_LIMIT,
+                   "password": password(generated, REGION_ACCOUNT), "max_packet_size": MESSAGE_SIZE_LIMIT,
                    "store": str(work / f"{REGION}.sqlite"), "max_seconds": timeout_s + 30, "limits": limits}
             env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
             child = subprocess.Popen([sys.executable, "-c", _REGION_CHILD, json.dumps(cfg)], stdin=subprocess.PIPE,
@@ -411,13 +245,13 @@ def run_flood_round(spec: Mapping[str, tuple[int, ...]], *, devices: int, flood:
             if not (child.stdout and child.stdout.readline().strip()):
                 child.wait(10)
                 raise RuntimeError(f"regional service did not start:\n{child.stderr.read()[-2000:] if child.stderr else ''}")
-            devices_ = _HonestDevices(generated, sealed, port=port, receipt_timeout_s=receipt_timeout_s)
+            devices_ = HonestDevices(generated, sealed, port=port, receipt_timeout_s=receipt_timeout_s)
             parts.append(devices_)
-            flooder = _Flooder(generated, flood_blob, flood_nonce, port=port, count=flood if variant != "baseline" else 1,
+            flooder = Flooder(generated, flood_blob, flood_nonce, port=port, count=flood if variant != "baseline" else 1,
                                receipt_timeout_s=receipt_timeout_s)
             parts.append(flooder)
             closed = threading.Event()
-            watcher = _client(generated, REGION_ACCOUNT, port,
+            watcher = client(generated, REGION_ACCOUNT, port,
                               on_connect=lambda c, *a: c.subscribe(layout.region_aggregate(REGION), 1),
                               on_message=lambda *a: closed.set())
             parts.append(watcher)

@@ -18,6 +18,7 @@ FLOODER = f"{REGION}-flooder"
 
 
 def password(generated, username: str) -> str:  # generated: GeneratedTopology
+    """The generated MQTT password of ``username``."""
     return str(json.loads(generated.credential_files[username].read_text())["password"])
 
 
@@ -29,6 +30,8 @@ def seed(label: str) -> bytes:
 
 
 def client(generated, username: str, port: int, *, inflight: int = 20, **handlers: Callable[..., None]):  # -> mqtt.Client
+    """A started paho client of ``username`` on the loopback ``port`` (clean session, v3.1.1), ``handlers`` set
+    (``on_connect=...``), at most ``inflight`` unacknowledged QoS 1 messages."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 

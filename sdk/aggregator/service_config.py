@@ -12,6 +12,7 @@ Ed25519 public keys are the ``<id>.pub`` files of one directory.
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,14 +111,37 @@ class LoopSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    """Where a service serves ``/metrics`` and ``/healthz`` (docs/operations.md).
+
+    ``bind``: an IP address, loopback by default (the endpoint has no
+    authentication: put a proxy with TLS in front, or a monitoring network,
+    before binding elsewhere). ``port`` 0 takes any free port (logged).
+    """
+
+    bind: str = "127.0.0.1"
+    port: int
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.bind)
+        except ValueError as exc:
+            raise ValueError(f"bind must be an IP address, got {self.bind!r}") from exc
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegionalServiceConfig:
-    """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop."""
+    """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop,
+    metrics endpoint (None: none)."""
 
     aggregator: RegionalConfig
     store: Path
     member: str = "main"
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
+    metrics: MetricsSettings | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +154,7 @@ class RootServiceConfig:
     member: str = "main"
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
+    metrics: MetricsSettings | None = None
     bundle: Path
     fleet_public_key: Path
 
@@ -156,9 +181,10 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
     member = agg.string("member", "main")
     broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
     loop = _loop(top)
+    metrics = _metrics(top)
     agg.done()
     top.done()
-    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop)
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:
@@ -183,10 +209,11 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
     bundle = agg.path("bundle")
     broker = _broker(top, default_client_id=f"fedge-{fleet}-root-{member}")
     loop = _loop(top)
+    metrics = _metrics(top)
     agg.done()
     top.done()
-    return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, bundle=bundle,
-                             fleet_public_key=agg.path("fleet_public_key"))
+    return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                             bundle=bundle, fleet_public_key=agg.path("fleet_public_key"))
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -332,6 +359,19 @@ def _loop(top: TomlTable) -> LoopSettings:
         sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
         sender_burst=table.integer("sender_burst", None, minimum=1),
         max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
+    ))
+    table.done()
+    return settings
+
+
+def _metrics(top: TomlTable) -> MetricsSettings | None:
+    """``[metrics]``: ``port`` (required in the section) and ``bind``; None when the section is absent."""
+    table = top.optional_table("metrics")
+    if table is None:
+        return None
+    settings = _build(table, "bind", MetricsSettings, dict(
+        bind=table.string("bind", "127.0.0.1"),
+        port=table.integer("port", minimum=0, maximum=65535),
     ))
     table.done()
     return settings

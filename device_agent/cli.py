@@ -1,7 +1,8 @@
 """``fedge-agent``: the device-side command line (argparse only: no extra device dependency).
 
 It follows the fedge CLI conventions (docs/cli.md): ``--version``, ``-v``/``-q``
-before or after the subcommand, defaults and examples in ``--help``, one JSON
+and ``--log-format text|json`` before or after the subcommand (``run`` logs at
+INFO by default, the others at WARNING), defaults and examples in ``--help``, one JSON
 object on stdout per command, one line on stderr for an error, and the exit
 codes 0 (ok), 1 (failure: refused or failed) and 2 (usage or input error).
 """
@@ -28,6 +29,7 @@ from device_agent.daemon.config import load_config
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import BundleVerificationError, FedgeError, TrainingError
 from device_agent.keys import load_verify_key
+from device_agent.logformat import LOG_FORMATS, install_handler
 from device_agent.state_store import StateStore
 from device_agent.trainer import DeviceTrainer, TrainBudget
 
@@ -199,7 +201,9 @@ def _verbosity(parser: argparse.ArgumentParser, dest_prefix: str) -> None:
     parser.add_argument("-v", "--verbose", dest=f"{dest_prefix}verbose", action="count", default=0,
                         help="more logging: -v info, -vv debug")
     parser.add_argument("-q", "--quiet", dest=f"{dest_prefix}quiet", action="count", default=0,
-                        help="less logging: -q errors only")
+                        help="less logging: -q one level quieter (errors only for most commands)")
+    parser.add_argument("--log-format", dest=f"{dest_prefix}log_format", choices=LOG_FORMATS, default=None,
+                        help="log lines on stderr as text (default) or JSON Lines")
 
 
 def _subcommand(sub: Any, name: str, func: Any, helptext: str, examples: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -251,6 +255,7 @@ def _add_run(sub: Any) -> None:
                      "fedge-agent -v run --config agent.toml --rounds 3"))
     c.add_argument("--config", required=True, help="agent TOML file (`fedge-agent config example` writes an annotated one)")
     c.add_argument("--rounds", type=_non_negative, default=None, help="stop after N finished rounds (default: until stopped)")
+    c.set_defaults(base_level=logging.INFO)  # a service: it says what it does without -v
 
 
 def _add_config(sub: Any) -> None:
@@ -304,9 +309,9 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; prints one JSON object per command (nothing for ``config example`` to stdout)."""
     args = build_parser().parse_args(argv)
-    level = logging.WARNING + 10 * (args.quiet + args.sub_quiet - args.verbose - args.sub_verbose)
-    logging.basicConfig(level=min(max(level, logging.DEBUG), logging.CRITICAL),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "base_level", logging.WARNING) + 10 * (args.quiet + args.sub_quiet - args.verbose - args.sub_verbose)
+    install_handler(args.sub_log_format or args.log_format or "text")
+    logging.getLogger().setLevel(min(max(level, logging.DEBUG), logging.CRITICAL))
     try:
         result = args.func(args)
     except _FAILURES as exc:

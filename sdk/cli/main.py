@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 from device_agent import __version__
@@ -12,7 +10,7 @@ from sdk.cli.aggregator_cmd import aggregator
 from sdk.cli.bench_cmd import bench
 from sdk.cli.bundle_cmd import bundle
 from sdk.cli.demo_cmd import demo
-from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, apply_verbosity, examples, verbosity_options
+from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, configure_logging, examples, verbosity_options
 from sdk.cli.keys_cmd import keys
 from sdk.cli.simulate_cmd import simulate
 
@@ -35,8 +33,7 @@ def cli(ctx: click.Context) -> None:
     build` turns a PyTorch model into a signed ONNX Runtime training bundle,
     devices run it with `fedge-agent`, and `fedge demo` shows the whole loop.
     """
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    apply_verbosity(ctx)  # -v/-q after the subcommand adjust it again when they are parsed
+    configure_logging(ctx)  # -v/-q/--log-format after the subcommand adjust it again when they are parsed
 
 
 cli.add_command(keys)

@@ -83,6 +83,7 @@ class RootService(MqttAggregatorService):
         """Bootstrap round 0 if needed, then serve (see :meth:`MqttAggregatorService.run`)."""
         self.refresh_round(force=True)  # before the bootstrap: a round 0 started now has a known opening time
         self.bootstrap_round()
+        self.refresh_round(force=True)
         return super().run(stop_event, max_seconds)
 
     def on_connected(self, first: bool) -> None:

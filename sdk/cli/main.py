@@ -9,6 +9,7 @@ from sdk.broker_config.cli import broker_config
 from sdk.cli.aggregator_cmd import aggregator
 from sdk.cli.bench_cmd import bench
 from sdk.cli.bundle_cmd import bundle
+from sdk.cli.dashboard_cmd import dashboard
 from sdk.cli.demo_cmd import demo
 from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, configure_logging, examples, verbosity_options
 from sdk.cli.keys_cmd import keys
@@ -42,6 +43,7 @@ cli.add_command(demo)
 cli.add_command(bench)
 cli.add_command(simulate)
 cli.add_command(aggregator)
+cli.add_command(dashboard)
 cli.add_command(broker_config, name="broker-config")
 add_verbosity_everywhere(cli)
 

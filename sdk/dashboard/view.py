@@ -24,6 +24,8 @@ from sdk.dashboard.history import AccuracyHistory
 MAX_DEVICE_ROWS = 500
 #: Closed rounds per aggregator in a snapshot's table.
 SNAPSHOT_ROUNDS = 20
+#: Round outcomes a device reports that mean its last round did not count (``trained``, ``stale``... are normal).
+FAILING_OUTCOMES = frozenset({"rejected", "refused", "failed", "no_receipt"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +156,7 @@ class FleetView:
 
     def _device_row(self, s: DeviceStatus, now: float) -> dict[str, Any]:
         return {
-            "device": s.device, "region": s.region, "online": s.online,
+            "device": s.device, "region": s.region, "online": s.online, "failing": s.last_round_status in FAILING_OUTCOMES,
             "seen_s": max(0.0, now - s.timestamp_ms / 1000.0),
             "model": s.bundle_model, "version": s.bundle_version, "backend": s.backend, "agent": s.agent_version,
             "round": s.last_round, "round_status": s.last_round_status, "reason": s.last_round_reason,
@@ -235,7 +237,7 @@ class FleetView:
         offline = sum(1 for s in statuses if not s.online)
         if offline:
             problems.append(f"{offline} device(s) offline")
-        failing = sum(1 for s in statuses if s.last_round_status not in ("", "accepted", "duplicate"))
+        failing = sum(1 for s in statuses if s.last_round_status in FAILING_OUTCOMES)
         if failing:
             problems.append(f"{failing} device(s) whose last round was not accepted")
         if self.rejected_messages:
@@ -245,7 +247,7 @@ class FleetView:
 
 def _healthy(s: DeviceStatus) -> int:
     """Sort key: offline and failing devices first."""
-    return 0 if not s.online else (1 if s.last_round_status not in ("", "accepted", "duplicate") else 2)
+    return 0 if not s.online else (1 if s.last_round_status in FAILING_OUTCOMES else 2)
 
 
 def _finite(value: float | None) -> float | None:

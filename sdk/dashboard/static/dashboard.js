@@ -101,7 +101,7 @@
     fill("devices", s.devices, (tr, d) => {
       tr.dataset.device = d.device;
       if (!d.online) tr.className = "offline";
-      else if (d.round_status && d.round_status !== "accepted" && d.round_status !== "duplicate") tr.className = "failing";
+      else if (d.failing) tr.className = "failing";
       cell(tr, d.device, "device");
       cell(tr, text(d.region));
       cell(tr, d.online ? "online" : "offline", "online");

@@ -12,7 +12,7 @@ The history starts empty when the dashboard starts (docs/operations.md says why)
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -35,7 +35,7 @@ class AccuracyHistory:
         self._device_rounds = device_rounds
         #: round -> region -> [sum, count]
         self._sums: OrderedDict[int, dict[str, list[float]]] = OrderedDict()
-        self._devices: dict[str, deque[tuple[int, float]]] = {}
+        self._devices: dict[str, list[tuple[int, float]]] = {}
         self._regions: dict[str, str] = {}
 
     def record(self, *, device: str, region: str, round: int, accuracy: float) -> bool:
@@ -44,13 +44,13 @@ class AccuracyHistory:
             return False
         if self._sums and round < next(iter(self._sums)) and len(self._sums) >= self._rounds:
             return False
-        series = self._devices.setdefault(device, deque(maxlen=self._device_rounds))
+        series = self._devices.setdefault(device, [])
         previous = next((acc for r, acc in series if r == round), None)
         old_region = self._regions.get(device, region)
         self._regions[device] = region
-        new_round = round not in self._sums
+        out_of_order = round not in self._sums and bool(self._sums) and round < next(reversed(self._sums))
         per_region = self._sums.setdefault(round, {})
-        if new_round and len(self._sums) > 1 and round < next(reversed(self._sums)):
+        if out_of_order:
             self._sums = OrderedDict(sorted(self._sums.items()))
         if previous is not None:
             stale = per_region.get(old_region)
@@ -63,9 +63,8 @@ class AccuracyHistory:
         cell[1] += 1
         series.append((round, accuracy))
         if len(series) > 1 and series[-2][0] > round:
-            ordered = sorted(series)
-            series.clear()
-            series.extend(ordered)
+            series.sort()
+        del series[: max(0, len(series) - self._device_rounds)]  # keep the latest rounds
         while len(self._sums) > self._rounds:
             self._sums.popitem(last=False)
         return True

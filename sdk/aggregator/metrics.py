@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 REJECT_REASONS: tuple[str, ...] = tuple(r.value for r in RejectReason) + tuple(r.value for r in IntakeReason)
 #: Why the inbox drops a message before opening it (:class:`~sdk.aggregator.inbox.FairInbox`).
 INBOX_DROP_REASONS = ("rate_limited", "sender_queue_full", "inbox_full")
+#: The service's own drops (:meth:`~sdk.aggregator.service_base.MqttAggregatorService.count`, the part before ``:``).
+SERVICE_DROP_REASONS = ("unroutable_topic", "bad_chunk", "oversized", "subscription_refused", "handler_error",
+                        "model_refused")
 #: What inbound and outbound messages are, by the last segment of their topic; anything else is ``other``.
 TOPIC_KINDS = ("update", "candidates", "receipt", "global", "aggregate", "other")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -147,6 +150,8 @@ class ServiceMetrics:
             self.rejected.labels(reason=reason)
         for reason in INBOX_DROP_REASONS:
             self.inbox_dropped.labels(reason=reason)
+        for reason in SERVICE_DROP_REASONS:
+            self.service_dropped.labels(reason=reason)
         for kind in TOPIC_KINDS:
             for family in (self.received_messages, self.received_bytes, self.sent_messages, self.sent_bytes):
                 family.labels(kind=kind)

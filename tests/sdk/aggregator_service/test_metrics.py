@@ -8,6 +8,7 @@ garbage) and checks every counter against what it sent and received.
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +41,19 @@ from tests.sdk.aggregator_service.scrape import Scrape, get_json, scrape
 from tests.sdk.aggregator_service.test_regional_service import regional_thread
 
 pytestmark = pytest.mark.mosquitto
+
+OPERATIONS = Path(__file__).resolve().parents[3] / "docs" / "operations.md"
+
+
+def alert_rule_metrics() -> set[str]:
+    """The fedge_* names the example alert rules of docs/operations.md use."""
+    text = OPERATIONS.read_text()
+    rules = text[text.index("Example alert rules"):]
+    rules = rules[rules.index("```yaml"):]
+    rules = rules[: rules.index("```", 7)]
+    names = set(re.findall(r"fedge_[a-z0-9_]+", rules))
+    assert len(names) >= 8, names
+    return names
 
 
 def _endpoint(thread: ServiceThread) -> MetricsEndpoint:
@@ -149,6 +163,10 @@ def test_metrics_count_what_happened_in_a_round(mosquitto: MosquittoFactory, sta
             after.value("fedge_mqtt_sent_bytes_total", kind="aggregate") > 0
         assert at_root.value("fedge_mqtt_sent_messages_total", kind="receipt") == 1
         assert {dict(labels)["tier"] for labels in at_root.labelled("fedge_aggregator_info")} == {"root"}
+
+        # Every metric the documented alert rules use is served (regional and root together).
+        served = after.names() | at_root.names()
+        assert alert_rule_metrics() <= served, alert_rule_metrics() - served
 
         code, body = get_json(eu_endpoint.url.replace("/metrics", "/healthz"))
         assert code == 200 and body["status"] == "ok" and body["service"] == "regional aggregator eu", body

@@ -28,6 +28,7 @@ from device_agent.trainer import DeviceTrainer
 from sdk.aggregator import RegionalAggregator, RootAggregator
 from sdk.aggregator.metrics_endpoint import MetricsEndpoint
 from sdk.aggregator.mqtt_service import MqttAggregatorService, RegionalService, RootService, ServiceReport
+from sdk.aggregator.registry import KeyRegistry
 from sdk.aggregator.service_config import (
     MetricsSettings,
     RootServiceConfig,
@@ -37,7 +38,6 @@ from sdk.aggregator.service_config import (
 from sdk.cli.family import InputError, examples, service_logging
 
 logger = logging.getLogger(__name__)
-
 _CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
                        help="The service's TOML file (docs/aggregation.md, 'Running the services').")
 _MAX_SECONDS = click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -68,7 +68,7 @@ def regional(ctx: click.Context, config_path: Path, max_seconds: float | None) -
                         settings.aggregator.region, settings.aggregator.fleet, settings.store,
                         settings.aggregator.bundle_version, settings.aggregator.policy.quorum,
                         settings.aggregator.policy.deadline_s)
-            _serve(service, settings.metrics, max_seconds)
+            _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.device_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -91,13 +91,15 @@ def root(ctx: click.Context, config_path: Path, max_seconds: float | None) -> No
                         settings.aggregator.fleet, settings.store, settings.aggregator.bundle_version,
                         settings.aggregator.policy.quorum,
                         settings.aggregator.policy.deadline_s)
-            _serve(service, settings.metrics, max_seconds)
+            _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.region_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-def _serve(service: MqttAggregatorService, metrics: MetricsSettings | None, max_seconds: float | None) -> None:
-    """Run ``service`` until a signal or ``max_seconds``, with its metrics endpoint when configured."""
+def _serve(service: MqttAggregatorService, metrics: MetricsSettings | None, max_seconds: float | None, *,
+           reload: object = None) -> None:
+    """Run ``service`` until a signal or ``max_seconds``, with its metrics endpoint when configured
+    (``reload``: the key registry SIGHUP re-reads, see :func:`_stop_on_signals`)."""
     with contextlib.ExitStack() as stack:
         if metrics is not None:
             try:
@@ -107,7 +109,7 @@ def _serve(service: MqttAggregatorService, metrics: MetricsSettings | None, max_
                 raise InputError(f"[metrics] {metrics.bind}:{metrics.port}: cannot listen: {exc.strerror or exc}") from exc
             stack.callback(endpoint.close)
             endpoint.start()
-        stop = stack.enter_context(_stop_on_signals())
+        stop = stack.enter_context(_stop_on_signals(reload=reload))
         _report(service.run(stop, max_seconds))
 
 
@@ -120,14 +122,25 @@ def initial_shared_params(settings: RootServiceConfig) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM (so the service disconnects and writes its counters); handlers restored after."""
+def _stop_on_signals(reload: object = None) -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM (so the service disconnects and writes its counters); handlers restored after.
+
+    SIGHUP re-reads the key registry ``reload`` (a :class:`KeyRegistry`; others are read once) in a short-lived
+    thread, so the service loop never waits for the disk: ``fedge fleet add/remove/rekey/move`` then apply at once.
+    """
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        if isinstance(reload, KeyRegistry):
+            threading.Thread(target=reload.reload, name="fedge-registry-reload", daemon=True).start()
+        else:
+            logger.warning("SIGHUP: this service's keys are not a registry directory; nothing to reload")
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     try:
         yield stop
     finally:

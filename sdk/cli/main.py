@@ -12,6 +12,7 @@ from sdk.cli.bundle_cmd import bundle
 from sdk.cli.dashboard_cmd import dashboard
 from sdk.cli.demo_cmd import demo
 from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, configure_logging, examples, verbosity_options
+from sdk.cli.fleet_cmd import fleet
 from sdk.cli.keys_cmd import keys
 from sdk.cli.simulate_cmd import simulate
 
@@ -45,6 +46,7 @@ cli.add_command(simulate)
 cli.add_command(aggregator)
 cli.add_command(dashboard)
 cli.add_command(broker_config, name="broker-config")
+cli.add_command(fleet)
 add_verbosity_everywhere(cli)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -12,6 +13,7 @@ from device_agent.daemon.errors import ConfigError
 from device_agent.errors import FedgeError
 from sdk.cli.family import InputError, examples, service_logging
 from sdk.dashboard.config import DashboardConfig, load_dashboard_config
+from sdk.dashboard.fleet_dir import config_from_fleet
 from sdk.dashboard.security import ExposureError, check_exposure
 from sdk.dashboard.server import Dashboard
 
@@ -19,11 +21,16 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.command("dashboard", epilog=examples(
+    "fedge dashboard --fleet FLEET                                 # a directory of fedge fleet init",
+    "fedge dashboard --fleet FLEET --metrics http://127.0.0.1:9101/metrics",
     "fedge dashboard --config dashboard.toml                       # http://127.0.0.1:8765/",
     "fedge dashboard --config dashboard.toml --port 9000",
     "fedge dashboard --config dashboard.toml --bind 0.0.0.0 --auth-file dashboard.auth --tls-cert d.crt --tls-key d.key"))
-@click.option("--config", "config_path", type=_FILE, required=True,
-              help="The dashboard's TOML file: fleet, device keys, monitoring account, metrics URLs (docs/operations.md).")
+@click.option("--config", "config_path", type=_FILE, default=None,
+              help="The dashboard's TOML file: fleet, registries, monitoring account, metrics URLs (docs/operations.md).")
+@click.option("--fleet", "fleet_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Or a fleet directory (fedge fleet init): its monitoring account, registries and [metrics] endpoints.")
+@click.option("--metrics", "metrics_urls", multiple=True, help="An aggregator's /metrics URL to add (repeatable).")
 @click.option("--bind", default=None, help="Address to listen on (default: the file's, else 127.0.0.1). "
                                            "Off loopback it needs --auth-file and TLS.")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Port (default: the file's, else 8765; 0: any free).")
@@ -35,12 +42,20 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this long (default: until SIGINT/SIGTERM).")
 @click.pass_context
-def dashboard(ctx: click.Context, config_path: Path, bind: str | None, port: int | None, auth_file: Path | None,
+def dashboard(ctx: click.Context, config_path: Path | None, fleet_dir: Path | None, metrics_urls: tuple[str, ...],
+              bind: str | None, port: int | None, auth_file: Path | None,
               tls_cert: Path | None, tls_key: Path | None, plain_http: bool, max_seconds: float | None) -> None:
     """Serve a live page of the fleet: devices, versions, rounds, accuracy, rollout (read-only)."""
     service_logging(ctx)
+    if (config_path is None) == (fleet_dir is None):
+        raise click.UsageError("give --config FILE or --fleet DIR (one of them)")
     try:
-        config = load_dashboard_config(config_path)
+        if config_path is not None:
+            config = load_dashboard_config(config_path)
+            if metrics_urls:
+                config = replace(config, metrics=config.metrics + tuple(u for u in metrics_urls if u not in config.metrics))
+        elif fleet_dir is not None:
+            config = config_from_fleet(fleet_dir, metrics=metrics_urls)
         changes = {k: v for k, v in dict(bind=bind, port=port, auth_file=auth_file, tls_cert_file=tls_cert,
                                          tls_key_file=tls_key).items() if v is not None}
         if plain_http:
@@ -49,7 +64,7 @@ def dashboard(ctx: click.Context, config_path: Path, bind: str | None, port: int
         credentials = check_exposure(config.server)
     except ExposureError as exc:
         raise InputError(str(exc)) from exc
-    except (ConfigError, FedgeError) as exc:
+    except (ConfigError, FedgeError, ValueError) as exc:
         raise InputError(str(exc)) from exc
     asyncio.run(_serve(config, Dashboard(config, credentials=credentials), max_seconds))
 

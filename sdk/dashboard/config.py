@@ -5,8 +5,10 @@ file and key. Relative paths resolve against the file's directory. Example
 (docs/operations.md, "The dashboard")::
 
     fleet = "demo"
-    device_keys_dirs = ["aggregators/eu/devices", "aggregators/us/devices"]   # <id>.pub: statuses are verified
     metrics = ["http://127.0.0.1:9464/metrics", "http://127.0.0.1:9465/metrics"]
+
+    [registries]            # region -> its aggregator's device registry (<id>.pub, revoked.txt): statuses are verified
+    eu = "aggregators/eu/devices"
 
     [model_keys]            # optional: verify the models' round announcements (signer -> Ed25519 public key)
     root = "aggregators/root/keys/signing.pub"
@@ -26,6 +28,7 @@ import ipaddress
 import json
 import sys
 from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +36,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.daemon.errors import ConfigError
+from device_agent.protocol.envelope import SenderKeys
 from device_agent.daemon.toml_table import TomlTable
 from device_agent.keys import load_verify_key
 from device_agent.protocol.headers import check_id
@@ -55,6 +59,8 @@ class MonitorBroker:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
     role: str = "root"
     region: str | None = None
     max_packet_size: int = 5 * 1024 * 1024
@@ -98,15 +104,17 @@ class ServerSettings:
 class DashboardConfig:
     """What the dashboard reads and how often, and where it serves (module docstring).
 
-    ``device_keys``: device id -> Ed25519 public key (a status from anyone
-    else is refused). ``model_keys``: signer -> key for model announcements
+    ``registries``: region -> its device keys (a :class:`~sdk.aggregator.registry.KeyRegistry`
+    or a mapping; a status is verified against its region's, as ``fedge fleet
+    status`` does). ``model_keys``: signer -> key for model announcements
     (empty: announcements are ignored). ``metrics``: aggregator endpoints.
     ``history_rounds``: rounds of accuracy and tallies kept in memory.
     """
 
     fleet: str
+    topic_prefix: str = "fedge"
     mqtt: MonitorBroker | None
-    device_keys: dict[str, Ed25519PublicKey] = field(repr=False)
+    registries: Mapping[str, SenderKeys] = field(repr=False)
     model_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
     metrics: tuple[str, ...] = ()
     server: ServerSettings = ServerSettings()
@@ -142,7 +150,7 @@ def load_dashboard_config(path: str | Path) -> DashboardConfig:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     top = TomlTable(data, prefix="", source=path.name, base_dir=path.parent.resolve())
     fleet = top.identifier("fleet")
-    device_keys = _device_keys(top)
+    registries = _registries(top)
     model_keys = _model_keys(top)
     mqtt = _mqtt(top)
     server = _server(top)
@@ -150,7 +158,7 @@ def load_dashboard_config(path: str | Path) -> DashboardConfig:
     if not isinstance(metrics, list) or not all(isinstance(u, str) for u in metrics):
         raise top.error("metrics", "expected a list of URLs")
     try:
-        config = DashboardConfig(fleet=fleet, mqtt=mqtt, device_keys=device_keys, model_keys=model_keys,
+        config = DashboardConfig(fleet=fleet, mqtt=mqtt, registries=registries, model_keys=model_keys,
                                  metrics=tuple(metrics), server=server,
                                  scrape_interval_s=top.number("scrape_interval_s", 2.0, positive=True),
                                  push_interval_s=top.number("push_interval_s", 1.0, positive=True),
@@ -161,23 +169,21 @@ def load_dashboard_config(path: str | Path) -> DashboardConfig:
     return config
 
 
-def _device_keys(top: TomlTable) -> dict[str, Ed25519PublicKey]:
-    """id -> key from the ``<id>.pub`` files of every ``device_keys_dirs`` entry (minus ids in a ``revoked.txt``)."""
-    keys: dict[str, Ed25519PublicKey] = {}
-    for directory in top.paths("device_keys_dirs"):
-        if not directory.is_dir():
-            raise top.error("device_keys_dirs", f"{str(directory)!r} is not a directory")
-        revoked_file = directory / "revoked.txt"
-        revoked = set(revoked_file.read_text(encoding="utf-8").split()) if revoked_file.is_file() else set()
-        for pub in sorted(directory.glob("*.pub")):
-            if pub.stem in revoked:
-                continue
-            try:
-                check_id("device id", pub.stem)
-                keys[pub.stem] = load_verify_key(pub)
-            except (OSError, ValueError) as exc:
-                raise top.error("device_keys_dirs", f"{pub}: {exc}") from exc
-    return keys
+def _registries(top: TomlTable) -> dict[str, SenderKeys]:
+    """``[registries]``: region -> :class:`~sdk.aggregator.registry.KeyRegistry` of its directory (revocations honoured)."""
+    from sdk.aggregator.registry import KeyRegistry, RegistryError
+
+    table = top.table("registries")
+    registries: dict[str, SenderKeys] = {}
+    for region in sorted(top.value("registries")):
+        directory = table.path(region)
+        try:
+            check_id("region", region)
+            registries[region] = KeyRegistry(directory)
+        except (RegistryError, ValueError, OSError) as exc:
+            raise table.error(region, str(exc)) from exc
+    table.done()
+    return registries
 
 
 def _model_keys(top: TomlTable) -> dict[str, Ed25519PublicKey]:

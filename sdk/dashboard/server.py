@@ -58,7 +58,7 @@ class Dashboard:
 
     def __init__(self, config: DashboardConfig, *, credentials: Credentials | None = None) -> None:
         self.config = config
-        self.layout = TopicLayout(fleet=config.fleet)
+        self.layout = TopicLayout(fleet=config.fleet, root_prefix=config.topic_prefix)
         self.view = FleetView(fleet=config.fleet, history_rounds=config.history_rounds)
         self._credentials = credentials
         self._monitor = None if config.mqtt is None else MonitorClient(config.mqtt, self.layout)
@@ -131,7 +131,7 @@ class Dashboard:
                 except queue.Empty:
                     break
                 try:
-                    apply_message(self.view, message, layout=self.layout, device_keys=config.device_keys,
+                    apply_message(self.view, message, layout=self.layout, registries=config.registries,
                                   model_keys=config.model_keys, region=region)
                 except Exception:  # noqa: BLE001 - one bad message must not stop the dashboard
                     logger.exception("dashboard: could not apply a message on %s", message.topic)

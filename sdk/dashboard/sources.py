@@ -25,12 +25,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent.errors import FedgeError
-from device_agent.protocol.envelope import open_model
-from device_agent.protocol.status import open_status
+from device_agent.protocol.envelope import SenderKeys, open_model
 from device_agent.protocol.topics import TopicLayout
 from sdk.dashboard.aggregators import AggregatorReading, MetricsParseError, parse_metrics
 from sdk.dashboard.config import MonitorBroker
 from sdk.dashboard.view import FleetView
+from sdk.fleet.status_view import VERIFIED, build_view
 
 logger = logging.getLogger(__name__)
 #: Messages waiting for the dashboard's loop; beyond this, new ones are dropped (and counted).
@@ -61,7 +61,10 @@ class MonitorClient:
         if broker.username is not None:
             client.username_pw_set(broker.username, broker.password)
         if broker.ca_file is not None:
-            client.tls_set(ca_certs=str(broker.ca_file), cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            client.tls_set(ca_certs=str(broker.ca_file),
+                           certfile=None if broker.cert_file is None else str(broker.cert_file),
+                           keyfile=None if broker.key_file is None else str(broker.key_file),
+                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -105,22 +108,25 @@ class MonitorClient:
             self.dropped += 1
 
 
-def apply_message(view: FleetView, message: Inbound, *, layout: TopicLayout, device_keys: Mapping[str, Ed25519PublicKey],
+def apply_message(view: FleetView, message: Inbound, *, layout: TopicLayout, registries: Mapping[str, SenderKeys],
                   model_keys: Mapping[str, Ed25519PublicKey], region: str | None = None) -> None:
     """Verify one message and hand it to ``view``; refusals are counted there (``region``: the broker's, for
-    role ``region``)."""
+    role ``region``). Statuses go through ``fedge fleet status``'s reader
+    (:func:`~sdk.fleet.status_view.build_view`): the same checks, the same verdicts."""
     topic, payload = message.topic, message.payload
     source = layout.status_source(topic)
     if source is not None:
         topic_region, device = source
-        try:
-            status = open_status(payload, device_keys=device_keys, fleet=layout.fleet, device=device,
-                                 region=topic_region or region)
-        except (FedgeError, ValueError) as exc:
-            view.reject("status")
-            logger.debug("dashboard: refused a status on %s: %s", topic, exc)
+        checked = build_view(layout=layout, regions=list(registries), registries=registries,
+                             expected={} if topic_region else {device: region or "?"}, messages=[(topic, payload)])
+        row = next((r for rows in checked.regions.values() for r in rows), None)
+        if row is None:
+            return  # an empty retained message clears a topic
+        if row.verdict != VERIFIED or row.status is None:
+            view.reject(f"status ({row.verdict})")
+            logger.debug("dashboard: refused a status on %s: %s %s", topic, row.verdict, row.detail)
             return
-        view.apply_status(status)
+        view.apply_status(row.status)
         return
     if topic.endswith("/bridge/state"):
         bridge_region = topic[len(layout.base) + len("/region/"):].split("/", 1)[0]

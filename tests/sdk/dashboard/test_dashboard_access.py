@@ -21,9 +21,14 @@ PASSWORD = "correct-horse-battery"
 
 
 def _config(tmp_path: Path) -> Path:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agent.keys import save_public_key
+
     (tmp_path / "keys").mkdir()
+    save_public_key(Ed25519PrivateKey.generate().public_key(), tmp_path / "keys" / "dev-1.pub")
     path = tmp_path / "dashboard.toml"
-    path.write_text('fleet = "f"\ndevice_keys_dirs = ["keys"]\n[server]\nport = 0\n')
+    path.write_text('fleet = "f"\n[registries]\neu = "keys"\n[server]\nport = 0\n')
     auth = tmp_path / "auth"
     auth.write_text(f"ops:{PASSWORD}\n")
     auth.chmod(0o600)

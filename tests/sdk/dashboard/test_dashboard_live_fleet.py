@@ -79,10 +79,11 @@ def test_dashboard_shows_a_running_fleet_live_in_chromium(browser, tmp_path: Pat
         initial = DeviceTrainer(bundle).get_shared()
         spec, version = bundle.manifest.shared_spec(), bundle.manifest.bundle_version
         (workdir / "aggregators").mkdir()
-        keys = tmp_path / "device-keys"
-        keys.mkdir()
+        for region in fleet.regions:  # each region's registry, as its aggregator keeps it
+            (tmp_path / region).mkdir()
         for device in devices:
-            save_public_key(device.public_key, keys / f"{device.device_id}.pub")
+            save_public_key(device.public_key, tmp_path / device.region / f"{device.device_id}.pub")
+        registries = "\n".join(f'{region} = "{tmp_path / region}"' for region in fleet.regions)
         with ExitStack() as stack:
             stack.enter_context(BrokerSet(fleet.generated))
             services = [regional_thread(fleet, region, spec=spec, bundle_version=version,
@@ -102,10 +103,12 @@ def test_dashboard_shows_a_running_fleet_live_in_chromium(browser, tmp_path: Pat
             config = tmp_path / "dashboard.toml"
             monitor = fleet.generated.credential_files[fleet.generated.topology.monitor]
             config.write_text(f"""fleet = "demo"
-device_keys_dirs = ["{keys}"]
 metrics = [{", ".join(f'"{e.url}"' for e in endpoints)}]
 scrape_interval_s = 0.5
 push_interval_s = 0.5
+
+[registries]
+{registries}
 
 [model_keys]
 root = "{workdir / 'keys' / 'root.pub'}"

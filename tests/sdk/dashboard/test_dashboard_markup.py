@@ -49,8 +49,10 @@ def test_status_text_is_rendered_as_text_never_markup(mosquitto: MosquittoFactor
     save_public_key(device_key.public_key(), keys / "other.pub")  # "other" is registered, but not with the impostor's key
     config = tmp_path / "dashboard.toml"
     config.write_text(f"""fleet = "markup"
-device_keys_dirs = ["{keys}"]
 push_interval_s = 0.3
+
+[registries]
+eu = "{keys}"
 
 [mqtt]
 host = "127.0.0.1"
@@ -76,7 +78,7 @@ port = 0
             "const c = document.querySelector('#devices tbody tr td.reason'); return c ? c.textContent : null;"),
             20, "the device's row")
         assert reason == f"{HOSTILE} / {HOSTILE_RELEASE}"
-        wait_until(lambda: "status 1" in browser.execute_script("return document.getElementById('refused').textContent;"),
+        wait_until(lambda: "status (forged or unknown key) 1" in browser.execute_script("return document.getElementById('refused').textContent;"),
                    20, "the impostor's status counted as refused")
         found = browser.execute_script("""
             return {
@@ -100,7 +102,7 @@ port = 0
         [row] = snapshot["devices"]
         assert row["reason"] == HOSTILE and row["release"]["reason"] == HOSTILE_RELEASE and row["loss"] is None
         assert row["loss_text"] == "nan"
-        assert snapshot["refused_messages"] == {"status": 1}
+        assert snapshot["refused_messages"] == {"status (forged or unknown key)": 1}
         with urllib.request.urlopen(dashboard.url + "plots/accuracy.svg", timeout=5) as response:
             svg = response.read().decode()
         assert "<script" not in svg and "pwned" not in svg

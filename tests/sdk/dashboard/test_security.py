@@ -49,28 +49,33 @@ def test_credentials_file_must_be_private_and_well_formed(tmp_path: Path) -> Non
 
 
 def test_dashboard_toml_reads_the_monitor_credentials_and_names_bad_keys(tmp_path: Path, fleet_key) -> None:
-    from device_agent.keys import save_public_key
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agent.keys import key_id, save_public_key
 
     keys = tmp_path / "keys"
     keys.mkdir()
+    revoked = Ed25519PrivateKey.generate().public_key()
     save_public_key(fleet_key.public_key(), keys / "dev-1.pub")
-    save_public_key(fleet_key.public_key(), keys / "dev-2.pub")
-    (keys / "revoked.txt").write_text("dev-2\n")
+    save_public_key(revoked, keys / "dev-2.pub")
+    (keys / "revoked.txt").write_text(key_id(revoked) + "\n")
     (tmp_path / "monitor.json").write_text(json.dumps({"host": "127.0.0.1", "port": 1884, "username": "fedge-monitor",
                                                        "password": "pw", "tls": False, "message_size_limit": 1024}))
     path = tmp_path / "dashboard.toml"
-    path.write_text('fleet = "f"\ndevice_keys_dirs = ["keys"]\nmetrics = ["http://127.0.0.1:9464/metrics"]\n'
+    base = 'fleet = "f"\n[registries]\neu = "keys"\n'
+    path.write_text('fleet = "f"\nmetrics = ["http://127.0.0.1:9464/metrics"]\n[registries]\neu = "keys"\n'
                     '[mqtt]\ncredentials = "monitor.json"\n')
     config = load_dashboard_config(path)
-    assert set(config.device_keys) == {"dev-1"}  # revoked keys are not trusted
+    assert list(config.registries) == ["eu"] and "dev-1" in config.registries["eu"]
+    assert "dev-2" not in config.registries["eu"]  # its key is revoked: statuses signed with it are refused
     assert config.mqtt is not None and (config.mqtt.host, config.mqtt.port, config.mqtt.username) == ("127.0.0.1", 1884,
                                                                                                         "fedge-monitor")
     assert config.server.bind == "127.0.0.1" and config.server.port == 8765
-    for body, key in (('fleet = "f"\ndevice_keys_dirs = ["keys"]\nmetrics = ["ftp://x"]\n', "metrics"),
-                      ('fleet = "f"\ndevice_keys_dirs = ["keys"]\n[server]\nbind = "example.org"\n', "server.bind"),
-                      ('fleet = "f"\ndevice_keys_dirs = ["keys"]\ncolour = "blue"\n', "colour"),
-                      ('fleet = "f"\ndevice_keys_dirs = ["nope"]\n', "device_keys_dirs"),
-                      ('fleet = "f"\ndevice_keys_dirs = ["keys"]\n[mqtt]\nrole = "root"\n', "mqtt.credentials")):
+    for body, key in (('metrics = ["ftp://x"]\n' + base, "metrics"),
+                      (base + '[server]\nbind = "example.org"\n', "server.bind"),
+                      ('colour = "blue"\n' + base, "colour"),
+                      ('fleet = "f"\n[registries]\neu = "nope"\n', "registries.eu"),
+                      (base + '[mqtt]\nrole = "root"\n', "mqtt.credentials")):
         path.write_text(body)
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_dashboard_config(path)

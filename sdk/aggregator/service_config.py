@@ -124,12 +124,17 @@ class MetricsSettings:
     port: int
 
     def __post_init__(self) -> None:
-        try:
-            ipaddress.ip_address(self.bind)
-        except ValueError as exc:
-            raise ValueError(f"bind must be an IP address, got {self.bind!r}") from exc
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        check_listen_address(self.bind, self.port)
+
+
+def check_listen_address(bind: str, port: int) -> None:
+    """ValueError unless ``bind`` is an IP address and ``port`` in 0..65535 (0: any free port)."""
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError as exc:
+        raise ValueError(f"bind must be an IP address, got {bind!r}") from exc
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
 
 
 @dataclass(frozen=True, kw_only=True)

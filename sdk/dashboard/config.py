@@ -40,6 +40,7 @@ from device_agent.protocol.envelope import SenderKeys
 from device_agent.daemon.toml_table import TomlTable
 from device_agent.keys import load_verify_key
 from device_agent.protocol.headers import check_id
+from sdk.aggregator.service_config import check_listen_address
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -85,12 +86,7 @@ class ServerSettings:
     plain_http: bool = False
 
     def __post_init__(self) -> None:
-        try:
-            ipaddress.ip_address(self.bind)
-        except ValueError as exc:
-            raise ValueError(f"bind must be an IP address, got {self.bind!r}") from exc
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        check_listen_address(self.bind, self.port)
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file come together")
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from sdk.dashboard.history import AccuracyPoint  # noqa: E402
 
 #: Above this many devices the per-device lines give way to a band (10th-90th percentile).
 MAX_DEVICE_LINES = 30
-_RC = {"text.parse_math": False, "text.usetex": False, "svg.fonttype": "path", "svg.hashsalt": "fedge-dashboard",
+_RC: Any = {"text.parse_math": False, "text.usetex": False, "svg.fonttype": "path", "svg.hashsalt": "fedge-dashboard",
        "font.size": 9, "axes.spines.top": False, "axes.spines.right": False}
 
 
@@ -41,8 +43,8 @@ def accuracy_svg(fleet: Sequence[AccuracyPoint], regions: Mapping[str, Sequence[
         fig, ax = plt.subplots(figsize=(7.5, 3.4))
         series = [s for s in devices.values() if s]
         if 0 < len(series) <= MAX_DEVICE_LINES:
-            for i, points in enumerate(series):
-                ax.plot([r for r, _ in points], [a for _, a in points], color="0.75", linewidth=0.7,
+            for i, device_points in enumerate(series):
+                ax.plot([r for r, _ in device_points], [a for _, a in device_points], color="0.75", linewidth=0.7,
                         label="devices" if i == 0 else None)
         elif series:
             _band(ax, series)
@@ -58,7 +60,7 @@ def accuracy_svg(fleet: Sequence[AccuracyPoint], regions: Mapping[str, Sequence[
             ax.legend(loc="lower right", fontsize=8, ncols=2)
         else:
             ax.text(0.5, 0.5, "no accuracy reported yet", ha="center", va="center", transform=ax.transAxes)
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         return _svg(fig)
 
 
@@ -94,7 +96,7 @@ def updates_svg(tallies: Mapping[int, Mapping[str, int]]) -> bytes:
         ax.grid(axis="y", alpha=0.3)
         if rounds:
             ax.legend(loc="upper left", fontsize=8, ncols=3)
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         else:
             ax.text(0.5, 0.5, "no closed round seen yet", ha="center", va="center", transform=ax.transAxes)
         return _svg(fig)

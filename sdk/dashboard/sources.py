@@ -136,7 +136,7 @@ def apply_message(view: FleetView, message: Inbound, *, layout: TopicLayout, reg
     if topic in (layout.root_model, layout.global_model):
         signer = "root" if topic == layout.root_model else region
         key = None if signer is None else model_keys.get(signer)
-        if key is None or not payload:
+        if signer is None or key is None or not payload:
             return  # no key to verify it with: announcements are not shown (docs/operations.md)
         try:
             model = open_model(payload, trusted_signers=key)

@@ -20,8 +20,8 @@ from device_agent.keys import load_verify_key
 from device_agent.trainer import DeviceTrainer, TrainBudget
 
 
-def _data(path: str) -> DataSource:
-    return load_csv(path) if path.endswith(".csv") else load_npz(path)
+def _data(path: str, args: argparse.Namespace) -> DataSource:
+    return load_csv(path) if path.endswith(".csv") else load_npz(path, x_key=args.x_key, y_key=args.y_key)
 
 
 def _cmd_install(args: argparse.Namespace) -> dict[str, object]:
@@ -34,18 +34,18 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, object]:
     bundle = load_bundle(args.bundle_dir, load_verify_key(args.fleet_key))
     trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads)
     budget = TrainBudget(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr)
-    report = trainer.train(_data(args.data), budget, rng=np.random.default_rng(args.seed))
+    report = trainer.train(_data(args.data, args), budget, rng=np.random.default_rng(args.seed))
     trainer.save_state()
     out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds}
     if args.eval_data:
-        ev = trainer.evaluate(_data(args.eval_data))
+        ev = trainer.evaluate(_data(args.eval_data, args))
         out.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy, eval_examples=ev.examples)
     return out
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     bundle = load_bundle(args.bundle_dir, load_verify_key(args.fleet_key))
-    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data))
+    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data, args))
     return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples}
 
 
@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--bundle-dir", required=True, help="installed bundle directory (re-verified)")
         c.add_argument("--fleet-key", required=True)
         c.add_argument("--state", required=True, help="device state directory (personal weights, optimizer state)")
-        c.add_argument("--data", required=True, help=".npz (arrays x, y) or .csv (last column = label)")
+        c.add_argument("--data", required=True, help=".npz (arrays --x-key, --y-key) or .csv (last column = label)")
+        c.add_argument("--x-key", default="x", help="name of the features array in an .npz (as data.x_key in agent.toml; default: x)")
+        c.add_argument("--y-key", default="y", help="name of the labels array in an .npz (as data.y_key in agent.toml; default: y)")
         c.add_argument("--threads", type=int, default=None)
         c.set_defaults(func=func)
         if name == "train":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib
 import json
 from pathlib import Path
 
@@ -12,29 +10,8 @@ import click
 from device_agent.bundle.archive import verify_bundle
 from device_agent.errors import BundleError, BundleVerificationError
 from device_agent.keys import load_signing_key, load_verify_key
-
-
-def _import_factory(spec: str):  # type: ignore[no-untyped-def]
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise click.BadParameter("expected module:callable, e.g. sdk.models:PersonalizedMLP")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise click.BadParameter(f"cannot import {spec}: {exc}") from exc
-
-
-def _parse_kwargs(items: tuple[str, ...]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"--model-arg {item!r}: expected key=value")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
+from sdk.cli.model_option import MODEL_ARG_HELP, MODEL_HELP, cli_load_model
+from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 
 @click.group()
@@ -43,8 +20,8 @@ def bundle() -> None:
 
 
 @bundle.command("build")
-@click.option("--model", "model_spec", required=True, help="Model factory as module:callable (e.g. sdk.models:PersonalizedCNN1D).")
-@click.option("--model-arg", "model_args", multiple=True, help="key=value passed to the factory (repeatable).")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--model-arg", "model_args", multiple=True, help=MODEL_ARG_HELP)
 @click.option("--input-shape", required=True, help="Shape of one example without the batch axis, e.g. 6,100.")
 @click.option("--shared", default="base", show_default=True, help="Comma-separated name prefixes of shared parameters ('*' = all not personal).")
 @click.option("--personal", default="", help="Comma-separated name prefixes of personal (never uploaded) parameters.")
@@ -52,7 +29,7 @@ def bundle() -> None:
 @click.option("--mu", type=float, default=0.0, show_default=True, help="FedProx proximal weight on the shared layers.")
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse", "bce_with_logits"]), default="cross_entropy", show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Default learning rate (devices may override).")
+@click.option("--lr", type=float, default=DEFAULT_LEARNING_RATE, show_default=True, help="Default learning rate (devices may override).")
 @click.option("--key", "key_path", type=click.Path(exists=True, path_type=Path), required=True, help="Fleet Ed25519 private key.")
 @click.option("--name", "model_name", required=True, help="Model name recorded in the manifest.")
 @click.option("--version", "bundle_version", type=int, default=1, show_default=True, help="Bundle version (monotonic per model).")
@@ -69,7 +46,7 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     from sdk.model_spec import ParameterSplit, ParameterSplitError, parse_prefixes
 
     torch.manual_seed(seed)
-    model = _import_factory(model_spec)(**_parse_kwargs(model_args))
+    model = cli_load_model(model_spec, model_args)
     shape = tuple(int(d) for d in input_shape.split(","))
     try:
         split = ParameterSplit(shared=parse_prefixes(shared), personal=parse_prefixes(personal))

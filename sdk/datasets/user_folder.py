@@ -53,7 +53,8 @@ def _features(where: str, key: str, value: object) -> np.ndarray:
     if arr.ndim < 2:
         raise DatasetFormatError(f"{where}: {key}: shape {arr.shape}; expected (examples, features...) with at least 2"
                                  " dimensions (for one feature per example, reshape to (n, 1))")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        out = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.all(np.isfinite(out)):
         raise DatasetFormatError(f"{where}: {key}: holds NaN or infinite values (or values too large for float32)")
     return out

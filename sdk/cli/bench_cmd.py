@@ -200,13 +200,13 @@ def sweep(datasets: tuple[str, ...], quick: bool, workers: int, seed: int, out: 
     """Sensitivity of accuracy to learning rate, local epochs and FedProx mu on the built-in datasets (see docs/tuning.md)."""
     from tqdm import tqdm
 
-    from sdk.bench.sweep import SWEEP_DATASETS, run_sweep, sweep_points
+    from sdk.bench.sweep import SWEEP_DATASETS, Profile, run_sweep, sweep_points
 
     chosen = list(datasets) or list(SWEEP_DATASETS)
     unknown = [d for d in chosen if d not in SWEEP_DATASETS]
     if unknown:
         raise click.BadParameter(f"unknown datasets {unknown}; choose from {sorted(SWEEP_DATASETS)}", param_hint="--dataset")
-    profile = "quick" if quick else "full"
+    profile: Profile = "quick" if quick else "full"
     with tqdm(total=len(sweep_points(chosen, profile)), desc="sweep", unit="run") as bar:
 
         def progress(message: str) -> None:

@@ -7,7 +7,7 @@ interaction, so it stays small enough for two shared cores:
 
 - **lr**: every learning rate in :data:`LEARNING_RATES`, local epochs 1, for
   local-only, FedAvg and FedAlt;
-- **epochs**: local epochs 2 and 4 at two learning rates, same algorithms;
+- **epochs**: local epochs 2 and 4 at three learning rates, same algorithms;
 - **mu**: FedProx and FedAlt with mu in :data:`MUS` (mu 0 is in the lr axis);
 - **personal_epochs**: FedAlt's head phase at 2 and 4 epochs with the shared
   phase at 1.
@@ -17,7 +17,9 @@ smartwatch setting is 0.03-1 point; read differences below that as ties).
 :func:`recommend_learning_rate` picks the learning rate whose worst shortfall
 from the best learning rate of each (dataset, algorithm) is smallest: the
 default that is safest everywhere rather than best anywhere. Outputs
-``sweep.json`` (every point, per device) and ``sweep.png``.
+``sweep.json`` (every point, per device), ``sweep.md`` and ``sweep.png``;
+``previous`` results (an earlier ``sweep.json`` of the same seed) are reused
+point by point, so a grown grid only runs its new points.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 Profile = Literal["full", "quick"]
 LEARNING_RATES = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02)
 EPOCHS = (2, 4)
-EPOCH_LRS = (0.001, 0.005)
+EPOCH_LRS = (0.001, 0.005, 0.01)
 MUS = (0.01, 0.1, 1.0)
 BASE_LR = 0.005
 AXIS_ALGORITHMS = ("local", "fedavg", "fedalt")
@@ -250,18 +252,23 @@ def _run_in_worker(point: SweepPoint, seed: int, quick: bool) -> dict[str, Any]:
 
 
 def run_sweep(datasets: Sequence[str], *, profile: Profile = "full", seed: int = 0, workers: int = 2, out_dir: Path,
-              progress: Callable[[str], None] | None = None) -> tuple[str, dict[str, Any]]:
-    """Run the grid on ``workers`` processes; write ``sweep.json`` and ``sweep.png`` under ``out_dir``; return the table and payload."""
+              progress: Callable[[str], None] | None = None, previous: Sequence[dict[str, Any]] = ()) -> tuple[str, dict[str, Any]]:
+    """Run the grid on ``workers`` processes; write ``sweep.json``, ``.md`` and ``.png`` under ``out_dir``; return the table and payload.
+
+    ``previous``: results of an earlier run with the same seed and profile;
+    points found there are not run again.
+    """
     unknown = [d for d in datasets if d not in SWEEP_DATASETS]
     if unknown:
         raise ValueError(f"unknown sweep datasets {unknown}; choose from {sorted(SWEEP_DATASETS)}")
     quick = profile == "quick"
     points = sweep_points(datasets, profile)
     start = time.perf_counter()
-    results: dict[int, dict[str, Any]] = {}
+    done = {json.dumps(r["point"], sort_keys=True): r for r in previous}
+    results: dict[int, dict[str, Any]] = {i: done[k] for i, p in enumerate(points) if (k := json.dumps(asdict(p), sort_keys=True)) in done}
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold ORT threads
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
-        futures = {pool.submit(_run_in_worker, p, seed, quick): i for i, p in enumerate(points)}
+        futures = {pool.submit(_run_in_worker, p, seed, quick): i for i, p in enumerate(points) if i not in results}
         for future in as_completed(futures):
             result = future.result()
             results[futures[future]] = result
@@ -274,6 +281,7 @@ def run_sweep(datasets: Sequence[str], *, profile: Profile = "full", seed: int =
     table = format_table(ordered, recommendation)
     payload = {
         "profile": profile, "seed": seed, "workers": workers, "wall_seconds": time.perf_counter() - start,
+        "reused_points": len(points) - len(futures),
         "machine": {"python": platform.python_version(), "machine": platform.machine(), "cpus": multiprocessing.cpu_count()},
         "datasets": {d: asdict(SWEEP_DATASETS[d]) for d in datasets}, "optimizer": "adamw",
         "recommendation": recommendation, "results": ordered,

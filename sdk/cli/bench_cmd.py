@@ -196,8 +196,12 @@ def settings_names() -> set[str]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedge-results"), show_default=True,
               help="Folder for sweep.json, sweep.md and sweep.png.")
-def sweep(datasets: tuple[str, ...], quick: bool, workers: int, seed: int, out: Path) -> None:
+@click.option("--resume", is_flag=True, help="Reuse the points already in --out/sweep.json (same seed and profile); run only the rest.")
+def sweep(datasets: tuple[str, ...], quick: bool, workers: int, seed: int, out: Path, resume: bool) -> None:
     """Sensitivity of accuracy to learning rate, local epochs and FedProx mu on the built-in datasets (see docs/tuning.md)."""
+    import json
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
     from sdk.bench.sweep import SWEEP_DATASETS, Profile, run_sweep, sweep_points
@@ -207,12 +211,32 @@ def sweep(datasets: tuple[str, ...], quick: bool, workers: int, seed: int, out: 
     if unknown:
         raise click.BadParameter(f"unknown datasets {unknown}; choose from {sorted(SWEEP_DATASETS)}", param_hint="--dataset")
     profile: Profile = "quick" if quick else "full"
-    with tqdm(total=len(sweep_points(chosen, profile)), desc="sweep", unit="run") as bar:
+    previous = _previous_sweep(out / "sweep.json", seed=seed, profile=profile) if resume else []
+    points = [json.dumps(asdict(p), sort_keys=True) for p in sweep_points(chosen, profile)]
+    reused = len(set(points) & {json.dumps(r["point"], sort_keys=True) for r in previous})  # type: ignore[index]
+    with tqdm(total=len(points) - reused, desc="sweep", unit="run") as bar:
 
         def progress(message: str) -> None:
             bar.update(1)
             bar.write(message)
 
-        table, _ = run_sweep(chosen, profile=profile, seed=seed, workers=workers, out_dir=out, progress=progress)
+        table, _ = run_sweep(chosen, profile=profile, seed=seed, workers=workers, out_dir=out, progress=progress, previous=previous)
     click.echo("\n" + table)
     click.echo(f"\nwrote {out}/sweep.json, sweep.md and sweep.png")
+
+
+def _previous_sweep(path: Path, *, seed: int, profile: str) -> list[dict[str, object]]:
+    """The results of an earlier sweep under --out, checked to be of the same seed and profile ([] if there is none)."""
+    import json
+
+    if not path.is_file():
+        return []
+    try:
+        payload = json.loads(path.read_text())
+        results = list(payload["results"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.BadParameter(f"{path}: not a sweep result to resume from ({exc})", param_hint="--resume") from exc
+    if payload.get("seed") != seed or payload.get("profile") != profile:
+        raise click.BadParameter(f"{path} was made with seed {payload.get('seed')}, profile {payload.get('profile')};"
+                                 f" this run is seed {seed}, profile {profile}", param_hint="--resume")
+    return results

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from sdk.bench.sweep import BASE_LR, LEARNING_RATES, recommend_learning_rate, sweep_points
+from sdk.bench.sweep import BASE_LR, EPOCH_LRS, LEARNING_RATES, recommend_learning_rate, sweep_points
 
 
 def _point(dataset: str, algorithm: str, lr: float, mean: float, axis: str = "lr") -> dict:
@@ -32,7 +32,7 @@ def test_recommended_learning_rate_minimises_the_worst_shortfall_not_the_best_sc
 
 def test_sweep_grid_covers_each_axis_once_per_dataset() -> None:
     points = sweep_points(["watch", "digits"])
-    assert len(points) == len(set(points)) == 2 * (3 * len(LEARNING_RATES) + 3 * 2 * 2 + 2 * 3 + 2)
+    assert len(points) == len(set(points)) == 2 * (3 * len(LEARNING_RATES) + 3 * len(EPOCH_LRS) * 2 + 2 * 3 + 2)
     assert {p.axis for p in points} == {"lr", "epochs", "mu", "personal_epochs"}
     assert all(p.learning_rate == BASE_LR for p in points if p.axis in ("mu", "personal_epochs"))
     assert BASE_LR in LEARNING_RATES  # the mu axis shares its mu=0 point with the lr axis
@@ -48,5 +48,12 @@ def test_fedge_bench_sweep_quick_writes_json_table_and_plot(tmp_path: Path) -> N
     for r in doc["results"]:
         assert set(r["per_device"]) == {f"digits-{i:02d}" for i in range(10)} and len(r["rounds"]) == 2
     assert (tmp_path / "sweep.png").stat().st_size > 10_000 and "Recommended learning rate" in (tmp_path / "sweep.md").read_text()
+    # --resume reuses every point already measured: nothing runs again, the numbers are the same.
+    res = CliRunner().invoke(cli, ["bench", "sweep", "--quick", "--dataset", "digits", "--resume", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "sweep.json").read_text())
+    assert again["reused_points"] == 4 and again["results"] == doc["results"]
+    res = CliRunner().invoke(cli, ["bench", "sweep", "--quick", "--dataset", "digits", "--resume", "--seed", "3", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "seed 0" in res.output
     res = CliRunner().invoke(cli, ["bench", "sweep", "--dataset", "nope", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "unknown datasets" in res.output

@@ -10,8 +10,38 @@ import click
 from device_agent.bundle.archive import verify_bundle
 from device_agent.errors import BundleError, BundleVerificationError
 from device_agent.keys import load_signing_key, load_verify_key
-from sdk.cli.model_option import MODEL_ARG_HELP, MODEL_HELP, cli_load_model
+from sdk.cli.family import InputError, check_writable, examples, load_key, one_line, write_error
+from sdk.cli.model_option import MODEL_ARG_HELP, MODEL_HELP, cli_import_factory, cli_model_args
 from sdk.training_defaults import DEFAULT_LEARNING_RATE
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"expected positive integers separated by commas (e.g. 6,100), got {text!r}",
+                                 param_hint="--input-shape")
+    return shape
+
+
+def _make_model(spec: str, factory, kwargs: dict[str, object], shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """The model, checked to accept a batch of ``shape`` inputs; BadParameter naming the option at fault."""
+    import torch
+
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # a misspelt or missing --model-arg
+        raise click.BadParameter(f"{spec} does not accept {sorted(kwargs)}: {one_line(str(exc))}",
+                                 param_hint="--model-arg") from exc
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *shape)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise click.BadParameter(f"{spec} rejects inputs of shape {list(shape)}: {one_line(str(exc))}",
+                                 param_hint="--input-shape") from exc
+    return model
 
 
 @click.group()
@@ -19,7 +49,10 @@ def bundle() -> None:
     """Signed ONNX Runtime training bundles."""
 
 
-@bundle.command("build")
+@bundle.command("build", epilog=examples(
+    "fedge bundle build --model sdk.models:PersonalizedCNN1D --model-arg in_channels=6 --model-arg num_classes=7 \\",
+    "    --input-shape 6,100 --shared base --personal head --mode fedalt --mu 0.01 \\",
+    "    --key fleet.key --name watch-cnn --version 1 -o watch.fedge"))
 @click.option("--model", "model_spec", required=True, help=MODEL_HELP)
 @click.option("--model-arg", "model_args", multiple=True, help=MODEL_ARG_HELP)
 @click.option("--input-shape", required=True, help="Shape of one example without the batch axis, e.g. 6,100.")
@@ -32,7 +65,8 @@ def bundle() -> None:
 @click.option("--lr", type=float, default=DEFAULT_LEARNING_RATE, show_default=True, help="Default learning rate (devices may override).")
 @click.option("--key", "key_path", type=click.Path(exists=True, path_type=Path), required=True, help="Fleet Ed25519 private key.")
 @click.option("--name", "model_name", required=True, help="Model name recorded in the manifest.")
-@click.option("--version", "bundle_version", type=int, default=1, show_default=True, help="Bundle version (monotonic per model).")
+@click.option("--version", "bundle_version", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Bundle version; a device never installs a lower one than it has (docs/device-agent.md).")
 @click.option("--seed", type=int, default=0, show_default=True, help="torch seed for the initial weights.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .fedge file.")
 def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared: str, personal: str, mode: str, mu: float,
@@ -45,18 +79,29 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     from sdk.bundle_builder import build_bundle
     from sdk.model_spec import ParameterSplit, ParameterSplitError, parse_prefixes
 
+    factory = cli_import_factory(model_spec)
+    kwargs = cli_model_args(model_args)
+    shape = _parse_shape(input_shape)
+    signing_key = load_key("--key", key_path, load_signing_key)
+    check_writable("--out", out)
     torch.manual_seed(seed)
-    model = cli_load_model(model_spec, model_args)
-    shape = tuple(int(d) for d in input_shape.split(","))
+    model = _make_model(model_spec, factory, kwargs, shape)
     try:
         split = ParameterSplit(shared=parse_prefixes(shared), personal=parse_prefixes(personal))
+    except (ParameterSplitError, ValueError) as exc:
+        raise click.BadParameter(one_line(str(exc)), param_hint="--shared/--personal") from exc
+    try:
         manifest = build_bundle(
             model, example_input=torch.zeros((2, *shape)), split=split,
             spec=TrainingSpec(mode=TrainingMode(mode), mu=mu, loss=LossKind(loss), optimizer=OptimizerKind(optimizer), learning_rate=lr),
-            signing_key=load_signing_key(key_path), out_path=out, model_name=model_name, bundle_version=bundle_version,
+            signing_key=signing_key, out_path=out, model_name=model_name, bundle_version=bundle_version,
         )
-    except (ParameterSplitError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except ParameterSplitError as exc:
+        raise click.BadParameter(one_line(str(exc)), param_hint="--shared/--personal") from exc
+    except OSError as exc:
+        raise write_error("--out", out, exc) from exc
+    except ValueError as exc:
+        raise InputError(one_line(str(exc))) from exc
     n_shared = sum(_numel(p.shape) for p in manifest.parameters if p.role == "shared")
     n_personal = sum(_numel(p.shape) for p in manifest.parameters if p.role == "personal")
     click.echo(f"wrote {out}: {model_name} v{bundle_version}, mode {mode}, {n_shared} shared + {n_personal} personal parameters")
@@ -69,19 +114,21 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-@bundle.command("verify")
+@bundle.command("verify", epilog=examples("fedge bundle verify watch.fedge --pub fleet.key.pub",
+                                          "fedge bundle verify watch.fedge --pub old.pub --pub new.pub --json"))
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--pub", "pub_paths", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
               help="Trusted fleet public key(s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
 def verify(path: Path, pub_paths: tuple[Path, ...], as_json: bool) -> None:
-    """Check a bundle's signature and file hashes; exit 1 if it is not authentic."""
+    """Check a bundle's signature and file hashes; exit 1 if it is not authentic, 2 if it is not a bundle."""
+    keys = [load_key("--pub", p, load_verify_key) for p in pub_paths]
     try:
-        manifest = verify_bundle(path, [load_verify_key(p) for p in pub_paths])
+        manifest = verify_bundle(path, keys)
     except BundleVerificationError as exc:
-        raise click.ClickException(f"REFUSED: {exc}") from exc
+        raise click.ClickException(f"REFUSED: {path}: {exc}") from exc
     except BundleError as exc:
-        raise click.ClickException(f"malformed bundle: {exc}") from exc
+        raise InputError(f"{path}: malformed bundle: {one_line(str(exc))}") from exc
     if as_json:
         click.echo(json.dumps(json.loads(manifest.to_json_bytes()), indent=2))
         return

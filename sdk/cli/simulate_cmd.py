@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from sdk.cli.family import check_writable, examples
 from sdk.cli.model_option import MODEL_ARG_HELP, MODEL_HELP
 from sdk.simulation.algorithms import ALGORITHMS
 from sdk.training_defaults import DEFAULT_LEARNING_RATE, DEFAULT_OPTIMIZER
@@ -63,7 +64,10 @@ def model_source_option(data, *, dataset: str | None, model_spec: str | None, mo
                        shared=parse_prefixes(shared), name=model_spec.rpartition(":")[2] or "model")
 
 
-@click.command()
+@click.command(epilog=examples("fedge simulate --dataset digits --algorithm fedalt --rounds 5",
+                               "fedge simulate --dataset watch --algorithm fedprox --mu 0.01 --stragglers 0.5 --rounds 30",
+                               "fedge simulate --dataset digits --regions 2 --regional-weight 0.5 --json-out sim.json",
+                               "fedge simulate --data ./my-clients --model mymodels:Net --personal head --model-arg hidden=64"))
 @click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Built-in dataset (default: digits, unless --data is given).")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, help=DATA_HELP)
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="--data: number of classes (default: largest label + 1).")
@@ -72,30 +76,30 @@ def model_source_option(data, *, dataset: str | None, model_spec: str | None, mo
 @click.option("--shared", default="*", show_default=True, help="--model: comma-separated name prefixes of the federated layers ('*' = all not personal).")
 @click.option("--personal", default=None, help="--model: comma-separated name prefixes of the personal head (needed by fedsim, fedalt, fedfomo).")
 @click.option("--algorithm", "algo", type=click.Choice(sorted(ALGORITHMS)), default="fedalt", show_default=True)
-@click.option("--fomo-candidates", type=int, default=5, show_default=True, help="FedFomo: peer models each device asks for per round.")
-@click.option("--rounds", type=int, default=10, show_default=True)
-@click.option("--epochs", type=int, default=1, show_default=True, help="Local epochs per round (fedalt: of the shared phase).")
-@click.option("--personal-epochs", type=int, default=None, help="fedalt: epochs of the head phase (default: --epochs).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=DEFAULT_LEARNING_RATE, show_default=True, help="Learning rate (see docs/tuning.md).")
+@click.option("--fomo-candidates", type=click.IntRange(min=1), default=5, show_default=True, help="FedFomo: peer models each device asks for per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Local epochs per round (fedalt: of the shared phase).")
+@click.option("--personal-epochs", type=click.IntRange(min=1), default=None, help="fedalt: epochs of the head phase (default: --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEARNING_RATE, show_default=True, help="Learning rate (see docs/tuning.md).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=DEFAULT_OPTIMIZER, show_default=True)
-@click.option("--mu", type=float, default=None, help="FedProx mu (default: the algorithm's).")
-@click.option("--participation", type=float, default=1.0, show_default=True, help="Fraction of devices sampled per round.")
-@click.option("--stragglers", type=float, default=0.0, show_default=True, help="Fraction of sampled devices that do only part of their budget.")
-@click.option("--dropouts", type=float, default=0.0, show_default=True, help="Fraction of sampled devices that send nothing.")
-@click.option("--subsample", type=float, default=None, help="Use this fraction of Fashion-MNIST (quick runs).")
-@click.option("--validation-fraction", type=float, default=0.1, show_default=True,
+@click.option("--mu", type=click.FloatRange(min=0), default=None, help="FedProx mu (default: the algorithm's).")
+@click.option("--participation", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Fraction of devices sampled per round.")
+@click.option("--stragglers", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of sampled devices that do only part of their budget.")
+@click.option("--dropouts", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of sampled devices that send nothing.")
+@click.option("--subsample", type=click.FloatRange(0, 1, min_open=True), default=None, help="Use this fraction of Fashion-MNIST (quick runs).")
+@click.option("--validation-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="Share of a client's training examples held out for validation when its data has none (seeded).")
 @click.option("--aggregation", type=click.Choice(["mean", "median", "trimmed_mean"]), default="mean", show_default=True,
               help="Rule for each (regional) aggregate: sample-weighted mean, or the robust coordinate-wise median / trimmed mean.")
-@click.option("--trim-fraction", type=float, default=0.1, show_default=True, help="trimmed_mean: fraction cut at each end per coordinate.")
-@click.option("--clip-norm", type=float, default=None, help="Clip each update to this global L2 norm before aggregating.")
-@click.option("--regional-weight", type=float, default=None,
+@click.option("--trim-fraction", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True, help="trimmed_mean: fraction cut at each end per coordinate.")
+@click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True), default=None, help="Clip each update to this global L2 norm before aggregating.")
+@click.option("--regional-weight", type=click.FloatRange(0, 1), default=None,
               help="Run the two-tier hierarchy over the dataset's regions; each region serves a*regional + (1-a)*global.")
 @click.option("--region-weighting", type=click.Choice(["samples", "uniform"]), default="samples", show_default=True,
               help="Hierarchy: how the root weights regional aggregates.")
-@click.option("--regions", type=int, default=None, help="Group clients into this many regions by label mix (default: the dataset's own regions).")
-@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+@click.option("--regions", type=click.IntRange(min=1), default=None, help="Group clients into this many regions by label mix (default: the dataset's own regions).")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="fedavg/fedprox: after the last round, fine-tune locally (head only, and all parameters) and report both.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write per-round results as JSON.")
@@ -105,13 +109,7 @@ def simulate(dataset: str | None, data_dir: Path | None, num_classes: int | None
              subsample: float | None, validation_fraction: float, seed: int, json_out: Path | None, fomo_candidates: int,
              aggregation: str, trim_fraction: float, clip_norm: float | None, regional_weight: float | None,
              region_weighting: str, regions: int | None, finetune_epochs: int) -> None:
-    """Simulate a federation in-process: real ORT training per device, no broker.
-
-    \b
-    Examples:
-      fedge simulate --dataset watch --algorithm fedalt --rounds 20
-      fedge simulate --data ./my-clients --model mymodels:Net --personal head --model-arg hidden=64
-    """
+    """Simulate a federation in-process: real ORT training per device, no broker."""
     from tqdm import tqdm
 
     from device_agent.errors import FedgeError
@@ -121,6 +119,8 @@ def simulate(dataset: str | None, data_dir: Path | None, num_classes: int | None
     from sdk.simulation.runner import BundleTraining, run_algorithm
     from sdk.simulation.simulator import HierarchyConfig, RoundMetrics, SimulationConfig
 
+    if json_out is not None:
+        check_writable("--json-out", json_out)
     data = load_data_option(data_dir, dataset, seed=seed, subsample=subsample, num_classes=num_classes)
     if regions is not None:
         data = data.with_regions(regions_by_label_mix(data, regions, seed=seed))

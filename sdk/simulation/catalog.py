@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING
 from sdk.simulation.runner import ModelSource
 
 if TYPE_CHECKING:
+    import torch
+
     from sdk.datasets.federated import FederatedDataset
+    from sdk.model_spec import ParameterSplit
 
 MODEL_KINDS = ("mlp", "cnn1d", "cnn2d", "logreg")
 
@@ -41,3 +44,18 @@ def builtin_model(kind: str, data: FederatedDataset, *, hidden: tuple[int, ...] 
     if kind == "logreg":
         return ModelSource(factory=build, name=kind)
     return ModelSource(factory=build, personal=("head",), shared=("base",), name=kind)
+
+
+def build_model(kind: str, data: FederatedDataset, *, personal: bool,
+                hidden: tuple[int, ...] = (32,)) -> tuple[torch.nn.Module, ParameterSplit, tuple[str, ...]]:
+    """``(model, split, finetune prefixes)`` for ``kind`` sized to ``data`` (the model built now, with torch's current seed).
+
+    ``personal`` True: trunk ``base`` shared, ``head`` personal. False: every
+    parameter shared, and the head offered for local fine-tuning (FedAvg+FT),
+    except for logistic regression, which is all head.
+    """
+    from sdk.simulation.algorithms import algorithm
+
+    source = builtin_model(kind, data, hidden=hidden)
+    split, finetune = source.split_for(algorithm("fedalt" if personal else "fedavg"))
+    return source.factory(), split, finetune

@@ -164,14 +164,17 @@ def _user_setting(make, data_dir: Path, *, name: str | None, num_classes: int | 
                   batch_size: int, lr: float):
     """The setting for ``--data``, after reading the folder once here so a bad file is a usage error before any worker starts."""
     from sdk.cli.model_option import cli_model_factory
-    from sdk.cli.simulate_cmd import load_data_option
+    from sdk.cli.simulate_cmd import check_model_option, load_data_option
     from sdk.model_spec import parse_prefixes
+    from sdk.simulation.runner import ModelSource
 
     data = load_data_option(data_dir, None, seed=0, subsample=None, num_classes=num_classes)
     if (name or data.name) in settings_names():
         raise click.BadParameter(f"{name or data.name!r} is a built-in setting's name; choose another", param_hint="--name")
-    if model_spec is not None:
-        cli_model_factory(model_spec, model_args)  # fail here, in one line, if the model cannot be imported
+    if model_spec is not None:  # fail here, in one line, if the model cannot be imported or does not fit the data
+        source = ModelSource(factory=cli_model_factory(model_spec, model_args), personal=parse_prefixes(personal),
+                             shared=parse_prefixes(shared), name=model_spec)
+        check_model_option(source, data, "fedalt" if source.personal else "fedavg")
     try:
         return make(str(data_dir), name=name or data.name, model=model_spec or "auto", model_args=model_args,
                     personal=parse_prefixes(personal), shared=parse_prefixes(shared), num_classes=num_classes,

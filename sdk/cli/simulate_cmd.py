@@ -64,6 +64,20 @@ def model_source_option(data, *, dataset: str | None, model_spec: str | None, mo
                        shared=parse_prefixes(shared), name=model_spec.rpartition(":")[2] or "model")
 
 
+def check_model_option(model, data, algo: str) -> None:  # type: ignore[no-untyped-def]
+    """Refuse, before any training, a model that does not fit the data or the algorithm (one line, exit 2)."""
+    if ALGORITHMS[algo].personal_head and not model.personal:
+        raise click.BadParameter(f"{algo} keeps a personal head on each device: name its layers with --personal PREFIX"
+                                 " (e.g. --personal head), or choose fedavg, fedprox or local", param_hint="--personal")
+    try:
+        model.check(data, ALGORITHMS[algo])
+    except ValueError as exc:
+        where, _, message = str(exc).partition(": ")
+        if message.endswith("one score per class"):
+            message += " (--num-classes sets the class count when the data lacks some classes)"
+        raise click.BadParameter(message, param_hint="--personal/--shared" if where == "split" else "--model") from exc
+
+
 @click.command(epilog=examples("fedge simulate --dataset digits --algorithm fedalt --rounds 5",
                                "fedge simulate --dataset watch --algorithm fedprox --mu 0.01 --stragglers 0.5 --rounds 30",
                                "fedge simulate --dataset digits --regions 2 --regional-weight 0.5 --json-out sim.json",
@@ -125,9 +139,7 @@ def simulate(dataset: str | None, data_dir: Path | None, num_classes: int | None
     if regions is not None:
         data = data.with_regions(regions_by_label_mix(data, regions, seed=seed))
     model = model_source_option(data, dataset=dataset, model_spec=model_spec, model_args=model_args, shared=shared, personal=personal)
-    if ALGORITHMS[algo].personal_head and not model.personal:
-        raise click.BadParameter(f"{algo} keeps a personal head on each device: name its layers with --personal PREFIX"
-                                 " (e.g. --personal head), or choose fedavg, fedprox or local", param_hint="--personal")
+    check_model_option(model, data, algo)
     try:
         agg = AggregationConfig(rule=aggregation, trim_fraction=trim_fraction, clip_norm=clip_norm)  # type: ignore[arg-type]
         hierarchy = None if regional_weight is None else HierarchyConfig(regional_weight=regional_weight,

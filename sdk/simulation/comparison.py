@@ -133,9 +133,10 @@ def compare(
     local, fedavg and fedprox. ``mu`` None: each algorithm's default.
     Clients without a validation split get ``validation_fraction`` of their
     training examples held out (seeded). Bad arrays raise
-    :class:`~sdk.datasets.errors.DatasetFormatError`; an unknown algorithm, or
-    one that needs a personal head without one, raises ValueError before
-    anything runs.
+    :class:`~sdk.datasets.errors.DatasetFormatError`; an unknown algorithm,
+    one that needs a personal head without one, a split that does not fit the
+    model, or a model that rejects the examples or does not return one score
+    per class raises ValueError before anything runs.
     """
     from device_agent.trainer import TrainBudget
     from sdk.datasets.federated import FederatedDataset
@@ -154,6 +155,8 @@ def compare(
     source = ModelSource(factory=model_factory, personal=personal, shared=shared, name=getattr(model_factory, "__name__", "model"))
     for name in names:
         source.split_for(algorithm(name))  # unknown names and missing heads fail here, before any training
+    for personal_head in {algorithm(name).personal_head for name in names}:
+        source.check(data, algorithm(next(n for n in names if algorithm(n).personal_head == personal_head)))
     config = SimulationConfig(rounds=rounds, seed=seed, validation_fraction=validation_fraction,
                               budget=TrainBudget(epochs=epochs, batch_size=batch_size, personal_epochs=personal_epochs))
     training = BundleTraining(learning_rate=learning_rate, optimizer=optimizer, mu=mu)

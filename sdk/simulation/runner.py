@@ -64,6 +64,36 @@ class ModelSource:
             return ParameterSplit(shared=self.shared, personal=self.personal), ()
         return ParameterSplit(shared=("*",)), self.personal
 
+    def check(self, data: FederatedDataset, spec: AlgorithmSpec) -> None:
+        """Build the model once and check it fits ``spec`` and ``data``, before any training.
+
+        ValueError with one line: the split names no parameter or leaves one
+        out, the model rejects ``data``'s example shape, or it does not return
+        one score per class. The ``split`` part of the message starts with
+        ``split:``, the rest with ``model:``.
+        """
+        import torch
+
+        from sdk.model_spec import ParameterSplitError
+
+        split, _ = self.split_for(spec)
+        net = self.factory()
+        try:
+            split.assign([n for n, _ in net.named_parameters()])
+        except ParameterSplitError as exc:
+            raise ValueError(f"split: {exc}") from exc
+        shape = tuple(data.input_shape)
+        try:
+            with torch.no_grad():
+                out = net(torch.zeros((2, *shape)))
+        except Exception as exc:  # the user's forward(): any error means this shape does not fit
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(f"model: {self.name} rejects examples of shape {shape}: {type(exc).__name__}: {reason}") from exc
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, data.num_classes):
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"model: {self.name} returns {got} for 2 examples; expected (2, {data.num_classes}),"
+                             f" one score per class")
+
 
 @dataclass(frozen=True, kw_only=True)
 class BundleTraining:

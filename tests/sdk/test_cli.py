@@ -189,6 +189,9 @@ def test_cli_simulate_bad_user_input_is_one_line_with_exit_2(tmp_path: Path, dig
         (["--model", "mynets:Nett"], "mynets has no attribute 'Nett'"),
         (["--model", "mynets:Net", "--algorithm", "fedalt"], "--personal PREFIX"),
         (["--model", "mynets:Net", "--model-arg", "hiden=3", "--algorithm", "fedavg"], "unexpected keyword argument 'hiden'"),
+        (["--model", "mynets:Net", "--personal", "hed"], "prefixes match no parameter: ['hed']"),
+        (["--dataset", "watch", "--model", "mynets:Net", "--personal", "head"], "rejects examples of shape (6, 100)"),
+        (["--dataset", "synthetic", "--model", "mynets:Net", "--personal", "head"], "rejects examples of shape (60,)"),
     ]
     for args, expected in cases:
         res = CliRunner().invoke(cli, ["simulate", "--rounds", "1", *args])

@@ -57,6 +57,8 @@ def test_dashboard_refuses_to_leave_loopback_unprotected(tmp_path: Path) -> None
     assert bare.returncode == 2 and bare.stderr.count("\n") == 1 and "without authentication" in bare.stderr, bare.stderr
     clear = _cli("--config", str(config), "--bind", "0.0.0.0", "--auth-file", str(tmp_path / "auth"), "--max-seconds", "1")
     assert clear.returncode == 2 and "clear text" in clear.stderr and "Traceback" not in clear.stderr, clear.stderr
+    neither = _cli("--max-seconds", "1")
+    assert neither.returncode == 2 and "--config FILE or --fleet DIR" in neither.stderr, neither.stderr
     (tmp_path / "auth").chmod(0o644)
     shared = _cli("--config", str(config), "--auth-file", str(tmp_path / "auth"), "--max-seconds", "1")
     assert shared.returncode == 2 and "chmod 600" in shared.stderr, shared.stderr

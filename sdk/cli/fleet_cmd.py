@@ -82,10 +82,12 @@ def bundle_cmd(fleet_dir: Path, bundle: Path) -> None:
 @_FLEET_DIR
 @click.option("--site", "sites", multiple=True, help="root or a region name; repeat it (default: every site).")
 @click.option("--brokers/--no-brokers", default=True, show_default=True,
-              help="Start Mosquitto for each site too (off: the brokers already run).")
+              help="Start Mosquitto for each site (off: the brokers already run, e.g. under systemd).")
+@click.option("--services/--no-services", default=True, show_default=True,
+              help="Start the aggregator service of each site (off: brokers only).")
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this long (default: until SIGINT/SIGTERM).")
-def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, max_seconds: float | None) -> None:
+def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, services: bool, max_seconds: float | None) -> None:
     """Run this host's share of the fleet in the foreground: brokers, then regional services, then the root's."""
     import signal
     import threading
@@ -95,7 +97,7 @@ def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, max_seconds: floa
 
     opened = open_fleet(fleet_dir)
     chosen = sites or ("root", *(r.name for r in opened.spec.topology.regions))
-    runner = FleetRunner(opened, sites=chosen, brokers=brokers)
+    runner = FleetRunner(opened, sites=chosen, brokers=brokers, services=services)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

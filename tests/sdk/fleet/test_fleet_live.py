@@ -4,6 +4,7 @@
 - Status cannot be published by another device (generated ACLs) nor forged (signature); the monitor reads only.
 - Day-2 commands apply to a running fleet by SIGHUP: an added device's round is accepted, a removed one is
   shut out by the broker and refused by the aggregator, without restarting anything.
+- With TLS on, devices dial the TLS listener with the fleet CA and the monitor reads over TLS.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from device_agent.daemon.config import load_config
 from device_agent.keys import load_recipient_key, load_signing_key
 from device_agent.protocol.envelope import seal_update
 from device_agent.protocol.headers import UpdateHeader
@@ -310,5 +312,26 @@ def test_day2_on_a_running_fleet_applies_without_restarts(workdir: Path, digits,
         agg.close()
         assert wait_for(lambda: "claiming to be from 'us-dev-0002'" in up.service_log("us"), timeout=10), up.service_log("us")[-3000:]
         assert "is not in the registry" in up.service_log("us")
+    finally:
+        up.stop()
+
+
+def test_tls_fleet_devices_dial_tls_and_the_monitor_reads_over_tls(workdir: Path, digits, fleet_key, bundle_factory) -> None:
+    text = loopback_topology(free_ports(), tls=True).replace("deadline_s = 30", "deadline_s = 6")
+    fleet_dir = workdir / "fleet"
+    made = init_fleet(parse_fleet_spec(text), fleet_dir, topology_text=text, fleet_key=fleet_key,
+                      bundle=bundle_factory("fedavg"), owner=broker_owner())
+    for index, device in enumerate(sorted(made.devices.values())):
+        write_local_data(device, digits, index)
+    up = Up(fleet_dir, workdir)
+    try:
+        results = agents(fleet_dir, ["eu-dev-0001", "us-dev-0001"], workdir, rounds=1)
+        assert all(r["finished"] == 1 for r in results.values()), results
+        shown = json.loads(run(tool(["fedge", "fleet", "status", str(fleet_dir), "--json"]), workdir).stdout)
+        rows = {row["device"]: row for rows in shown["regions"].values() for row in rows}
+        assert rows["eu-dev-0001"]["verdict"] == rows["us-dev-0001"]["verdict"] == "verified"
+        assert rows["eu-dev-0002"]["verdict"] == "never reported"
+        config = load_config(fleet_dir / "devices/eu-dev-0001/agent.toml")
+        assert config.broker.port == made.spec.topology.region("eu").address.tls_port and config.broker.tls is not None
     finally:
         up.stop()

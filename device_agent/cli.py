@@ -41,8 +41,8 @@ class CliInputError(FedgeError):
     """A command-line input (a path or option value) is unusable; the message names the option."""
 
 
-def _data(path: str) -> DataSource:
-    return load_csv(path) if path.endswith(".csv") else load_npz(path)
+def _data(path: str, args: argparse.Namespace) -> DataSource:
+    return load_csv(path) if path.endswith(".csv") else load_npz(path, x_key=args.x_key, y_key=args.y_key)
 
 
 def _bundle(args: argparse.Namespace) -> TrainingBundle:
@@ -71,11 +71,11 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, object]:
     bundle = _bundle(args)
     trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads)
     budget = TrainBudget(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr)
-    report = trainer.train(_data(args.data), budget, rng=np.random.default_rng(args.seed))
+    report = trainer.train(_data(args.data, args), budget, rng=np.random.default_rng(args.seed))
     trainer.save_state()
     out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds}
     if args.eval_data:
-        ev = trainer.evaluate(_data(args.eval_data))
+        ev = trainer.evaluate(_data(args.eval_data, args))
         out.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy, eval_examples=ev.examples)
     return out
 
@@ -84,7 +84,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     bundle = _bundle(args)
     if args.state is not None:
         _require_saved_state(args.state, bundle)
-    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data))
+    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data, args))
     return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples, "trained": args.state is not None}
 
 
@@ -230,7 +230,9 @@ def _add_train_evaluate(sub: Any) -> None:
     for c in (train, evaluate):
         c.add_argument("--bundle-dir", required=True, help="installed bundle directory (re-verified)")
         c.add_argument("--fleet-key", required=True, help="trusted fleet Ed25519 public key (PEM)")
-        c.add_argument("--data", required=True, help=".npz (arrays x, y) or .csv (last column = label)")
+        c.add_argument("--data", required=True, help=".npz (arrays --x-key, --y-key) or .csv (last column = label)")
+        c.add_argument("--x-key", default="x", help="features array in an .npz (as data.x_key in agent.toml)")
+        c.add_argument("--y-key", default="y", help="labels array in an .npz (as data.y_key in agent.toml)")
         c.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: its choice)")
     train.add_argument("--state", required=True, help="device state directory (personal weights, optimizer state)")
     evaluate.add_argument("--state", default=None,

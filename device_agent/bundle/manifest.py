@@ -17,7 +17,12 @@ from typing import Any
 
 from device_agent.errors import BundleError
 
-FORMAT_VERSION = 1
+#: Written by this version. 2 adds the portable graphs (``portable``) and lets a bundle carry
+#: either artifact kind or both; 1 (ORT-training artifacts only) is still read.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#: The newest ONNX opset a portable graph may use: what onnxruntime 1.19 (the oldest runtime fedge supports) runs.
+MAX_PORTABLE_OPSET = 18
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 ANCHOR_PREFIX = "anchor."
@@ -65,6 +70,13 @@ class ArtifactSetName(str, Enum):
     FINETUNE = "finetune"  # optional: the parameters a device may fine-tune locally (e.g. FedAvg + head fine-tuning)
 
 
+class ArtifactKind(str, Enum):
+    """The two kinds of training artifacts a bundle may carry (one backend each)."""
+
+    ORT_TRAINING = "ort-training"  # onnxruntime-training's on-device training API (x86_64 only, deprecated upstream)
+    PORTABLE = "portable"  # standard-ops (ai.onnx, opset <= 18) step graphs run by any onnxruntime >= 1.19
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParameterInfo:
     """One model parameter: its name, shape, dtype and role (``shared``/``personal``)."""
@@ -99,6 +111,37 @@ class ArtifactSet:
     def files(self) -> tuple[str, ...]:
         """Every file this set needs."""
         return (self.training_model, self.eval_model, self.optimizer_model, self.checkpoint)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortableSet:
+    """One portable training-step graph and the parameters it updates."""
+
+    name: ArtifactSetName
+    step_model: str
+    trainable: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortableArtifacts:
+    """The portable graphs: one step graph per set, one eval graph, the initial weights (``.npz``)."""
+
+    opset: int
+    eval_model: str
+    initial_parameters: str
+    sets: tuple[PortableSet, ...]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the portable backend needs."""
+        return (self.eval_model, self.initial_parameters, *(s.step_model for s in self.sets))
+
+    def set(self, name: ArtifactSetName) -> PortableSet:
+        """The step graph of set ``name``; KeyError if absent."""
+        for s in self.sets:
+            if s.name is name:
+                return s
+        raise KeyError(name.value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +180,28 @@ class BundleManifest:
     parameters: tuple[ParameterInfo, ...]
     artifact_sets: tuple[ArtifactSet, ...]
     files: dict[str, FileEntry] = field(default_factory=dict)
+    portable: PortableArtifacts | None = None
+
+    @property
+    def artifact_kinds(self) -> tuple[ArtifactKind, ...]:
+        """The artifact kinds this bundle carries (ORT-training first), never empty for a parsed manifest."""
+        kinds = (ArtifactKind.ORT_TRAINING,) if self.artifact_sets else ()
+        return kinds + ((ArtifactKind.PORTABLE,) if self.portable is not None else ())
+
+    @property
+    def set_names(self) -> tuple[ArtifactSetName, ...]:
+        """The training sets (joint, or personal + shared, plus an optional finetune), whichever kind carries them."""
+        if self.artifact_sets:
+            return tuple(s.name for s in self.artifact_sets)
+        return tuple(s.name for s in self.portable.sets) if self.portable is not None else ()
+
+    def trainable(self, name: ArtifactSetName) -> tuple[str, ...]:
+        """The parameters set ``name`` updates; KeyError if the bundle has no such set."""
+        if self.artifact_sets:
+            return self.artifact_set(name).trainable
+        if self.portable is None:
+            raise KeyError(name.value)
+        return self.portable.set(name).trainable
 
     @property
     def shared_names(self) -> tuple[str, ...]:
@@ -167,8 +232,14 @@ class BundleManifest:
         return {p.name: (p.shape, p.dtype) for p in self.parameters if p.role == "shared"}
 
     def to_json_bytes(self) -> bytes:
-        """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed."""
-        return json.dumps(_to_plain(asdict(self)), sort_keys=True, separators=(",", ":")).encode()
+        """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed.
+
+        ``portable`` is left out when None, so a format-1 manifest reads as it was written.
+        """
+        plain = _to_plain(asdict(self))
+        if plain["portable"] is None:
+            del plain["portable"]
+        return json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _to_plain(value: Any) -> Any:
@@ -259,8 +330,8 @@ def parse_manifest(raw: bytes) -> BundleManifest:
         raise BundleError(f"manifest is not valid UTF-8 JSON: {exc}") from exc
     top = _Reader(data, "manifest")
     version = top.get("format_version", int)
-    if version != FORMAT_VERSION:
-        raise BundleError(f"manifest format version {version} is not supported (this agent reads {FORMAT_VERSION})")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise BundleError(f"manifest format version {version} is not supported (this agent reads {list(SUPPORTED_FORMAT_VERSIONS)})")
     h = _Reader(top.get("hyperparameters", dict), "manifest.hyperparameters")
     mu = float(h.get("mu", (int, float)))
     lr = float(h.get("learning_rate", (int, float)))
@@ -295,10 +366,6 @@ def parse_manifest(raw: bytes) -> BundleManifest:
     sets = []
     for i, item in enumerate(top.get("artifact_sets", list)):
         r = _Reader(item, f"manifest.artifact_sets[{i}]")
-        trainable = tuple(r.get("trainable", list))
-        unknown = [t for t in trainable if t not in names]
-        if unknown or not trainable:
-            raise BundleError(f"manifest.artifact_sets[{i}].trainable: unknown or empty {unknown}")
         sets.append(
             ArtifactSet(
                 name=r.enum("name", ArtifactSetName),
@@ -306,15 +373,22 @@ def parse_manifest(raw: bytes) -> BundleManifest:
                 eval_model=r.file_name("eval_model"),
                 optimizer_model=r.file_name("optimizer_model"),
                 checkpoint=r.file_name("checkpoint"),
-                trainable=trainable,
+                trainable=_trainable(r, names),
             )
         )
-    expected_sets = {ArtifactSetName.PERSONAL, ArtifactSetName.SHARED} if hyper.mode is TrainingMode.FEDALT else {ArtifactSetName.JOINT}
-    present = [s.name for s in sets if s.name is not ArtifactSetName.FINETUNE]
-    finetune = [s for s in sets if s.name is ArtifactSetName.FINETUNE]
-    if set(present) != expected_sets or len(present) != len(expected_sets) or len(finetune) > 1:
-        raise BundleError(f"manifest.artifact_sets: mode {hyper.mode.value} needs exactly {sorted(s.value for s in expected_sets)}"
-                          " (plus at most one 'finetune' set)")
+    portable = None
+    if "portable" in top.data:
+        if version < 2:
+            raise BundleError("manifest.portable: format version 1 has no portable graphs")
+        portable = _portable(top.get("portable", dict), names)
+    if not sets and portable is None:
+        raise BundleError("manifest: no training artifacts (neither artifact_sets nor portable)")
+    if sets:
+        _check_sets(hyper.mode, [s.name for s in sets], "manifest.artifact_sets")
+    if portable is not None:
+        _check_sets(hyper.mode, [s.name for s in portable.sets], "manifest.portable.sets")
+        if sets and {s.name: s.trainable for s in sets} != {s.name: s.trainable for s in portable.sets}:
+            raise BundleError("manifest: artifact_sets and portable.sets disagree on the sets or their trainable parameters")
     files: dict[str, FileEntry] = {}
     for fname, entry in top.get("files", dict).items():
         if not _FILE_NAME.match(fname) or fname in (MANIFEST_NAME, SIGNATURE_NAME):
@@ -325,7 +399,8 @@ def parse_manifest(raw: bytes) -> BundleManifest:
         if size < 0 or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise BundleError(f"manifest.files[{fname}]: bad size or sha256")
         files[fname] = FileEntry(size=size, sha256=digest)
-    missing = [f for s in sets for f in s.files if f not in files]
+    listed = [f for s in sets for f in s.files] + (list(portable.files) if portable is not None else [])
+    missing = [f for f in listed if f not in files]
     if missing:
         raise BundleError(f"manifest.files: artifact files not listed: {missing}")
     bundle_version = top.get("bundle_version", int)
@@ -344,4 +419,36 @@ def parse_manifest(raw: bytes) -> BundleManifest:
         parameters=tuple(params),
         artifact_sets=tuple(sets),
         files=files,
+        portable=portable,
     )
+
+
+def _trainable(r: _Reader, names: list[str]) -> tuple[str, ...]:
+    trainable = tuple(r.get("trainable", list))
+    unknown = [t for t in trainable if t not in names]
+    if unknown or not trainable or len(set(trainable)) != len(trainable):
+        raise BundleError(f"{r.where}.trainable: unknown, repeated or empty {unknown}")
+    return trainable
+
+
+def _check_sets(mode: TrainingMode, present_all: list[ArtifactSetName], where: str) -> None:
+    expected = {ArtifactSetName.PERSONAL, ArtifactSetName.SHARED} if mode is TrainingMode.FEDALT else {ArtifactSetName.JOINT}
+    present = [s for s in present_all if s is not ArtifactSetName.FINETUNE]
+    finetune = [s for s in present_all if s is ArtifactSetName.FINETUNE]
+    if set(present) != expected or len(present) != len(expected) or len(finetune) > 1:
+        raise BundleError(f"{where}: mode {mode.value} needs exactly {sorted(s.value for s in expected)}"
+                          " (plus at most one 'finetune' set)")
+
+
+def _portable(data: Any, names: list[str]) -> PortableArtifacts:
+    r = _Reader(data, "manifest.portable")
+    opset = r.get("opset", int)
+    if not 1 <= opset <= MAX_PORTABLE_OPSET:
+        raise BundleError(f"manifest.portable.opset: {opset} is not in 1..{MAX_PORTABLE_OPSET}")
+    sets = []
+    for i, item in enumerate(r.get("sets", list)):
+        sr = _Reader(item, f"manifest.portable.sets[{i}]")
+        sets.append(PortableSet(name=sr.enum("name", ArtifactSetName), step_model=sr.file_name("step_model"),
+                                trainable=_trainable(sr, names)))
+    return PortableArtifacts(opset=opset, eval_model=r.file_name("eval_model"),
+                             initial_parameters=r.file_name("initial_parameters"), sets=tuple(sets))

@@ -43,21 +43,19 @@ ORT_CHILD = textwrap.dedent(
     t0 = time.perf_counter()
     from device_agent.bundle.archive import load_bundle
     from device_agent.keys import load_verify_key
-    from device_agent.ort_runtime import TrainingSession
+    from device_agent.bundle.manifest import ArtifactSetName
+    from device_agent.training_backends import open_backend
     t_import = time.perf_counter() - t0
     """
 ) + _COMMON + textwrap.dedent(
     """
     bundle = load_bundle(cfg["bundle"], load_verify_key(cfg["pub"]))
-    s = bundle.manifest.artifact_sets[0]
-    sess = TrainingSession(training_model=bundle.path(s.training_model), eval_model=bundle.path(s.eval_model),
-                           optimizer_model=bundle.path(s.optimizer_model), checkpoint=bundle.path(s.checkpoint),
-                           threads=cfg["threads"])
+    backend = open_backend("ort-training", bundle, threads=cfg["threads"])
     for _ in range(cfg["warmup"]):
-        sess.train_step([x, y])
+        backend.train_step(ArtifactSetName.JOINT, x, y)
     t0 = time.perf_counter()
     for _ in range(cfg["steps"]):
-        sess.train_step([x, y])
+        backend.train_step(ArtifactSetName.JOINT, x, y)
     report(cfg["steps"], time.perf_counter() - t0, t_import)
     """
 )

@@ -47,7 +47,7 @@ from device_agent.bundle.manifest import (
     TrainingMode,
 )
 from sdk.model_spec import ParameterSplit, ParameterSplitError, Role, matches_prefix, names_with_role
-from sdk.portable_graph import PortablePlan, build_portable_graphs, check_model_supported
+from sdk.portable_graph import PortablePlan, UnsupportedModelError, build_portable_graphs, check_model_supported
 
 logger = logging.getLogger(__name__)
 
@@ -335,14 +335,18 @@ def generate_training_artifacts(
     output_shape = tuple(example_output.shape)
     num_classes = int(output_shape[-1]) if spec.loss is LossKind.CROSS_ENTROPY else None
 
-    sets: list[ArtifactSet] = []
-    if ArtifactKind.ORT_TRAINING in kinds:
-        sets = _generate_ort_sets(model, example_input, spec, plan, shared, out, output_shape)
     portable = None
-    if ArtifactKind.PORTABLE in kinds:
+    if ArtifactKind.PORTABLE in kinds:  # first: its refusals name the op that cannot be expressed
         portable = build_portable_graphs(model, example_input=example_input, out_dir=out, plan=PortablePlan(
             sets=tuple((name, tuple(trainable)) for name, trainable, _ in plan), shared=tuple(shared), mu=float(spec.mu),
             loss=spec.loss, optimizer=spec.optimizer, learning_rate=float(spec.learning_rate)))
+    sets: list[ArtifactSet] = []
+    if ArtifactKind.ORT_TRAINING in kinds:
+        try:
+            sets = _generate_ort_sets(model, example_input, spec, plan, shared, out, output_shape)
+        except Exception as exc:  # torch's exporter and ORT's generator raise many types; all mean "cannot train this"
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise UnsupportedModelError(f"cannot build ORT-training artifacts for this model: {type(exc).__name__}: {first}") from exc
 
     params = tuple(
         ParameterInfo(name=n, shape=tuple(int(d) for d in p.shape), dtype="float32", role=roles[n].value)

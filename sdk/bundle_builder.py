@@ -87,10 +87,10 @@ def build_bundle(
     dimension except the batch axis. A model the training graphs cannot
     express raises ``UnsupportedModelError`` naming the layer; nothing is written.
     """
-    kinds = tuple(ArtifactKind(k) for k in kinds)
+    chosen = tuple(ArtifactKind(k) for k in kinds)
     with tempfile.TemporaryDirectory(prefix="fedge-artifacts-") as tmp:
         generated = generate_training_artifacts(model, example_input=example_input, split=split, spec=spec, out_dir=tmp,
-                                                kinds=kinds)
+                                                kinds=chosen)
         manifest = manifest_for(generated, model_name=model_name, bundle_version=bundle_version, signing_key=signing_key)
         write_bundle(Path(tmp), manifest, signing_key, Path(out_path))
     return manifest

@@ -109,6 +109,8 @@ class OrtTrainingBackend(TrainingBackend):
                     checkpoint.write_bytes(write_checkpoint(self._checkpoint_for(aset, state)))
                 self._sessions[aset.name] = _SetSession(capi, bundle, aset, checkpoint, threads)
         self._fresh: ArtifactSetName | None = None  # the set whose state holds the newest trained values
+        # ORT starts from its optimizer graph's default rate, not the checkpoint's: set the bundle's.
+        self.set_learning_rate(manifest.hyperparameters.learning_rate)
 
     def _checkpoint_for(self, aset: ArtifactSet, state: TrainingState) -> OrtCheckpoint:
         trainable = {n: state.parameters[n] for n in aset.trainable}
@@ -117,7 +119,8 @@ class OrtTrainingBackend(TrainingBackend):
         opt = state.optimizers[aset.name]
         adam = self._manifest.hyperparameters.optimizer is OptimizerKind.ADAMW
         # ORT keeps one zero "momentum0" per parameter for SGD too; it expects it back.
-        moments = {n: (opt.m[n], opt.v[n]) if adam else (np.zeros_like(v),) for n, v in trainable.items()}
+        moments: dict[str, tuple[np.ndarray, ...]] = {
+            n: (opt.m[n], opt.v[n]) if adam else (np.zeros_like(v),) for n, v in trainable.items()}
         return OrtCheckpoint(trainable=trainable, frozen=frozen, step=opt.step,
                              learning_rate=self._manifest.hyperparameters.learning_rate, moments=moments)
 

@@ -88,24 +88,30 @@ def objective(model: torch.nn.Module, spec: StepSpec, params: dict[str, torch.Te
     out = functional_call(model, params, (x,))
     loss = task_loss(spec.loss, out, y)
     if spec.anchored:
-        total = None
+        terms = []
         for name in spec.anchored:
             diff = params[name] - anchors[name]
-            term = (diff * diff).sum()  # a Mul, not a Pow: measured faster in ORT
-            total = term if total is None else total + term
+            terms.append((diff * diff).sum())  # a Mul, not a Pow: measured faster in ORT
+        total = terms[0]
+        for term in terms[1:]:  # summed in order, as ORT-training's loss block does
+            total = total + term
         loss = loss + total * torch.tensor(np.float32(spec.mu / 2))
     return loss, out
 
 
-def _hf_adamw(p: torch.Tensor, grad_p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
-              lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hf_step_size(t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """lr * sqrt(1 - beta2^t) / (1 - beta1^t), once per step for every parameter (ORT's ``lr_corrected``)."""
     t64 = t.to(torch.float64)
     alpha_correction = 1 - torch.pow(torch.tensor(BETA1, dtype=torch.float64), t64).to(torch.float32)
     beta_correction = 1 - torch.pow(torch.tensor(BETA2, dtype=torch.float64), t64).to(torch.float32)
-    lr_corrected = lr * (torch.sqrt(beta_correction) / alpha_correction)
+    return lr * (torch.sqrt(beta_correction) / alpha_correction)
+
+
+def _hf_adamw(p: torch.Tensor, grad_p: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+              step_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m = m * BETA1 + grad_p * ONE_MINUS_BETA1
     v = v * BETA2 + (grad_p * ONE_MINUS_BETA2) * grad_p
-    return p - (lr_corrected * m) / (torch.sqrt(v) + EPS), m, v
+    return p - (step_size * m) / (torch.sqrt(v) + EPS), m, v
 
 
 def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[torch.Tensor, ...]]:
@@ -126,9 +132,10 @@ def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[tor
             return (loss, *(params[n] - lr * grads[n] for n in spec.trainable))
         opt = state[n_params + n_anchors:]
         t = opt[0] + 1
+        step_size = _hf_step_size(t, lr)
         new_p, new_m, new_v = [], [], []
         for i, name in enumerate(spec.trainable):
-            p, m, v = _hf_adamw(params[name], grads[name], opt[1 + i], opt[1 + n_train + i], t, lr)
+            p, m, v = _hf_adamw(params[name], grads[name], opt[1 + i], opt[1 + n_train + i], step_size)
             new_p.append(p)
             new_m.append(m)
             new_v.append(v)

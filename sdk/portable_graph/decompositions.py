@@ -4,7 +4,8 @@ torch.onnx has no translation for ``convolution_backward`` or the max-pool
 backward, so they are rewritten into ops it does translate: the input gradient
 of a convolution is a transposed convolution, the weight gradient a
 convolution with batch and channel axes swapped, the max-pool gradient a
-scatter-add at the forward pass's argmax indices. ReLU's backward is a
+scatter-add at the forward pass's argmax indices, the average-pool gradient a
+transposed convolution with a constant kernel. ReLU's backward is a
 multiplication by a 0/1 mask instead of a Where (measured faster in ORT).
 Everything else uses torch's core ATen decompositions, without which the
 cross-entropy gradient comes out batch-size times too large (torch.onnx's
@@ -53,6 +54,22 @@ def _max_pool2d_backward(grad_output: torch.Tensor, inp: torch.Tensor, kernel_si
     return grad.reshape(inp.shape)
 
 
+def _avg_pool2d_backward(grad_output: torch.Tensor, inp: torch.Tensor, kernel_size: list[int], stride: list[int],
+                         padding: list[int], ceil_mode: bool, count_include_pad: bool, divisor_override: Any) -> torch.Tensor:
+    # Every window averages exactly kh * kw inputs (no padding, no ceil mode: support.py refuses the rest), so the
+    # gradient spreads grad / (kh * kw) over each window: a transposed convolution with a constant kernel.
+    if any(padding) or ceil_mode or divisor_override:
+        raise NotImplementedError("average pooling with padding, ceil_mode or divisor_override has no portable backward")
+    kh, kw = kernel_size
+    sh, sw = stride or kernel_size
+    oh, ow = int(grad_output.shape[-2]), int(grad_output.shape[-1])
+    h, w = int(inp.shape[-2]), int(inp.shape[-1])
+    kernel = torch.full((1, 1, kh, kw), 1.0 / (kh * kw), dtype=grad_output.dtype)
+    extra = [h - ((oh - 1) * sh + kh), w - ((ow - 1) * sw + kw)]
+    grad = aten.convolution(grad_output.reshape(-1, 1, oh, ow), kernel, None, [sh, sw], [0, 0], [1, 1], True, extra, 1)
+    return grad.reshape(inp.shape)
+
+
 def _threshold_backward(grad_output: torch.Tensor, inp: torch.Tensor, threshold: float) -> torch.Tensor:
     return grad_output * (inp > threshold).to(grad_output.dtype)
 
@@ -70,5 +87,6 @@ def decomposition_table() -> dict[Any, Callable[..., Any]]:
     table[aten.empty_permuted.default] = _empty_permuted
     table[aten.convolution_backward.default] = _convolution_backward
     table[aten.max_pool2d_with_indices_backward.default] = _max_pool2d_backward
+    table[aten.avg_pool2d_backward.default] = _avg_pool2d_backward
     table[aten.threshold_backward.default] = _threshold_backward
     return table

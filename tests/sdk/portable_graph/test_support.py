@@ -86,3 +86,16 @@ def test_every_supported_layer_is_in_the_test_model():
     used = {type(m) for m in zoo.EveryLayerNet(avg_pool=True).modules()}
     assert set(SUPPORTED_LAYERS) <= used, set(SUPPORTED_LAYERS) - used
     check_model_supported(zoo.EveryLayerNet(avg_pool=False))
+
+
+def test_cli_artifacts_option_builds_one_kind(tmp_path: Path):
+    runner = CliRunner()
+    runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "k")])
+    common = ["bundle", "build", "--model", "sdk.models:PersonalizedMLP", "--model-arg", "in_features=6", "--input-shape", "6",
+              "--shared", "*", "--mode", "fedavg", "--key", str(tmp_path / "k"), "--name", "m"]
+    for kind in ("portable", "ort-training"):
+        res = runner.invoke(cli, [*common, "--artifacts", kind, "-o", str(tmp_path / f"{kind}.fedge")])
+        assert res.exit_code == 0, res.output
+        assert f"artifacts {kind}" in res.output
+        res = runner.invoke(cli, ["bundle", "verify", str(tmp_path / f"{kind}.fedge"), "--pub", str(tmp_path / "k.pub")])
+        assert res.exit_code == 0 and f"format 2, artifacts {kind}" in res.output, res.output

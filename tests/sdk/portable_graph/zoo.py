@@ -12,6 +12,8 @@ from torch import nn
 class EveryLayerNet(nn.Module):
     """Every layer of ``SUPPORTED_LAYERS`` on a (2, 8, 8) input: a 2D branch, a 1D branch over rows, a linear trunk.
 
+    Pooling both tiles (kernel == stride) and overlaps with padding, the two max-pool paths of the builder.
+
     ``avg_pool`` False leaves out AvgPool1d/2d (what ORT-training cannot train) so the model trains on both backends.
     """
 
@@ -23,7 +25,7 @@ class EveryLayerNet(nn.Module):
             "conv2d": nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
                                     nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh(), pool2d,
                                     nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-            "conv1d": nn.Sequential(nn.Conv1d(16, 6, 3, padding=2, dilation=2), nn.Sigmoid(), nn.MaxPool1d(2),
+            "conv1d": nn.Sequential(nn.Conv1d(16, 6, 3, padding=2, dilation=2), nn.Sigmoid(), nn.MaxPool1d(3, stride=2, padding=1),
                                     nn.Conv1d(6, 6, 2, stride=2), pool1d, nn.AdaptiveAvgPool1d(1), nn.Flatten()),
             "trunk": nn.ModuleList([nn.Identity(), nn.Linear(10, 12), nn.ReLU()]),
         })

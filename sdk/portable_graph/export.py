@@ -44,7 +44,7 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
     try:
         # Without duck shaping: a batch that happens to equal some weight dimension (4 channels, batch 4)
         # would share its symbol and be specialised into a fixed batch size.
-        with _quiet(), fx_config.patch(use_duck_shape=False):
+        with _quiet(), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*inputs)
             batch = Dim("batch")
             dynamic: list[Any] = [{0: batch}, {0: batch}] + [None] * (len(inputs) - 2)

@@ -12,6 +12,7 @@ kernel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,8 +32,9 @@ def _windows(x: torch.Tensor, kernel: list[int]) -> torch.Tensor:
     return x.reshape(-1, int(x.shape[1]), oh, kh, ow, kw).permute(0, 1, 2, 4, 3, 5).reshape(-1, int(x.shape[1]), oh, ow, kh * kw)
 
 
-def max_pool2d_with_indices(x: torch.Tensor, kernel_size: list[int], stride: list[int] = (), padding: list[int] = (0, 0),
-                            dilation: list[int] = (1, 1), ceil_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def max_pool2d_with_indices(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (),
+                            padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
+                            ceil_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiled max pooling as ReduceMax/ArgMax; the indices are window-local (only :func:`max_pool2d_backward` reads them)."""
     kernel = list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
     if not _tiled(kernel, list(stride), list(padding), list(dilation), ceil_mode):

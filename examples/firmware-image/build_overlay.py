@@ -288,6 +288,7 @@ def build_overlay(*, source: Path, out: Path, target: Target, wheelhouse: Path, 
         out.parent.mkdir(parents=True, exist_ok=True)
         write_tar(root, out, epoch)
     digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    Path(f"{out}.sha256").write_text(f"{digest}  {out.name}\n")  # `sha256sum -c` format; install.sh checks it
     return {"overlay": str(out), "sha256": digest, "tar_bytes": out.stat().st_size, "installed_bytes": size,
             "elf_files": binaries, "bytecode": bytecode, "python": target.python,
             "wheels": sorted(w.name for w in used)}

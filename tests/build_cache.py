@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -92,11 +93,24 @@ def ensure_built(entry: str, build: Callable[[Path], None]) -> tuple[Path, bool]
     if (path / STAMP).exists():
         return path, False
     if path.exists():
+        unmount_under(path)  # a killed debootstrap leaves /proc mounted in its target
         shutil.rmtree(path)
     path.mkdir(parents=True)
     build(path)
     (path / STAMP).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return path, True
+
+
+def unmount_under(path: Path) -> None:
+    """Unmount (lazily, deepest first) every mount point at or below ``path``; RuntimeError if one stays."""
+    prefix = str(path.resolve())
+    def mounted() -> list[str]:
+        points = [line.split()[1].replace("\\040", " ") for line in Path("/proc/mounts").read_text().splitlines()]
+        return sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True)
+    for point in mounted():
+        subprocess.run(["umount", "-l", point], capture_output=True, timeout=60, check=False)
+    if mounted():
+        raise RuntimeError(f"could not unmount {mounted()}; remove {path} by hand")
 
 
 def prune(kind: str, *, keep: int) -> list[Path]:
@@ -111,6 +125,7 @@ def prune(kind: str, *, keep: int) -> list[Path]:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # another session is using it
+            unmount_under(path)
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

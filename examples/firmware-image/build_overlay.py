@@ -80,9 +80,9 @@ class Target:
         return args
 
 
-def _pip(*args: str) -> None:
+def _pip(*args: str, env: dict[str, str] | None = None) -> None:
     cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if "is ignored" not in ln]
         raise BuildError(f"pip {args[0]} failed:\n" + "\n".join(lines[-15:]))
@@ -106,10 +106,10 @@ def copy_wheel_sources(source: Path, dest: Path) -> Path:
     return dest
 
 
-def build_fedge_wheel(source: Path, out_dir: Path) -> Path:
-    """The fedge wheel of the checkout at ``source`` (pure Python), built from a clean copy."""
+def build_fedge_wheel(source: Path, out_dir: Path, epoch: int) -> Path:
+    """The fedge wheel of the checkout at ``source`` (pure Python), built from a clean copy, zip times ``epoch``."""
     clean = copy_wheel_sources(source, out_dir / "src")
-    _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out_dir), str(clean))
+    _pip("wheel", "--quiet", "--no-deps", "--wheel-dir", str(out_dir), str(clean), env={"SOURCE_DATE_EPOCH": str(epoch)})
     shutil.rmtree(clean)
     wheels = sorted(out_dir.glob("fedge-*.whl"))
     if len(wheels) != 1:
@@ -271,7 +271,7 @@ def build_overlay(*, source: Path, out: Path, target: Target, wheelhouse: Path, 
         work = Path(tmp)
         own = work / "fedge-wheel"
         own.mkdir()
-        fedge_wheel = build_fedge_wheel(source, own)
+        fedge_wheel = build_fedge_wheel(source, own, epoch)
         root = work / "root"
         site = root / VENV / "lib" / f"python{target.python}" / "site-packages"
         install_site_packages(requirement=f"fedge[{extra}]", links=[own, wheelhouse], site=site, target=target,

@@ -117,10 +117,15 @@ def _debootstrap(entry: Path, mirror: str) -> None:
     cmd = ["debootstrap", f"--arch={ARCH}", "--variant=minbase", f"--include={','.join(INCLUDE)}", SUITE, str(root), mirror]
     started = time.monotonic()
     with open(entry / "debootstrap.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=1200, check=False)
-        except subprocess.TimeoutExpired as exc:
-            raise EmulationUnavailable(f"debootstrap did not finish in {exc.timeout:g} s") from exc
+            proc.wait(timeout=1200)
+        except BaseException as exc:  # a timeout, or pytest's: never leave dpkg running in the cache
+            os.killpg(proc.pid, 9)
+            proc.wait(timeout=60)
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise EmulationUnavailable(f"debootstrap did not finish in {exc.timeout:g} s") from exc
+            raise
     if proc.returncode != 0:
         tail = (entry / "debootstrap.log").read_text(errors="replace")[-2000:]
         raise EmulationUnavailable(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{tail}")

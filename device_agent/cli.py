@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import FedgeError
 from device_agent.keys import load_verify_key
 from device_agent.trainer import DeviceTrainer, TrainBudget
+from device_agent.training_backends import BackendName
 
 
 def _data(path: str) -> DataSource:
@@ -32,11 +34,12 @@ def _cmd_install(args: argparse.Namespace) -> dict[str, object]:
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, object]:
     bundle = load_bundle(args.bundle_dir, load_verify_key(args.fleet_key))
-    trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads)
+    trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads, backend=args.backend)
     budget = TrainBudget(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr)
     report = trainer.train(_data(args.data), budget, rng=np.random.default_rng(args.seed))
     trainer.save_state()
-    out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds}
+    out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds,
+                              "backend": trainer.backend_name.value}
     if args.eval_data:
         ev = trainer.evaluate(_data(args.eval_data))
         out.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy, eval_examples=ev.examples)
@@ -45,12 +48,19 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, object]:
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     bundle = load_bundle(args.bundle_dir, load_verify_key(args.fleet_key))
-    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data))
-    return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples}
+    trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads, backend=args.backend)
+    ev = trainer.evaluate(_data(args.data))
+    return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples, "backend": trainer.backend_name.value}
 
 
 def _cmd_run(args: argparse.Namespace) -> dict[str, object]:
     config = load_config(args.config)
+    if args.backend is not None:
+        config = replace(config, backend=BackendName(args.backend))
+    # The start-up line (device, bundle, training backend) shows at the default verbosity too.
+    start_log = logging.getLogger("device_agent.daemon.bootstrap")
+    if start_log.getEffectiveLevel() > logging.INFO:
+        start_log.setLevel(logging.INFO)
     stop = threading.Event()
     # SIGTERM (systemd, docker stop) and Ctrl-C end the run between steps; a pending update
     # stays on disk and is resent by the next start.
@@ -63,6 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> dict[str, object]:
             signal.signal(sig, handler)
     return {
         "device": config.device_id,
+        "backend": agent.trainer.backend_name.value,
         "finished": result.finished,
         "stopped": result.stopped,
         "rounds": [{"round": r.round, "status": r.status.value, "reason": r.reason, "trained": r.trained}
@@ -90,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--state", required=True, help="device state directory (personal weights, optimizer state)")
         c.add_argument("--data", required=True, help=".npz (arrays x, y) or .csv (last column = label)")
         c.add_argument("--threads", type=int, default=None)
+        _backend_option(c, default=BackendName.AUTO.value)
         c.set_defaults(func=func)
         if name == "train":
             c.add_argument("--epochs", type=int, default=1)
@@ -102,8 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="join the federation: wait for signed models, train, send sealed updates")
     run.add_argument("--config", required=True, help="agent TOML file (see examples/agent.toml)")
     run.add_argument("--rounds", type=_non_negative, default=None, help="stop after N finished rounds (default: run until stopped)")
+    _backend_option(run, default=None)
     run.set_defaults(func=_cmd_run)
     return p
+
+
+def _backend_option(parser: argparse.ArgumentParser, *, default: str | None) -> None:
+    parser.add_argument("--backend", choices=[b.value for b in BackendName], default=default,
+                        help="training backend: auto (ort-training when installed and in the bundle, else portable), "
+                             "portable or ort-training" + (" (default: training.backend of the config, auto)" if default is None
+                                                            else " (default: %(default)s)"))
 
 
 def _non_negative(text: str) -> int:

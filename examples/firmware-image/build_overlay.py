@@ -123,6 +123,10 @@ def install_site_packages(*, requirement: str, links: list[Path], site: Path, ta
     find = [arg for link in links for arg in ("--find-links", str(link))]
     if not offline:
         _pip("download", "--quiet", "--dest", str(wheelhouse), *find, *target.pip_args(), requirement)
+    # pip download copies the fedge wheel into the wheelhouse too; a copy from an earlier build
+    # (same version, older code) must never be the one installed.
+    for stale in wheelhouse.glob("fedge-*.whl"):
+        stale.unlink()
     _pip("install", "--quiet", "--no-index", "--no-compile", "--target", str(site), *find, *target.pip_args(), requirement)
 
 

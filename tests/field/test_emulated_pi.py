@@ -13,7 +13,9 @@ import stat
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from device_agent.keys import save_public_key
 from tests.field.arm64_root import EmulatedPi
@@ -107,3 +109,67 @@ def test_emulated_pi_agent_installs_a_signed_bundle_and_refuses_a_tampered_one(e
     assert bad.returncode == 2 and bad.stdout == ""
     assert own_lines(bad.stderr) == ["fedge-agent: error: bundle verification failed"], bad.stderr
     assert not emulated_pi.path("/var/lib/fedge/check/bad").exists()
+
+
+def public_pem(private_key) -> bytes:
+    """The PEM of ``private_key``'s public key, as fleet.pub files hold it."""
+    return private_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def stage_files(pi: EmulatedPi, inside: str, files: dict[str, bytes]) -> Path:
+    """Write ``files`` into a fresh directory ``inside`` the root, readable by the agent's user."""
+    directory = pi.path(inside)
+    directory.mkdir(parents=True)
+    directory.chmod(0o755)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+        (directory / name).chmod(0o644)
+    return directory
+
+
+#: aarch64 (onnxruntime's NEON kernels, under qemu) vs x86_64 (its AVX kernels): the same graphs, batches and seed,
+#: float32 sums in different orders. The cross-backend tolerance; measured worst |difference| after 16 AdamW steps of
+#: FedAlt's two phases: 3.0e-8 (MLP and 1D-CNN).
+CROSS_ARCH_TOL = {"rtol": 1e-5, "atol": 2e-6}
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn1d"])
+def test_emulated_pi_trains_with_the_portable_backend_like_x86_64(emulated_pi: EmulatedPi, model_bundle, install, fleet_key,
+                                                                  model: str, tmp_path: Path) -> None:
+    """`fedge-agent train` on the emulated Pi and DeviceTrainer(portable) on this host: same bundle, batches, seed."""
+    from device_agent.data import load_npz
+    from device_agent.trainer import DeviceTrainer, TrainBudget
+    from tests.model_bundles import make_data
+
+    path, _ = model_bundle(model, "fedalt", mu=0.1, optimizer="adamw")
+    x, y = make_data(model, "cross_entropy", 64, seed=3)
+    data = io.BytesIO()
+    np.savez(data, x=x, y=y)
+    inside = f"/tmp/train-{model}"
+    stage_files(emulated_pi, inside, {"b.fedge": Path(path).read_bytes(), "local.npz": data.getvalue(),
+                                      "fleet.pub": public_pem(fleet_key)})
+    state = f"/var/lib/fedge/train-{model}"
+    for argv in ([AGENT, "install", f"{inside}/b.fedge", "--fleet-key", f"{inside}/fleet.pub", "--dest", f"{state}/bundle"],
+                 [AGENT, "train", "--bundle-dir", f"{state}/bundle", "--fleet-key", f"{inside}/fleet.pub", "--state", f"{state}/s",
+                  "--data", f"{inside}/local.npz", "--epochs", "2", "--batch-size", "16", "--seed", "7", "--threads", "1",
+                  "--backend", "portable"]):
+        proc = emulated_pi.run(argv, user="fedge", env=QUIET, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    pi = json.loads(proc.stdout)
+    assert pi["backend"] == "portable" and pi["steps"] == 16  # 2 phases x 2 epochs x 4 batches
+
+    host_bundle = install(path)
+    host = DeviceTrainer(host_bundle, backend="portable", threads=1)
+    report = host.train(load_npz(emulated_pi.path(f"{inside}/local.npz")),
+                        TrainBudget(epochs=2, batch_size=16), rng=np.random.default_rng(7))
+    assert report.steps == pi["steps"]
+    np.testing.assert_allclose(pi["mean_loss"], report.mean_loss, rtol=CROSS_ARCH_TOL["rtol"])
+    trained_on_pi = DeviceTrainer(host_bundle, state_dir=emulated_pi.path(f"{state}/s"), backend="portable")
+    worst = 0.0
+    for name, value in {**host.get_shared(), **host.get_personal()}.items():
+        theirs = {**trained_on_pi.get_shared(), **trained_on_pi.get_personal()}[name]
+        np.testing.assert_allclose(theirs, value, err_msg=name, **CROSS_ARCH_TOL)
+        worst = max(worst, float(np.max(np.abs(theirs - value))))
+    initial = DeviceTrainer(host_bundle, backend="portable").get_shared()
+    assert any(not np.array_equal(initial[n], v) for n, v in trained_on_pi.get_shared().items())  # it did train
+    print(f"{model}: worst |aarch64 - x86_64| after {pi['steps']} steps = {worst:.3g}; emulated training {pi['seconds']:.2f} s")

@@ -6,8 +6,10 @@
 # Checks the tar against TAR.sha256 when that file lies beside it, checks the machine
 # (aarch64) and its Python (the overlay's version), stops a running agent, replaces
 # /opt/fedge, runs `fedge-device-setup system` (user fedge, /etc/fedge, /var/lib/fedge,
-# unit enabled) and, given a provisioning directory (agent.toml + keys/ + bundles/),
-# installs it, which starts the agent. Nothing else on the system is touched.
+# unit enabled), installs the sensor adapter lying beside this script (sensor_windows.py as
+# /opt/fedge/bin/fedge-sensor-windows, fedge-sensor.service not enabled: its input is yours
+# to choose) and, given a provisioning directory (agent.toml + keys/ + bundles/), installs
+# it, which starts the agent. Nothing else on the system is touched.
 # Also runs in a chroot (pi-gen stage, emulated root): systemd is used only when running.
 # Exit codes: 0 ok, 1 failure, 2 usage error.
 set -eu
@@ -42,6 +44,18 @@ fi
 rm -rf /opt/fedge/venv
 tar -xzf "$tarball" -C / --numeric-owner
 echo "install.sh: installed /opt/fedge ($(du -sh /opt/fedge | cut -f1))"
+
+here=$(dirname "$0")
+if [ -f "$here/sensor_windows.py" ]; then
+    install -D -m 0644 "$here/sensor_windows.py" /opt/fedge/libexec/sensor_windows.py
+    install -d /opt/fedge/bin
+    printf '#!/bin/sh\nexec /opt/fedge/venv/bin/python3 -I /opt/fedge/libexec/sensor_windows.py "$@"\n' \
+        > /opt/fedge/bin/fedge-sensor-windows.new
+    chmod 0755 /opt/fedge/bin/fedge-sensor-windows.new
+    mv /opt/fedge/bin/fedge-sensor-windows.new /opt/fedge/bin/fedge-sensor-windows
+    [ ! -f "$here/fedge-sensor.service" ] || install -m 0644 "$here/fedge-sensor.service" /etc/systemd/system/fedge-sensor.service
+    echo "install.sh: installed /opt/fedge/bin/fedge-sensor-windows (and fedge-sensor.service, not enabled)"
+fi
 
 /opt/fedge/sbin/fedge-device-setup system
 if [ -n "$provision" ]; then

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 BUILD_SCRIPT = EXAMPLES / "firmware-image" / "build_overlay.py"
 INSTALL_SCRIPT = EXAMPLES / "raspberry-pi" / "install.sh"
+#: What lies beside install.sh in the kit (it installs them too).
+KIT_FILES = (EXAMPLES / "raspberry-pi" / "sensor_windows.py", EXAMPLES / "raspberry-pi" / "fedge-sensor.service")
 #: Where the install files are copied inside the root.
 INSTALL_DIR = "/tmp/fedge-install"
 
@@ -95,7 +97,7 @@ def emulated_pi(tmp_path_factory: pytest.TempPathFactory, overlay: Overlay, fiel
             try:
                 staging = pi.path(INSTALL_DIR)
                 staging.mkdir(parents=True)
-                for source in (overlay.tar, Path(f"{overlay.tar}.sha256"), INSTALL_SCRIPT):
+                for source in (overlay.tar, Path(f"{overlay.tar}.sha256"), INSTALL_SCRIPT, *KIT_FILES):
                     shutil.copy(source, staging / source.name)
                 started = time.monotonic()
                 proc = pi.run(["sh", f"{INSTALL_DIR}/install.sh", f"{INSTALL_DIR}/{overlay.tar.name}"], timeout=600)

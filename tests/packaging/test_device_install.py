@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.example_modules import load_example
@@ -29,10 +30,14 @@ HOST_ONLY = ("torch", "click", "onnxscript", "matplotlib", "scikit-learn", "amqt
 IMPORTS = """
 import importlib.util, json, sys
 import device_agent.cli, device_agent.daemon.bootstrap, device_agent.trainer, device_agent.protocol.envelope
+from device_agent.training_backends import installed_backends
+backends = [b.value for b in installed_backends()]  # imports onnxruntime
 heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'sdk'})
 print(json.dumps({"heavy": heavy, "torch_installed": importlib.util.find_spec('torch') is not None,
-                  "onnxruntime": sys.modules['onnxruntime'].__version__}))
+                  "onnxruntime": sys.modules['onnxruntime'].__version__, "backends": backends}))
 """
+#: extra -> the training backends its runtime can run.
+BACKENDS_OF = {"device": ["portable"], "device-ort-training": ["ort-training", "portable"]}
 
 
 @pytest.fixture(scope="module", params=sorted(RUNTIME_OF))
@@ -58,6 +63,26 @@ def test_device_install_imports_the_agent_without_torch(venv: DeviceVenv) -> Non
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [] and result["torch_installed"] is False, result
     assert result["onnxruntime"] == venv.distributions()[RUNTIME_OF[venv.extra]]
+    assert result["backends"] == BACKENDS_OF[venv.extra]
+
+
+def test_device_install_trains_a_bundle_with_its_backend(venv: DeviceVenv, model_bundle, fleet_key, tmp_path: Path) -> None:
+    """The installed fedge-agent (not the checkout) verifies, installs and trains a bundle carrying both artifact kinds."""
+    from device_agent.keys import save_public_key
+    from tests.model_bundles import make_data
+
+    path, _ = model_bundle("mlp", "fedalt", mu=0.1, optimizer="adamw")
+    save_public_key(fleet_key.public_key(), tmp_path / "fleet.pub")
+    x, y = make_data("mlp", "cross_entropy", 64, seed=1)
+    np.savez(tmp_path / "local.npz", x=x, y=y)
+    install = venv.run(["fedge-agent", "install", str(path), "--fleet-key", str(tmp_path / "fleet.pub"),
+                        "--dest", str(tmp_path / "bundle")])
+    assert install.returncode == 0, install.stderr
+    train = venv.run(["fedge-agent", "train", "--bundle-dir", str(tmp_path / "bundle"), "--fleet-key", str(tmp_path / "fleet.pub"),
+                      "--state", str(tmp_path / "state"), "--data", str(tmp_path / "local.npz"), "--epochs", "2"])
+    assert train.returncode == 0, train.stderr
+    result = json.loads(train.stdout)
+    assert result["backend"] == BACKENDS_OF[venv.extra][0] and result["steps"] == 8  # auto: ort-training where installed
 
 
 def test_device_install_fedge_script_names_the_missing_extra_in_one_line(venv: DeviceVenv) -> None:

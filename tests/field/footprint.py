@@ -39,17 +39,22 @@ IMPORT_PROBE = ("import time; t = time.perf_counter(); import device_agent.cli; 
 REPEATS = 5
 
 
+#: Runs argv and reports its peak RSS. A process forked from this one (torch loaded: ~480 MB) would report
+#: this one's RSS as its peak (Linux keeps the fork-time high-water mark across exec), so a small launcher forks it.
+LAUNCHER = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]); _, status, usage = os.wait4(p.pid, 0); "
+            "print(f'MAXRSS {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}', file=sys.stderr)")
+
+
 def _timed_child(cmd: Sequence[str], env: dict[str, str], cwd: str) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS in bytes of that child alone, stdout)."""
+    """(wall seconds, peak RSS in bytes of that command alone, stdout)."""
     started = time.perf_counter()
-    proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([sys.executable, "-I", "-c", LAUNCHER, *cmd], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=900, check=False)
     seconds = time.perf_counter() - started
-    out = proc.stdout.read() if proc.stdout else ""
-    err = proc.stderr.read() if proc.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024, out
+    last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+    if not last.startswith("MAXRSS ") or last.split()[2] != "0":
+        raise RuntimeError(f"{cmd[0]} failed: {proc.stderr[-2000:]}")
+    return seconds, int(last.split()[1]) * 1024, proc.stdout
 
 
 def watch_case(work: Path) -> tuple[Path, Path, Path]:

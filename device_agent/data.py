@@ -1,21 +1,29 @@
 """Data adapters: how a device feeds its own local data to the trainer.
 
 Every adapter is a :class:`DataSource`: a finite, re-iterable set of examples
-the trainer draws mini-batches from. Files are read with numpy only
-(``allow_pickle=False`` for ``.npz``), so a data file can never execute code.
+the trainer draws mini-batches from. ``.npz`` members are parsed header first
+(numeric dtypes only, sizes bounded before anything is allocated) and never
+unpickled, so a data file can never execute code; every content problem
+raises :class:`DataFileError` naming the file.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import math
 import os
+import struct
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from device_agent.errors import FedgeError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,13 +71,77 @@ class ArrayDataSource:
             yield Batch(x=self.x[idx], y=self.y[idx])
 
 
-def load_npz(path: str | os.PathLike[str], *, x_key: str = "x", y_key: str = "y") -> ArrayDataSource:
-    """Load ``x``/``y`` arrays from an ``.npz`` file (pickled objects are refused)."""
-    with np.load(Path(path), allow_pickle=False) as data:
-        missing = [k for k in (x_key, y_key) if k not in data.files]
-        if missing:
-            raise ValueError(f"{path}: missing arrays {missing}; it has {data.files}")
-        return ArrayDataSource(data[x_key], data[y_key])
+class DataFileError(FedgeError, ValueError):
+    """A local data file cannot be used; the message names the file and what is wrong with it."""
+
+
+#: Largest array a data file may declare (bytes, per array): a forged header must not make the device allocate gigabytes.
+MAX_ARRAY_BYTES = 1 << 30
+_NUMERIC_KINDS = "biuf"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def load_npz(path: str | os.PathLike[str], *, x_key: str = "x", y_key: str = "y",
+             max_array_bytes: int = MAX_ARRAY_BYTES) -> ArrayDataSource:
+    """Load ``x``/``y`` arrays from an ``.npz`` file (``np.savez``): numeric arrays only, never pickled objects.
+
+    Every problem raises DataFileError naming the file: a ``.npy`` or any
+    other non-zip file, a missing array, an array holding Python objects, a
+    damaged member, or an array larger than ``max_array_bytes``. A missing or
+    unreadable file raises OSError.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic.startswith(_NPY_MAGIC):
+        raise DataFileError(f"{path}: a .npy file (one array); fedge reads an .npz with arrays "
+                            f"{x_key!r} and {y_key!r}, e.g. numpy.savez(path, {x_key}=features, {y_key}=labels)")
+    if not magic.startswith(_ZIP_MAGICS):
+        raise DataFileError(f"{path}: not an .npz file (an .npz is a zip archive written by numpy.savez)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {name[:-4] if name.endswith(".npy") else name: name for name in archive.namelist()}
+            missing = [k for k in (x_key, y_key) if k not in members]
+            if missing:
+                raise DataFileError(f"{path}: missing arrays {missing}; it has {sorted(members)}")
+            x, y = (_read_npy_member(archive, members[k], path, k, max_array_bytes) for k in (x_key, y_key))
+    except DataFileError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError, OverflowError,
+            KeyError, struct.error, OSError) as exc:  # OSError here: a forged member offset (the file itself opened)
+        raise DataFileError(f"{path}: damaged .npz file: {exc}") from exc
+    try:
+        return ArrayDataSource(x, y)
+    except ValueError as exc:
+        raise DataFileError(f"{path}: {exc}") from exc
+
+
+def _read_npy_member(archive: zipfile.ZipFile, member: str, path: Path, key: str, limit: int) -> np.ndarray:
+    """One ``.npy`` member, header checked before any allocation (numeric dtype, declared size within ``limit``)."""
+    info = archive.getinfo(member)
+    if info.file_size > limit + 65536:
+        raise DataFileError(f"{path}: array {key!r} is {info.file_size} bytes, over the {limit}-byte limit")
+    with archive.open(info) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise DataFileError(f"{path}: array {key!r} has unsupported .npy format version {version}")
+        if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None:
+            raise DataFileError(f"{path}: array {key!r} has dtype {dtype}; only numeric arrays are read "
+                                "(arrays of Python objects would need pickle, which fedge never loads)")
+        count = math.prod(shape)
+        size = count * dtype.itemsize
+        if size > limit:
+            raise DataFileError(f"{path}: array {key!r} declares shape {shape} ({size} bytes), over the {limit}-byte limit")
+        data = fh.read(size)
+    if len(data) != size:
+        raise DataFileError(f"{path}: array {key!r} is truncated ({len(data)} of {size} bytes)")
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
+    return array.astype(dtype.newbyteorder("="), copy=True)
 
 
 def load_csv(
@@ -84,11 +156,16 @@ def load_csv(
 
     A header row is detected when its cells are not numbers. ``feature_shape``
     reshapes each row's features (e.g. ``(6, 100)`` for flattened sensor windows).
+    Integer labels must be whole numbers. DataFileError (naming the file) for
+    any content problem; OSError when the file cannot be read.
     """
-    with open(path, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter=delimiter))
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [row for row in csv.reader(fh, delimiter=delimiter) if row]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataFileError(f"{path}: not a readable UTF-8 CSV file: {exc}") from exc
     if not rows:
-        raise ValueError(f"{path}: empty CSV")
+        raise DataFileError(f"{path}: empty CSV")
     header: list[str] | None = None
     try:
         [float(c) for c in rows[0]]
@@ -96,19 +173,26 @@ def load_csv(
         header, rows = rows[0], rows[1:]
     if isinstance(label_column, str):
         if header is None or label_column not in header:
-            raise ValueError(f"{path}: no column named {label_column!r} (header: {header})")
+            raise DataFileError(f"{path}: no column named {label_column!r} (header: {header})")
         col = header.index(label_column)
     else:
         col = label_column
     try:
         table = np.array(rows, dtype=np.float64)
     except ValueError as exc:
-        raise ValueError(f"{path}: non-numeric or ragged rows: {exc}") from exc
-    if table.ndim != 2 or table.shape[1] < 2:
-        raise ValueError(f"{path}: need at least one feature column and a label column")
-    y = table[:, col].astype(label_dtype)
+        raise DataFileError(f"{path}: non-numeric or ragged rows: {exc}") from exc
+    if table.ndim != 2 or table.shape[1] < 2 or table.shape[0] < 1:
+        raise DataFileError(f"{path}: need at least one row with a feature column and a label column")
+    if not -table.shape[1] <= col < table.shape[1]:
+        raise DataFileError(f"{path}: label column {col} is out of range ({table.shape[1]} columns)")
+    labels = table[:, col]
+    if np.dtype(label_dtype).kind in "iu" and not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
+        raise DataFileError(f"{path}: labels in column {col} must be whole numbers")
+    y = labels.astype(label_dtype)
     x = np.delete(table, col, axis=1).astype(np.float32)
     if feature_shape is not None:
+        if math.prod(feature_shape) != x.shape[1]:
+            raise DataFileError(f"{path}: {x.shape[1]} feature columns cannot be reshaped to {tuple(feature_shape)}")
         x = x.reshape((x.shape[0], *feature_shape))
     return ArrayDataSource(x, y)
 

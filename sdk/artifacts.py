@@ -47,6 +47,7 @@ from device_agent.bundle.manifest import (
     TrainingMode,
 )
 from sdk.model_spec import ParameterSplit, ParameterSplitError, Role, matches_prefix, names_with_role
+from sdk.ort_smoke import smoke_test_ort_sets
 from sdk.portable_graph import PortablePlan, UnsupportedModelError, build_portable_graphs, check_model_supported
 
 logger = logging.getLogger(__name__)
@@ -325,7 +326,7 @@ def generate_training_artifacts(
     param_names = [n for n, p in model.named_parameters()]
     roles = split.assign(param_names)
     _check_mode_split(spec, roles)
-    check_model_supported(model)
+    check_model_supported(model, ort_training=ArtifactKind.ORT_TRAINING in kinds)
     shared = names_with_role(roles, Role.SHARED)
     personal = names_with_role(roles, Role.PERSONAL)
     plan = _set_plan(spec, param_names, shared, personal)
@@ -381,36 +382,7 @@ def _generate_ort_sets(model: torch.nn.Module, example_input: torch.Tensor, spec
     buffers = sorted(init_names - set(param_names))
     if buffers:
         logger.info("non-parameter initializers stay constant in the graph: %s", buffers)
-    sets = []
-    for set_name, trainable, frozen in plan:
-        aset = _generate_set(proto, set_name=set_name, trainable=trainable, frozen=frozen + anchors, spec=spec,
-                             shared=shared, out_dir=out)
-        _smoke_test(aset, out, example_input, spec.loss, output_shape)
-        sets.append(aset)
+    sets = [_generate_set(proto, set_name=set_name, trainable=trainable, frozen=frozen + anchors, spec=spec, shared=shared,
+                          out_dir=out) for set_name, trainable, frozen in plan]
+    smoke_test_ort_sets(sets, out, input_shape=tuple(example_input.shape[1:]), loss=spec.loss, output_shape=output_shape)
     return sets
-
-
-def _smoke_test(aset: ArtifactSet, out: Path, example_input: torch.Tensor, loss: LossKind, output_shape: tuple[int, ...]) -> None:
-    """One training step on the generated artifacts, so a set ORT cannot train is refused at build time."""
-    from onnxruntime.capi import _pybind_state as capi
-    from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
-
-    x = np.zeros((3, *example_input.shape[1:]), dtype=np.float32)
-    y = np.zeros((3,), dtype=np.int64) if loss is LossKind.CROSS_ENTROPY else np.zeros((3, *output_shape[1:]), dtype=np.float32)
-    device = capi.OrtDevice(capi.OrtDevice.cpu(), capi.OrtDevice.default_memory(), 0)
-    options = capi.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        state = capi.load_checkpoint(os.fspath(out / aset.checkpoint))
-        module = capi.Module(os.fspath(out / aset.training_model), state, os.fspath(out / aset.eval_model), device, options)
-        optimizer = capi.Optimizer(os.fspath(out / aset.optimizer_model), state, device, options)
-        inputs, fetches = capi.OrtValueVector(), capi.OrtValueVector()
-        values = [OrtValue.ortvalue_from_numpy(a) for a in (x, y)]
-        for v in values:
-            inputs.push_back(v._ortvalue)
-        module.train_step_with_ort_values(inputs, fetches)
-        optimizer.optimizer_step()
-    except Exception as exc:  # ORT raises RuntimeError and its own Fail/InvalidArgument types
-        raise RuntimeError(f"onnxruntime-training cannot train artifact set {aset.name.value}: {exc}") from exc
-    if not np.isfinite(fetches[0].numpy()).all():
-        raise RuntimeError(f"artifact set {aset.name.value}: the smoke-test loss is not finite")

@@ -24,9 +24,18 @@ from typing import BinaryIO, Callable
 
 from cryptography.exceptions import InvalidSignature
 
+from device_agent.bundle.install_policy import (
+    InstallDecision,
+    InstalledRecord,
+    check_install,
+    read_record,
+    versions_dir,
+    write_record,
+)
 from device_agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, BundleManifest, parse_manifest
 from device_agent.errors import BundleError, BundleVerificationError
 from device_agent.keys import TrustedKeys, trusted_key_map
+from device_agent.state_store import _fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -147,15 +156,66 @@ def verify_bundle(path: str | os.PathLike[str], trusted: TrustedKeys) -> BundleM
 
 
 def install_bundle(path: str | os.PathLike[str], trusted: TrustedKeys, dest: str | os.PathLike[str]) -> TrainingBundle:
-    """Verify a bundle and install it into directory ``dest`` atomically.
+    """Verify a bundle and make it the one installed at ``dest``, atomically and never backwards.
 
-    ``dest`` is replaced only once every file has been checked and written, so
-    a crash leaves either the old installation or the new one, never a mix.
+    The files go into a directory of their own under ``<dest>.versions/``
+    (fsynced), the highest-version record there is updated, and ``dest`` (a
+    symbolic link) is repointed to the new directory with one atomic rename:
+    a crash leaves ``dest`` on the old bundle or the new one, never a mix.
+    An older version than the highest ever installed here, or the same version
+    with different content, raises BundleDowngradeError (see
+    :mod:`device_agent.bundle.install_policy`); the same bundle again is a no-op.
+    The previous version's directory is kept (a process may still read it).
     """
     source = _Source(Path(path))
     dest_path = Path(dest)
-    dest_path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=dest_path.parent))
+    try:
+        manifest, raw = _verify(source, trusted, None)
+        offered = InstalledRecord(model_name=manifest.model_name, bundle_version=manifest.bundle_version,
+                                  manifest_sha256=hashlib.sha256(raw).hexdigest())
+        current = _current(dest_path, trusted)
+        decision = check_install(_highest(dest_path, current), offered)
+        if decision is InstallDecision.ALREADY_INSTALLED and current is not None and current.manifest == manifest:
+            logger.info("bundle %s v%d is already installed in %s", manifest.model_name, manifest.bundle_version, dest_path)
+            return current
+        version_dir = _stage(source, trusted, dest_path, offered)
+        write_record(dest_path, offered)  # before the switch: a crash in between cannot reopen a downgrade
+        _point(dest_path, version_dir)
+    finally:
+        source.close()
+    _prune(dest_path, keep={version_dir.name, *(() if current is None else (current.directory.name,))})
+    logger.info("installed bundle %s v%s into %s", manifest.model_name, manifest.bundle_version, dest_path)
+    return TrainingBundle(manifest=manifest, directory=version_dir, manifest_sha256=offered.manifest_sha256)
+
+
+def _highest(dest: Path, current: TrainingBundle | None) -> InstalledRecord | None:
+    """The anti-rollback floor: the record, or (no record yet: an older install) ``current``, the verified bundle at ``dest``."""
+    record = read_record(dest)
+    if record is not None:
+        return record
+    if current is None:
+        return None
+    m = current.manifest
+    return InstalledRecord(model_name=m.model_name, bundle_version=m.bundle_version, manifest_sha256=current.manifest_sha256)
+
+
+def _current(dest: Path, trusted: TrustedKeys) -> TrainingBundle | None:
+    """The verified bundle installed at ``dest`` now, or None (nothing there, or it does not verify)."""
+    if not dest.is_dir():
+        return None
+    try:
+        return load_bundle(dest, trusted)
+    except BundleError as exc:
+        logger.warning("the bundle installed in %s is not usable (%s); it will be replaced", dest, exc)
+        return None
+
+
+def _stage(source: _Source, trusted: TrustedKeys, dest: Path, record: InstalledRecord) -> Path:
+    """Copy and re-verify every file into ``<dest>.versions/v<version>-<sha12>`` (fsynced); that directory."""
+    versions = versions_dir(dest)
+    versions.mkdir(parents=True, exist_ok=True)
+    final = versions / f"v{record.bundle_version}-{record.manifest_sha256[:12]}"
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=versions))
     try:
         def copy(name: str, fh: BinaryIO) -> None:
             with open(staging / name, "wb") as out:
@@ -163,25 +223,42 @@ def install_bundle(path: str | os.PathLike[str], trusted: TrustedKeys, dest: str
                 out.flush()
                 os.fsync(out.fileno())
 
-        manifest, raw = _verify(source, trusted, copy)
+        _, raw = _verify(source, trusted, copy)  # hashes checked again on the bytes actually copied
         signature = source.read_small(SIGNATURE_NAME, 64)
-        (staging / MANIFEST_NAME).write_bytes(raw)
-        (staging / SIGNATURE_NAME).write_bytes(signature)
-        if dest_path.exists():
-            old = dest_path.with_name(dest_path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest_path, old)
-            os.replace(staging, dest_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, dest_path)
+        for name, data in ((MANIFEST_NAME, raw), (SIGNATURE_NAME, signature)):
+            with open(staging / name, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        _fsync_dir(staging)
+        shutil.rmtree(final, ignore_errors=True)  # an interrupted earlier install of the same version
+        os.replace(staging, final)
+        _fsync_dir(versions)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        source.close()
-    logger.info("installed bundle %s v%s into %s", manifest.model_name, manifest.bundle_version, dest_path)
-    return TrainingBundle(manifest=manifest, directory=dest_path, manifest_sha256=hashlib.sha256(raw).hexdigest())
+    return final
+
+
+def _point(dest: Path, version_dir: Path) -> None:
+    """Make ``dest`` a symbolic link to ``version_dir`` with one atomic rename (a plain directory is moved aside first)."""
+    if dest.is_dir() and not dest.is_symlink():
+        # An installation from before versioned directories: move it aside once (not atomic, one time only).
+        os.replace(dest, versions_dir(dest) / f"legacy-{os.getpid()}")
+    link = dest.with_name(f".{dest.name}.link-{os.getpid()}")
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(os.path.relpath(version_dir, dest.parent), link)
+    os.replace(link, dest)
+    _fsync_dir(dest.parent)
+
+
+def _prune(dest: Path, *, keep: set[str]) -> None:
+    """Remove version directories other than ``keep`` (and leftovers of interrupted installs)."""
+    for entry in versions_dir(dest).iterdir():
+        if entry.is_dir() and not entry.is_symlink() and entry.name not in keep:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def load_bundle(directory: str | os.PathLike[str], trusted: TrustedKeys) -> TrainingBundle:
@@ -189,6 +266,7 @@ def load_bundle(directory: str | os.PathLike[str], trusted: TrustedKeys) -> Trai
     path = Path(directory)
     if not path.is_dir():
         raise BundleError(f"{path} is not an installed bundle directory; install the archive with install_bundle()")
-    source = _Source(path)
+    # Resolve the link: a later install repoints it, but this bundle's files stay where they are.
+    source = _Source(path.resolve())
     manifest, raw = _verify(source, trusted, None)
-    return TrainingBundle(manifest=manifest, directory=path, manifest_sha256=hashlib.sha256(raw).hexdigest())
+    return TrainingBundle(manifest=manifest, directory=source.path, manifest_sha256=hashlib.sha256(raw).hexdigest())

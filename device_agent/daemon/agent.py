@@ -64,6 +64,10 @@ class RoundStatus(str, Enum):
 
     ``duplicate``: a resend was answered ``replay``, which the aggregator says
     only for a nonce it already counted, so an earlier copy was accepted.
+    ``stale``: answered ``stale_round``: the aggregator had already moved on to
+    a later round (docs/protocol.md, "Rounds, resends and replays"). The update
+    may have been counted before its receipt was lost; either way the round is
+    over for the device, which drops it and takes the next model.
     ``no_receipt``: nothing answered; the update stays pending and is resent.
     ``refused``: the update could not be published (over the broker limit with chunking off).
     ``failed``: local training failed (unreadable data, non-finite loss); the round is skipped.
@@ -71,6 +75,7 @@ class RoundStatus(str, Enum):
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
+    STALE = "stale"
     REJECTED = "rejected"
     NO_RECEIPT = "no_receipt"
     REFUSED = "refused"
@@ -338,6 +343,8 @@ class DeviceAgent:
             status = RoundStatus.ACCEPTED
         elif receipt.reason == RejectReason.REPLAY.value:
             status = RoundStatus.DUPLICATE
+        elif receipt.reason == RejectReason.STALE_ROUND.value:
+            status = RoundStatus.STALE
         else:
             status = RoundStatus.REJECTED
         return RoundResult(round=number, status=status, trained=trained, reason=receipt.reason, report=report,

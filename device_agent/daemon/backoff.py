@@ -1,4 +1,4 @@
-"""Capped exponential backoff with jitter, reset on success (pure: no sleeping here).
+"""Capped exponential backoff with jitter, reset on success, and a report throttle (pure: no sleeping here).
 
 The n-th consecutive failure waits ``min(max_s, initial_s * multiplier**n)``
 shortened by a random fraction of up to ``jitter`` of itself, so a fleet of
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -72,3 +73,34 @@ class Backoff:
     def reset(self) -> None:
         """Success: the next failure starts again from ``initial_s``."""
         self.failures = 0
+
+
+class Throttle:
+    """Rate limit for a repeated report: the first event is reported, then at most one per ``interval_s``.
+
+    :meth:`ready` counts an event and says whether to report it now, with how
+    many events were held back since the last report. ``clock`` is monotonic
+    seconds (injectable, like everything that waits here).
+    """
+
+    def __init__(self, interval_s: float, *, clock: Callable[[], float]) -> None:
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: float | None = None
+        self._held = 0
+
+    def ready(self) -> tuple[bool, int]:
+        """Count one event: (report it now?, events held back since the last report)."""
+        now = self._clock()
+        if self._last is None or now - self._last >= self.interval_s:
+            held, self._held, self._last = self._held, 0, now
+            return True, held
+        self._held += 1
+        return False, self._held
+
+    def clear(self) -> None:
+        """The condition ended (e.g. connected again): the next event is reported at once."""
+        self._last = None
+        self._held = 0

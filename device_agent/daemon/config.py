@@ -81,10 +81,21 @@ class BrokerConfig:
 
     def read_password(self) -> str | None:
         """The password (the file's first line when ``password_file`` is set), or None for none."""
+        passwords = self.read_passwords()
+        return passwords[0] if passwords else (None if self.password_file is None else "")
+
+    def read_passwords(self) -> tuple[str, ...]:
+        """The passwords to try, in order, read now: ``password``, or ``password_file``'s first two non-empty lines.
+
+        Empty for no password. The connection reads the file before every connect
+        attempt and moves to the second line when the broker refuses the first,
+        so a password can be rotated on a running device (docs/broker.md).
+        OSError when the file cannot be read.
+        """
         if self.password_file is not None:
-            lines = self.password_file.read_text(encoding="utf-8").splitlines()
-            return lines[0] if lines else ""
-        return self.password
+            lines = [line for line in self.password_file.read_text(encoding="utf-8").splitlines() if line]
+            return tuple(lines[:2])
+        return () if self.password is None else (self.password,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,6 +287,7 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
             data = tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{file}: not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: tomllib recurses per nesting level (found by fuzzing: ~1,000 nested inline tables)
+        raise ConfigError(f"{file}: not valid TOML: {str(exc) or type(exc).__name__}") from exc
     return parse_config(data, base_dir=file.resolve().parent, source=str(file))

@@ -1,8 +1,13 @@
 """The device's MQTT connection: one thread owns the paho client, callbacks only enqueue.
 
-Shape (paho-mqtt 2.x, callback API version 2, MQTT v3.1.1):
+Shape (paho-mqtt 2.x, callback API version 2):
 
-- A persistent session (``clean_session`` false) under a stable client id
+- **Protocol.** MQTT 5 first (the broker's CONNACK then says how large a packet
+  it accepts, and a broker that drops the client says why); a broker that
+  answers "unsupported protocol version" (amqtt, old brokers) gets MQTT 3.1.1
+  from then on. :class:`MqttProtocol` pins either one.
+- A persistent session (``clean_session`` false in 3.1.1; ``clean_start``
+  false and a session that never expires in 5) under a stable client id
   (the device id), so QoS 1 receipts sent while the device is offline wait
   at the broker.
 - A last will on the device's presence topic (retained ``offline``); every
@@ -11,18 +16,30 @@ Shape (paho-mqtt 2.x, callback API version 2, MQTT v3.1.1):
 - paho's own reconnect is off. The network thread started by :meth:`MqttConnection.start`
   is the only code that touches the client: it runs ``client.loop()``,
   drains the events the callbacks queued, tracks :class:`ConnectionState`,
-  reconnects after a capped, jittered exponential backoff that resets on a
-  successful CONNACK, (re)subscribes on every connect, and performs the
-  publishes other threads asked for. Callbacks do nothing but ``put`` on a
-  :class:`queue.Queue`; incoming messages go to :attr:`MqttConnection.inbox`
-  for the agent's own loop. Why not ``loop_start()``: with paho's reconnect
-  off its thread ends at the first drop, and outside that mode
-  ``publish()`` from another thread writes to the socket directly, racing
-  the loop; one owning thread avoids both.
+  reconnects after a capped, jittered exponential backoff, (re)subscribes on
+  every connect, and performs the publishes other threads asked for (once
+  connected, so they are sized against the limit the broker announced).
+  Callbacks do nothing but ``put`` on a :class:`queue.Queue`; incoming
+  messages go to :attr:`MqttConnection.inbox` for the agent's own loop. Why
+  not ``loop_start()``: with paho's reconnect off its thread ends at the
+  first drop, and outside that mode ``publish()`` from another thread writes
+  to the socket directly, racing the loop; one owning thread avoids both.
+- **The backoff resets only for a connection that proved itself**: it stayed
+  up ``stable_after_s`` or the broker acknowledged one of the agent's own
+  publishes. A connection the broker drops right after CONNACK (e.g. for an
+  oversized packet that paho resends on every reconnect) keeps the delays
+  growing, so a misconfigured device retries a few times a minute, not 160.
 - :meth:`MqttConnection.publish_checked` sizes every payload against the
-  broker limit *before* anything reaches paho, which ignores the broker's
+  packet limit *before* anything reaches paho, which ignores the broker's
   maximum packet size: an oversized PUBLISH would get the client
-  disconnected and paho would resend it after every reconnect, forever.
+  disconnected and paho would resend it after every reconnect. The limit is
+  ``broker.max_packet_size``, lowered to the broker's own when its MQTT 5
+  CONNACK announces a smaller one (logged once).
+- **Reports at the default level (WARNING), one line each, rate-limited:** a
+  broker that cannot be reached (host:port and the reason), a lost
+  connection, a refused password, a packet-size mismatch.
+- **Passwords** are read again before every connect attempt; when the broker
+  refuses one, the next attempt uses the file's second line (rotation).
 """
 
 from __future__ import annotations
@@ -33,130 +50,47 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, TypeVar, Union
+from collections.abc import Callable, Sequence
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent.daemon.backoff import Backoff, BackoffPolicy
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from device_agent.daemon.backoff import Backoff, BackoffPolicy, Throttle
 from device_agent.daemon.config import BrokerConfig, OversizePolicy
-from device_agent.protocol.chunking import check_publish_size, frames_for_publish
+from device_agent.daemon.connection_types import (
+    ConnectionState,
+    InboundMessage,
+    MqttProtocol,
+    PublishTicket,
+    _ConnAck,
+    _Event,
+    _guarded,
+    _Lost,
+    _Published,
+    _SubAck,
+    drain,
+)
+from device_agent.protocol.chunking import PayloadTooLargeError, check_publish_size, frames_for_publish
+
+__all__ = ["ConnectionState", "InboundMessage", "MqttConnection", "MqttProtocol", "PublishTicket", "drain"]
 
 logger = logging.getLogger(__name__)
 
 ONLINE = b"online"
 OFFLINE = b"offline"
-
-
-class ConnectionState(str, Enum):
-    """Where the connection is: no socket, CONNECT sent and CONNACK awaited, or accepted by the broker."""
-
-    DISCONNECTED = "disconnected"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-
-
-@dataclass(frozen=True, kw_only=True)
-class InboundMessage:
-    """A message the broker delivered; ``retained`` is set for a retained message replayed on subscribe."""
-
-    topic: str
-    payload: bytes
-    retained: bool
-
-
-@dataclass(frozen=True)
-class _ConnAck:
-    accepted: bool
-    reason: str
-    session_present: bool
-
-
-@dataclass(frozen=True)
-class _Lost:
-    reason: str
-
-
-@dataclass(frozen=True)
-class _SubAck:
-    refused: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _Published:
-    mid: int
-
-
-_Event = Union[_ConnAck, _Lost, _SubAck, _Published]
-
-
-class PublishTicket:
-    """What :meth:`MqttConnection.publish_checked` queued: ``frames`` PUBLISH packets for one payload.
-
-    ``chunked`` is True when the payload went out as chunk frames.
-    """
-
-    def __init__(self, topic: str, frames: list[bytes], *, qos: int, retain: bool) -> None:
-        self.topic = topic
-        self.payloads = frames
-        self.qos = qos
-        self.retain = retain
-        self._unacknowledged: set[int] = set()
-        self._acknowledged = threading.Event()
-
-    @property
-    def frames(self) -> int:
-        """How many PUBLISH packets carry the payload (1 unless chunked)."""
-        return len(self.payloads)
-
-    @property
-    def chunked(self) -> bool:
-        """Whether the payload was split into chunk frames."""
-        return len(self.payloads) > 1
-
-    def acknowledged(self) -> bool:
-        """True once the broker acknowledged every frame (QoS 0: once they were written).
-
-        A publish made while disconnected waits in paho's queue and is acknowledged after the next connect.
-        """
-        return self._acknowledged.is_set()
-
-    def _handed(self, mids: list[int]) -> None:
-        self._unacknowledged.update(mids)
-        if not self._unacknowledged:
-            self._acknowledged.set()
-
-    def _confirm(self, mid: int) -> None:
-        self._unacknowledged.discard(mid)
-        if not self._unacknowledged:
-            self._acknowledged.set()
-
-
-_T = TypeVar("_T")
-
-
-def drain(source: queue.Queue[_T]) -> Iterator[_T]:
-    """The items already in ``source``, taken without blocking."""
-    while True:
-        try:
-            yield source.get_nowait()
-        except queue.Empty:
-            return
-
-
-def _guarded(name: str, body: Callable[..., None]) -> Callable[..., None]:
-    """A paho callback that never raises: paho would otherwise swallow or re-raise it in its own loop."""
-
-    def callback(*args: Any) -> None:
-        try:
-            body(*args)
-        except Exception:  # noqa: BLE001 - a callback must not kill the network loop
-            logger.exception("MQTT %s callback failed", name)
-
-    return callback
+#: A connection that stays up this long (seconds) has proved itself: the next drop starts the backoff afresh.
+STABLE_AFTER_S = 10.0
+#: Repeated reports (unreachable broker, refused password, packet-size trouble) at most once per this many seconds.
+REPORT_INTERVAL_S = 60.0
+_SESSION_NEVER_EXPIRES = 0xFFFFFFFF
+#: Until a first connect settles the MQTT version (``auto``), an MQTT 5 CONNACK must come this fast, else 3.1.1 is tried.
+_PROBE_TIMEOUT_S = 2.0
+_UNSUPPORTED_PROTOCOL = (0x84, 1)  # MQTT 5 reason code; the 3.1.1 return code
+_BAD_CREDENTIALS = (0x86, 0x87, 4, 5)  # 5: bad user name or password, not authorized; 3.1.1: 4, 5
+_PACKET_TOO_LARGE = 0x95
 
 
 class MqttConnection:
@@ -165,6 +99,8 @@ class MqttConnection:
     ``subscriptions`` are (re)subscribed at QoS 1 on every connect. ``clock``
     (monotonic seconds) and ``rng`` (backoff jitter) are injectable;
     ``poll_interval_s`` bounds how long a publish waits for the network thread.
+    ``stable_after_s``: how long a connection must stay up before the backoff
+    resets (an acknowledged publish of the agent's own resets it sooner).
     """
 
     def __init__(
@@ -178,9 +114,11 @@ class MqttConnection:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         poll_interval_s: float = 0.05,
+        protocol: MqttProtocol = MqttProtocol.AUTO,
+        stable_after_s: float = STABLE_AFTER_S,
     ) -> None:
-        if poll_interval_s <= 0:
-            raise ValueError("poll_interval_s must be > 0")
+        if poll_interval_s <= 0 or stable_after_s < 0:
+            raise ValueError("poll_interval_s must be > 0 and stable_after_s >= 0")
         self.broker = broker
         self.client_id = client_id
         self.presence_topic = presence_topic
@@ -188,9 +126,24 @@ class MqttConnection:
         self.inbox: queue.Queue[InboundMessage] = queue.Queue()
         #: Successful connections so far (CONNACK accepted); a reconnect makes it 2.
         self.connects = 0
+        #: Connect attempts so far (successful or not).
+        self.attempts = 0
+        #: The largest PUBLISH sent: ``broker.max_packet_size``, or the broker's own limit when its CONNACK announced a smaller one.
+        self.packet_limit = broker.max_packet_size
+        self.protocol = MqttProtocol.V311 if protocol is MqttProtocol.V311 else MqttProtocol.V5
+        self._fallback = protocol is MqttProtocol.AUTO
         self._backoff = Backoff(backoff, rng=rng)
         self._clock = clock
         self._poll = poll_interval_s
+        self._stable_after = stable_after_s
+        self._connected_at = 0.0
+        self._proved = False
+        self._passwords: tuple[str, ...] = ()
+        self._password_index = 0
+        self._sizes: dict[int, int] = {}
+        self._waiting: list[PublishTicket] = []
+        self._unreachable = Throttle(REPORT_INTERVAL_S, clock=clock)
+        self._size_trouble = Throttle(REPORT_INTERVAL_S, clock=clock)
         self._events: queue.Queue[_Event] = queue.Queue()
         self._commands: queue.Queue[PublishTicket] = queue.Queue()
         self._in_flight: dict[int, PublishTicket] = {}
@@ -240,7 +193,15 @@ class MqttConnection:
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos}")
         payload = bytes(payload)
-        limit = self.broker.max_packet_size
+        frames = self._frames(topic, payload, retain=retain)
+        ticket = PublishTicket(topic, frames, qos=qos, retain=retain, payload=payload)
+        if len(frames) > 1:
+            logger.info("payload of %d bytes for %s goes out as %d chunk frames", len(payload), topic, len(frames))
+        self._commands.put(ticket)
+        return ticket
+
+    def _frames(self, topic: str, payload: bytes, *, retain: bool) -> list[bytes]:
+        limit = self.packet_limit
         if retain or self.broker.oversized is OversizePolicy.REFUSE:
             check_publish_size(len(payload), limit, topic=topic)
             frames = [payload]
@@ -248,11 +209,7 @@ class MqttConnection:
             frames = frames_for_publish(payload, broker_limit=limit, topic=topic)
         for frame in frames:  # belt and braces: no frame may reach paho unchecked
             check_publish_size(len(frame), limit, topic=topic)
-        ticket = PublishTicket(topic, frames, qos=qos, retain=retain)
-        if len(frames) > 1:
-            logger.info("payload of %d bytes for %s goes out as %d chunk frames", len(payload), topic, len(frames))
-        self._commands.put(ticket)
-        return ticket
+        return frames
 
     def close(self, *, graceful: bool = True, timeout: float = 5.0) -> None:
         """Stop the network thread. ``graceful``: publish ``offline`` and DISCONNECT; else drop the socket (the will fires)."""
@@ -265,15 +222,15 @@ class MqttConnection:
     # -- paho client and its callbacks (enqueue only) --------------------------------------
 
     def _make_client(self) -> mqtt.Client:
+        v5 = self.protocol is MqttProtocol.V5
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             reconnect_on_failure=False,
         )
         client.will_set(self.presence_topic, OFFLINE, qos=1, retain=True)
-        client.username_pw_set(self.broker.username or self.client_id, self.broker.read_password())
         tls = self.broker.tls
         if tls is not None:
             client.tls_set(
@@ -285,12 +242,15 @@ class MqttConnection:
             )
         client.connect_timeout = self.broker.connect_timeout_s
         events = self._events
-        client.on_connect = _guarded("connect", lambda c, u, flags, rc, props: events.put(
-            _ConnAck(accepted=not rc.is_failure, reason=str(rc), session_present=bool(flags.session_present))))
-        client.on_disconnect = _guarded("disconnect", lambda c, u, flags, rc, props: events.put(_Lost(reason=str(rc))))
+        client.on_connect = _guarded("connect", lambda c, u, flags, rc, props: events.put(_ConnAck(
+            accepted=not rc.is_failure, reason=str(rc), code=int(rc.value), session_present=bool(flags.session_present),
+            max_packet_size=getattr(props, "MaximumPacketSize", None))))
+        client.on_disconnect = _guarded("disconnect", lambda c, u, flags, rc, props: events.put(
+            _Lost(reason=str(rc), code=int(rc.value))))
         client.on_subscribe = _guarded("subscribe", lambda c, u, mid, rcs, props: events.put(
             _SubAck(refused=tuple(str(rc) for rc in rcs if rc.is_failure))))
-        client.on_publish = _guarded("publish", lambda c, u, mid, rc, props: events.put(_Published(mid=mid)))
+        client.on_publish = _guarded("publish", lambda c, u, mid, rc, props: events.put(
+            _Published(mid=mid, refused=str(rc) if rc.is_failure else "")))
         inbox = self.inbox
         client.on_message = _guarded("message", lambda c, u, msg: inbox.put(
             InboundMessage(topic=msg.topic, payload=bytes(msg.payload), retained=bool(msg.retain))))
@@ -318,7 +278,7 @@ class MqttConnection:
 
     def _step(self) -> None:
         self._drain_events()
-        self._run_commands()
+        self._take_commands()
         if self._state is ConnectionState.DISCONNECTED:
             wait = self._next_attempt - self._clock()
             if wait > 0:
@@ -327,72 +287,205 @@ class MqttConnection:
             self._attempt()
             return
         if self._state is ConnectionState.CONNECTING and self._clock() > self._connack_deadline:
+            if self._fallback and self.protocol is MqttProtocol.V5:
+                # amqtt 0.12 neither answers nor closes an MQTT 5 CONNECT that carries a will
+                self._switch_protocol(f"no CONNACK within {_PROBE_TIMEOUT_S:g} s")
+                return
             self._mark_down(f"no CONNACK within {self.broker.connect_timeout_s} s")
             return
+        if self._state is ConnectionState.CONNECTED:
+            self._run_commands()
         rc = self._client.loop(timeout=self._poll)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._drain_events()  # the on_disconnect event, when paho raised one, names the reason
+            if self._state is ConnectionState.CONNECTING and self._fallback:
+                # Closed before any CONNACK: some 3.1.1-only brokers (amqtt) drop an MQTT 5 CONNECT without answering.
+                self._switch_protocol(mqtt.error_string(rc))
+                return
             self._mark_down(mqtt.error_string(rc))
+
+    def _switch_protocol(self, reason: str) -> None:
+        """Before the first successful connect (``auto``): try the other MQTT version next (3.1.1 at once, 5 after a delay)."""
+        to_v311 = self.protocol is MqttProtocol.V5
+        logger.info("broker %s closed an MQTT %s connect (%s); trying MQTT %s", self._address, self.protocol.value,
+                    reason, "3.1.1" if to_v311 else "5")
+        self._drop_socket()
+        self.protocol = MqttProtocol.V311 if to_v311 else MqttProtocol.V5
+        self._client = self._make_client()
+        self._mark_down(f"closed before CONNACK ({reason})", retry_now=to_v311)
+
+    @property
+    def _address(self) -> str:
+        return f"{self.broker.host}:{self.broker.port}"
 
     def _attempt(self) -> None:
         self._set_state(ConnectionState.CONNECTING)
-        self._connack_deadline = self._clock() + self.broker.connect_timeout_s
+        self.attempts += 1
+        probing = self._fallback and self.protocol is MqttProtocol.V5
+        self._connack_deadline = self._clock() + (min(_PROBE_TIMEOUT_S, self.broker.connect_timeout_s) if probing
+                                                  else self.broker.connect_timeout_s)
+        self._client.username_pw_set(self.broker.username or self.client_id, self._password())
+        v5 = self.protocol is MqttProtocol.V5
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = _SESSION_NEVER_EXPIRES
         try:
-            self._client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
+            if v5:
+                self._client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s,
+                                     clean_start=False, properties=properties)
+            else:
+                self._client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
         except (OSError, ValueError) as exc:  # ssl.SSLError and socket timeouts are OSErrors
-            self._mark_down(f"connect to {self.broker.host}:{self.broker.port} failed: {exc}")
+            self._mark_down(f"connect failed: {exc}")
 
-    def _mark_down(self, reason: str) -> None:
+    def _password(self) -> str | None:
+        """The password for this attempt, read afresh (a rotated file is picked up without a restart)."""
+        try:
+            self._passwords = self.broker.read_passwords()
+        except OSError as exc:
+            logger.warning("cannot read the MQTT password file %s (%s); using the password read before",
+                           self.broker.password_file, exc.strerror or exc)
+        if not self._passwords:
+            return None
+        return self._passwords[self._password_index % len(self._passwords)]
+
+    def _mark_down(self, reason: str, *, retry_now: bool = False) -> None:
         if self._state is ConnectionState.DISCONNECTED:
             return
         was_up = self._state is ConnectionState.CONNECTED
+        lasted = self._clock() - self._connected_at if was_up else 0.0
         self._set_state(ConnectionState.DISCONNECTED)
-        delay = self._backoff.next_delay()
+        if was_up and (self._proved or lasted >= self._stable_after):
+            self._backoff.reset()  # it worked for a while: start the delays afresh
+        delay = 0.0 if retry_now else self._backoff.next_delay()
         self._next_attempt = self._clock() + delay
-        log = logger.warning if was_up else logger.info
-        log("MQTT %s (%s); next attempt in %.2f s", "connection lost" if was_up else "connect failed", reason, delay)
+        if was_up:
+            logger.warning("MQTT connection to %s lost after %.1f s (%s); next attempt in %.2f s",
+                           self._address, lasted, reason, delay)
+            self._suspect_packet_size(reason, lasted)
+        elif not retry_now:
+            report, held = self._unreachable.ready()
+            log = logger.warning if report else logger.info
+            log("MQTT cannot reach broker %s as %s: %s; next attempt in %.2f s%s", self._address, self.client_id,
+                reason, delay, f" ({held} more failed attempts since the last report)" if report and held else "")
+        self._sizes.clear()
+
+    def _suspect_packet_size(self, reason: str, lasted: float) -> None:
+        """One line when the drop looks like a packet over the broker's limit (the usual cause of a reconnect storm)."""
+        largest = max(self._sizes.values(), default=0)
+        explicit = reason == "Packet too large"
+        if not explicit and (largest == 0 or lasted >= self._stable_after or self._proved):
+            return
+        report, held = self._size_trouble.ready()
+        if not report:
+            return
+        if explicit:
+            logger.error("broker %s disconnected %s for a packet too large (largest PUBLISH in flight: %d bytes, "
+                         "broker.max_packet_size = %d): set broker.max_packet_size to the broker's limit%s",
+                         self._address, self.client_id, largest, self.packet_limit, _held(held))
+        else:
+            logger.error("broker %s closed the connection %.1f s after CONNACK (%s) while a %d-byte PUBLISH was "
+                         "unacknowledged: its packet size limit is probably below broker.max_packet_size (%d); "
+                         "set broker.max_packet_size to the broker's message_size_limit%s",
+                         self._address, lasted, reason, largest, self.packet_limit, _held(held))
 
     def _drain_events(self) -> None:
         for event in drain(self._events):
             if isinstance(event, _ConnAck):
                 self._on_connack(event)
             elif isinstance(event, _Lost):
-                self._mark_down(event.reason)
+                self._mark_down("Packet too large" if event.code == _PACKET_TOO_LARGE else event.reason)
             elif isinstance(event, _Published):
-                ticket = self._in_flight.pop(event.mid, None)
-                if ticket is not None:
-                    ticket._confirm(event.mid)
+                self._on_published(event)
             elif event.refused:
                 logger.error("broker refused subscriptions of %s: %s", self.client_id, ", ".join(event.refused))
 
+    def _on_published(self, event: _Published) -> None:
+        self._sizes.pop(event.mid, None)
+        ticket = self._in_flight.pop(event.mid, None)
+        if ticket is None:
+            return
+        if event.refused:  # MQTT 5 only: 3.1.1 brokers acknowledge what they drop
+            logger.error("broker %s refused a PUBLISH to %s: %s", self._address, ticket.topic, event.refused)
+        elif ticket.topic != self.presence_topic:
+            self._proved = True  # the broker took one of our own messages: the connection works
+        ticket._confirm(event.mid)
+
     def _on_connack(self, event: _ConnAck) -> None:
         if not event.accepted:
-            logger.error("broker refused the connection of %s: %s", self.client_id, event.reason)
-            self._mark_down(f"CONNACK {event.reason}")
+            self._on_refused(event)
             return
-        self._backoff.reset()
         self.connects += 1
+        self._fallback = False  # this version works with this broker: keep it
+        self._connected_at = self._clock()
+        self._proved = False
+        self._unreachable.clear()
+        self._adopt_limit(event.max_packet_size)  # before CONNECTED: publish_checked must see the new limit
         self._set_state(ConnectionState.CONNECTED)
-        logger.info("MQTT connected to %s:%d as %s (session present: %s)",
-                    self.broker.host, self.broker.port, self.client_id, event.session_present)
+        logger.info("MQTT connected to %s as %s (MQTT %s, session present: %s)",
+                    self._address, self.client_id, self.protocol.value, event.session_present)
         # Subscribe every time: a broker that lost its persistence lost the subscriptions too.
         if self.subscriptions:
             self._client.subscribe([(topic, 1) for topic in self.subscriptions])
         self._client.publish(self.presence_topic, ONLINE, qos=1, retain=True)
 
+    def _on_refused(self, event: _ConnAck) -> None:
+        if event.code in _UNSUPPORTED_PROTOCOL and self.protocol is MqttProtocol.V5 and self._fallback:
+            self._switch_protocol(f"CONNACK {event.reason}")
+            return
+        if event.code in _BAD_CREDENTIALS and len(self._passwords) > 1:
+            self._password_index += 1
+            logger.warning("broker %s refused the credentials of %s (%s); trying the other password in %s",
+                           self._address, self.client_id, event.reason, self.broker.password_file)
+            self._mark_down(f"CONNACK {event.reason}", retry_now=self._password_index % len(self._passwords) != 0)
+            return
+        logger.error("broker %s refused the connection of %s: %s", self._address, self.client_id, event.reason)
+        self._mark_down(f"CONNACK {event.reason}")
+
+    def _adopt_limit(self, announced: int | None) -> None:
+        """Lower the packet limit to what the broker announced (MQTT 5); say so once when the config was larger."""
+        limit = self.broker.max_packet_size if announced is None else min(self.broker.max_packet_size, announced)
+        if limit < self.packet_limit or (announced is not None and limit != self.packet_limit):
+            if limit < self.broker.max_packet_size and limit != self.packet_limit:
+                logger.warning("broker %s accepts packets up to %d bytes, less than broker.max_packet_size = %d: "
+                               "using %d (set broker.max_packet_size to the broker's limit)",
+                               self._address, limit, self.broker.max_packet_size, limit)
+            self.packet_limit = limit
+
+    def _drop_socket(self) -> None:
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+
+    def _take_commands(self) -> None:
+        self._waiting.extend(drain(self._commands))
+
     def _run_commands(self) -> None:
-        for ticket in drain(self._commands):
-            mids = [self._client.publish(ticket.topic, frame, qos=ticket.qos, retain=ticket.retain).mid
-                    for frame in ticket.payloads]
+        """Hand the waiting publishes to paho (connected: the broker's limit is known); re-frame any that no longer fit."""
+        waiting, self._waiting = self._waiting, []
+        for ticket in waiting:
+            if any(not _fits(len(f), self.packet_limit, ticket.topic) for f in ticket.payloads):
+                try:
+                    ticket.payloads = self._frames(ticket.topic, ticket.payload, retain=ticket.retain)
+                except PayloadTooLargeError as exc:
+                    ticket.dropped = str(exc)
+                    logger.error("dropped a publish to %s: %s", ticket.topic, exc)
+                    continue
+            mids = []
+            for frame in ticket.payloads:
+                mid = self._client.publish(ticket.topic, frame, qos=ticket.qos, retain=ticket.retain).mid
+                self._sizes[mid] = len(frame)
+                mids.append(mid)
             self._in_flight.update((mid, ticket) for mid in mids)
             ticket._handed(mids)
 
     def _goodbye(self) -> None:
-        self._run_commands()
+        self._take_commands()
+        if self._state is ConnectionState.CONNECTED:
+            self._run_commands()
         if self._state is not ConnectionState.CONNECTED or not self._graceful:
-            sock = self._client.socket()
-            if sock is not None:
-                sock.close()  # no DISCONNECT: the broker publishes the will
+            self._drop_socket()  # no DISCONNECT: the broker publishes the will
             return
         info = self._client.publish(self.presence_topic, OFFLINE, qos=1, retain=True)
         deadline = self._clock() + min(2.0, self.broker.connect_timeout_s)
@@ -401,3 +494,15 @@ class MqttConnection:
                 break
         self._client.disconnect()
         self._client.loop(timeout=self._poll)
+
+
+def _fits(size: int, limit: int, topic: str) -> bool:
+    try:
+        check_publish_size(size, limit, topic=topic)
+    except PayloadTooLargeError:
+        return False
+    return True
+
+
+def _held(count: int) -> str:
+    return f" ({count} similar since the last report)" if count else ""

@@ -11,6 +11,7 @@ Mosquitto ACL ``pattern`` lines with ``%u`` confine a device to its own topics):
     fedge/{fleet}/dev/{device}/presence       device presence, retained; the last will sets it offline
     fedge/{fleet}/model/global                regional aggregator -> devices, retained signed model
     fedge/{fleet}/region/{region}/up/aggregate regional aggregator -> root (bridged out to the root broker)
+    fedge/{fleet}/region/{region}/down/receipt root -> regional aggregator (signed receipt, bridged in)
     fedge/{fleet}/region/{region}/bridge/state retained bridge up/down flag (Mosquitto notifications)
     fedge/{fleet}/root/model/global           root -> regional aggregators (bridged in from the root broker)
 
@@ -77,6 +78,10 @@ class TopicLayout:
     def region_aggregate(self, region: str) -> str:
         """Where a regional aggregator sends its sealed aggregate to the root."""
         return f"{self.base}/region/{_check_segment('region', region)}/up/aggregate"
+
+    def region_receipt(self, region: str) -> str:
+        """Where the root answers a region's aggregate with a signed receipt (bridged in to the region)."""
+        return f"{self.base}/region/{_check_segment('region', region)}/down/receipt"
 
     def region_bridge_state(self, region: str) -> str:
         """Retained up/down state of a region's bridge to the root (set by Mosquitto)."""

@@ -213,14 +213,15 @@ class UpdateValidator:
         in it (so validating the same update twice rejects the second as ``replay``).
         """
         header = opened.header
-        self._check_header(header, current_round)
+        self.check_header(header, current_round)
         if replay is not None:
             replay.check(header.sender, header.round, header.nonce)
-        self._check_tensors(opened.tensors)
+        self.check_tensors(opened.tensors)
         if replay is not None:
             replay.record(header.sender, header.round, header.nonce)
 
-    def _check_header(self, header: UpdateHeader, current_round: int) -> None:
+    def check_header(self, header: UpdateHeader, current_round: int) -> None:
+        """The header checks of :meth:`validate` alone (kind, fleet, region, bundle, round, timestamp, sample count)."""
         for name, expected, got in (
             (RejectReason.KIND, self.kind, header.kind),
             (RejectReason.FLEET, self.fleet, header.fleet),
@@ -240,7 +241,8 @@ class UpdateValidator:
         if header.sample_count < 1 or (self.max_sample_count is not None and header.sample_count > self.max_sample_count):
             raise _reject(RejectReason.SAMPLE_COUNT, f"sample count {header.sample_count} outside 1..{self.max_sample_count}")
 
-    def _check_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+    def check_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """The tensor checks of :meth:`validate` alone (names, dtypes, shapes, finiteness, norm)."""
         if missing := sorted(set(self.params) - set(tensors)):
             raise _reject(RejectReason.MISSING_TENSOR, f"missing {missing[:5]}")
         if unexpected := sorted(set(tensors) - set(self.params)):

@@ -3,10 +3,12 @@
 A portable step graph maps the current training state to the next one:
 inputs ``x``, ``y``, ``lr``, ``param.<name>`` for every model parameter,
 ``anchor.<name>`` for every shared parameter when the bundle has a FedProx
-term, and the optimizer slots of its trainable parameters (AdamW:
-``opt.step``, ``opt.m.<name>``, ``opt.v.<name>``); outputs ``loss`` and, for
-each updated state value ``X``, ``new.X``. The device therefore needs no
+term, and its optimizer state (AdamW: ``opt.step``, ``opt.m``, ``opt.v``);
+outputs ``loss`` and, for each updated state value ``X``, ``new.X``. The device therefore needs no
 knowledge of the optimizer: it feeds every ``X`` and keeps every ``new.X``.
+AdamW's moments are two flat float32 vectors per set (``opt.m``, ``opt.v``:
+the set's trainable parameters flattened and concatenated in manifest order),
+so the update is a dozen ops for the whole model rather than per parameter.
 The eval graph takes ``x``, ``y``, every ``param.*`` and ``anchor.*`` and
 returns ``loss`` and ``output`` (the model's logits).
 """
@@ -21,8 +23,8 @@ OUTPUT = "output"
 PARAM = "param."
 ANCHOR = "anchor."
 OPT_STEP = "opt.step"
-OPT_M = "opt.m."
-OPT_V = "opt.v."
+OPT_M = "opt.m"
+OPT_V = "opt.v"
 NEW = "new."
 
 

@@ -8,7 +8,11 @@ argument, the mixing definition and how several processes share a region.
 
 - :mod:`~sdk.aggregator.round_state`: the pure round state machine (quorum, deadline, stale rounds).
 - :mod:`~sdk.aggregator.store` / :mod:`~sdk.aggregator.records`: the SQLite edge (WAL, ``synchronous=FULL``) and its records.
-- :mod:`~sdk.aggregator.intake`: open -> deduplicate -> validate -> fold -> commit -> receipt.
+- :mod:`~sdk.aggregator.intake`: open -> deduplicate -> validate -> bound -> fold -> commit -> receipt
+  (:mod:`~sdk.aggregator.admission` bounds and range checks, :mod:`~sdk.aggregator.ledger` counters,
+  :mod:`~sdk.aggregator.merge` the close's arithmetic, :mod:`~sdk.aggregator.contributors` the root's device lists).
+- :mod:`~sdk.aggregator.forwarding`: the root's signed answer to a region's aggregate.
+- :mod:`~sdk.aggregator.inbox`: the services' per-sender rate limits and fair queue.
 - :mod:`~sdk.aggregator.tier` / :mod:`~sdk.aggregator.config`: what both tiers share.
 - :mod:`~sdk.aggregator.regional` / :mod:`~sdk.aggregator.root`: the two tiers.
 - :mod:`~sdk.aggregator.candidates`: FedFomo's pool of device models (pure, in memory).
@@ -20,6 +24,7 @@ from __future__ import annotations
 from sdk.aggregator.candidates import Candidate, CandidatePool
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.errors import AggregatorError, ModelRejectedError, RoundStateError, StoreError
+from sdk.aggregator.forwarding import ForwardAnswer
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate, IntakeReason, Verdict
 from sdk.aggregator.regional import CandidateAnswer, RegionalAggregate, RegionalAggregator, RegionalConfig
 from sdk.aggregator.root import RootAggregator, RootConfig
@@ -35,6 +40,7 @@ __all__ = [
     "CandidateAnswer",
     "CandidatePool",
     "CloseReason",
+    "ForwardAnswer",
     "HandledUpdate",
     "IntakeReason",
     "ModelRejectedError",

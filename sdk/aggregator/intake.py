@@ -3,16 +3,21 @@
 Pipeline, cheapest and least trusting first::
 
     open_update (authenticate, decrypt, decode)     -> auth / malformed, no receipt
-    for the current round (collecting or closed), already accepted from this sender?
+    for the CURRENT round (collecting or closed), already accepted from this sender?
         same nonce, same content                    -> duplicate: "accepted" receipt again, not counted
-                                                       (also for a remembered earlier round)
         same nonce, other content                   -> replay
         another nonce                               -> already_counted
     round state (collecting, same round)            -> no_round / stale_round / future_round
+                                                       (anything for an earlier round is stale, exact resends too)
     UpdateValidator (header, shapes, finite, norm)  -> its reason
-    in ONE transaction: replay window check, INSERT the accepted row,
-    fold into this member's running sum, write it   -> accepted
+    root: the aggregate's contributor list          -> missing_tensor / malformed
+    admission: norm, bounded weight, float32 range  -> non_finite
+    in ONE transaction: replay window check, round sample total, (root) device counted by
+    another region, INSERT the accepted row, fold into this member's running sum (clipped to
+    the round's bound), write it                    -> accepted (or sample_count / device_overlap)
     receipt signed only after the commit
+
+The rule for repeats is docs/protocol.md, "Rounds, resends and replays".
 
 The store is the authority; this object caches the current round, this
 member's running sum and the replay window, and reloads them when the
@@ -25,10 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -38,9 +41,14 @@ from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.receipts import Receipt, sign_receipt
 from device_agent.protocol.tensor_codec import encode_tensors
 from device_agent.protocol.validation import RejectReason, ReplayWindow, UpdateValidator
-from sdk.aggregation import AggregationConfig, MeanRule, StreamingWeightedMean, WeightedMeanState, make_rule
+from sdk.aggregation import AggregationConfig, MeanRule, WeightedMeanState
+from sdk.aggregation.influence import InfluencePolicy, RoundBounds, first_bounds, next_bounds
+from sdk.aggregator.admission import Admission, admit, check_round_total
 from sdk.aggregator.config import AggregatorConfig
+from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
 from sdk.aggregator.errors import StoreError
+from sdk.aggregator.ledger import CounterLedger
+from sdk.aggregator.merge import MergedRound, merge_round
 from sdk.aggregator.outcomes import HandledUpdate, IntakeReason, Verdict
 from sdk.aggregator.records import Acceptance, PartialSum, ReplaySnapshot, RoundMarker, RoundRecord
 from sdk.aggregator.round_state import CloseReason, RoundState, RoundStatus
@@ -50,15 +58,6 @@ logger = logging.getLogger(__name__)
 
 _MAX_ATTEMPTS = 8
 WeightOf = Callable[[UpdateHeader], float]
-
-
-@dataclass(frozen=True, kw_only=True)
-class MergedRound:
-    """A round's result over every member: ``mean_delta`` None when nothing was accepted."""
-
-    mean_delta: dict[str, np.ndarray] | None
-    update_count: int
-    sample_count: int
 
 
 class _Retry(Exception):
@@ -71,13 +70,15 @@ def content_digest(opened: OpenedUpdate) -> bytes:
     return hashlib.sha256(opened.header.to_bytes() + encode_tensors(opened.tensors)).digest()
 
 
-class UpdateIntake:
+class UpdateIntake(CounterLedger):
     """Authenticates, deduplicates, validates and durably folds in the updates of one aggregator.
 
     ``identity``: issuer of receipts. ``kind``/``region``: what the validator
     requires (``region`` None: any). ``sender_is_region``: the sender id must
-    equal the header's region (the root's rule for aggregates). ``weight_of``:
-    an accepted update's weight in the mean.
+    equal the header's region (the root's rule for aggregates; such an intake
+    also requires and checks each aggregate's contributor list). ``weight_of``:
+    an accepted update's weight in the mean before bounds. ``influence``: how
+    each round's bounds are set (None: no bounds, as at the root).
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class UpdateIntake:
         aggregation: AggregationConfig,
         weight_of: WeightOf,
         sender_is_region: bool = False,
+        influence: InfluencePolicy | None = None,
     ) -> None:
         self._config = config
         self._store = store
@@ -100,7 +102,11 @@ class UpdateIntake:
         self._aggregation = aggregation
         self._weight_of = weight_of
         self._sender_is_region = sender_is_region
-        self._limits = config.decode_limits()
+        self._influence = influence
+        limits = config.decode_limits()
+        if sender_is_region:  # room for the aggregate's contributor list
+            limits = replace(limits, max_tensors=limits.max_tensors + 1, max_total_bytes=limits.max_total_bytes + MAX_CONTRIBUTOR_BYTES)
+        self._limits = limits
         self._validator = UpdateValidator(
             params=config.spec,
             max_norm=config.norm_bound,
@@ -109,7 +115,7 @@ class UpdateIntake:
             bundle_version=config.bundle_version,
             kind=kind,
         )
-        self._pending: Counter[str] = Counter()
+        super().__init__(store)
         self._loaded = False
         self._marker: RoundMarker | None = None
         self._record: RoundRecord | None = None
@@ -119,11 +125,6 @@ class UpdateIntake:
         self._window = ReplayWindow(rounds=config.replay_rounds)
         self._window_seq = 0
         self.refresh()
-
-    @property
-    def store(self) -> AggregatorStore:
-        """The durable store this intake writes to."""
-        return self._store
 
     @property
     def record(self) -> RoundRecord | None:
@@ -163,12 +164,23 @@ class UpdateIntake:
         self._marker = None if record is None else RoundMarker(round=record.round, status=record.status)
         self._loaded = True
 
+    @property
+    def bounds(self) -> RoundBounds | None:
+        """The cached round's influence bounds (None without a policy; the first-round bounds for a round stored without)."""
+        if self._influence is None or self._record is None:
+            return None
+        return self._record.bounds if self._record.bounds is not None else first_bounds(self._influence)
+
+    def _clip_norm(self) -> float | None:
+        bounds = self.bounds
+        return None if bounds is None else bounds.clip_norm
+
     def _mean_rule(self) -> MeanRule | None:
         if self._aggregation.rule != "mean":
             return None  # buffered rules keep each delta in the store and replay them at close
         if self._partial.state.count == 0:
-            return MeanRule(clip_norm=self._aggregation.clip_norm, expected_shapes=self._config.shapes)
-        return MeanRule.from_state(self._partial.state, clip_norm=self._aggregation.clip_norm)
+            return MeanRule(clip_norm=self._clip_norm(), expected_shapes=self._config.shapes)
+        return MeanRule.from_state(self._partial.state, clip_norm=self._clip_norm())
 
     def _load_window(self) -> None:
         snapshot = self._store.replay_snapshot()
@@ -205,41 +217,45 @@ class UpdateIntake:
         for _ in range(_MAX_ATTEMPTS):
             self.refresh()
             try:
-                # An exact resend of an update accepted in this or a still-remembered earlier round is
-                # acknowledged again: its receipt may have died with a crashed aggregator after the commit,
-                # and the round may have closed while the device waited to resend. Anything else for an
-                # earlier round is stale; a different update for the current round is refused.
+                # An exact resend of an update accepted in the CURRENT round (collecting, or closed and not
+                # yet replaced) is acknowledged again: its receipt may have died with a crashed aggregator after
+                # the commit. Once a later round has started, anything for an earlier round is stale_round,
+                # exact resends included (docs/protocol.md, "Rounds, resends and replays").
                 prior = None
-                if self._state is not None and header.round <= self._state.round:
+                if self._state is not None and header.round == self._state.round:
                     prior = self._store.find_acceptance(header.sender, header.round)
                 if prior is not None:
                     if prior.nonce == header.nonce and prior.digest == digest:
                         return self._answer(header, Verdict.DUPLICATE)
-                    if header.round == self._state.round:  # type: ignore[union-attr]
-                        raise _prior_rejection(prior.nonce, header)
-                self._admit(opened)
-                if self._commit(opened, digest):
-                    return self._answer(header, Verdict.ACCEPTED, delta=opened.tensors)
+                    raise _prior_rejection(prior.nonce, header)
+                admission = self._admit(opened)
+                if self._commit(admission, digest):
+                    return self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors)
             except RejectedUpdateError as rejection:
                 return self._answer(header, Verdict.REJECTED, rejection)
         raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
 
-    def _admit(self, opened: OpenedUpdate) -> None:
+    def _admit(self, opened: OpenedUpdate) -> Admission:
         header = opened.header
-        if self._state is None:
+        if self._state is None or self._record is None:
             raise RejectedUpdateError(IntakeReason.NO_ROUND.value, "no round has started")
         if self._sender_is_region and header.sender != header.region:
             raise RejectedUpdateError(RejectReason.REGION.value, f"sender {header.sender!r} reports for region {header.region!r}")
         self._state.check_admission(header.round)
-        self._validator.validate(opened, current_round=self._state.round)
+        self._validator.check_header(header, self._state.round)
+        contributors = None
+        if self._sender_is_region:
+            opened, contributors = split_contributors(opened)
+        self._validator.check_tensors(opened.tensors)
+        return admit(opened, base=self._record.base_params, bounds=self.bounds, weight=self._weight_of(header),
+                     contributors=contributors)
 
-    def _commit(self, opened: OpenedUpdate, digest: bytes) -> bool:
+    def _commit(self, admission: Admission, digest: bytes) -> bool:
         """Accept in one transaction; False when the store moved under us (retry), True once committed."""
+        opened = admission.opened
         header = opened.header
-        weight = self._weight_of(header)
-        acceptance = Acceptance(
-            sender=header.sender, round=header.round, nonce=header.nonce, digest=digest, sample_count=header.sample_count, weight=weight
-        )
+        acceptance = Acceptance(sender=header.sender, round=header.round, nonce=header.nonce, digest=digest,
+                                sample_count=header.sample_count, weight=admission.weight, norm=admission.norm)
         try:
             with self.write_transaction():
                 if self._store.round_marker() != self._marker:
@@ -248,8 +264,11 @@ class UpdateIntake:
                     raise _Retry()  # another member accepted it meanwhile: answer it as a duplicate
                 self._catch_up()
                 self._window.check(header.sender, header.round, header.nonce)
+                check_round_total(self._store.round_totals(header.round)[1], admission)
+                if admission.contributors is not None:
+                    self._claim_contributors(header.round, header.sender, [d for d, _ in admission.contributors])
                 seq = self._store.insert_acceptance(acceptance, delta=None if self._rule is not None else opened.tensors)
-                partial = self._fold(opened, weight)  # mutates the cached rule: reload if anything below fails
+                partial = self._fold(admission)  # mutates the cached rule: reload if anything below fails
                 self._store.write_partial(header.round, partial)
                 accepted, samples = self._store.round_totals(header.round)
         except (_Retry, AcceptanceConflict):
@@ -265,16 +284,35 @@ class UpdateIntake:
         self._window_seq = seq
         if self._state is not None:
             self._state = self._state.with_totals(accepted=accepted, samples=samples)
+        if admission.clipped:
+            self._pending["clipped:norm"] += 1
+            logger.debug("%s round %d: update of norm %.4g clipped to %.4g", header.sender, header.round, admission.norm,
+                        self.bounds.clip_norm if self.bounds is not None else float("nan"))
+        if admission.capped:
+            self._pending["clipped:sample_count"] += 1
+            logger.debug("%s round %d: sample count %d weighs %d (the round's cap)", header.sender, header.round,
+                        header.sample_count, admission.samples)
         return True
 
-    def _fold(self, opened: OpenedUpdate, weight: float) -> PartialSum:
+    def _claim_contributors(self, round: int, region: str, devices: list[str]) -> None:
+        """Root: record ``region``'s devices for ``round``; device_overlap when another region counted one already."""
+        elsewhere = self._store.counted_elsewhere(round, devices, region)
+        if elsewhere:
+            pairs = ", ".join(f"{device} (counted by {other})" for device, other in sorted(elsewhere.items())[:10])
+            logger.error("round %d: %s's aggregate counts %d device(s) another region already counted: %s; refused",
+                         round, region, len(elsewhere), pairs)
+            raise RejectedUpdateError(IntakeReason.DEVICE_OVERLAP.value, f"already counted by another region: {pairs}")
+        self._store.insert_contributors(round, region, devices)
+
+    def _fold(self, admission: Admission) -> PartialSum:
         old = self._partial
+        weight = admission.weight
         if self._rule is not None:
-            self._rule.accumulate(opened.tensors, weight)
+            self._rule.accumulate(admission.opened.tensors, weight)
             state = self._rule.to_state()
         else:
             state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + 1)
-        return PartialSum(state=state, samples=old.samples + opened.header.sample_count)
+        return PartialSum(state=state, samples=old.samples + admission.samples)
 
     # -- answers ---------------------------------------------------------------
 
@@ -306,39 +344,21 @@ class UpdateIntake:
             delta=delta,
         )
 
-    def count(self, name: str, amount: int = 1) -> None:
-        """Add to a counter; it reaches the store with the next write (or :meth:`flush_counters`)."""
-        self._pending[name] += amount
-
-    def counters(self) -> dict[str, int]:
-        """Stored counters plus those not yet written."""
-        merged = Counter(self._store.counters())
-        merged.update(self._pending)
-        return dict(sorted(merged.items()))
-
-    def flush_counters(self) -> None:
-        """Write pending counters now (one transaction)."""
-        if +self._pending:
-            with self.write_transaction():
-                pass
-
-    @contextmanager
-    def write_transaction(self) -> Iterator[None]:
-        """A store transaction that also writes the pending counters; they are cleared once it commits."""
-        pending = +self._pending
-        with self._store.transaction():
-            yield
-            self._store.add_counters(pending)
-        self._pending.subtract(pending)
-        self._pending = +self._pending
-
     # -- round phases (the callers run these inside write_transaction) ---------
 
-    def write_round_start(self, *, round: int, global_params: dict[str, np.ndarray], base_params: dict[str, np.ndarray], model_blob: bytes) -> None:
-        """Make ``round`` current in the store, with a replay-window snapshot advanced to it."""
+    def write_round_start(self, *, previous: RoundRecord | None, round: int, global_params: dict[str, np.ndarray],
+                          base_params: dict[str, np.ndarray], model_blob: bytes) -> None:
+        """Make ``round`` current in the store, with a replay-window snapshot advanced to it and its influence
+        bounds (from ``previous``, the round being left, and the norms and counts of its accepted updates)."""
         self._catch_up()
         window = ReplayWindow.from_state(self._window.export_state())
         window.advance(round)
+        bounds = self._next_bounds(previous)
+        if previous is not None and previous.closing is not None and previous.closing.result_blob is not None \
+                and previous.forward is None:
+            self._pending["aggregate_unacknowledged"] += 1
+            logger.warning("round %d's aggregate was never acknowledged by the tier above: it moved on to round %d",
+                           previous.round, round)
         self._store.begin_round(
             round=round,
             global_params=global_params,
@@ -346,22 +366,26 @@ class UpdateIntake:
             model_blob=model_blob,
             replay=ReplaySnapshot(state=window.export_state(), seq=self._window_seq),
             keep_accepted_from=window.floor,
+            bounds=bounds,
         )
+        if bounds is not None:
+            logger.info("round %d bounds: norm %s, weight cap %d", round,
+                        "unbounded (unsafe)" if bounds.clip_norm is None else f"{bounds.clip_norm:.4g}", bounds.weight_cap)
         self._loaded = False
+
+    def _next_bounds(self, previous: RoundRecord | None) -> RoundBounds | None:
+        policy = self._influence
+        if policy is None:
+            return None
+        if previous is None or previous.bounds is None:
+            return first_bounds(policy)
+        norms, counts = self._store.round_statistics(previous.round)
+        return next_bounds(policy, previous.bounds, norms=norms, sample_counts=counts)
 
     def merge(self, round: int) -> MergedRound:
         """Every member's share of ``round`` combined by the aggregation rule (a fixed order, so reproducible)."""
-        partials = self._store.partials(round)
-        count = sum(p.state.count for p in partials)
-        samples = sum(p.samples for p in partials)
-        if self._aggregation.rule == "mean":
-            mean = _merge_means([p.state for p in partials if p.state.count])
-        else:
-            rule = make_rule(self._aggregation, expected_shapes=self._config.shapes)
-            for delta, weight in self._store.buffered_deltas(round):
-                rule.accumulate(delta, weight)
-            mean = rule.finalize()
-        return MergedRound(mean_delta=mean, update_count=count, sample_count=samples)
+        return merge_round(self._store, round, aggregation=self._aggregation, shapes=self._config.shapes,
+                           clip_norm=self._clip_norm())
 
     def close_reason(self) -> CloseReason | None:
         """Why the current round should close now (None: keep collecting, closed, or no round)."""
@@ -382,17 +406,3 @@ def _prior_rejection(prior_nonce: bytes, header: UpdateHeader) -> RejectedUpdate
     if prior_nonce == header.nonce:
         return RejectedUpdateError(RejectReason.REPLAY.value, f"nonce {header.nonce.hex()} reused with different content")
     return RejectedUpdateError(IntakeReason.ALREADY_COUNTED.value, f"{header.sender} already has an update counted in round {header.round}")
-
-
-def _merge_means(states: list[WeightedMeanState]) -> dict[str, np.ndarray] | None:
-    """The weighted mean over several running sums; one sum gives exactly its own mean."""
-    if not states:
-        return None
-    sums = {name: np.array(value, dtype=np.float64) for name, value in states[0].sums.items()}
-    total, count = states[0].total_weight, states[0].count
-    for state in states[1:]:
-        for name, value in state.sums.items():
-            sums[name] += value
-        total += state.total_weight
-        count += state.count
-    return StreamingWeightedMean.from_state(WeightedMeanState(sums=sums, total_weight=total, count=count)).finalize()

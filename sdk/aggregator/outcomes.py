@@ -26,12 +26,15 @@ class IntakeReason(str, Enum):
     deliberately says nothing more. ``malformed``: not a well-formed sealed
     update. ``no_round``: no round has started. ``already_counted``: the sender
     already has another update accepted for this round (one per sender and round).
+    ``device_overlap`` (root only): the aggregate counts a device another region
+    already has counted in this round.
     """
 
     AUTH = "auth"
     MALFORMED = "malformed"
     NO_ROUND = "no_round"
     ALREADY_COUNTED = "already_counted"
+    DEVICE_OVERLAP = "device_overlap"
 
 
 class Verdict(str, Enum):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sdk.aggregation import WeightedMeanState
+from sdk.aggregation.influence import RoundBounds
 from sdk.aggregator.round_state import RoundStatus
 
 
@@ -23,7 +24,8 @@ class ClosedRound:
 
     ``mean_delta`` None: nothing was accepted (nothing to forward).
     ``result_params``: the regional model after the round (None at the root).
-    ``result_blob``: the sealed aggregate for the tier above (None when there is nothing to forward).
+    ``result_blob``: the sealed aggregate for the tier above (None when there is nothing to forward);
+    ``result_nonce``: its header nonce (what the tier above's receipt names).
     """
 
     mean_delta: dict[str, np.ndarray] | None
@@ -31,11 +33,25 @@ class ClosedRound:
     sample_count: int
     result_params: dict[str, np.ndarray] | None
     result_blob: bytes | None
+    result_nonce: bytes | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardOutcome:
+    """The tier above's signed answer to a forwarded aggregate: ``status`` ``accepted`` or
+    ``rejected:<reason>``, and the receipt bytes as received."""
+
+    status: str
+    receipt: bytes
 
 
 @dataclass(frozen=True, kw_only=True)
 class RoundRecord:
-    """The stored current round. ``base_params``: the model the round's deltas are relative to."""
+    """The stored current round. ``base_params``: the model the round's deltas are relative to.
+
+    ``bounds``: the round's influence bounds (None: none apply, as at the root).
+    ``forward``: the answer of the tier above to the closed round's aggregate (None: none yet).
+    """
 
     round: int
     status: RoundStatus
@@ -43,6 +59,8 @@ class RoundRecord:
     base_params: dict[str, np.ndarray]
     model_blob: bytes
     closing: ClosedRound | None
+    bounds: RoundBounds | None = None
+    forward: ForwardOutcome | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,7 +81,7 @@ class PartialSum:
 
 @dataclass(frozen=True, kw_only=True)
 class Acceptance:
-    """One accepted update: its identity, a digest of its content, and what it weighed."""
+    """One accepted update: its identity, a digest of its content, what it weighed, its raw L2 norm."""
 
     sender: str
     round: int
@@ -71,6 +89,7 @@ class Acceptance:
     digest: bytes
     sample_count: int
     weight: float
+    norm: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -43,10 +43,14 @@ from device_agent.protocol.candidate_request import open_candidate_request
 from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidates, seal_update
 from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
 from sdk.aggregation import AggregationConfig, mix_regional
+from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregator.candidates import CandidatePool
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
+from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from sdk.aggregator.errors import RoundStateError
-from sdk.aggregator.intake import MergedRound, UpdateIntake
+from sdk.aggregator.forwarding import ForwardAnswer, settle_forward
+from sdk.aggregator.intake import UpdateIntake
+from sdk.aggregator.merge import MergedRound
 from sdk.aggregator.outcomes import HandledUpdate
 from sdk.aggregator.records import ClosedRound, RoundRecord
 from sdk.aggregator.store import AggregatorStore
@@ -66,7 +70,9 @@ class RegionalConfig(AggregatorConfig):
     lookup returning None for an unknown device. ``root_verify_key``: the
     root's Ed25519 key (global models). ``root_encryption_key``: the root's
     X25519 key (aggregates are sealed to it). ``aggregation``: how updates are
-    combined (mean, median, trimmed mean; optional clipping).
+    combined (mean, median, trimmed mean); its ``clip_norm`` must stay None: the
+    aggregator bounds norms and weights through ``influence``
+    (:class:`~sdk.aggregation.influence.InfluencePolicy`, on by default; see docs/security.md).
     ``regional_weight``: ``a`` in ``S_r = a R_{r-1} + (1 - a) G_r``, in [0, 1].
     ``fomo_candidates``: the most FedFomo candidates served per request (0: FedFomo off; at most 32).
     ``fomo_requests_per_round``: answers one device may get per round (bounds the work a device can cause).
@@ -77,6 +83,7 @@ class RegionalConfig(AggregatorConfig):
     root_verify_key: Ed25519PublicKey
     root_encryption_key: X25519PublicKey
     aggregation: AggregationConfig = AggregationConfig()
+    influence: InfluencePolicy = InfluencePolicy()
     regional_weight: float = 0.0
     fomo_candidates: int = 0
     fomo_requests_per_round: int = 3
@@ -94,6 +101,11 @@ class RegionalConfig(AggregatorConfig):
             raise TypeError("root_encryption_key must be an X25519PublicKey")
         if not isinstance(self.aggregation, AggregationConfig):
             raise TypeError("aggregation must be an AggregationConfig")
+        if self.aggregation.clip_norm is not None:
+            raise ValueError("aggregation.clip_norm is not used by the aggregators: bound norms with "
+                             "influence=InfluencePolicy(norm='fixed', norm_bound=...) (or the adaptive default)")
+        if not isinstance(self.influence, InfluencePolicy):
+            raise TypeError("influence must be an InfluencePolicy")
         a = self.regional_weight
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not (math.isfinite(a) and 0.0 <= a <= 1.0):
             raise ValueError(f"regional_weight must be a number in [0, 1], got {a!r}")
@@ -151,8 +163,12 @@ class RegionalAggregator(AggregatorTier):
             sender_keys=config.device_keys,
             aggregation=config.aggregation,
             weight_of=lambda header: float(header.sample_count),
+            influence=config.influence,
         )
         super().__init__(config=config, intake=intake, identity=config.region)
+        if config.influence.unsafe:
+            logger.warning("region %s: influence norm='unbounded': one device can move the model as far as it likes (unsafe)",
+                           config.region)
         self._regional = config
         #: FedFomo: every device's latest model (in memory; refills from uploads after a restart).
         self.candidates = CandidatePool()
@@ -283,12 +299,14 @@ class RegionalAggregator(AggregatorTier):
             closing = record.closing
             if closing is None:
                 merged = self._intake.merge(record.round)
+                sealed = self._seal(record.round, merged)
                 closing = ClosedRound(
                     mean_delta=merged.mean_delta,
                     update_count=merged.update_count,
                     sample_count=merged.sample_count,
                     result_params=apply_delta(record.base_params, merged.mean_delta),
-                    result_blob=self._seal(record.round, merged),
+                    result_blob=None if sealed is None else sealed[1],
+                    result_nonce=None if sealed is None else sealed[0],
                 )
                 self._intake.store.close_round(record.round, closing)
                 logger.info("round %d closed: %d updates, %d samples", record.round, merged.update_count, merged.sample_count)
@@ -302,6 +320,18 @@ class RegionalAggregator(AggregatorTier):
             blob=closing.result_blob,
         )
 
+    def pending_aggregate(self) -> bytes | None:
+        """The closed round's sealed aggregate while the root has not answered it (resend it), else None.
+
+        Read from the store each time: another member may have stored the answer."""
+        return self._intake.store.unanswered_aggregate()
+
+    def handle_root_receipt(self, blob: bytes | bytearray | memoryview) -> ForwardAnswer:
+        """Verify the root's signed receipt and, when it answers the stored aggregate, record it durably
+        (the first answer stands); see :func:`~sdk.aggregator.forwarding.settle_forward`. Never raises for bad input."""
+        return settle_forward(self._intake, blob, root_verify_key=self._regional.root_verify_key,
+                              fleet=self._config.fleet, region=self._regional.region)
+
     def _serve(self, record: RoundRecord | None, round: int, global_params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bytes]:
         previous = None
         if record is not None:
@@ -311,7 +341,8 @@ class RegionalAggregator(AggregatorTier):
         served = mix_regional(previous, global_params, regional_weight=self._regional.regional_weight)
         return served, self._sign_model(round=round, params=served, region=self._regional.region)
 
-    def _seal(self, round: int, merged: MergedRound) -> bytes | None:
+    def _seal(self, round: int, merged: MergedRound) -> tuple[bytes, bytes] | None:
+        """(nonce, sealed aggregate) for the root, the contributor list inside; None when nothing was accepted."""
         if merged.mean_delta is None:
             return None
         header = UpdateHeader.create(
@@ -324,9 +355,11 @@ class RegionalAggregator(AggregatorTier):
             sample_count=merged.sample_count,
             clock=self._config.wall_clock,
         )
-        return seal_update(
+        tensors = dict(merged.mean_delta)
+        tensors[CONTRIBUTORS_TENSOR] = encode_contributors(self._intake.store.contributions(round))
+        return header.nonce, seal_update(
             header,
-            merged.mean_delta,
+            tensors,
             recipient_public_key=self._regional.root_encryption_key,
             sender_key=self._config.signing_key,
         )

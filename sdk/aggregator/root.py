@@ -46,7 +46,9 @@ class RootConfig(AggregatorConfig):
     lookup returning None for an unknown region); an aggregate's sender must
     be its region. ``root_id``: the id the root signs as. ``weighting``:
     ``"samples"`` or ``"uniform"`` (see the module docstring). ``policy.quorum``
-    is a number of regions.
+    is a number of regions; ``policy.min_updates`` must be 0: the root always
+    moves on at its deadline, with whatever arrived (nothing: G_{r+1} = G_r),
+    so a lost aggregate can delay the federation by one deadline, never stall it.
     """
 
     region_keys: SenderKeys
@@ -56,6 +58,9 @@ class RootConfig(AggregatorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("root_id", self.root_id)
+        if self.policy.min_updates != 0:
+            raise ValueError("the root's policy.min_updates must be 0: it moves on at its deadline whatever arrived "
+                             f"(got {self.policy.min_updates})")
         if self.weighting not in ("samples", "uniform"):
             raise ValueError(f"weighting must be 'samples' or 'uniform', got {self.weighting!r}")
 
@@ -85,6 +90,7 @@ class RootAggregator(AggregatorTier):
             sender_is_region=True,
         )
         super().__init__(config=config, intake=intake, identity=config.root_id)
+        self._root = config
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], config: RootConfig, *, member: str = "main") -> RootAggregator:
@@ -119,14 +125,27 @@ class RootAggregator(AggregatorTier):
             merged = self._intake.merge(record.round)
             if merged.mean_delta is None:
                 logger.warning("root round %d closed without any regional aggregate: the global model is unchanged", record.round)
+            missing = self._missing_regions(record.round)
+            if missing:
+                self._intake.count("regions_missing", len(missing))
+                logger.warning("root round %d closed without %d region(s): %s", record.round, len(missing), ", ".join(missing))
             new_global = apply_delta(record.global_params, merged.mean_delta)
             blob = self._sign_model(round=record.round + 1, params=new_global, region=None)
-            self._intake.write_round_start(round=record.round + 1, global_params=new_global, base_params=new_global, model_blob=blob)
+            self._intake.write_round_start(previous=record, round=record.round + 1, global_params=new_global,
+                                           base_params=new_global, model_blob=blob)
             logger.info(
                 "root round %d closed: %d regions, %d samples", record.round, merged.update_count, merged.sample_count
             )
         self._intake.refresh()
         return blob
+
+    def _missing_regions(self, round: int) -> list[str]:
+        """Regions with a known key that had no aggregate accepted for ``round`` (empty for a key lookup function)."""
+        keys = self._root.region_keys
+        if not isinstance(keys, Mapping):
+            return []
+        reported = {sender for sender, _ in self._intake.store.contributions(round)}
+        return sorted(set(keys) - reported)
 
     def _serve(self, record: RoundRecord | None, round: int, global_params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], bytes]:
         return global_params, self._sign_model(round=round, params=global_params, region=None)

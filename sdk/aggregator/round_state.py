@@ -46,8 +46,9 @@ class RoundPolicy:
     ``quorum``: close as soon as this many updates are accepted.
     ``deadline_s``: once this long has passed since the round opened, close
     with whatever was accepted, provided it is at least ``min_updates``
-    (a round never closes empty on its own: past the deadline it closes at the
-    ``min_updates``-th update).
+    (with ``min_updates`` >= 1 a round never closes empty on its own: past the
+    deadline it closes at the ``min_updates``-th update; with 0 it closes at the
+    deadline whatever arrived, the root's rule).
     """
 
     quorum: int
@@ -55,10 +56,10 @@ class RoundPolicy:
     min_updates: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("quorum", "min_updates"):
+        for name, low in (("quorum", 1), ("min_updates", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.min_updates > self.quorum:
             raise ValueError(f"min_updates ({self.min_updates}) cannot exceed quorum ({self.quorum})")
         if isinstance(self.deadline_s, bool) or not isinstance(self.deadline_s, (int, float)):

@@ -28,6 +28,7 @@ from device_agent.errors import BundleError
 from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
 from device_agent.protocol.headers import MAX_CANDIDATES, check_id
 from sdk.aggregation import AggregationConfig
+from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.root import RootConfig
 from sdk.aggregator.round_state import RoundPolicy
@@ -76,14 +77,36 @@ class BrokerSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class LoopSettings:
-    """The service loop's cadence: ``tick_s`` between close checks, ``flush_every_s`` between counter writes."""
+    """The service loop's cadence and limits.
+
+    ``tick_s`` between close checks, ``flush_every_s`` between counter writes.
+    ``resend_min_s``/``resend_max_s``: a region resends its aggregate until the
+    root's receipt, after capped exponential backoff between these delays.
+    Per sender (a device's account, a region at the root), before anything is
+    opened: ``sender_rate_per_s`` messages per second with bursts of
+    ``sender_burst`` (None: sized to the model, enough for a chunked update and
+    a resend), and ``max_pending_bytes`` over everything waiting (docs/aggregation.md, "Floods").
+    """
 
     tick_s: float = 0.2
     flush_every_s: float = 5.0
+    resend_min_s: float = 2.0
+    resend_max_s: float = 30.0
+    sender_rate_per_s: float = 1.0
+    sender_burst: int | None = None
+    max_pending_bytes: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not (self.tick_s > 0 and self.flush_every_s > 0):
             raise ValueError("tick_s and flush_every_s must be > 0")
+        if not 0 < self.resend_min_s <= self.resend_max_s:
+            raise ValueError("resend delays must satisfy 0 < resend_min_s <= resend_max_s")
+        if not self.sender_rate_per_s > 0:
+            raise ValueError("sender_rate_per_s must be > 0")
+        if self.sender_burst is not None and self.sender_burst < 1:
+            raise ValueError("sender_burst must be >= 1 or None")
+        if self.max_pending_bytes < 1:
+            raise ValueError("max_pending_bytes must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +149,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
         fomo_candidates=agg.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),
         aggregation=_aggregation(top),
+        influence=_influence(top),
         **_common(top, agg, manifest),
     ))
     store = agg.path("store")
@@ -152,7 +176,7 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
         region_keys=region_keys,
         root_id=agg.string("root_id", "root"),
         weighting=weighting,
-        **_common(top, agg, manifest, default_quorum=len(region_keys)),
+        **_common(top, agg, manifest, default_quorum=len(region_keys), root=True),
     ))
     store = agg.path("store")
     member = agg.string("member", "main")
@@ -173,8 +197,9 @@ def _open_toml(path: Path) -> TomlTable:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # Found by fuzzing (tests/fuzz): non-UTF-8 bytes, and tomllib recursing once per nesting level.
+        raise ConfigError(f"{path}: not valid TOML: {str(exc) or type(exc).__name__}") from exc
     return TomlTable(data, prefix="", source=path.name, base_dir=path.parent.resolve())
 
 
@@ -195,14 +220,17 @@ def _manifest(agg: TomlTable) -> BundleManifest:
         raise agg.error("bundle", f"{bundle} does not verify with the fleet key: {exc}") from exc
 
 
-def _common(top: TomlTable, agg: TomlTable, manifest: BundleManifest, *, default_quorum: int | None = None) -> dict[str, Any]:
-    """The :class:`~sdk.aggregator.config.AggregatorConfig` fields both tiers read the same way."""
+def _common(top: TomlTable, agg: TomlTable, manifest: BundleManifest, *, default_quorum: int | None = None,
+            root: bool = False) -> dict[str, Any]:
+    """The :class:`~sdk.aggregator.config.AggregatorConfig` fields both tiers read the same way
+    (``root``: ``round.min_updates`` defaults to 0 and must stay 0)."""
     round_table = top.table("round")
     quorum = round_table.integer("quorum", REQUIRED if default_quorum is None else default_quorum, minimum=1)
+    min_updates = round_table.integer("min_updates", 0 if root else 1, minimum=0, maximum=0 if root else None)
     policy = _build(round_table, "min_updates", RoundPolicy, dict(
         quorum=quorum,
         deadline_s=round_table.number("deadline_s", positive=True),
-        min_updates=round_table.integer("min_updates", 1, minimum=1),
+        min_updates=min_updates,
     ))
     round_table.done()
     norm_bound = agg.number("norm_bound", None, positive=True)
@@ -222,13 +250,39 @@ def _aggregation(top: TomlTable) -> AggregationConfig:
     rule = table.string("rule", "mean")
     if rule not in ("mean", "median", "trimmed_mean"):
         raise table.error("rule", f"expected 'mean', 'median' or 'trimmed_mean', got {rule!r}")
+    if table.number("clip_norm", None, positive=True) is not None:
+        raise table.error("clip_norm", "norms are bounded in [influence] (norm = \"fixed\", norm_bound = ...); "
+                                       "see docs/security.md")
     config = _build(table, "trim_fraction", AggregationConfig, dict(
         rule=rule,
         trim_fraction=table.number("trim_fraction", 0.1, minimum=0.0),
-        clip_norm=table.number("clip_norm", None, positive=True),
     ))
     table.done()
     return config
+
+
+def _influence(top: TomlTable) -> InfluencePolicy:
+    """``[influence]``: every key optional; the defaults are :class:`InfluencePolicy`'s (docs/security.md)."""
+    table = top.section("influence")
+    defaults = InfluencePolicy()
+    norm = table.string("norm", defaults.norm)
+    if norm not in ("adaptive", "fixed", "unbounded"):
+        raise table.error("norm", f"expected 'adaptive', 'fixed' or 'unbounded' (unsafe), got {norm!r}")
+    weight = table.string("weight", defaults.weight)
+    if weight not in ("adaptive", "fixed"):
+        raise table.error("weight", f"expected 'adaptive' or 'fixed', got {weight!r}")
+    policy = _build(table, "norm", InfluencePolicy, dict(
+        norm=norm,
+        norm_bound=table.number("norm_bound", defaults.norm_bound, positive=True),
+        norm_quantile=table.number("norm_quantile", defaults.norm_quantile, positive=True),
+        norm_multiplier=table.number("norm_multiplier", defaults.norm_multiplier, positive=True),
+        weight=weight,
+        max_sample_count=table.integer("max_sample_count", defaults.max_sample_count, minimum=1, maximum=MAX_SAMPLE_COUNT),
+        weight_multiplier=table.number("weight_multiplier", defaults.weight_multiplier, positive=True),
+        min_history=table.integer("min_history", defaults.min_history, minimum=1),
+    ))
+    table.done()
+    return policy
 
 
 def _broker(top: TomlTable, *, default_client_id: str) -> BrokerSettings:
@@ -268,10 +322,17 @@ def _broker(top: TomlTable, *, default_client_id: str) -> BrokerSettings:
 
 def _loop(top: TomlTable) -> LoopSettings:
     table = top.section("service")
-    settings = LoopSettings(
-        tick_s=table.number("tick_s", 0.2, positive=True),
-        flush_every_s=table.number("flush_every_s", 5.0, positive=True),
-    )
+    defaults = LoopSettings()
+    resend_min_s = table.number("resend_min_s", defaults.resend_min_s, positive=True)
+    settings = _build(table, "resend_max_s", LoopSettings, dict(
+        tick_s=table.number("tick_s", defaults.tick_s, positive=True),
+        flush_every_s=table.number("flush_every_s", defaults.flush_every_s, positive=True),
+        resend_min_s=resend_min_s,
+        resend_max_s=table.number("resend_max_s", max(defaults.resend_max_s, resend_min_s), positive=True),
+        sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
+        sender_burst=table.integer("sender_burst", None, minimum=1),
+        max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
+    ))
     table.done()
     return settings
 

@@ -45,64 +45,25 @@ import numpy as np
 from device_agent.protocol.headers import check_id
 from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors, encode_tensors
 from sdk.aggregation import WeightedMeanState
+from sdk.aggregation.influence import RoundBounds
 from sdk.aggregator.errors import RoundStateError, StoreError
 from sdk.aggregator.records import (
     Acceptance,
     AcceptedKey,
     ClosedRound,
+    ForwardOutcome,
     PartialSum,
     ReplaySnapshot,
     RoundMarker,
     RoundRecord,
 )
 from sdk.aggregator.round_state import RoundStatus
+from sdk.aggregator.store_schema import SCHEMA_VERSION, create_or_migrate
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 # The file is our own, written by this module: the limits only guard against a corrupt file.
 _OWN_LIMITS = DecodeLimits(max_tensors=1 << 16, max_total_bytes=1 << 40, max_rank=32, max_name_bytes=4096)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS round_state (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    round INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('collecting', 'closed')),
-    global_params BLOB NOT NULL,
-    base_params BLOB NOT NULL,
-    model_blob BLOB NOT NULL,
-    closed_mean BLOB,
-    closed_updates INTEGER,
-    closed_samples INTEGER,
-    closed_params BLOB,
-    closed_blob BLOB
-);
-CREATE TABLE IF NOT EXISTS partial_sums (
-    member TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    count INTEGER NOT NULL,
-    total_weight REAL NOT NULL,
-    samples INTEGER NOT NULL,
-    sums BLOB NOT NULL,
-    PRIMARY KEY (member, round)
-);
-CREATE TABLE IF NOT EXISTS accepted (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    sender TEXT NOT NULL,
-    round INTEGER NOT NULL,
-    nonce BLOB NOT NULL,
-    digest BLOB NOT NULL,
-    sample_count INTEGER NOT NULL,
-    weight REAL NOT NULL,
-    member TEXT NOT NULL,
-    delta BLOB,
-    UNIQUE (sender, round, nonce),
-    UNIQUE (sender, round)
-);
-CREATE TABLE IF NOT EXISTS replay_snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL, seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, count INTEGER NOT NULL);
-"""
 
 
 class AcceptanceConflict(StoreError):
@@ -165,8 +126,11 @@ class AggregatorStore:
 
     def _init_schema(self, identity: str) -> None:
         with self.transaction():
-            for statement in _SCHEMA.strip().split(";\n"):
-                self._conn.execute(statement)
+            stored = None
+            if self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+                row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                stored = None if row is None else str(row[0])
+            create_or_migrate(self._conn, stored)
             for key, value in (("schema_version", str(SCHEMA_VERSION)), ("identity", identity)):
                 self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
             meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
@@ -227,7 +191,8 @@ class AggregatorStore:
         """The current round with its models; None before the first round."""
         row = self._conn.execute(
             "SELECT round, status, global_params, base_params, model_blob, closed_mean, closed_updates,"
-            " closed_samples, closed_params, closed_blob FROM round_state WHERE id = 1"
+            " closed_samples, closed_params, closed_blob, closed_nonce, clip_norm, weight_cap,"
+            " forward_status, forward_receipt FROM round_state WHERE id = 1"
         ).fetchone()
         if row is None:
             return None
@@ -239,6 +204,7 @@ class AggregatorStore:
                 sample_count=row[7],
                 result_params=None if row[8] is None else unpack_params(row[8]),
                 result_blob=row[9],
+                result_nonce=row[10],
             )
         return RoundRecord(
             round=row[0],
@@ -247,7 +213,15 @@ class AggregatorStore:
             base_params=unpack_params(row[3]),
             model_blob=row[4],
             closing=closing,
+            bounds=None if row[12] is None else RoundBounds(clip_norm=row[11], weight_cap=int(row[12])),
+            forward=None if row[13] is None else ForwardOutcome(status=row[13], receipt=row[14]),
         )
+
+    def unanswered_aggregate(self) -> bytes | None:
+        """The closed current round's sealed aggregate while no answer from the tier above is stored; else None."""
+        row = self._conn.execute(
+            "SELECT closed_blob FROM round_state WHERE id = 1 AND status = 'closed' AND forward_status IS NULL").fetchone()
+        return None if row is None else row[0]
 
     def load_partial(self, round: int) -> PartialSum | None:
         """This member's partial sum for ``round``; None if it accepted nothing yet."""
@@ -273,11 +247,31 @@ class AggregatorStore:
     def find_acceptance(self, sender: str, round: int) -> Acceptance | None:
         """The update accepted from ``sender`` for ``round``, if any."""
         row = self._conn.execute(
-            "SELECT nonce, digest, sample_count, weight FROM accepted WHERE sender = ? AND round = ?", (sender, round)
+            "SELECT nonce, digest, sample_count, weight, norm FROM accepted WHERE sender = ? AND round = ?", (sender, round)
         ).fetchone()
         if row is None:
             return None
-        return Acceptance(sender=sender, round=round, nonce=row[0], digest=row[1], sample_count=row[2], weight=row[3])
+        return Acceptance(sender=sender, round=round, nonce=row[0], digest=row[1], sample_count=row[2], weight=row[3],
+                          norm=0.0 if row[4] is None else row[4])
+
+    def round_statistics(self, round: int) -> tuple[list[float], list[int]]:
+        """(raw L2 norms, claimed sample counts) of every update accepted for ``round``, in commit order."""
+        rows = self._conn.execute("SELECT norm, sample_count FROM accepted WHERE round = ? ORDER BY seq", (round,)).fetchall()
+        return [float(r[0]) for r in rows if r[0] is not None], [int(r[1]) for r in rows]
+
+    def contributions(self, round: int) -> list[tuple[str, int]]:
+        """(sender, weight) of every update accepted for ``round``, sorted by sender."""
+        rows = self._conn.execute("SELECT sender, weight FROM accepted WHERE round = ? ORDER BY sender", (round,))
+        return [(sender, int(weight)) for sender, weight in rows]
+
+    def counted_elsewhere(self, round: int, devices: list[str], region: str) -> dict[str, str]:
+        """Of ``devices``, those another region already has counted in ``round``: device -> that region (root)."""
+        found: dict[str, str] = {}
+        for device in devices:
+            row = self._conn.execute("SELECT region FROM contributors WHERE round = ? AND device = ?", (round, device)).fetchone()
+            if row is not None and row[0] != region:
+                found[device] = row[0]
+        return found
 
     def accepted_since(self, seq: int) -> list[AcceptedKey]:
         """Accepted rows after ``seq``, in commit order."""
@@ -312,18 +306,21 @@ class AggregatorStore:
         model_blob: bytes,
         replay: ReplaySnapshot,
         keep_accepted_from: int,
+        bounds: RoundBounds | None = None,
     ) -> None:
-        """Make ``round`` the current, collecting round.
+        """Make ``round`` the current, collecting round, with its influence ``bounds`` (None: none).
 
-        Forgets older partial sums and buffered deltas, and accepted rows below
-        ``keep_accepted_from`` (the replay window's floor: the rows it may still need).
+        Forgets older partial sums, buffered deltas and contributor records, and
+        accepted rows below ``keep_accepted_from`` (the replay window's floor: the rows it may still need).
         """
         self._write(
-            "INSERT OR REPLACE INTO round_state (id, round, status, global_params, base_params, model_blob)"
-            " VALUES (1, ?, 'collecting', ?, ?, ?)",
-            (round, pack_params(global_params), pack_params(base_params), model_blob),
+            "INSERT OR REPLACE INTO round_state (id, round, status, global_params, base_params, model_blob, clip_norm,"
+            " weight_cap) VALUES (1, ?, 'collecting', ?, ?, ?, ?, ?)",
+            (round, pack_params(global_params), pack_params(base_params), model_blob,
+             None if bounds is None else bounds.clip_norm, None if bounds is None else bounds.weight_cap),
         )
         self._write("DELETE FROM partial_sums WHERE round < ?", (round,))
+        self._write("DELETE FROM contributors WHERE round < ?", (round,))
         self._write("DELETE FROM accepted WHERE round < ?", (keep_accepted_from,))
         self._write("UPDATE accepted SET delta = NULL WHERE round < ? AND delta IS NOT NULL", (round,))
         self._write(
@@ -335,8 +332,8 @@ class AggregatorStore:
         """Record an accepted update (with its delta for buffered rules); its ``seq``. AcceptanceConflict if taken."""
         try:
             cursor = self._write(
-                "INSERT INTO accepted (sender, round, nonce, digest, sample_count, weight, member, delta)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO accepted (sender, round, nonce, digest, sample_count, weight, member, delta, norm)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     acceptance.sender,
                     acceptance.round,
@@ -346,6 +343,7 @@ class AggregatorStore:
                     acceptance.weight,
                     self._member,
                     None if delta is None else pack_params(delta),
+                    acceptance.norm,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -366,18 +364,37 @@ class AggregatorStore:
         """Mark ``round`` closed with its result; RoundStateError unless it is the current, collecting round."""
         cursor = self._write(
             "UPDATE round_state SET status = 'closed', closed_mean = ?, closed_updates = ?, closed_samples = ?,"
-            " closed_params = ?, closed_blob = ? WHERE id = 1 AND round = ? AND status = 'collecting'",
+            " closed_params = ?, closed_blob = ?, closed_nonce = ? WHERE id = 1 AND round = ? AND status = 'collecting'",
             (
                 None if closing.mean_delta is None else pack_params(closing.mean_delta),
                 closing.update_count,
                 closing.sample_count,
                 None if closing.result_params is None else pack_params(closing.result_params),
                 closing.result_blob,
+                closing.result_nonce,
                 round,
             ),
         )
         if cursor.rowcount != 1:
             raise RoundStateError(f"round {round} is not the current collecting round")
+
+    def record_forward(self, round: int, nonce: bytes, outcome: ForwardOutcome) -> bool:
+        """Store the tier above's answer to round ``round``'s aggregate ``nonce``; False when that is not the
+        current closed round's aggregate or an answer is already stored (the first answer stands)."""
+        cursor = self._write(
+            "UPDATE round_state SET forward_status = ?, forward_receipt = ? WHERE id = 1 AND round = ? AND status = 'closed'"
+            " AND closed_nonce = ? AND forward_status IS NULL",
+            (outcome.status, outcome.receipt, round, nonce),
+        )
+        return cursor.rowcount == 1
+
+    def insert_contributors(self, round: int, region: str, devices: list[str]) -> None:
+        """Record that ``region`` counted ``devices`` in ``round`` (root); AcceptanceConflict if one is already counted."""
+        try:
+            for device in devices:
+                self._write("INSERT INTO contributors (round, device, region) VALUES (?, ?, ?)", (round, device, region))
+        except sqlite3.IntegrityError as exc:
+            raise AcceptanceConflict(f"a device of {region} is already counted in round {round}") from exc
 
     def add_counters(self, counts: Mapping[str, int]) -> None:
         """Add ``counts`` to the stored counters (increments, so members never overwrite each other)."""

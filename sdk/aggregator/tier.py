@@ -12,6 +12,7 @@ a newer one starts (its accepted updates are counted as
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -82,6 +83,11 @@ class AggregatorTier:
             counters=self._intake.counters(),
         )
 
+    def update_bytes_bound(self) -> int:
+        """An upper bound on one sealed update (or aggregate) of the shared parameters, raw float32, in bytes."""
+        tensors = sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in self._config.spec.values())
+        return tensors + 16 * 1024
+
     def current_model(self) -> bytes | None:
         """The signed model published for the current round (to republish after a restart); None before the first round."""
         self._intake.refresh()
@@ -131,7 +137,7 @@ class AggregatorTier:
                     self._intake.count("abandoned_updates", abandoned)
                     logger.warning("round %d abandoned with %d accepted updates: round %d started", record.round, abandoned, round)
             base, blob = serve(record, round, params)
-            self._intake.write_round_start(round=round, global_params=params, base_params=base, model_blob=blob)
+            self._intake.write_round_start(previous=record, round=round, global_params=params, base_params=base, model_blob=blob)
         self._intake.refresh()
         logger.info("round %d started", round)
         return blob

@@ -99,6 +99,7 @@ _OPEN_VALIDATE = textwrap.dedent(
 STREAMING_CHILD = _CHILD_PRELUDE + textwrap.dedent(
     """
     from sdk.aggregator import RegionalAggregator, RegionalConfig, RoundPolicy, Verdict
+    from sdk.aggregation.influence import InfluencePolicy
     config = RegionalConfig(
         fleet=cfg["fleet"], region=cfg["region"], encryption_key=region_key,
         signing_key=Ed25519PrivateKey.from_private_bytes(seed("ed25519:" + cfg["region"])),
@@ -107,6 +108,8 @@ STREAMING_CHILD = _CHILD_PRELUDE + textwrap.dedent(
         root_encryption_key=X25519PrivateKey.from_private_bytes(seed("x25519:root")).public_key(),
         spec=spec, bundle_version=cfg["bundle_version"],
         policy=RoundPolicy(quorum=len(index), deadline_s=86400.0), norm_bound=cfg["norm_bound"],
+        # Fixed bounds that do not bind (same clipping work as the default), so the mean matches the plain reference.
+        influence=InfluencePolicy(norm="fixed", norm_bound=cfg["norm_bound"], weight="fixed", max_sample_count=1_000_000),
     )
     agg = RegionalAggregator.open(cfg["db"], config)
     agg.start_round(0, {name: np.zeros(shape, dtype=np.float32) for name, (shape, _) in spec.items()})

@@ -76,6 +76,7 @@ _REGION_CHILD = textwrap.dedent(
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from device_agent.protocol.topics import TopicLayout
     from sdk.aggregator import RegionalAggregator, RegionalConfig, RoundPolicy
+    from sdk.aggregation.influence import InfluencePolicy
     from sdk.aggregator.mqtt_service import RegionalService
     from sdk.aggregator.service_config import BrokerSettings, LoopSettings
     cfg = json.loads(sys.argv[1])
@@ -91,6 +92,8 @@ _REGION_CHILD = textwrap.dedent(
         root_encryption_key=X25519PrivateKey.from_private_bytes(seed("x25519:root")).public_key(),
         spec={name: (tuple(shape), "float32") for name, shape in cfg["spec"].items()}, bundle_version=cfg["bundle_version"],
         policy=RoundPolicy(quorum=len(cfg["devices"]), deadline_s=3600.0), norm_bound=cfg["norm_bound"],
+        # Fixed bounds that do not bind (same clipping work as the default), so the round matches the plain reference.
+        influence=InfluencePolicy(norm="fixed", norm_bound=cfg["norm_bound"], weight="fixed", max_sample_count=1_000_000),
     )
     broker = BrokerSettings(host="127.0.0.1", port=cfg["port"], client_id=cfg["account"] + "-svc", username=cfg["account"],
                             password=cfg["password"], share_group=cfg["region"] + "-aggregators",
@@ -364,7 +367,7 @@ def run_one_round(spec: Mapping[str, tuple[int, ...]], *, devices: int, variant:
                 fleet=FLEET, encryption_key=X25519PrivateKey.from_private_bytes(_seed("x25519:root")),
                 signing_key=Ed25519PrivateKey.from_private_bytes(_seed("ed25519:root")),
                 spec={name: (shape, "float32") for name, shape in spec.items()}, bundle_version=BUNDLE_VERSION,
-                policy=RoundPolicy(quorum=1, deadline_s=3600.0),
+                policy=RoundPolicy(quorum=1, deadline_s=3600.0, min_updates=0),
                 region_keys={REGION: Ed25519PrivateKey.from_private_bytes(_seed(f"ed25519:{REGION}")).public_key()},
             )
             broker = BrokerSettings(host="127.0.0.1", port=ports["root"], client_id=f"{ROOT_ACCOUNT}-svc", username=ROOT_ACCOUNT,

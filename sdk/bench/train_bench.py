@@ -245,7 +245,7 @@ def write_json(rows: list[TrainBenchRow], path: Path, *, threads: int) -> None:
 
 
 def write_png(rows: list[TrainBenchRow], path: Path) -> None:
-    """Two bar charts: steps/s relative to PyTorch eager, and peak RSS, per model and runtime."""
+    """Two bar charts: steps/s relative to PyTorch eager (log scale), and peak RSS, per model and runtime."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,6 +262,7 @@ def write_png(rows: list[TrainBenchRow], path: Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.set_yscale("log")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

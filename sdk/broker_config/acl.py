@@ -50,17 +50,19 @@ def render_region_acl(topology: Topology, region: Region) -> str:
 
 
 def render_root_acl(topology: Topology) -> str:
-    """ACL of the root broker: each bridge writes only its region's uplink; root aggregators see the fleet."""
+    """ACL of the root broker: each bridge writes only its region's uplink and reads only the root model and its
+    region's downlink; root aggregators see the fleet."""
     base = topology.layout.base
     parts = [_HEADER.format(what="the root broker", fleet=topology.fleet)]
     parts += [
         _user_block(
-            f"Bridge of region {region.name}: its own uplink and bridge state out, the root model in.",
+            f"Bridge of region {region.name}: its own uplink and bridge state out; the root model and its own receipts in.",
             region.bridge_username,
             [
                 ("write", f"{base}/region/{region.name}/up/#"),
                 ("write", bridge_state_topic(topology, region.name)),
                 ("read", f"{base}/root/model/#"),
+                ("read", f"{base}/region/{region.name}/down/#"),
             ],
         )
         for region in topology.regions

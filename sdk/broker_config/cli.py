@@ -20,6 +20,11 @@ _TOPOLOGY = click.option(
 )
 
 
+_EXAMPLES_GENERATE = ("Examples:\n\n\b\n  fedge broker-config generate --topology broker_config/topology.toml --out /tmp/fleet-brokers\n"
+                      "  fedge broker-config generate --topology topology.toml --out out/ --deploy-dir /etc/mosquitto/fedge "
+                      "--owner mosquitto")
+
+
 def _load(path: Path) -> Topology:
     try:
         return load_topology(path)
@@ -32,7 +37,7 @@ def broker_config() -> None:
     """Mosquitto configs, ACLs, passwords and TLS material for a fleet's brokers."""
 
 
-@broker_config.command()
+@broker_config.command(epilog=_EXAMPLES_GENERATE)
 @_TOPOLOGY
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="New or empty directory to write into.")
@@ -47,8 +52,10 @@ def generate(topology_path: Path, out: Path, deploy_dir: str | None, owner: str 
         generated = generate_topology(
             topology, out, deploy_dir=PurePosixPath(deploy_dir) if deploy_dir else None, owner=owner
         )
-    except (FileExistsError, LookupError, PermissionError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except (FileExistsError, LookupError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--out" if isinstance(exc, FileExistsError) else "--owner") from exc
+    except OSError as exc:  # an unwritable --out (a path under a file, a read-only directory, ...)
+        raise click.BadParameter(f"{out}: cannot write: {exc.strerror or exc}", param_hint="--out") from exc
     for broker in generated.brokers:
         click.echo(f"{broker.name:>12}  {broker.directory}")
     click.echo(f"{'credentials':>12}  {generated.credentials_dir}  ({len(generated.credential_files)} accounts)")
@@ -56,7 +63,7 @@ def generate(topology_path: Path, out: Path, deploy_dir: str | None, owner: str 
         click.echo(f"{'CA key':>12}  {generated.ca_key_file}  (keep it offline)")
 
 
-@broker_config.command("render-examples")
+@broker_config.command("render-examples", epilog="Examples:\n\n\b\n  fedge broker-config render-examples --topology broker_config/topology.toml --out broker_config")
 @_TOPOLOGY
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to (over)write the secret-free example files in.")

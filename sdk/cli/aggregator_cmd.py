@@ -21,6 +21,7 @@ from device_agent.protocol.topics import TopicLayout
 from device_agent.trainer import DeviceTrainer
 from sdk.aggregator import RegionalAggregator, RootAggregator
 from sdk.aggregator.mqtt_service import RegionalService, RootService, ServiceReport
+from sdk.cli.family import examples
 from sdk.aggregator.service_config import (
     RootServiceConfig,
     load_regional_service_config,
@@ -38,7 +39,8 @@ def aggregator() -> None:
     """Run a region's or the root's aggregator as an MQTT service."""
 
 
-@aggregator.command("regional")
+@aggregator.command("regional", epilog=examples("fedge aggregator regional --config eu-aggregator.toml",
+                                                "fedge aggregator regional --config eu-aggregator.toml --max-seconds 600 -v"))
 @_CONFIG
 @_MAX_SECONDS
 def regional(config_path: Path, max_seconds: float | None) -> None:
@@ -55,7 +57,7 @@ def regional(config_path: Path, max_seconds: float | None) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
-@aggregator.command("root")
+@aggregator.command("root", epilog=examples("fedge aggregator root --config root-aggregator.toml"))
 @_CONFIG
 @_MAX_SECONDS
 def root(config_path: Path, max_seconds: float | None) -> None:

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import click
 
+from sdk.cli.family import examples
+
 
 @click.group()
 def bench() -> None:
     """Benchmarks (measured side by side in one run; ratios are the headline)."""
 
 
-@bench.command("train")
+@bench.command("train", epilog=examples("fedge bench train", "fedge bench train --quick --repeats 1"))
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per runtime; the median is reported.")
 @click.option("--threads", type=int, default=2, show_default=True, help="Intra-op threads for every runtime.")
 @click.option("--batch", type=int, default=32, show_default=True)
@@ -43,7 +45,7 @@ def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> t
     return counts
 
 
-@bench.command("aggregator")
+@bench.command("aggregator", epilog=examples("fedge bench aggregator --updates 50,200"))
 @click.option("--updates", default="50,200", show_default=True, callback=_updates_list,
               help="Comma-separated numbers of sealed updates per round (one row each).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per path; the median is reported.")
@@ -63,7 +65,7 @@ def aggregator(updates: tuple[int, ...], repeats: int, no_memory: bool, out: Pat
     click.echo(f"wrote {out}")
 
 
-@bench.command("round")
+@bench.command("round", epilog=examples("fedge bench round --devices 50", "fedge bench round --devices 10 --repeats 1 --no-tmpfs"))
 @click.option("--devices", type=int, default=50, show_default=True, help="Device clients in the region, all started at once.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating rounds per store variant; the median is reported.")
 @click.option("--no-tmpfs", is_flag=True, help="Only fedge's store on disk (skip the same store on /dev/shm).")
@@ -84,7 +86,7 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
-@bench.command("accuracy")
+@bench.command("accuracy", epilog=examples("fedge bench accuracy --quick", "fedge bench accuracy --setting watch --setting synthetic", "fedge bench accuracy --report-only"))
 @click.option("--setting", "names", multiple=True,
               help="Setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long. Default: all but fmnist-long.")
 @click.option("--quick", is_flag=True, help="Few rounds on a small data subsample: a smoke run, not the benchmark.")
@@ -126,3 +128,56 @@ def accuracy(names: tuple[str, ...], quick: bool, workers: int, seed: int, out: 
     for name in chosen:
         click.echo("\n" + reports[name][0])
     click.echo(f"\nwrote {out}/<setting>.json, .md and .png for: {', '.join(chosen)}")
+
+
+@bench.command("flood")
+@click.option("--devices", type=click.IntRange(min=1), default=20, show_default=True, help="Honest device clients.")
+@click.option("--flood", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Messages the flooding device account publishes (copies of its signed update, QoS 1).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Alternating rounds per variant; medians reported.")
+@click.option("--receipt-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Honest devices resend after this long without a receipt.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/flood.json"), show_default=True)
+def flood(devices: int, flood: int, repeats: int, receipt_timeout: float, out: Path) -> None:
+    """One device account floods its update topic on real Mosquitto: honest devices' round time with and without it.
+
+    \b
+    Examples:
+      fedge bench flood
+      fedge bench flood --devices 10 --flood 2000 --repeats 1
+    """
+    from tqdm import tqdm
+
+    from sdk.bench.flood_bench import VARIANTS, format_table, run_flood_bench, write_json
+
+    with tqdm(total=repeats * len(VARIANTS), desc="flood bench", unit="round") as bar:
+        rows = run_flood_bench(devices=devices, flood=flood, repeats=repeats, receipt_timeout_s=receipt_timeout,
+                               progress=bar.update)
+    click.echo(format_table(rows))
+    write_json(rows, out)
+    click.echo(f"wrote {out}")
+
+
+@bench.command("attack")
+@click.option("--rounds", type=click.IntRange(min=1), default=15, show_default=True, help="Rounds per run, attacked every round.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/attack.json"), show_default=True)
+def attack(rounds: int, seed: int, out: Path) -> None:
+    """Colluding devices (1, 2, 5 of 20) send huge-norm updates, inflated sample counts, or both, through the real
+    aggregators: how far the global model moves beyond the honest-only step, and the accuracy left (default vs unsafe).
+
+    \b
+    Examples:
+      fedge bench attack
+      fedge bench attack --rounds 5 --out /tmp/attack.json
+    """
+    from tqdm import tqdm
+
+    from sdk.bench.attack_bench import ATTACKS, COLLUDERS, CONFIGS, format_table, run_attack_bench, write_json
+
+    total = len(CONFIGS) * (1 + (len(ATTACKS) - 1) * len(COLLUDERS))
+    with tqdm(total=total, desc="attack bench", unit="run") as bar:
+        runs = run_attack_bench(rounds=rounds, seed=seed, progress=bar.update)
+    click.echo(format_table(runs, rounds=rounds))
+    write_json(runs, out, rounds=rounds, seed=seed)
+    click.echo(f"wrote {out}")

@@ -12,16 +12,46 @@ import click
 from device_agent.bundle.archive import verify_bundle
 from device_agent.errors import BundleError, BundleVerificationError
 from device_agent.keys import load_signing_key, load_verify_key
+from sdk.cli.family import InputError, check_writable, examples, load_key, one_line, write_error
 
 
 def _import_factory(spec: str):  # type: ignore[no-untyped-def]
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        raise click.BadParameter("expected module:callable, e.g. sdk.models:PersonalizedMLP")
+        raise click.BadParameter("expected module:callable, e.g. sdk.models:PersonalizedMLP", param_hint="--model")
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise click.BadParameter(f"cannot import {spec}: {exc}") from exc
+        raise click.BadParameter(f"cannot import {spec}: {exc}", param_hint="--model") from exc
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"expected positive integers separated by commas (e.g. 6,100), got {text!r}",
+                                 param_hint="--input-shape")
+    return shape
+
+
+def _make_model(spec: str, factory, kwargs: dict[str, object], shape: tuple[int, ...]):  # type: ignore[no-untyped-def]
+    """The model, checked to accept a batch of ``shape`` inputs; BadParameter naming the option at fault."""
+    import torch
+
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:  # a misspelt or missing --model-arg
+        raise click.BadParameter(f"{spec} does not accept {sorted(kwargs)}: {one_line(str(exc))}",
+                                 param_hint="--model-arg") from exc
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *shape)))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise click.BadParameter(f"{spec} rejects inputs of shape {list(shape)}: {one_line(str(exc))}",
+                                 param_hint="--input-shape") from exc
+    return model
 
 
 def _parse_kwargs(items: tuple[str, ...]) -> dict[str, object]:
@@ -29,7 +59,7 @@ def _parse_kwargs(items: tuple[str, ...]) -> dict[str, object]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise click.BadParameter(f"--model-arg {item!r}: expected key=value")
+            raise click.BadParameter(f"{item!r}: expected key=value", param_hint="--model-arg")
         try:
             out[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -42,7 +72,10 @@ def bundle() -> None:
     """Signed ONNX Runtime training bundles."""
 
 
-@bundle.command("build")
+@bundle.command("build", epilog=examples(
+    "fedge bundle build --model sdk.models:PersonalizedCNN1D --model-arg in_channels=6 --model-arg num_classes=7 \\",
+    "    --input-shape 6,100 --shared base --personal head --mode fedalt --mu 0.01 --lr 0.001 \\",
+    "    --key fleet.key --name watch-cnn --version 1 -o watch.fedge"))
 @click.option("--model", "model_spec", required=True, help="Model factory as module:callable (e.g. sdk.models:PersonalizedCNN1D).")
 @click.option("--model-arg", "model_args", multiple=True, help="key=value passed to the factory (repeatable).")
 @click.option("--input-shape", required=True, help="Shape of one example without the batch axis, e.g. 6,100.")
@@ -55,7 +88,8 @@ def bundle() -> None:
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Default learning rate (devices may override).")
 @click.option("--key", "key_path", type=click.Path(exists=True, path_type=Path), required=True, help="Fleet Ed25519 private key.")
 @click.option("--name", "model_name", required=True, help="Model name recorded in the manifest.")
-@click.option("--version", "bundle_version", type=int, default=1, show_default=True, help="Bundle version (monotonic per model).")
+@click.option("--version", "bundle_version", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Bundle version; a device never installs a lower one than it has (docs/device-agent.md).")
 @click.option("--seed", type=int, default=0, show_default=True, help="torch seed for the initial weights.")
 @click.option("--artifacts", type=click.Choice(["both", "portable", "ort-training"]), default="both", show_default=True,
               help="Artifact kinds to include: portable graphs (any onnxruntime >= 1.19, aarch64, armhf), "
@@ -77,21 +111,32 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     from sdk.model_spec import ParameterSplit, ParameterSplitError, parse_prefixes
     from sdk.portable_graph import UnsupportedModelError
 
+    factory = _import_factory(model_spec)
+    kwargs = _parse_kwargs(model_args)
+    shape = _parse_shape(input_shape)
+    signing_key = load_key("--key", key_path, load_signing_key)
+    check_writable("--out", out)
     torch.manual_seed(seed)
-    model = _import_factory(model_spec)(**_parse_kwargs(model_args))
-    shape = tuple(int(d) for d in input_shape.split(","))
+    model = _make_model(model_spec, factory, kwargs, shape)
     try:
         split = ParameterSplit(shared=parse_prefixes(shared), personal=parse_prefixes(personal))
+    except (ParameterSplitError, ValueError) as exc:
+        raise click.BadParameter(one_line(str(exc)), param_hint="--shared/--personal") from exc
+    try:
         manifest = build_bundle(
             model, example_input=torch.zeros((2, *shape)), split=split,
             spec=TrainingSpec(mode=TrainingMode(mode), mu=mu, loss=LossKind(loss), optimizer=OptimizerKind(optimizer), learning_rate=lr),
-            signing_key=load_signing_key(key_path), out_path=out, model_name=model_name, bundle_version=bundle_version,
+            signing_key=signing_key, out_path=out, model_name=model_name, bundle_version=bundle_version,
             kinds=("ort-training", "portable") if artifacts == "both" else (artifacts,),
         )
-    except UnsupportedModelError as exc:
-        raise click.ClickException(f"refused: {exc}") from exc
-    except (ParameterSplitError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    except UnsupportedModelError as exc:  # the command ran and the answer is no (exit 1)
+        raise click.ClickException(f"refused: {one_line(str(exc))}") from exc
+    except ParameterSplitError as exc:
+        raise click.BadParameter(one_line(str(exc)), param_hint="--shared/--personal") from exc
+    except OSError as exc:
+        raise write_error("--out", out, exc) from exc
+    except ValueError as exc:
+        raise InputError(one_line(str(exc))) from exc
     n_shared = sum(_numel(p.shape) for p in manifest.parameters if p.role == "shared")
     n_personal = sum(_numel(p.shape) for p in manifest.parameters if p.role == "personal")
     kinds = "+".join(k.value for k in manifest.artifact_kinds)
@@ -106,19 +151,21 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-@bundle.command("verify")
+@bundle.command("verify", epilog=examples("fedge bundle verify watch.fedge --pub fleet.key.pub",
+                                          "fedge bundle verify watch.fedge --pub old.pub --pub new.pub --json"))
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--pub", "pub_paths", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),
               help="Trusted fleet public key(s).")
 @click.option("--json", "as_json", is_flag=True, help="Print the verified manifest as JSON.")
 def verify(path: Path, pub_paths: tuple[Path, ...], as_json: bool) -> None:
-    """Check a bundle's signature and file hashes; exit 1 if it is not authentic."""
+    """Check a bundle's signature and file hashes; exit 1 if it is not authentic, 2 if it is not a bundle."""
+    keys = [load_key("--pub", p, load_verify_key) for p in pub_paths]
     try:
-        manifest = verify_bundle(path, [load_verify_key(p) for p in pub_paths])
+        manifest = verify_bundle(path, keys)
     except BundleVerificationError as exc:
-        raise click.ClickException(f"REFUSED: {exc}") from exc
+        raise click.ClickException(f"REFUSED: {path}: {exc}") from exc
     except BundleError as exc:
-        raise click.ClickException(f"malformed bundle: {exc}") from exc
+        raise InputError(f"{path}: malformed bundle: {one_line(str(exc))}") from exc
     if as_json:
         click.echo(json.dumps(json.loads(manifest.to_json_bytes()), indent=2))
         return

@@ -6,15 +6,17 @@ progress and the final table, and maps failures to a clean exit.
 
 from __future__ import annotations
 
-import logging
 import signal
 
 import click
 
+from sdk.cli.family import examples
 from sdk.demo.settings import BROKER_BACKENDS, MAX_DEVICES
 
 
-@click.command()
+@click.command(epilog=examples("fedge demo", "fedge demo --devices 8 --rounds 2",
+                               "fedge demo --broker embedded --devices 4 --rounds 2   # no Mosquitto needed",
+                               "fedge demo --keep-workdir -v"))
 @click.option("--devices", type=click.IntRange(2, MAX_DEVICES), default=MAX_DEVICES, show_default=True,
               help="Smartwatch clients to run as devices, split between the left-arm and right-arm regions.")
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Federated rounds.")
@@ -29,15 +31,12 @@ from sdk.demo.settings import BROKER_BACKENDS, MAX_DEVICES
               help="auto: Mosquitto if installed (or installable as root), else embedded amqtt brokers in this "
                    "process (dev mode: no ACLs).")
 @click.option("--keep-workdir", is_flag=True, help="Keep keys, bundle, broker files, stores and device state.")
-@click.option("-v", "--verbose", count=True, help="-v info logs, -vv debug logs.")
 def demo(devices: int, rounds: int, epochs: int, learning_rate: float, mu: float, seed: int, timeout_s: float,
-         broker: str, keep_workdir: bool, verbose: int) -> None:
+         broker: str, keep_workdir: bool) -> None:
     """Run a federation end to end: signed FedAlt bundle, root + 2 regional brokers, aggregators, device agents."""
     from sdk.demo import DemoError, DemoSettings, format_result, run_demo
     from sdk.demo.report import format_round
 
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = DemoSettings(devices=devices, rounds=rounds, epochs=epochs, learning_rate=learning_rate, mu=mu,
                             seed=seed, timeout_s=timeout_s, broker=broker)
     click.echo(f"fedge demo: {devices} devices in 2 regions (left arm / right arm), {rounds} rounds, FedAlt (mu={mu:g}); "

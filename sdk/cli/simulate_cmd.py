@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from sdk.cli.family import check_writable, examples
+
 DATASETS = ("digits", "watch", "fashion-mnist", "synthetic")
 
 
@@ -26,30 +28,32 @@ def _load(name: str, seed: int, subsample: float | None):  # type: ignore[no-unt
 MODEL_FOR = {"digits": "mlp", "watch": "cnn1d", "fashion-mnist": "cnn2d", "synthetic": "logreg"}
 
 
-@click.command()
+@click.command(epilog=examples("fedge simulate --dataset digits --algorithm fedalt --rounds 5",
+                               "fedge simulate --dataset watch --algorithm fedprox --mu 0.01 --stragglers 0.5 --rounds 30",
+                               "fedge simulate --dataset digits --regions 2 --regional-weight 0.5 --json-out sim.json"))
 @click.option("--dataset", type=click.Choice(DATASETS), default="digits", show_default=True)
 @click.option("--algorithm", "algo", type=click.Choice(["local", "fedavg", "fedprox", "fedsim", "fedalt", "fedfomo"]), default="fedalt", show_default=True)
-@click.option("--fomo-candidates", type=int, default=5, show_default=True, help="FedFomo: peer models each device asks for per round.")
-@click.option("--rounds", type=int, default=10, show_default=True)
-@click.option("--epochs", type=int, default=1, show_default=True, help="Local epochs per round (per phase for fedalt).")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=0.005, show_default=True)
+@click.option("--fomo-candidates", type=click.IntRange(min=1), default=5, show_default=True, help="FedFomo: peer models each device asks for per round.")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Local epochs per round (per phase for fedalt).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.005, show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True)
-@click.option("--mu", type=float, default=None, help="FedProx mu (default: the algorithm's).")
-@click.option("--participation", type=float, default=1.0, show_default=True, help="Fraction of devices sampled per round.")
-@click.option("--stragglers", type=float, default=0.0, show_default=True, help="Fraction of sampled devices that do only part of their budget.")
-@click.option("--dropouts", type=float, default=0.0, show_default=True, help="Fraction of sampled devices that send nothing.")
-@click.option("--subsample", type=float, default=None, help="Use this fraction of Fashion-MNIST (quick runs).")
+@click.option("--mu", type=click.FloatRange(min=0), default=None, help="FedProx mu (default: the algorithm's).")
+@click.option("--participation", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Fraction of devices sampled per round.")
+@click.option("--stragglers", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of sampled devices that do only part of their budget.")
+@click.option("--dropouts", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of sampled devices that send nothing.")
+@click.option("--subsample", type=click.FloatRange(0, 1, min_open=True), default=None, help="Use this fraction of Fashion-MNIST (quick runs).")
 @click.option("--aggregation", type=click.Choice(["mean", "median", "trimmed_mean"]), default="mean", show_default=True,
               help="Rule for each (regional) aggregate: sample-weighted mean, or the robust coordinate-wise median / trimmed mean.")
-@click.option("--trim-fraction", type=float, default=0.1, show_default=True, help="trimmed_mean: fraction cut at each end per coordinate.")
-@click.option("--clip-norm", type=float, default=None, help="Clip each update to this global L2 norm before aggregating.")
-@click.option("--regional-weight", type=float, default=None,
+@click.option("--trim-fraction", type=click.FloatRange(0, 0.5, max_open=True), default=0.1, show_default=True, help="trimmed_mean: fraction cut at each end per coordinate.")
+@click.option("--clip-norm", type=click.FloatRange(min=0, min_open=True), default=None, help="Clip each update to this global L2 norm before aggregating.")
+@click.option("--regional-weight", type=click.FloatRange(0, 1), default=None,
               help="Run the two-tier hierarchy over the dataset's regions; each region serves a*regional + (1-a)*global.")
 @click.option("--region-weighting", type=click.Choice(["samples", "uniform"]), default="samples", show_default=True,
               help="Hierarchy: how the root weights regional aggregates.")
-@click.option("--regions", type=int, default=None, help="Group clients into this many regions by label mix (default: the dataset's own regions).")
-@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+@click.option("--regions", type=click.IntRange(min=1), default=None, help="Group clients into this many regions by label mix (default: the dataset's own regions).")
+@click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="fedavg/fedprox: after the last round, fine-tune locally (head only, and all parameters) and report both.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None, help="Write per-round results as JSON.")
@@ -75,6 +79,8 @@ def simulate(dataset: str, algo: str, rounds: int, epochs: int, batch_size: int,
     from sdk.datasets import regions_by_label_mix
     from sdk.simulation.simulator import HierarchyConfig
 
+    if json_out is not None:
+        check_writable("--json-out", json_out)
     spec = algorithm(algo)
     data = _load(dataset, seed, subsample)
     if regions is not None:

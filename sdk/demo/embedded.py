@@ -76,8 +76,47 @@ def bridge_password(generated: GeneratedTopology, region: str) -> str:
     raise DemoError(f"no remote_password in {bridge_file}")
 
 
+class _SnapshotSubscriptions(dict):  # type: ignore[type-arg]
+    """amqtt's subscription table, iterated over a snapshot of its keys.
+
+    amqtt 0.12.1 iterates ``Broker._subscriptions`` while awaiting (retained
+    messages replayed on every connect; broadcasts): a subscription made by
+    another client at that moment raised "dictionary changed size during
+    iteration" and killed that client's connect with an asyncio traceback.
+    Iterating a snapshot removes the race; lookups and updates are unchanged.
+    """
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(super().keys()))
+
+    def items(self):  # type: ignore[no-untyped-def]
+        return list(super().items())
+
+    def keys(self):  # type: ignore[no-untyped-def]
+        return list(super().keys())
+
+
+class _ProbeNoise(logging.Filter):
+    """Demotes amqtt's warnings about a device agent's MQTT 5 probe (it then speaks 3.1.1) to debug."""
+
+    _MARKERS = ("Invalid connection from", "Will flag set, but will topic", "Invalid protocol from")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and any(m in record.getMessage() for m in self._MARKERS):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_PROBE_FILTER = _ProbeNoise()
+
+
 class EmbeddedBroker:
-    """One amqtt broker on ``127.0.0.1:port`` with password authentication, on its own event-loop thread."""
+    """One amqtt broker on ``127.0.0.1:port`` with password authentication, on its own event-loop thread.
+
+    Exceptions that escape amqtt's own tasks are counted in :attr:`contained`
+    and logged as one line each (no traceback below debug level).
+    """
 
     def __init__(self, *, name: str, port: int, password_file: Path) -> None:
         self.name = name
@@ -86,6 +125,8 @@ class EmbeddedBroker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker: Any = None
+        #: Exceptions raised inside amqtt's tasks and contained by the loop's handler.
+        self.contained = 0
 
     def start(self, timeout_s: float = 10.0) -> None:
         """Start the loop thread and the broker; return once it accepts connections (DemoError otherwise)."""
@@ -98,12 +139,15 @@ class EmbeddedBroker:
             "plugins": {"amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(self._password_file)}},
         }
         loop = asyncio.new_event_loop()
+        loop.set_exception_handler(self._contain)
         self._loop = loop
+        logging.getLogger("amqtt.broker").addFilter(_PROBE_FILTER)
         self._thread = threading.Thread(target=loop.run_forever, name=f"fedge-embedded-{self.name}", daemon=True)
         self._thread.start()
 
         async def create_and_start() -> Any:
             broker = Broker(config, loop=loop)
+            broker._subscriptions = _SnapshotSubscriptions()  # amqtt==0.12.1 internals: see _SnapshotSubscriptions
             await broker.start()
             return broker
 
@@ -113,6 +157,14 @@ class EmbeddedBroker:
             self.stop()
             raise DemoError(f"embedded broker {self.name} did not start on port {self.port}: {exc}") from exc
         # Broker.start() returns once its listener is open; no probe connection (amqtt logs an error for each).
+
+    def _contain(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The loop's exception handler: one warning line per exception an amqtt task left unhandled."""
+        self.contained += 1
+        exc = context.get("exception")
+        logger.warning("embedded broker %s: %s%s (contained; the client reconnects)", self.name, context.get("message"),
+                       f": {type(exc).__name__}: {exc}" if exc is not None else "")
+        logger.debug("embedded broker %s: details", self.name, exc_info=exc)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Shut the broker down, stop its loop and join its thread; nothing when it is not running."""

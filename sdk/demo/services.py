@@ -117,7 +117,7 @@ def root_thread(fleet: DemoFleet, *, initial: Mapping[str, np.ndarray], spec: Ma
     """
     config = RootConfig(
         fleet=FLEET, encryption_key=fleet.root_keys.encryption, signing_key=fleet.root_keys.signing, spec=dict(spec),
-        bundle_version=bundle_version, policy=RoundPolicy(quorum=len(fleet.regions), deadline_s=deadline_s),
+        bundle_version=bundle_version, policy=RoundPolicy(quorum=len(fleet.regions), deadline_s=deadline_s, min_updates=0),
         region_keys={name: keys.signing.public_key() for name, keys in fleet.region_keys.items()},
     )
     broker = _broker(fleet, broker="root", username=ROOT_ACCOUNT, share_group="root" if shared else None)

@@ -5,6 +5,7 @@ on any onnxruntime >= 1.19 including aarch64 and armhf, where onnxruntime-traini
 """
 
 from sdk.portable_graph.builder import PortablePlan, build_portable_graphs
-from sdk.portable_graph.support import SUPPORTED_LAYERS, UnsupportedModelError, check_model_supported
+from sdk.portable_graph.support import ORT_TRAINING_REFUSED, SUPPORTED_LAYERS, UnsupportedModelError, check_model_supported
 
-__all__ = ["SUPPORTED_LAYERS", "PortablePlan", "UnsupportedModelError", "build_portable_graphs", "check_model_supported"]
+__all__ = ["ORT_TRAINING_REFUSED", "SUPPORTED_LAYERS", "PortablePlan", "UnsupportedModelError", "build_portable_graphs",
+           "check_model_supported"]

@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 import torch
 from torch.export import Dim
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from device_agent.bundle.manifest import MAX_PORTABLE_OPSET
@@ -41,7 +42,9 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
                  path: Path) -> onnx.ModelProto:
     """Trace ``fn(*inputs)`` and write it to ``path`` with a dynamic batch on the first two inputs (x, y)."""
     try:
-        with _quiet():
+        # Without duck shaping: a batch that happens to equal some weight dimension (4 channels, batch 4)
+        # would share its symbol and be specialised into a fixed batch size.
+        with _quiet(), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*inputs)
             batch = Dim("batch")
             dynamic: list[Any] = [{0: batch}, {0: batch}] + [None] * (len(inputs) - 2)

@@ -61,21 +61,23 @@ class StepSpec:
         """Step graph inputs: x, y, lr, every parameter, the anchors, the optimizer state."""
         names = [g.X, g.Y, g.LR, *map(g.param, self.parameters), *map(g.anchor, self.anchored)]
         if self.adam:
-            names += [g.OPT_STEP, *(g.OPT_M + n for n in self.trainable), *(g.OPT_V + n for n in self.trainable)]
+            names += [g.OPT_STEP, g.OPT_M, g.OPT_V]
         return names
 
     def step_outputs(self) -> list[str]:
         """Step graph outputs: the loss, then ``new.X`` for every state value X the step updates."""
         updated = [g.param(n) for n in self.trainable]
         if self.adam:
-            updated += [g.OPT_STEP, *(g.OPT_M + n for n in self.trainable), *(g.OPT_V + n for n in self.trainable)]
+            updated += [g.OPT_STEP, g.OPT_M, g.OPT_V]
         return [g.LOSS, *map(g.new, updated)]
 
 
 def task_loss(kind: LossKind, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy, MSE or BCE-with-logits, as ORT-training's loss blocks compute them."""
     if kind is LossKind.CROSS_ENTROPY:
-        return F.cross_entropy(out, y)
+        # F.cross_entropy's decomposition carries ignore_index handling (Equal/Not/Where nodes, forward and
+        # backward) that fedge's labels never need: the same mean negative log-likelihood, fewer nodes.
+        return -F.log_softmax(out, dim=-1).gather(1, y.unsqueeze(1)).mean()
     if kind is LossKind.MSE:
         diff = out - y
         return (diff * diff).mean()
@@ -114,9 +116,13 @@ def _hf_adamw(p: torch.Tensor, grad_p: torch.Tensor, m: torch.Tensor, v: torch.T
     return p - (step_size * m) / (torch.sqrt(v) + EPS), m, v
 
 
+def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])  # no Reshape node for vectors
+
+
 def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``step(*inputs) -> outputs`` in the order of ``spec.step_inputs()`` / ``spec.step_outputs()``."""
-    n_params, n_anchors, n_train = len(spec.parameters), len(spec.anchored), len(spec.trainable)
+    n_params, n_anchors = len(spec.parameters), len(spec.anchored)
 
     def step(x: torch.Tensor, y: torch.Tensor, lr: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         params = dict(zip(spec.parameters, state[:n_params]))
@@ -130,16 +136,17 @@ def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[tor
         grads, loss = grad(loss_of, has_aux=True)({n: params[n] for n in spec.trainable})
         if not spec.adam:
             return (loss, *(params[n] - lr * grads[n] for n in spec.trainable))
-        opt = state[n_params + n_anchors:]
-        t = opt[0] + 1
-        step_size = _hf_step_size(t, lr)
-        new_p, new_m, new_v = [], [], []
-        for i, name in enumerate(spec.trainable):
-            p, m, v = _hf_adamw(params[name], grads[name], opt[1 + i], opt[1 + n_train + i], step_size)
-            new_p.append(p)
-            new_m.append(m)
-            new_v.append(v)
-        return (loss, *new_p, t, *new_m, *new_v)
+        step_count, m, v = state[n_params + n_anchors:]
+        t = step_count + 1
+        # One flat update for all trainable parameters: ~12 graph nodes instead of ~12 per parameter.
+        trainable = [params[n] for n in spec.trainable]
+        flat, m, v = _hf_adamw(_flat(trainable), _flat([grads[n] for n in spec.trainable]), m, v, _hf_step_size(t, lr))
+        pieces, offset = [], 0
+        for p in trainable:  # Slice, not split: torch.onnx turns split into slower sequence ops
+            piece = flat[offset:offset + p.numel()]
+            pieces.append(piece if p.dim() == 1 else piece.reshape(p.shape))
+            offset += p.numel()
+        return (loss, *pieces, t, m, v)
 
     return step
 
@@ -164,9 +171,9 @@ def example_inputs(spec: StepSpec, params: dict[str, torch.Tensor], x: torch.Ten
         return [x, y, *state]
     if spec.adam:
         state += [torch.tensor(0, dtype=torch.int64)]
+        size = sum(params[n].numel() for n in spec.trainable)
         # m and v must be distinct tensors: the tracer would otherwise treat them as one aliased input.
-        state += [torch.zeros_like(params[n]) for n in spec.trainable]
-        state += [torch.zeros_like(params[n]) for n in spec.trainable]
+        state += [torch.zeros(size), torch.zeros(size)]
     return [x, y, torch.tensor(lr, dtype=torch.float32), *state]
 
 

@@ -15,12 +15,8 @@ must be answered as a replay, never counted again.
 
 from __future__ import annotations
 
-import os
 import queue
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from contextlib import ExitStack
@@ -31,7 +27,6 @@ import pytest
 
 from device_agent.bundle.archive import install_bundle
 from device_agent.daemon.agent import DeviceAgent, RoundStatus
-from device_agent.keys import save_private_key, save_public_key
 from device_agent.protocol.envelope import OpenedModel
 from device_agent.protocol.receipts import ReceiptStatus, open_receipt
 from device_agent.trainer import DeviceTrainer
@@ -39,17 +34,18 @@ from sdk.aggregator.store import AggregatorStore
 from sdk.demo import DemoSettings
 from sdk.demo.brokers import BrokerSet
 from sdk.demo.devices import DeviceEvaluation, DeviceEvent, DeviceFailed, DeviceWorker
-from sdk.demo.fleet import FLEET, MESSAGE_SIZE_LIMIT, DemoFleet, aggregator_account, prepare_fleet
+from sdk.demo.fleet import FLEET, DemoFleet, prepare_fleet
 from sdk.demo.run import make_workdir
 from sdk.demo.services import LAYOUT, ServiceThread
+from tests.integration.processes import ServiceProcess, write_regional_config
 from tests.integration.test_federation_end_to_end import (
     ROUNDS,
     Capture,
     Sniffer,
+    assert_aggregates_count_each_device_once,
     assert_global_models_follow_the_deltas,
     opened_device_updates,
     root_models,
-    sniffed_aggregates,
     start_services,
 )
 
@@ -59,98 +55,10 @@ CRASHED = "left"
 SETTINGS = DemoSettings(devices=10, rounds=ROUNDS, epochs=1, round_deadline_s=30.0, timeout_s=50.0)
 #: Bound on the federated part (brokers up to every device's final evaluation); devices resend after 10 s.
 RUN_LIMIT_S = 50.0
-START_LIMIT_S = 15.0
 
 
-def _write_regional_config(fleet: DemoFleet, region: str, directory: Path) -> Path:
-    """Key files and a ``regional.toml`` (docs/aggregation.md) for ``region``'s service, store under aggregators/."""
-    directory.mkdir()
-    (directory / "devices").mkdir()
-    keys = fleet.region_keys[region]
-    save_private_key(keys.signing, directory / "sign.key")
-    save_private_key(keys.encryption, directory / "enc.key")
-    save_public_key(fleet.root_keys.signing.public_key(), directory / "root-sign.pub")
-    save_public_key(fleet.root_keys.encryption.public_key(), directory / "root-enc.pub")
-    save_public_key(fleet.fleet_public_key, directory / "fleet.pub")
-    for device in fleet.devices_in(region):
-        save_public_key(device.public_key, directory / "devices" / f"{device.device_id}.pub")
-    account = aggregator_account(region)
-    (directory / "password").write_text(fleet.password(account) + "\n")
-    store = fleet.workdir / "aggregators" / f"{region}.sqlite"
-    config = directory / "regional.toml"
-    config.write_text(f"""\
-[aggregator]
-fleet = "{FLEET}"
-region = "{region}"
-store = "{store}"
-bundle = "{fleet.bundle_path}"
-fleet_public_key = "fleet.pub"
-signing_key = "sign.key"
-encryption_key = "enc.key"
-root_verify_key = "root-sign.pub"
-root_encryption_key = "root-enc.pub"
-device_keys_dir = "devices"
-
-[round]
-quorum = {len(fleet.devices_in(region))}
-deadline_s = {SETTINGS.round_deadline_s}
-
-[broker]
-host = "127.0.0.1"
-port = {fleet.port(region)}
-client_id = "{account}-svc"
-username = "{account}"
-password_file = "password"
-share_group = "{region}-aggregators"
-max_packet_size = {MESSAGE_SIZE_LIMIT}
-reconnect_min_s = 1
-reconnect_max_s = 2
-
-[service]
-tick_s = 0.05
-flush_every_s = 5.0
-""")
-    return config
-
-
-class RegionalProcess:
-    """``fedge -v aggregator regional --config`` in a subprocess, its log in a file."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.log = log
-        self._log_file = log.open("w")
-        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from sdk.cli.main import main; main()", "-v", "aggregator", "regional",
-             "--config", str(config), "--max-seconds", str(RUN_LIMIT_S + 20)],
-            stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, env=env,
-            cwd=Path(__file__).resolve().parents[2])
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_connected(self, timeout_s: float = START_LIMIT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while "connected to 127.0.0.1" not in self.text():
-            assert self.proc.poll() is None, f"regional service exited early:\n{self.text()[-3000:]}"
-            assert time.monotonic() < deadline, f"regional service not connected in {timeout_s:g} s:\n{self.text()[-3000:]}"
-            time.sleep(0.05)
-        time.sleep(0.3)  # the SUBSCRIBE follows the CONNACK
-
-    def sigkill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """SIGTERM (clean stop), SIGKILL if it has not ended within 10 s."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.sigkill()
-        self._log_file.close()
+def _regional_process(config: Path, log: Path) -> ServiceProcess:
+    return ServiceProcess("regional", config, log, max_seconds=RUN_LIMIT_S + 20)
 
 
 class HeldWorker(DeviceWorker):
@@ -188,11 +96,11 @@ def test_regional_aggregator_sigkilled_mid_round_resumes_from_its_store_without_
         spec, version = bundle.manifest.shared_spec(), bundle.manifest.bundle_version
         capture = Capture(fleet=fleet, initial=initial)
         (workdir / "aggregators").mkdir()
-        config = _write_regional_config(fleet, CRASHED, workdir / "crashed-service")
+        config = write_regional_config(fleet, CRASHED, workdir / "crashed-service", deadline_s=SETTINGS.round_deadline_s)
         region_verify = fleet.region_keys[CRASHED].signing.public_key()
         members = {r: sorted(d.device_id for d in fleet.devices_in(r)) for r in fleet.regions}
         samples = {d.device_id: d.train_examples for d in fleet.devices}
-        processes: list[RegionalProcess] = []
+        processes: list[ServiceProcess] = []
         accepted_at_crash: list[tuple[str, int]] = []
         release = threading.Event()  # lets the held device take up round 1 (set after the restart, or at teardown)
         with ExitStack() as stack:
@@ -205,7 +113,7 @@ def test_regional_aggregator_sigkilled_mid_round_resumes_from_its_store_without_
                 for process in processes:
                     process.stop()
             stack.callback(stop_processes)
-            processes.append(RegionalProcess(config, workdir / "crashed-service" / "first.log"))
+            processes.append(_regional_process(config, workdir / "crashed-service" / "first.log"))
             processes[0].wait_connected()
             services: list[ServiceThread] = []
             workers: list[DeviceWorker] = []
@@ -252,7 +160,7 @@ def test_regional_aggregator_sigkilled_mid_round_resumes_from_its_store_without_
                             break
                     if crashed:
                         accepted_at_crash = _accepted(fleet, CRASHED)
-                        processes.append(RegionalProcess(config, workdir / "crashed-service" / "second.log"))
+                        processes.append(_regional_process(config, workdir / "crashed-service" / "second.log"))
                         processes[-1].wait_connected()
                         release.set()
                 try:
@@ -280,22 +188,21 @@ def test_regional_aggregator_sigkilled_mid_round_resumes_from_its_store_without_
         finished = {(e.device, e.round): e.status for e in capture.rounds if e.status is not RoundStatus.NO_RECEIPT}
         assert set(finished) == {(d, r) for d in samples for r in range(ROUNDS)}
         refused = [(e.device, e.round, e.status.value, e.reason) for e in capture.rounds
-                   if e.status not in (RoundStatus.ACCEPTED, RoundStatus.DUPLICATE, RoundStatus.NO_RECEIPT)]
-        # A committed update whose receipt died with the process is acknowledged again even when its resend lands
-        # after the region moved on (sdk/aggregator/intake.py): no device is ever told its counted update was refused.
+                   if e.status not in (RoundStatus.ACCEPTED, RoundStatus.DUPLICATE, RoundStatus.STALE, RoundStatus.NO_RECEIPT)]
+        # A committed update whose receipt died with the process is acknowledged again while its round is current, and
+        # answered stale_round once the region moved on (docs/protocol.md); never rejected for any other reason.
         assert refused == [], f"refused: {refused}; committed at the crash: {committed}"
+        stale = sorted((e.device, e.round) for e in capture.rounds if e.status is RoundStatus.STALE)
+        assert all(d in committed and r == 1 for d, r in stale), (stale, committed)
         # The region's store holds each device exactly once per round, across both processes.
         for r in range(ROUNDS):
             assert sorted(s for s, rnd in accepted[CRASHED] if rnd == r) == members[CRASHED], (r, accepted[CRASHED])
         assert len(accepted[CRASHED]) == len(members[CRASHED]) * ROUNDS
-        # What each region forwarded counts each of its devices' samples once (the crashed round included).
-        aggregates = sniffed_aggregates(capture)
-        assert set(aggregates) == {(region, r) for region in fleet.regions for r in range(ROUNDS)}
-        for (region, r), (header, _) in aggregates.items():
-            assert header.sample_count == sum(samples[d] for d in members[region]), (region, r)
-        assert "forwarded round 1" in second_log, second_log[-3000:]
-        # G_{r+1} == G_r + the sample-weighted mean of every device's (sniffed, opened) delta of round r.
+        # What each region forwarded counts each of its devices once (the crashed round included).
         updates = opened_device_updates(capture)
+        assert_aggregates_count_each_device_once(capture, updates)
+        assert "forwarded round 1" in second_log, second_log[-3000:]
+        # G_{r+1} == G_r + the bounded weighted mean of every device's (sniffed, opened) delta of round r.
         assert set(updates) == {(d, r) for d in samples for r in range(ROUNDS)}
         for (device, _), (header, _) in updates.items():
             assert header.sample_count == samples[device]

@@ -56,7 +56,7 @@ def test_cli_bundle_build_reports_split_errors(tmp_path: Path):
     res = runner.invoke(cli, ["bundle", "build", "--model", "sdk.models:PersonalizedMLP", "--model-arg", "in_features=4",
                               "--input-shape", "4", "--shared", "base", "--personal", "haed", "--mode", "fedalt",
                               "--key", str(tmp_path / "k"), "--name", "x", "-o", str(tmp_path / "x.fedge")])
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # an input error (docs/cli.md)
     assert "match no parameter" in res.output
     assert not (tmp_path / "x.fedge").exists()
 
@@ -71,7 +71,7 @@ def test_agent_refuses_tampered_bundle_with_exit_code(tmp_path: Path, bundle_fac
         for name in zin.namelist():
             data = zin.read(name)
             zout.writestr(name, data.replace(b'"digits-mlp"', b'"digits-mlq"') if name == "manifest.json" else data)
-    assert agent_main(["install", str(bad), "--fleet-key", str(tmp_path / "fleet.pub"), "--dest", str(tmp_path / "i")]) == 2
+    assert agent_main(["install", str(bad), "--fleet-key", str(tmp_path / "fleet.pub"), "--dest", str(tmp_path / "i")]) == 1  # refused: exit 1 (docs/cli.md)
     assert "verification failed" in capsys.readouterr().err
 
 

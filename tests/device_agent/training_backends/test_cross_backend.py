@@ -83,8 +83,11 @@ def test_backends_match_each_other_and_pytorch_step_by_step(case_id, model_bundl
         ref.set_anchors(anchors)
     for i, batch in enumerate(BATCHES):
         x, y = make_data(case.model, case.loss, batch, seed=10 + i)
+        lr = 0.03 if i == len(BATCHES) - 1 else None  # the learning rate set at run time for the last step
+        ref.lr = lr or manifest.hyperparameters.learning_rate
         ref_losses = [ref.step(name, trainable, x, y) for name, trainable in _phases(case, manifest)]
-        reports = {b: t.train(ArrayDataSource(x, y), TrainBudget(epochs=1, batch_size=batch)) for b, t in trainers.items()}
+        budget = TrainBudget(epochs=1, batch_size=batch, learning_rate=lr)
+        reports = {b: t.train(ArrayDataSource(x, y), budget) for b, t in trainers.items()}
         for b, report in reports.items():
             assert report.mean_loss == pytest.approx(np.mean(ref_losses), rel=REF["rtol"]), (b, i)
         assert reports["portable"].mean_loss == pytest.approx(reports["ort-training"].mean_loss, rel=CROSS["rtol"])
@@ -92,6 +95,7 @@ def test_backends_match_each_other_and_pytorch_step_by_step(case_id, model_bundl
         _assert_close(portable, ort, CROSS, f"step {i}: portable vs ort-training")
         _assert_close(ort, ref.numpy_params(), REF, f"step {i}: ort-training vs PyTorch")
     if case.finetune:
+        ref.lr = manifest.hyperparameters.learning_rate
         x, y = make_data(case.model, case.loss, 8, seed=99)
         tuned = list(trainers["portable"].fine_tune_names)
         ref_loss = ref.step("finetune", tuned, x, y)

@@ -23,6 +23,7 @@ from sdk.aggregator import (
     RoundStatus,
     Verdict,
 )
+from sdk.aggregator.contributors import split_contributors
 from tests.sdk.aggregator import scenario
 
 REGION_KEY = scenario.signing_key("eu").public_key()
@@ -61,7 +62,10 @@ def test_regional_round_of_five_devices_is_the_sample_weighted_mean(region: Regi
     opened = open_update(aggregate.blob, recipient_key=scenario.encryption_key("root"), sender_public_key={"eu": REGION_KEY})
     assert opened.header.kind is MessageKind.AGGREGATE and opened.header.region == "eu"
     assert opened.header.sample_count == aggregate.sample_count
-    _assert_params_equal(opened.tensors, aggregate.mean_delta)
+    tensors, contributors = split_contributors(opened)
+    _assert_params_equal(tensors.tensors, aggregate.mean_delta)
+    # The root learns which devices the region counted, and with which weight (inside the encrypted payload).
+    assert contributors == tuple(sorted((u.device, u.samples) for u in updates))
     assert region.status().status is RoundStatus.CLOSED
 
 
@@ -297,15 +301,24 @@ def test_rejected_update_error_reasons_fit_receipts() -> None:
         Receipt(status=ReceiptStatus.REJECTED, reason=RejectedUpdateError(reason.value).reason, **header_fields)  # type: ignore[arg-type]
 
 
-def test_regional_resend_of_an_accepted_blob_in_a_later_round_is_acknowledged_not_counted(region: RegionalAggregator) -> None:
-    """A receipt lost in a crash: the device resends after the round moved on; it hears "accepted", nothing is re-counted."""
+def test_regional_exact_resend_is_acknowledged_in_its_round_and_stale_once_the_next_round_started(
+        region: RegionalAggregator) -> None:
+    """docs/protocol.md, "Rounds, resends and replays": a resend after a lost receipt is answered "accepted" while its
+    round is current (collecting or closed); once the next round has started, the same bytes are stale_round."""
     updates = scenario.device_updates(count=2)
     blob = scenario.seal(updates[0])
     assert region.handle_update(blob).verdict is Verdict.ACCEPTED
     region.close_round()
+    again = region.handle_update(blob)  # round 0 closed, round 1 not started: still round 0's answer
+    assert again.verdict is Verdict.DUPLICATE and again.receipt is not None
+    assert open_receipt(again.receipt, trusted_signers=REGION_KEY).status is ReceiptStatus.ACCEPTED
     region.start_round(1, scenario.initial_model())
     replayed = region.handle_update(blob)
-    assert replayed.verdict is Verdict.DUPLICATE
+    assert (replayed.verdict, replayed.reason) == (Verdict.REJECTED, "stale_round")
+    assert replayed.receipt is not None
+    receipt = open_receipt(replayed.receipt, trusted_signers=REGION_KEY)
+    assert (receipt.status, receipt.reason, receipt.round) == (ReceiptStatus.REJECTED, "stale_round", 0)
     assert region.status().accepted == 0
     never_accepted = region.handle_update(scenario.seal(updates[1]))
     assert (never_accepted.verdict, never_accepted.reason) == (Verdict.REJECTED, "stale_round")
+    assert region.status().rejections()["stale_round"] == 2

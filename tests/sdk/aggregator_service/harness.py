@@ -24,6 +24,7 @@ from device_agent.protocol.chunking import Reassembler, is_chunk
 from device_agent.protocol.envelope import seal_update
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.protocol.topics import TopicLayout
+from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregator import AggregatorStatus
 from sdk.aggregator.mqtt_service import MqttAggregatorService, ServiceReport
 
@@ -33,6 +34,9 @@ SPEC = {"base.weight": ((6, 4), "float32"), "base.bias": ((6,), "float32")}
 WAIT = 10.0
 """Upper bound of every wait for something that should arrive."""
 LAYOUT = TopicLayout(fleet=FLEET)
+#: Bounds that never bind on these tests' updates (small deltas, counts < 1000), for the tests that compare with the
+#: plain sample-weighted mean; the default bounds are tested in tests/sdk/aggregator/test_bounds.py and the integration tests.
+LOOSE_BOUNDS = InfluencePolicy(norm="fixed", norm_bound=1e3, weight="fixed", max_sample_count=1_000_000)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,6 +24,7 @@ from tests.sdk.aggregator_service.harness import (
     BUNDLE_VERSION,
     FLEET,
     LAYOUT,
+    LOOSE_BOUNDS,
     SPEC,
     Device,
     Observer,
@@ -54,7 +55,7 @@ def test_regional_service_serves_peers_absolute_models_never_the_requester(
         bundle_version=BUNDLE_VERSION, policy=RoundPolicy(quorum=3, deadline_s=60.0),
         device_keys={d.device_id: d.key.public_key() for d in devices},
         root_verify_key=root.signing.public_key(), root_encryption_key=root.encryption.public_key(),
-        regional_weight=0.5, fomo_candidates=2,
+        regional_weight=0.5, fomo_candidates=2, influence=LOOSE_BOUNDS,
     )
     settings = BrokerSettings(host="127.0.0.1", port=broker.port, client_id="eu-agg-1", max_packet_size=65536)
 

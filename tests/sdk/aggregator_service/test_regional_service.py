@@ -20,6 +20,7 @@ from tests.sdk.aggregator_service.harness import (
     BUNDLE_VERSION,
     FLEET,
     LAYOUT,
+    LOOSE_BOUNDS,
     SPEC,
     Device,
     Observer,
@@ -40,6 +41,7 @@ def regional_thread(*, region: str, keys: TierKeys, root: TierKeys, devices: lis
         bundle_version=BUNDLE_VERSION, policy=RoundPolicy(quorum=quorum, deadline_s=60.0),
         device_keys={d.device_id: d.key.public_key() for d in devices},
         root_verify_key=root.signing.public_key(), root_encryption_key=root.encryption.public_key(),
+        influence=LOOSE_BOUNDS,
     )
 
     def build() -> tuple[RegionalService, RegionalAggregator]:

@@ -79,6 +79,44 @@ def test_service_config_reads_fomo_candidates(bundle_factory, fleet_key: Ed25519
         load_regional_service_config(path)
 
 
+def test_service_config_influence_and_limits_default_on_and_named_when_wrong(bundle_factory, fleet_key: Ed25519PrivateKey,
+                                                                            tmp_path: Path) -> None:
+    from sdk.aggregation.influence import InfluencePolicy
+
+    bundle = bundle_factory("fedavg")
+    config = load_regional_service_config(write_regional(tmp_path, bundle, fleet_key))
+    assert config.aggregator.influence == InfluencePolicy() and not config.aggregator.influence.unsafe
+    assert (config.loop.sender_rate_per_s, config.loop.sender_burst) == (1.0, None)
+    cases = {
+        "[influence]\nnorm = \"unbounded\"\nweight = \"fixed\"\nmax_sample_count = 5000": None,
+        "[influence]\nnorm = \"loose\"": r"influence\.norm: expected 'adaptive', 'fixed' or 'unbounded'",
+        "[influence]\nmax_sample_count = 0": r"influence\.max_sample_count",
+        "[aggregation]\nclip_norm = 1.0": r"aggregation\.clip_norm: norms are bounded in \[influence\]",
+        "[service]\nsender_burst = 0": r"service\.sender_burst",
+        "[service]\nresend_min_s = 9.0\nresend_max_s = 3.0": r"service\.resend_max_s",
+    }
+    for i, (extra, error) in enumerate(cases.items()):
+        directory = tmp_path / f"case{i}"
+        directory.mkdir()
+        path = write_regional(directory, bundle, fleet_key)
+        path.write_text(path.read_text().replace("[broker]", extra + "\n[broker]"))
+        if error is None:
+            policy = load_regional_service_config(path).aggregator.influence
+            assert (policy.unsafe, policy.weight, policy.max_sample_count) == (True, "fixed", 5000)
+        else:
+            with pytest.raises(ConfigError, match=error):
+                load_regional_service_config(path)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe[aggregator]\n", b"a = " + b"{b = " * 2000 + b"1" + b"}" * 2000 + b"\n"])
+def test_service_config_unreadable_toml_is_a_config_error(tmp_path: Path, content: bytes) -> None:
+    """Fuzzing found these (tests/fuzz): non-UTF-8 bytes and deep nesting must name the file, not raise through."""
+    path = tmp_path / "regional.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match="regional.toml: not valid TOML"):
+        load_regional_service_config(path)
+
+
 @pytest.mark.mosquitto
 def test_cli_regional_runs_bounded_against_a_broker(bundle_factory, fleet_key: Ed25519PrivateKey,
                                                     mosquitto: MosquittoFactory, tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def root_thread(fleet: Fleet, *, keys: TierKeys, regions: dict[str, TierKeys], i
                 store: Path) -> ServiceThread:
     config = RootConfig(
         fleet=FLEET, encryption_key=keys.encryption, signing_key=keys.signing, spec=SPEC,
-        bundle_version=BUNDLE_VERSION, policy=RoundPolicy(quorum=len(regions), deadline_s=60.0),
+        bundle_version=BUNDLE_VERSION, policy=RoundPolicy(quorum=len(regions), deadline_s=60.0, min_updates=0),
         region_keys={name: k.signing.public_key() for name, k in regions.items()},
     )
     broker = account(fleet, "root-agg", share_group="root")
@@ -121,12 +121,29 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
             expected = initial[name] + sum(d.samples * d.delta[name].astype(np.float64) for d in everyone) / total
             np.testing.assert_allclose(models[1][name], expected, atol=1e-6, rtol=0)
 
+        # Round 1 reaches the devices as their region's model (regional_weight 0: exactly G_1).
+        for name, ds in devices.items():
+            _, served, _ = clients[ds[0].device_id].receive()
+            model = open_model(served, trusted_signers=region_keys[name].signing.public_key())
+            assert model.header.round == 1
+            np.testing.assert_array_equal(model.tensors["base.bias"], models[1]["base.bias"])
+
         # No broker ever carried a device's delta in the clear: only ciphertext crossed them.
         seen: list[tuple[str, bytes]] = []
-        for sniffer in sniffers:
+        by_broker: dict[str, list[str]] = {}
+        for broker_name, sniffer in zip(("root", "eu", "us"), sniffers):
             while not sniffer.messages.empty():
                 topic, payload, _ = sniffer.messages.get_nowait()
                 seen.append((topic, payload))
+                by_broker.setdefault(broker_name, []).append(topic)
+                if topic.endswith("/down/receipt") and LAYOUT.region_of(topic) is not None:
+                    # Every tier acknowledges: the root's signed receipt for a region's aggregate, bridged in.
+                    receipt = open_receipt(payload, trusted_signers=root_keys.signing.public_key())
+                    assert (receipt.device, receipt.round, receipt.status) == (LAYOUT.region_of(topic), 0, ReceiptStatus.ACCEPTED)
+        for name in DEVICES:
+            assert LAYOUT.region_receipt(name) in by_broker[name], f"the root's receipt never reached {name}"
+            others = [LAYOUT.region_receipt(o) for o in DEVICES if o != name]
+            assert not set(others) & set(by_broker[name]), f"another region's receipt crossed {name}'s bridge"
         update_topics = {t for t, _ in seen if t.endswith("/up/update")}
         assert update_topics == {LAYOUT.device_update(d.device_id) for d in everyone}
         assert any(t.endswith("/up/aggregate") for t, _ in seen)
@@ -136,12 +153,6 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
                 for topic, payload in seen:
                     assert raw[:16] not in payload, f"{device.device_id}'s {name} delta visible on {topic}"
 
-        # Round 1 reaches the devices as their region's model (regional_weight 0: exactly G_1).
-        for name, ds in devices.items():
-            _, served, _ = clients[ds[0].device_id].receive()
-            model = open_model(served, trusted_signers=region_keys[name].signing.public_key())
-            assert model.header.round == 1
-            np.testing.assert_array_equal(model.tensors["base.bias"], models[1]["base.bias"])
     finally:
         for probe in probes:
             probe.close()

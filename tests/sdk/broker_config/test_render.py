@@ -49,13 +49,15 @@ def test_render_region_acl_confines_devices_with_patterns_and_nothing_for_anonym
 
 def test_render_root_acl_gives_each_bridge_only_its_region(topology: Topology) -> None:
     rules = _rules(render_root_acl(topology))
-    assert rules[:4] == [
+    assert rules[:5] == [
         "user bridge-eu",
         "topic write fedge/f/region/eu/up/#",
         "topic write fedge/f/region/eu/bridge/state",
         "topic read fedge/f/root/model/#",
+        "topic read fedge/f/region/eu/down/#",
     ]
-    assert rules[4] == "user bridge-us" and "topic write fedge/f/region/us/up/#" in rules
+    assert rules[5] == "user bridge-us" and "topic write fedge/f/region/us/up/#" in rules
+    assert "topic read fedge/f/region/us/down/#" in rules and "topic read fedge/f/region/eu/down/#" not in rules[5:]
     assert rules[-2:] == ["user root-agg", "topic readwrite fedge/f/#"]
     assert not [line for line in rules if line.startswith("pattern")]
 
@@ -65,7 +67,8 @@ def test_render_region_conf_with_tls(topology: Topology) -> None:
     lines = conf.splitlines()
     for line in ("per_listener_settings false", "allow_anonymous false", "message_size_limit 1000",
                  f"max_packet_size {1000 + 65536}", "listener 1883 127.0.0.1", "listener 8883 127.0.0.2",
-                 "persistence true", "include_dir /srv/b/conf.d", "log_dest stderr"):
+                 "persistence true", "include_dir /srv/b/conf.d", "log_dest stderr",
+                 "max_inflight_messages 100", "max_queued_messages 10000", f"max_queued_bytes {64 * 1024 * 1024}"):
         assert line in lines
     assert "require_certificate true" not in lines
     assert all(path.startswith("/srv/b/") for _, path in _PATH_KEYS.findall(conf))
@@ -86,6 +89,7 @@ def test_render_bridge_conf_maps_uplink_out_and_model_in(topology: Topology) -> 
     for line in ("address root.example:8883", "remote_username bridge-eu", "remote_password s3cret",
                  "cleansession false", "topic # out 1 fedge/f/region/eu/up/ fedge/f/region/eu/up/",
                  "topic # in 1 fedge/f/root/model/ fedge/f/root/model/",
+                 "topic # in 1 fedge/f/region/eu/down/ fedge/f/region/eu/down/",
                  "notification_topic fedge/f/region/eu/bridge/state", "bridge_cafile /srv/b/tls/ca.crt"):
         assert line in lines
     assert "bridge_certfile" not in conf

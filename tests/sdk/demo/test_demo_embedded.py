@@ -58,3 +58,20 @@ def test_demo_auto_backend_is_embedded_without_mosquitto_and_apt(monkeypatch: py
     monkeypatch.setattr(run.shutil, "which", lambda _name: None)
     assert run.choose_backend("auto") == "embedded"
     assert run.choose_backend("embedded") == "embedded"
+
+
+def test_demo_embedded_cli_output_has_no_traceback() -> None:
+    """amqtt 0.12.1 raced a connect against a subscribe ("dictionary changed size during iteration") and printed
+    3-7 asyncio tracebacks per run; the embedded broker now iterates a snapshot and contains anything else."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", "from sdk.cli.main import main; main()", "demo", "--broker", "embedded",
+                          "--devices", "6", "--rounds", "2", "--timeout", "120"],
+                         capture_output=True, text=True, timeout=300)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    assert "Traceback" not in output and "dictionary changed size" not in output, output
+    assert "contained" not in output, output
+    assert "Invalid connection" not in output, output  # the agents' MQTT 5 probe is not noise at WARNING
+    assert "updates accepted: all (12/12)" in output, output

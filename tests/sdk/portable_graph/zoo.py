@@ -10,16 +10,23 @@ from torch import nn
 
 
 class EveryLayerNet(nn.Module):
-    """Every layer of ``SUPPORTED_LAYERS`` on a (2, 8, 8) input: a 2D branch, a 1D branch over rows, a linear trunk."""
+    """Every layer of ``SUPPORTED_LAYERS`` on a (2, 8, 8) input: a 2D branch, a 1D branch over rows, a linear trunk.
 
-    def __init__(self, num_classes: int = 3) -> None:
+    Pooling both tiles (kernel == stride) and overlaps with padding, the two max-pool paths of the builder.
+
+    ``avg_pool`` False leaves out AvgPool1d/2d (what ORT-training cannot train) so the model trains on both backends.
+    """
+
+    def __init__(self, num_classes: int = 3, *, avg_pool: bool = True) -> None:
         super().__init__()
+        pool2d: nn.Module = nn.AvgPool2d(2) if avg_pool else nn.MaxPool2d(2)
+        pool1d: nn.Module = nn.AvgPool1d(2) if avg_pool else nn.MaxPool1d(2)
         self.base = nn.ModuleDict({
             "conv2d": nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(2),
-                                    nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh(), nn.AvgPool2d(2),
+                                    nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Tanh(), pool2d,
                                     nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-            "conv1d": nn.Sequential(nn.Conv1d(16, 6, 3, padding=1, dilation=1), nn.Sigmoid(), nn.MaxPool1d(2),
-                                    nn.Conv1d(6, 6, 2, stride=2), nn.AvgPool1d(2), nn.AdaptiveAvgPool1d(1), nn.Flatten()),
+            "conv1d": nn.Sequential(nn.Conv1d(16, 6, 3, padding=2, dilation=2), nn.Sigmoid(), nn.MaxPool1d(3, stride=2, padding=1),
+                                    nn.Conv1d(6, 6, 2, stride=2), pool1d, nn.AdaptiveAvgPool1d(1), nn.Flatten()),
             "trunk": nn.ModuleList([nn.Identity(), nn.Linear(10, 12), nn.ReLU()]),
         })
         self.head = nn.Linear(12, num_classes)

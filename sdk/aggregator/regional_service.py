@@ -1,0 +1,156 @@
+"""A region's aggregator on its regional broker (see :mod:`sdk.aggregator.service_base` for the loop).
+
+Devices' updates arrive through the shared subscription (or a direct one when
+``broker.share_group`` is None); each gets its signed receipt on
+``dev/<id>/down/receipt``. The root's model (bridged in) starts a round and
+the region's signed model is published retained on ``model/global``. When the
+round should close, the sealed aggregate goes to ``region/<region>/up/aggregate``
+and is **resent with capped backoff until the root's signed receipt** arrives
+on ``region/<region>/down/receipt`` (bridged in) or the root's next model
+starts another round: the region-to-root leg follows the device-to-region
+pattern (durable pending message, resend, signed receipt, exactly-once
+intake). With FedFomo on it also answers candidate requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from device_agent.daemon.backoff import Backoff, BackoffPolicy
+from device_agent.protocol.topics import TopicLayout
+from sdk.aggregator.errors import ModelRejectedError
+from sdk.aggregator.inbox import InboxLimits
+from sdk.aggregator.outcomes import HandledUpdate
+from sdk.aggregator.regional import RegionalAggregator
+from sdk.aggregator.service_base import MqttAggregatorService
+from sdk.aggregator.service_config import BrokerSettings, LoopSettings
+
+logger = logging.getLogger(__name__)
+
+
+class RegionalService(MqttAggregatorService):
+    """A region's aggregator on its regional broker (module docstring)."""
+
+    def __init__(self, aggregator: RegionalAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
+                 loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
+                 inbox: InboxLimits | None = None) -> None:
+        self.aggregator = aggregator
+        self.region = region
+        super().__init__(layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox)
+        self._resend = Backoff(BackoffPolicy(initial_s=loop.resend_min_s, max_s=loop.resend_max_s))
+        self._resend_at: float | None = None
+
+    def expected_update_bytes(self) -> int:
+        """One sealed update of this bundle's shared parameters, at most."""
+        return self.aggregator.update_bytes_bound()
+
+    def subscriptions(self) -> Sequence[str]:
+        """The device update filter (shared when a group is set), the root model and the root's receipts for this
+        region (direct: every member hears them) and, with FedFomo on, the candidate request filter."""
+        topics = [self.group_filter(self.layout.all_device_updates), self.layout.root_model,
+                  self.layout.region_receipt(self.region)]
+        if self.aggregator.fomo_enabled:
+            topics.append(self.group_filter(self.layout.all_candidate_requests))
+        return tuple(topics)
+
+    def sender_of(self, topic: str) -> str | None:
+        """Device topics are rate-limited per device; the root's model and receipts use the control lane."""
+        return self.layout.device_of(topic)
+
+    def on_connected(self, first: bool) -> None:
+        """Republish the current model (retained) and, when the root has not answered it yet, the stored aggregate."""
+        model = self.aggregator.current_model()
+        if model is not None:
+            self.publish(self.layout.global_model, model, retain=True)
+        if self.aggregator.pending_aggregate() is not None:
+            self._resend_at = self._clock()  # a reconnect may have lost what was in flight: resend now
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        """Route one message: the root's model or receipt, a device's (possibly chunked) update or request."""
+        if topic == self.layout.root_model:
+            self.handle_root_model(payload)
+            return
+        if topic == self.layout.region_receipt(self.region):
+            answer = self.aggregator.handle_root_receipt(payload)
+            if answer.settled:
+                self._resend_at = None
+                self._resend.reset()
+            return
+        device = self.layout.device_of(topic)
+        if device is not None and topic == self.layout.device_candidate_request(device) and self.aggregator.fomo_enabled:
+            self.handle_candidate_request(payload, device=device)
+            return
+        if device is None or topic != self.layout.device_update(device):
+            self.count("unroutable_topic")
+            logger.warning("ignoring a message on %s", topic)
+            return
+        blob = self.reassemble(payload, sender=device)
+        if blob is not None:
+            self.handle_update(blob, device=device)
+
+    def handle_candidate_request(self, payload: bytes, *, device: str) -> None:
+        """Answer a device's FedFomo request with its sealed candidates, chunked to fit (nothing for a refused request)."""
+        answer = self.aggregator.handle_candidate_request(payload, topic_device=device)
+        if answer.blob is not None:
+            self.publish(self.layout.device_candidates(device), answer.blob, chunk=True)
+
+    def handle_root_model(self, blob: bytes) -> None:
+        """Start the round of the root's model and publish the region's signed model retained."""
+        try:
+            model = self.aggregator.handle_root_model(blob)
+        except ModelRejectedError as exc:
+            self.count(f"model_refused:{exc.reason}")  # the aggregator counted and logged it as well
+            return
+        self.publish(self.layout.global_model, model, retain=True)
+        if self.aggregator.pending_aggregate() is None:
+            self._resend_at = None
+            self._resend.reset()
+
+    def handle_update(self, blob: bytes, *, device: str) -> HandledUpdate:
+        """Hand one whole update to the aggregator and send its receipt (none for unauthenticated input)."""
+        handled = self.aggregator.handle_update(blob, topic_device=device)
+        if handled.receipt is not None:
+            self.publish(self.layout.device_receipt(device), handled.receipt)
+        self.on_tick()  # a quorum may have just been reached
+        return handled
+
+    def on_tick(self) -> None:
+        """Expire stale chunks; close the round when it should close; resend an unanswered aggregate when due."""
+        self._reassembler.expire()
+        if self.aggregator.should_close():
+            self.forward_aggregate()
+        elif self._resend_at is not None and self._clock() >= self._resend_at:
+            pending = self.aggregator.pending_aggregate()
+            if pending is None:
+                self._resend_at = None
+                self._resend.reset()
+            else:
+                self._send_aggregate(pending, resend=True)
+
+    def forward_aggregate(self) -> None:
+        """Close the round (idempotent) and publish the sealed aggregate, chunked to fit; nothing for an empty round."""
+        aggregate = self.aggregator.close_round()
+        if aggregate.blob is None:
+            logger.warning("region %s round %d closed without updates: nothing to forward", self.region, aggregate.round)
+            return
+        pending = self.aggregator.pending_aggregate()
+        if pending is None:
+            return  # the root has already answered this round's aggregate
+        if self._send_aggregate(pending, resend=False):
+            logger.info("region %s forwarded round %d: %d updates, %d samples",
+                        self.region, aggregate.round, aggregate.update_count, aggregate.sample_count)
+
+    def _send_aggregate(self, blob: bytes, *, resend: bool) -> bool:
+        sent = self.publish(self.layout.region_aggregate(self.region), blob, chunk=True)
+        if resend:
+            self.count("aggregate_resent")
+            logger.info("region %s: no receipt from the root yet, aggregate resent (attempt %d)", self.region,
+                        self._resend.failures + 1)
+        self._resend_at = self._clock() + self._resend.next_delay()
+        return sent
+
+    def flush_counters(self) -> None:
+        """Write the aggregator's pending rejection counters."""
+        self.aggregator.flush_counters()

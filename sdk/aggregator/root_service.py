@@ -1,0 +1,99 @@
+"""The root aggregator on the root broker (see :mod:`sdk.aggregator.service_base` for the loop).
+
+Regions' aggregates (bridged out from the regional brokers) arrive on
+``region/+/up/aggregate``; each authenticated one is answered with the root's
+signed receipt on ``region/<region>/down/receipt`` (bridged in to that
+region), so a region resends until it hears one. The round closes when the
+aggregator's policy says so: every expected region reported (quorum), or the
+deadline passed, whatever arrived by then (the root never waits longer: a
+lost aggregate delays the federation by at most one deadline). The next
+signed global model is published retained on ``root/model/global``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from device_agent.protocol.topics import TopicLayout
+from sdk.aggregator.inbox import InboxLimits
+from sdk.aggregator.root import RootAggregator
+from sdk.aggregator.service_base import MqttAggregatorService, ServiceReport
+from sdk.aggregator.service_config import BrokerSettings, LoopSettings
+
+logger = logging.getLogger(__name__)
+
+
+class RootService(MqttAggregatorService):
+    """The root aggregator on the root broker (module docstring).
+
+    ``initial_params``: round 0's global model, started when the store has no
+    round yet (None: wait for an operator to start one). Every connect
+    republishes the current model (retained).
+    """
+
+    def __init__(self, aggregator: RootAggregator, *, layout: TopicLayout, broker: BrokerSettings,
+                 loop: LoopSettings = LoopSettings(), initial_params: Mapping[str, np.ndarray] | None = None,
+                 clock: Callable[[], float] = time.monotonic, inbox: InboxLimits | None = None) -> None:
+        self.aggregator = aggregator
+        self._initial = initial_params
+        super().__init__(layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox)
+
+    def subscriptions(self) -> Sequence[str]:
+        """The region aggregate filter (shared when a group is set)."""
+        return (self.group_filter(self.layout.all_region_aggregates),)
+
+    def sender_of(self, topic: str) -> str | None:
+        """Aggregates are rate-limited per region (the bridge ACL confines a region to its own uplink)."""
+        return self.layout.region_of(topic)
+
+    def expected_update_bytes(self) -> int:
+        """One sealed aggregate, at most (without its contributor list)."""
+        return self.aggregator.update_bytes_bound()
+
+    def bootstrap_round(self) -> None:
+        """Start round 0 from ``initial_params`` when no round exists yet; otherwise nothing."""
+        if self._initial is not None and self.aggregator.current_model() is None:
+            self.aggregator.start_round(0, self._initial)
+
+    def run(self, stop_event: threading.Event, max_seconds: float | None = None) -> ServiceReport:
+        """Bootstrap round 0 if needed, then serve (see :meth:`MqttAggregatorService.run`)."""
+        self.bootstrap_round()
+        return super().run(stop_event, max_seconds)
+
+    def on_connected(self, first: bool) -> None:
+        """Republish the current global model (retained)."""
+        model = self.aggregator.current_model()
+        if model is not None:
+            self.publish(self.layout.root_model, model, retain=True)
+
+    def handle_message(self, topic: str, payload: bytes) -> None:
+        """Take one region's (possibly chunked) aggregate and answer it with a signed receipt."""
+        region = self.layout.region_of(topic)
+        if region is None or topic != self.layout.region_aggregate(region):
+            self.count("unroutable_topic")
+            logger.warning("ignoring a message on %s", topic)
+            return
+        blob = self.reassemble(payload, sender=region)
+        if blob is None:
+            return
+        handled = self.aggregator.handle_aggregate(blob, topic_region=region)
+        if handled.receipt is not None:
+            self.publish(self.layout.region_receipt(region), handled.receipt)
+        logger.info("aggregate from %s: %s%s", region, handled.verdict.value, f" ({handled.reason})" if handled.reason else "")
+        self.on_tick()
+
+    def on_tick(self) -> None:
+        """Expire stale chunks; close the round and publish the next global model when it should close."""
+        self._reassembler.expire()
+        if self.aggregator.should_close():
+            model = self.aggregator.close_round()
+            self.publish(self.layout.root_model, model, retain=True)
+
+    def flush_counters(self) -> None:
+        """Write the aggregator's pending rejection counters."""
+        self.aggregator.flush_counters()

@@ -1,0 +1,198 @@
+"""Fuzz targets: every parser that takes bytes from the network or a file, and the errors each may raise.
+
+Each target takes raw bytes and either returns or raises one of its documented
+error types; anything else (IndexError, struct.error, MemoryError, a hang) is
+a bug. Signed formats get two targets: the raw bytes (almost always stopped
+at the frame or the signature), and the fuzzed content *behind a valid
+signature* (what a compromised signer could send), so header, tensor and
+manifest parsing are reached too. Used by ``test_fuzz_parsers.py`` (bounded,
+in every test run) and ``atheris_fuzz.py`` (long, coverage-guided runs).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from device_agent.bundle.archive import verify_bundle
+from device_agent.bundle.manifest import MANIFEST_NAME, SIGNATURE_NAME, parse_manifest
+from device_agent.data import load_csv, load_npz
+from device_agent.errors import AuthenticationError, BundleError, FedgeError, MalformedMessageError
+from device_agent.protocol import envelope
+from device_agent.protocol._frame import frame_prefix, sign_frame
+from device_agent.protocol.candidate_request import REQUEST_MAGIC, open_candidate_request
+from device_agent.protocol.chunking import Reassembler, parse_chunk
+from device_agent.protocol.envelope import MODEL_MAGIC
+from device_agent.protocol.receipts import RECEIPT_MAGIC, open_receipt
+from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors
+
+_SIGNER = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+_RECIPIENT = X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
+_LIMITS = DecodeLimits(max_tensors=16, max_total_bytes=1 << 20)
+_SCRATCH = Path(tempfile.mkdtemp(prefix="fedge-fuzz-"))
+_WIRE = (AuthenticationError, MalformedMessageError)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parser: ``run(data)`` and the exception types it documents."""
+
+    name: str
+    run: Callable[[bytes], object]
+    allowed: tuple[type[BaseException], ...]
+
+
+def _signed(magic: bytes, data: bytes) -> bytes:
+    """``data`` as record + body behind a valid signature: its first byte chooses where the record ends."""
+    cut = data[0] if data else 0
+    record, body = data[1:1 + cut], data[1 + cut:]
+    return sign_frame(frame_prefix(magic, record) + body, _SIGNER)
+
+
+def _model(data: bytes) -> object:
+    return envelope.open_model(data, trusted_signers=[_SIGNER.public_key()], limits=_LIMITS)
+
+
+def _update(data: bytes) -> object:
+    return envelope.open_update(data, recipient_key=_RECIPIENT, sender_public_key={"dev-1": _SIGNER.public_key()},
+                                limits=_LIMITS)
+
+
+def _candidates(data: bytes) -> object:
+    return envelope.open_candidates(data, recipient_key=_RECIPIENT, trusted_signers=[_SIGNER.public_key()], limits=_LIMITS)
+
+
+def _receipt(data: bytes) -> object:
+    return open_receipt(data, trusted_signers=[_SIGNER.public_key()])
+
+
+def _request(data: bytes) -> object:
+    return open_candidate_request(data, device_keys={"dev-1": _SIGNER.public_key()}, fleet="f", region="r")
+
+
+def _reassemble(data: bytes) -> object:
+    """A stream of chunk frames (2-byte length prefixes) into one reassembler with small limits."""
+    box = Reassembler(max_messages=4, max_total_bytes=1 << 18, max_chunks=64)
+    view = memoryview(data)
+    while len(view) >= 2:
+        (size,) = struct.unpack(">H", view[:2])
+        frame, view = bytes(view[2:2 + size]), view[2 + size:]
+        try:
+            box.add(frame, sender="dev-1")
+        except MalformedMessageError:
+            pass  # dropped: the next frames must still be handled
+    return None
+
+
+def _bundle(data: bytes) -> object:
+    path = _SCRATCH / "fuzz.fedge"
+    path.write_bytes(data)
+    return verify_bundle(path, [_SIGNER.public_key()])
+
+
+def _signed_bundle(data: bytes) -> object:
+    """A zip whose manifest (the fuzzed bytes) carries a valid signature: manifest parsing and file checks."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(MANIFEST_NAME, data)
+        archive.writestr(SIGNATURE_NAME, _SIGNER.sign(data))
+    return _bundle(buffer.getvalue())
+
+
+def _npz(data: bytes) -> object:
+    path = _SCRATCH / "fuzz.npz"
+    path.write_bytes(data)
+    return load_npz(path, max_array_bytes=1 << 20)
+
+
+def _csv(data: bytes) -> object:
+    path = _SCRATCH / "fuzz.csv"
+    path.write_bytes(data)
+    return load_csv(path)
+
+
+def _agent_toml(data: bytes) -> object:
+    """The whole of load_config: file bytes -> TOML -> AgentConfig (a RecursionError from tomllib was found here)."""
+    from device_agent.daemon.config import load_config
+
+    path = _SCRATCH / "agent.toml"
+    path.write_bytes(data)
+    return load_config(path)
+
+
+def _aggregator_toml(data: bytes) -> object:
+    import tomllib
+
+    from sdk.aggregator.service_config import load_regional_service_config
+
+    path = _SCRATCH / "aggregator.toml"
+    path.write_bytes(data)
+    try:
+        tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        pass
+    return load_regional_service_config(path)
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("tensors", lambda d: decode_tensors(d, limits=_LIMITS), (MalformedMessageError,)),
+    Target("model", _model, _WIRE),
+    Target("model-signed", lambda d: _model(_signed(MODEL_MAGIC, d)), _WIRE),
+    Target("update", _update, _WIRE),
+    Target("candidates", _candidates, _WIRE),
+    Target("receipt", _receipt, _WIRE),
+    Target("receipt-signed", lambda d: _receipt(_signed(RECEIPT_MAGIC, d)), _WIRE),
+    Target("candidate-request", _request, _WIRE),
+    Target("candidate-request-signed", lambda d: _request(_signed(REQUEST_MAGIC, d)), _WIRE),
+    Target("chunk", parse_chunk, (MalformedMessageError,)),
+    Target("reassembly", _reassemble, ()),
+    Target("manifest", parse_manifest, (BundleError,)),
+    Target("bundle-archive", _bundle, (BundleError,)),
+    Target("bundle-signed-manifest", _signed_bundle, (BundleError,)),
+    Target("npz", _npz, (FedgeError,)),
+    Target("csv", _csv, (FedgeError,)),
+    Target("agent-toml", _agent_toml, (FedgeError,)),
+    Target("aggregator-toml", _aggregator_toml, (FedgeError,)),
+)
+
+
+def seeds() -> dict[str, list[bytes]]:
+    """Valid inputs per target, for mutation (hypothesis examples, atheris corpus)."""
+    from device_agent.protocol.headers import ModelHeader
+    from device_agent.protocol.receipts import Receipt, ReceiptStatus, sign_receipt
+    from device_agent.protocol.tensor_codec import encode_tensors
+
+    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
+    model_header = ModelHeader.create(clock=lambda: 1.0, random_bytes=bytes, fleet="f", region=None, sender="root",
+                                      round=1, bundle_version=1, encoding="raw")
+    model = envelope.sign_model(model_header, tensors, signer_key=_SIGNER)
+    record = model_header.to_bytes()
+    npz = io.BytesIO()
+    np.savez(npz, x=np.ones((4, 3), np.float32), y=np.arange(4))
+    out = {
+        "tensors": [encode_tensors(tensors), encode_tensors(tensors, encoding="int8")],
+        "model": [model],
+        "model-signed": [bytes([len(record)]) + record + encode_tensors(tensors)] if len(record) < 256 else [b""],
+        "chunk": [],
+        "npz": [npz.getvalue()],
+        "csv": [b"a,b,label\n1,2,0\n3,4,1\n"],
+        "agent-toml": [b'[device]\nid = "d"\nfleet = "f"\nregion = "r"\n[broker]\nhost = "h"\n'],
+        "manifest": [json.dumps({"format_version": 1}).encode()],
+    }
+    try:
+        receipt = Receipt(fleet="f", issuer="r", device="dev-1", round=1, update_nonce=bytes(16),
+                          status=ReceiptStatus.ACCEPTED, timestamp_ms=1)
+        out["receipt"] = [sign_receipt(receipt, signer_key=_SIGNER)]
+    except (TypeError, ValueError):
+        pass
+    return out

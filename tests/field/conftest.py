@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.build_cache import REPO, cache_lock, cache_root
+from tests.build_cache import cache_lock, cache_root
 from tests.example_modules import EXAMPLES
 from tests.field.arm64_root import EmulatedPi, EmulationUnavailable, cached_root
 
@@ -108,6 +108,3 @@ def emulated_pi(tmp_path_factory: pytest.TempPathFactory, overlay: Overlay, fiel
                 pi.close()
     except EmulationUnavailable as exc:
         pytest.fail(f"the emulated Raspberry Pi cannot run on this machine: {exc}", pytrace=False)
-
-
-__all__ = ["REPO", "INSTALL_DIR", "Overlay", "Timings", "run_build_script"]

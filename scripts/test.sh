@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (first run only) and run the whole fedge test suite.
-# Integration tests need Mosquitto and the Fashion-MNIST files from Debian, the emulated
-# Raspberry Pi tests (-m aarch64) qemu-user-static, binfmt-support and debootstrap;
+# Integration tests need Mosquitto and the Fashion-MNIST files from Debian, the
+# dashboard's browser test Debian's Chromium and its driver (never a browser download),
+# the emulated Raspberry Pi tests (-m aarch64) qemu-user-static, binfmt-support and debootstrap;
 # install them when missing and we are root (as on CI and dev machines here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,8 @@ bash scripts/setup_env.sh
 need=()
 command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto mosquitto-clients)
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 command -v qemu-aarch64-static >/dev/null 2>&1 || need+=(qemu-user-static)
 command -v update-binfmts >/dev/null 2>&1 || need+=(binfmt-support)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)

@@ -49,6 +49,7 @@ from device_agent.bundle.manifest import (
 from sdk.model_spec import ParameterSplit, ParameterSplitError, Role, matches_prefix, names_with_role
 from sdk.ort_smoke import smoke_test_ort_sets
 from sdk.portable_graph import PortablePlan, UnsupportedModelError, build_portable_graphs, check_model_supported
+from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class TrainingSpec:
     mode: TrainingMode
     loss: LossKind = LossKind.CROSS_ENTROPY
     optimizer: OptimizerKind = OptimizerKind.ADAMW
-    learning_rate: float = 1e-3
+    learning_rate: float = DEFAULT_LEARNING_RATE
     mu: float = 0.0
     finetune: tuple[str, ...] = ()
 

@@ -42,6 +42,7 @@ from device_agent.daemon.fomo_client import FomoClient
 from device_agent.daemon.errors import AgentStopped, ReceiptTimeoutError
 from device_agent.daemon.intake import MessageIntake
 from device_agent.daemon.keyring import DeviceKeys
+from device_agent.daemon.status_reporter import StatusReporter
 from device_agent.data import DataSource
 from device_agent.errors import TrainingError
 from device_agent.local_round import LocalUpdate, train_local_round
@@ -50,6 +51,7 @@ from device_agent.protocol.chunking import PayloadTooLargeError
 from device_agent.protocol.envelope import OpenedModel
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.protocol.receipts import Receipt, ReceiptStatus
+from device_agent.protocol.status import DeviceStatus
 from device_agent.protocol.validation import RejectReason
 from device_agent.trainer import DeviceTrainer, TrainReport
 
@@ -120,6 +122,9 @@ class DeviceAgent:
     ``rng`` jitters backoff, ``random_bytes`` makes nonces and ``train_rng``
     shuffles batches (None: in order). All methods run on the caller's
     thread; the connection's network thread only feeds :attr:`MqttConnection.inbox`.
+    ``status`` keeps the device's signed status (None: one that publishes nothing);
+    the agent updates it after training and after each round, and measures
+    validation accuracy on ``load_validation``'s data when it is given.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class DeviceAgent:
         random_bytes: Callable[[int], bytes] = os.urandom,
         train_rng: np.random.Generator | None = None,
         load_validation: Callable[[], DataSource] | None = None,
+        status: StatusReporter | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -176,8 +182,20 @@ class DeviceAgent:
             config, keys=keys, trainer=trainer, connection=connection, intake=self.intake,
             pump=self._pump, load_validation=load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
             clock=clock, wall_clock=wall_clock, random_bytes=random_bytes)
+        self._load_validation = load_validation
+        #: The device's status (published by the connection: retained, signed, with a signed offline will).
+        self.status = status if status is not None else StatusReporter(
+            fleet=config.fleet, region=config.region, device=config.device_id, signing_key=keys.signing_key)
         self._stop = threading.Event()
         self._started = False
+
+    def update_status(self, **changes: object) -> DeviceStatus:
+        """Change fields of the device's status and publish it (see :meth:`StatusReporter.update`).
+
+        The hook for code that runs beside the rounds, e.g. a release:
+        ``agent.update_status(release={"state": "fetching", "version": 3, "progress": 40})``.
+        """
+        return self.status.update(**changes)
 
     @property
     def progress(self) -> AgentProgress:
@@ -314,7 +332,17 @@ class DeviceAgent:
     # -- a whole round, and the loop ---------------------------------------------------------
 
     def complete_round(self, model: OpenedModel) -> RoundResult:
-        """Play round ``model.header.round``: resume a pending or trained update, or train one, then submit it."""
+        """Play round ``model.header.round``: resume a pending or trained update, or train one, then submit it.
+
+        The status says ``trained`` (with the loss and validation accuracy)
+        once training ended, then how the round ended.
+        """
+        result = self._play_round(model)
+        self.status.update(last_round=result.round, last_round_status=result.status.value,
+                           last_round_reason=result.reason)
+        return result
+
+    def _play_round(self, model: OpenedModel) -> RoundResult:
         number = model.header.round
         report = None
         try:
@@ -322,6 +350,7 @@ class DeviceAgent:
             if sealed is None:
                 update = self.train_round(model)
                 report = update.report
+                self._report_training(number, report)
                 sealed = self.seal_update(update)
         except TrainingError as exc:
             # Skipping the round (rather than crashing) keeps a device with bad data from
@@ -400,6 +429,17 @@ class DeviceAgent:
             return self.seal_update(LocalUpdate(round_number=number, delta=delta, num_examples=len(self._local_data()),
                                                 report=_NOT_TRAINED))
         return None
+
+    def _report_training(self, number: int, report: TrainReport) -> None:
+        """Status after training: the round, its mean loss and (with validation data) the validation accuracy."""
+        accuracy = None
+        if self._load_validation is not None:
+            try:
+                accuracy = self.trainer.evaluate(self._load_validation()).accuracy
+            except (OSError, ValueError, TrainingError) as exc:
+                logger.warning("round %d: validation accuracy not measured: %s", number, exc)
+        self.status.update(last_round=number, last_round_status="trained", last_round_reason="",
+                           last_loss=report.mean_loss, last_val_accuracy=accuracy)
 
     def _local_data(self) -> DataSource:
         try:

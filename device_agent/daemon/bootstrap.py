@@ -18,6 +18,7 @@ from device_agent.daemon.config import AgentConfig, DataConfig, DataFormat
 from device_agent.daemon.connection import MqttConnection
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.keyring import load_device_keys
+from device_agent.daemon.status_reporter import StatusReporter
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import BundleError
 from device_agent.keys import load_verify_key
@@ -89,10 +90,18 @@ def open_agent(
                 trainer.backend_name.value, onnxruntime_version())
     rng = rng if rng is not None else random.Random()
     topics = config.topics
+    manifest = bundle.manifest
+    backend = getattr(trainer, "backend_name", None)  # trainers with one backend only do not name it
+    status = StatusReporter(fleet=config.fleet, region=config.region, device=config.device_id,
+                            signing_key=keys.signing_key, wall_clock=wall_clock, clock=clock)
+    status.update(bundle_model=manifest.model_name, bundle_version=manifest.bundle_version,
+                  backend=str(getattr(backend, "value", backend or "ort-training")))
     connection = MqttConnection(
         config.broker,
         client_id=config.device_id,
-        presence_topic=topics.device_presence(config.device_id),
+        presence_topic=topics.device_status(config.device_id),
+        online_payload=status.online_payload,
+        offline_payload=status.offline_payload,
         subscriptions=(topics.global_model, topics.device_receipt(config.device_id))
         + ((topics.device_candidates(config.device_id),) if config.fomo_candidates else ()),
         backoff=config.backoff,
@@ -100,6 +109,7 @@ def open_agent(
         rng=rng,
         poll_interval_s=poll_interval_s,
     )
+    status.attach(connection.refresh_presence)
     return DeviceAgent(
         config,
         keys=keys,
@@ -114,4 +124,5 @@ def open_agent(
         train_rng=np.random.default_rng(config.seed),
         load_validation=None if config.data.validation_path is None
         else data_loader(replace(config.data, path=config.data.validation_path)),
+        status=status,
     )

@@ -133,7 +133,7 @@ class RootAggregator(AggregatorTier):
             blob = self._sign_model(round=record.round + 1, params=new_global, region=None)
             self._intake.write_round_start(previous=record, round=record.round + 1, global_params=new_global,
                                            base_params=new_global, model_blob=blob)
-            logger.info(
+            logger.debug(
                 "root round %d closed: %d regions, %d samples", record.round, merged.update_count, merged.sample_count
             )
         self._intake.refresh()

@@ -8,6 +8,9 @@ aggregator's policy says so: every expected region reported (quorum), or the
 deadline passed, whatever arrived by then (the root never waits longer: a
 lost aggregate delays the federation by at most one deadline). The next
 signed global model is published retained on ``root/model/global``.
+
+It logs (INFO) each aggregate's fate and each close with its tally, and
+records its Prometheus metrics (:mod:`sdk.aggregator.metrics`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import numpy as np
 
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.inbox import InboxLimits
+from sdk.aggregator.metrics import ServiceMetrics
+from sdk.aggregator.outcomes import AggregatorStatus
 from sdk.aggregator.root import RootAggregator
 from sdk.aggregator.service_base import MqttAggregatorService, ServiceReport
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
@@ -33,15 +38,20 @@ class RootService(MqttAggregatorService):
 
     ``initial_params``: round 0's global model, started when the store has no
     round yet (None: wait for an operator to start one). Every connect
-    republishes the current model (retained).
+    republishes the current model (retained). ``metrics`` None makes its own.
     """
 
     def __init__(self, aggregator: RootAggregator, *, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), initial_params: Mapping[str, np.ndarray] | None = None,
-                 clock: Callable[[], float] = time.monotonic, inbox: InboxLimits | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, inbox: InboxLimits | None = None,
+                 metrics: ServiceMetrics | None = None) -> None:
         self.aggregator = aggregator
         self._initial = initial_params
-        super().__init__(layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox)
+        if metrics is None:
+            metrics = ServiceMetrics(fleet=layout.fleet, tier="root", region=None, member=aggregator.member,
+                                     bundle_version=aggregator.config.bundle_version, clock=clock)
+        super().__init__(layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox, metrics=metrics)
+        aggregator.observe_commits(metrics.store_committed)
 
     def subscriptions(self) -> Sequence[str]:
         """The region aggregate filter (shared when a group is set)."""
@@ -55,6 +65,15 @@ class RootService(MqttAggregatorService):
         """One sealed aggregate, at most (without its contributor list)."""
         return self.aggregator.update_bytes_bound()
 
+    def describe(self) -> str:
+        """``root aggregator`` (and the member when not ``main``)."""
+        member = self.aggregator.member
+        return "root aggregator" + ("" if member == "main" else f" ({member})")
+
+    def round_status(self) -> AggregatorStatus:
+        """The aggregator's status."""
+        return self.aggregator.status()
+
     def bootstrap_round(self) -> None:
         """Start round 0 from ``initial_params`` when no round exists yet; otherwise nothing."""
         if self._initial is not None and self.aggregator.current_model() is None:
@@ -62,14 +81,16 @@ class RootService(MqttAggregatorService):
 
     def run(self, stop_event: threading.Event, max_seconds: float | None = None) -> ServiceReport:
         """Bootstrap round 0 if needed, then serve (see :meth:`MqttAggregatorService.run`)."""
+        self.refresh_round(force=True)  # before the bootstrap: a round 0 started now has a known opening time
         self.bootstrap_round()
+        self.refresh_round(force=True)
         return super().run(stop_event, max_seconds)
 
     def on_connected(self, first: bool) -> None:
         """Republish the current global model (retained)."""
         model = self.aggregator.current_model()
-        if model is not None:
-            self.publish(self.layout.root_model, model, retain=True)
+        if model is not None and self.publish(self.layout.root_model, model, retain=True):
+            self.metrics.model_published()
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         """Take one region's (possibly chunked) aggregate and answer it with a signed receipt."""
@@ -84,15 +105,25 @@ class RootService(MqttAggregatorService):
         handled = self.aggregator.handle_aggregate(blob, topic_region=region)
         if handled.receipt is not None:
             self.publish(self.layout.region_receipt(region), handled.receipt)
+        self.metrics.update_handled(handled, arrived=self.arrived)
         logger.info("aggregate from %s: %s%s", region, handled.verdict.value, f" ({handled.reason})" if handled.reason else "")
         self.on_tick()
 
     def on_tick(self) -> None:
         """Expire stale chunks; close the round and publish the next global model when it should close."""
         self._reassembler.expire()
-        if self.aggregator.should_close():
+        reason = self.aggregator.close_reason()
+        if reason is not None:
+            before = self.aggregator.status()
             model = self.aggregator.close_round()
-            self.publish(self.layout.root_model, model, retain=True)
+            closed = -1 if before.round is None else before.round
+            tally = self.metrics.round_closed(closed)
+            took = "" if tally.duration_s is None else f" after {tally.duration_s:.1f} s"
+            logger.info("%s: round %d closed (%s)%s: %s from regions; %d samples", self.describe(), closed, reason.value,
+                        took, tally.describe(), before.samples)
+            if self.publish(self.layout.root_model, model, retain=True):
+                self.metrics.model_published()
+            self.refresh_round(force=True)
 
     def flush_counters(self) -> None:
         """Write the aggregator's pending rejection counters."""

@@ -7,18 +7,19 @@ against the config file's directory. The shared-parameter spec and the bundle
 version come from the signed bundle (verified with the fleet key), so an
 aggregator can never disagree with the devices about what an update holds.
 Keys are PEM files (``fedge keys generate``); the devices' (or regions')
-Ed25519 public keys are the ``<id>.pub`` files of one directory.
+Ed25519 public keys are the ``<id>.pub`` files of one directory, minus the
+key ids in its ``revoked.txt`` (:class:`~sdk.aggregator.registry.KeyRegistry`,
+re-read on SIGHUP by ``fedge aggregator``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.bundle.archive import verify_bundle
 from device_agent.bundle.manifest import BundleManifest
@@ -26,10 +27,11 @@ from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
 from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
-from device_agent.protocol.headers import MAX_CANDIDATES, check_id
+from device_agent.protocol.headers import MAX_CANDIDATES
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 from sdk.aggregator.regional import RegionalConfig
+from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.root import RootConfig
 from sdk.aggregator.round_state import RoundPolicy
 
@@ -110,14 +112,42 @@ class LoopSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    """Where a service serves ``/metrics`` and ``/healthz`` (docs/operations.md).
+
+    ``bind``: an IP address, loopback by default (the endpoint has no
+    authentication: put a proxy with TLS in front, or a monitoring network,
+    before binding elsewhere). ``port`` 0 takes any free port (logged).
+    """
+
+    bind: str = "127.0.0.1"
+    port: int
+
+    def __post_init__(self) -> None:
+        check_listen_address(self.bind, self.port)
+
+
+def check_listen_address(bind: str, port: int) -> None:
+    """ValueError unless ``bind`` is an IP address and ``port`` in 0..65535 (0: any free port)."""
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError as exc:
+        raise ValueError(f"bind must be an IP address, got {bind!r}") from exc
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegionalServiceConfig:
-    """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop."""
+    """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop,
+    metrics endpoint (None: none)."""
 
     aggregator: RegionalConfig
     store: Path
     member: str = "main"
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
+    metrics: MetricsSettings | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,6 +160,7 @@ class RootServiceConfig:
     member: str = "main"
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
+    metrics: MetricsSettings | None = None
     bundle: Path
     fleet_public_key: Path
 
@@ -143,7 +174,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
     config = _build(agg, "regional_weight", RegionalConfig, dict(
         fleet=fleet,
         region=region,
-        device_keys=_public_keys_dir(agg, "device_keys_dir"),
+        device_keys=_public_keys_dir(agg, "device_keys_dir", what="device"),
         root_verify_key=_key(agg, "root_verify_key", load_verify_key),
         root_encryption_key=_key(agg, "root_encryption_key", load_recipient_key),
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
@@ -156,9 +187,10 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
     member = agg.string("member", "main")
     broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
     loop = _loop(top)
+    metrics = _metrics(top)
     agg.done()
     top.done()
-    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop)
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:
@@ -167,7 +199,7 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
     agg = top.table("aggregator")
     fleet = agg.identifier("fleet")
     manifest = _manifest(agg)
-    region_keys = _public_keys_dir(agg, "region_keys_dir")
+    region_keys = _public_keys_dir(agg, "region_keys_dir", what="region")
     weighting = agg.string("weighting", "samples")
     if weighting not in ("samples", "uniform"):
         raise agg.error("weighting", f"expected 'samples' or 'uniform', got {weighting!r}")
@@ -183,10 +215,11 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
     bundle = agg.path("bundle")
     broker = _broker(top, default_client_id=f"fedge-{fleet}-root-{member}")
     loop = _loop(top)
+    metrics = _metrics(top)
     agg.done()
     top.done()
-    return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, bundle=bundle,
-                             fleet_public_key=agg.path("fleet_public_key"))
+    return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                             bundle=bundle, fleet_public_key=agg.path("fleet_public_key"))
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -337,6 +370,19 @@ def _loop(top: TomlTable) -> LoopSettings:
     return settings
 
 
+def _metrics(top: TomlTable) -> MetricsSettings | None:
+    """``[metrics]``: ``port`` (required in the section) and ``bind``; None when the section is absent."""
+    table = top.optional_table("metrics")
+    if table is None:
+        return None
+    settings = _build(table, "bind", MetricsSettings, dict(
+        bind=table.string("bind", "127.0.0.1"),
+        port=table.integer("port", minimum=0, maximum=65535),
+    ))
+    table.done()
+    return settings
+
+
 def _key(table: TomlTable, key: str, load: Callable[[Path], _K]) -> _K:
     path = table.path(key, must_exist=True)
     try:
@@ -345,18 +391,12 @@ def _key(table: TomlTable, key: str, load: Callable[[Path], _K]) -> _K:
         raise table.error(key, f"cannot load {path}: {exc}") from exc
 
 
-def _public_keys_dir(table: TomlTable, key: str) -> dict[str, Ed25519PublicKey]:
-    """id -> Ed25519 public key from the ``<id>.pub`` files of a directory (read once, at start)."""
+def _public_keys_dir(table: TomlTable, key: str, *, what: str) -> KeyRegistry:
+    """The reloadable registry of the ``<id>.pub`` files of a directory (:class:`KeyRegistry`)."""
     directory = table.path(key)
     if not directory.is_dir():
         raise table.error(key, f"{str(directory)!r} is not a directory")
-    keys: dict[str, Ed25519PublicKey] = {}
-    for pub in sorted(directory.glob("*.pub")):
-        try:
-            check_id(key, pub.stem)
-            keys[pub.stem] = load_verify_key(pub)
-        except (OSError, ValueError) as exc:
-            raise table.error(key, f"{pub.name}: {exc}") from exc
-    if not keys:
-        raise table.error(key, f"no <id>.pub files in {str(directory)!r}")
-    return keys
+    try:
+        return KeyRegistry(directory, what=what)
+    except RegistryError as exc:
+        raise table.error(key, str(exc)) from exc

@@ -1,8 +1,14 @@
-"""``fedge aggregator``: run the regional and root aggregator services on MQTT."""
+"""``fedge aggregator``: run the regional and root aggregator services on MQTT.
+
+Both log at INFO by default (start, broker connections, rounds, forwarding)
+and serve ``/metrics`` and ``/healthz`` when their TOML has a ``[metrics]``
+section (docs/operations.md).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import tempfile
 import threading
@@ -20,14 +26,18 @@ from device_agent.keys import load_verify_key
 from device_agent.protocol.topics import TopicLayout
 from device_agent.trainer import DeviceTrainer
 from sdk.aggregator import RegionalAggregator, RootAggregator
-from sdk.aggregator.mqtt_service import RegionalService, RootService, ServiceReport
-from sdk.cli.family import examples
+from sdk.aggregator.metrics_endpoint import MetricsEndpoint
+from sdk.aggregator.mqtt_service import MqttAggregatorService, RegionalService, RootService, ServiceReport
+from sdk.aggregator.registry import KeyRegistry
 from sdk.aggregator.service_config import (
+    MetricsSettings,
     RootServiceConfig,
     load_regional_service_config,
     load_root_service_config,
 )
+from sdk.cli.family import InputError, examples, service_logging
 
+logger = logging.getLogger(__name__)
 _CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
                        help="The service's TOML file (docs/aggregation.md, 'Running the services').")
 _MAX_SECONDS = click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -40,38 +50,67 @@ def aggregator() -> None:
 
 
 @aggregator.command("regional", epilog=examples("fedge aggregator regional --config eu-aggregator.toml",
-                                                "fedge aggregator regional --config eu-aggregator.toml --max-seconds 600 -v"))
+                                                "fedge aggregator regional --config eu-aggregator.toml --log-format json",
+                                                "fedge aggregator regional --config eu-aggregator.toml --max-seconds 600 -q"))
 @_CONFIG
 @_MAX_SECONDS
-def regional(config_path: Path, max_seconds: float | None) -> None:
+@click.pass_context
+def regional(ctx: click.Context, config_path: Path, max_seconds: float | None) -> None:
     """Serve one region: device updates in, receipts and the region's model out, aggregates to the root."""
+    service_logging(ctx)
     try:
         settings = load_regional_service_config(config_path)
         layout = TopicLayout(fleet=settings.aggregator.fleet)
         with RegionalAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
             service = RegionalService(agg, region=settings.aggregator.region, layout=layout,
                                       broker=settings.broker, loop=settings.loop)
-            with _stop_on_signals() as stop:
-                _report(service.run(stop, max_seconds))
+            logger.info("regional aggregator %s of fleet %s: store %s, bundle v%d, quorum %d, deadline %g s",
+                        settings.aggregator.region, settings.aggregator.fleet, settings.store,
+                        settings.aggregator.bundle_version, settings.aggregator.policy.quorum,
+                        settings.aggregator.policy.deadline_s)
+            _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.device_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-@aggregator.command("root", epilog=examples("fedge aggregator root --config root-aggregator.toml"))
+@aggregator.command("root", epilog=examples("fedge aggregator root --config root-aggregator.toml",
+                                            "fedge aggregator root --config root-aggregator.toml --log-format json"))
 @_CONFIG
 @_MAX_SECONDS
-def root(config_path: Path, max_seconds: float | None) -> None:
+@click.pass_context
+def root(ctx: click.Context, config_path: Path, max_seconds: float | None) -> None:
     """Serve the root: regions' aggregates in, the signed global model out (round 0 from the bundle)."""
+    service_logging(ctx)
     try:
         settings = load_root_service_config(config_path)
         layout = TopicLayout(fleet=settings.aggregator.fleet)
         with RootAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
             initial = initial_shared_params(settings) if agg.current_model() is None else None
             service = RootService(agg, layout=layout, broker=settings.broker, loop=settings.loop, initial_params=initial)
-            with _stop_on_signals() as stop:
-                _report(service.run(stop, max_seconds))
+            logger.info("root aggregator of fleet %s: store %s, bundle v%d, quorum %d of the regions, deadline %g s",
+                        settings.aggregator.fleet, settings.store, settings.aggregator.bundle_version,
+                        settings.aggregator.policy.quorum,
+                        settings.aggregator.policy.deadline_s)
+            _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.region_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _serve(service: MqttAggregatorService, metrics: MetricsSettings | None, max_seconds: float | None, *,
+           reload: object = None) -> None:
+    """Run ``service`` until a signal or ``max_seconds``, with its metrics endpoint when configured
+    (``reload``: the key registry SIGHUP re-reads, see :func:`_stop_on_signals`)."""
+    with contextlib.ExitStack() as stack:
+        if metrics is not None:
+            try:
+                endpoint = MetricsEndpoint(host=metrics.bind, port=metrics.port, registry=service.metrics.registry,
+                                           health=service.health)
+            except OSError as exc:
+                raise InputError(f"[metrics] {metrics.bind}:{metrics.port}: cannot listen: {exc.strerror or exc}") from exc
+            stack.callback(endpoint.close)
+            endpoint.start()
+        stop = stack.enter_context(_stop_on_signals(reload=reload))
+        _report(service.run(stop, max_seconds))
 
 
 def initial_shared_params(settings: RootServiceConfig) -> dict[str, np.ndarray]:
@@ -83,14 +122,25 @@ def initial_shared_params(settings: RootServiceConfig) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM (so the service disconnects and writes its counters); handlers restored after."""
+def _stop_on_signals(reload: object = None) -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM (so the service disconnects and writes its counters); handlers restored after.
+
+    SIGHUP re-reads the key registry ``reload`` (a :class:`KeyRegistry`; others are read once) in a short-lived
+    thread, so the service loop never waits for the disk: ``fedge fleet add/remove/rekey/move`` then apply at once.
+    """
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        if isinstance(reload, KeyRegistry):
+            threading.Thread(target=reload.reload, name="fedge-registry-reload", daemon=True).start()
+        else:
+            logger.warning("SIGHUP: this service's keys are not a registry directory; nothing to reload")
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     try:
         yield stop
     finally:

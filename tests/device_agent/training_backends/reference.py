@@ -63,7 +63,7 @@ class ReferenceTrainer:
                 st["m"][n], st["v"][n] = m, v
                 size = self.lr * math.sqrt(1 - BETA2 ** st["t"]) / (1 - BETA1 ** st["t"])
                 self.params[n] = self.params[n] - size * m / (v.sqrt() + EPS)
-        return float(loss)
+        return float(loss.detach())
 
     def set_anchors(self, anchors: dict[str, np.ndarray]) -> None:
         self.anchors = {n: torch.from_numpy(np.array(v)) for n, v in anchors.items()}

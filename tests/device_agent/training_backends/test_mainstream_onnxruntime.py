@@ -135,3 +135,23 @@ def test_fedge_agent_train_runs_on_mainstream_onnxruntime(mainstream, model_bund
     forced = _run(mainstream, *args, "--backend", "ort-training")
     assert forced.returncode == 2 and "Traceback" not in forced.stderr
     assert "backend ort-training is not installed here" in forced.stderr
+
+
+def test_the_agent_switches_onnxruntime_telemetry_off(mainstream, tmp_path):
+    """onnxruntime >= 1.29 sends usage events and writes a device id under ~/.cache unless told not to."""
+    code = ("import sys; from device_agent.training_backends.runtime import onnxruntime_module; "
+            "ort = onnxruntime_module(); print(ort.__version__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "ORT_DISABLE_TELEMETRY")}
+    plain_home, agent_home = tmp_path / "plain", tmp_path / "agent"
+    plain_home.mkdir()
+    agent_home.mkdir()
+    # The control: onnxruntime on its own does write its telemetry files (so the check below can fail).
+    plain = subprocess.run([str(mainstream), "-c", "import onnxruntime"], capture_output=True, text=True, timeout=120,
+                           env={**env, "HOME": str(plain_home)}, cwd=REPO, check=False)
+    assert plain.returncode == 0, plain.stderr
+    assert list((plain_home / ".cache").rglob("deviceid")), "onnxruntime wrote no telemetry id: update this test"
+    agent = subprocess.run([str(mainstream), "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**env, "HOME": str(agent_home), "PYTHONPATH": str(REPO)}, cwd=REPO, check=False)
+    assert agent.returncode == 0, agent.stderr
+    assert not (agent_home / ".cache").exists() or not list((agent_home / ".cache").rglob("*")), \
+        sorted(map(str, (agent_home / ".cache").rglob("*")))

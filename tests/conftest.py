@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,40 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "aarch64: runs the agent in an emulated Raspberry Pi root (qemu-user + debootstrap; cached)")
 
 
+#: Session fixtures so costly that every test using them runs on one xdist worker (built once per run).
+_ONE_WORKER_FIXTURES = {"overlay": "emulated-pi"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` (scripts/test.sh): tests sharing a costly fixture stay on one worker.
+
+    A module-scoped fixture is built once per worker that runs a test of its module,
+    so such a module is one group; so are the users of the emulated Raspberry Pi.
+    """
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        group = next((g for name, g in _ONE_WORKER_FIXTURES.items() if name in names), None)
+        info = getattr(item, "_fixtureinfo", None)
+        if group is None and info is not None and any(
+                defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            group = item.nodeid.split("::")[0]
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
-def fleet_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+def fleet_key(testrun_uid: str) -> Ed25519PrivateKey:
+    """The fleet's signing key: new for each test run, the same in all its xdist workers (they share bundles)."""
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"fedge-tests/fleet/{testrun_uid}".encode()).digest())
+
+
+@pytest.fixture(scope="session")
+def run_shared_dir(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """A directory all xdist workers of this run share (the session's base temp without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent / "shared" if worker_id != "master" else base / "shared"
+    shared.mkdir(exist_ok=True)
+    return shared
 
 
 @pytest.fixture(scope="session")
@@ -30,8 +62,8 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def bundle_factory(tmp_path_factory: pytest.TempPathFactory, fleet_key: Ed25519PrivateKey):
-    """build(mode, mu=..., optimizer=..., ...) -> path of a signed .fedge for a digits MLP (cached)."""
+def bundle_factory(run_shared_dir: Path, fleet_key: Ed25519PrivateKey):
+    """build(mode, mu=..., optimizer=..., ...) -> path of a signed .fedge for a digits MLP (built once per run)."""
     import torch
 
     from sdk.artifacts import TrainingSpec
@@ -39,23 +71,22 @@ def bundle_factory(tmp_path_factory: pytest.TempPathFactory, fleet_key: Ed25519P
     from sdk.model_spec import ParameterSplit
     from sdk.models import BASE_HEAD_SPLIT, PersonalizedMLP
 
-    cache: dict[tuple, Path] = {}
-    root = tmp_path_factory.mktemp("bundles")
+    from tests.run_shared import build_once
 
     def build(mode: str, *, mu: float = 0.0, optimizer: str = "adamw", lr: float = 0.01, loss: str = "cross_entropy",
               hidden: tuple[int, ...] = (32,), num_classes: int = 10, seed: int = 0, in_features: int = 64,
               finetune: tuple[str, ...] = ()) -> Path:
         key = (mode, mu, optimizer, lr, loss, hidden, num_classes, seed, in_features, finetune)
-        if key not in cache:
+
+        def _build(path: Path) -> None:
             torch.manual_seed(seed)
             model = PersonalizedMLP(in_features, hidden, num_classes)
             split = BASE_HEAD_SPLIT if mode in ("fedsim", "fedalt") else ParameterSplit(shared=("*",))
-            path = root / f"b{len(cache)}.fedge"
             build_bundle(model, example_input=torch.zeros(2, in_features), split=split,
                          spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune),
                          signing_key=fleet_key, out_path=path, model_name="digits-mlp")
-            cache[key] = path
-        return cache[key]
+
+        return build_once(run_shared_dir, ("digits-mlp", *key), _build)
 
     return build
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -17,25 +18,41 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "aarch64: runs the agent in an emulated Raspberry Pi root (qemu-user + debootstrap; cached)")
 
 
-#: Session fixtures so costly that every test using them runs on one xdist worker (built once per run).
-_ONE_WORKER_FIXTURES = {"overlay": "emulated-pi"}
+#: Test directories whose tests share a costly session fixture: each runs on one xdist worker.
+_ONE_WORKER_DIRS = ("tests/field/",)  # the emulated Raspberry Pi: one firmware build and overlay install per run
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under ``--dist loadgroup`` (scripts/test.sh): tests sharing a costly fixture stay on one worker.
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """``--dist loadgroup`` (scripts/test.sh): each test is scheduled alone, except tests that share a costly fixture.
 
-    A module-scoped fixture is built once per worker that runs a test of its module,
-    so such a module is one group; so are the users of the emulated Raspberry Pi.
+    xdist's own ``xdist_group`` marker does nothing with pytest 9 (xdist 3.8 renames the
+    node id through an attribute pytest 9 no longer reads), so the groups are decided
+    here from the node id: a module that defines a module-scoped fixture is one group
+    (the fixture is built once, not once per worker), and so is each of _ONE_WORKER_DIRS.
     """
-    for item in items:
-        names = getattr(item, "fixturenames", ())
-        group = next((g for name, g in _ONE_WORKER_FIXTURES.items() if name in names), None)
-        info = getattr(item, "_fixtureinfo", None)
-        if group is None and info is not None and any(
-                defs and defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
-            group = item.nodeid.split("::")[0]
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope_of(nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
+
+def _scope_of(nodeid: str) -> str:
+    module = nodeid.split("::")[0]
+    one_dir = next((d for d in _ONE_WORKER_DIRS if module.startswith(d)), None)
+    if one_dir is not None:
+        return one_dir
+    return module if _has_module_fixture(module) else nodeid
+
+
+@functools.cache
+def _has_module_fixture(module: str) -> bool:
+    path = Path(__file__).resolve().parents[1] / module
+    return path.suffix == ".py" and path.is_file() and 'scope="module"' in path.read_text(errors="replace")
 
 
 @pytest.fixture(scope="session")

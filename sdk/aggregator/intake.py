@@ -28,9 +28,8 @@ fold into a round another member has closed.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -39,12 +38,12 @@ from device_agent.errors import AuthenticationError, MalformedMessageError, Reje
 from device_agent.protocol.envelope import OpenedUpdate, SenderKeys, open_update
 from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.receipts import Receipt, sign_receipt
-from device_agent.protocol.tensor_codec import encode_tensors
 from device_agent.protocol.validation import RejectReason, ReplayWindow, UpdateValidator
 from sdk.aggregation import AggregationConfig, MeanRule, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy, RoundBounds, first_bounds, next_bounds
 from sdk.aggregator.admission import Admission, admit, check_round_total
 from sdk.aggregator.auth_log import AuthFailureLog
+from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
 from sdk.aggregator.errors import StoreError
@@ -63,12 +62,6 @@ WeightOf = Callable[[UpdateHeader], float]
 
 class _Retry(Exception):
     """The store changed under a write (round moved, or another member took the update): decide again."""
-
-
-def content_digest(opened: OpenedUpdate) -> bytes:
-    """SHA-256 of the header and the decoded tensors: equal for a resend of the same update,
-    even though each sealing uses a fresh ephemeral key and so different ciphertext."""
-    return hashlib.sha256(opened.header.to_bytes() + encode_tensors(opened.tensors)).digest()
 
 
 class UpdateIntake(CounterLedger):
@@ -207,38 +200,90 @@ class UpdateIntake(CounterLedger):
 
     def handle(self, blob: bytes | bytearray | memoryview, *, topic_sender: str | None = None) -> HandledUpdate:
         """Run one sealed message through the pipeline; ``topic_sender`` (None: unchecked) must equal its sender."""
+        return self.handle_batch([IncomingUpdate(blob=blob, topic_sender=topic_sender)])[0]
+
+    def handle_batch(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
+        """Run several sealed messages through the pipeline with ONE commit (group commit): one answer per
+        item, in order. Every accepted update is durable before any receipt of the batch is signed; a bad
+        update is answered alone and the others still commit. StoreError when the store keeps changing."""
+        answers: list[HandledUpdate | None] = [None] * len(items)
+        opened: dict[int, OpenedUpdate] = {}
+        for i, item in enumerate(items):
+            result = self._open(item)
+            if isinstance(result, HandledUpdate):
+                answers[i] = result
+            else:
+                opened[i] = result
+        todo, conflicts = sorted(opened), 0
+        while todo:
+            todo, conflicted = self._decide(todo, opened, answers)
+            conflicts += conflicted
+            if conflicts > _MAX_ATTEMPTS:
+                header = opened[todo[0]].header
+                raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
+        return [answer for answer in answers if answer is not None]
+
+    def _open(self, item: IncomingUpdate) -> OpenedUpdate | HandledUpdate:
+        """The authenticated update with its digest, or the refusal to answer it with."""
+        blob = item.blob
         try:
-            opened = open_update(blob, recipient_key=self._config.encryption_key, sender_public_key=self._sender_keys, limits=self._limits)
+            opened = open_update(blob, recipient_key=self._config.encryption_key, sender_public_key=self._sender_keys,
+                                 limits=self._limits, with_digest=True)
         except AuthenticationError:
-            self._auth_log.report_update(blob, keys=self._sender_keys, topic_sender=topic_sender, what=self._what)
+            self._auth_log.report_update(blob, keys=self._sender_keys, topic_sender=item.topic_sender, what=self._what)
             return self._refuse(IntakeReason.AUTH, "", len(blob))
         except MalformedMessageError as exc:
             return self._refuse(IntakeReason.MALFORMED, str(exc), len(blob))
-        header = opened.header
-        if topic_sender is not None and topic_sender != header.sender:
-            logger.warning("update signed by %s arrived on the topic of %s", header.sender, topic_sender)
+        if item.topic_sender is not None and item.topic_sender != opened.header.sender:
+            logger.warning("update signed by %s arrived on the topic of %s", opened.header.sender, item.topic_sender)
             return self._refuse(IntakeReason.AUTH, "", len(blob))
-        digest = content_digest(opened)
-        for _ in range(_MAX_ATTEMPTS):
-            self.refresh()
+        return opened
+
+    def _decide(self, todo: list[int], opened: dict[int, OpenedUpdate],
+                answers: list[HandledUpdate | None]) -> tuple[list[int], int]:
+        """One pass over the undecided items: answer what can be answered, commit the admitted ones together.
+
+        Returns the items to decide again (a second update of a sender already in this pass, or an item
+        another member took meanwhile) and 1 if the store changed under the commit, else 0.
+        """
+        self.refresh()
+        admitted: list[tuple[int, Admission]] = []
+        later: list[int] = []
+        taken: set[tuple[str, int]] = set()
+        for i in todo:
+            header = opened[i].header
+            if (header.sender, header.round) in taken:
+                later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
+                continue
             try:
-                # An exact resend of an update accepted in the CURRENT round (collecting, or closed and not
-                # yet replaced) is acknowledged again: its receipt may have died with a crashed aggregator after
-                # the commit. Once a later round has started, anything for an earlier round is stale_round,
-                # exact resends included (docs/protocol.md, "Rounds, resends and replays").
-                prior = None
-                if self._state is not None and header.round == self._state.round:
-                    prior = self._store.find_acceptance(header.sender, header.round)
-                if prior is not None:
-                    if prior.nonce == header.nonce and prior.digest == digest:
-                        return self._answer(header, Verdict.DUPLICATE)
-                    raise _prior_rejection(prior.nonce, header)
-                admission = self._admit(opened)
-                if self._commit(admission, digest):
-                    return self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors)
+                if self._answer_repeat(i, opened[i], answers):
+                    continue
+                admitted.append((i, self._admit(opened[i])))
+                taken.add((header.sender, header.round))
             except RejectedUpdateError as rejection:
-                return self._answer(header, Verdict.REJECTED, rejection)
-        raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
+                answers[i] = self._answer(header, Verdict.REJECTED, rejection)
+        if not admitted:
+            return later, 0
+        retry = self._commit(admitted, answers)
+        if retry is None:
+            return sorted(later + [i for i, _ in admitted]), 1
+        return sorted(later + retry), 1 if retry else 0
+
+    def _answer_repeat(self, i: int, opened: OpenedUpdate, answers: list[HandledUpdate | None]) -> bool:
+        """Answer an update of a sender already accepted in the CURRENT round (collecting, or closed and not yet
+        replaced): an exact resend is acknowledged again (its receipt may have died with a crashed aggregator after
+        the commit), anything else is a replay or already_counted. Once a later round has started, anything for an
+        earlier round is stale_round, exact resends included (docs/protocol.md, "Rounds, resends and replays")."""
+        header = opened.header
+        if self._state is None or header.round != self._state.round:
+            return False
+        prior = self._store.find_acceptance(header.sender, header.round)
+        if prior is None:
+            return False
+        if prior.nonce == header.nonce and prior.digest == opened.digest:
+            answers[i] = self._answer(header, Verdict.DUPLICATE)
+            return True
+        raise _prior_rejection(prior.nonce, header)
 
     def _admit(self, opened: OpenedUpdate) -> Admission:
         header = opened.header
@@ -255,49 +300,88 @@ class UpdateIntake(CounterLedger):
         return admit(opened, base=self._record.base_params, bounds=self.bounds, weight=self._weight_of(header),
                      contributors=contributors)
 
-    def _commit(self, admission: Admission, digest: bytes) -> bool:
-        """Accept in one transaction; False when the store moved under us (retry), True once committed."""
-        opened = admission.opened
-        header = opened.header
-        acceptance = Acceptance(sender=header.sender, round=header.round, nonce=header.nonce, digest=digest,
-                                sample_count=header.sample_count, weight=admission.weight, norm=admission.norm)
+    def _commit(self, admitted: list[tuple[int, Admission]], answers: list[HandledUpdate | None]) -> list[int] | None:
+        """Fold the admitted updates, then accept them in ONE transaction, then answer them.
+
+        The fold runs before the transaction (into a copy of the running sum), so the write lock is held only
+        for the SQL. Returns the items to decide again (another member accepted them meanwhile), or None when
+        the round moved under the batch (decide every item again). Nothing is answered before the commit.
+        """
+        batch_digests = {i: adm.opened.digest for i, adm in admitted}
+        rule, partial = self._folded(admitted)
+        logger.debug("%d update(s) folded, committing", len(admitted))
+        kept: list[tuple[int, Admission, int]] = []
+        rejected: list[tuple[int, RejectedUpdateError]] = []
+        retry: list[int] = []
         try:
             with self.write_transaction():
                 if self._store.round_marker() != self._marker:
                     raise _Retry()
-                if self._store.find_acceptance(header.sender, header.round) is not None:
-                    raise _Retry()  # another member accepted it meanwhile: answer it as a duplicate
                 self._catch_up()
-                self._window.check(header.sender, header.round, header.nonce)
-                check_round_total(self._store.round_totals(header.round)[1], admission)
-                if admission.contributors is not None:
-                    self._claim_contributors(header.round, header.sender, [d for d, _ in admission.contributors])
-                seq = self._store.insert_acceptance(acceptance, delta=None if self._rule is not None else opened.tensors)
-                partial = self._fold(admission)  # mutates the cached rule: reload if anything below fails
-                self._store.write_partial(header.round, partial)
-                accepted, samples = self._store.round_totals(header.round)
-        except (_Retry, AcceptanceConflict):
+                round = admitted[0][1].opened.header.round
+                total = self._store.round_totals(round)[1]
+                for i, admission in admitted:
+                    try:
+                        with self._store.savepoint():
+                            seq = self._insert(admission, batch_digests[i], total)
+                    except (_Retry, AcceptanceConflict):
+                        retry.append(i)  # another member accepted it meanwhile: answered as a duplicate next pass
+                        continue
+                    except RejectedUpdateError as rejection:
+                        rejected.append((i, rejection))
+                        continue
+                    total += admission.samples
+                    kept.append((i, admission, seq))
+                if len(kept) != len(admitted):  # rare: refold what the transaction kept
+                    rule, partial = self._folded([(i, a) for i, a, _ in kept])
+                if kept:
+                    self._store.write_partial(round, partial)
+                accepted, samples = self._store.round_totals(round)
+        except _Retry:
             self._loaded = False
-            return False
-        except RejectedUpdateError:
-            raise
+            return None
         except BaseException:
             self._loaded = False
             raise
-        self._partial = partial
-        self._window.record(header.sender, header.round, header.nonce)
-        self._window_seq = seq
+        self._rule, self._partial = rule, partial
         if self._state is not None:
             self._state = self._state.with_totals(accepted=accepted, samples=samples)
+        for i, admission, seq in kept:
+            header = admission.opened.header
+            self._window.record(header.sender, header.round, header.nonce)
+            self._window_seq = max(self._window_seq, seq)
+            self._count_bounds(admission)
+            answers[i] = self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors)
+        for i, rejection in rejected:
+            answers[i] = self._answer(dict(admitted)[i].opened.header, Verdict.REJECTED, rejection)
+        return retry
+
+    def _insert(self, admission: Admission, digest: bytes | None, round_samples: int) -> int:
+        """One update's checks and row inside the batch's transaction (and savepoint); its ``seq``."""
+        opened = admission.opened
+        header = opened.header
+        if digest is None:
+            raise StoreError("an update reached the commit without its digest")
+        if self._store.find_acceptance(header.sender, header.round) is not None:
+            raise _Retry()
+        self._window.check(header.sender, header.round, header.nonce)
+        check_round_total(round_samples, admission)
+        if admission.contributors is not None:
+            self._claim_contributors(header.round, header.sender, [d for d, _ in admission.contributors])
+        acceptance = Acceptance(sender=header.sender, round=header.round, nonce=header.nonce, digest=digest,
+                                sample_count=header.sample_count, weight=admission.weight, norm=admission.norm)
+        return self._store.insert_acceptance(acceptance, delta=None if self._rule is not None else opened.tensors)
+
+    def _count_bounds(self, admission: Admission) -> None:
+        header = admission.opened.header
         if admission.clipped:
             self._pending["clipped:norm"] += 1
             logger.debug("%s round %d: update of norm %.4g clipped to %.4g", header.sender, header.round, admission.norm,
-                        self.bounds.clip_norm if self.bounds is not None else float("nan"))
+                         self.bounds.clip_norm if self.bounds is not None and self.bounds.clip_norm is not None else float("nan"))
         if admission.capped:
             self._pending["clipped:sample_count"] += 1
             logger.debug("%s round %d: sample count %d weighs %d (the round's cap)", header.sender, header.round,
-                        header.sample_count, admission.samples)
-        return True
+                         header.sample_count, admission.samples)
 
     def _claim_contributors(self, round: int, region: str, devices: list[str]) -> None:
         """Root: record ``region``'s devices for ``round``; device_overlap when another region counted one already."""
@@ -309,15 +393,19 @@ class UpdateIntake(CounterLedger):
             raise RejectedUpdateError(IntakeReason.DEVICE_OVERLAP.value, f"already counted by another region: {pairs}")
         self._store.insert_contributors(round, region, devices)
 
-    def _fold(self, admission: Admission) -> PartialSum:
+    def _folded(self, admitted: Sequence[tuple[int, Admission]]) -> tuple[MeanRule | None, PartialSum]:
+        """The running sum with ``admitted`` folded in, in order, computed on a copy (the cache stays as committed)."""
         old = self._partial
-        weight = admission.weight
-        if self._rule is not None:
-            self._rule.accumulate(admission.opened.tensors, weight)
-            state = self._rule.to_state()
-        else:
-            state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + 1)
-        return PartialSum(state=state, samples=old.samples + admission.samples)
+        weight = sum(admission.weight for _, admission in admitted)
+        samples = old.samples + sum(admission.samples for _, admission in admitted)
+        if self._rule is None:  # buffered rules keep each delta in its row; the sum only counts
+            state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + len(admitted))
+            return None, PartialSum(state=state, samples=samples)
+        rule = MeanRule.from_state(self._rule.to_state(), clip_norm=self._clip_norm()) if self._rule.count else \
+            MeanRule(clip_norm=self._clip_norm(), expected_shapes=self._config.shapes)
+        for _, admission in admitted:
+            rule.accumulate(admission.opened.tensors, admission.weight)
+        return rule, PartialSum(state=rule.to_state(), samples=samples)
 
     # -- answers ---------------------------------------------------------------
 

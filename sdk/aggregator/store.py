@@ -181,6 +181,18 @@ class AggregatorStore:
         finally:
             self._in_transaction = False
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside :meth:`transaction`: a nested scope whose writes are undone alone when it raises (one update of a batch)."""
+        self._write("SAVEPOINT item")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO item")
+            self._conn.execute("RELEASE item")
+            raise
+        self._conn.execute("RELEASE item")
+
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         if not self._in_transaction:
             raise RuntimeError("store writes must run inside transaction()")

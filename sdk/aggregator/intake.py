@@ -250,13 +250,16 @@ class UpdateIntake(CounterLedger):
         admitted: list[tuple[int, Admission]] = []
         later: list[int] = []
         taken: set[tuple[str, int]] = set()
+        current = None if self._state is None else self._state.round
+        priors = {} if current is None else \
+            self._store.find_acceptances(current, [opened[i].header.sender for i in todo if opened[i].header.round == current])
         for i in todo:
             header = opened[i].header
             if (header.sender, header.round) in taken:
                 later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
                 continue
             try:
-                if self._answer_repeat(i, opened[i], answers):
+                if header.round == current and self._answer_repeat(i, opened[i], priors.get(header.sender), answers):
                     continue
                 admitted.append((i, self._admit(opened[i])))
                 taken.add((header.sender, header.round))
@@ -269,17 +272,14 @@ class UpdateIntake(CounterLedger):
             return sorted(later + [i for i, _ in admitted]), 1
         return sorted(later + retry), 1 if retry else 0
 
-    def _answer_repeat(self, i: int, opened: OpenedUpdate, answers: list[HandledUpdate | None]) -> bool:
-        """Answer an update of a sender already accepted in the CURRENT round (collecting, or closed and not yet
-        replaced): an exact resend is acknowledged again (its receipt may have died with a crashed aggregator after
-        the commit), anything else is a replay or already_counted. Once a later round has started, anything for an
-        earlier round is stale_round, exact resends included (docs/protocol.md, "Rounds, resends and replays")."""
-        header = opened.header
-        if self._state is None or header.round != self._state.round:
-            return False
-        prior = self._store.find_acceptance(header.sender, header.round)
+    def _answer_repeat(self, i: int, opened: OpenedUpdate, prior: Acceptance | None, answers: list[HandledUpdate | None]) -> bool:
+        """Answer an update of a sender already accepted (``prior``) in the CURRENT round (collecting, or closed and
+        not yet replaced): an exact resend is acknowledged again (its receipt may have died with a crashed aggregator
+        after the commit), anything else is a replay or already_counted. Once a later round has started, anything for
+        an earlier round is stale_round, exact resends included (docs/protocol.md, "Rounds, resends and replays")."""
         if prior is None:
             return False
+        header = opened.header
         if prior.nonce == header.nonce and prior.digest == opened.digest:
             answers[i] = self._answer(header, Verdict.DUPLICATE)
             return True
@@ -322,9 +322,12 @@ class UpdateIntake(CounterLedger):
                 total = self._store.round_totals(round)[1]
                 for i, admission in admitted:
                     try:
-                        with self._store.savepoint():
-                            seq = self._insert(admission, batch_digests[i], total)
-                    except (_Retry, AcceptanceConflict):
+                        if admission.contributors is None:
+                            seq = self._insert(admission, batch_digests[i], total)  # one INSERT: atomic alone
+                        else:
+                            with self._store.savepoint():  # several writes: undone together if one fails
+                                seq = self._insert(admission, batch_digests[i], total)
+                    except AcceptanceConflict:
                         retry.append(i)  # another member accepted it meanwhile: answered as a duplicate next pass
                         continue
                     except RejectedUpdateError as rejection:
@@ -362,9 +365,12 @@ class UpdateIntake(CounterLedger):
         header = opened.header
         if digest is None:
             raise StoreError("an update reached the commit without its digest")
-        if self._store.find_acceptance(header.sender, header.round) is not None:
-            raise _Retry()
-        self._window.check(header.sender, header.round, header.nonce)
+        try:
+            self._window.check(header.sender, header.round, header.nonce)
+        except RejectedUpdateError:
+            if self._store.find_acceptance(header.sender, header.round) is not None:
+                raise AcceptanceConflict(f"{header.sender} round {header.round} was accepted meanwhile") from None
+            raise
         check_round_total(round_samples, admission)
         if admission.contributors is not None:
             self._claim_contributors(header.round, header.sender, [d for d, _ in admission.contributors])

@@ -36,7 +36,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -271,6 +271,20 @@ class AggregatorStore:
             return None
         return Acceptance(sender=sender, round=round, nonce=row[0], digest=row[1], sample_count=row[2], weight=row[3],
                           norm=0.0 if row[4] is None else row[4])
+
+    def find_acceptances(self, round: int, senders: Iterable[str]) -> dict[str, Acceptance]:
+        """The updates accepted for ``round`` from any of ``senders`` (one query): sender -> its acceptance."""
+        wanted = sorted(set(senders))
+        found: dict[str, Acceptance] = {}
+        for start in range(0, len(wanted), 500):  # well under SQLite's bound-parameter limit
+            chunk = wanted[start:start + 500]
+            rows = self._conn.execute(
+                "SELECT sender, nonce, digest, sample_count, weight, norm FROM accepted WHERE round = ? AND sender IN"
+                f" ({', '.join('?' * len(chunk))})", (round, *chunk))
+            for sender, nonce, digest, sample_count, weight, norm in rows:
+                found[sender] = Acceptance(sender=sender, round=round, nonce=nonce, digest=digest, sample_count=sample_count,
+                                           weight=weight, norm=0.0 if norm is None else norm)
+        return found
 
     def round_statistics(self, round: int) -> tuple[list[float], list[int]]:
         """(raw L2 norms, claimed sample counts) of every update accepted for ``round``, in commit order."""

@@ -367,6 +367,9 @@ def _loop(top: TomlTable) -> LoopSettings:
     table = top.section("service")
     defaults = LoopSettings()
     resend_min_s = table.number("resend_min_s", defaults.resend_min_s, positive=True)
+    batch_wait_s = table.number("batch_max_wait_s", defaults.batch_max_wait_s, minimum=0.0)
+    if batch_wait_s > 1.0:
+        raise table.error("batch_max_wait_s", f"must be at most 1 s (a receipt waits that long), got {batch_wait_s}")
     settings = _build(table, "resend_max_s", LoopSettings, dict(
         tick_s=table.number("tick_s", defaults.tick_s, positive=True),
         flush_every_s=table.number("flush_every_s", defaults.flush_every_s, positive=True),
@@ -375,8 +378,8 @@ def _loop(top: TomlTable) -> LoopSettings:
         sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
         sender_burst=table.integer("sender_burst", None, minimum=1),
         max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
-        batch_max_updates=table.integer("batch_max_updates", defaults.batch_max_updates, minimum=1),
-        batch_max_wait_s=table.number("batch_max_wait_s", defaults.batch_max_wait_s, minimum=0.0),
+        batch_max_updates=table.integer("batch_max_updates", defaults.batch_max_updates, minimum=1, maximum=4096),
+        batch_max_wait_s=batch_wait_s,
     ))
     table.done()
     return settings

@@ -12,18 +12,22 @@ Pipeline, cheapest and least trusting first::
     UpdateValidator (header, shapes, finite, norm)  -> its reason
     root: the aggregate's contributor list          -> missing_tensor / malformed
     admission: norm, bounded weight, float32 range  -> non_finite
-    in ONE transaction: replay window check, round sample total, (root) device counted by
-    another region, INSERT the accepted row, fold into this member's running sum (clipped to
-    the round's bound), write it                    -> accepted (or sample_count / device_overlap)
-    receipt signed only after the commit
+    fold into a copy of this member's running sum (clipped to the round's bound)
+    in ONE transaction per batch: per update the replay window, the round's sample total, (root)
+    no device counted by another region, INSERT the accepted row  -> accepted (or replay /
+    sample_count / device_overlap, that update alone); then write the sum, COMMIT
+    receipts signed only after the commit
 
 The rule for repeats is docs/protocol.md, "Rounds, resends and replays".
 
-The store is the authority; this object caches the current round, this
-member's running sum and the replay window, and reloads them when the
-store's round marker changes or a write failed. Every write re-checks the
-marker inside its transaction, so several members sharing one store never
-fold into a round another member has closed.
+Group commit: :meth:`UpdateIntake.handle_batch` runs a batch through the
+checks above, folds the admitted updates into a copy of the running sum
+(outside the transaction), then takes the write lock once for the batch:
+per update the in-transaction checks and its ``accepted`` row (a bad one is
+answered alone), then the new sum, then ONE commit; every receipt of the
+batch is signed after it. :meth:`UpdateIntake.handle` is a batch of one.
+The cached round, running sum and replay window live in
+:class:`~sdk.aggregator.round_cache.RoundCache`, the base class.
 """
 
 from __future__ import annotations
@@ -38,20 +42,18 @@ from device_agent.errors import AuthenticationError, MalformedMessageError, Reje
 from device_agent.protocol.envelope import OpenedUpdate, SenderKeys, open_update
 from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.receipts import Receipt, sign_receipt
-from device_agent.protocol.validation import RejectReason, ReplayWindow, UpdateValidator
+from device_agent.protocol.validation import RejectReason, UpdateValidator
 from sdk.aggregation import AggregationConfig, MeanRule, WeightedMeanState
-from sdk.aggregation.influence import InfluencePolicy, RoundBounds, first_bounds, next_bounds
+from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregator.admission import Admission, admit, check_round_total
 from sdk.aggregator.auth_log import AuthFailureLog
 from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
 from sdk.aggregator.errors import StoreError
-from sdk.aggregator.ledger import CounterLedger
-from sdk.aggregator.merge import MergedRound, merge_round
 from sdk.aggregator.outcomes import HandledUpdate, IntakeReason, Verdict
-from sdk.aggregator.records import Acceptance, PartialSum, ReplaySnapshot, RoundMarker, RoundRecord
-from sdk.aggregator.round_state import CloseReason, RoundState, RoundStatus
+from sdk.aggregator.records import Acceptance, PartialSum
+from sdk.aggregator.round_cache import RoundCache
 from sdk.aggregator.store import AcceptanceConflict, AggregatorStore
 
 logger = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class _Retry(Exception):
     """The store changed under a write (round moved, or another member took the update): decide again."""
 
 
-class UpdateIntake(CounterLedger):
+class UpdateIntake(RoundCache):
     """Authenticates, deduplicates, validates and durably folds in the updates of one aggregator.
 
     ``identity``: issuer of receipts. ``kind``/``region``: what the validator
@@ -89,14 +91,10 @@ class UpdateIntake(CounterLedger):
         sender_is_region: bool = False,
         influence: InfluencePolicy | None = None,
     ) -> None:
-        self._config = config
-        self._store = store
         self._identity = identity
         self._sender_keys = sender_keys
-        self._aggregation = aggregation
         self._weight_of = weight_of
         self._sender_is_region = sender_is_region
-        self._influence = influence
         limits = config.decode_limits()
         if sender_is_region:  # room for the aggregate's contributor list
             limits = replace(limits, max_tensors=limits.max_tensors + 1, max_total_bytes=limits.max_total_bytes + MAX_CONTRIBUTOR_BYTES)
@@ -109,92 +107,10 @@ class UpdateIntake(CounterLedger):
             bundle_version=config.bundle_version,
             kind=kind,
         )
-        super().__init__(store)
         self._what = kind.value
         #: One WARNING per claimed sender and minute for messages that fail authentication.
         self._auth_log = AuthFailureLog(clock=config.clock)
-        self._loaded = False
-        self._marker: RoundMarker | None = None
-        self._record: RoundRecord | None = None
-        self._state: RoundState | None = None
-        self._partial = PartialSum()
-        self._rule: MeanRule | None = None
-        self._window = ReplayWindow(rounds=config.replay_rounds)
-        self._window_seq = 0
-        self.refresh()
-
-    @property
-    def record(self) -> RoundRecord | None:
-        """The cached current round (None before the first); call :meth:`refresh` first for the latest."""
-        return self._record
-
-    # -- cache ---------------------------------------------------------------
-
-    def refresh(self) -> None:
-        """Reload the cached round when the store's marker moved (another member, or a failed write)."""
-        marker = self._store.round_marker()
-        if self._loaded and marker == self._marker:
-            return
-        record = None if marker is None else self._store.load_round()
-        same_round = record is not None and self._state is not None and record.round == self._state.round
-        state: RoundState | None = None
-        partial = PartialSum()
-        if record is not None:
-            accepted, samples = self._store.round_totals(record.round)
-            # A restart re-arms the deadline from now: it can extend a round, never cut it short.
-            opened_at = self._state.opened_at if same_round and self._state is not None else self._config.clock()
-            state = RoundState(
-                round=record.round,
-                status=record.status,
-                policy=self._config.policy,
-                opened_at=opened_at,
-                accepted=accepted,
-                samples=samples,
-            )
-            partial = self._store.load_partial(record.round) or PartialSum()
-        self._record, self._state, self._partial = record, state, partial
-        self._rule = self._mean_rule()
-        if same_round:
-            self._catch_up()
-        else:
-            self._load_window()
-        self._marker = None if record is None else RoundMarker(round=record.round, status=record.status)
-        self._loaded = True
-
-    @property
-    def bounds(self) -> RoundBounds | None:
-        """The cached round's influence bounds (None without a policy; the first-round bounds for a round stored without)."""
-        if self._influence is None or self._record is None:
-            return None
-        return self._record.bounds if self._record.bounds is not None else first_bounds(self._influence)
-
-    def _clip_norm(self) -> float | None:
-        bounds = self.bounds
-        return None if bounds is None else bounds.clip_norm
-
-    def _mean_rule(self) -> MeanRule | None:
-        if self._aggregation.rule != "mean":
-            return None  # buffered rules keep each delta in the store and replay them at close
-        if self._partial.state.count == 0:
-            return MeanRule(clip_norm=self._clip_norm(), expected_shapes=self._config.shapes)
-        return MeanRule.from_state(self._partial.state, clip_norm=self._clip_norm())
-
-    def _load_window(self) -> None:
-        snapshot = self._store.replay_snapshot()
-        if snapshot is None:
-            self._window, self._window_seq = ReplayWindow(rounds=self._config.replay_rounds), 0
-        else:
-            self._window, self._window_seq = ReplayWindow.from_state(snapshot.state), snapshot.seq
-        self._catch_up()
-
-    def _catch_up(self) -> None:
-        """Replay accepted rows committed since the window last looked (by any member)."""
-        for key in self._store.accepted_since(self._window_seq):
-            try:
-                self._window.record(key.sender, key.round, key.nonce)
-            except RejectedUpdateError as exc:  # the window dropped that round or is full; the accepted table still guards it
-                logger.debug("replay window skipped accepted row %d: %s", key.seq, exc)
-            self._window_seq = key.seq
+        super().__init__(config=config, store=store, aggregation=aggregation, influence=influence)
 
     # -- the pipeline ----------------------------------------------------------
 
@@ -355,8 +271,8 @@ class UpdateIntake(CounterLedger):
             self._window_seq = max(self._window_seq, seq)
             self._count_bounds(admission)
             answers[i] = self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors)
-        for i, rejection in rejected:
-            answers[i] = self._answer(dict(admitted)[i].opened.header, Verdict.REJECTED, rejection)
+        for i, refusal in rejected:
+            answers[i] = self._answer(dict(admitted)[i].opened.header, Verdict.REJECTED, refusal)
         return retry
 
     def _insert(self, admission: Admission, digest: bytes | None, round_samples: int) -> int:
@@ -441,64 +357,6 @@ class UpdateIntake(CounterLedger):
             header=header,
             delta=delta,
         )
-
-    # -- round phases (the callers run these inside write_transaction) ---------
-
-    def write_round_start(self, *, previous: RoundRecord | None, round: int, global_params: dict[str, np.ndarray],
-                          base_params: dict[str, np.ndarray], model_blob: bytes) -> None:
-        """Make ``round`` current in the store, with a replay-window snapshot advanced to it and its influence
-        bounds (from ``previous``, the round being left, and the norms and counts of its accepted updates)."""
-        self._catch_up()
-        window = ReplayWindow.from_state(self._window.export_state())
-        window.advance(round)
-        bounds = self._next_bounds(previous)
-        if previous is not None and previous.closing is not None and previous.closing.result_blob is not None \
-                and previous.forward is None:
-            self._pending["aggregate_unacknowledged"] += 1
-            logger.warning("round %d's aggregate was never acknowledged by the tier above: it moved on to round %d",
-                           previous.round, round)
-        self._store.begin_round(
-            round=round,
-            global_params=global_params,
-            base_params=base_params,
-            model_blob=model_blob,
-            replay=ReplaySnapshot(state=window.export_state(), seq=self._window_seq),
-            keep_accepted_from=window.floor,
-            bounds=bounds,
-        )
-        if bounds is not None:
-            logger.info("round %d bounds: norm %s, weight cap %d", round,
-                        "unbounded (unsafe)" if bounds.clip_norm is None else f"{bounds.clip_norm:.4g}", bounds.weight_cap)
-        self._loaded = False
-
-    def _next_bounds(self, previous: RoundRecord | None) -> RoundBounds | None:
-        policy = self._influence
-        if policy is None:
-            return None
-        if previous is None or previous.bounds is None:
-            return first_bounds(policy)
-        norms, counts = self._store.round_statistics(previous.round)
-        return next_bounds(policy, previous.bounds, norms=norms, sample_counts=counts)
-
-    def merge(self, round: int) -> MergedRound:
-        """Every member's share of ``round`` combined by the aggregation rule (a fixed order, so reproducible)."""
-        return merge_round(self._store, round, aggregation=self._aggregation, shapes=self._config.shapes,
-                           clip_norm=self._clip_norm())
-
-    def close_reason(self) -> CloseReason | None:
-        """Why the current round should close now (None: keep collecting, closed, or no round)."""
-        self.refresh()
-        if self._state is None or self._state.status is not RoundStatus.COLLECTING:
-            return None
-        accepted, samples = self._store.round_totals(self._state.round)
-        self._state = self._state.with_totals(accepted=accepted, samples=samples)
-        return self._state.close_reason(self._config.clock())
-
-    @property
-    def state(self) -> RoundState | None:
-        """The cached round state (None before the first round)."""
-        return self._state
-
 
 def _prior_rejection(prior_nonce: bytes, header: UpdateHeader) -> RejectedUpdateError:
     if prior_nonce == header.nonce:

@@ -307,12 +307,11 @@ def format_table(rows: list[AggregatorBenchRow]) -> str:
             extra.append(f"RSS naive/durable {r.rss_ratio_naive_durable:.2f}x")
         lines.append(f"{'':5s} " + ", ".join(extra) + f", max |mean - reference| {r.max_abs_diff:.2g}")
     for r in rows:
-        durable = r.paths["durable"]
-        per_update = 1000 / durable.updates_per_s
-        commit = durable.commit_ms or 0.0
+        per_update = 1000 / r.paths["durable"].updates_per_s
+        commit = r.paths["durable"].commit_ms or 0.0
         lines += ["", f"Per update, N = {r.updates}, {r.parameters:,} parameters (ms; one core; floor ~{FLOOR_MS} ms):"]
-        for name in PARTS:
-            lines.append(f"  {name:14s} {r.parts_ms[name]:8.3f}")
+        for part in PARTS:
+            lines.append(f"  {part:14s} {r.parts_ms[part]:8.3f}")
         lines.append(f"  {'commit':14s} {commit:8.3f}   (COMMIT with fsync, batch {r.batch}, per update)")
         measured = sum(r.parts_ms.values()) + commit
         lines.append(f"  {'rest':14s} {per_update - measured:8.3f}   (SQL statements, dedup reads, batching, Python)")

@@ -296,8 +296,8 @@ def format_table(rows: list[AggregatorBenchRow]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         for p, f in r.paths.items():
-            commit = "" if f.commit_ms is None else f"{f.commit_ms:.3f}"
-            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {commit:>14s} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
+            cell = "" if f.commit_ms is None else f"{f.commit_ms:.3f}"
+            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {cell:>14s} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
         extra = [f"durable/memory {r.durable_vs_memory:.2f}x (target >= 0.8)"]
         if r.members_vs_durable is not None:
             extra.append(f"2 members/1 {r.members_vs_durable:.2f}x (target >= 1.6)")

@@ -214,7 +214,7 @@ class UpdateIntake(RoundCache):
             opened, contributors = split_contributors(opened)
         self._validator.check_tensors(opened.tensors)
         return admit(opened, base=self._record.base_params, bounds=self.bounds, weight=self._weight_of(header),
-                     contributors=contributors)
+                     contributors=contributors, base_largest=self._base_largest)
 
     def _commit(self, admitted: list[tuple[int, Admission]], answers: list[HandledUpdate | None]) -> list[int] | None:
         """Fold the admitted updates, then accept them in ONE transaction, then answer them.

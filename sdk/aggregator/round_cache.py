@@ -18,6 +18,7 @@ from device_agent.errors import RejectedUpdateError
 from device_agent.protocol.validation import ReplayWindow
 from sdk.aggregation import AggregationConfig, MeanRule
 from sdk.aggregation.influence import InfluencePolicy, RoundBounds, first_bounds, next_bounds
+from sdk.aggregator.admission import largest_magnitude
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.ledger import CounterLedger
 from sdk.aggregator.merge import MergedRound, merge_round
@@ -49,6 +50,7 @@ class RoundCache(CounterLedger):
         self._rule: MeanRule | None = None
         self._window = ReplayWindow(rounds=config.replay_rounds)
         self._window_seq = 0
+        self._base_largest = 0.0
         self.refresh()
 
     @property
@@ -79,6 +81,8 @@ class RoundCache(CounterLedger):
             )
             partial = self._store.load_partial(record.round) or PartialSum()
         self._record, self._state, self._partial = record, state, partial
+        #: max |x| over the round's base model: admission's float32-range check reads it per update.
+        self._base_largest = 0.0 if record is None else largest_magnitude(record.base_params)
         self._rule = self._mean_rule()
         if same_round:
             self._catch_up()

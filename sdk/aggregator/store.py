@@ -24,8 +24,9 @@ Tables::
 Arrays travel through :mod:`device_agent.protocol.tensor_codec` (float64 sums
 stay float64, so a resumed sum is bit-for-bit the one written), never pickle.
 Every write method must run inside :meth:`AggregatorStore.transaction`
-(``BEGIN IMMEDIATE``), so that accepting an update, i.e. inserting its
-``accepted`` row and writing the new partial sum, is one atomic commit.
+(``BEGIN IMMEDIATE``), so that accepting a batch of updates, i.e. inserting
+their ``accepted`` rows and writing the new partial sum, is one atomic commit
+(:meth:`AggregatorStore.savepoint` scopes one update's writes inside it).
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from device_agent.protocol.receipts import Receipt, sign_receipt
 from device_agent.protocol.validation import RejectReason, UpdateValidator
 from sdk.aggregation import AggregationConfig, MeanRule, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy
+from sdk.aggregation.robust import clip_by_norm
 from sdk.aggregator.admission import Admission, admit, check_round_total
 from sdk.aggregator.auth_log import AuthFailureLog
 from sdk.aggregator.batching import IncomingUpdate
@@ -323,10 +324,15 @@ class UpdateIntake(RoundCache):
         if self._rule is None:  # buffered rules keep each delta in its row; the sum only counts
             state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + len(admitted))
             return None, PartialSum(state=state, samples=samples)
-        rule = MeanRule.from_state(self._rule.to_state(), clip_norm=self._clip_norm()) if self._rule.count else \
-            MeanRule(clip_norm=self._clip_norm(), expected_shapes=self._config.shapes)
+        rule = MeanRule.from_state(self._rule.to_state()) if self._rule.count else MeanRule(expected_shapes=self._config.shapes)
+        clip_norm = self._clip_norm()
         for _, admission in admitted:
-            rule.accumulate(admission.opened.tensors, admission.weight)
+            delta = admission.opened.tensors
+            if admission.clipped and clip_norm is not None:
+                # The rule's own clipping, applied only where it changes something: an update within the bound
+                # folds as it is (clip_by_norm would return the same float32 values), saving a norm and two copies.
+                delta = clip_by_norm(delta, clip_norm).delta
+            rule.accumulate(delta, admission.weight)
         return rule, PartialSum(state=rule.to_state(), samples=samples)
 
     # -- answers ---------------------------------------------------------------

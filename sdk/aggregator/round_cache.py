@@ -106,8 +106,8 @@ class RoundCache(CounterLedger):
         if self._aggregation.rule != "mean":
             return None  # buffered rules keep each delta in the store and replay them at close
         if self._partial.state.count == 0:
-            return MeanRule(clip_norm=self._clip_norm(), expected_shapes=self._config.shapes)
-        return MeanRule.from_state(self._partial.state, clip_norm=self._clip_norm())
+            return MeanRule(expected_shapes=self._config.shapes)
+        return MeanRule.from_state(self._partial.state)  # no clip_norm: the intake folds deltas already clipped
 
     def _load_window(self) -> None:
         snapshot = self._store.replay_snapshot()

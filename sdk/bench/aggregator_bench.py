@@ -75,6 +75,8 @@ class PathFigures:
     mean over the kept list). ``rss_before_mb``: RSS once imports, keys and
     the empty aggregator are in place, before the first update.
     ``commit_ms``: COMMIT time per update (durable paths; None elsewhere).
+    ``cpu_ms``: CPU time per update over the loop (every member's, summed): the cost
+    whatever else shares the machine (None for a path that does not report it).
     """
 
     updates_per_s: float
@@ -83,6 +85,7 @@ class PathFigures:
     peak_rss_mb: float
     rss_before_mb: float
     commit_ms: float | None = None
+    cpu_ms: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,7 +167,7 @@ def _child_env() -> dict[str, str]:
 
 def _run_child(script: str, cfg: Mapping[str, object]) -> dict[str, float]:
     proc = subprocess.run([sys.executable, "-c", SCRIPTS[script], json.dumps(cfg)], capture_output=True, text=True,
-                          env=_child_env(), timeout=900, check=False)
+                          env=_child_env(), timeout=900, check=False, start_new_session=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{script} benchmark child failed:\n{proc.stderr[-2000:]}{proc.stdout[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -173,7 +176,8 @@ def _run_child(script: str, cfg: Mapping[str, object]) -> dict[str, float]:
 def _run_members(cfg: Mapping[str, object], members: int = 2) -> dict[str, float]:
     """``members`` processes of one region on one store, started together; the first closes the round."""
     procs = [subprocess.Popen([sys.executable, "-c", MEMBER, json.dumps(dict(cfg, members=members, share=k, member=f"m{k}"))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+                              start_new_session=True)
              for k in range(members)]
     try:
         lines = [_line(p) for p in procs]  # ready
@@ -194,7 +198,7 @@ def _run_members(cfg: Mapping[str, object], members: int = 2) -> dict[str, float
     loop_s = max(t["t1"] for t in timings) - min(t["t0"] for t in timings)
     count = len(cfg["index"])  # type: ignore[arg-type]
     return dict(closed, loop_s=loop_s, updates_per_s=count / (loop_s + closed["finish_s"]),
-                commit_s=sum(t["commit_s"] for t in timings))
+                commit_s=sum(t["commit_s"] for t in timings), cpu_s=sum(t["cpu_s"] for t in timings))
 
 
 def _line(proc: subprocess.Popen[str]) -> dict[str, float]:
@@ -271,7 +275,8 @@ def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int
         return statistics.median(r[key] for r in rs)
 
     figures = {p: PathFigures(**{k: median(rs, k) for k in ("updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb")},
-                              commit_ms=1000 * median(rs, "commit_s") / count if "commit_s" in rs[0] else None)
+                              commit_ms=1000 * median(rs, "commit_s") / count if "commit_s" in rs[0] else None,
+                              cpu_ms=1000 * median(rs, "cpu_s") / count if "cpu_s" in rs[0] else None)
                for p, rs in runs.items()}
 
     def ratio(a: str, b: str, key: str = "updates_per_s") -> float | None:
@@ -292,12 +297,15 @@ def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int
 
 def format_table(rows: list[AggregatorBenchRow]) -> str:
     """Plain-text tables: one line per (N, path) with the ratios, then the per-part costs beside the floor."""
-    head = f"{'N':>5s} {'path':10s} {'updates/s':>10s} {'commit ms/upd':>14s} {'finish s':>9s} {'peak RSS MB':>12s}"
+    head = (f"{'N':>5s} {'path':10s} {'updates/s':>10s} {'CPU ms/upd':>11s} {'commit ms/upd':>14s} {'finish s':>9s}"
+            f" {'peak RSS MB':>12s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         for p, f in r.paths.items():
             cell = "" if f.commit_ms is None else f"{f.commit_ms:.3f}"
-            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {cell:>14s} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
+            cpu = "" if f.cpu_ms is None else f"{f.cpu_ms:.3f}"
+            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {cpu:>11s} {cell:>14s} {f.finish_s:9.3f}"
+                         f" {f.peak_rss_mb:12.1f}")
         extra = [f"durable/memory {r.durable_vs_memory:.2f}x (target >= 0.8)"]
         if r.members_vs_durable is not None:
             extra.append(f"2 members/1 {r.members_vs_durable:.2f}x (target >= 1.6)")

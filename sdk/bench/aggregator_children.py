@@ -37,6 +37,7 @@ _PRELUDE = textwrap.dedent(
             np.savez(cfg["mean_out"], **mean)
         print(json.dumps({"updates_per_s": len(index) / (loop_s + finish_s), "loop_s": loop_s, "finish_s": finish_s,
                           "peak_rss_mb": status_mb("VmHWM"), "rss_before_mb": rss_before_mb, **extra}), flush=True)
+    cpu = time.process_time  # this process's CPU seconds: what the loop cost, whatever else shares the machine
     """
 )
 
@@ -86,13 +87,13 @@ _REGION = textwrap.dedent(
 
 DURABLE = _PRELUDE + _REGION + textwrap.dedent(
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     run_batches()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), cpu()
     aggregate = agg.close_round()
     t2 = time.perf_counter()
     agg.close()
-    report(aggregate.mean_delta, t1 - t0, t2 - t1, commit_s=sum(commits), commits=len(commits))
+    report(aggregate.mean_delta, t1 - t0, t2 - t1, commit_s=sum(commits), commits=len(commits), cpu_s=c1 - c0)
     """
 )
 
@@ -100,10 +101,10 @@ MEMBER = _PRELUDE + _REGION + textwrap.dedent(
     """
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()  # "go": every member starts together
-    t0 = time.perf_counter()  # CLOCK_MONOTONIC: comparable across the members
+    t0, c0 = time.perf_counter(), cpu()  # perf_counter is CLOCK_MONOTONIC: comparable across the members
     run_batches()
-    t1 = time.perf_counter()
-    print(json.dumps({"t0": t0, "t1": t1, "commit_s": sum(commits), "commits": len(commits)}), flush=True)
+    t1, c1 = time.perf_counter(), cpu()
+    print(json.dumps({"t0": t0, "t1": t1, "commit_s": sum(commits), "commits": len(commits), "cpu_s": c1 - c0}), flush=True)
     if sys.stdin.readline().strip() == "close":
         t2 = time.perf_counter()
         aggregate = agg.close_round()
@@ -114,16 +115,16 @@ MEMBER = _PRELUDE + _REGION + textwrap.dedent(
 
 NAIVE = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     kept = []
     for i in range(len(index)):
         opened = open_valid(i)
         kept.append((opened.tensors, opened.header.sample_count))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), cpu()
     total = float(sum(n for _, n in kept))
     mean = {name: (sum(n * t[name].astype(np.float64) for t, n in kept) / total).astype(np.float32) for name in spec}
     t2 = time.perf_counter()
-    report(mean, t1 - t0, t2 - t1)
+    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0)
     """
 )
 
@@ -131,14 +132,14 @@ MEMORY = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
     from sdk.aggregation import StreamingWeightedMean
     acc = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu()
     for i in range(len(index)):
         opened = open_valid(i)
         acc.accumulate(opened.tensors, float(opened.header.sample_count))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), cpu()
     mean = acc.finalize()
     t2 = time.perf_counter()
-    report(mean, t1 - t0, t2 - t1)
+    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0)
     """
 )
 

@@ -28,7 +28,7 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
     assert row["update_bytes"] > 4 * 1000
     assert set(row["paths"]) == {"durable", "memory", "members"}
     for name, figures in row["paths"].items():
-        assert set(figures) == {"updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb", "commit_ms"}
+        assert set(figures) == {"updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb", "commit_ms", "cpu_ms"}
         assert figures["updates_per_s"] > 0 and figures["peak_rss_mb"] >= figures["rss_before_mb"] > 0
         assert (figures["commit_ms"] is None) == (name == "memory")
     assert set(row["parts_ms"]) == set(PARTS) and all(v > 0 for v in row["parts_ms"].values())

@@ -43,7 +43,7 @@ from device_agent.protocol.envelope import OpenedUpdate, SenderKeys, open_update
 from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.receipts import Receipt, sign_receipt
 from device_agent.protocol.validation import RejectReason, UpdateValidator
-from sdk.aggregation import AggregationConfig, MeanRule, WeightedMeanState
+from sdk.aggregation import AggregationConfig, StreamingWeightedMean, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregation.robust import clip_by_norm
 from sdk.aggregator.admission import Admission, admit, check_round_total
@@ -316,7 +316,7 @@ class UpdateIntake(RoundCache):
             raise RejectedUpdateError(IntakeReason.DEVICE_OVERLAP.value, f"already counted by another region: {pairs}")
         self._store.insert_contributors(round, region, devices)
 
-    def _folded(self, admitted: Sequence[tuple[int, Admission]]) -> tuple[MeanRule | None, PartialSum]:
+    def _folded(self, admitted: Sequence[tuple[int, Admission]]) -> tuple[StreamingWeightedMean | None, PartialSum]:
         """The running sum with ``admitted`` folded in, in order, computed on a copy (the cache stays as committed)."""
         old = self._partial
         weight = sum(admission.weight for _, admission in admitted)
@@ -324,13 +324,14 @@ class UpdateIntake(RoundCache):
         if self._rule is None:  # buffered rules keep each delta in its row; the sum only counts
             state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + len(admitted))
             return None, PartialSum(state=state, samples=samples)
-        rule = MeanRule.from_state(self._rule.to_state()) if self._rule.count else MeanRule(expected_shapes=self._config.shapes)
+        rule = StreamingWeightedMean.from_state(self._rule.to_state()) if self._rule.count else \
+            StreamingWeightedMean(expected_shapes=self._config.shapes)
         clip_norm = self._clip_norm()
         for _, admission in admitted:
             delta = admission.opened.tensors
             if admission.clipped and clip_norm is not None:
-                # The rule's own clipping, applied only where it changes something: an update within the bound
-                # folds as it is (clip_by_norm would return the same float32 values), saving a norm and two copies.
+                # MeanRule's clipping, applied only where it changes something: an update within the bound folds
+                # as it is (clip_by_norm would return the same float32 values), saving a norm and two copies.
                 delta = clip_by_norm(delta, clip_norm).delta
             rule.accumulate(delta, admission.weight)
         return rule, PartialSum(state=rule.to_state(), samples=samples)

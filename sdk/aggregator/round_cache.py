@@ -1,7 +1,7 @@
 """What the intake caches of its store, and the round phases written through that cache.
 
 The store is the authority; :class:`RoundCache` keeps the current round, this
-member's running sum (as a :class:`~sdk.aggregation.MeanRule`) and the replay
+member's running sum (a :class:`~sdk.aggregation.StreamingWeightedMean`) and the replay
 window, and reloads them when the store's round marker changes or a write
 failed. Every write re-checks the marker inside its transaction, so several
 members sharing one store never fold into a round another member has closed.
@@ -16,7 +16,7 @@ import numpy as np
 
 from device_agent.errors import RejectedUpdateError
 from device_agent.protocol.validation import ReplayWindow
-from sdk.aggregation import AggregationConfig, MeanRule
+from sdk.aggregation import AggregationConfig, StreamingWeightedMean
 from sdk.aggregation.influence import InfluencePolicy, RoundBounds, first_bounds, next_bounds
 from sdk.aggregator.admission import largest_magnitude
 from sdk.aggregator.config import AggregatorConfig
@@ -47,7 +47,7 @@ class RoundCache(CounterLedger):
         self._record: RoundRecord | None = None
         self._state: RoundState | None = None
         self._partial = PartialSum()
-        self._rule: MeanRule | None = None
+        self._rule: StreamingWeightedMean | None = None
         self._window = ReplayWindow(rounds=config.replay_rounds)
         self._window_seq = 0
         self._base_largest = 0.0
@@ -102,12 +102,12 @@ class RoundCache(CounterLedger):
         bounds = self.bounds
         return None if bounds is None else bounds.clip_norm
 
-    def _mean_rule(self) -> MeanRule | None:
+    def _mean_rule(self) -> StreamingWeightedMean | None:
         if self._aggregation.rule != "mean":
             return None  # buffered rules keep each delta in the store and replay them at close
         if self._partial.state.count == 0:
-            return MeanRule(expected_shapes=self._config.shapes)
-        return MeanRule.from_state(self._partial.state)  # no clip_norm: the intake folds deltas already clipped
+            return StreamingWeightedMean(expected_shapes=self._config.shapes)
+        return StreamingWeightedMean.from_state(self._partial.state)  # the intake clips before folding
 
     def _load_window(self) -> None:
         snapshot = self._store.replay_snapshot()

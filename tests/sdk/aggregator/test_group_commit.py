@@ -22,8 +22,13 @@ from typing import IO
 import numpy as np
 import pytest
 
+from device_agent.protocol.envelope import sign_model
+from device_agent.protocol.headers import ModelHeader
+from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator import IncomingUpdate, RegionalAggregate, RegionalAggregator, Verdict
 from sdk.aggregator.batching import BatchLimits, UpdateBatch
+from sdk.aggregator.regional_service import RegionalService
+from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 from tests.sdk.aggregator import scenario
 
 REPO = Path(__file__).resolve().parents[3]
@@ -237,3 +242,25 @@ def test_group_commit_sigkill_between_fold_and_commit_loses_nothing_acknowledged
     assert aggregate.mean_delta is not None and fault_free.mean_delta is not None
     for name in fault_free.mean_delta:
         assert aggregate.mean_delta[name].tobytes() == fault_free.mean_delta[name].tobytes()
+
+
+def test_group_commit_service_queues_updates_and_decides_them_before_the_next_rounds_model(
+    open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    region = _six(open_region)
+    layout = TopicLayout(fleet=scenario.FLEET)
+    service = RegionalService(region, region="eu", layout=layout, broker=BrokerSettings(host="127.0.0.1", port=1, client_id="eu-t"),
+                              loop=LoopSettings(batch_max_updates=3, batch_max_wait_s=1.0))  # never connected: no broker needed
+    for update, blob in zip(updates[:2], blobs[:2]):
+        service.handle_message(layout.device_update(update.device), blob)
+    service.flush_batch()  # neither full nor past its latency cap: still waiting
+    assert region.status().accepted == 0 and service.batch_due_in() is not None
+    service.handle_message(layout.device_update(updates[2].device), blobs[2])
+    service.flush_batch()  # full: one commit for the three
+    assert region.status().accepted == 3 and service.batch_due_in() is None
+    service.handle_message(layout.device_update(updates[3].device), blobs[3])
+    model = sign_model(ModelHeader.create(fleet=scenario.FLEET, sender="root", round=1, bundle_version=scenario.BUNDLE_VERSION),
+                       scenario.initial_model(), signer_key=scenario.signing_key("root"))
+    service.handle_message(layout.root_model, model)  # the queued update is decided in round 0, then round 1 starts
+    status = region.status()
+    assert (status.round, status.counters["abandoned_updates"]) == (1, 4) and "stale_round" not in status.rejections()

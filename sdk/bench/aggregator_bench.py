@@ -337,3 +337,32 @@ def write_json(rows: list[AggregatorBenchRow], path: Path) -> None:
            "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
            "rows": [asdict(r) for r in rows]}
     path.write_text(json.dumps(doc, indent=2))
+
+
+def write_png(rows: list[AggregatorBenchRow], path: Path) -> None:
+    """Two charts for the last row: updates/s per path, and the durable path's CPU ms per update by part beside the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = rows[-1]
+    fig, (speed, parts) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(row.paths)
+    speed.bar(names, [row.paths[p].updates_per_s for p in names], color="tab:blue")
+    speed.set_title(f"updates/s, N = {row.updates}, {row.parameters:,} parameters", fontsize=9)
+    bottom = 0.0
+    durable = row.paths["durable"]
+    total = durable.cpu_ms if durable.cpu_ms is not None else 1000 / durable.updates_per_s
+    for part, cost in [*row.parts_ms.items(), ("store + rest", max(0.0, total - sum(row.parts_ms.values())))]:
+        parts.bar(["durable"], [cost], bottom=bottom, label=part)
+        bottom += cost
+    parts.axhline(FLOOR_MS, color="grey", linewidth=0.8, linestyle="--", label=f"issue 12 floor ({FLOOR_MS} ms, idle core)")
+    parts.set_title("CPU ms per update, by part", fontsize=9)
+    parts.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for ax in (speed, parts):
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

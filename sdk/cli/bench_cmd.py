@@ -57,12 +57,13 @@ def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> t
               help="Updates per group commit in the durable paths (the service's batch_max_updates).")
 @click.option("--paths", default="durable,memory,naive,unbatched,members", show_default=True,
               help="Comma-separated paths to run; durable and memory are required.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True,
+              help="JSON results; a PNG chart is written next to it.")
 def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, out: Path) -> None:
     """Regional aggregator, 100k-parameter model: durable (group commit) vs in memory, 2 members vs 1, per-part costs."""
     from tqdm import tqdm
 
-    from sdk.bench.aggregator_bench import PATHS, REQUIRED_PATHS, format_table, run_aggregator_bench, write_json
+    from sdk.bench.aggregator_bench import PATHS, REQUIRED_PATHS, format_table, run_aggregator_bench, write_json, write_png
 
     chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
     if not set(REQUIRED_PATHS) <= set(chosen) or not set(chosen) <= set(PATHS):
@@ -71,7 +72,8 @@ def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, o
         rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=chosen, batch=batch, progress=bar.update)
     click.echo(format_table(rows))
     write_json(rows, out)
-    click.echo(f"wrote {out}")
+    write_png(rows, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 @bench.command("round", epilog=examples("fedge bench round --devices 50", "fedge bench round --devices 10 --repeats 1 --no-tmpfs"))

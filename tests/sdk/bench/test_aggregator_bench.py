@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sdk.bench.aggregator_bench import FLOOR_MS, PARTS, format_table, prepare_updates, run_aggregator_bench, write_json
+from sdk.bench.aggregator_bench import FLOOR_MS, PARTS, format_table, prepare_updates, run_aggregator_bench, write_json, write_png
 from sdk.cli.main import cli
 
 TINY_SPEC = {"base.0.weight": (10, 90), "base.0.bias": (10,), "head.weight": (9, 10)}  # 1,000 parameters
@@ -36,6 +36,8 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
     assert row["durable_vs_memory"] == pytest.approx(row["paths"]["durable"]["updates_per_s"] / row["paths"]["memory"]["updates_per_s"])
     assert row["members_vs_durable"] == pytest.approx(row["paths"]["members"]["updates_per_s"] / row["paths"]["durable"]["updates_per_s"])
     assert row["durable_vs_unbatched"] is None and row["rss_ratio_naive_durable"] is None
+    write_png(rows, tmp_path / "aggregator.png")
+    assert (tmp_path / "aggregator.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(rows)
     assert "durable/memory" in table and "2 members/1" in table and "verify" in table and "commit" in table
 

@@ -138,7 +138,10 @@ class UpdateIntake(RoundCache):
             if conflicts > _MAX_ATTEMPTS:
                 header = opened[todo[0]].header
                 raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
-        return [answer for answer in answers if answer is not None]
+        done = [answer for answer in answers if answer is not None]
+        if len(done) != len(items):  # every path above answers its item; checked, not assumed
+            raise RuntimeError(f"the intake left {len(items) - len(done)} of {len(items)} updates unanswered")
+        return done
 
     def _open(self, item: IncomingUpdate) -> OpenedUpdate | HandledUpdate:
         """The authenticated update with its digest, or the refusal to answer it with."""

@@ -264,3 +264,20 @@ def test_group_commit_service_queues_updates_and_decides_them_before_the_next_ro
     service.handle_message(layout.root_model, model)  # the queued update is decided in round 0, then round 1 starts
     status = region.status()
     assert (status.round, status.counters["abandoned_updates"]) == (1, 4) and "stale_round" not in status.rejections()
+
+
+def test_group_commit_runs_numpy_blas_single_threaded_and_restores_it(
+    open_region: Callable[..., RegionalAggregator], blobs: list[bytes],
+) -> None:
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    region = _six(open_region)
+    seen: list[set[int]] = []
+    region.observe_commits(lambda _seconds: seen.append(blas_threads()))  # called inside the batch, at its commit
+    with threadpool_limits(limits=2, user_api="blas"):  # as numpy starts on a multi-core host
+        assert blas_threads() == {2}
+        assert all(h.accepted for h in region.handle_updates([IncomingUpdate(blob=b) for b in blobs[:2]]))
+        assert seen == [{1}] and blas_threads() == {2}

@@ -42,8 +42,10 @@ from device_agent.daemon.fomo_client import FomoClient
 from device_agent.daemon.errors import AgentStopped, ReceiptTimeoutError
 from device_agent.daemon.intake import MessageIntake
 from device_agent.daemon.keyring import DeviceKeys
+from device_agent.daemon.version_switch import Switched, VersionSwitch
 from device_agent.data import DataSource
-from device_agent.errors import TrainingError
+from device_agent.bundle.install_policy import read_record
+from device_agent.errors import BundleError, TrainingError
 from device_agent.local_round import LocalUpdate, train_local_round
 from device_agent.protocol import envelope
 from device_agent.protocol.chunking import PayloadTooLargeError
@@ -51,6 +53,8 @@ from device_agent.protocol.envelope import OpenedModel
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.protocol.receipts import Receipt, ReceiptStatus
 from device_agent.protocol.validation import RejectReason
+from device_agent.release.client import InstallReady, ReleaseClient, RevertNeeded
+from device_agent.release.policy import LocalRelease
 from device_agent.trainer import DeviceTrainer, TrainReport
 
 logger = logging.getLogger(__name__)
@@ -71,6 +75,8 @@ class RoundStatus(str, Enum):
     ``no_receipt``: nothing answered; the update stays pending and is resent.
     ``refused``: the update could not be published (over the broker limit with chunking off).
     ``failed``: local training failed (unreadable data, non-finite loss); the round is skipped.
+    ``wrong_version``: answered ``wrong_bundle_version``: the region runs another bundle version
+    (a switch at a round boundary); the round is over and the device looks for a release at once.
     """
 
     ACCEPTED = "accepted"
@@ -80,6 +86,7 @@ class RoundStatus(str, Enum):
     NO_RECEIPT = "no_receipt"
     REFUSED = "refused"
     FAILED = "failed"
+    WRONG_VERSION = "wrong_version"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +144,8 @@ class DeviceAgent:
         random_bytes: Callable[[int], bytes] = os.urandom,
         train_rng: np.random.Generator | None = None,
         load_validation: Callable[[], DataSource] | None = None,
+        release: ReleaseClient | None = None,
+        switch: VersionSwitch | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -159,25 +168,40 @@ class DeviceAgent:
                 logger.info("bundle v%d replaced v%d: round progress starts afresh", self._bundle_version,
                             self._progress.bundle_version)
             self._save_progress(AgentProgress(bundle_version=self._bundle_version))
-        self.intake = MessageIntake(
-            inbox=connection.inbox,
-            topics=self._topics,
-            device_id=config.device_id,
-            region=config.region,
-            bundle_version=self._bundle_version,
-            spec=trainer.manifest.shared_spec(),
-            model_signers=keys.model_signers,
-            receipt_signers=keys.receipt_signers,
-            clock=clock,
-        )
-        self.intake.rollback_floor = self._progress.highest_model_round
-        #: FedFomo's device side (None when ``fomo_candidates`` is 0).
-        self.fomo = None if not config.fomo_candidates else FomoClient(
-            config, keys=keys, trainer=trainer, connection=connection, intake=self.intake,
-            pump=self._pump, load_validation=load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
-            clock=clock, wall_clock=wall_clock, random_bytes=random_bytes)
+        self._load_validation = load_validation
+        #: The release client (None: releases are not followed) and what performs its version switches.
+        self.release = release
+        self._switch = switch
+        self._recovered = False
+        self._build_intake(self._progress.highest_model_round)
         self._stop = threading.Event()
         self._started = False
+
+    def _build_intake(self, rollback_floor: int) -> None:
+        """The message intake (and FedFomo's client) for the bundle the trainer runs."""
+        old = getattr(self, "intake", None)
+        self.intake = MessageIntake(
+            inbox=self.connection.inbox,
+            topics=self._topics,
+            device_id=self.config.device_id,
+            region=self.config.region,
+            bundle_version=self._bundle_version,
+            spec=self.trainer.manifest.shared_spec(),
+            model_signers=self.keys.model_signers,
+            receipt_signers=self.keys.receipt_signers,
+            clock=self._clock,
+        )
+        if old is not None:
+            self.intake.ignored.update(old.ignored)
+        self.intake.rollback_floor = rollback_floor
+        if self.release is not None:
+            release = self.release
+            self.intake.extra = lambda message: release.handles(message.topic) and (release.handle(message) or True)
+        #: FedFomo's device side (None when ``fomo_candidates`` is 0).
+        self.fomo = None if not self.config.fomo_candidates else FomoClient(
+            self.config, keys=self.keys, trainer=self.trainer, connection=self.connection, intake=self.intake,
+            pump=self._pump, load_validation=self._load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
+            clock=self._clock, wall_clock=self._wall_clock, random_bytes=self._random_bytes)
 
     @property
     def progress(self) -> AgentProgress:
@@ -345,6 +369,10 @@ class DeviceAgent:
             status = RoundStatus.DUPLICATE
         elif receipt.reason == RejectReason.STALE_ROUND.value:
             status = RoundStatus.STALE
+        elif receipt.reason == RejectReason.WRONG_BUNDLE_VERSION.value:
+            status = RoundStatus.WRONG_VERSION
+            logger.warning("round %d: the region runs another bundle version than v%d (%s); looking for a release",
+                           number, self._bundle_version, receipt.reason)
         else:
             status = RoundStatus.REJECTED
         return RoundResult(round=number, status=status, trained=trained, reason=receipt.reason, report=report,
@@ -364,6 +392,7 @@ class DeviceAgent:
         pause = Backoff(self.config.backoff, rng=self._rng)
         try:
             while max_rounds is None or sum(r.status is not RoundStatus.NO_RECEIPT for r in results) < max_rounds:
+                self.between_rounds()
                 model = self.wait_for_model(_IDLE_WAIT_S)
                 if model is None:
                     continue
@@ -378,6 +407,50 @@ class DeviceAgent:
         finally:
             self._stop = threading.Event()
         return RunResult(rounds=tuple(results), stopped=False)
+
+    # -- releases, between rounds ------------------------------------------------------------
+
+    def between_rounds(self) -> Switched | None:
+        """The release step (never mid-round): finish an interrupted switch, then install a verified
+        release or go back from a withdrawn or failed one; the switch made, None when nothing changed."""
+        if self.release is None or self._switch is None:
+            return None
+        switched = None
+        if not self._recovered:
+            self._recovered = True
+            switched = self._switch.recover(self.trainer)
+        if switched is None:
+            step = self.release.step(self._local_release())
+            try:
+                if isinstance(step, InstallReady):
+                    switched = self._switch.install(step, self.trainer)
+                elif isinstance(step, RevertNeeded):
+                    switched = self._switch.revert(step, bundle=self.trainer.bundle)
+            except BundleError as exc:
+                # Nothing kept to go back to (or the rule says no): stay, say so once.
+                logger.error("cannot switch bundle versions: %s", exc)
+                if isinstance(step, RevertNeeded) and step.decision.release is not None:
+                    self.release.refuse(step.decision.release.release, f"cannot go back: {exc}")
+                    self.release.save(self.release.memory.with_failed(step.decision.release.release))
+        if switched is not None and switched.trainer is not self.trainer:
+            self._adopt(switched.trainer)
+        return switched
+
+    def _local_release(self) -> LocalRelease:
+        record = read_record(self.config.install_dir)
+        memory = self.release.memory if self.release is not None else None
+        return LocalRelease(bundle_version=self._bundle_version,
+                            running_release=None if memory is None else memory.running_release,
+                            highest_version=None if record is None else record.bundle_version)
+
+    def _adopt(self, trainer: DeviceTrainer) -> None:
+        """Play rounds with ``trainer`` (another bundle version) from now on: fresh progress, intake and pending state."""
+        logger.info("now running bundle %s v%d", trainer.manifest.model_name, trainer.manifest.bundle_version)
+        self.trainer = trainer
+        self._bundle_version = trainer.manifest.bundle_version
+        self.state.clear_pending()
+        self._save_progress(AgentProgress(bundle_version=self._bundle_version))
+        self._build_intake(-1)
 
     # -- internals ---------------------------------------------------------------------------
 

@@ -87,6 +87,10 @@ class MessageIntake:
         self.rollback_floor = -1
         #: Messages dropped so far, by reason (``untrusted_model``, ``model_rollback``...).
         self.ignored: Counter[str] = Counter()
+        #: The bundle version of the newest trusted model for this region that was for another version (None: none).
+        self.foreign_version: int | None = None
+        #: Takes messages on other topics first (the release client); returns True when it consumed one.
+        self.extra: Callable[[InboundMessage], bool] | None = None
 
     def receipt_for(self, header: UpdateHeader) -> tuple[Receipt, bytes] | None:
         """The verified receipt answering ``header`` and its signed bytes, or None when none came."""
@@ -127,6 +131,8 @@ class MessageIntake:
             self._on_receipt(message.payload)
         elif message.topic == self._candidates_topic:
             self._on_candidates(message.payload)
+        elif self.extra is not None and self.extra(message):
+            return
         else:
             self._ignore("topic", "message on unexpected topic %s", message.topic)
 
@@ -150,6 +156,7 @@ class MessageIntake:
         if h.fleet != self._topics.fleet or h.region not in (None, self._region):
             self._ignore("model_scope", "model for fleet %s region %s", h.fleet, h.region)
         elif h.bundle_version != self._bundle_version:
+            self.foreign_version = h.bundle_version
             self._ignore("model_bundle_version", "model for bundle v%d, device runs v%d", h.bundle_version,
                          self._bundle_version)
         elif h.round < self.rollback_floor:

@@ -91,14 +91,6 @@ class Download:
         self._have.add(index)
         return ChunkResult(stored=True)
 
-    def assemble(self, dest: Path) -> Path:
-        """Write the whole bundle to ``dest`` (atomically) once complete; ValueError before."""
-        if not self.complete:
-            raise ValueError(f"release {self.info.release}: {len(self.missing())} chunk(s) still missing")
-        data = b"".join((self.directory / f"{i}.chunk").read_bytes() for i in range(self.info.chunks))
-        atomic_write_bytes(dest, data)
-        return dest
-
     def read_all(self) -> bytes:
         """The whole bundle's bytes (complete downloads only)."""
         if not self.complete:

@@ -42,6 +42,7 @@ from device_agent.daemon.fomo_client import FomoClient
 from device_agent.daemon.errors import AgentStopped, ReceiptTimeoutError
 from device_agent.daemon.intake import MessageIntake
 from device_agent.daemon.keyring import DeviceKeys
+from device_agent.daemon.status_reporter import StatusReporter
 from device_agent.daemon.version_switch import Switched, VersionSwitch
 from device_agent.data import DataSource
 from device_agent.bundle.install_policy import read_record
@@ -52,9 +53,11 @@ from device_agent.protocol.chunking import PayloadTooLargeError
 from device_agent.protocol.envelope import OpenedModel
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.protocol.receipts import Receipt, ReceiptStatus
+from device_agent.protocol.status import DeviceStatus, ReleaseStatus, short_text
 from device_agent.protocol.validation import RejectReason
 from device_agent.release.client import InstallReady, ReleaseClient, RevertNeeded
 from device_agent.release.policy import LocalRelease
+from device_agent.release.release_state import ReleaseReport
 from device_agent.trainer import DeviceTrainer, TrainReport
 
 logger = logging.getLogger(__name__)
@@ -127,6 +130,9 @@ class DeviceAgent:
     ``rng`` jitters backoff, ``random_bytes`` makes nonces and ``train_rng``
     shuffles batches (None: in order). All methods run on the caller's
     thread; the connection's network thread only feeds :attr:`MqttConnection.inbox`.
+    ``status`` keeps the device's signed status (None: one that publishes nothing);
+    the agent updates it after training and after each round, and measures
+    validation accuracy on ``load_validation``'s data when it is given.
     """
 
     def __init__(
@@ -144,6 +150,7 @@ class DeviceAgent:
         random_bytes: Callable[[int], bytes] = os.urandom,
         train_rng: np.random.Generator | None = None,
         load_validation: Callable[[], DataSource] | None = None,
+        status: StatusReporter | None = None,
         release: ReleaseClient | None = None,
         switch: VersionSwitch | None = None,
     ) -> None:
@@ -168,6 +175,9 @@ class DeviceAgent:
                 logger.info("bundle v%d replaced v%d: round progress starts afresh", self._bundle_version,
                             self._progress.bundle_version)
             self._save_progress(AgentProgress(bundle_version=self._bundle_version))
+        #: The device's status (published by the connection: retained, signed, with a signed offline will).
+        self.status = status if status is not None else StatusReporter(
+            fleet=config.fleet, region=config.region, device=config.device_id, signing_key=keys.signing_key)
         self._load_validation = load_validation
         #: The release client (None: releases are not followed) and what performs its version switches.
         self.release = release
@@ -176,6 +186,9 @@ class DeviceAgent:
         self._build_intake(self._progress.highest_model_round)
         self._stop = threading.Event()
         self._started = False
+        if release is not None:
+            release.on_report = self._on_release_report
+            self._on_release_report(release.memory.report)  # what the last run said, until something changes
 
     def _build_intake(self, rollback_floor: int) -> None:
         """The message intake (and FedFomo's client) for the bundle the trainer runs."""
@@ -202,6 +215,14 @@ class DeviceAgent:
             self.config, keys=self.keys, trainer=self.trainer, connection=self.connection, intake=self.intake,
             pump=self._pump, load_validation=self._load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
             clock=self._clock, wall_clock=self._wall_clock, random_bytes=self._random_bytes)
+
+    def update_status(self, **changes: object) -> DeviceStatus:
+        """Change fields of the device's status and publish it (see :meth:`StatusReporter.update`).
+
+        The hook for code that runs beside the rounds, e.g. a release:
+        ``agent.update_status(release={"state": "fetching", "version": 3, "progress": 40})``.
+        """
+        return self.status.update(**changes)
 
     @property
     def progress(self) -> AgentProgress:
@@ -338,7 +359,17 @@ class DeviceAgent:
     # -- a whole round, and the loop ---------------------------------------------------------
 
     def complete_round(self, model: OpenedModel) -> RoundResult:
-        """Play round ``model.header.round``: resume a pending or trained update, or train one, then submit it."""
+        """Play round ``model.header.round``: resume a pending or trained update, or train one, then submit it.
+
+        The status says ``trained`` (with the loss and validation accuracy)
+        once training ended, then how the round ended.
+        """
+        result = self._play_round(model)
+        self.status.update(last_round=result.round, last_round_status=result.status.value,
+                           last_round_reason=result.reason)
+        return result
+
+    def _play_round(self, model: OpenedModel) -> RoundResult:
         number = model.header.round
         report = None
         try:
@@ -346,6 +377,7 @@ class DeviceAgent:
             if sealed is None:
                 update = self.train_round(model)
                 report = update.report
+                self._report_training(number, report)
                 sealed = self.seal_update(update)
         except TrainingError as exc:
             # Skipping the round (rather than crashing) keeps a device with bad data from
@@ -433,7 +465,7 @@ class DeviceAgent:
                     self.release.refuse(step.decision.release.release, f"cannot go back: {exc}")
                     self.release.save(self.release.memory.with_failed(step.decision.release.release))
         if switched is not None and switched.trainer is not self.trainer:
-            self._adopt(switched.trainer)
+            self._adopt(switched)
         return switched
 
     def _local_release(self) -> LocalRelease:
@@ -443,14 +475,26 @@ class DeviceAgent:
                             running_release=None if memory is None else memory.running_release,
                             highest_version=None if record is None else record.bundle_version)
 
-    def _adopt(self, trainer: DeviceTrainer) -> None:
-        """Play rounds with ``trainer`` (another bundle version) from now on: fresh progress, intake and pending state."""
+    def _adopt(self, switched: Switched) -> None:
+        """Play rounds with the switched trainer (another bundle version) from now on: fresh progress, intake and
+        pending state; the status names the new bundle and the trial's loss and accuracy."""
+        trainer = switched.trainer
         logger.info("now running bundle %s v%d", trainer.manifest.model_name, trainer.manifest.bundle_version)
         self.trainer = trainer
         self._bundle_version = trainer.manifest.bundle_version
         self.state.clear_pending()
         self._save_progress(AgentProgress(bundle_version=self._bundle_version))
         self._build_intake(-1)
+        changes: dict[str, object] = {"bundle_model": trainer.manifest.model_name, "bundle_version": self._bundle_version}
+        if switched.loss is not None:
+            changes.update(last_loss=switched.loss, last_val_accuracy=switched.accuracy)
+        self.update_status(**changes)
+
+    def _on_release_report(self, report: ReleaseReport) -> None:
+        """Show the release client's report in the device status (the release sub-record)."""
+        self.update_status(release=ReleaseStatus(state=report.state, version=report.release, progress=report.progress,
+                                                 reason=short_text(report.reason),
+                                                 baseline_accuracy=report.baseline_accuracy))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -473,6 +517,17 @@ class DeviceAgent:
             return self.seal_update(LocalUpdate(round_number=number, delta=delta, num_examples=len(self._local_data()),
                                                 report=_NOT_TRAINED))
         return None
+
+    def _report_training(self, number: int, report: TrainReport) -> None:
+        """Status after training: the round, its mean loss and (with validation data) the validation accuracy."""
+        accuracy = None
+        if self._load_validation is not None:
+            try:
+                accuracy = self.trainer.evaluate(self._load_validation()).accuracy
+            except (OSError, ValueError, TrainingError) as exc:
+                logger.warning("round %d: validation accuracy not measured: %s", number, exc)
+        self.status.update(last_round=number, last_round_status="trained", last_round_reason="",
+                           last_loss=report.mean_loss, last_val_accuracy=accuracy)
 
     def _local_data(self) -> DataSource:
         try:

@@ -18,6 +18,7 @@ from device_agent.daemon.config import AgentConfig, DataConfig, DataFormat
 from device_agent.daemon.connection import MqttConnection
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.keyring import load_device_keys
+from device_agent.daemon.status_reporter import StatusReporter
 from device_agent.daemon.version_switch import VersionSwitch
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import BundleError
@@ -95,10 +96,18 @@ def open_agent(
                 bundle.manifest.model_name, bundle.manifest.bundle_version, examples, config.state_dir)
     rng = rng if rng is not None else random.Random()
     topics = config.topics
+    manifest = bundle.manifest
+    backend = getattr(trainer, "backend_name", None)  # trainers with one backend only do not name it
+    status = StatusReporter(fleet=config.fleet, region=config.region, device=config.device_id,
+                            signing_key=keys.signing_key, wall_clock=wall_clock, clock=clock)
+    status.update(bundle_model=manifest.model_name, bundle_version=manifest.bundle_version,
+                  backend=str(getattr(backend, "value", backend or "ort-training")))
     connection = MqttConnection(
         config.broker,
         client_id=config.device_id,
-        presence_topic=topics.device_presence(config.device_id),
+        presence_topic=topics.device_status(config.device_id),
+        online_payload=status.online_payload,
+        offline_payload=status.offline_payload,
         subscriptions=(topics.global_model, topics.device_receipt(config.device_id))
         + ((topics.device_candidates(config.device_id),) if config.fomo_candidates else ())
         + ((topics.release_metadata_filter,) if config.release is not None else ()),
@@ -107,6 +116,7 @@ def open_agent(
         rng=rng,
         poll_interval_s=poll_interval_s,
     )
+    status.attach(connection.refresh_presence)
     load_validation = None if config.data.validation_path is None else data_loader(
         replace(config.data, path=config.data.validation_path))
     release, switch = _release(config, connection, state, load_data, load_validation, clock=clock, wall_clock=wall_clock)
@@ -123,6 +133,7 @@ def open_agent(
         random_bytes=random_bytes,
         train_rng=np.random.default_rng(config.seed),
         load_validation=load_validation,
+        status=status,
         release=release,
         switch=switch,
     )

@@ -12,7 +12,10 @@ Shape (paho-mqtt 2.x, callback API version 2):
   at the broker.
 - A last will on the device's presence topic (retained ``offline``); every
   successful connect publishes retained ``online``, a clean :meth:`MqttConnection.close`
-  publishes ``offline`` itself (a clean DISCONNECT cancels the will).
+  publishes ``offline`` itself (a clean DISCONNECT cancels the will). The agent
+  passes its status topic and payload makers instead: a freshly signed
+  status on every connect and on :meth:`MqttConnection.refresh_presence`, a
+  signed offline status (made before each connect attempt) as the will.
 - paho's own reconnect is off. The network thread started by :meth:`MqttConnection.start`
   is the only code that touches the client: it runs ``client.loop()``,
   drains the events the callbacks queued, tracks :class:`ConnectionState`,
@@ -101,6 +104,8 @@ class MqttConnection:
     ``poll_interval_s`` bounds how long a publish waits for the network thread.
     ``stable_after_s``: how long a connection must stay up before the backoff
     resets (an acknowledged publish of the agent's own resets it sooner).
+    ``online_payload`` / ``offline_payload`` make what goes on ``presence_topic``
+    (retained, QoS 1) after each connect and as the will (None: ``online`` / ``offline``).
     """
 
     def __init__(
@@ -116,12 +121,17 @@ class MqttConnection:
         poll_interval_s: float = 0.05,
         protocol: MqttProtocol = MqttProtocol.AUTO,
         stable_after_s: float = STABLE_AFTER_S,
+        online_payload: Callable[[], bytes] | None = None,
+        offline_payload: Callable[[], bytes] | None = None,
     ) -> None:
         if poll_interval_s <= 0 or stable_after_s < 0:
             raise ValueError("poll_interval_s must be > 0 and stable_after_s >= 0")
         self.broker = broker
         self.client_id = client_id
         self.presence_topic = presence_topic
+        self._online_payload = online_payload if online_payload is not None else lambda: ONLINE
+        self._offline_payload = offline_payload if offline_payload is not None else lambda: OFFLINE
+        self._presence_dirty = threading.Event()
         self.subscriptions = tuple(subscriptions)
         self.inbox: queue.Queue[InboundMessage] = queue.Queue()
         #: Successful connections so far (CONNACK accepted); a reconnect makes it 2.
@@ -238,6 +248,10 @@ class MqttConnection:
             check_publish_size(len(frame), limit, topic=topic)
         return frames
 
+    def refresh_presence(self) -> None:
+        """Publish a fresh ``online_payload()`` (retained) as soon as connected; repeated calls coalesce."""
+        self._presence_dirty.set()
+
     def close(self, *, graceful: bool = True, timeout: float = 5.0) -> None:
         """Stop the network thread. ``graceful``: publish ``offline`` and DISCONNECT; else drop the socket (the will fires)."""
         self._graceful = graceful
@@ -257,7 +271,6 @@ class MqttConnection:
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             reconnect_on_failure=False,
         )
-        client.will_set(self.presence_topic, OFFLINE, qos=1, retain=True)
         tls = self.broker.tls
         if tls is not None:
             client.tls_set(
@@ -321,6 +334,9 @@ class MqttConnection:
             self._mark_down(f"no CONNACK within {self.broker.connect_timeout_s} s")
             return
         if self._state is ConnectionState.CONNECTED:
+            if self._presence_dirty.is_set():
+                self._presence_dirty.clear()
+                self._publish_presence(online=True)
             self._run_commands()
         self._run_subscription_changes()
         rc = self._client.loop(timeout=self._poll)
@@ -353,6 +369,11 @@ class MqttConnection:
         self._connack_deadline = self._clock() + (min(_PROBE_TIMEOUT_S, self.broker.connect_timeout_s) if probing
                                                   else self.broker.connect_timeout_s)
         self._client.username_pw_set(self.broker.username or self.client_id, self._password())
+        will = self._presence(online=False)
+        if will is None:
+            self._client.will_clear()
+        else:  # made afresh for every attempt: a signed status says when it was made
+            self._client.will_set(self.presence_topic, will, qos=1, retain=True)
         v5 = self.protocol is MqttProtocol.V5
         properties = None
         if v5:
@@ -456,7 +477,22 @@ class MqttConnection:
         # Subscribe every time: a broker that lost its persistence lost the subscriptions too.
         if self.subscriptions:
             self._client.subscribe([(topic, 1) for topic in self.subscriptions])
-        self._client.publish(self.presence_topic, ONLINE, qos=1, retain=True)
+        self._presence_dirty.clear()  # the status published now carries every change made so far
+        self._publish_presence(online=True)
+
+    def _presence(self, *, online: bool) -> bytes | None:
+        """The presence (status) payload to publish now, or None when making it failed (logged)."""
+        try:
+            return (self._online_payload if online else self._offline_payload)()
+        except Exception:  # noqa: BLE001 - a status that cannot be made must not take the connection down
+            logger.exception("cannot make the %s payload for %s", "online" if online else "offline", self.presence_topic)
+            return None
+
+    def _publish_presence(self, *, online: bool) -> mqtt.MQTTMessageInfo | None:
+        payload = self._presence(online=online)
+        if payload is None:
+            return None
+        return self._client.publish(self.presence_topic, payload, qos=1, retain=True)
 
     def _on_refused(self, event: _ConnAck) -> None:
         if event.code in _UNSUPPORTED_PROTOCOL and self.protocol is MqttProtocol.V5 and self._fallback:
@@ -515,9 +551,9 @@ class MqttConnection:
         if self._state is not ConnectionState.CONNECTED or not self._graceful:
             self._drop_socket()  # no DISCONNECT: the broker publishes the will
             return
-        info = self._client.publish(self.presence_topic, OFFLINE, qos=1, retain=True)
+        info = self._publish_presence(online=False)
         deadline = self._clock() + min(2.0, self.broker.connect_timeout_s)
-        while not info.is_published() and self._clock() < deadline:
+        while info is not None and not info.is_published() and self._clock() < deadline:
             if self._client.loop(timeout=self._poll) != mqtt.MQTT_ERR_SUCCESS:
                 break
         self._client.disconnect()

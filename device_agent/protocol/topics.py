@@ -8,18 +8,25 @@ Mosquitto ACL ``pattern`` lines with ``%u`` confine a device to its own topics):
     fedge/{fleet}/dev/{device}/up/candidates  device -> regional aggregator (signed FedFomo candidate request)
     fedge/{fleet}/dev/{device}/down/receipt   regional aggregator -> device (signed receipt)
     fedge/{fleet}/dev/{device}/down/candidates regional aggregator -> device (FedFomo candidate models)
-    fedge/{fleet}/dev/{device}/presence       device presence, retained; the last will sets it offline
+    fedge/{fleet}/dev/{device}/status         device -> anyone allowed to read it: signed status, retained; the
+                                              last will is a signed offline status (device_agent.protocol.status)
+    fedge/{fleet}/dev/{device}/presence       legacy plain online/offline flag (agents before the status topic)
     fedge/{fleet}/model/global                regional aggregator -> devices, retained signed model
     fedge/{fleet}/region/{region}/up/aggregate regional aggregator -> root (bridged out to the root broker)
     fedge/{fleet}/region/{region}/down/receipt root -> regional aggregator (signed receipt, bridged in)
     fedge/{fleet}/region/{region}/bridge/state retained bridge up/down flag (Mosquitto notifications)
+    fedge/{fleet}/region/{region}/dev/{device}/status  a device's status as the root broker holds it (bridged
+                                              out from its region, which the topic names)
     fedge/{fleet}/root/model/global           root -> regional aggregators (bridged in from the root broker)
     fedge/{fleet}/release/metadata/{file}     release tool -> everyone: retained TUF metadata (bridged in, read-only)
     fedge/{fleet}/release/targets/{sha256}/{i} release tool -> everyone: retained bundle chunks (bridged in, read-only)
 
-A device may write only under ``dev/{device}/up/`` and its presence topic and
-read only ``dev/{device}/down/#``, ``model/#`` and ``release/#``; it can never
-publish a model or a release. Aggregators use shared subscriptions (``$share/{group}/...``) on the
+A device may write only under ``dev/{device}/up/``, its status and its
+presence topic and read only ``dev/{device}/down/#``, ``model/#`` and
+``release/#``; it can never publish a model or a release. Statuses are
+bridged to the root under their region's subtree, so a region's bridge can
+write only its own devices' statuses there.
+Aggregators use shared subscriptions (``$share/{group}/...``) on the
 update topic so several aggregator processes can split one region's load.
 """
 
@@ -69,8 +76,40 @@ class TopicLayout:
         return f"{self.base}/dev/{_check_segment('device id', device)}/down/candidates"
 
     def device_presence(self, device: str) -> str:
-        """Retained presence topic of one device (last will)."""
+        """Legacy retained presence flag of one device (``online``/``offline``); agents now publish :meth:`device_status`."""
         return f"{self.base}/dev/{_check_segment('device id', device)}/presence"
+
+    def device_status(self, device: str) -> str:
+        """Retained, signed status of one device on its regional broker (its last will is a signed offline status)."""
+        return f"{self.base}/dev/{_check_segment('device id', device)}/status"
+
+    def region_device_status(self, region: str, device: str) -> str:
+        """A device's status as bridged to the root broker, under its region."""
+        return f"{self.base}/region/{_check_segment('region', region)}/dev/{_check_segment('device id', device)}/status"
+
+    @property
+    def all_device_statuses(self) -> str:
+        """Subscription filter matching every device's status on a regional broker."""
+        return f"{self.base}/dev/+/status"
+
+    @property
+    def all_region_statuses(self) -> str:
+        """Subscription filter matching every device's status on the root broker."""
+        return f"{self.base}/region/+/dev/+/status"
+
+    def status_source(self, topic: str) -> tuple[str | None, str] | None:
+        """(region or None, device) named by a status topic (regional or root form); None for any other topic."""
+        parts = topic.split("/")
+        base = self.base.split("/")
+        n = len(base)
+        if parts[:n] != base or parts[-1:] != ["status"]:
+            return None
+        rest = parts[n:]
+        if len(rest) == 3 and rest[0] == "dev":
+            return None, rest[1]
+        if len(rest) == 5 and rest[0] == "region" and rest[2] == "dev":
+            return rest[1], rest[3]
+        return None
 
     @property
     def global_model(self) -> str:

@@ -30,13 +30,15 @@ def _user_block(comment: str, username: str, rules: list[tuple[str, str]]) -> st
 
 
 def render_region_acl(topology: Topology, region: Region) -> str:
-    """ACL of ``region``'s broker: devices confined by ``%u``, the region's aggregators see the fleet."""
+    """ACL of ``region``'s broker: devices confined by ``%u``, the region's aggregators see the fleet,
+    the monitoring account reads statuses, presence and models only."""
     base = topology.layout.base
     parts = [
         _HEADER.format(what=f"region {region.name}", fleet=topology.fleet),
-        "# Devices (username = device id): write only their own uplink and presence,\n"
+        "# Devices (username = device id): write only their own uplink, status and presence,\n"
         "# read only their own downlink and the region's model.\n"
         f"pattern write {base}/dev/%u/up/#\n"
+        f"pattern write {base}/dev/%u/status\n"
         f"pattern write {base}/dev/%u/presence\n"
         f"pattern read {base}/dev/%u/down/#\n"
         f"pattern read {base}/model/#\n",
@@ -46,20 +48,30 @@ def render_region_acl(topology: Topology, region: Region) -> str:
                     username, [("readwrite", f"{base}/#")])
         for username in region.aggregators
     ]
+    if topology.monitor is not None:
+        parts.append(_user_block(
+            "Monitoring (read only): statuses, presence, the region's model. The deny line takes away what the\n"
+            "# device patterns above would give this account under its own name (denials are checked first).",
+            topology.monitor,
+            [("deny", f"{base}/dev/{topology.monitor}/#"), ("read", f"{base}/dev/+/status"),
+             ("read", f"{base}/dev/+/presence"), ("read", f"{base}/model/#")]))
     return "\n".join(parts)
 
 
 def render_root_acl(topology: Topology) -> str:
-    """ACL of the root broker: each bridge writes only its region's uplink and reads only the root model and its
-    region's downlink; root aggregators see the fleet."""
+    """ACL of the root broker: each bridge writes only its region's uplink and its devices' statuses and reads only
+    the root model and its region's downlink; root aggregators see the fleet; the monitor reads statuses, models
+    and bridge states."""
     base = topology.layout.base
     parts = [_HEADER.format(what="the root broker", fleet=topology.fleet)]
     parts += [
         _user_block(
-            f"Bridge of region {region.name}: its own uplink and bridge state out; the root model and its own receipts in.",
+            f"Bridge of region {region.name}: its uplink, its devices' statuses and bridge state out; "
+            "the root model and its own receipts in.",
             region.bridge_username,
             [
                 ("write", f"{base}/region/{region.name}/up/#"),
+                ("write", f"{base}/region/{region.name}/dev/+/status"),
                 ("write", bridge_state_topic(topology, region.name)),
                 ("read", f"{base}/root/model/#"),
                 ("read", f"{base}/region/{region.name}/down/#"),
@@ -71,4 +83,10 @@ def render_root_acl(topology: Topology) -> str:
         _user_block("Root aggregator: the whole fleet subtree.", username, [("readwrite", f"{base}/#")])
         for username in topology.root.aggregators
     ]
+    if topology.monitor is not None:
+        parts.append(_user_block(
+            "Monitoring (read only): every region's device statuses, the root model, the bridge states.",
+            topology.monitor,
+            [("read", f"{base}/region/+/dev/+/status"), ("read", f"{base}/root/model/#"),
+             ("read", f"{base}/region/+/bridge/state")]))
     return "\n".join(parts)

@@ -138,6 +138,8 @@ def render_bridge_conf(topology: Topology, region: Region, *, paths: BrokerPaths
     uplink = f"{base}/region/{region.name}/up/"
     downlink = f"{base}/region/{region.name}/down/"
     model = f"{base}/root/model/"
+    devices = f"{base}/dev/"
+    statuses = f"{base}/region/{region.name}/dev/"
     base_s, cap_s = BRIDGE_RESTART_TIMEOUT
     text = f"""\
 # Bridge from the broker of region {region.name} to the root broker of fleet {topology.fleet}.
@@ -157,8 +159,10 @@ notifications true
 notification_topic {bridge_state_topic(topology, region.name)}
 
 # topic PATTERN DIRECTION QOS LOCAL-PREFIX REMOTE-PREFIX
-# Out: the region's aggregates. In: the root's models, and the root's signed receipts for this region's aggregates.
+# Out: the region's aggregates, and its devices' signed statuses (retained) under the region's subtree at the root.
+# In: the root's models, and the root's signed receipts for this region's aggregates.
 topic # out 1 {uplink} {uplink}
+topic +/status out 1 {devices} {statuses}
 topic # in 1 {model} {model}
 topic # in 1 {downlink} {downlink}
 """

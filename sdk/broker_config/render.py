@@ -102,11 +102,13 @@ def render_credentials(topology: Topology, passwords: Mapping[str, str]) -> tupl
     Bridges get none: their password is already in their region's bridge file.
     ``port`` is the one to dial (the TLS port when TLS is on); file names are
     relative to the ``credentials`` directory, and null when TLS (or mTLS) is off.
+    The monitoring account gets one file, for the root, with ``regional_brokers``
+    (region -> host and port) beside it: the same password works at every broker.
     """
     files = []
     tls = topology.tls
     for account in topology.accounts():
-        if account.role is Role.BRIDGE:
+        if account.role is Role.BRIDGE or (account.role is Role.MONITOR and account.broker != ROOT):
             continue
         address = topology.address(account.broker)
         cert = credential_path(account, ".crt").relative_to(CREDENTIALS_DIR)
@@ -127,6 +129,11 @@ def render_credentials(topology: Topology, passwords: Mapping[str, str]) -> tupl
             "client_key_file": str(key) if tls.require_client_certs else None,
             "message_size_limit": topology.message_size_limit,
         }
+        if account.role is Role.MONITOR:
+            document["regional_brokers"] = {
+                r.name: {"host": r.address.host, "port": r.address.tls_port if tls.enabled else r.address.port}
+                for r in topology.regions
+            }
         files.append(RenderedFile(path=credential_path(account), text=json.dumps(document, indent=2) + "\n",
                                   secret=True))
     return tuple(files)

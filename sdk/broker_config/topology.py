@@ -39,6 +39,10 @@ _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _MAX_MQTT_PAYLOAD = 268_435_455
 DEFAULT_MESSAGE_SIZE_LIMIT = 5 * 1024 * 1024
+DEFAULT_MONITOR = "fedge-monitor"
+"""The read-only monitoring account's name unless ``[monitor] username`` says otherwise."""
+FLEET_SECTIONS = frozenset({"devices", "aggregators"})
+"""Top-level tables of a topology file that ``fedge fleet init`` reads and the broker generator ignores."""
 
 
 class TopologyError(FedgeError, ValueError):
@@ -166,14 +170,16 @@ class Role(str, Enum):
     DEVICE = "device"
     AGGREGATOR = "aggregator"
     BRIDGE = "bridge"
+    MONITOR = "monitor"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Account:
     """One MQTT account: ``broker`` is ``"root"`` or the region it authenticates at.
 
-    ``region`` is the region the account belongs to (None for root aggregators);
-    a bridge belongs to its region but authenticates at the root.
+    ``region`` is the region the account belongs to (None for root aggregators
+    and the monitor); a bridge belongs to its region but authenticates at the
+    root. The monitoring account is the one name with an account at every broker.
     """
 
     username: str
@@ -184,7 +190,11 @@ class Account:
 
 @dataclass(frozen=True, kw_only=True)
 class Topology:
-    """A whole fleet's broker layout; account names are unique across the fleet."""
+    """A whole fleet's broker layout; account names are unique across the fleet.
+
+    ``monitor``: the read-only monitoring account (statuses, presence, models,
+    bridge states; never updates), present at every broker; None: no such account.
+    """
 
     fleet: str
     root: RootBroker
@@ -192,6 +202,7 @@ class Topology:
     tls: TlsSettings = field(default_factory=TlsSettings)
     message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT
     topic_prefix: str = "fedge"
+    monitor: str | None = DEFAULT_MONITOR
 
     def __post_init__(self) -> None:
         _check_account("fleet", self.fleet)
@@ -208,9 +219,11 @@ class Topology:
         limit = self.message_size_limit
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_MQTT_PAYLOAD:
             raise TopologyError(f"message_size_limit must be an integer in 1..{_MAX_MQTT_PAYLOAD}, not {limit!r}")
+        if self.monitor is not None:
+            _check_account("monitor account", self.monitor)
         seen: dict[str, Account] = {}
         for account in self.accounts():
-            if account.username in seen:
+            if account.username in seen and not (account.role is Role.MONITOR and seen[account.username].role is Role.MONITOR):
                 other = seen[account.username]
                 raise TopologyError(
                     f"account name {account.username!r} is used twice "
@@ -247,6 +260,9 @@ class Topology:
             found += [
                 Account(username=u, role=Role.DEVICE, broker=region.name, region=region.name) for u in region.devices
             ]
+        if self.monitor is not None:
+            found += [Account(username=self.monitor, role=Role.MONITOR, broker=b, region=None)
+                      for b in (ROOT, *(r.name for r in self.regions))]
         return tuple(a for a in found if broker is None or a.broker == broker)
 
     def with_addresses(self, addresses: Mapping[str, BrokerAddress]) -> Topology:
@@ -343,7 +359,12 @@ def parse_topology(text: str) -> Topology:
     tls = _Table("tls", top.take("tls", dict, {}))
     root = _Table("root", top.take("root", dict))
     raw_regions = top.take("regions", list)
+    monitor = _Table("monitor", top.take("monitor", dict, {}))
+    for section in FLEET_SECTIONS:  # fedge fleet init's; they configure no broker
+        top.take(section, dict, None)
     top.done()
+    monitor_enabled, monitor_name = monitor.take("enabled", bool, True), monitor.take("username", str, DEFAULT_MONITOR)
+    monitor.done()
 
     tls_settings = TlsSettings(
         enabled=tls.take("enabled", bool, False),
@@ -361,6 +382,7 @@ def parse_topology(text: str) -> Topology:
         root=root_broker,
         regions=regions,
         tls=tls_settings,
+        monitor=monitor_name if monitor_enabled else None,
     )
     fleet.done()
     return topology

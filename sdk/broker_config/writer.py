@@ -95,6 +95,8 @@ def _pem_files(topology: Topology, *, now: dt.datetime) -> tuple[RenderedFile, .
         files += pair(server, directory / layout.SERVER_CERT_FILE, directory / layout.SERVER_KEY_FILE)
     if tls.require_client_certs:
         for account in topology.accounts():
+            if account.role is Role.MONITOR and account.broker != ROOT:
+                continue  # one certificate for the monitoring account, valid at every broker
             client = issue_client_cert(ca, username=account.username, now=now, valid_days=tls.valid_days)
             if account.role is Role.BRIDGE:
                 directory = PurePosixPath(str(account.region))
@@ -190,7 +192,8 @@ def generate_topology(
                 shutil.chown(path, user=owner)
 
     credential_files = {
-        a.username: out_dir / credential_path(a) for a in topology.accounts() if a.role is not Role.BRIDGE
+        a.username: out_dir / credential_path(a) for a in topology.accounts()
+        if a.role is not Role.BRIDGE and (a.role is not Role.MONITOR or a.broker == ROOT)
     }
     tls = topology.tls.enabled
     return GeneratedTopology(

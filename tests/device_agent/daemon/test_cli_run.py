@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import textwrap
 import pytest
 
 from device_agent.cli import main
+from device_agent.protocol.status import open_status
 from tests.device_agent.daemon.fleet_harness import Probe, write_config
 
 pytestmark = pytest.mark.mosquitto
@@ -54,18 +56,27 @@ def test_cli_run_reports_a_bad_config_key_and_exits_2(fleet, capsys):
 
 def test_cli_run_stops_cleanly_on_sigterm_without_importing_torch(fleet):
     config = write_config(fleet.config_path, fleet.sections)
-    presence = Probe(fleet.broker.port, "fedge/itest/dev/eu-dev-0001/presence")
+    status = Probe(fleet.broker.port, "fedge/itest/dev/eu-dev-0001/status")
+    keys = {"eu-dev-0001": fleet.keys.device.public_key()}
     proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_CLI, "run", "--config", str(config)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert presence.next(timeout=30) == b"online"
+        try:
+            first = status.next(timeout=30)
+        except queue.Empty:
+            proc.kill()
+            pytest.fail(f"no status from the agent within 30 s:\n{proc.communicate(timeout=10)[1][-3000:]}")
+        online = open_status(first, device_keys=keys, fleet="itest", device="eu-dev-0001")
+        assert online.online and online.bundle_version == 1 and online.region == "eu"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
+        offline = open_status(status.next(timeout=10), device_keys=keys, fleet="itest", device="eu-dev-0001")
     finally:
         if proc.poll() is None:
             proc.kill()
-        presence.close()
+        status.close()
     assert proc.returncode == 0, err
+    assert not offline.online and offline.sequence > online.sequence, "a clean stop publishes a signed offline status"
     lines = out.strip().splitlines()
     assert json.loads(lines[0]) == {"device": "eu-dev-0001", "finished": 0, "stopped": True, "rounds": []}
     assert lines[1] == "heavy="

@@ -40,5 +40,5 @@ def test_committed_examples_hold_no_secrets_or_local_paths() -> None:
                 assert line == f"remote_password {BRIDGE_PASSWORD_PLACEHOLDER}", path
         if path in HAND_WRITTEN:
             continue
-        for absolute in re.findall(r"(?<![\w.])/[\w./-]+", text):
+        for absolute in re.findall(r"(?<![\w.+])/[\w./-]+", text):
             assert absolute.startswith(f"{EXAMPLE_DEPLOY_DIR}/"), f"{path}: {absolute}"

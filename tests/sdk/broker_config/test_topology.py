@@ -45,10 +45,26 @@ def test_load_topology_reads_the_committed_example() -> None:
 def test_topology_accounts_by_broker() -> None:
     topology = parse_topology(MINIMAL)
     root = {(a.username, a.role) for a in topology.accounts("root")}
-    assert root == {("root-agg", Role.AGGREGATOR), ("bridge-eu", Role.BRIDGE), ("bridge-us", Role.BRIDGE)}
-    eu = topology.accounts("eu")
+    assert root == {("root-agg", Role.AGGREGATOR), ("bridge-eu", Role.BRIDGE), ("bridge-us", Role.BRIDGE),
+                    ("fedge-monitor", Role.MONITOR)}
+    eu = [a for a in topology.accounts("eu") if a.role is not Role.MONITOR]
     assert [a.username for a in eu] == ["eu-agg", "eu-dev-0001", "eu-dev-0002"]
     assert all(a.region == "eu" for a in eu)
+    assert [(a.username, a.region) for a in topology.accounts("eu") if a.role is Role.MONITOR] == [("fedge-monitor", None)]
+
+
+def test_topology_monitor_account_is_optional_renamable_and_unique() -> None:
+    assert parse_topology(MINIMAL + "\n[monitor]\nenabled = false\n").monitor is None
+    assert parse_topology(MINIMAL + "\n[monitor]\nusername = \"ops-ro\"\n").monitor == "ops-ro"
+    with pytest.raises(TopologyError, match="used twice"):
+        parse_topology(MINIMAL + "\n[monitor]\nusername = \"root-agg\"\n")
+    with pytest.raises(TopologyError, match="unknown keys"):
+        parse_topology(MINIMAL + "\n[monitor]\nuser = \"x\"\n")
+
+
+def test_topology_fleet_sections_are_left_to_fleet_init() -> None:
+    parsed = parse_topology(MINIMAL + "\n[devices]\nstate_dir = \"var\"\n[aggregators]\ndeadline_s = 30\n")
+    assert parsed == parse_topology(MINIMAL)
 
 
 def test_topology_with_addresses_moves_only_named_brokers() -> None:

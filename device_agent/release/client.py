@@ -35,7 +35,7 @@ from device_agent.errors import BundleError
 from device_agent.keys import TrustedKeys
 from device_agent.protocol.topics import TopicLayout
 from device_agent.release.download_store import Download, DownloadStore
-from device_agent.release.policy import Action, Decision, DeviceIdentity, LocalRelease, decide
+from device_agent.release.policy import Action, Decision, DecideFn, DeviceIdentity, LocalRelease, decide
 from device_agent.release.release_info import ReleaseInfo
 from device_agent.release.release_state import ReleaseMemory, ReleaseReport, ReleaseStateFile
 from device_agent.release.settings import ReleaseSettings
@@ -64,12 +64,17 @@ class RevertNeeded:
 
 
 class ReleaseClient:
-    """Release handling for one device (module docstring). ``directory``: ``<state dir>/release``."""
+    """Release handling for one device (module docstring). ``directory``: ``<state dir>/release``.
+
+    ``decide``: what to do about the trusted releases (default: a device's rule,
+    :func:`~device_agent.release.policy.decide`; the aggregators follow the fleet's version with their own).
+    """
 
     def __init__(self, settings: ReleaseSettings, *, identity: DeviceIdentity, directory: Path, topics: TopicLayout,
                  fleet_keys: TrustedKeys, subscribe: Callable[[Sequence[str]], None],
                  unsubscribe: Callable[[Sequence[str]], None], report: Callable[[ReleaseReport], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 decide: DecideFn = decide) -> None:
         self.settings = settings
         self.identity = identity
         self.directory = directory
@@ -81,6 +86,7 @@ class ReleaseClient:
         self.on_report = report
         self._clock = clock
         self._wall_clock = wall_clock
+        self._decide = decide
         try:
             self._root = settings.root_file.read_bytes()
         except OSError as exc:
@@ -165,8 +171,8 @@ class ReleaseClient:
             return None
         local = replace(local, failed=frozenset(self.memory.failed) | local.failed,
                         refused=frozenset(self.memory.refused) | local.refused)
-        decision = decide(self.view.releases, self.view.stages, identity=self.identity, local=local,
-                          now_ms=int(self._wall_clock() * 1000))
+        decision = self._decide(self.view.releases, self.view.stages, identity=self.identity, local=local,
+                                now_ms=int(self._wall_clock() * 1000))
         if decision.action is Action.REVERT:
             return RevertNeeded(decision=decision)
         if decision.action is Action.REFUSE and decision.release is not None:

@@ -22,7 +22,7 @@ data. The release controller applies the same rule to the statuses it reads.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -76,6 +76,8 @@ class Decision:
 
 
 NOTHING = Decision(action=Action.NONE)
+#: The shape of :func:`decide` (the aggregators plug in their own rule).
+DecideFn = Callable[..., Decision]
 
 
 def decide(releases: tuple[ReleaseInfo, ...], stages: Mapping[int, StageRecord], *, identity: DeviceIdentity,

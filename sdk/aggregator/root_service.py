@@ -21,7 +21,10 @@ import numpy as np
 
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.inbox import InboxLimits
-from sdk.aggregator.root import RootAggregator
+from device_agent.release.carry import carry_parameters
+from device_agent.release.release_info import SharedStart
+from sdk.aggregator.follower import VersionFollower
+from sdk.aggregator.root import RootAggregator, VersionSwitch
 from sdk.aggregator.service_base import MqttAggregatorService, ServiceReport
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 
@@ -33,19 +36,27 @@ class RootService(MqttAggregatorService):
 
     ``initial_params``: round 0's global model, started when the store has no
     round yet (None: wait for an operator to start one). Every connect
-    republishes the current model (retained).
+    republishes the current model (retained). ``follower``: follow the fleet's
+    releases (None: run the configured bundle for good): when the federation's
+    version changes and its bundle is in the library, the next close starts the
+    new version (docs/rollout.md, "Version switch at a round boundary").
     """
 
     def __init__(self, aggregator: RootAggregator, *, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), initial_params: Mapping[str, np.ndarray] | None = None,
-                 clock: Callable[[], float] = time.monotonic, inbox: InboxLimits | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, inbox: InboxLimits | None = None,
+                 follower: VersionFollower | None = None) -> None:
         self.aggregator = aggregator
         self._initial = initial_params
+        self.follower = follower
         super().__init__(layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox)
+        if follower is not None:
+            follower.attach(self.subscribe_topics, self.unsubscribe_topics)
 
     def subscriptions(self) -> Sequence[str]:
-        """The region aggregate filter (shared when a group is set)."""
-        return (self.group_filter(self.layout.all_region_aggregates),)
+        """The region aggregate filter (shared when a group is set) and, following releases, their metadata."""
+        return (self.group_filter(self.layout.all_region_aggregates),) + (
+            self.follower.subscriptions if self.follower is not None else ())
 
     def sender_of(self, topic: str) -> str | None:
         """Aggregates are rate-limited per region (the bridge ACL confines a region to its own uplink)."""
@@ -72,7 +83,10 @@ class RootService(MqttAggregatorService):
             self.publish(self.layout.root_model, model, retain=True)
 
     def handle_message(self, topic: str, payload: bytes) -> None:
-        """Take one region's (possibly chunked) aggregate and answer it with a signed receipt."""
+        """Take one region's (possibly chunked) aggregate and answer it with a signed receipt (or file a release message)."""
+        if self.follower is not None and self.follower.handles(topic):
+            self.follower.handle(topic, payload)
+            return
         region = self.layout.region_of(topic)
         if region is None or topic != self.layout.region_aggregate(region):
             self.count("unroutable_topic")
@@ -88,11 +102,38 @@ class RootService(MqttAggregatorService):
         self.on_tick()
 
     def on_tick(self) -> None:
-        """Expire stale chunks; close the round and publish the next global model when it should close."""
+        """Expire stale chunks; follow releases; close the round (switching versions when due) and publish the
+        next global model when it should close."""
         self._reassembler.expire()
+        if self.follower is not None:
+            self.follower.step()
         if self.aggregator.should_close():
-            model = self.aggregator.close_round()
+            model = self.aggregator.close_round(switch=self.switch_due())
             self.publish(self.layout.root_model, model, retain=True)
+
+    def switch_due(self) -> VersionSwitch | None:
+        """The switch to make at this close: the federation's version differs and its bundle is in the library."""
+        follower = self.follower
+        if follower is None:
+            return None
+        version = follower.desired_version()
+        if version is None or version == self.aggregator.bundle_version or follower.library.get(version) is None:
+            return None
+        config = follower.library.config_for(self.aggregator.config, version)
+        initial = follower.library.initial_shared(version)
+        carry = follower.shared_start(version) is SharedStart.CARRY
+        old_version = self.aggregator.bundle_version
+
+        def start(old: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if not carry:
+                logger.warning("bundle v%d starts from its own initial weights", version)
+                return initial
+            carried = carry_parameters(old, initial)
+            logger.warning("bundle v%d starts from the v%d global model where it carries over: %s", version, old_version,
+                           carried.summary())
+            return carried.params
+
+        return VersionSwitch(config=config, start=start)
 
     def flush_counters(self) -> None:
         """Write the aggregator's pending rejection counters."""

@@ -59,6 +59,11 @@ class AggregatorTier:
         self._closed = False
 
     @property
+    def config(self) -> AggregatorConfig:
+        """The configuration in force (it changes when the aggregator adopts another bundle version)."""
+        return self._config
+
+    @property
     def bundle_version(self) -> int:
         """The bundle version this aggregator runs (every update must name it)."""
         return self._config.bundle_version

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,20 +12,22 @@ from types import FrameType
 import click
 import numpy as np
 
-from device_agent.bundle.archive import install_bundle
 from device_agent.daemon.errors import ConfigError
 from device_agent.errors import FedgeError
 from device_agent.keys import load_verify_key
 from device_agent.protocol.topics import TopicLayout
-from device_agent.trainer import DeviceTrainer
 from sdk.aggregator import RegionalAggregator, RootAggregator
+from sdk.aggregator.bundles import BundleLibrary, initial_shared_weights
+from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.mqtt_service import RegionalService, RootService, ServiceReport
 from sdk.cli.family import examples
 from sdk.aggregator.service_config import (
     RootServiceConfig,
+    ServiceRelease,
     load_regional_service_config,
     load_root_service_config,
 )
+from sdk.aggregator.tier import AggregatorTier
 
 _CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
                        help="The service's TOML file (docs/aggregation.md, 'Running the services').")
@@ -49,8 +50,10 @@ def regional(config_path: Path, max_seconds: float | None) -> None:
         settings = load_regional_service_config(config_path)
         layout = TopicLayout(fleet=settings.aggregator.fleet)
         with RegionalAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
+            follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id,
+                                       region=settings.aggregator.region)
             service = RegionalService(agg, region=settings.aggregator.region, layout=layout,
-                                      broker=settings.broker, loop=settings.loop)
+                                      broker=settings.broker, loop=settings.loop, follower=follower)
             with _stop_on_signals() as stop:
                 _report(service.run(stop, max_seconds))
     except (ConfigError, FedgeError) as exc:
@@ -67,19 +70,37 @@ def root(config_path: Path, max_seconds: float | None) -> None:
         layout = TopicLayout(fleet=settings.aggregator.fleet)
         with RootAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
             initial = initial_shared_params(settings) if agg.current_model() is None else None
-            service = RootService(agg, layout=layout, broker=settings.broker, loop=settings.loop, initial_params=initial)
+            follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id, region=None)
+            service = RootService(agg, layout=layout, broker=settings.broker, loop=settings.loop, initial_params=initial,
+                                  follower=follower)
             with _stop_on_signals() as stop:
                 _report(service.run(stop, max_seconds))
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
+def follow_releases(release: ServiceRelease | None, agg: AggregatorTier, *, layout: TopicLayout, identity: str,
+                    region: str | None) -> VersionFollower | None:
+    """The service's release follower (None without ``[release]``), after putting ``agg`` on the bundle version
+    its stored round runs (a restart after a switch); FedgeError when that bundle is not in the library."""
+    if release is None:
+        return None
+    keys = load_verify_key(release.fleet_public_key)
+    library = BundleLibrary(release.library, keys, configured=release.bundle)
+    stored = agg.stored_version()
+    if stored is not None and stored != agg.bundle_version:
+        if library.get(stored) is None:
+            raise FedgeError(f"the store runs bundle v{stored} but neither the configured bundle nor the library "
+                             f"({release.library}) has it")
+        agg.adopt(library.config_for(agg.config, stored))
+    return VersionFollower(release.settings, fleet=layout.fleet, identity=identity, region=region,
+                           directory=release.state_dir, layout=layout, library=library, fleet_keys=keys,
+                           configured_version=library.configured_version)
+
+
 def initial_shared_params(settings: RootServiceConfig) -> dict[str, np.ndarray]:
     """The bundle's initial shared weights (round 0's global model), read through ONNX Runtime from its checkpoint."""
-    fleet_key = load_verify_key(settings.fleet_public_key)
-    with tempfile.TemporaryDirectory(prefix="fedge-root-bundle-") as scratch:
-        bundle = install_bundle(settings.bundle, fleet_key, Path(scratch) / "bundle")
-        return DeviceTrainer(bundle).get_shared()
+    return initial_shared_weights(settings.bundle, load_verify_key(settings.fleet_public_key))
 
 
 @contextlib.contextmanager

@@ -211,7 +211,7 @@ def _subcommand(sub: Any, name: str, func: Any, helptext: str, examples: tuple[s
 
 def _add_install(sub: Any) -> None:
     c = _subcommand(sub, "install", _cmd_install, "verify a .fedge bundle against the fleet key and install it",
-                    ("fedge-agent install watch.fedge --fleet-key fleet.key.pub --dest /var/lib/fedge/bundle",))
+                    ("fedge-agent install watch.fedge --fleet-key fleet.pub --dest /var/lib/fedge/bundle",))
     c.add_argument("bundle", help="the .fedge archive")
     c.add_argument("--fleet-key", required=True, help="trusted fleet Ed25519 public key (PEM)")
     c.add_argument("--dest", required=True,
@@ -221,11 +221,11 @@ def _add_install(sub: Any) -> None:
 
 def _add_train_evaluate(sub: Any) -> None:
     train = _subcommand(sub, "train", _cmd_train, "train the installed bundle on local data and save state",
-                        ("fedge-agent train --bundle-dir bundle/ --fleet-key fleet.key.pub --state state/ "
+                        ("fedge-agent train --bundle-dir bundle/ --fleet-key fleet.pub --state state/ "
                          "--data local.npz --epochs 2",
                          "fedge-agent train ... --data local.csv --eval-data test.csv"))
     evaluate = _subcommand(sub, "evaluate", _cmd_evaluate, "evaluate the personalised model on local data",
-                           ("fedge-agent evaluate --bundle-dir bundle/ --fleet-key fleet.key.pub --state state/ "
+                           ("fedge-agent evaluate --bundle-dir bundle/ --fleet-key fleet.pub --state state/ "
                             "--data test.npz",))
     for c in (train, evaluate):
         c.add_argument("--bundle-dir", required=True, help="installed bundle directory (re-verified)")
@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The fedge-agent argument parser."""
     p = _Parser(prog="fedge-agent", formatter_class=_Formatter,
                 description="fedge device agent: verify bundles, train on local data and join the federation (no torch).",
-                epilog=_examples("fedge-agent install watch.fedge --fleet-key fleet.key.pub --dest bundle/",
-                                 "fedge-agent train --bundle-dir bundle/ --fleet-key fleet.key.pub --state state/ "
+                epilog=_examples("fedge-agent install watch.fedge --fleet-key fleet.pub --dest bundle/",
+                                 "fedge-agent train --bundle-dir bundle/ --fleet-key fleet.pub --state state/ "
                                  "--data local.npz",
                                  "fedge-agent run --config agent.toml -v",
                                  "",

@@ -257,3 +257,16 @@ def open_candidates(
     if any(not model for model in models):
         raise MalformedMessageError("sealed candidates: a peer of the header has no tensors")
     return OpenedCandidates(header=header, models=tuple(models), signer_key_id=key_id)
+
+
+def claimed_update_header(blob: bytes | bytearray | memoryview) -> UpdateHeader | None:
+    """The header a sealed update *claims*, unauthenticated, or None when even that does not parse.
+
+    For logs only (which device an update that failed authentication says it
+    is from): never act on it.
+    """
+    try:
+        frame = split_frame(blob, magic=UPDATE_MAGIC, what="sealed update", min_body=0, max_bytes=len(blob) + 1)
+        return UpdateHeader.from_bytes(frame.record)
+    except MalformedMessageError:
+        return None

@@ -45,6 +45,7 @@ from device_agent.protocol.validation import RejectReason, ReplayWindow, UpdateV
 from sdk.aggregation import AggregationConfig, MeanRule, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy, RoundBounds, first_bounds, next_bounds
 from sdk.aggregator.admission import Admission, admit, check_round_total
+from sdk.aggregator.auth_log import AuthFailureLog
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
 from sdk.aggregator.errors import StoreError
@@ -117,6 +118,9 @@ class UpdateIntake(CounterLedger):
             kind=kind,
         )
         super().__init__(store)
+        self._what = kind.value
+        #: One WARNING per claimed sender and minute for messages that fail authentication.
+        self._auth_log = AuthFailureLog(clock=config.clock)
         self._loaded = False
         self._marker: RoundMarker | None = None
         self._record: RoundRecord | None = None
@@ -207,6 +211,7 @@ class UpdateIntake(CounterLedger):
         try:
             opened = open_update(blob, recipient_key=self._config.encryption_key, sender_public_key=self._sender_keys, limits=self._limits)
         except AuthenticationError:
+            self._auth_log.report_update(blob, keys=self._sender_keys, topic_sender=topic_sender, what=self._what)
             return self._refuse(IntakeReason.AUTH, "", len(blob))
         except MalformedMessageError as exc:
             return self._refuse(IntakeReason.MALFORMED, str(exc), len(blob))
@@ -324,10 +329,9 @@ class UpdateIntake(CounterLedger):
     # -- answers ---------------------------------------------------------------
 
     def _refuse(self, reason: IntakeReason, detail: str, size: int) -> HandledUpdate:
+        """Count and answer a message refused before it authenticated (auth failures are logged by the caller)."""
         self._pending[f"rejected:{reason.value}"] += 1
-        if reason is IntakeReason.AUTH:
-            logger.warning("refused a message of %d bytes: authentication failed", size)
-        else:
+        if reason is not IntakeReason.AUTH:
             logger.warning("refused a message of %d bytes: %s (%s)", size, reason.value, detail)
         return HandledUpdate(verdict=Verdict.REJECTED, reason=reason.value, detail=detail)
 

@@ -7,7 +7,9 @@ against the config file's directory. The shared-parameter spec and the bundle
 version come from the signed bundle (verified with the fleet key), so an
 aggregator can never disagree with the devices about what an update holds.
 Keys are PEM files (``fedge keys generate``); the devices' (or regions')
-Ed25519 public keys are the ``<id>.pub`` files of one directory.
+Ed25519 public keys are the ``<id>.pub`` files of one directory, minus the
+key ids in its ``revoked.txt`` (:class:`~sdk.aggregator.registry.KeyRegistry`,
+re-read on SIGHUP by ``fedge aggregator``).
 """
 
 from __future__ import annotations
@@ -18,19 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from device_agent.bundle.archive import verify_bundle
 from device_agent.bundle.manifest import BundleManifest
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
 from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
-from device_agent.protocol.headers import MAX_CANDIDATES, check_id
+from device_agent.protocol.headers import MAX_CANDIDATES
 from device_agent.release.settings import ReleaseSettings
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 from sdk.aggregator.regional import RegionalConfig
+from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.root import RootConfig
 from sdk.aggregator.round_state import RoundPolicy
 
@@ -164,7 +165,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
     config = _build(agg, "regional_weight", RegionalConfig, dict(
         fleet=fleet,
         region=region,
-        device_keys=_public_keys_dir(agg, "device_keys_dir"),
+        device_keys=_public_keys_dir(agg, "device_keys_dir", what="device"),
         root_verify_key=_key(agg, "root_verify_key", load_verify_key),
         root_encryption_key=_key(agg, "root_encryption_key", load_recipient_key),
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
@@ -189,7 +190,7 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
     agg = top.table("aggregator")
     fleet = agg.identifier("fleet")
     manifest = _manifest(agg)
-    region_keys = _public_keys_dir(agg, "region_keys_dir")
+    region_keys = _public_keys_dir(agg, "region_keys_dir", what="region")
     weighting = agg.string("weighting", "samples")
     if weighting not in ("samples", "uniform"):
         raise agg.error("weighting", f"expected 'samples' or 'uniform', got {weighting!r}")
@@ -387,18 +388,12 @@ def _key(table: TomlTable, key: str, load: Callable[[Path], _K]) -> _K:
         raise table.error(key, f"cannot load {path}: {exc}") from exc
 
 
-def _public_keys_dir(table: TomlTable, key: str) -> dict[str, Ed25519PublicKey]:
-    """id -> Ed25519 public key from the ``<id>.pub`` files of a directory (read once, at start)."""
+def _public_keys_dir(table: TomlTable, key: str, *, what: str) -> KeyRegistry:
+    """The reloadable registry of the ``<id>.pub`` files of a directory (:class:`KeyRegistry`)."""
     directory = table.path(key)
     if not directory.is_dir():
         raise table.error(key, f"{str(directory)!r} is not a directory")
-    keys: dict[str, Ed25519PublicKey] = {}
-    for pub in sorted(directory.glob("*.pub")):
-        try:
-            check_id(key, pub.stem)
-            keys[pub.stem] = load_verify_key(pub)
-        except (OSError, ValueError) as exc:
-            raise table.error(key, f"{pub.name}: {exc}") from exc
-    if not keys:
-        raise table.error(key, f"no <id>.pub files in {str(directory)!r}")
-    return keys
+    try:
+        return KeyRegistry(directory, what=what)
+    except RegistryError as exc:
+        raise table.error(key, str(exc)) from exc

@@ -96,6 +96,36 @@ def credential_path(account: Account, suffix: str = ".json") -> PurePosixPath:
     return CREDENTIALS_DIR / f"{account.role.value}s" / f"{account.username}{suffix}"
 
 
+def credential_document(topology: Topology, account: Account, password: str) -> str:
+    """The credentials JSON of one device, aggregator or monitoring account (see :func:`render_credentials`)."""
+    tls = topology.tls
+    address = topology.address(account.broker)
+    cert = credential_path(account, ".crt").relative_to(CREDENTIALS_DIR)
+    key = credential_path(account, ".key").relative_to(CREDENTIALS_DIR)
+    document: dict[str, object] = {
+        "fleet": topology.fleet,
+        "topic_prefix": topology.topic_prefix,
+        "role": account.role.value,
+        "region": account.region,
+        "username": account.username,
+        "password": password,
+        "broker": account.broker,
+        "host": address.host,
+        "port": address.tls_port if tls.enabled else address.port,
+        "tls": tls.enabled,
+        "ca_file": CA_CERT_NAME if tls.enabled else None,
+        "client_cert_file": str(cert) if tls.require_client_certs else None,
+        "client_key_file": str(key) if tls.require_client_certs else None,
+        "message_size_limit": topology.message_size_limit,
+    }
+    if account.role is Role.MONITOR:
+        document["regional_brokers"] = {
+            r.name: {"host": r.address.host, "port": r.address.tls_port if tls.enabled else r.address.port}
+            for r in topology.regions
+        }
+    return json.dumps(document, indent=2) + "\n"
+
+
 def render_credentials(topology: Topology, passwords: Mapping[str, str]) -> tuple[RenderedFile, ...]:
     """One JSON file per device and aggregator: what that client needs to connect.
 
@@ -105,35 +135,9 @@ def render_credentials(topology: Topology, passwords: Mapping[str, str]) -> tupl
     The monitoring account gets one file, for the root, with ``regional_brokers``
     (region -> host and port) beside it: the same password works at every broker.
     """
-    files = []
-    tls = topology.tls
-    for account in topology.accounts():
-        if account.role is Role.BRIDGE or (account.role is Role.MONITOR and account.broker != ROOT):
-            continue
-        address = topology.address(account.broker)
-        cert = credential_path(account, ".crt").relative_to(CREDENTIALS_DIR)
-        key = credential_path(account, ".key").relative_to(CREDENTIALS_DIR)
-        document = {
-            "fleet": topology.fleet,
-            "topic_prefix": topology.topic_prefix,
-            "role": account.role.value,
-            "region": account.region,
-            "username": account.username,
-            "password": passwords[account.username],
-            "broker": account.broker,
-            "host": address.host,
-            "port": address.tls_port if tls.enabled else address.port,
-            "tls": tls.enabled,
-            "ca_file": CA_CERT_NAME if tls.enabled else None,
-            "client_cert_file": str(cert) if tls.require_client_certs else None,
-            "client_key_file": str(key) if tls.require_client_certs else None,
-            "message_size_limit": topology.message_size_limit,
-        }
-        if account.role is Role.MONITOR:
-            document["regional_brokers"] = {
-                r.name: {"host": r.address.host, "port": r.address.tls_port if tls.enabled else r.address.port}
-                for r in topology.regions
-            }
-        files.append(RenderedFile(path=credential_path(account), text=json.dumps(document, indent=2) + "\n",
-                                  secret=True))
-    return tuple(files)
+    return tuple(
+        RenderedFile(path=credential_path(account), text=credential_document(topology, account, passwords[account.username]),
+                     secret=True)
+        for account in topology.accounts()
+        if account.role is not Role.BRIDGE and (account.role is not Role.MONITOR or account.broker == ROOT)
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from sdk.aggregator import RegionalAggregator, RootAggregator
 from sdk.aggregator.bundles import BundleLibrary, initial_shared_weights
 from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.mqtt_service import RegionalService, RootService, ServiceReport
+from sdk.aggregator.registry import KeyRegistry
 from sdk.cli.family import examples
 from sdk.aggregator.service_config import (
     RootServiceConfig,
@@ -29,6 +31,7 @@ from sdk.aggregator.service_config import (
 )
 from sdk.aggregator.tier import AggregatorTier
 
+logger = logging.getLogger(__name__)
 _CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
                        help="The service's TOML file (docs/aggregation.md, 'Running the services').")
 _MAX_SECONDS = click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -54,7 +57,7 @@ def regional(config_path: Path, max_seconds: float | None) -> None:
                                        region=settings.aggregator.region)
             service = RegionalService(agg, region=settings.aggregator.region, layout=layout,
                                       broker=settings.broker, loop=settings.loop, follower=follower)
-            with _stop_on_signals() as stop:
+            with _stop_on_signals(reload=settings.aggregator.device_keys) as stop:
                 _report(service.run(stop, max_seconds))
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -73,7 +76,7 @@ def root(config_path: Path, max_seconds: float | None) -> None:
             follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id, region=None)
             service = RootService(agg, layout=layout, broker=settings.broker, loop=settings.loop, initial_params=initial,
                                   follower=follower)
-            with _stop_on_signals() as stop:
+            with _stop_on_signals(reload=settings.aggregator.region_keys) as stop:
                 _report(service.run(stop, max_seconds))
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -104,14 +107,25 @@ def initial_shared_params(settings: RootServiceConfig) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM (so the service disconnects and writes its counters); handlers restored after."""
+def _stop_on_signals(reload: object = None) -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM (so the service disconnects and writes its counters); handlers restored after.
+
+    SIGHUP re-reads the key registry ``reload`` (a :class:`KeyRegistry`; others are read once) in a short-lived
+    thread, so the service loop never waits for the disk: ``fedge fleet add/remove/rekey/move`` then apply at once.
+    """
     stop = threading.Event()
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
+    def hangup(signum: int, frame: FrameType | None) -> None:
+        if isinstance(reload, KeyRegistry):
+            threading.Thread(target=reload.reload, name="fedge-registry-reload", daemon=True).start()
+        else:
+            logger.warning("SIGHUP: this service's keys are not a registry directory; nothing to reload")
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hangup)
     try:
         yield stop
     finally:

@@ -137,7 +137,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-@bundle.command("verify", epilog=examples("fedge bundle verify watch.fedge --pub fleet.key.pub",
+@bundle.command("verify", epilog=examples("fedge bundle verify watch.fedge --pub fleet.pub",
                                           "fedge bundle verify watch.fedge --pub old.pub --pub new.pub --json"))
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--pub", "pub_paths", multiple=True, required=True, type=click.Path(exists=True, path_type=Path),

@@ -12,6 +12,7 @@ from sdk.cli.aggregator_cmd import aggregator
 from sdk.cli.bench_cmd import bench
 from sdk.cli.bundle_cmd import bundle
 from sdk.cli.demo_cmd import demo
+from sdk.cli.fleet_cmd import fleet
 from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, apply_verbosity, examples, verbosity_options
 from sdk.cli.keys_cmd import keys
 from sdk.cli.simulate_cmd import simulate
@@ -46,6 +47,7 @@ cli.add_command(bench)
 cli.add_command(simulate)
 cli.add_command(aggregator)
 cli.add_command(broker_config, name="broker-config")
+cli.add_command(fleet)
 add_verbosity_everywhere(cli)
 
 

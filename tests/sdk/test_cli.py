@@ -26,19 +26,19 @@ def test_cli_keys_bundle_build_verify_and_agent_train(tmp_path: Path, digits, ca
                               "--key", str(key), "--name", "digits", "--version", "3", "-o", str(bundle)])
     assert res.exit_code == 0, res.output
     assert "2080 shared + 330 personal" in res.output
-    res = runner.invoke(cli, ["bundle", "verify", str(bundle), "--pub", str(key) + ".pub", "--json"])
+    res = runner.invoke(cli, ["bundle", "verify", str(bundle), "--pub", str(tmp_path / "fleet.pub"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["bundle_version"] == 3
 
     other = tmp_path / "other.key"
     runner.invoke(cli, ["keys", "generate", "--out", str(other)])
-    res = runner.invoke(cli, ["bundle", "verify", str(bundle), "--pub", str(other) + ".pub"])
+    res = runner.invoke(cli, ["bundle", "verify", str(bundle), "--pub", str(tmp_path / "other.pub")])
     assert res.exit_code == 1 and "REFUSED" in res.output
 
     x, y = digits
     np.savez(tmp_path / "train.npz", x=x[:1200], y=y[:1200])
     np.savez(tmp_path / "test.npz", x=x[1200:], y=y[1200:])
-    pub = str(key) + ".pub"
+    pub = str(tmp_path / "fleet.pub")
     assert agent_main(["install", str(bundle), "--fleet-key", pub, "--dest", str(tmp_path / "inst")]) == 0
     assert agent_main(["train", "--bundle-dir", str(tmp_path / "inst"), "--fleet-key", pub, "--state", str(tmp_path / "st"),
                        "--data", str(tmp_path / "train.npz"), "--eval-data", str(tmp_path / "test.npz"), "--epochs", "5"]) == 0
@@ -122,3 +122,21 @@ def test_cli_simulate_same_seed_same_numbers(tmp_path: Path):
         assert res.exit_code == 0, res.output
         outs.append(json.loads(out.read_text())["rounds"][0]["accuracy"])
     assert outs[0] == outs[1]
+
+
+def test_cli_keys_generate_names_the_public_key_so_the_registry_finds_the_device(tmp_path: Path):
+    runner = CliRunner()
+    registry = tmp_path / "devices"
+    res = runner.invoke(cli, ["keys", "generate", "--out", str(registry / "eu-dev-0001.key")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in registry.iterdir()) == ["eu-dev-0001.key", "eu-dev-0001.pub"]
+    (registry / "eu-dev-0001.key").rename(tmp_path / "eu-dev-0001.key")  # the private key goes to the device
+    from sdk.aggregator.registry import KeyRegistry
+
+    assert KeyRegistry(registry).ids() == ("eu-dev-0001",)
+    res = runner.invoke(cli, ["keys", "generate", "--kind", "encryption", "--out", str(tmp_path / "eu-agg.x25519")])
+    assert res.exit_code == 0 and (tmp_path / "eu-agg.x25519.pub").is_file()
+    res = runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "eu-dev-0001.key")])
+    assert res.exit_code == 2 and "exists" in res.output
+    res = runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "x.pub")])
+    assert res.exit_code == 2 and "public key's name" in res.output

@@ -76,6 +76,151 @@ def bundle_cmd(fleet_dir: Path, bundle: Path) -> None:
     click.echo(f"{own}: copied to {len(opened.sites())} aggregator and {len(opened.device_dirs())} device directories")
 
 
+@fleet.command("up", epilog=examples("fedge fleet up fleet/                       # every site on this host",
+                                     "fedge fleet up fleet/ --site eu             # the eu broker and service only",
+                                     "fedge fleet up fleet/ --no-brokers          # services only (Mosquitto runs under systemd)"))
+@_FLEET_DIR
+@click.option("--site", "sites", multiple=True, help="root or a region name; repeat it (default: every site).")
+@click.option("--brokers/--no-brokers", default=True, show_default=True,
+              help="Start Mosquitto for each site too (off: the brokers already run).")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop after this long (default: until SIGINT/SIGTERM).")
+def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, max_seconds: float | None) -> None:
+    """Run this host's share of the fleet in the foreground: brokers, then regional services, then the root's."""
+    import signal
+    import threading
+
+    from sdk.fleet.day2 import open_fleet
+    from sdk.fleet.up import FleetRunner
+
+    opened = open_fleet(fleet_dir)
+    chosen = sites or ("root", *(r.name for r in opened.spec.topology.regions))
+    runner = FleetRunner(opened, sites=chosen, brokers=brokers)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        runner.start()
+        for child in runner.children:
+            click.echo(f"{child.name:<18} pid {child.process.pid:<7} log {child.log}")
+        click.echo("running; Ctrl-C stops everything", err=True)
+        runner.watch(stop, max_seconds)
+    finally:
+        runner.stop()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+_RELOAD = click.option("--reload/--no-reload", default=True, show_default=True,
+                       help="Send SIGHUP to the brokers and services `fedge fleet up` runs on this host, so they apply it now.")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print the change as JSON.")
+
+
+def _report_change(fleet_dir: Path, change, reload: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from sdk.fleet.day2 import describe, signal_reloads
+
+    outcome = signal_reloads(fleet_dir, change) if reload else {}
+    if as_json:
+        click.echo(json.dumps({**describe(change), "reloads": outcome}))
+        return
+    where = change.device_dir if change.device_dir is not None else "(directory removed)"
+    click.echo(f"{change.action} {change.device}: {where}")
+    if change.revoked_key:
+        click.echo(f"  revoked key {change.revoked_key}")
+    for name in [f"broker {b}" for b in change.brokers] + [f"aggregator {a}" for a in change.aggregators]:
+        click.echo(f"  {name}: {outcome.get(name, 'send it SIGHUP (kill -HUP PID) to apply the change')}")
+    for note in change.notes:
+        click.echo(f"  next: {note}")
+
+
+@fleet.command("add", epilog=examples("fedge fleet add fleet/ eu-dev-0042 --region eu"))
+@_FLEET_DIR
+@click.argument("device")
+@click.option("--region", required=True, help="The region the device joins.")
+@_RELOAD
+@_JSON
+def add(fleet_dir: Path, device: str, region: str, reload: bool, as_json: bool) -> None:
+    """Provision DEVICE in REGION: key, broker account, registry entry, provisioning directory (no other device changes)."""
+    from sdk.fleet.day2 import add_device, open_fleet
+
+    _report_change(fleet_dir, add_device(open_fleet(fleet_dir), device, region), reload, as_json)
+
+
+@fleet.command("remove", epilog=examples("fedge fleet remove fleet/ eu-dev-0042"))
+@_FLEET_DIR
+@click.argument("device")
+@_RELOAD
+@_JSON
+def remove(fleet_dir: Path, device: str, reload: bool, as_json: bool) -> None:
+    """Take DEVICE out: broker account, registry entry and directory removed, its key revoked fleet-wide."""
+    from sdk.fleet.day2 import open_fleet, remove_device
+
+    _report_change(fleet_dir, remove_device(open_fleet(fleet_dir), device), reload, as_json)
+
+
+@fleet.command("rekey", epilog=examples("fedge fleet rekey fleet/ eu-dev-0042"))
+@_FLEET_DIR
+@click.argument("device")
+@_RELOAD
+@_JSON
+def rekey(fleet_dir: Path, device: str, reload: bool, as_json: bool) -> None:
+    """Give DEVICE a new identity key and broker password (the old key is revoked); install its new directory on it."""
+    from sdk.fleet.day2 import open_fleet, rekey_device
+
+    _report_change(fleet_dir, rekey_device(open_fleet(fleet_dir), device), reload, as_json)
+
+
+@fleet.command("move", epilog=examples("fedge fleet move fleet/ eu-dev-0042 --to us"))
+@_FLEET_DIR
+@click.argument("device")
+@click.option("--to", "to_region", required=True, help="The region the device moves to.")
+@_RELOAD
+@_JSON
+def move(fleet_dir: Path, device: str, to_region: str, reload: bool, as_json: bool) -> None:
+    """Move DEVICE to another region: it leaves the old region's broker and registry in the same operation."""
+    from sdk.fleet.day2 import move_device, open_fleet
+
+    _report_change(fleet_dir, move_device(open_fleet(fleet_dir), device, to_region), reload, as_json)
+
+
+@fleet.command("status", epilog=examples("fedge fleet status fleet/", "fedge fleet status fleet/ --from regions --json"))
+@_FLEET_DIR
+@click.option("--from", "source", type=click.Choice(["root", "regions"]), default="root", show_default=True,
+              help="Read the statuses bridged to the root broker, or from each regional broker.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Seconds to wait for each broker.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of the tables.")
+def status(fleet_dir: Path, source: str, timeout: float, as_json: bool) -> None:
+    """Every device's signed status, verified against the registries, as a table per region."""
+    import json
+
+    from sdk.aggregator.registry import KeyRegistry, RegistryError
+    from sdk.fleet import layout
+    from sdk.fleet.day2 import open_fleet
+    from sdk.fleet.status_fetch import fetch_statuses, monitor_endpoints
+    from sdk.fleet.status_view import build_view, render_table
+
+    opened = open_fleet(fleet_dir)
+    topology = opened.spec.topology
+    if topology.monitor is None:
+        raise InputError("this fleet has no monitoring account ([monitor] enabled = false in its topology)")
+    registries = {}
+    for region in topology.regions:
+        try:
+            registries[region.name] = KeyRegistry(opened.directory / layout.aggregator_dir(region.name) / layout.REGISTRY_DIR)
+        except RegistryError:
+            registries[region.name] = {}  # a region without devices: every status there is unverifiable
+    messages = fetch_statuses(monitor_endpoints(opened.directory, topology.monitor), source=source, topics=topology.layout,
+                              timeout_s=timeout)
+    view = build_view(layout=topology.layout, regions=[r.name for r in topology.regions], registries=registries,
+                      expected={d: e.region for d, e in opened.inventory.devices.items()}, messages=messages)
+    if as_json:
+        click.echo(json.dumps(view.to_json(), indent=2))
+    else:
+        click.echo(render_table(view), nl=False)
+
+
 def _spec(path: Path):  # type: ignore[no-untyped-def]
     try:
         return load_fleet_spec(path)

@@ -34,6 +34,7 @@ class ReleaseFixture:
     fleet_key: Ed25519PrivateKey
     policy: KeyPolicy = field(default_factory=KeyPolicy)
     message_size_limit: int = 256 * 1024
+    fleet: str = FLEET
 
     def __post_init__(self) -> None:
         self.key_dir = self.directory / "keys"
@@ -58,11 +59,12 @@ class ReleaseFixture:
             shared_start: SharedStart = SharedStart.CARRY, publish: bool = True) -> ReleaseInfo:
         """Add ``bundle`` as the next release (or ``release``) at ``stage`` and (by default) publish it."""
         number = release if release is not None else max((e.info.release for e in self.repo.releases()), default=0) + 1
-        info, data = plan_release(bundle, release=number, fleet=FLEET, fleet_key=self.fleet_key.public_key(),
+        info, data = plan_release(bundle, release=number, fleet=self.fleet, fleet_key=self.fleet_key.public_key(),
                                   choices=ReleaseChoices(targets=targets, canary=canary, chunk_size=chunk_size,
                                                          expires_ms=int((time.time() + expires_in_s) * 1000),
                                                          shared_start=shared_start),
-                                  message_size_limit=self.message_size_limit, devices=DEVICES)
+                                  message_size_limit=self.message_size_limit,
+                                  devices=DEVICES if self.fleet == FLEET else None)
         record = StageRecord(release=number, stage=stage, reason="test", decided_ms=int(time.time() * 1000))
         self.repo.add_release(info, data, self.signers(), stage=record)
         self.bundles[info.sha256] = data

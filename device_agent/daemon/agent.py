@@ -45,8 +45,7 @@ from device_agent.daemon.keyring import DeviceKeys
 from device_agent.daemon.status_reporter import StatusReporter
 from device_agent.daemon.version_switch import Switched, VersionSwitch
 from device_agent.data import DataSource
-from device_agent.bundle.install_policy import read_record
-from device_agent.errors import BundleError, TrainingError
+from device_agent.errors import TrainingError
 from device_agent.local_round import LocalUpdate, train_local_round
 from device_agent.protocol import envelope
 from device_agent.protocol.chunking import PayloadTooLargeError
@@ -55,8 +54,7 @@ from device_agent.protocol.headers import UpdateHeader
 from device_agent.protocol.receipts import Receipt, ReceiptStatus
 from device_agent.protocol.status import DeviceStatus, ReleaseStatus, short_text
 from device_agent.protocol.validation import RejectReason
-from device_agent.release.client import InstallReady, ReleaseClient, RevertNeeded
-from device_agent.release.policy import LocalRelease
+from device_agent.release.client import ReleaseClient
 from device_agent.release.release_state import ReleaseReport
 from device_agent.trainer import DeviceTrainer, TrainReport
 
@@ -182,7 +180,6 @@ class DeviceAgent:
         #: The release client (None: releases are not followed) and what performs its version switches.
         self.release = release
         self._switch = switch
-        self._recovered = False
         self._build_intake(self._progress.highest_model_round)
         self._stop = threading.Event()
         self._started = False
@@ -443,37 +440,13 @@ class DeviceAgent:
     # -- releases, between rounds ------------------------------------------------------------
 
     def between_rounds(self) -> Switched | None:
-        """The release step (never mid-round): finish an interrupted switch, then install a verified
-        release or go back from a withdrawn or failed one; the switch made, None when nothing changed."""
-        if self.release is None or self._switch is None:
+        """The release step (never mid-round, see :class:`VersionSwitch`); the switch made, None when nothing changed."""
+        if self._switch is None:
             return None
-        switched = None
-        if not self._recovered:
-            self._recovered = True
-            switched = self._switch.recover(self.trainer)
-        if switched is None:
-            step = self.release.step(self._local_release())
-            try:
-                if isinstance(step, InstallReady):
-                    switched = self._switch.install(step, self.trainer)
-                elif isinstance(step, RevertNeeded):
-                    switched = self._switch.revert(step, bundle=self.trainer.bundle)
-            except BundleError as exc:
-                # Nothing kept to go back to (or the rule says no): stay, say so once.
-                logger.error("cannot switch bundle versions: %s", exc)
-                if isinstance(step, RevertNeeded) and step.decision.release is not None:
-                    self.release.refuse(step.decision.release.release, f"cannot go back: {exc}")
-                    self.release.save(self.release.memory.with_failed(step.decision.release.release))
+        switched = self._switch.step(self.trainer)
         if switched is not None and switched.trainer is not self.trainer:
             self._adopt(switched)
         return switched
-
-    def _local_release(self) -> LocalRelease:
-        record = read_record(self.config.install_dir)
-        memory = self.release.memory if self.release is not None else None
-        return LocalRelease(bundle_version=self._bundle_version,
-                            running_release=None if memory is None else memory.running_release,
-                            highest_version=None if record is None else record.bundle_version)
 
     def _adopt(self, switched: Switched) -> None:
         """Play rounds with the switched trainer (another bundle version) from now on: fresh progress, intake and

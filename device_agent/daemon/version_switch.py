@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle, install_bundle, revert_bundle
+from device_agent.bundle.install_policy import read_record
 from device_agent.daemon.config import AgentConfig
 from device_agent.data import DataSource
 from device_agent.errors import BundleError, TrainingError
@@ -41,7 +42,7 @@ from device_agent.keys import TrustedKeys
 from device_agent.local_round import train_local_round
 from device_agent.release.carry import carry_parameters
 from device_agent.release.client import InstallReady, ReleaseClient, RevertNeeded
-from device_agent.release.policy import Action, Decision, judge_trial
+from device_agent.release.policy import Action, Decision, LocalRelease, judge_trial
 from device_agent.release.release_info import SharedStart
 from device_agent.release.release_state import PendingTrial, ReleaseReport
 from device_agent.trainer import DeviceTrainer, TrainBudget
@@ -80,6 +81,33 @@ class VersionSwitch:
         self._load_validation = load_validation
         self._budget = trial_budget
         self._rng = rng
+        self._recovered = False
+        self._stuck: set[int] = set()
+
+    def step(self, trainer: DeviceTrainer) -> Switched | None:
+        """Between rounds: finish a switch a crash interrupted, then install a verified release or go back from a
+        withdrawn or failed one. None when nothing changed (also when there is no way back: said once)."""
+        if not self._recovered:
+            self._recovered = True
+            recovered = self.recover(trainer)
+            if recovered is not None:
+                return recovered
+        record = read_record(self._config.install_dir)
+        local = LocalRelease(bundle_version=trainer.manifest.bundle_version, running_release=self._client.memory.running_release,
+                             highest_version=None if record is None else record.bundle_version)
+        step = self._client.step(local)
+        if isinstance(step, InstallReady):
+            return self.install(step, trainer)
+        if isinstance(step, RevertNeeded) and local.running_release not in self._stuck:
+            try:
+                return self.revert(step, bundle=trainer.bundle)
+            except BundleError as exc:  # nothing kept to go back to, or the rule says no: stay, say so once
+                self._stuck.add(local.running_release or 0)
+                logger.error("release %s should be left (%s) but this device cannot go back: %s",
+                             local.running_release, step.decision.reason, exc)
+                self._client.set_report(ReleaseReport(state="refused", release=local.running_release, progress=0,
+                                                      reason=f"cannot go back: {exc}"))
+        return None
 
     def accuracy(self, trainer: DeviceTrainer) -> float | None:
         """Validation accuracy of ``trainer`` (None: no labels to score or the data cannot be read)."""

@@ -1,9 +1,10 @@
 """How an aggregator service follows the fleet's releases: which bundle version the federation runs, and fetching it.
 
-The federation runs the bundle of the newest *promoted* release that
-targets the whole fleet (no region, group or device restriction; a regional
-aggregator also follows one restricted to its region); a halted or rolled
-back release is skipped, and with none left it runs the configured bundle.
+The federation runs the bundle of the *promoted* release with the highest
+bundle version that targets the whole fleet (no region, group or device
+restriction; a regional aggregator also follows one restricted to its
+region); a halted or rolled back release is skipped, and with none left it
+runs the configured bundle.
 Canary releases never move an aggregator: canary devices try the new
 version locally while the federation stays on the old one.
 
@@ -35,15 +36,19 @@ logger = logging.getLogger(__name__)
 
 def federation_release(releases: Sequence[ReleaseInfo], stages: Mapping[int, StageRecord], *, fleet: str,
                        region: str | None) -> ReleaseInfo | None:
-    """The release the federation runs (module docstring); None: the configured bundle."""
-    for info in sorted(releases, key=lambda r: r.release, reverse=True):
+    """The release the federation runs (module docstring): of the promoted fleet-wide releases, the one with the
+    highest bundle version (the newest release among equals). An older bundle promoted again is not a way back:
+    devices refuse it as a downgrade, and so do the aggregators; ``fedge release rollback`` is. None: the
+    configured bundle."""
+    candidates = []
+    for info in releases:
         stage = stages.get(info.release)
         targets = info.targets
         fleet_wide = not targets.groups and not targets.devices and (
             not targets.regions or (region is not None and region in targets.regions))
         if info.fleet == fleet and stage is not None and stage.stage is Stage.PROMOTED and fleet_wide:
-            return info
-    return None
+            candidates.append(info)
+    return max(candidates, key=lambda r: (r.bundle_version, r.release), default=None)
 
 
 class VersionFollower:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,18 +52,17 @@ class PublishReport:
 
 
 class MqttSession:
-    """A short-lived paho connection for operator tools: connect, publish (QoS 1, acknowledged), read retained topics."""
+    """A short-lived paho connection for the release tools: connect, publish retained messages (QoS 1, acknowledged)."""
 
     def __init__(self, broker: BrokerSettings, *, timeout_s: float = 30.0) -> None:
         self.broker = broker
         self._timeout = timeout_s
         # make_client applies credentials and TLS; its queueing callbacks are replaced by this session's own.
         self._client = make_client(broker, FairInbox(InboxLimits()), lambda topic: None)
-        self._messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = None
         self._client.on_subscribe = None
-        self._client.on_message = lambda client, userdata, msg: self._messages.put((msg.topic, bytes(msg.payload)))
+        self._client.on_message = None
         self._connected: bool | None = None
         self._reason = ""
 
@@ -109,26 +106,6 @@ class MqttSession:
             if not info.is_published():
                 raise PublishError(f"the broker did not acknowledge every message within {self._timeout:g} s")
         return total
-
-    def read_retained(self, topic_filter: str, *, quiet_s: float = 0.5, until: Callable[[dict[str, bytes]], bool] | None = None
-                      ) -> dict[str, bytes]:
-        """The retained messages under ``topic_filter``: subscribe, collect until ``quiet_s`` pass without one
-        (or ``until`` says enough), unsubscribe."""
-        found: dict[str, bytes] = {}
-        self._client.subscribe(topic_filter, qos=1)
-        deadline = time.monotonic() + self._timeout
-        last = time.monotonic()
-        while time.monotonic() < deadline and time.monotonic() - last < quiet_s:
-            try:
-                topic, payload = self._messages.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            found[topic] = payload
-            last = time.monotonic()
-            if until is not None and until(found):
-                break
-        self._client.unsubscribe(topic_filter)
-        return found
 
 
 def publish_repository(repo: ReleaseRepository, broker: BrokerSettings, layout: TopicLayout, *, keep_releases: int = 3,

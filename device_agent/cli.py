@@ -1,7 +1,8 @@
 """``fedge-agent``: the device-side command line (argparse only: no extra device dependency).
 
 It follows the fedge CLI conventions (docs/cli.md): ``--version``, ``-v``/``-q``
-before or after the subcommand, defaults and examples in ``--help``, one JSON
+and ``--log-format text|json`` before or after the subcommand (``run`` logs at
+INFO by default, the others at WARNING), defaults and examples in ``--help``, one JSON
 object on stdout per command, one line on stderr for an error, and the exit
 codes 0 (ok), 1 (failure: refused or failed) and 2 (usage or input error).
 """
@@ -28,6 +29,7 @@ from device_agent.daemon.config import load_config
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import BundleVerificationError, FedgeError, TrainingError
 from device_agent.keys import load_verify_key
+from device_agent.logformat import LOG_FORMATS, install_handler
 from device_agent.state_store import StateStore
 from device_agent.trainer import DeviceTrainer, TrainBudget
 
@@ -41,8 +43,8 @@ class CliInputError(FedgeError):
     """A command-line input (a path or option value) is unusable; the message names the option."""
 
 
-def _data(path: str) -> DataSource:
-    return load_csv(path) if path.endswith(".csv") else load_npz(path)
+def _data(path: str, args: argparse.Namespace) -> DataSource:
+    return load_csv(path) if path.endswith(".csv") else load_npz(path, x_key=args.x_key, y_key=args.y_key)
 
 
 def _bundle(args: argparse.Namespace) -> TrainingBundle:
@@ -71,11 +73,11 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, object]:
     bundle = _bundle(args)
     trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads)
     budget = TrainBudget(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr)
-    report = trainer.train(_data(args.data), budget, rng=np.random.default_rng(args.seed))
+    report = trainer.train(_data(args.data, args), budget, rng=np.random.default_rng(args.seed))
     trainer.save_state()
     out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds}
     if args.eval_data:
-        ev = trainer.evaluate(_data(args.eval_data))
+        ev = trainer.evaluate(_data(args.eval_data, args))
         out.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy, eval_examples=ev.examples)
     return out
 
@@ -84,7 +86,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     bundle = _bundle(args)
     if args.state is not None:
         _require_saved_state(args.state, bundle)
-    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data))
+    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data, args))
     return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples, "trained": args.state is not None}
 
 
@@ -199,7 +201,9 @@ def _verbosity(parser: argparse.ArgumentParser, dest_prefix: str) -> None:
     parser.add_argument("-v", "--verbose", dest=f"{dest_prefix}verbose", action="count", default=0,
                         help="more logging: -v info, -vv debug")
     parser.add_argument("-q", "--quiet", dest=f"{dest_prefix}quiet", action="count", default=0,
-                        help="less logging: -q errors only")
+                        help="less logging: -q one level quieter (errors only for most commands)")
+    parser.add_argument("--log-format", dest=f"{dest_prefix}log_format", choices=LOG_FORMATS, default=None,
+                        help="log lines on stderr as text (default) or JSON Lines")
 
 
 def _subcommand(sub: Any, name: str, func: Any, helptext: str, examples: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -230,7 +234,9 @@ def _add_train_evaluate(sub: Any) -> None:
     for c in (train, evaluate):
         c.add_argument("--bundle-dir", required=True, help="installed bundle directory (re-verified)")
         c.add_argument("--fleet-key", required=True, help="trusted fleet Ed25519 public key (PEM)")
-        c.add_argument("--data", required=True, help=".npz (arrays x, y) or .csv (last column = label)")
+        c.add_argument("--data", required=True, help=".npz (arrays --x-key, --y-key) or .csv (last column = label)")
+        c.add_argument("--x-key", default="x", help="features array in an .npz (as data.x_key in agent.toml)")
+        c.add_argument("--y-key", default="y", help="labels array in an .npz (as data.y_key in agent.toml)")
         c.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: its choice)")
     train.add_argument("--state", required=True, help="device state directory (personal weights, optimizer state)")
     evaluate.add_argument("--state", default=None,
@@ -251,6 +257,7 @@ def _add_run(sub: Any) -> None:
                      "fedge-agent -v run --config agent.toml --rounds 3"))
     c.add_argument("--config", required=True, help="agent TOML file (`fedge-agent config example` writes an annotated one)")
     c.add_argument("--rounds", type=_non_negative, default=None, help="stop after N finished rounds (default: until stopped)")
+    c.set_defaults(base_level=logging.INFO)  # a service: it says what it does without -v
 
 
 def _add_config(sub: Any) -> None:
@@ -304,9 +311,9 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; prints one JSON object per command (nothing for ``config example`` to stdout)."""
     args = build_parser().parse_args(argv)
-    level = logging.WARNING + 10 * (args.quiet + args.sub_quiet - args.verbose - args.sub_verbose)
-    logging.basicConfig(level=min(max(level, logging.DEBUG), logging.CRITICAL),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = getattr(args, "base_level", logging.WARNING) + 10 * (args.quiet + args.sub_quiet - args.verbose - args.sub_verbose)
+    install_handler(args.sub_log_format or args.log_format or "text")
+    logging.getLogger().setLevel(min(max(level, logging.DEBUG), logging.CRITICAL))
     try:
         result = args.func(args)
     except _FAILURES as exc:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (first run only) and run the whole fedge test suite.
-# Integration tests need Mosquitto and the Fashion-MNIST files from Debian;
+# Integration tests need Mosquitto and the Fashion-MNIST files from Debian, and the
+# dashboard's browser test Debian's Chromium and its driver (never a browser download);
 # install them when missing and we are root (as on CI and dev machines here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,8 @@ bash scripts/setup_env.sh
 need=()
 command -v mosquitto >/dev/null 2>&1 || need+=(mosquitto mosquitto-clients)
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -45,6 +45,7 @@ from device_agent.bundle.manifest import (
     TrainingMode,
 )
 from sdk.model_spec import ParameterSplit, ParameterSplitError, Role, matches_prefix, names_with_role
+from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TrainingSpec:
     mode: TrainingMode
     loss: LossKind = LossKind.CROSS_ENTROPY
     optimizer: OptimizerKind = OptimizerKind.ADAMW
-    learning_rate: float = 1e-3
+    learning_rate: float = DEFAULT_LEARNING_RATE
     mu: float = 0.0
     finetune: tuple[str, ...] = ()
 

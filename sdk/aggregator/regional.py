@@ -324,7 +324,7 @@ class RegionalAggregator(AggregatorTier):
                     result_nonce=None if sealed is None else sealed[0],
                 )
                 self._intake.store.close_round(record.round, closing)
-                logger.info("round %d closed: %d updates, %d samples", record.round, merged.update_count, merged.sample_count)
+                logger.debug("round %d closed: %d updates, %d samples", record.round, merged.update_count, merged.sample_count)
         self._intake.refresh()
         return RegionalAggregate(
             round=record.round,

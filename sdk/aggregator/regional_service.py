@@ -10,6 +10,10 @@ on ``region/<region>/down/receipt`` (bridged in) or the root's next model
 starts another round: the region-to-root leg follows the device-to-region
 pattern (durable pending message, resend, signed receipt, exactly-once
 intake). With FedFomo on it also answers candidate requests.
+
+It logs (INFO) each round it sees open and each close with its tally, the
+forwarding and resends, and records its Prometheus metrics
+(:mod:`sdk.aggregator.metrics`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.errors import ModelRejectedError
 from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.inbox import InboxLimits
-from sdk.aggregator.outcomes import HandledUpdate
+from sdk.aggregator.metrics import ServiceMetrics
+from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate
 from sdk.aggregator.regional import RegionalAggregator
 from sdk.aggregator.service_base import MqttAggregatorService
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
@@ -35,18 +40,25 @@ logger = logging.getLogger(__name__)
 
 
 class RegionalService(MqttAggregatorService):
-    """A region's aggregator on its regional broker (module docstring)."""
+    """A region's aggregator on its regional broker (module docstring); ``metrics`` None makes its own."""
 
     def __init__(self, aggregator: RegionalAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
-                 inbox: InboxLimits | None = None, follower: VersionFollower | None = None) -> None:
+                 inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None,
+                 follower: VersionFollower | None = None) -> None:
         self.aggregator = aggregator
         self.region = region
         #: Follows the fleet's releases (None: the configured bundle for good); a root model of another
         #: version switches the region at that round boundary once its bundle is in the library.
         self.follower = follower
         self._waiting_model: tuple[bytes, int] | None = None
-        super().__init__(layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox)
+        if metrics is None:
+            metrics = ServiceMetrics(fleet=layout.fleet, tier="regional", region=region, member=aggregator.member,
+                                     bundle_version=aggregator.config.bundle_version, clock=clock)
+        super().__init__(layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox, metrics=metrics)
+        aggregator.observe_commits(metrics.store_committed)
+        if aggregator.pending_aggregate() is not None:
+            metrics.aggregate_pending.set(1)
         if follower is not None:
             follower.attach(self.subscribe_topics, self.unsubscribe_topics)
         self._resend = Backoff(BackoffPolicy(initial_s=loop.resend_min_s, max_s=loop.resend_max_s))
@@ -55,6 +67,15 @@ class RegionalService(MqttAggregatorService):
     def expected_update_bytes(self) -> int:
         """One sealed update of this bundle's shared parameters, at most."""
         return self.aggregator.update_bytes_bound()
+
+    def describe(self) -> str:
+        """``regional aggregator <region>`` (and the member when not ``main``)."""
+        member = self.aggregator.member
+        return f"regional aggregator {self.region}" + ("" if member == "main" else f" ({member})")
+
+    def round_status(self) -> AggregatorStatus:
+        """The aggregator's status."""
+        return self.aggregator.status()
 
     def subscriptions(self) -> Sequence[str]:
         """The device update filter (shared when a group is set), the root model and the root's receipts for this
@@ -74,8 +95,8 @@ class RegionalService(MqttAggregatorService):
     def on_connected(self, first: bool) -> None:
         """Republish the current model (retained) and, when the root has not answered it yet, the stored aggregate."""
         model = self.aggregator.current_model()
-        if model is not None:
-            self.publish(self.layout.global_model, model, retain=True)
+        if model is not None and self.publish(self.layout.global_model, model, retain=True):
+            self.metrics.model_published()
         if self.aggregator.pending_aggregate() is not None:
             self._resend_at = self._clock()  # a reconnect may have lost what was in flight: resend now
 
@@ -92,6 +113,7 @@ class RegionalService(MqttAggregatorService):
             if answer.settled:
                 self._resend_at = None
                 self._resend.reset()
+                self.metrics.aggregate_settled(acknowledged=True)
             return
         device = self.layout.device_of(topic)
         if device is not None and topic == self.layout.device_candidate_request(device) and self.aggregator.fomo_enabled:
@@ -122,16 +144,20 @@ class RegionalService(MqttAggregatorService):
             self.count(f"model_refused:{exc.reason}")  # the aggregator counted and logged it as well
             return
         self._waiting_model = None
-        self.publish(self.layout.global_model, model, retain=True)
+        if self.publish(self.layout.global_model, model, retain=True):
+            self.metrics.model_published()
         if self.aggregator.pending_aggregate() is None:
             self._resend_at = None
             self._resend.reset()
+            self.metrics.aggregate_settled(acknowledged=False)
+        self.refresh_round(force=True)
 
     def handle_update(self, blob: bytes, *, device: str) -> HandledUpdate:
         """Hand one whole update to the aggregator and send its receipt (none for unauthenticated input)."""
         handled = self.aggregator.handle_update(blob, topic_device=device)
         if handled.receipt is not None:
             self.publish(self.layout.device_receipt(device), handled.receipt)
+        self.metrics.update_handled(handled, arrived=self.arrived)
         self.on_tick()  # a quorum may have just been reached
         return handled
 
@@ -154,6 +180,7 @@ class RegionalService(MqttAggregatorService):
             return False
         self._waiting_model = None
         self.aggregator.adopt(self.follower.library.config_for(self.aggregator.config, version))
+        self.metrics.bundle_version.set(version)
         return True
 
     def on_tick(self) -> None:
@@ -178,7 +205,13 @@ class RegionalService(MqttAggregatorService):
 
     def forward_aggregate(self) -> None:
         """Close the round (idempotent) and publish the sealed aggregate, chunked to fit; nothing for an empty round."""
+        reason = self.aggregator.close_reason()
         aggregate = self.aggregator.close_round()
+        tally = self.metrics.round_closed(aggregate.round)
+        self.refresh_round(force=True)
+        took = "" if tally.duration_s is None else f" after {tally.duration_s:.1f} s"
+        logger.info("%s: round %d closed (%s)%s: %s; %d samples", self.describe(), aggregate.round,
+                    "closed elsewhere" if reason is None else reason.value, took, tally.describe(), aggregate.sample_count)
         if aggregate.blob is None:
             logger.warning("region %s round %d closed without updates: nothing to forward", self.region, aggregate.round)
             return
@@ -191,8 +224,10 @@ class RegionalService(MqttAggregatorService):
 
     def _send_aggregate(self, blob: bytes, *, resend: bool) -> bool:
         sent = self.publish(self.layout.region_aggregate(self.region), blob, chunk=True)
+        if sent:
+            self.metrics.aggregate_sent(resend=resend)
         if resend:
-            self.count("aggregate_resent")
+            self.count("aggregate_resent", drop=False)
             logger.info("region %s: no receipt from the root yet, aggregate resent (attempt %d)", self.region,
                         self._resend.failures + 1)
         self._resend_at = self._clock() + self._resend.next_delay()

@@ -158,7 +158,7 @@ class RootAggregator(AggregatorTier):
             blob = self._sign_model(round=record.round + 1, params=new_global, region=None, bundle_version=version)
             self._intake.write_round_start(previous=record, round=record.round + 1, global_params=new_global,
                                            base_params=new_global, model_blob=blob, fresh_bounds=switch is not None)
-            logger.info(
+            logger.debug(
                 "root round %d closed: %d regions, %d samples", record.round, merged.update_count, merged.sample_count
             )
         if switch is not None:

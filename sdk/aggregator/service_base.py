@@ -23,6 +23,10 @@ Shape (paho-mqtt 2.x, callback API version 2, MQTT v3.1.1):
   service itself drops (unroutable topics, bad chunks, oversized payloads,
   refused models, rate-limited senders, handler errors) is counted in
   :meth:`MqttAggregatorService.counters` and logged.
+- Every service records its Prometheus metrics in a
+  :class:`~sdk.aggregator.metrics.ServiceMetrics` (:attr:`MqttAggregatorService.metrics`),
+  served with :meth:`MqttAggregatorService.health` by
+  :class:`~sdk.aggregator.metrics_endpoint.MetricsEndpoint` when configured.
 """
 
 from __future__ import annotations
@@ -44,10 +48,15 @@ from device_agent.errors import MalformedMessageError
 from device_agent.protocol.chunking import PayloadTooLargeError, Reassembler, check_publish_size, frames_for_publish, is_chunk
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.inbox import FairInbox, InboxLimits
+from sdk.aggregator.metrics import ServiceMetrics
+from sdk.aggregator.metrics_endpoint import Health
+from sdk.aggregator.outcomes import AggregatorStatus
+from sdk.aggregator.round_state import RoundStatus
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 
 logger = logging.getLogger(__name__)
 _DROP_REPORT_S = 10.0
+_ROUND_REFRESH_S = 1.0
 _CHUNK_OVERHEAD = 1024
 
 
@@ -71,6 +80,7 @@ class _Subscribed:
 class _Inbound:
     topic: str
     payload: bytes
+    arrived: float
 
 
 _Event = Union[_Connected, _Lost, _Subscribed, _Inbound]
@@ -107,8 +117,17 @@ def _enqueue(inbox: FairInbox[_Event], name: str, make: Callable[..., _Event | N
     return callback
 
 
-def make_client(settings: BrokerSettings, inbox: FairInbox[_Event], sender_of: SenderOf) -> mqtt.Client:
-    """A paho client for ``settings`` (clean session, TLS and credentials applied) whose callbacks fill ``inbox``."""
+def make_client(settings: BrokerSettings, inbox: FairInbox[_Event], sender_of: SenderOf, *,
+                clock: Callable[[], float] = time.monotonic, metrics: ServiceMetrics | None = None) -> mqtt.Client:
+    """A paho client for ``settings`` (clean session, TLS and credentials applied) whose callbacks fill ``inbox``
+    (each message stamped with ``clock()`` on arrival and counted in ``metrics``)."""
+
+    def inbound(c: object, u: object, msg: mqtt.MQTTMessage) -> _Inbound:
+        payload = bytes(msg.payload)
+        if metrics is not None:
+            metrics.message_received(msg.topic, len(payload))
+        return _Inbound(msg.topic, payload, clock())
+
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=settings.client_id, clean_session=True, protocol=mqtt.MQTTv311)
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password)
@@ -125,7 +144,7 @@ def make_client(settings: BrokerSettings, inbox: FairInbox[_Event], sender_of: S
     client.on_disconnect = _enqueue(inbox, "disconnect", lambda c, u, flags, rc, props: _Lost(str(rc)))
     client.on_subscribe = _enqueue(inbox, "subscribe", lambda c, u, mid, rcs, props: _Subscribed(
         tuple(str(rc) for rc in rcs if rc.is_failure)))
-    client.on_message = _enqueue(inbox, "message", lambda c, u, msg: _Inbound(msg.topic, bytes(msg.payload)), sender_of)
+    client.on_message = _enqueue(inbox, "message", inbound, sender_of)
     return client
 
 
@@ -136,23 +155,31 @@ class MqttAggregatorService:
     :meth:`on_connected`, :meth:`handle_message`, :meth:`on_tick` and
     :meth:`sender_of`. ``clock`` (monotonic seconds) paces the loop, the
     periodic counter flush and the inbox's rate limits. ``inbox`` None derives
-    the limits from ``loop`` (:meth:`inbox_limits`).
+    the limits from ``loop`` (:meth:`inbox_limits`). ``metrics``: where the
+    service records its Prometheus metrics (subclasses make one when None).
     """
 
-    def __init__(self, *, layout: TopicLayout, broker: BrokerSettings, loop: LoopSettings = LoopSettings(),
-                 clock: Callable[[], float] = time.monotonic, inbox: InboxLimits | None = None) -> None:
+    def __init__(self, *, layout: TopicLayout, broker: BrokerSettings, metrics: ServiceMetrics,
+                 loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
+                 inbox: InboxLimits | None = None) -> None:
         self.layout = layout
         self.broker = broker
         self.loop_settings = loop
+        self.metrics = metrics
         #: Set once the broker granted this connection's subscriptions (cleared when the connection drops).
         self.subscribed = threading.Event()
         self._clock = clock
         self.inbox: FairInbox[_Event] = FairInbox(inbox if inbox is not None else self.inbox_limits(), clock=clock)
-        self._client = make_client(broker, self.inbox, self.sender_of)
+        metrics.inbox_pending.set_function(self.inbox.pending)
+        self._client = make_client(broker, self.inbox, self.sender_of, clock=clock, metrics=metrics)
         self._reassembler = Reassembler(clock=clock)
         self._counters: Counter[str] = Counter()
         self._connects = 0
         self._next_drop_report = clock() + _DROP_REPORT_S
+        #: When the message being handled arrived (its last frame), for the receipt latency; None outside a message.
+        self.arrived: float | None = None
+        self._last_loop: float | None = None
+        self._next_round_refresh = clock()
 
     def inbox_limits(self) -> InboxLimits:
         """Per-sender limits from ``loop_settings``; a burst of None is sized to the model: room for two chunked
@@ -186,6 +213,45 @@ class MqttAggregatorService:
     def on_tick(self) -> None:
         """Hook called every ``tick_s`` and after each message."""
 
+    def round_status(self) -> AggregatorStatus | None:
+        """Hook: the aggregator's status, for the round gauges and the "round open" line (None: nothing to report)."""
+        return None
+
+    def refresh_round(self, *, force: bool = False) -> None:
+        """Update the current-round gauges from :meth:`round_status` (at most once a second unless ``force``);
+        log a round this process had not seen yet."""
+        now = self._clock()
+        if not force and now < self._next_round_refresh:
+            return
+        self._next_round_refresh = now + _ROUND_REFRESH_S
+        status = self.round_status()
+        if status is None:
+            return
+        seen = self.metrics.round_seen(status.round, collecting=status.status is RoundStatus.COLLECTING,
+                                       accepted=status.accepted, samples=status.samples)
+        if seen is not None:
+            state = "collecting" if status.status is RoundStatus.COLLECTING else "closed"
+            logger.info("%s: round %d open (%s, %d update(s) so far)", self.describe(), seen, state, status.accepted)
+
+    def describe(self) -> str:
+        """What this service is, for its log lines (``regional aggregator eu``)."""
+        return f"aggregator service {self.broker.client_id}"
+
+    def health(self) -> Health:
+        """Healthy while the loop turns (an iteration within ``max(5 s, 10 ticks)``) and the broker granted the
+        subscriptions; what ``/healthz`` answers."""
+        now = self._clock()
+        problems = []
+        stall = max(5.0, 10 * self.loop_settings.tick_s)
+        loop_age = None if self._last_loop is None else now - self._last_loop
+        if loop_age is None or loop_age > stall:
+            problems.append("service loop not running" if loop_age is None else f"service loop stalled for {loop_age:.1f} s")
+        if not self.subscribed.is_set():
+            problems.append(f"not connected and subscribed to {self.broker.host}:{self.broker.port}")
+        return Health(ok=not problems, problems=tuple(problems), detail={
+            "service": self.describe(), "connects": self._connects,
+            "loop_age_s": None if loop_age is None else round(loop_age, 3)})
+
     def flush_counters(self) -> None:
         """Hook to write the aggregator's pending counters."""
 
@@ -198,6 +264,8 @@ class MqttAggregatorService:
         """Connect and serve until ``stop_event`` is set or ``max_seconds`` pass (None: no limit); then disconnect."""
         deadline = None if max_seconds is None else self._clock() + max_seconds
         tick = self.loop_settings.tick_s
+        logger.info("%s starting: broker %s:%d as %s, %s", self.describe(), self.broker.host, self.broker.port,
+                    self.broker.client_id, "TLS" if self.broker.tls_ca_file is not None else "plain TCP")
         self._client.connect_async(self.broker.host, self.broker.port, keepalive=self.broker.keepalive_s)
         self._client.loop_start()
         next_flush = self._clock() + self.loop_settings.flush_every_s
@@ -205,6 +273,7 @@ class MqttAggregatorService:
         ended_by = "stopped"
         try:
             while not stop_event.is_set():
+                self._last_loop = self._clock()
                 if deadline is not None and self._clock() >= deadline:
                     ended_by = "time_limit"
                     break
@@ -213,6 +282,7 @@ class MqttAggregatorService:
                     self._dispatch(event)
                 if event is None or self._clock() >= next_tick:
                     self._guarded("tick", self.on_tick)
+                    self._guarded("round status", self.refresh_round)
                     next_tick = self._clock() + tick
                 if self._clock() >= next_flush:
                     self._guarded("counter flush", self.flush_counters)
@@ -223,8 +293,10 @@ class MqttAggregatorService:
             self._client.disconnect()
             self._client.loop_stop()
             self.subscribed.clear()
+            self.metrics.broker_connected.set(0)
+            self._last_loop = None
             self._guarded("counter flush", self.flush_counters)
-        logger.info("service %s ended (%s) after %d connects", self.broker.client_id, ended_by, self._connects)
+        logger.info("%s stopped (%s) after %d connection(s)", self.describe(), ended_by, self._connects)
         return ServiceReport(ended_by=ended_by, connects=self._connects, counters=self.counters())
 
     def _report_drops(self) -> None:
@@ -236,19 +308,26 @@ class MqttAggregatorService:
         by_sender: Counter[str] = Counter()
         for (reason, sender), n in drops.items():
             self._counters[f"inbox:{reason}"] += n
+            self.metrics.inbox_drops(reason, n)
             by_sender[sender] += n
         worst = ", ".join(f"{sender} ({n})" for sender, n in by_sender.most_common(5))
         logger.warning("dropped %d message(s) before opening them (per-sender limits): %s", sum(by_sender.values()), worst)
 
     def _dispatch(self, event: _Event) -> None:
         if isinstance(event, _Inbound):
-            self._guarded(f"message on {event.topic}", lambda: self.handle_message(event.topic, event.payload))
+            self.arrived = event.arrived
+            try:
+                self._guarded(f"message on {event.topic}", lambda: self.handle_message(event.topic, event.payload))
+            finally:
+                self.arrived = None
         elif isinstance(event, _Connected):
             if not event.accepted:
                 logger.error("broker %s:%d refused %s: %s", self.broker.host, self.broker.port, self.broker.client_id, event.reason)
                 return
             self._connects += 1
-            logger.info("connected to %s:%d as %s", self.broker.host, self.broker.port, self.broker.client_id)
+            self.metrics.connected()
+            logger.info("connected to %s:%d as %s%s", self.broker.host, self.broker.port, self.broker.client_id,
+                        "" if self._connects == 1 else f" (reconnect {self._connects - 1})")
             self._client.subscribe([(topic, 1) for topic in self.subscriptions()])
             self._guarded("connect", lambda: self.on_connected(self._connects == 1))
         elif isinstance(event, _Subscribed):
@@ -259,7 +338,9 @@ class MqttAggregatorService:
                 self.subscribed.set()
         else:
             self.subscribed.clear()
-            logger.warning("connection of %s lost (%s); paho reconnects", self.broker.client_id, event.reason)
+            self.metrics.disconnected()
+            logger.warning("connection of %s to %s:%d lost (%s); paho reconnects", self.broker.client_id, self.broker.host,
+                           self.broker.port, event.reason)
 
     def _guarded(self, what: str, body: Callable[[], None]) -> None:
         try:
@@ -283,9 +364,11 @@ class MqttAggregatorService:
         group = self.broker.share_group
         return topic_filter if group is None else self.layout.shared(group, topic_filter)
 
-    def count(self, name: str) -> None:
-        """Add one to the service counter ``name``."""
+    def count(self, name: str, *, drop: bool = True) -> None:
+        """Add one to the service counter ``name`` (``drop``: also to ``fedge_service_dropped_total``)."""
         self._counters[name] += 1
+        if drop:
+            self.metrics.service_drop(name)
 
     def reassemble(self, payload: bytes, *, sender: str) -> bytes | None:
         """``payload`` itself, or for a chunk frame the whole message once complete (None until then, or when bad)."""
@@ -313,4 +396,5 @@ class MqttAggregatorService:
             return False
         for frame in frames:
             self._client.publish(topic, frame, qos=1, retain=retain)
+            self.metrics.message_sent(topic, len(frame))
         return True

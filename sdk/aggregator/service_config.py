@@ -14,6 +14,7 @@ re-read on SIGHUP by ``fedge aggregator``).
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +113,32 @@ class LoopSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    """Where a service serves ``/metrics`` and ``/healthz`` (docs/operations.md).
+
+    ``bind``: an IP address, loopback by default (the endpoint has no
+    authentication: put a proxy with TLS in front, or a monitoring network,
+    before binding elsewhere). ``port`` 0 takes any free port (logged).
+    """
+
+    bind: str = "127.0.0.1"
+    port: int
+
+    def __post_init__(self) -> None:
+        check_listen_address(self.bind, self.port)
+
+
+def check_listen_address(bind: str, port: int) -> None:
+    """ValueError unless ``bind`` is an IP address and ``port`` in 0..65535 (0: any free port)."""
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError as exc:
+        raise ValueError(f"bind must be an IP address, got {bind!r}") from exc
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServiceRelease:
     """The ``[release]`` table: follow the fleet's releases (docs/rollout.md).
 
@@ -131,13 +158,14 @@ class ServiceRelease:
 @dataclass(frozen=True, kw_only=True)
 class RegionalServiceConfig:
     """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop,
-    and (``release``; None: the configured bundle for good) how it follows releases."""
+    metrics endpoint (None: none), and (``release``; None: the configured bundle for good) how it follows releases."""
 
     aggregator: RegionalConfig
     store: Path
     member: str = "main"
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
+    metrics: MetricsSettings | None = None
     release: ServiceRelease | None = None
 
 
@@ -151,6 +179,7 @@ class RootServiceConfig:
     member: str = "main"
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
+    metrics: MetricsSettings | None = None
     bundle: Path
     fleet_public_key: Path
     release: ServiceRelease | None = None
@@ -178,10 +207,12 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
     member = agg.string("member", "main")
     broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
     loop = _loop(top)
+    metrics = _metrics(top)
     release = _release(top, store=store, bundle=agg.path("bundle"), fleet_public_key=agg.path("fleet_public_key"))
     agg.done()
     top.done()
-    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, release=release)
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                                 release=release)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:
@@ -206,11 +237,12 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
     bundle = agg.path("bundle")
     broker = _broker(top, default_client_id=f"fedge-{fleet}-root-{member}")
     loop = _loop(top)
+    metrics = _metrics(top)
     release = _release(top, store=store, bundle=bundle, fleet_public_key=agg.path("fleet_public_key"))
     agg.done()
     top.done()
-    return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, bundle=bundle,
-                             fleet_public_key=agg.path("fleet_public_key"), release=release)
+    return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                             bundle=bundle, fleet_public_key=agg.path("fleet_public_key"), release=release)
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -356,6 +388,19 @@ def _loop(top: TomlTable) -> LoopSettings:
         sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
         sender_burst=table.integer("sender_burst", None, minimum=1),
         max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
+    ))
+    table.done()
+    return settings
+
+
+def _metrics(top: TomlTable) -> MetricsSettings | None:
+    """``[metrics]``: ``port`` (required in the section) and ``bind``; None when the section is absent."""
+    table = top.optional_table("metrics")
+    if table is None:
+        return None
+    settings = _build(table, "bind", MetricsSettings, dict(
+        bind=table.string("bind", "127.0.0.1"),
+        port=table.integer("port", minimum=0, maximum=65535),
     ))
     table.done()
     return settings

@@ -35,7 +35,8 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -93,6 +94,8 @@ class AggregatorStore:
         self._lock = lock
         self._path = path
         self._in_transaction = False
+        #: Called with the seconds each COMMIT took (None: nobody is timing commits).
+        self.commit_observer: Callable[[float], None] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, identity: str, member: str = "main", busy_timeout_s: float = 30.0) -> AggregatorStore:
@@ -167,7 +170,10 @@ class AggregatorStore:
         self._in_transaction = True
         try:
             yield
+            started = time.perf_counter()
             self._conn.execute("COMMIT")
+            if self.commit_observer is not None:
+                self.commit_observer(time.perf_counter() - started)
         except BaseException:
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")

@@ -99,6 +99,20 @@ class AggregatorTier:
         """The sender id this aggregator signs as (receipts, models, aggregates)."""
         return self._identity
 
+    @property
+    def config(self) -> AggregatorConfig:
+        """The configuration this aggregator runs with."""
+        return self._config
+
+    @property
+    def member(self) -> str:
+        """This process's member name in the shared store."""
+        return self._intake.store.member
+
+    def observe_commits(self, observer: Callable[[float], None] | None) -> None:
+        """Call ``observer`` with the seconds each store COMMIT takes (None: stop); for the services' metrics."""
+        self._intake.store.commit_observer = observer
+
     def close_reason(self) -> CloseReason | None:
         """Why the current round should close now: quorum, or deadline with ``min_updates``; None: keep collecting."""
         return self._intake.close_reason()
@@ -180,7 +194,7 @@ class AggregatorTier:
             self._intake.write_round_start(previous=record, round=round, global_params=params, base_params=base, model_blob=blob,
                                            fresh_bounds=record is not None and self.model_version(record.model_blob) != self._config.bundle_version)
         self._intake.refresh()
-        logger.info("round %d started", round)
+        logger.debug("round %d started", round)
         return blob
 
     def _sign_model(self, *, round: int, params: Mapping[str, np.ndarray], region: str | None,

@@ -1,4 +1,9 @@
-"""``fedge aggregator``: run the regional and root aggregator services on MQTT."""
+"""``fedge aggregator``: run the regional and root aggregator services on MQTT.
+
+Both log at INFO by default (start, broker connections, rounds, forwarding)
+and serve ``/metrics`` and ``/healthz`` when their TOML has a ``[metrics]``
+section (docs/operations.md).
+"""
 
 from __future__ import annotations
 
@@ -20,16 +25,18 @@ from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator import RegionalAggregator, RootAggregator
 from sdk.aggregator.bundles import BundleLibrary, initial_shared_weights
 from sdk.aggregator.follower import VersionFollower
-from sdk.aggregator.mqtt_service import RegionalService, RootService, ServiceReport
+from sdk.aggregator.metrics_endpoint import MetricsEndpoint
+from sdk.aggregator.mqtt_service import MqttAggregatorService, RegionalService, RootService, ServiceReport
 from sdk.aggregator.registry import KeyRegistry
-from sdk.cli.family import examples
 from sdk.aggregator.service_config import (
+    MetricsSettings,
     RootServiceConfig,
     ServiceRelease,
     load_regional_service_config,
     load_root_service_config,
 )
 from sdk.aggregator.tier import AggregatorTier
+from sdk.cli.family import InputError, examples, service_logging
 
 logger = logging.getLogger(__name__)
 _CONFIG = click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
@@ -44,11 +51,14 @@ def aggregator() -> None:
 
 
 @aggregator.command("regional", epilog=examples("fedge aggregator regional --config eu-aggregator.toml",
-                                                "fedge aggregator regional --config eu-aggregator.toml --max-seconds 600 -v"))
+                                                "fedge aggregator regional --config eu-aggregator.toml --log-format json",
+                                                "fedge aggregator regional --config eu-aggregator.toml --max-seconds 600 -q"))
 @_CONFIG
 @_MAX_SECONDS
-def regional(config_path: Path, max_seconds: float | None) -> None:
+@click.pass_context
+def regional(ctx: click.Context, config_path: Path, max_seconds: float | None) -> None:
     """Serve one region: device updates in, receipts and the region's model out, aggregates to the root."""
+    service_logging(ctx)
     try:
         settings = load_regional_service_config(config_path)
         layout = TopicLayout(fleet=settings.aggregator.fleet)
@@ -57,17 +67,23 @@ def regional(config_path: Path, max_seconds: float | None) -> None:
                                        region=settings.aggregator.region)
             service = RegionalService(agg, region=settings.aggregator.region, layout=layout,
                                       broker=settings.broker, loop=settings.loop, follower=follower)
-            with _stop_on_signals(reload=settings.aggregator.device_keys) as stop:
-                _report(service.run(stop, max_seconds))
+            logger.info("regional aggregator %s of fleet %s: store %s, bundle v%d, quorum %d, deadline %g s",
+                        settings.aggregator.region, settings.aggregator.fleet, settings.store,
+                        agg.bundle_version, settings.aggregator.policy.quorum,
+                        settings.aggregator.policy.deadline_s)
+            _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.device_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-@aggregator.command("root", epilog=examples("fedge aggregator root --config root-aggregator.toml"))
+@aggregator.command("root", epilog=examples("fedge aggregator root --config root-aggregator.toml",
+                                            "fedge aggregator root --config root-aggregator.toml --log-format json"))
 @_CONFIG
 @_MAX_SECONDS
-def root(config_path: Path, max_seconds: float | None) -> None:
+@click.pass_context
+def root(ctx: click.Context, config_path: Path, max_seconds: float | None) -> None:
     """Serve the root: regions' aggregates in, the signed global model out (round 0 from the bundle)."""
+    service_logging(ctx)
     try:
         settings = load_root_service_config(config_path)
         layout = TopicLayout(fleet=settings.aggregator.fleet)
@@ -76,8 +92,11 @@ def root(config_path: Path, max_seconds: float | None) -> None:
             follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id, region=None)
             service = RootService(agg, layout=layout, broker=settings.broker, loop=settings.loop, initial_params=initial,
                                   follower=follower)
-            with _stop_on_signals(reload=settings.aggregator.region_keys) as stop:
-                _report(service.run(stop, max_seconds))
+            logger.info("root aggregator of fleet %s: store %s, bundle v%d, quorum %d of the regions, deadline %g s",
+                        settings.aggregator.fleet, settings.store, agg.bundle_version,
+                        settings.aggregator.policy.quorum,
+                        settings.aggregator.policy.deadline_s)
+            _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.region_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -99,6 +118,23 @@ def follow_releases(release: ServiceRelease | None, agg: AggregatorTier, *, layo
     return VersionFollower(release.settings, fleet=layout.fleet, identity=identity, region=region,
                            directory=release.state_dir, layout=layout, library=library, fleet_keys=keys,
                            configured_version=library.configured_version)
+
+
+def _serve(service: MqttAggregatorService, metrics: MetricsSettings | None, max_seconds: float | None, *,
+           reload: object = None) -> None:
+    """Run ``service`` until a signal or ``max_seconds``, with its metrics endpoint when configured
+    (``reload``: the key registry SIGHUP re-reads, see :func:`_stop_on_signals`)."""
+    with contextlib.ExitStack() as stack:
+        if metrics is not None:
+            try:
+                endpoint = MetricsEndpoint(host=metrics.bind, port=metrics.port, registry=service.metrics.registry,
+                                           health=service.health)
+            except OSError as exc:
+                raise InputError(f"[metrics] {metrics.bind}:{metrics.port}: cannot listen: {exc.strerror or exc}") from exc
+            stack.callback(endpoint.close)
+            endpoint.start()
+        stop = stack.enter_context(_stop_on_signals(reload=reload))
+        _report(service.run(stop, max_seconds))
 
 
 def initial_shared_params(settings: RootServiceConfig) -> dict[str, np.ndarray]:

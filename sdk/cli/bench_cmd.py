@@ -7,6 +7,10 @@ from pathlib import Path
 import click
 
 from sdk.cli.family import examples
+from sdk.cli.model_option import MODEL_ARG_HELP, MODEL_HELP
+from sdk.cli.simulate_cmd import DATA_HELP
+from sdk.simulation.algorithms import ALGORITHMS
+from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 
 @click.group()
@@ -84,37 +88,64 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
-@bench.command("accuracy", epilog=examples("fedge bench accuracy --quick", "fedge bench accuracy --setting watch --setting synthetic", "fedge bench accuracy --report-only"))
+@bench.command("accuracy", epilog=examples(
+    "fedge bench accuracy --quick", "fedge bench accuracy --setting watch --setting synthetic",
+    "fedge bench accuracy --report-only --out docs/results",
+    "fedge bench accuracy --data ./my-clients --model mymodels:Net --personal head --out ./my-results"))
 @click.option("--setting", "names", multiple=True,
-              help="Setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long. Default: all but fmnist-long.")
-@click.option("--quick", is_flag=True, help="Few rounds on a small data subsample: a smoke run, not the benchmark.")
+              help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long."
+                   " Default: all but fmnist-long, or none when --data is given.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, help=DATA_HELP.replace(" Replaces --dataset.", ""))
+@click.option("--name", default=None, help="--data: the setting's name, used for the output files (default: the folder's name).")
+@click.option("--num-classes", type=click.IntRange(min=2), default=None, help="--data: number of classes (default: largest label + 1).")
+@click.option("--model", "model_spec", default=None, help=MODEL_HELP + " --data only; default: a built-in model for the data's shape.")
+@click.option("--model-arg", "model_args", multiple=True, help=MODEL_ARG_HELP)
+@click.option("--shared", default="*", show_default=True, help="--model: comma-separated name prefixes of the federated layers.")
+@click.option("--personal", default="", help="--model: comma-separated name prefixes of the personal head (needed by fedsim, fedalt, fedfomo).")
+@click.option("--algorithm", "algorithms", multiple=True, type=click.Choice(sorted(ALGORITHMS)),
+              help="--data: algorithm to compare (repeatable; default: every one the model allows).")
+@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="--data: rounds.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="--data: local epochs per round.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="--data: batch size.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEARNING_RATE, show_default=True,
+              help="--data: learning rate (see docs/tuning.md).")
+@click.option("--quick", is_flag=True, help="Built-in settings: few rounds on a small data subsample: a smoke run, not the benchmark.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Runs in parallel (one ORT thread each).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("docs/results"), show_default=True,
-              help="Where <setting>.json, <setting>.md and the PNG plots go.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedge-results"), show_default=True,
+              help="Where <setting>.json, <setting>.md and the PNG plots go (the committed report is regenerated only with"
+                   " an explicit --out docs/results).")
 @click.option("--report-only", is_flag=True, help="Rebuild the tables and plots from the JSON already under --out; train nothing.")
-def accuracy(names: tuple[str, ...], quick: bool, workers: int, seed: int, out: Path, report_only: bool) -> None:
-    """Every algorithm on real non-IID data: per-device personalised accuracy, global model, gain over local-only,
-    bytes per device per round and wall time; JSON, Markdown tables and PNG plots under --out."""
+def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, num_classes: int | None, model_spec: str | None,
+             model_args: tuple[str, ...], shared: str, personal: str, algorithms: tuple[str, ...], rounds: int, epochs: int,
+             batch_size: int, lr: float, quick: bool, workers: int, seed: int, out: Path, report_only: bool) -> None:
+    """Every algorithm on real non-IID data (or your own): per-device personalised accuracy, global model, gain over
+    local-only, bytes per device per round and wall time; JSON, Markdown tables and PNG plots under --out."""
     from tqdm import tqdm
 
-    from sdk.bench.accuracy_bench import DEFAULT_SETTINGS, rewrite_reports, run_accuracy_bench, settings
+    from sdk.bench.accuracy_bench import DEFAULT_SETTINGS, rewrite_reports, run_accuracy_bench, settings, user_setting
 
     table = settings("quick" if quick else "full")
-    chosen = list(names) or list(DEFAULT_SETTINGS)
+    chosen = list(names) or ([] if data_dir is not None else list(DEFAULT_SETTINGS))
     unknown = [n for n in chosen if n not in table]
     if unknown:
         raise click.BadParameter(f"unknown settings {unknown}; choose from {sorted(table)}", param_hint="--setting")
+    extra = []
+    if data_dir is not None:
+        extra.append(_user_setting(user_setting, data_dir, name=name, num_classes=num_classes, model_spec=model_spec,
+                                   model_args=model_args, shared=shared, personal=personal, algorithms=algorithms, rounds=rounds,
+                                   epochs=epochs, batch_size=batch_size, lr=lr))
+        chosen.append(extra[0].name)
     if report_only:
         missing = [n for n in chosen if not (out / f"{n}.json").is_file()]
         if missing:
             raise click.ClickException(f"no results to report for {missing} under {out}; run without --report-only first")
-        for name, (text, _) in rewrite_reports(out, chosen).items():
+        for _, (text, _) in rewrite_reports(out, chosen).items():
             click.echo("\n" + text)
         return
     if workers < 1:
         raise click.BadParameter("--workers must be >= 1")
-    total = sum(len(table[n].runs) for n in chosen)
+    total = sum(len(table[n].runs) for n in chosen if n in table) + sum(len(s.runs) for s in extra)
     with tqdm(total=total, desc="accuracy bench", unit="run") as bar:
 
         def progress(message: str) -> None:
@@ -122,10 +153,41 @@ def accuracy(names: tuple[str, ...], quick: bool, workers: int, seed: int, out: 
             bar.write(message)
 
         reports = run_accuracy_bench(chosen, profile="quick" if quick else "full", seed=seed, workers=workers, out_dir=out,
-                                     progress=progress)
-    for name in chosen:
-        click.echo("\n" + reports[name][0])
+                                     progress=progress, extra=extra)
+    for setting_name in chosen:
+        click.echo("\n" + reports[setting_name][0])
     click.echo(f"\nwrote {out}/<setting>.json, .md and .png for: {', '.join(chosen)}")
+
+
+def _user_setting(make, data_dir: Path, *, name: str | None, num_classes: int | None, model_spec: str | None,  # type: ignore[no-untyped-def]
+                  model_args: tuple[str, ...], shared: str, personal: str, algorithms: tuple[str, ...], rounds: int, epochs: int,
+                  batch_size: int, lr: float):
+    """The setting for ``--data``, after reading the folder once here so a bad file is a usage error before any worker starts."""
+    from sdk.cli.model_option import cli_model_factory
+    from sdk.cli.simulate_cmd import check_model_option, load_data_option
+    from sdk.model_spec import parse_prefixes
+    from sdk.simulation.runner import ModelSource
+
+    data = load_data_option(data_dir, None, seed=0, subsample=None, num_classes=num_classes)
+    if (name or data.name) in settings_names():
+        raise click.BadParameter(f"{name or data.name!r} is a built-in setting's name; choose another", param_hint="--name")
+    if model_spec is not None:  # fail here, in one line, if the model cannot be imported or does not fit the data
+        source = ModelSource(factory=cli_model_factory(model_spec, model_args), personal=parse_prefixes(personal),
+                             shared=parse_prefixes(shared), name=model_spec)
+        check_model_option(source, data, "fedalt" if source.personal else "fedavg")
+    try:
+        return make(str(data_dir), name=name or data.name, model=model_spec or "auto", model_args=model_args,
+                    personal=parse_prefixes(personal), shared=parse_prefixes(shared), num_classes=num_classes,
+                    algorithms=algorithms, rounds=rounds, epochs=epochs, batch_size=batch_size, learning_rate=lr)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--personal") from exc
+
+
+def settings_names() -> set[str]:
+    """Names of the built-in accuracy settings."""
+    from sdk.bench.accuracy_bench import settings
+
+    return set(settings("full"))
 
 
 @bench.command("flood")
@@ -179,3 +241,57 @@ def attack(rounds: int, seed: int, out: Path) -> None:
     click.echo(format_table(runs, rounds=rounds))
     write_json(runs, out, rounds=rounds, seed=seed)
     click.echo(f"wrote {out}")
+
+
+@bench.command("sweep", epilog=examples("fedge bench sweep --dataset digits --quick", "fedge bench sweep --out ./sweep",
+                                           "fedge bench sweep --out ./sweep --resume"))
+@click.option("--dataset", "datasets", multiple=True, help="Built-in dataset to sweep (repeatable): watch, digits, fmnist. Default: all three.")
+@click.option("--quick", is_flag=True, help="Two learning rates, two algorithms, two rounds: a smoke run, not the measurement.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Runs in parallel (one ORT thread each).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedge-results"), show_default=True,
+              help="Folder for sweep.json, sweep.md and sweep.png.")
+@click.option("--resume", is_flag=True, help="Reuse the points already in --out/sweep.json (same seed and profile); run only the rest.")
+def sweep(datasets: tuple[str, ...], quick: bool, workers: int, seed: int, out: Path, resume: bool) -> None:
+    """Sensitivity of accuracy to learning rate, local epochs and FedProx mu on the built-in datasets (see docs/tuning.md)."""
+    import json
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from sdk.bench.sweep import SWEEP_DATASETS, Profile, run_sweep, sweep_points
+
+    chosen = list(datasets) or list(SWEEP_DATASETS)
+    unknown = [d for d in chosen if d not in SWEEP_DATASETS]
+    if unknown:
+        raise click.BadParameter(f"unknown datasets {unknown}; choose from {sorted(SWEEP_DATASETS)}", param_hint="--dataset")
+    profile: Profile = "quick" if quick else "full"
+    previous = _previous_sweep(out / "sweep.json", seed=seed, profile=profile) if resume else []
+    points = [json.dumps(asdict(p), sort_keys=True) for p in sweep_points(chosen, profile)]
+    reused = len(set(points) & {json.dumps(r["point"], sort_keys=True) for r in previous})  # type: ignore[index]
+    with tqdm(total=len(points) - reused, desc="sweep", unit="run") as bar:
+
+        def progress(message: str) -> None:
+            bar.update(1)
+            bar.write(message)
+
+        table, _ = run_sweep(chosen, profile=profile, seed=seed, workers=workers, out_dir=out, progress=progress, previous=previous)
+    click.echo("\n" + table)
+    click.echo(f"\nwrote {out}/sweep.json, sweep.md and sweep.png")
+
+
+def _previous_sweep(path: Path, *, seed: int, profile: str) -> list[dict[str, object]]:
+    """The results of an earlier sweep under --out, checked to be of the same seed and profile ([] if there is none)."""
+    import json
+
+    if not path.is_file():
+        return []
+    try:
+        payload = json.loads(path.read_text())
+        results = list(payload["results"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise click.BadParameter(f"{path}: not a sweep result to resume from ({exc})", param_hint="--resume") from exc
+    if payload.get("seed") != seed or payload.get("profile") != profile:
+        raise click.BadParameter(f"{path} was made with seed {payload.get('seed')}, profile {payload.get('profile')};"
+                                 f" this run is seed {seed}, profile {profile}", param_hint="--resume")
+    return results

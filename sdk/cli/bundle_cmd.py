@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib
 import json
 from pathlib import Path
 
@@ -13,16 +11,8 @@ from device_agent.bundle.archive import verify_bundle
 from device_agent.errors import BundleError, BundleVerificationError
 from device_agent.keys import load_signing_key, load_verify_key
 from sdk.cli.family import InputError, check_writable, examples, load_key, one_line, write_error
-
-
-def _import_factory(spec: str):  # type: ignore[no-untyped-def]
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise click.BadParameter("expected module:callable, e.g. sdk.models:PersonalizedMLP", param_hint="--model")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise click.BadParameter(f"cannot import {spec}: {exc}", param_hint="--model") from exc
+from sdk.cli.model_option import MODEL_ARG_HELP, MODEL_HELP, cli_import_factory, cli_model_args
+from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -54,19 +44,6 @@ def _make_model(spec: str, factory, kwargs: dict[str, object], shape: tuple[int,
     return model
 
 
-def _parse_kwargs(items: tuple[str, ...]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: expected key=value", param_hint="--model-arg")
-        try:
-            out[key] = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            out[key] = raw
-    return out
-
-
 @click.group()
 def bundle() -> None:
     """Signed ONNX Runtime training bundles."""
@@ -74,10 +51,10 @@ def bundle() -> None:
 
 @bundle.command("build", epilog=examples(
     "fedge bundle build --model sdk.models:PersonalizedCNN1D --model-arg in_channels=6 --model-arg num_classes=7 \\",
-    "    --input-shape 6,100 --shared base --personal head --mode fedalt --mu 0.01 --lr 0.001 \\",
+    "    --input-shape 6,100 --shared base --personal head --mode fedalt --mu 0.01 \\",
     "    --key fleet.key --name watch-cnn --version 1 -o watch.fedge"))
-@click.option("--model", "model_spec", required=True, help="Model factory as module:callable (e.g. sdk.models:PersonalizedCNN1D).")
-@click.option("--model-arg", "model_args", multiple=True, help="key=value passed to the factory (repeatable).")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--model-arg", "model_args", multiple=True, help=MODEL_ARG_HELP)
 @click.option("--input-shape", required=True, help="Shape of one example without the batch axis, e.g. 6,100.")
 @click.option("--shared", default="base", show_default=True, help="Comma-separated name prefixes of shared parameters ('*' = all not personal).")
 @click.option("--personal", default="", help="Comma-separated name prefixes of personal (never uploaded) parameters.")
@@ -85,7 +62,7 @@ def bundle() -> None:
 @click.option("--mu", type=float, default=0.0, show_default=True, help="FedProx proximal weight on the shared layers.")
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse", "bce_with_logits"]), default="cross_entropy", show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Default learning rate (devices may override).")
+@click.option("--lr", type=float, default=DEFAULT_LEARNING_RATE, show_default=True, help="Default learning rate (devices may override).")
 @click.option("--key", "key_path", type=click.Path(exists=True, path_type=Path), required=True, help="Fleet Ed25519 private key.")
 @click.option("--name", "model_name", required=True, help="Model name recorded in the manifest.")
 @click.option("--version", "bundle_version", type=click.IntRange(min=0), default=1, show_default=True,
@@ -102,8 +79,8 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     from sdk.bundle_builder import build_bundle
     from sdk.model_spec import ParameterSplit, ParameterSplitError, parse_prefixes
 
-    factory = _import_factory(model_spec)
-    kwargs = _parse_kwargs(model_args)
+    factory = cli_import_factory(model_spec)
+    kwargs = cli_model_args(model_args)
     shape = _parse_shape(input_shape)
     signing_key = load_key("--key", key_path, load_signing_key)
     check_writable("--out", out)

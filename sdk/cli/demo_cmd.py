@@ -12,6 +12,7 @@ import click
 
 from sdk.cli.family import examples
 from sdk.demo.settings import BROKER_BACKENDS, MAX_DEVICES
+from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 
 @click.command(epilog=examples("fedge demo", "fedge demo --devices 8 --rounds 2",
@@ -22,7 +23,8 @@ from sdk.demo.settings import BROKER_BACKENDS, MAX_DEVICES
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Federated rounds.")
 @click.option("--epochs", type=click.IntRange(min=1), default=2, show_default=True,
               help="Local epochs per FedAlt phase per round.")
-@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--lr", "learning_rate", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEARNING_RATE,
+              show_default=True)
 @click.option("--mu", type=click.FloatRange(min=0), default=0.01, show_default=True, help="FedProx weight on the shared layers.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,

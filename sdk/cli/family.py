@@ -6,8 +6,11 @@
   a traceback: click's usage errors lose their usage block, an unreadable or
   unwritable path (OSError) becomes an input error naming it, and a fedge
   error (``FedgeError``) a failure, or an input error for a malformed input.
-- **Verbosity**: ``-v``/``-vv`` (info/debug) and ``-q`` (errors only) are
-  accepted before and after the subcommand; they add up.
+- **Logging**: ``-v``/``-vv`` (info/debug) and ``-q`` (one level quieter) are
+  accepted before and after the subcommand; they add up from the command's
+  default level: WARNING, or INFO for the long-running services (aggregators,
+  dashboard), which say what they do (:func:`service_logging`).
+  ``--log-format text|json`` (also before or after) picks human lines or JSON Lines.
 - **Help** shows every default and ends with an Examples section (:func:`examples`).
 """
 
@@ -25,10 +28,13 @@ import click
 from device_agent.bundle.install_policy import BundleDowngradeError
 from device_agent.data import DataFileError
 from device_agent.errors import BundleVerificationError, FedgeError, TrainingError
+from device_agent.logformat import LOG_FORMATS, install_handler
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 _K = TypeVar("_K")
 _VERBOSITY_KEY = "fedge.verbosity"
+_BASE_LEVEL_KEY = "fedge.base_level"
+_LOG_FORMAT_KEY = "fedge.log_format"
 #: fedge errors that mean the input itself is unusable (exit 2); other fedge errors are failures (exit 1).
 _REFUSED = (BundleVerificationError, BundleDowngradeError, TrainingError)
 
@@ -57,9 +63,24 @@ def input_error(exc: BaseException) -> InputError:
 
 
 def apply_verbosity(ctx: click.Context) -> None:
-    """Set the root logger's level from the ``-v``/``-q`` flags seen so far in this run (WARNING without any)."""
-    level = logging.WARNING - 10 * ctx.find_root().meta.get(_VERBOSITY_KEY, 0)
+    """Set the root logger's level from the ``-v``/``-q`` flags seen so far in this run, counted from the
+    command's default level (WARNING; INFO after :func:`service_logging`)."""
+    meta = ctx.find_root().meta
+    level = meta.get(_BASE_LEVEL_KEY, logging.WARNING) - 10 * meta.get(_VERBOSITY_KEY, 0)
     logging.getLogger().setLevel(min(max(level, logging.DEBUG), logging.CRITICAL))
+
+
+def configure_logging(ctx: click.Context) -> None:
+    """Install the stderr handler in the ``--log-format`` seen so far (text by default) and apply the level."""
+    install_handler(ctx.find_root().meta.get(_LOG_FORMAT_KEY, "text"))
+    apply_verbosity(ctx)
+
+
+def service_logging(ctx: click.Context) -> None:
+    """Make INFO the default level of this run: a service logs its start, connections, rounds and forwarding
+    without ``-v`` (``-q`` brings it back to warnings)."""
+    ctx.find_root().meta[_BASE_LEVEL_KEY] = logging.INFO
+    apply_verbosity(ctx)
 
 
 def load_key(option: str, path: Path, loader: Callable[[Path], _K]) -> _K:
@@ -105,13 +126,23 @@ def _set_level(ctx: click.Context, param: click.Parameter, value: int) -> None:
         apply_verbosity(ctx)
 
 
+def _set_format(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Remember ``--log-format`` (the last one given wins) and reformat the handler when it is installed."""
+    if value is not None:
+        ctx.find_root().meta[_LOG_FORMAT_KEY] = value
+        install_handler(value)
+
+
 def verbosity_options() -> list[click.Option]:
-    """Fresh ``-v``/``-q`` options (not passed to the command function: they only set the log level)."""
+    """Fresh ``-v``/``-q``/``--log-format`` options (not passed to the command function: they only set up logging)."""
     return [
         click.Option(["-v", "--verbose"], count=True, expose_value=False, callback=_set_level, is_eager=True,
                      show_default=False, help="More logging: -v info, -vv debug (also after the subcommand)."),
         click.Option(["-q", "--quiet"], count=True, expose_value=False, callback=_set_level, is_eager=True,
-                     show_default=False, help="Less logging: -q errors only."),
+                     show_default=False, help="Less logging: -q one level quieter (errors only for most commands)."),
+        click.Option(["--log-format"], type=click.Choice(LOG_FORMATS), default=None, expose_value=False,
+                     callback=_set_format, is_eager=True, show_default=False,
+                     help="Log lines as text (default) or JSON Lines on stderr (also after the subcommand)."),
     ]
 
 

@@ -12,7 +12,8 @@ import click
 from device_agent.keys import load_signing_key
 from sdk.broker_config.topology import TopologyError
 from sdk.cli.family import InputError, examples, load_key
-from sdk.fleet.spec import load_fleet_spec
+from sdk.fleet.day2 import FleetChange
+from sdk.fleet.spec import FleetSpec, load_fleet_spec
 
 _FLEET_DIR = click.argument("fleet_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 
@@ -82,20 +83,25 @@ def bundle_cmd(fleet_dir: Path, bundle: Path) -> None:
 @_FLEET_DIR
 @click.option("--site", "sites", multiple=True, help="root or a region name; repeat it (default: every site).")
 @click.option("--brokers/--no-brokers", default=True, show_default=True,
-              help="Start Mosquitto for each site too (off: the brokers already run).")
+              help="Start Mosquitto for each site (off: the brokers already run, e.g. under systemd).")
+@click.option("--services/--no-services", default=True, show_default=True,
+              help="Start the aggregator service of each site (off: brokers only).")
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this long (default: until SIGINT/SIGTERM).")
-def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, max_seconds: float | None) -> None:
+def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, services: bool, max_seconds: float | None) -> None:
     """Run this host's share of the fleet in the foreground: brokers, then regional services, then the root's."""
     import signal
     import threading
 
     from sdk.fleet.day2 import open_fleet
-    from sdk.fleet.up import FleetRunner
+    from sdk.fleet.up import FleetRunner, FleetUpError
 
     opened = open_fleet(fleet_dir)
     chosen = sites or ("root", *(r.name for r in opened.spec.topology.regions))
-    runner = FleetRunner(opened, sites=chosen, brokers=brokers)
+    try:
+        runner = FleetRunner(opened, sites=chosen, brokers=brokers, services=services)
+    except FleetUpError as exc:
+        raise click.BadParameter(str(exc), param_hint="--site") from exc
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -104,6 +110,8 @@ def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, max_seconds: floa
             click.echo(f"{child.name:<18} pid {child.process.pid:<7} log {child.log}")
         click.echo("running; Ctrl-C stops everything", err=True)
         runner.watch(stop, max_seconds)
+    except FleetUpError as exc:  # a broker or service would not start or died: a failure, exit 1
+        raise click.ClickException(str(exc)) from exc
     finally:
         runner.stop()
         for sig, old in previous.items():
@@ -115,7 +123,7 @@ _RELOAD = click.option("--reload/--no-reload", default=True, show_default=True,
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print the change as JSON.")
 
 
-def _report_change(fleet_dir: Path, change, reload: bool, as_json: bool) -> None:  # type: ignore[no-untyped-def]
+def _report_change(fleet_dir: Path, change: FleetChange, reload: bool, as_json: bool) -> None:
     import json
 
     from sdk.fleet.day2 import describe, signal_reloads
@@ -195,6 +203,7 @@ def status(fleet_dir: Path, source: str, timeout: float, as_json: bool) -> None:
     """Every device's signed status, verified against the registries, as a table per region."""
     import json
 
+    from device_agent.protocol.envelope import SenderKeys
     from sdk.aggregator.registry import KeyRegistry, RegistryError
     from sdk.fleet import layout
     from sdk.fleet.day2 import open_fleet
@@ -205,7 +214,7 @@ def status(fleet_dir: Path, source: str, timeout: float, as_json: bool) -> None:
     topology = opened.spec.topology
     if topology.monitor is None:
         raise InputError("this fleet has no monitoring account ([monitor] enabled = false in its topology)")
-    registries = {}
+    registries: dict[str, SenderKeys] = {}
     for region in topology.regions:
         try:
             registries[region.name] = KeyRegistry(opened.directory / layout.aggregator_dir(region.name) / layout.REGISTRY_DIR)
@@ -221,7 +230,7 @@ def status(fleet_dir: Path, source: str, timeout: float, as_json: bool) -> None:
         click.echo(render_table(view), nl=False)
 
 
-def _spec(path: Path):  # type: ignore[no-untyped-def]
+def _spec(path: Path) -> FleetSpec:
     try:
         return load_fleet_spec(path)
     except TopologyError as exc:

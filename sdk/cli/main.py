@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 from device_agent import __version__
@@ -11,9 +9,10 @@ from sdk.broker_config.cli import broker_config
 from sdk.cli.aggregator_cmd import aggregator
 from sdk.cli.bench_cmd import bench
 from sdk.cli.bundle_cmd import bundle
+from sdk.cli.dashboard_cmd import dashboard
 from sdk.cli.demo_cmd import demo
+from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, configure_logging, examples, verbosity_options
 from sdk.cli.fleet_cmd import fleet
-from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, apply_verbosity, examples, verbosity_options
 from sdk.cli.keys_cmd import keys
 from sdk.cli.release_cmd import release
 from sdk.cli.simulate_cmd import simulate
@@ -37,8 +36,7 @@ def cli(ctx: click.Context) -> None:
     build` turns a PyTorch model into a signed ONNX Runtime training bundle,
     devices run it with `fedge-agent`, and `fedge demo` shows the whole loop.
     """
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    apply_verbosity(ctx)  # -v/-q after the subcommand adjust it again when they are parsed
+    configure_logging(ctx)  # -v/-q/--log-format after the subcommand adjust it again when they are parsed
 
 
 cli.add_command(keys)
@@ -47,6 +45,7 @@ cli.add_command(demo)
 cli.add_command(bench)
 cli.add_command(simulate)
 cli.add_command(aggregator)
+cli.add_command(dashboard)
 cli.add_command(broker_config, name="broker-config")
 cli.add_command(fleet)
 cli.add_command(release)

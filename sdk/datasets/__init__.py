@@ -10,6 +10,11 @@ give identical arrays.
 - :func:`load_fashion_mnist`: Debian's Fashion-MNIST, Dirichlet label skew (PFLlib's setting).
 - :func:`make_synthetic`: FedProx's Synthetic(alpha, beta) generator.
 - :func:`load_digits`: scikit-learn's digits, the fast unit-test fixture.
+- :func:`load_client_folder` / :func:`clients_from_arrays`: your own per-client
+  data (a folder of ``.npz`` files, or the same arrays in memory), validated.
+
+:func:`ensure_validation_split` holds out part of each client's training data
+as validation where the data has none (the simulator does this for you).
 """
 
 from __future__ import annotations
@@ -17,13 +22,20 @@ from __future__ import annotations
 from sdk.datasets.digits import load_digits
 from sdk.datasets.errors import DatasetError, DatasetFormatError, DatasetNotFoundError, UnsafePickleError
 from sdk.datasets.fashion_mnist import load_fashion_mnist, read_fashion_mnist, read_idx
+from sdk.datasets.holdout import DEFAULT_VALIDATION_FRACTION, ValidationSplit, ensure_validation_split
 from sdk.datasets.federated import ClientData, FederatedDataset, LabeledArrays, regions_by_label_mix, split_client
 from sdk.datasets.partition import SplitIndices, dirichlet_split, iid_split, train_val_test_indices
 from sdk.datasets.restricted_pickle import RestrictedUnpickler, read_object_npy, restricted_loads
+from sdk.datasets.user_folder import clients_from_arrays, load_client_folder
 from sdk.datasets.synthetic import make_synthetic, synthetic_device_sizes
 from sdk.datasets.watch import RecordingSplit, TimeSplit, load_watch, read_watch_recordings
 
 __all__ = [
+    "DEFAULT_VALIDATION_FRACTION",
+    "ValidationSplit",
+    "clients_from_arrays",
+    "ensure_validation_split",
+    "load_client_folder",
     "ClientData",
     "DatasetError",
     "DatasetFormatError",

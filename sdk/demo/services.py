@@ -66,6 +66,11 @@ class ServiceThread:
             raise DemoError(f"aggregator service {self.name} did not subscribe within {timeout_s:g} s")
 
     @property
+    def service(self) -> MqttAggregatorService | None:
+        """The running service (None before :meth:`start` returned), e.g. to serve its metrics."""
+        return self._service
+
+    @property
     def alive(self) -> bool:
         """Whether the service thread is still running."""
         return self._thread.is_alive()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from device_agent.errors import FedgeError
+from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 #: Clients of the smartwatch data set (10 subjects x 2 arms).
 MAX_DEVICES = 20
@@ -34,7 +35,7 @@ class DemoSettings:
     rounds: int = 5
     epochs: int = 2
     batch_size: int = 32
-    learning_rate: float = 3e-3
+    learning_rate: float = DEFAULT_LEARNING_RATE
     mu: float = 0.01
     seed: int = 0
     round_deadline_s: float = 120.0

@@ -107,10 +107,8 @@ def fetch_retained(endpoint: BrokerEndpoint, topic_filter: str, *, quiet_s: floa
                 raise StatusFetchError(f"no SUBACK from the {endpoint.name} broker at {where}") from None
             if kind == "suback":
                 subscribed = True
-            elif kind == "message":
-                topic, payload, retained = value  # type: ignore[misc]
-                if retained:
-                    messages.append((topic, payload))
+            elif kind == "message" and isinstance(value, tuple) and value[2]:
+                messages.append((str(value[0]), bytes(value[1])))
             if time.monotonic() >= deadline:
                 break
     finally:

@@ -69,9 +69,9 @@ def _port_open(port: int, host: str) -> bool:
 
 
 class FleetRunner:
-    """Starts, watches and stops the brokers and services of ``sites`` (``brokers`` False: services only)."""
+    """Starts, watches and stops the brokers and services of ``sites`` (``brokers`` / ``services`` False: leave them out)."""
 
-    def __init__(self, fleet: OpenedFleet, *, sites: Sequence[str], brokers: bool = True) -> None:
+    def __init__(self, fleet: OpenedFleet, *, sites: Sequence[str], brokers: bool = True, services: bool = True) -> None:
         known = [layout.ROOT_SITE, *(r.name for r in fleet.spec.topology.regions)]
         unknown = sorted(set(sites) - set(known))
         if unknown:
@@ -79,6 +79,7 @@ class FleetRunner:
         self.fleet = fleet
         self.sites = [s for s in known if s in sites]  # topology order: root first
         self.brokers = brokers
+        self.services = services
         self.children: list[Child] = []
         self.run_dir = fleet.directory / layout.RUN_DIR
 
@@ -127,8 +128,10 @@ class FleetRunner:
             if self.brokers:
                 for site in self.sites:
                     self._start_broker(site)
-            for site in [s for s in self.sites if s != layout.ROOT_SITE] + [s for s in self.sites if s == layout.ROOT_SITE]:
-                self._start_service(site)
+            if self.services:
+                regions_first = [s for s in self.sites if s != layout.ROOT_SITE] + [s for s in self.sites if s == layout.ROOT_SITE]
+                for site in regions_first:
+                    self._start_service(site)
         except BaseException:
             self.stop()
             raise

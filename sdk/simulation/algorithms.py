@@ -6,6 +6,12 @@ federate every parameter; FedSim and FedAlt (Pillutla et al., 2022) federate
 the shared layers and keep a personal head on each device; FedFomo (Zhang et
 al., 2021) replaces averaging with per-device first-order weighted
 combinations of peers' shared layers (head trained with them, FedSim-style).
+
+Adding an algorithm is a row in :data:`ALGORITHMS`: ``fedge simulate``, ``fedge
+bench accuracy --algorithm``, :func:`sdk.simulation.compare` and
+:func:`sdk.simulation.runner.run_algorithm` read their choices from it. Behaviour
+the simulator does not have yet goes behind a new field of :class:`AlgorithmSpec`
+(as ``fomo`` does), defaulting to off so the existing rows keep their meaning.
 """
 
 from __future__ import annotations

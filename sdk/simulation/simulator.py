@@ -16,7 +16,15 @@ FedFomo (``fomo_candidates=k``) replaces server averaging: the server keeps
 every device's latest shared layers, each selected device asks for k of them
 (epsilon-greedy on its affinity vector), combines them with
 :func:`~device_agent.local_round.combine_candidates_fomo` on its validation
-split, trains, and uploads its own shared layers.
+split, trains, and uploads its own shared layers. Each round records which
+devices kept only their own model (no peer helped on their validation split):
+:attr:`SimulationResult.fomo_kept_own_rate` says how often, per device.
+
+Validation: a client whose data has no validation split gets one made from
+its training split (:func:`~sdk.datasets.holdout.ensure_validation_split`,
+``validation_fraction`` of it, seeded), for every algorithm alike, so all
+methods train on the same examples; :attr:`SimulationResult.validation`
+says what was held out.
 
 Hierarchy (``hierarchy=HierarchyConfig(...)``) runs the deployment's two
 tiers over the clients' ``region`` labels with the same pure functions as
@@ -42,7 +50,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -55,6 +63,8 @@ from device_agent.trainer import DeviceTrainer, TrainBudget
 from sdk.aggregation import AggregationConfig, combine_regions, make_rule, mix_regional
 from sdk.aggregation.mixing import RegionWeighting
 from sdk.datasets.federated import FederatedDataset
+from sdk.datasets.holdout import DEFAULT_VALIDATION_FRACTION, ensure_validation_split
+from sdk.simulation.results import RoundMetrics, SimulationResult
 
 ParameterDict = dict[str, np.ndarray]
 
@@ -85,7 +95,9 @@ class SimulationConfig:
     """How a simulated federation runs.
 
     ``federated=False`` is the local-only baseline: devices train on their own
-    data every round and nothing is aggregated.
+    data every round and nothing is aggregated. ``validation_fraction``: the
+    share of a client's training examples held out as its validation split
+    when the data has none (0: make none).
     """
 
     rounds: int
@@ -100,6 +112,7 @@ class SimulationConfig:
     fomo_candidates: int | None = None
     hierarchy: HierarchyConfig | None = None
     finetune_epochs: int = 0
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,51 +133,6 @@ class SimulationConfig:
             raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
 
 
-@dataclass(frozen=True, kw_only=True)
-class RoundMetrics:
-    """Metrics of one round. Accuracies are per device on its own test split.
-
-    ``global_accuracy`` is empty for local-only and FedFomo (no server
-    model); ``regional_accuracy`` is empty without a hierarchy.
-    ``pooled_accuracy`` is correct / examples over every device's test split
-    (PFLlib's figure); ``mean_accuracy`` the unweighted mean over devices.
-    """
-
-    round_number: int
-    selected: tuple[str, ...]
-    aggregated: tuple[str, ...]
-    dropped: dict[str, str]
-    personalised_accuracy: dict[str, float]
-    mean_accuracy: float
-    pooled_accuracy: float
-    global_accuracy: dict[str, float]
-    regional_accuracy: dict[str, float]
-    bytes_up_per_device: int
-    bytes_down_per_device: int
-    seconds: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class SimulationResult:
-    """Everything a run produced; ``final_accuracy`` is per device after the last round.
-
-    ``fine_tuned_accuracy`` maps ``"head"``/``"all"`` to per-device accuracy
-    after local fine-tuning of the final model (only with ``finetune_epochs``).
-    """
-
-    rounds: tuple[RoundMetrics, ...]
-    final_accuracy: dict[str, float]
-    global_params: dict[str, np.ndarray] = field(repr=False)
-    fine_tuned_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
-    test_examples: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def mean_final_accuracy(self) -> float:
-        """Unweighted mean over devices of the final personalised test accuracy."""
-        return float(np.mean(list(self.final_accuracy.values())))
-
-
 def _full_steps(n: int, budget: TrainBudget) -> int:
     return max(1, budget.epochs) * math.ceil(n / budget.batch_size)
 
@@ -174,6 +142,10 @@ class FederatedSimulator:
 
     def __init__(self, bundle: TrainingBundle, dataset: FederatedDataset, config: SimulationConfig, *, threads: int = 1) -> None:
         self.bundle = bundle
+        self.validation = ensure_validation_split(dataset, fraction=config.validation_fraction, seed=config.seed)
+        if self.validation.held_out:
+            logger.info("%s", self.validation.describe())
+        dataset = self.validation.dataset
         self.dataset = dataset
         self.config = config
         self._trainers = {c.client_id: DeviceTrainer(bundle, threads=threads) for c in dataset.clients}
@@ -196,7 +168,8 @@ class FederatedSimulator:
         if config.fomo_candidates is not None:
             empty = [c.client_id for c in dataset.clients if len(c.val.y) == 0]
             if empty:
-                raise ValueError(f"FedFomo needs a validation split on every device; empty for {empty}")
+                raise ValueError(f"FedFomo needs a validation split on every device; empty for {empty}"
+                                 " (a client needs at least 2 training examples to have one made)")
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.config.seed, *keys])
@@ -228,6 +201,8 @@ class FederatedSimulator:
         rules = {r: make_rule(cfg.aggregation, expected_shapes=self._shapes) for r in self._regional}
         samples = dict.fromkeys(self._regional, 0)
         aggregated, dropped = [], {}
+        combined: list[str] = []
+        kept_own: list[str] = []
         for index, cid in enumerate(ids):
             if cid not in selected:
                 continue
@@ -243,7 +218,11 @@ class FederatedSimulator:
                 budget = TrainBudget(epochs=budget.epochs, batch_size=budget.batch_size, max_steps=cap,
                                      personal_epochs=budget.personal_epochs, learning_rate=budget.learning_rate)
             if cfg.fomo_candidates is not None:
-                self._combine_fomo(cid, index, ids, round_number)
+                kept = self._combine_fomo(cid, index, ids, round_number)
+                if kept is not None:
+                    combined.append(cid)
+                    if kept:
+                        kept_own.append(cid)
             region = self._region[cid]
             update = train_local_round(
                 self._trainers[cid], self._train[cid],
@@ -272,7 +251,7 @@ class FederatedSimulator:
             pooled_accuracy=self._pooled(personal), global_accuracy=server, regional_accuracy=regional,
             bytes_up_per_device=self._bytes_per_update if cfg.federated else 0,
             bytes_down_per_device=self._bytes_per_update * (cfg.fomo_candidates or 1) if cfg.federated else 0,
-            seconds=time.perf_counter() - start,
+            seconds=time.perf_counter() - start, fomo_combined=tuple(combined), fomo_kept_own=tuple(kept_own),
         )
 
     def _aggregate(self, rules: dict, samples: dict[str, int], served: dict[str, ParameterDict]) -> None:
@@ -335,15 +314,17 @@ class FederatedSimulator:
                 trainer.set_shared(held)
         return out
 
-    def _combine_fomo(self, cid: str, index: int, ids: list[str], round_number: int) -> None:
+    def _combine_fomo(self, cid: str, index: int, ids: list[str], round_number: int) -> bool | None:
+        """Weigh k peers' shared layers on ``cid``'s validation split; True when none helped (None: no peers)."""
         k = min(self.config.fomo_candidates or 0, len(ids) - 1)
         if k == 0:
-            return
+            return None
         picked = select_candidates(self._affinity[cid], k=k, epsilon=exploration_rate(round_number),
                                    rng=self._rng(round_number, 2, index), exclude={index})
         candidates = [self._uploads[ids[j]] for j in picked]
         update = combine_candidates_fomo(self._trainers[cid], candidates, self._val[cid], round_number=round_number)
         self._affinity[cid] = update_affinity(self._affinity[cid], picked, update.weights)
+        return update.kept_own
 
     def run(self, *, on_round: Callable[[RoundMetrics], None] | None = None) -> SimulationResult:
         """All rounds, then the optional fine-tuning; ``on_round`` (e.g. a progress bar) is called after each round."""
@@ -360,4 +341,4 @@ class FederatedSimulator:
         tuned = self._fine_tune() if self.config.finetune_epochs > 0 else {}
         return SimulationResult(rounds=tuple(records), final_accuracy=final, global_params=dict(self.global_params),
                                 fine_tuned_accuracy=tuned, test_examples=dict(self._test_examples),
-                                seconds=time.perf_counter() - start)
+                                seconds=time.perf_counter() - start, validation=self.validation)

@@ -140,3 +140,140 @@ def test_cli_keys_generate_names_the_public_key_so_the_registry_finds_the_device
     assert res.exit_code == 2 and "exists" in res.output
     res = runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "x.pub")])
     assert res.exit_code == 2 and "public key's name" in res.output
+
+
+# -- your own data and model -----------------------------------------------------------------
+
+USER_NET = '''
+import torch
+
+class Net(torch.nn.Module):
+    def __init__(self, hidden=16):
+        super().__init__()
+        self.base = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU())
+        self.head = torch.nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        return self.head(self.base(x))
+'''
+
+
+def _user_folder(root: Path, digits, *, clients: int = 3) -> Path:
+    """Digits dealt to ``clients`` .npz files with no validation split, and a regions.toml."""
+    x, y = digits
+    folder = root / "my-clients"
+    folder.mkdir()
+    for i, idx in enumerate(np.array_split(np.arange(600), clients)):
+        cut = int(0.8 * len(idx))
+        np.savez(folder / f"dev-{i}.npz", x_train=x[idx[:cut]], y_train=y[idx[:cut]], x_test=x[idx[cut:]], y_test=y[idx[cut:]])
+    (folder / "regions.toml").write_text("".join(f'"dev-{i}" = "r{i % 2}"\n' for i in range(clients)))
+    return folder
+
+
+def test_cli_simulate_user_folder_and_model_from_the_working_directory(tmp_path: Path, digits, monkeypatch):
+    folder = _user_folder(tmp_path, digits)
+    (tmp_path / "mynets.py").write_text(USER_NET)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sim.json"
+    res = CliRunner().invoke(cli, ["simulate", "--data", "my-clients", "--model", "mynets:Net", "--model-arg", "hidden=24",
+                                   "--personal", "head", "--algorithm", "fedfomo", "--fomo-candidates", "2", "--rounds", "3",
+                                   "--lr", "0.01", "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "no client came with a validation split: held out 10%" in res.output
+    assert "fedfomo: kept only its own model" in res.output and "dev-0" in res.output
+    doc = json.loads(out.read_text())
+    assert set(doc["final_accuracy"]) == {"dev-0", "dev-1", "dev-2"} and doc["mean_final_accuracy"] > 0.5
+    assert doc["validation"]["held_out"] == {"dev-0": 16, "dev-1": 16, "dev-2": 16}  # 10% of 160
+    assert set(doc["fomo_kept_own"]["per_device"]) == {"dev-0", "dev-1", "dev-2"} and doc["fomo_kept_own"]["overall"] is not None
+    # The folder's regions drive the hierarchy; the built-in model is picked for the data's shape without --model.
+    res = CliRunner().invoke(cli, ["simulate", "--data", str(folder), "--algorithm", "fedavg", "--rounds", "1",
+                                   "--regional-weight", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "hierarchy: global model" in res.output and str(folder) in res.output
+
+
+def test_cli_simulate_bad_user_input_is_one_line_with_exit_2(tmp_path: Path, digits, monkeypatch):
+    folder = _user_folder(tmp_path, digits)
+    (tmp_path / "mynets.py").write_text(USER_NET)
+    monkeypatch.chdir(tmp_path)
+    with np.load(folder / "dev-1.npz") as d:
+        arrays = dict(d)
+    arrays["y_train"] = arrays["y_train"].reshape(-1, 1)
+    np.savez(folder / "dev-1.npz", **arrays)
+    cases = [
+        (["--data", "my-clients"], "my-clients/dev-1.npz: y_train: shape"),
+        (["--data", "nowhere"], "nowhere: no such folder"),
+        (["--data", "my-clients", "--dataset", "digits"], "not both"),
+        (["--model", "mynets:Nett"], "mynets has no attribute 'Nett'"),
+        (["--model", "mynets:Net", "--algorithm", "fedalt"], "--personal PREFIX"),
+        (["--model", "mynets:Net", "--model-arg", "hiden=3", "--algorithm", "fedavg"], "unexpected keyword argument 'hiden'"),
+        (["--model", "mynets:Net", "--personal", "hed"], "prefixes match no parameter: ['hed']"),
+        (["--dataset", "watch", "--model", "mynets:Net", "--personal", "head"], "rejects examples of shape (6, 100)"),
+        (["--dataset", "synthetic", "--model", "mynets:Net", "--personal", "head"], "rejects examples of shape (60,)"),
+    ]
+    for args, expected in cases:
+        res = CliRunner().invoke(cli, ["simulate", "--rounds", "1", *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert expected in res.output, (args, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+        assert "Traceback" not in res.output
+
+
+def test_cli_bench_accuracy_user_folder_writes_to_its_own_folder_not_docs_results(tmp_path: Path, digits, monkeypatch):
+    _user_folder(tmp_path, digits)
+    (tmp_path / "mynets.py").write_text(USER_NET)
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["bench", "accuracy", "--data", "my-clients", "--model", "mynets:Net", "--personal", "head",
+                                   "--algorithm", "local", "--algorithm", "fedalt", "--algorithm", "fedfomo", "--rounds", "2",
+                                   "--workers", "1", "--lr", "0.01"])
+    assert res.exit_code == 0, res.output
+    results = tmp_path / "fedge-results"
+    assert sorted(p.name for p in results.iterdir()) == ["my-clients-gain.png", "my-clients-rounds.png", "my-clients.json",
+                                                          "my-clients.md"]
+    assert not (tmp_path / "docs").exists()
+    doc = json.loads((results / "my-clients.json").read_text())
+    assert [r["label"] for r in doc["runs"]] == ["Local-only", "FedAlt", "FedFomo"]
+    assert "FedFomo" in doc["summary"]["fomo_kept_own"] and "held out 10%" in doc["summary"]["validation"]
+    # The report can be rebuilt from the JSON alone.
+    res = CliRunner().invoke(cli, ["bench", "accuracy", "--data", "my-clients", "--report-only"])
+    assert res.exit_code == 0 and "Your data: my-clients" in res.output, res.output
+    res = CliRunner().invoke(cli, ["bench", "accuracy", "--data", "my-clients", "--name", "watch"])
+    assert res.exit_code == 2 and "built-in setting" in res.output
+
+
+def test_defaults_are_one_learning_rate_everywhere():
+    import inspect
+
+    from sdk.artifacts import TrainingSpec
+    from sdk.demo.settings import DemoSettings
+    from sdk.simulation import compare
+    from sdk.simulation.runner import BundleTraining
+    from sdk.training_defaults import DEFAULT_LEARNING_RATE
+
+    def cli_default(*path: str) -> float:
+        command = cli
+        for name in path:
+            command = command.commands[name]  # type: ignore[attr-defined]
+        return next(p.default for p in command.params if p.name in ("lr", "learning_rate"))
+
+    assert {cli_default("simulate"), cli_default("demo"), cli_default("bundle", "build"), cli_default("bench", "accuracy"),
+            TrainingSpec(mode="fedavg").learning_rate, DemoSettings().learning_rate, BundleTraining().learning_rate,
+            inspect.signature(compare).parameters["learning_rate"].default} == {DEFAULT_LEARNING_RATE}
+
+
+def test_agent_train_and_evaluate_read_the_npz_keys_agent_toml_names(tmp_path: Path, bundle_factory, fleet_key, digits, capsys):
+    x, y = digits
+    np.savez(tmp_path / "local.npz", features=x[:300], labels=y[:300])
+    pub = tmp_path / "fleet.pub"
+    from device_agent.keys import save_public_key
+
+    save_public_key(fleet_key.public_key(), pub)
+    assert agent_main(["install", str(bundle_factory("fedavg")), "--fleet-key", str(pub), "--dest", str(tmp_path / "inst")]) == 0
+    common = ["--bundle-dir", str(tmp_path / "inst"), "--fleet-key", str(pub), "--state", str(tmp_path / "st"),
+              "--data", str(tmp_path / "local.npz")]
+    assert agent_main(["train", *common]) == 2
+    assert "missing arrays ['x', 'y']" in capsys.readouterr().err
+    assert agent_main(["train", *common, "--x-key", "features", "--y-key", "labels", "--epochs", "2"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 2 * 10
+    assert agent_main(["evaluate", *common, "--x-key", "features", "--y-key", "labels"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 300

@@ -128,7 +128,7 @@ def test_root_counts_a_device_in_two_regions_once_and_refuses_the_second_aggrega
         sniffers["eu"].subscribe(LAYOUT.region_receipt("eu"))
         initial = random_params(rng)
         started.thread(_root_thread(fleet=fleet, keys=root_keys, regions=region_keys, initial=initial,
-                                    store=tmp_path / "root.sqlite", deadline_s=4.0))
+                                    store=tmp_path / "root.sqlite", deadline_s=10.0))
         creds = fleet.credentials(moved)
         # The moved device on its old region first: eu's aggregate reaches the root before us's.
         for device in members["eu"]:

@@ -33,8 +33,10 @@ def test_flood_of_10000_messages_from_one_account_leaves_every_honest_update_acc
     # The round closed (run_flood_bench raises otherwise) with every honest device accepted, despite the flood:
     assert flood["honest_accepted"] == 6 and row["variants"]["baseline"]["honest_accepted"] == 6
     assert flood["flood_published"] == 10_000  # every copy was acknowledged by the broker
-    # The aggregator opened a few dozen copies (burst + rate x time) and dropped the rest unopened.
-    assert flood["inbox_dropped"] > 9_000 and flood["flood_opened"] < 1_000
+    # The aggregator opened a few dozen copies (burst + rate x time) and dropped what else reached it unopened;
+    # how many copies are still queued at the broker when the round closes depends on the machine's load.
+    assert flood["flood_opened"] < 1_000
+    assert flood["inbox_dropped"] > 10 * flood["flood_opened"]
     assert flood["inbox_dropped"] + flood["flood_opened"] <= 10_000
     assert "accepted 6/6" in format_table(rows)
 

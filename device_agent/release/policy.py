@@ -137,7 +137,7 @@ def judge_trial(steps: int, loss: float | None, accuracy: float | None, baseline
         return Health(healthy=False, reason=f"validation accuracy is not finite ({accuracy})")
     if accuracy is not None and baseline_accuracy is not None:
         drop = baseline_accuracy - accuracy
-        if drop * 100 > max_accuracy_drop_pct:
+        if drop * 100 > max_accuracy_drop_pct + 1e-9:  # 0.9 - 0.7 is 0.20000000000000007
             return Health(healthy=False, reason=f"validation accuracy {accuracy:.3f} is {drop:.3f} below the previous "
                                                 f"version's {baseline_accuracy:.3f} (at most {max_accuracy_drop_pct / 100:.2f})")
     return Health(healthy=True)

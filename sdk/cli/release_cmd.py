@@ -26,10 +26,10 @@ _REASON = click.option("--reason", default="operator", show_default=True, help="
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 
 
-def _seconds(text: str) -> float:
+def _seconds(text: str, option: str) -> float:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
-        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 12h or 30d")
+        raise click.BadParameter(f"{text!r} is not a duration like 90s, 30m, 12h or 30d", param_hint=option)
     return float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
@@ -74,6 +74,7 @@ def publish(fleet_dir: Path, bundle: Path, canary: str | None, canary_share: flo
     from sdk.release.plan import ReleaseChoices, plan_release
     from sdk.release.publisher import publish_repository
 
+    expires_s = _seconds(expires, "--expires")
     if no_canary and (canary or canary_share is not None):
         raise InputError("--no-canary cannot be combined with --canary or --canary-share")
     if not no_canary and not canary and canary_share is None:
@@ -83,7 +84,7 @@ def publish(fleet_dir: Path, bundle: Path, canary: str | None, canary_share: flo
     number = max((e.info.release for e in repo.releases()), default=0) + 1
     choices = ReleaseChoices(targets=ReleaseTargets(regions=_ids(regions), groups=_ids(groups), devices=_ids(devices)),
                              canary=_ids(canary), canary_share=canary_share,
-                             expires_ms=int((time.time() + _seconds(expires)) * 1000), chunk_size=chunk_size,
+                             expires_ms=int((time.time() + expires_s) * 1000), chunk_size=chunk_size,
                              shared_start=SharedStart(shared_start), max_accuracy_drop_pct=max_accuracy_drop)
     info, data = plan_release(bundle, release=number, fleet=opened.name, fleet_key=opened.fleet_key(), choices=choices,
                               message_size_limit=opened.message_size_limit, devices=opened.devices())
@@ -212,6 +213,7 @@ def controller(fleet_dir: Path, interval: float, once: bool, min_healthy: float,
     from sdk.release.fleet_ops import open_release_fleet, verified_statuses
     from sdk.release.publisher import publish_repository
 
+    timeout_s = _seconds(canary_timeout, "--canary-timeout")
     opened = open_release_fleet(fleet_dir)
     signers = opened.signers(key_dirs)
     for role in ("rollout", "snapshot", "timestamp"):
@@ -224,7 +226,7 @@ def controller(fleet_dir: Path, interval: float, once: bool, min_healthy: float,
         statuses=lambda: verified_statuses(opened.statuses()),
         publish=lambda repo: publish_repository(repo, opened.broker(f"fedge-release-controller-{opened.name}"), layout),
         signers=signers,
-        policy=CanaryPolicy(min_healthy=min_healthy, timeout_s=_seconds(canary_timeout)),
+        policy=CanaryPolicy(min_healthy=min_healthy, timeout_s=timeout_s),
     )
     if once:
         step = ctl.step()

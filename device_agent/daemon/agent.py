@@ -37,7 +37,7 @@ import numpy as np
 from device_agent.daemon.agent_state import AgentProgress, AgentStateFiles, SealedUpdate
 from device_agent.daemon.backoff import Backoff
 from device_agent.daemon.config import AgentConfig
-from device_agent.daemon.connection import MqttConnection
+from device_agent.daemon.connection import InboundMessage, MqttConnection
 from device_agent.daemon.fomo_client import FomoClient
 from device_agent.daemon.errors import AgentStopped, ReceiptTimeoutError
 from device_agent.daemon.intake import MessageIntake
@@ -52,7 +52,7 @@ from device_agent.protocol.chunking import PayloadTooLargeError
 from device_agent.protocol.envelope import OpenedModel
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.protocol.receipts import Receipt, ReceiptStatus
-from device_agent.protocol.status import DeviceStatus, ReleaseStatus, short_text
+from device_agent.protocol.status import DeviceStatus, ReleaseState, ReleaseStatus, short_text
 from device_agent.protocol.validation import RejectReason
 from device_agent.release.client import ReleaseClient
 from device_agent.release.release_state import ReleaseReport
@@ -205,13 +205,19 @@ class DeviceAgent:
             self.intake.ignored.update(old.ignored)
         self.intake.rollback_floor = rollback_floor
         if self.release is not None:
-            release = self.release
-            self.intake.extra = lambda message: release.handles(message.topic) and (release.handle(message) or True)
+            self.intake.extra = self._take_release_message
         #: FedFomo's device side (None when ``fomo_candidates`` is 0).
         self.fomo = None if not self.config.fomo_candidates else FomoClient(
             self.config, keys=self.keys, trainer=self.trainer, connection=self.connection, intake=self.intake,
             pump=self._pump, load_validation=self._load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
             clock=self._clock, wall_clock=self._wall_clock, random_bytes=self._random_bytes)
+
+    def _take_release_message(self, message: InboundMessage) -> bool:
+        """Give a release topic's message to the release client (True: it was one)."""
+        if self.release is None or not self.release.handles(message.topic):
+            return False
+        self.release.handle(message)
+        return True
 
     def update_status(self, **changes: object) -> DeviceStatus:
         """Change fields of the device's status and publish it (see :meth:`StatusReporter.update`).
@@ -465,7 +471,7 @@ class DeviceAgent:
 
     def _on_release_report(self, report: ReleaseReport) -> None:
         """Show the release client's report in the device status (the release sub-record)."""
-        self.update_status(release=ReleaseStatus(state=report.state, version=report.release, progress=report.progress,
+        self.update_status(release=ReleaseStatus(state=ReleaseState(report.state), version=report.release, progress=report.progress,
                                                  reason=short_text(report.reason),
                                                  baseline_accuracy=report.baseline_accuracy))
 

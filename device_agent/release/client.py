@@ -226,7 +226,7 @@ class ReleaseClient:
             if now - since >= settings.chunk_timeout_s:  # no answer: ask again (the broker resends retained messages)
                 del self._in_flight[index]
                 self._unsubscribe([self._topics.release_chunk(sha, index)])
-        wanted = []
+        wanted: list[int] = []
         for index in download.missing():
             if len(self._in_flight) + len(wanted) >= settings.window or self._tokens < 1:
                 break

@@ -180,6 +180,11 @@ class RegionalAggregator(AggregatorTier):
             influence=config.influence,
         )
 
+    @property
+    def config(self) -> RegionalConfig:
+        """The configuration in force (it changes when the region adopts another bundle version)."""
+        return self._regional
+
     def adopt(self, config: AggregatorConfig) -> None:
         """Run another bundle version (see :meth:`AggregatorTier.adopt`); FedFomo's pool of the old version is emptied."""
         if not isinstance(config, RegionalConfig):

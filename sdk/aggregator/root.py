@@ -166,6 +166,11 @@ class RootAggregator(AggregatorTier):
         self._intake.refresh()
         return blob
 
+    @property
+    def config(self) -> RootConfig:
+        """The configuration in force (it changes when the root adopts another bundle version)."""
+        return self._root
+
     def adopt(self, config: AggregatorConfig) -> None:
         """Run another bundle version (see :meth:`AggregatorTier.adopt`)."""
         if not isinstance(config, RootConfig):

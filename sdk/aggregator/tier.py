@@ -99,10 +99,6 @@ class AggregatorTier:
         """The sender id this aggregator signs as (receipts, models, aggregates)."""
         return self._identity
 
-    @property
-    def config(self) -> AggregatorConfig:
-        """The configuration this aggregator runs with."""
-        return self._config
 
     @property
     def member(self) -> str:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from device_agent.release.release_info import ReleaseTargets, SharedStart, Stage, StageRecord
 from sdk.cli.family import InputError, examples
+
+if TYPE_CHECKING:
+    from sdk.release.repository import ReleaseRepository
 
 _FLEET = click.argument("fleet_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 _RELEASE = click.argument("release", type=click.IntRange(min=1))
@@ -159,7 +162,7 @@ def status(fleet_dir: Path, timeout: float, as_json: bool) -> None:
     repo = opened.repository()
     statuses = verified_statuses(opened.statuses(timeout_s=timeout))
     now_ms = int(time.time() * 1000)
-    releases = []
+    releases: list[dict[str, Any]] = []
     for entry in repo.releases():
         info = entry.info
         verdict = judge_canaries(info, statuses, staged_ms=entry.stage.decided_ms if entry.stage else now_ms, now_ms=now_ms)
@@ -167,7 +170,7 @@ def status(fleet_dir: Path, timeout: float, as_json: bool) -> None:
                          "stage": entry.stage_name, "reason": entry.stage.reason if entry.stage else "",
                          "targets": info.targets.describe(), "expires_ms": info.expires_ms,
                          "canaries": [{"device": r.device, "state": r.state, "detail": r.detail} for r in verdict.canaries]})
-    devices = []
+    devices: list[dict[str, Any]] = []
     for device, region in sorted(opened.devices().items()):
         s = statuses.get(device)
         devices.append({"device": device, "region": region, "online": None if s is None else s.online,
@@ -221,10 +224,14 @@ def controller(fleet_dir: Path, interval: float, once: bool, min_healthy: float,
             raise InputError(f"no {role} key in {', '.join(str(d) for d in (*key_dirs, opened.setup.key_dir))}: "
                              "the controller signs with the online roles")
     layout = opened.fleet.spec.topology.layout
+
+    def publish(repo: ReleaseRepository) -> None:
+        publish_repository(repo, opened.broker(f"fedge-release-controller-{opened.name}"), layout)
+
     ctl = ReleaseController(
         repository=opened.repository,
         statuses=lambda: verified_statuses(opened.statuses()),
-        publish=lambda repo: publish_repository(repo, opened.broker(f"fedge-release-controller-{opened.name}"), layout),
+        publish=publish,
         signers=signers,
         policy=CanaryPolicy(min_healthy=min_healthy, timeout_s=timeout_s),
     )
@@ -260,8 +267,12 @@ def rotate(fleet_dir: Path, role: str, threshold: int | None, key_dirs: tuple[Pa
     old = load_public_keys(key_dir, role)
     old_root = opened.signers(key_dirs)
     count = max(1, len(old))
-    new_threshold = threshold if threshold is not None else (repo.root.md.signed.roles[role].threshold if role != "rollout"
-                                                           else repo.targets.md.signed.delegations.roles["rollout"].threshold)
+    if threshold is not None:
+        new_threshold = threshold
+    elif role == "rollout":
+        new_threshold = repo.targets.md.signed.delegations.roles["rollout"].threshold
+    else:
+        new_threshold = repo.root.md.signed.roles[role].threshold
     retired = key_dir / "retired"
     retired.mkdir(exist_ok=True)
     for index in old:

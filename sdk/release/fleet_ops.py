@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.errors import FedgeError
 from device_agent.keys import load_verify_key
+from device_agent.protocol.envelope import SenderKeys
 from device_agent.protocol.status import DeviceStatus
 from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.service_config import BrokerSettings
@@ -84,7 +85,7 @@ class ReleaseFleet:
     def statuses(self, *, timeout_s: float = 10.0) -> FleetView:
         """Every device's retained status from the root broker, verified against its region's registry."""
         topology = self.fleet.spec.topology
-        registries = {}
+        registries: dict[str, SenderKeys] = {}
         for region in topology.regions:
             try:
                 registries[region.name] = KeyRegistry(self.directory / layout.aggregator_dir(region.name) / layout.REGISTRY_DIR)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securesystemslib.signer import Signer
@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 
 ROLLOUT = "rollout"
 _VERSIONED = re.compile(r"([1-9][0-9]*)\.(root|targets|rollout|snapshot)\.json")
-_T = TypeVar("_T", bound=Signed)
 Signers = Mapping[str, Sequence[Signer]]
 """role -> the signers available for it (private keys the operator has at hand)."""
 
@@ -108,8 +107,8 @@ class ReleaseEntry:
 
 
 @dataclass
-class _Role(Generic[_T]):
-    md: Metadata[_T]
+class _Role:
+    md: Metadata[Any]
     raw: bytes
 
 
@@ -235,7 +234,7 @@ class ReleaseRepository:
             raise RepositoryError(f"release {info.release}: the bundle bytes do not match its length and SHA-256")
         target = TargetFile(length=info.length, hashes={"sha256": info.sha256}, path=release_path(info.release),
                             unrecognized_fields={"custom": info.to_custom()})
-        targets = Metadata.from_bytes(self.targets.raw)
+        targets = Metadata[Targets].from_bytes(self.targets.raw)
         targets.signed.targets[target.path] = target
         self._bump(targets.signed, "targets")
         file = self.bundle_file(info)
@@ -269,7 +268,7 @@ class ReleaseRepository:
             return []
         rollout_raw = None
         if ROLLOUT in due:
-            rollout = Metadata.from_bytes(self.rollout.raw)
+            rollout = Metadata[Targets].from_bytes(self.rollout.raw)
             self._bump(rollout.signed, ROLLOUT)
             rollout_raw = _sign(rollout, ROLLOUT, signers, self.targets.md.signed)
         if rollout_raw is not None or "snapshot" in due:
@@ -280,7 +279,7 @@ class ReleaseRepository:
 
     def sign_timestamp(self, signers: Signers, *, expires: datetime) -> None:
         """A new timestamp with an explicit expiry (for tests and drills: a past time makes devices see expired metadata)."""
-        timestamp = Metadata.from_bytes(self.timestamp.raw)
+        timestamp = Metadata[Timestamp].from_bytes(self.timestamp.raw)
         timestamp.signed.version += 1
         timestamp.signed.expires = _utc(expires)
         _write(self.metadata_dir / "timestamp.json", _sign(timestamp, "timestamp", signers, self.root.md.signed))
@@ -295,15 +294,15 @@ class ReleaseRepository:
             raise ValueError(f"threshold must be in 1..{len(keys)}, got {threshold}")
         old_root = self.root.md.signed
         if role == ROLLOUT:
-            targets = Metadata.from_bytes(self.targets.raw)
+            targets = Metadata[Targets].from_bytes(self.targets.raw)
             targets.signed.delegations = _rollout_delegation(keys, threshold)
             self._bump(targets.signed, "targets")
             targets_raw = _sign(targets, "targets", signers, old_root)
-            rollout = Metadata.from_bytes(self.rollout.raw)
+            rollout = Metadata[Targets].from_bytes(self.rollout.raw)
             self._bump(rollout.signed, ROLLOUT)
             self._commit(signers, targets_raw=targets_raw, rollout_raw=_sign(rollout, ROLLOUT, signers, targets.signed))
             return old_root.version
-        new = Metadata.from_bytes(self.root.raw)
+        new = Metadata[Root].from_bytes(self.root.raw)
         for keyid in list(new.signed.roles[role].keyids):
             new.signed.revoke_key(keyid, role)
         for key in keys:
@@ -317,7 +316,7 @@ class ReleaseRepository:
         self.root = _Role(new, raw)
         logger.info("root v%d: %s now has %d key(s), threshold %d", new.signed.version, role, len(keys), threshold)
         if role == "targets":
-            targets = Metadata.from_bytes(self.targets.raw)
+            targets = Metadata[Targets].from_bytes(self.targets.raw)
             self._bump(targets.signed, "targets")
             self._commit(signers, targets_raw=_sign(targets, "targets", signers, new.signed))
         elif role in ("snapshot", "timestamp"):
@@ -327,7 +326,7 @@ class ReleaseRepository:
     # -- internals ----------------------------------------------------------------------------
 
     def _staged(self, record: StageRecord, signers: Signers, targets: Metadata[Targets]) -> bytes:
-        rollout = Metadata.from_bytes(self.rollout.raw)
+        rollout = Metadata[Targets].from_bytes(self.rollout.raw)
         path = stage_path(record.release)
         assert path.startswith(STAGE_PREFIX)
         rollout.signed.targets[path] = TargetFile(length=0, hashes={"sha256": hashlib.sha256(b"").hexdigest()}, path=path,
@@ -342,7 +341,7 @@ class ReleaseRepository:
     def _commit(self, signers: Signers, *, targets_raw: bytes | None = None, rollout_raw: bytes | None = None) -> None:
         """Write the given role files, then a new snapshot naming them and a new timestamp."""
         root = self.root.md.signed
-        snapshot = Metadata.from_bytes(self.snapshot.raw)
+        snapshot = Metadata[Snapshot].from_bytes(self.snapshot.raw)
         if targets_raw is not None:
             targets = Metadata[Targets].from_bytes(targets_raw)
             _write(self.metadata_dir / f"{targets.signed.version}.targets.json", targets_raw)
@@ -360,13 +359,13 @@ class ReleaseRepository:
         self._write_timestamp(signers, snap_raw, snapshot.signed.version)
 
     def _write_timestamp(self, signers: Signers, snap_raw: bytes, snap_version: int) -> None:
-        timestamp = Metadata.from_bytes(self.timestamp.raw)
+        timestamp = Metadata[Timestamp].from_bytes(self.timestamp.raw)
         self._bump(timestamp.signed, "timestamp")
         timestamp.signed.snapshot_meta = _metafile(snap_version, snap_raw)
         _write(self.metadata_dir / "timestamp.json", _sign(timestamp, "timestamp", signers, self.root.md.signed))
         self.timestamp = self._load(self.metadata_dir / "timestamp.json", Timestamp)
 
-    def _load_latest(self, role: str, kind: type[_T]) -> _Role[_T]:
+    def _load_latest(self, role: str, kind: type[Signed]) -> _Role:
         versions = [int(m.group(1)) for p in self.metadata_dir.glob(f"*.{role}.json")
                     if (m := _VERSIONED.fullmatch(p.name)) and m.group(2) == role]
         if not versions:
@@ -374,7 +373,7 @@ class ReleaseRepository:
         return self._load(self.metadata_dir / f"{max(versions)}.{role}.json", kind)
 
     @staticmethod
-    def _load(path: Path, kind: type[_T]) -> _Role[_T]:
+    def _load(path: Path, kind: type[Signed]) -> _Role:
         try:
             raw = path.read_bytes()
             md: Metadata[Any] = Metadata.from_bytes(raw)

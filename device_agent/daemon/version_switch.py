@@ -94,7 +94,7 @@ class VersionSwitch:
                 return recovered
         record = read_record(self._config.install_dir)
         local = LocalRelease(bundle_version=trainer.manifest.bundle_version, running_release=self._client.memory.running_release,
-                             highest_version=None if record is None else record.bundle_version)
+                             highest=record)
         step = self._client.step(local)
         if isinstance(step, InstallReady):
             return self.install(step, trainer)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from device_agent.bundle.install_policy import BundleDowngradeError, InstalledRecord, check_offer
 from device_agent.release.release_info import ReleaseInfo, Stage, StageRecord
 
 
@@ -53,14 +54,14 @@ class LocalRelease:
     """What the device runs and remembers.
 
     ``running_release`` None: the bundle came from provisioning, not a release.
-    ``highest_version``: the highest bundle version ever installed (the
+    ``highest``: the record of the highest bundle ever installed (the
     anti-rollback floor; None on a fresh device). ``failed``: releases the
     device went back from; ``refused``: releases it refused (neither is tried again).
     """
 
     bundle_version: int
     running_release: int | None = None
-    highest_version: int | None = None
+    highest: InstalledRecord | None = None
     failed: frozenset[int] = frozenset()
     refused: frozenset[int] = frozenset()
 
@@ -101,11 +102,11 @@ def decide(releases: tuple[ReleaseInfo, ...], stages: Mapping[int, StageRecord],
     if best.expired(now_ms):
         return Decision(action=Action.REFUSE, release=best, reason="release_expired",
                         detail=f"release {best.release} expired before this device installed it")
-    floor = max(v for v in (local.highest_version, local.bundle_version) if v is not None)
-    if best.bundle_version < floor:
+    try:  # the install policy's one rule, before anything is fetched
+        check_offer(local.highest, model_name=best.model_name, bundle_version=best.bundle_version)
+    except BundleDowngradeError as exc:
         return Decision(action=Action.REFUSE, release=best, reason="downgrade",
-                        detail=f"release {best.release} carries bundle v{best.bundle_version}, older than v{floor} "
-                               "installed here: bundle versions never go back")
+                        detail=f"release {best.release} carries bundle v{best.bundle_version}: {exc}")
     return Decision(action=Action.FETCH, release=best)
 
 

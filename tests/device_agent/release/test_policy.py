@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from device_agent.bundle.install_policy import InstalledRecord
 from device_agent.release.policy import Action, DeviceIdentity, LocalRelease, decide, judge_trial
 from device_agent.release.release_info import ReleaseInfo, ReleaseTargets, Stage, StageRecord, chunk_digests, release_path
 
@@ -65,10 +66,11 @@ def test_decide_refuses_an_expired_release_and_a_downgrade_before_fetching() -> 
     expired = decide((release(1, expires_ms=NOW - 1),), stages(r1=Stage.PROMOTED), identity=ME,
                      local=LocalRelease(bundle_version=1), now_ms=NOW)
     assert (expired.action, expired.reason) == (Action.REFUSE, "release_expired")
+    highest = InstalledRecord(model_name="m", bundle_version=4, manifest_sha256="c" * 64)
     older = decide((release(7, version=2),), stages(r7=Stage.PROMOTED), identity=ME,
-                   local=LocalRelease(bundle_version=3, highest_version=4), now_ms=NOW)
+                   local=LocalRelease(bundle_version=3, highest=highest), now_ms=NOW)
     assert (older.action, older.reason) == (Action.REFUSE, "downgrade")
-    assert "v2, older than v4" in older.detail
+    assert "bundle v2: refusing to install m v2: this device already installed v4" in older.detail
 
 
 @pytest.mark.parametrize("stage", [Stage.HALTED, Stage.ROLLED_BACK])

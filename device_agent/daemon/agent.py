@@ -180,6 +180,7 @@ class DeviceAgent:
         #: The release client (None: releases are not followed) and what performs its version switches.
         self.release = release
         self._switch = switch
+        self._told_foreign: int | None = None
         self._build_intake(self._progress.highest_model_round)
         self._stop = threading.Event()
         self._started = False
@@ -452,6 +453,12 @@ class DeviceAgent:
         switched = self._switch.step(self.trainer)
         if switched is not None and switched.trainer is not self.trainer:
             self._adopt(switched)
+        foreign = self.intake.foreign_version
+        if switched is None and foreign is not None and foreign != self._told_foreign:
+            self._told_foreign = foreign  # said once per version: the models of the region are for another bundle
+            logger.warning("the region's models are for bundle v%d, this device runs v%d: it sits out the rounds until "
+                           "both run one version (a canary until its release is promoted; otherwise the release its "
+                           "status names, or why it refused it)", foreign, self._bundle_version)
         return switched
 
     def _adopt(self, switched: Switched) -> None:

@@ -81,3 +81,41 @@ def test_releases_reach_every_region_retained_and_devices_cannot_write_them(live
     assert _retained(device)["fedge/lab/release/metadata/timestamp.json"] == original
     root_view = _retained(_account(fleet_dir, "releases", "fedge-release", ports["root"][0]))
     assert root_view["fedge/lab/release/metadata/timestamp.json"] == original
+
+
+def test_rotating_the_targets_key_reaches_a_device_provisioned_with_root_v1(live_fleet, tmp_path: Path) -> None:
+    """`fedge release rotate` (real CLI, real broker): a device trusting only root v1 follows root v2 over MQTT."""
+    from click.testing import CliRunner
+
+    from device_agent.release.tuf_view import BrokerFetcher, ReleaseRefusal, refresh_view
+    from sdk.cli.main import cli
+
+    fleet_dir, ports = live_fleet
+    opened = open_release_fleet(fleet_dir)
+    old_targets = {p.name: p.read_bytes() for p in (fleet_dir / "keys" / "release").glob("targets-*.pub")}
+    result = CliRunner().invoke(cli, ["release", "rotate", str(fleet_dir), "targets"])
+    assert result.exit_code == 0, result.output
+    assert "root is now v2" in result.output
+    assert {p.name for p in (fleet_dir / "keys" / "release" / "retired").glob("targets-*")} >= set(old_targets)
+    device = _account(fleet_dir, "devices", "eu-dev-0001", ports["eu"][0])
+    prefix = "fedge/lab/release/metadata/"
+    deadline = time.monotonic() + 10
+    while True:
+        files = {t[len(prefix):]: p for t, p in _retained(device).items() if p}
+        if "2.root.json" in files:
+            break
+        assert time.monotonic() < deadline, sorted(files)
+    view = refresh_view(tmp_path / "device", bootstrap_root=(fleet_dir / "release" / "root.json").read_bytes(),
+                        fetcher=BrokerFetcher(metadata=files.get, target=lambda sha: None))
+    assert view.releases == () and view.timestamp_version >= 2
+    # a device that never saw root v2 (withheld by the broker) cannot trust what the new targets key signed
+    forged = dict(files)
+    forged.pop("2.root.json")
+    try:
+        refresh_view(tmp_path / "fresh-device", bootstrap_root=(fleet_dir / "release" / "root.json").read_bytes(),
+                     fetcher=BrokerFetcher(metadata=forged.get, target=lambda sha: None))
+    except ReleaseRefusal as exc:  # without root v2 the new targets signature cannot verify
+        assert exc.reason in ("untrusted_metadata", "metadata_rollback"), exc
+    else:
+        raise AssertionError("targets signed by the new key verified without the new root")
+    assert opened.repository().root.md.signed.version == 2

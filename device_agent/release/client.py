@@ -102,6 +102,8 @@ class ReleaseClient:
         self.view: TrustedView | None = None
         self._download: Download | None = None
         self._in_flight: dict[int, float] = {}
+        #: Chunks that came back wrong: index -> (not before, failures), asked again with a growing delay.
+        self._bad: dict[int, tuple[float, int]] = {}
         self._tokens = float(settings.window)
         self._tokens_at = clock()
         self._metadata_prefix = topics.release_metadata("")
@@ -152,8 +154,12 @@ class ReleaseClient:
             del self._in_flight[index]
             self._unsubscribe([self._topics.release_chunk(sha, index)])
         if result.reason == "hash_mismatch":
-            logger.error("release %d: chunk %d does not match its signed SHA-256 (tampered or damaged); asking again later",
-                         download.info.release, index)
+            failures = self._bad.get(index, (0.0, 0))[1] + 1
+            delay = min(_RETRY_MAX_S * 10, self.settings.chunk_timeout_s * 2 ** (failures - 1))
+            self._bad[index] = (self._clock() + delay, failures)
+            (logger.error if failures == 1 else logger.info)(
+                "release %d: chunk %d does not match its signed SHA-256 (tampered or damaged, %d time(s)); "
+                "asking again in %.0f s", download.info.release, index, failures, delay)
             self._set_report(state="refused", release=download.info.release, progress=download.progress_pct,
                              reason=f"hash_mismatch: chunk {index} does not match the signed metadata")
         elif result.stored and (download.received == download.info.chunks or download.received % 8 == 0):
@@ -230,7 +236,7 @@ class ReleaseClient:
         for index in download.missing():
             if len(self._in_flight) + len(wanted) >= settings.window or self._tokens < 1:
                 break
-            if index not in self._in_flight:
+            if index not in self._in_flight and self._bad.get(index, (0.0, 0))[0] <= now:
                 wanted.append(index)
                 self._tokens -= 1
         if wanted:
@@ -298,6 +304,7 @@ class ReleaseClient:
             sha = self._download.info.sha256
             self._unsubscribe([self._topics.release_chunk(sha, i) for i in self._in_flight])
         self._in_flight.clear()
+        self._bad.clear()
         self._download = None
 
     def _target_bytes(self, sha256: str) -> bytes | None:

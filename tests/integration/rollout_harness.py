@@ -168,6 +168,12 @@ class LiveFleet:
         for agent in self.agents.values():
             agent.stop()
         self.runner.stop()
+        keep = os.environ.get("FEDGE_PROOF_LOGS")  # a directory to copy every log to (debugging a failure)
+        if keep:
+            target = Path(keep)
+            target.mkdir(parents=True, exist_ok=True)
+            for log in (*self.dir.glob("devices/*/agent.log"), *self.dir.glob("run/*.log")):
+                shutil.copyfile(log, target / f"{log.parent.name}-{log.name}")
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- what the operator runs ---------------------------------------------------------------

@@ -140,20 +140,27 @@ class VersionSwitch:
             client.refuse(info.release, f"install: {exc}")
             return None
         client.installed(info)
-        new = DeviceTrainer(bundle, state_dir=self._trainer_dir, threads=self._config.threads)
-        personal = carry_parameters(old_personal, new.get_personal())
-        new.set_personal(personal.params)
-        if info.shared_start is SharedStart.CARRY:
-            shared = carry_parameters(old_global, new.get_shared())
-            new.set_global(shared.params)
-            shared_note = f"shared layers {shared.summary()}"
-        else:
-            shared_note = "shared layers from the bundle"
-        new.save_state()
+        client.save(replace(client.memory, running_release=info.release))
+        try:
+            new = DeviceTrainer(bundle, state_dir=self._trainer_dir, threads=self._config.threads)
+            personal = carry_parameters(old_personal, new.get_personal())
+            new.set_personal(personal.params)
+            if info.shared_start is SharedStart.CARRY:
+                shared = carry_parameters(old_global, new.get_shared())
+                new.set_global(shared.params)
+                shared_note = f"shared layers {shared.summary()}"
+            else:
+                shared_note = "shared layers from the bundle"
+            new.save_state()
+        except Exception as exc:  # noqa: BLE001 - a version that does not even load is a failed trial, not a crash loop
+            logger.error("release %d: the new version does not load here (%s): going back", info.release, exc)
+            client.save(client.memory.with_failed(info.release))
+            return self.revert(RevertNeeded(decision=Decision(action=Action.REVERT, reason="failed",
+                                                              detail=f"the new version does not load: {exc}")),
+                               bundle=bundle)
         logger.warning("installed release %d: bundle %s v%d (was v%d); personal parameters %s; %s", info.release,
                        bundle.manifest.model_name, bundle.manifest.bundle_version, trainer.manifest.bundle_version,
                        personal.summary(), shared_note)
-        client.save(replace(client.memory, running_release=info.release))
         return self.trial(trial, new, bundle, note=f"personal {personal.summary()}")
 
     def trial(self, pending: PendingTrial, trainer: DeviceTrainer, bundle: TrainingBundle, *, note: str = "") -> Switched:
@@ -166,7 +173,7 @@ class VersionSwitch:
             update = train_local_round(trainer, self._load_data(), global_params=None, round_number=-1,
                                        budget=self._budget, rng=self._rng)
             loss, steps = update.report.mean_loss, update.report.steps
-        except (OSError, ValueError, TrainingError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the new version is a failed trial (unreadable data too)
             logger.error("release %d: the trial training failed: %s", release, exc)
             loss = math.nan
             steps = max(steps, 1) if "non-finite" in str(exc) else 0

@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +33,7 @@ from device_agent.keys import load_verify_key
 from device_agent.logformat import LOG_FORMATS, install_handler
 from device_agent.state_store import StateStore
 from device_agent.trainer import DeviceTrainer, TrainBudget
+from device_agent.training_backends import BackendName
 
 #: Exit codes shared with ``fedge`` (docs/cli.md).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -71,11 +73,12 @@ def _cmd_install(args: argparse.Namespace) -> dict[str, object]:
 
 def _cmd_train(args: argparse.Namespace) -> dict[str, object]:
     bundle = _bundle(args)
-    trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads)
+    trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads, backend=args.backend)
     budget = TrainBudget(epochs=args.epochs, batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr)
     report = trainer.train(_data(args.data, args), budget, rng=np.random.default_rng(args.seed))
     trainer.save_state()
-    out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds}
+    out: dict[str, object] = {"steps": report.steps, "mean_loss": report.mean_loss, "seconds": report.seconds,
+                              "backend": trainer.backend_name.value}
     if args.eval_data:
         ev = trainer.evaluate(_data(args.eval_data, args))
         out.update(eval_loss=ev.loss, eval_accuracy=ev.accuracy, eval_examples=ev.examples)
@@ -86,8 +89,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict[str, object]:
     bundle = _bundle(args)
     if args.state is not None:
         _require_saved_state(args.state, bundle)
-    ev = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads).evaluate(_data(args.data, args))
-    return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples, "trained": args.state is not None}
+    trainer = DeviceTrainer(bundle, state_dir=args.state, threads=args.threads, backend=args.backend)
+    ev = trainer.evaluate(_data(args.data, args))
+    return {"loss": ev.loss, "accuracy": ev.accuracy, "examples": ev.examples, "trained": args.state is not None,
+            "backend": trainer.backend_name.value}
 
 
 def _require_saved_state(state: str, bundle: TrainingBundle) -> None:
@@ -105,6 +110,8 @@ def _require_saved_state(state: str, bundle: TrainingBundle) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> dict[str, object]:
     config = load_config(args.config)
+    if args.backend is not None:
+        config = replace(config, backend=BackendName(args.backend))
     stop = threading.Event()
     # SIGTERM (systemd, docker stop) and Ctrl-C end the run between steps; a pending update
     # stays on disk and is resent by the next start.
@@ -117,6 +124,7 @@ def _cmd_run(args: argparse.Namespace) -> dict[str, object]:
             signal.signal(sig, handler)
     return {
         "device": config.device_id,
+        "backend": agent.trainer.backend_name.value,
         "finished": result.finished,
         "stopped": result.stopped,
         "rounds": [{"round": r.round, "status": r.status.value, "reason": r.reason, "trained": r.trained}
@@ -238,6 +246,7 @@ def _add_train_evaluate(sub: Any) -> None:
         c.add_argument("--x-key", default="x", help="features array in an .npz (as data.x_key in agent.toml)")
         c.add_argument("--y-key", default="y", help="labels array in an .npz (as data.y_key in agent.toml)")
         c.add_argument("--threads", type=_positive, default=None, help="ONNX Runtime threads (default: its choice)")
+        _backend_option(c, default=BackendName.AUTO.value)
     train.add_argument("--state", required=True, help="device state directory (personal weights, optimizer state)")
     evaluate.add_argument("--state", default=None,
                           help="state directory saved by `train` (must hold this bundle's state; "
@@ -258,6 +267,14 @@ def _add_run(sub: Any) -> None:
     c.add_argument("--config", required=True, help="agent TOML file (`fedge-agent config example` writes an annotated one)")
     c.add_argument("--rounds", type=_non_negative, default=None, help="stop after N finished rounds (default: until stopped)")
     c.set_defaults(base_level=logging.INFO)  # a service: it says what it does without -v
+    _backend_option(c, default=None)
+
+
+def _backend_option(parser: argparse.ArgumentParser, *, default: str | None) -> None:
+    parser.add_argument("--backend", choices=[b.value for b in BackendName], default=default,
+                        help="training backend: auto (ort-training when installed and in the bundle, else portable), "
+                             "portable or ort-training" + (" (default: training.backend of the config, auto)"
+                                                            if default is None else ""))
 
 
 def _add_config(sub: Any) -> None:

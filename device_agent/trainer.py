@@ -3,8 +3,10 @@
 Modes (see :class:`~device_agent.bundle.manifest.TrainingMode`): ``fedavg``,
 ``fedprox`` and ``fedsim`` train one artifact set; ``fedalt`` alternates a
 personal-head phase (shared layers frozen) and a shared phase (head frozen),
-each on its own ORT state, copying the parameters that just changed across at
-each phase switch (Pillutla et al., ICML 2022, Algorithm 1 "FedAlt").
+each with its own optimizer state (Pillutla et al., ICML 2022, Algorithm 1
+"FedAlt"). The graphs run on a training backend (``device_agent.training_backends``):
+``ort-training`` or ``portable``, chosen from what is installed and what the
+bundle carries; saved state is backend-neutral named arrays.
 """
 
 from __future__ import annotations
@@ -20,15 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle
-from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, LossKind, TrainingMode
+from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, BundleManifest, LossKind, TrainingMode
 from device_agent.data import ArrayDataSource, Batch, DataSource
 from device_agent.errors import StateError, TrainingError
-from device_agent.ort_runtime import TrainingSession
-from device_agent.state_store import StateStore
+from device_agent.state_store import StateStore, StoredState
+from device_agent.training_backends import BackendName, TrainingState, choose_backend, open_backend
+from device_agent.training_backends.legacy_state import is_legacy_generation, state_from_ort_checkpoints
+from device_agent.training_backends.state import state_from_arrays
 
 logger = logging.getLogger(__name__)
 
 ParameterDict = dict[str, np.ndarray]
+
+#: What ``save_state`` writes: 2 = ``state.npz`` (backend-neutral named arrays); 1 = one ORT checkpoint per set.
+STATE_FORMAT = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +90,10 @@ class DeviceTrainer:
 
     ``state_dir`` None keeps everything in memory; otherwise :meth:`save_state`
     persists personal weights, optimizer state and the last global model there,
-    and a new trainer on the same directory resumes from the last complete save.
+    and a new trainer on the same directory resumes from the last complete save,
+    whichever backend wrote it. ``backend``: ``auto`` (see
+    :func:`~device_agent.training_backends.choose_backend`), ``portable`` or
+    ``ort-training``; :attr:`backend_name` says which one runs.
     """
 
     def __init__(
@@ -92,51 +102,38 @@ class DeviceTrainer:
         *,
         state_dir: str | os.PathLike[str] | None = None,
         threads: int | None = None,
+        backend: BackendName | str = BackendName.AUTO,
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self._hyper = self.manifest.hyperparameters
+        self.backend_name = choose_backend(backend, self.manifest)
         self._store = StateStore(state_dir) if state_dir is not None else None
-        self._threads = threads
         self.round = -1
         self.total_steps = 0
         stored = self._store.load() if self._store is not None else None
         if stored is not None and stored.meta.get("manifest_sha256") != bundle.manifest_sha256:
             logger.warning("saved state belongs to another bundle; starting from this bundle's weights")
             stored = None
-        self._sessions: dict[ArtifactSetName, TrainingSession] = {}
-        for aset in self.manifest.artifact_sets:
-            ckpt = stored.directory / f"ckpt-{aset.name.value}" if stored else bundle.path(aset.checkpoint)
-            self._sessions[aset.name] = TrainingSession(
-                training_model=bundle.path(aset.training_model),
-                eval_model=bundle.path(aset.eval_model),
-                optimizer_model=bundle.path(aset.optimizer_model),
-                checkpoint=ckpt,
-                threads=threads,
-            )
-        self._trainable = {s.name: s.trainable for s in self.manifest.artifact_sets}
+        state = _read_state(stored, self.manifest) if stored is not None else None
+        self._backend = open_backend(self.backend_name, bundle, threads=threads, state=state)
         self._has_anchors = self._hyper.mu > 0
         if stored is not None:
             self.round = int(stored.meta["round"])
             self.total_steps = int(stored.meta["total_steps"])
             self._global = _load_arrays(stored.directory / "global.npz", self.manifest.shared_spec())
-            logger.info("resumed device state generation %d (round %d)", stored.generation, self.round)
+            logger.info("resumed device state generation %d (round %d, written by %s) on backend %s", stored.generation,
+                        self.round, stored.meta.get("backend", "ort-training"), self.backend_name.value)
         else:
             self._global = self.get_shared()
 
     # -- parameters -------------------------------------------------------------------------
 
-    def _any_session(self) -> TrainingSession:
-        return next(iter(self._sessions.values()))
-
     def _get(self, names: tuple[str, ...]) -> ParameterDict:
-        s = self._any_session()
-        return {n: s.get_parameter(n) for n in names}
+        return {n: self._backend.get_parameter(n) for n in names}
 
     def _set_everywhere(self, name: str, value: np.ndarray) -> None:
-        for s in self._sessions.values():
-            if s.has_parameter(name):
-                s.set_parameter(name, value)
+        self._backend.set_parameter(name, value)
 
     def _checked(self, params: Mapping[str, np.ndarray], *, complete: bool = True) -> ParameterDict:
         spec = self.manifest.shared_spec()
@@ -194,8 +191,7 @@ class DeviceTrainer:
         """Current FedProx anchors by shared parameter name; empty when mu == 0."""
         if not self._has_anchors:
             return {}
-        s = self._any_session()
-        return {n: s.get_parameter(ANCHOR_PREFIX + n) for n in self.manifest.shared_names}
+        return {n: self._backend.get_parameter(ANCHOR_PREFIX + n) for n in self.manifest.shared_names}
 
     def set_global(self, params: Mapping[str, np.ndarray], *, round_number: int | None = None) -> None:
         """Adopt a received global model: shared weights, FedProx anchors and the delta reference."""
@@ -264,12 +260,12 @@ class DeviceTrainer:
     @property
     def can_fine_tune(self) -> bool:
         """True when the bundle ships a ``finetune`` artifact set."""
-        return ArtifactSetName.FINETUNE in self._sessions
+        return ArtifactSetName.FINETUNE in self.manifest.set_names
 
     @property
     def fine_tune_names(self) -> tuple[str, ...]:
         """The parameters :meth:`fine_tune` trains (empty without a ``finetune`` set)."""
-        return tuple(self._trainable.get(ArtifactSetName.FINETUNE, ()))
+        return self.manifest.trainable(ArtifactSetName.FINETUNE) if self.can_fine_tune else ()
 
     def fine_tune(
         self,
@@ -302,23 +298,21 @@ class DeviceTrainer:
         losses = 0.0
         examples = 0
         phase_steps: dict[str, int] = {}
+        self._backend.set_learning_rate(lr)
         for set_name, epochs in phases:
-            session = self._sessions[set_name]
-            session.learning_rate = lr
             steps = 0
             for _ in range(epochs):
                 for batch in data.batches(budget.batch_size, rng=rng):
                     if budget.max_steps is not None and steps >= budget.max_steps:
                         break
                     x, y = self._prepare(batch)
-                    loss = session.train_step([x, y])
+                    loss = self._backend.train_step(set_name, x, y)
                     if not math.isfinite(loss):
                         raise TrainingError(f"loss became non-finite at step {steps} of phase {set_name.value}")
                     losses += loss * x.shape[0]
                     examples += x.shape[0]
                     steps += 1
             phase_steps[set_name.value] = steps
-            self._sync_from(set_name)
         total = sum(phase_steps.values())
         self.total_steps += total
         return TrainReport(
@@ -329,25 +323,14 @@ class DeviceTrainer:
             phase_steps=phase_steps,
         )
 
-    def _sync_from(self, set_name: ArtifactSetName) -> None:
-        if len(self._sessions) == 1:
-            return
-        src = self._sessions[set_name]
-        for name in self._trainable[set_name]:
-            value = src.get_parameter(name)
-            for other, session in self._sessions.items():
-                if other is not set_name:
-                    session.set_parameter(name, value)
-
     def evaluate(self, data: DataSource, *, batch_size: int = 256) -> EvalReport:
         """Mean loss (including the FedProx term when mu > 0) and accuracy for classification."""
-        session = self._any_session()  # every state holds the same weights after a phase sync
         total_loss = 0.0
         correct = 0
         n = 0
         for batch in data.batches(batch_size):
             x, y = self._prepare(batch)
-            loss, out = session.eval_step([x, y])
+            loss, out = self._backend.eval_step(x, y)
             total_loss += loss * x.shape[0]
             n += x.shape[0]
             if self._hyper.loss is LossKind.CROSS_ENTROPY:
@@ -369,26 +352,46 @@ class DeviceTrainer:
         # The eval graph ends in the loss and needs labels; dummy labels only change the
         # discarded loss value, never the outputs.
         outs = []
-        session = self._any_session()  # every state holds the same weights after a phase sync
         for b in ArrayDataSource(x, dummy).batches(batch_size):
             xx, yy = self._prepare(b)
-            outs.append(session.eval_step([xx, yy])[1])
+            outs.append(self._backend.eval_step(xx, yy)[1])
         return np.concatenate(outs) if outs else np.zeros((0,), dtype=np.float32)
 
     # -- persistence --------------------------------------------------------------------------
 
+    def export_state(self) -> TrainingState:
+        """Parameters, FedProx anchors and every set's optimizer state as backend-neutral named arrays (copies)."""
+        return self._backend.export_state()
+
     def save_state(self) -> None:
-        """Persist weights, optimizer state, the global reference and counters atomically."""
+        """Persist weights, optimizer state, the global reference and counters atomically (state format 2)."""
         if self._store is None:
             raise StateError("this trainer has no state_dir")
+        arrays = self._backend.export_state().to_arrays()
 
         def write(d: Path) -> None:
-            for name, session in self._sessions.items():
-                session.save(d / f"ckpt-{name.value}")
+            with open(d / "state.npz", "wb") as fh:
+                np.savez(fh, **arrays)  # type: ignore[arg-type]
             with open(d / "global.npz", "wb") as fh:
                 np.savez(fh, **self._global)  # type: ignore[arg-type]
 
-        self._store.save(write, {"manifest_sha256": self.bundle.manifest_sha256, "round": self.round, "total_steps": self.total_steps})
+        self._store.save(write, {"manifest_sha256": self.bundle.manifest_sha256, "round": self.round,
+                                 "total_steps": self.total_steps, "state_format": STATE_FORMAT,
+                                 "backend": self.backend_name.value})
+
+
+def _read_state(stored: StoredState, manifest: BundleManifest) -> TrainingState:
+    """The neutral training state of a stored generation; format 1 (ORT checkpoints) is migrated on the fly."""
+    if is_legacy_generation(stored.directory):
+        logger.info("migrating state generation %d from ORT checkpoints (state format 1)", stored.generation)
+        return state_from_ort_checkpoints(stored.directory, manifest)
+    path = stored.directory / "state.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {n: data[n] for n in data.files}
+    except (OSError, ValueError) as exc:
+        raise StateError(f"{path}: cannot read: {exc}") from exc
+    return state_from_arrays(arrays, manifest)
 
 
 def _load_arrays(path: Path, spec: Mapping[str, tuple[tuple[int, ...], str]]) -> ParameterDict:

@@ -35,16 +35,20 @@ from onnx import numpy_helper
 
 from device_agent.bundle.manifest import (
     ANCHOR_PREFIX,
+    ArtifactKind,
     ArtifactSet,
     ArtifactSetName,
     Hyperparameters,
     LossKind,
     OptimizerKind,
     ParameterInfo,
+    PortableArtifacts,
     TensorSpec,
     TrainingMode,
 )
 from sdk.model_spec import ParameterSplit, ParameterSplitError, Role, matches_prefix, names_with_role
+from sdk.ort_smoke import smoke_test_ort_sets
+from sdk.portable_graph import PortablePlan, UnsupportedModelError, build_portable_graphs, check_model_supported
 from sdk.training_defaults import DEFAULT_LEARNING_RATE
 
 logger = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 LABEL_NAME = "labels"
+#: What a bundle carries unless told otherwise: both kinds, so every device can train it.
+ALL_KINDS = (ArtifactKind.ORT_TRAINING, ArtifactKind.PORTABLE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +110,13 @@ class GeneratedArtifacts:
     inputs: tuple[TensorSpec, ...]
     label: TensorSpec
     output_name: str
+    portable: PortableArtifacts | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file written, of both kinds."""
+        ort = tuple(f for s in self.artifact_sets for f in s.files)
+        return ort + (self.portable.files if self.portable is not None else ())
 
 
 def _check_mode_split(spec: TrainingSpec, roles: dict[str, Role]) -> None:
@@ -274,6 +287,23 @@ def _label_spec(kind: LossKind, output_shape: tuple[int, ...]) -> TensorSpec:
     return TensorSpec(name=LABEL_NAME, shape=(None, *output_shape[1:]), dtype="float32")
 
 
+def _set_plan(spec: TrainingSpec, param_names: list[str], shared: list[str],
+              personal: list[str]) -> list[tuple[ArtifactSetName, list[str], list[str]]]:
+    """(set, trainable, frozen parameters) for every artifact set ``spec`` needs."""
+    if spec.mode is TrainingMode.FEDALT:
+        plan = [(ArtifactSetName.PERSONAL, personal, shared), (ArtifactSetName.SHARED, shared, personal)]
+    else:
+        plan = [(ArtifactSetName.JOINT, shared + personal, [])]
+    if spec.finetune:
+        tuned = [n for n in param_names if any(matches_prefix(n, p) for p in spec.finetune)]
+        unused = [p for p in spec.finetune if not any(matches_prefix(n, p) for n in param_names)]
+        if unused or len(tuned) == len(param_names):
+            raise ParameterSplitError(f"finetune prefixes {list(spec.finetune)} must each match a parameter and leave some frozen"
+                                      f" (unmatched: {unused})")
+        plan.append((ArtifactSetName.FINETUNE, tuned, [n for n in param_names if n not in tuned]))
+    return plan
+
+
 def generate_training_artifacts(
     model: torch.nn.Module,
     *,
@@ -281,50 +311,44 @@ def generate_training_artifacts(
     split: ParameterSplit,
     spec: TrainingSpec,
     out_dir: str | os.PathLike[str],
+    kinds: Sequence[ArtifactKind] = ALL_KINDS,
 ) -> GeneratedArtifacts:
-    """Export ``model`` and write the ORT training artifact set(s) for ``spec.mode`` into ``out_dir``."""
+    """Export ``model`` and write the artifact set(s) for ``spec.mode`` of each kind in ``kinds`` into ``out_dir``.
+
+    Refuses (``UnsupportedModelError``, one line naming the layer) a model the
+    training graphs cannot express, whatever ``kinds`` says: a bundle that
+    builds trains on every device that can run one of its kinds.
+    """
+    kinds = tuple(ArtifactKind(k) for k in kinds)
+    if not kinds:
+        raise ValueError("kinds must name at least one artifact kind")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     param_names = [n for n, p in model.named_parameters()]
     roles = split.assign(param_names)
     _check_mode_split(spec, roles)
+    check_model_supported(model, ort_training=ArtifactKind.ORT_TRAINING in kinds)
     shared = names_with_role(roles, Role.SHARED)
     personal = names_with_role(roles, Role.PERSONAL)
-    frozen_by_torch = [n for n, p in model.named_parameters() if not p.requires_grad]
-    if frozen_by_torch:
-        raise ValueError(f"parameters with requires_grad=False are not supported, found {frozen_by_torch}; use a buffer instead")
-
-    with tempfile.TemporaryDirectory() as tmp:
-        proto = export_onnx(model, example_input, Path(tmp) / "model.onnx")
-    init_names = {i.name for i in proto.graph.initializer}
-    missing = [n for n in param_names if n not in init_names]
-    if missing:
-        raise RuntimeError(f"ONNX export renamed or folded parameters {missing}; export needs do_constant_folding=False")
-    anchors = _add_anchors(proto, shared) if spec.mu > 0 else []
-    buffers = sorted(init_names - set(param_names))
+    plan = _set_plan(spec, param_names, shared, personal)
 
     with torch.no_grad():
         example_output = copy.deepcopy(model).eval()(example_input)
     output_shape = tuple(example_output.shape)
     num_classes = int(output_shape[-1]) if spec.loss is LossKind.CROSS_ENTROPY else None
 
+    portable = None
+    if ArtifactKind.PORTABLE in kinds:  # first: its refusals name the op that cannot be expressed
+        portable = build_portable_graphs(model, example_input=example_input, out_dir=out, plan=PortablePlan(
+            sets=tuple((name, tuple(trainable)) for name, trainable, _ in plan), shared=tuple(shared), mu=float(spec.mu),
+            loss=spec.loss, optimizer=spec.optimizer, learning_rate=float(spec.learning_rate)))
     sets: list[ArtifactSet] = []
-    common = dict(spec=spec, shared=shared, out_dir=out)
-    if spec.mode is TrainingMode.FEDALT:
-        sets.append(_generate_set(proto, set_name=ArtifactSetName.PERSONAL, trainable=personal, frozen=shared + anchors, **common))  # type: ignore[arg-type]
-        sets.append(_generate_set(proto, set_name=ArtifactSetName.SHARED, trainable=shared, frozen=personal + anchors, **common))  # type: ignore[arg-type]
-    else:
-        sets.append(_generate_set(proto, set_name=ArtifactSetName.JOINT, trainable=shared + personal, frozen=anchors, **common))  # type: ignore[arg-type]
-    if spec.finetune:
-        tuned = [n for n in param_names if any(matches_prefix(n, p) for p in spec.finetune)]
-        unused = [p for p in spec.finetune if not any(matches_prefix(n, p) for n in param_names)]
-        if unused or len(tuned) == len(param_names):
-            raise ParameterSplitError(f"finetune prefixes {list(spec.finetune)} must each match a parameter and leave some frozen"
-                                      f" (unmatched: {unused})")
-        rest = [n for n in param_names if n not in tuned]
-        sets.append(_generate_set(proto, set_name=ArtifactSetName.FINETUNE, trainable=tuned, frozen=rest + anchors, **common))  # type: ignore[arg-type]
-    if buffers:
-        logger.info("non-parameter initializers stay constant in the graph: %s", buffers)
+    if ArtifactKind.ORT_TRAINING in kinds:
+        try:
+            sets = _generate_ort_sets(model, example_input, spec, plan, shared, out, output_shape)
+        except Exception as exc:  # torch's exporter and ORT's generator raise many types; all mean "cannot train this"
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise UnsupportedModelError(f"cannot build ORT-training artifacts for this model: {type(exc).__name__}: {first}") from exc
 
     params = tuple(
         ParameterInfo(name=n, shape=tuple(int(d) for d in p.shape), dtype="float32", role=roles[n].value)
@@ -341,4 +365,25 @@ def generate_training_artifacts(
         inputs=(TensorSpec(name=INPUT_NAME, shape=(None, *tuple(int(d) for d in example_input.shape[1:])), dtype="float32"),),
         label=_label_spec(spec.loss, output_shape),
         output_name=OUTPUT_NAME,
+        portable=portable,
     )
+
+
+def _generate_ort_sets(model: torch.nn.Module, example_input: torch.Tensor, spec: TrainingSpec,
+                       plan: list[tuple[ArtifactSetName, list[str], list[str]]], shared: list[str], out: Path,
+                       output_shape: tuple[int, ...]) -> list[ArtifactSet]:
+    param_names = [n for n, _ in model.named_parameters()]
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = export_onnx(model, example_input, Path(tmp) / "model.onnx")
+    init_names = {i.name for i in proto.graph.initializer}
+    missing = [n for n in param_names if n not in init_names]
+    if missing:
+        raise RuntimeError(f"ONNX export renamed or folded parameters {missing}; export needs do_constant_folding=False")
+    anchors = _add_anchors(proto, shared) if spec.mu > 0 else []
+    buffers = sorted(init_names - set(param_names))
+    if buffers:
+        logger.info("non-parameter initializers stay constant in the graph: %s", buffers)
+    sets = [_generate_set(proto, set_name=set_name, trainable=trainable, frozen=frozen + anchors, spec=spec, shared=shared,
+                          out_dir=out) for set_name, trainable, frozen in plan]
+    smoke_test_ort_sets(sets, out, input_shape=tuple(example_input.shape[1:]), loss=spec.loss, output_shape=output_shape)
+    return sets

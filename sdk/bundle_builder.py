@@ -1,4 +1,9 @@
-"""Packing training artifacts into a signed, versioned bundle (``.fedge`` zip)."""
+"""Packing training artifacts into a signed, versioned bundle (``.fedge`` zip).
+
+A bundle carries both artifact kinds by default (ORT-training artifacts and
+portable graphs, every file hashed in the signed manifest), so any device can
+train it with whichever backend it has.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,15 @@ import os
 import tempfile
 import time
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.bundle.manifest import FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, BundleManifest, FileEntry
+from device_agent.bundle.manifest import FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, ArtifactKind, BundleManifest, FileEntry
 from device_agent.keys import key_id
-from sdk.artifacts import GeneratedArtifacts, TrainingSpec, generate_training_artifacts
+from sdk.artifacts import ALL_KINDS, GeneratedArtifacts, TrainingSpec, generate_training_artifacts
 from sdk.model_spec import ParameterSplit
 
 
@@ -30,7 +36,7 @@ def manifest_for(
     generated: GeneratedArtifacts, *, model_name: str, bundle_version: int, signing_key: Ed25519PrivateKey, created_at: int | None = None
 ) -> BundleManifest:
     """The manifest describing ``generated`` (files hashed from disk)."""
-    files = {f: _file_entry(generated.directory / f) for s in generated.artifact_sets for f in s.files}
+    files = {f: _file_entry(generated.directory / f) for f in generated.files}
     return BundleManifest(
         format_version=FORMAT_VERSION,
         model_name=model_name,
@@ -44,6 +50,7 @@ def manifest_for(
         parameters=generated.parameters,
         artifact_sets=generated.artifact_sets,
         files=files,
+        portable=generated.portable,
     )
 
 
@@ -72,14 +79,18 @@ def build_bundle(
     out_path: str | os.PathLike[str],
     model_name: str,
     bundle_version: int = 1,
+    kinds: Sequence[ArtifactKind | str] = ALL_KINDS,
 ) -> BundleManifest:
-    """Export ``model``, generate ORT training artifacts for ``spec``, and write a signed bundle.
+    """Export ``model``, generate the training artifacts of each kind in ``kinds`` for ``spec``, and write a signed bundle.
 
     Returns the manifest that was signed. ``example_input`` fixes every input
-    dimension except the batch axis.
+    dimension except the batch axis. A model the training graphs cannot
+    express raises ``UnsupportedModelError`` naming the layer; nothing is written.
     """
+    chosen = tuple(ArtifactKind(k) for k in kinds)
     with tempfile.TemporaryDirectory(prefix="fedge-artifacts-") as tmp:
-        generated = generate_training_artifacts(model, example_input=example_input, split=split, spec=spec, out_dir=tmp)
+        generated = generate_training_artifacts(model, example_input=example_input, split=split, spec=spec, out_dir=tmp,
+                                                kinds=chosen)
         manifest = manifest_for(generated, model_name=model_name, bundle_version=bundle_version, signing_key=signing_key)
         write_bundle(Path(tmp), manifest, signing_key, Path(out_path))
     return manifest

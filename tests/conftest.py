@@ -71,6 +71,7 @@ def install(tmp_path: Path, fleet_key: Ed25519PrivateKey):
     return _install
 
 
+from tests.model_bundles import model_bundle  # noqa: E402, F401
 from tests.mosquitto_broker import mosquitto_fixture  # noqa: E402
 
 mosquitto = mosquitto_fixture()

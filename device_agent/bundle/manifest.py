@@ -15,9 +15,13 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from device_agent.errors import BundleError
 
-FORMAT_VERSION = 1
+#: Written by this version. 2 adds the portable graphs (``portable``) and lets a bundle carry
+#: either artifact kind or both; 1 (ORT-training artifacts only) is still read.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#: The newest ONNX opset a portable graph may use: what onnxruntime 1.19 (the oldest runtime fedge supports) runs.
+MAX_PORTABLE_OPSET = 18
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"
 ANCHOR_PREFIX = "anchor."
@@ -65,6 +69,13 @@ class ArtifactSetName(str, Enum):
     FINETUNE = "finetune"  # optional: the parameters a device may fine-tune locally (e.g. FedAvg + head fine-tuning)
 
 
+class ArtifactKind(str, Enum):
+    """The two kinds of training artifacts a bundle may carry (one backend each)."""
+
+    ORT_TRAINING = "ort-training"  # onnxruntime-training's on-device training API (x86_64 only, deprecated upstream)
+    PORTABLE = "portable"  # standard-ops (ai.onnx, opset <= 18) step graphs run by any onnxruntime >= 1.19
+
+
 @dataclass(frozen=True, kw_only=True)
 class ParameterInfo:
     """One model parameter: its name, shape, dtype and role (``shared``/``personal``)."""
@@ -99,6 +110,37 @@ class ArtifactSet:
     def files(self) -> tuple[str, ...]:
         """Every file this set needs."""
         return (self.training_model, self.eval_model, self.optimizer_model, self.checkpoint)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortableSet:
+    """One portable training-step graph and the parameters it updates."""
+
+    name: ArtifactSetName
+    step_model: str
+    trainable: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PortableArtifacts:
+    """The portable graphs: one step graph per set, one eval graph, the initial weights (``.npz``)."""
+
+    opset: int
+    eval_model: str
+    initial_parameters: str
+    sets: tuple[PortableSet, ...]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """Every file the portable backend needs."""
+        return (self.eval_model, self.initial_parameters, *(s.step_model for s in self.sets))
+
+    def set(self, name: ArtifactSetName) -> PortableSet:
+        """The step graph of set ``name``; KeyError if absent."""
+        for s in self.sets:
+            if s.name is name:
+                return s
+        raise KeyError(name.value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +179,28 @@ class BundleManifest:
     parameters: tuple[ParameterInfo, ...]
     artifact_sets: tuple[ArtifactSet, ...]
     files: dict[str, FileEntry] = field(default_factory=dict)
+    portable: PortableArtifacts | None = None
+
+    @property
+    def artifact_kinds(self) -> tuple[ArtifactKind, ...]:
+        """The artifact kinds this bundle carries (ORT-training first), never empty for a parsed manifest."""
+        kinds = (ArtifactKind.ORT_TRAINING,) if self.artifact_sets else ()
+        return kinds + ((ArtifactKind.PORTABLE,) if self.portable is not None else ())
+
+    @property
+    def set_names(self) -> tuple[ArtifactSetName, ...]:
+        """The training sets (joint, or personal + shared, plus an optional finetune), whichever kind carries them."""
+        if self.artifact_sets:
+            return tuple(s.name for s in self.artifact_sets)
+        return tuple(s.name for s in self.portable.sets) if self.portable is not None else ()
+
+    def trainable(self, name: ArtifactSetName) -> tuple[str, ...]:
+        """The parameters set ``name`` updates; KeyError if the bundle has no such set."""
+        if self.artifact_sets:
+            return self.artifact_set(name).trainable
+        if self.portable is None:
+            raise KeyError(name.value)
+        return self.portable.set(name).trainable
 
     @property
     def shared_names(self) -> tuple[str, ...]:
@@ -167,8 +231,14 @@ class BundleManifest:
         return {p.name: (p.shape, p.dtype) for p in self.parameters if p.role == "shared"}
 
     def to_json_bytes(self) -> bytes:
-        """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed."""
-        return json.dumps(_to_plain(asdict(self)), sort_keys=True, separators=(",", ":")).encode()
+        """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed.
+
+        ``portable`` is left out when None, so a format-1 manifest reads as it was written.
+        """
+        plain = _to_plain(asdict(self))
+        if plain["portable"] is None:
+            del plain["portable"]
+        return json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _to_plain(value: Any) -> Any:
@@ -181,167 +251,8 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-class _Reader:
-    """Typed field access over untrusted JSON with errors that name the field."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise BundleError(f"{where}: expected an object, got {type(data).__name__}")
-        self.data = data
-        self.where = where
-
-    def get(self, key: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
-        if key not in self.data:
-            if optional:
-                return None
-            raise BundleError(f"{self.where}: missing field {key!r}")
-        value = self.data[key]
-        if value is None and optional:
-            return None
-        # bool is an int subclass; never accept it where a number is wanted
-        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-            raise BundleError(f"{self.where}.{key}: expected {kind}, got bool")
-        if not isinstance(value, kind):
-            raise BundleError(f"{self.where}.{key}: expected {kind}, got {type(value).__name__}")
-        return value
-
-    def enum(self, key: str, enum_type: type[Enum]) -> Any:
-        raw = self.get(key, str)
-        try:
-            return enum_type(raw)
-        except ValueError:
-            allowed = [e.value for e in enum_type]  # type: ignore[var-annotated]
-            raise BundleError(f"{self.where}.{key}: {raw!r} is not one of {allowed}") from None
-
-    def name(self, key: str) -> str:
-        value = self.get(key, str)
-        if not value or len(value) > 256:
-            raise BundleError(f"{self.where}.{key}: bad name {value!r}")
-        return value
-
-    def file_name(self, key: str) -> str:
-        value = self.get(key, str)
-        if not _FILE_NAME.match(value):
-            raise BundleError(f"{self.where}.{key}: {value!r} is not a plain file name")
-        return value
-
-    def dtype(self, key: str) -> str:
-        value = self.get(key, str)
-        if value not in _SUPPORTED_DTYPES:
-            raise BundleError(f"{self.where}.{key}: unsupported dtype {value!r}")
-        return value
-
-
-def _dims(values: Any, where: str, *, allow_none: bool) -> tuple[Any, ...]:
-    if not isinstance(values, list) or len(values) > 8:
-        raise BundleError(f"{where}: expected a list of at most 8 dimensions")
-    out: list[int | None] = []
-    for d in values:
-        if d is None and allow_none:
-            out.append(None)
-        elif isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31:
-            out.append(d)
-        else:
-            raise BundleError(f"{where}: bad dimension {d!r}")
-    return tuple(out)
-
-
-def _tensor_spec(data: Any, where: str) -> TensorSpec:
-    r = _Reader(data, where)
-    return TensorSpec(name=r.name("name"), shape=_dims(r.get("shape", list), where + ".shape", allow_none=True), dtype=r.dtype("dtype"))
-
-
 def parse_manifest(raw: bytes) -> BundleManifest:
-    """Parse and validate manifest bytes; BundleError says exactly what is wrong."""
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"manifest is not valid UTF-8 JSON: {exc}") from exc
-    top = _Reader(data, "manifest")
-    version = top.get("format_version", int)
-    if version != FORMAT_VERSION:
-        raise BundleError(f"manifest format version {version} is not supported (this agent reads {FORMAT_VERSION})")
-    h = _Reader(top.get("hyperparameters", dict), "manifest.hyperparameters")
-    mu = float(h.get("mu", (int, float)))
-    lr = float(h.get("learning_rate", (int, float)))
-    if not (mu >= 0 and mu < 1e6) or not (0 < lr < 1e3):
-        raise BundleError("manifest.hyperparameters: mu must be >= 0 and learning_rate > 0")
-    num_classes = h.get("num_classes", int, optional=True)
-    hyper = Hyperparameters(
-        mode=h.enum("mode", TrainingMode),
-        mu=mu,
-        loss=h.enum("loss", LossKind),
-        optimizer=h.enum("optimizer", OptimizerKind),
-        learning_rate=lr,
-        num_classes=num_classes,
-    )
-    params = []
-    for i, item in enumerate(top.get("parameters", list)):
-        r = _Reader(item, f"manifest.parameters[{i}]")
-        role = r.get("role", str)
-        if role not in ("shared", "personal"):
-            raise BundleError(f"manifest.parameters[{i}].role: {role!r} is not shared/personal")
-        params.append(
-            ParameterInfo(
-                name=r.name("name"), shape=_dims(r.get("shape", list), f"manifest.parameters[{i}].shape", allow_none=False),
-                dtype=r.dtype("dtype"), role=role,
-            )
-        )
-    names = [p.name for p in params]
-    if len(set(names)) != len(names):
-        raise BundleError("manifest.parameters: duplicate parameter names")
-    if not any(p.role == "shared" for p in params):
-        raise BundleError("manifest.parameters: no shared parameter")
-    sets = []
-    for i, item in enumerate(top.get("artifact_sets", list)):
-        r = _Reader(item, f"manifest.artifact_sets[{i}]")
-        trainable = tuple(r.get("trainable", list))
-        unknown = [t for t in trainable if t not in names]
-        if unknown or not trainable:
-            raise BundleError(f"manifest.artifact_sets[{i}].trainable: unknown or empty {unknown}")
-        sets.append(
-            ArtifactSet(
-                name=r.enum("name", ArtifactSetName),
-                training_model=r.file_name("training_model"),
-                eval_model=r.file_name("eval_model"),
-                optimizer_model=r.file_name("optimizer_model"),
-                checkpoint=r.file_name("checkpoint"),
-                trainable=trainable,
-            )
-        )
-    expected_sets = {ArtifactSetName.PERSONAL, ArtifactSetName.SHARED} if hyper.mode is TrainingMode.FEDALT else {ArtifactSetName.JOINT}
-    present = [s.name for s in sets if s.name is not ArtifactSetName.FINETUNE]
-    finetune = [s for s in sets if s.name is ArtifactSetName.FINETUNE]
-    if set(present) != expected_sets or len(present) != len(expected_sets) or len(finetune) > 1:
-        raise BundleError(f"manifest.artifact_sets: mode {hyper.mode.value} needs exactly {sorted(s.value for s in expected_sets)}"
-                          " (plus at most one 'finetune' set)")
-    files: dict[str, FileEntry] = {}
-    for fname, entry in top.get("files", dict).items():
-        if not _FILE_NAME.match(fname) or fname in (MANIFEST_NAME, SIGNATURE_NAME):
-            raise BundleError(f"manifest.files: bad file name {fname!r}")
-        r = _Reader(entry, f"manifest.files[{fname}]")
-        size = r.get("size", int)
-        digest = r.get("sha256", str)
-        if size < 0 or not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise BundleError(f"manifest.files[{fname}]: bad size or sha256")
-        files[fname] = FileEntry(size=size, sha256=digest)
-    missing = [f for s in sets for f in s.files if f not in files]
-    if missing:
-        raise BundleError(f"manifest.files: artifact files not listed: {missing}")
-    bundle_version = top.get("bundle_version", int)
-    if bundle_version < 0:
-        raise BundleError("manifest.bundle_version must be >= 0")
-    return BundleManifest(
-        format_version=version,
-        model_name=top.name("model_name"),
-        bundle_version=bundle_version,
-        created_at=top.get("created_at", int),
-        signer_key_id=top.name("signer_key_id"),
-        hyperparameters=hyper,
-        inputs=tuple(_tensor_spec(x, f"manifest.inputs[{i}]") for i, x in enumerate(top.get("inputs", list))),
-        label=_tensor_spec(top.get("label", dict), "manifest.label"),
-        output_name=top.name("output_name"),
-        parameters=tuple(params),
-        artifact_sets=tuple(sets),
-        files=files,
-    )
+    """Parse and validate manifest bytes; BundleError says exactly what is wrong (see ``manifest_parser``)."""
+    from device_agent.bundle.manifest_parser import parse_manifest_bytes
+
+    return parse_manifest_bytes(raw)

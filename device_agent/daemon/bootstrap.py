@@ -26,6 +26,7 @@ from device_agent.keys import load_verify_key
 from device_agent.release.client import ReleaseClient
 from device_agent.release.policy import DeviceIdentity
 from device_agent.trainer import DeviceTrainer
+from device_agent.training_backends.runtime import onnxruntime_version
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +87,15 @@ def open_agent(
     keys = load_device_keys(config)
     bundle = open_bundle(config)
     state = AgentStateFiles(config.state_dir)
-    trainer = DeviceTrainer(bundle, state_dir=state.trainer_dir, threads=config.threads)
+    trainer = DeviceTrainer(bundle, state_dir=state.trainer_dir, threads=config.threads, backend=config.backend)
     load_data = data_loader(config.data)
     try:
         examples = len(load_data())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"data.path: cannot load {config.data.path}: {exc}") from exc
-    logger.info("device %s: bundle %s v%d, %d local examples, state in %s", config.device_id,
-                bundle.manifest.model_name, bundle.manifest.bundle_version, examples, config.state_dir)
+    logger.info("device %s: bundle %s v%d, %d local examples, state in %s, training backend %s (onnxruntime %s)",
+                config.device_id, bundle.manifest.model_name, bundle.manifest.bundle_version, examples, config.state_dir,
+                trainer.backend_name.value, onnxruntime_version())
     rng = rng if rng is not None else random.Random()
     topics = config.topics
     manifest = bundle.manifest

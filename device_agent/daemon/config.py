@@ -28,6 +28,7 @@ from device_agent.protocol.tensor_codec import Encoding
 from device_agent.protocol.topics import TopicLayout
 from device_agent.release.settings import ReleaseSettings
 from device_agent.trainer import TrainBudget
+from device_agent.training_backends import BackendName
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,8 +124,9 @@ class AgentConfig:
     defaults to ``model_signers``. ``threads`` None lets ONNX Runtime choose;
     ``seed`` None shuffles with fresh randomness each round. ``fomo_candidates``:
     FedFomo peers to ask the region for each round (0: off), answered within
-    ``fomo_timeout_s``; it needs ``data.validation_path``. ``release`` None:
-    the device does not follow releases (no ``[release]`` table).
+    ``fomo_timeout_s``; it needs ``data.validation_path``. ``backend``: the training
+    backend (``auto`` chooses from what is installed and what the bundle carries).
+    ``release`` None: the device does not follow releases (no ``[release]`` table).
     """
 
     device_id: str
@@ -142,6 +144,7 @@ class AgentConfig:
     data: DataConfig
     budget: TrainBudget = TrainBudget()
     threads: int | None = None
+    backend: BackendName = BackendName.AUTO
     seed: int | None = None
     encoding: Encoding = Encoding.RAW
     fomo_candidates: int = 0
@@ -290,6 +293,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = 
         data=_data(top.table("data")),
         budget=_budget(training),
         threads=training.integer("threads", None, minimum=1),
+        backend=training.choice("backend", BackendName, BackendName.AUTO),
         seed=training.integer("seed", None, minimum=0),
         encoding=training.choice("encoding", Encoding, Encoding.RAW),
         fomo_candidates=training.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),

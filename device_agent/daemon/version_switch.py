@@ -142,7 +142,8 @@ class VersionSwitch:
         client.installed(info)
         client.save(replace(client.memory, running_release=info.release))
         try:
-            new = DeviceTrainer(bundle, state_dir=self._trainer_dir, threads=self._config.threads)
+            new = DeviceTrainer(bundle, state_dir=self._trainer_dir, threads=self._config.threads,
+                                backend=self._config.backend)
             personal = carry_parameters(old_personal, new.get_personal())
             new.set_personal(personal.params)
             if info.shared_start is SharedStart.CARRY:
@@ -204,7 +205,8 @@ class VersionSwitch:
         previous = revert_bundle(self._config.install_dir, self._keys, marked_failed=marked, withdrawn=not marked)
         shutil.rmtree(self._trainer_dir, ignore_errors=True)
         self._restore_previous()
-        trainer = DeviceTrainer(previous, state_dir=self._trainer_dir, threads=self._config.threads)
+        trainer = DeviceTrainer(previous, state_dir=self._trainer_dir, threads=self._config.threads,
+                                backend=self._config.backend)
         memory = client.memory
         failed_release = memory.running_release
         if failed_release is not None:
@@ -228,7 +230,8 @@ class VersionSwitch:
                            trainer.manifest.bundle_version)
             if not self._trainer_dir.exists():
                 self._restore_previous()
-                trainer = DeviceTrainer(trainer.bundle, state_dir=self._trainer_dir, threads=self._config.threads)
+                trainer = DeviceTrainer(trainer.bundle, state_dir=self._trainer_dir, threads=self._config.threads,
+                                        backend=self._config.backend)
             self._client.save(replace(self._client.memory, trial=None))
             return Switched(trainer=trainer, bundle=trainer.bundle)
         logger.warning("release %d was installed but not judged before a restart: running its trial now", trial.release)

@@ -20,21 +20,23 @@ def bench() -> None:
 
 @bench.command("train", epilog=examples("fedge bench train", "fedge bench train --quick --repeats 1"))
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per runtime; the median is reported.")
-@click.option("--threads", type=int, default=2, show_default=True, help="Intra-op threads for both runtimes.")
+@click.option("--threads", type=int, default=2, show_default=True, help="Intra-op threads for every runtime.")
 @click.option("--batch", type=int, default=32, show_default=True)
 @click.option("--quick", is_flag=True, help="10x fewer steps (smoke test).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/train.json"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/train.json"), show_default=True,
+              help="JSON results; a PNG chart is written next to it.")
 def train(repeats: int, threads: int, batch: int, quick: bool, out: Path) -> None:
-    """Device trainer (ORT, torch hidden) vs PyTorch eager: steps/s and peak RSS for an MLP and a 1D-CNN."""
+    """Portable and ort-training backends (torch hidden) vs PyTorch eager: steps/s, peak RSS, import time; MLP, 1D-CNN, 2D-CNN."""
     from tqdm import tqdm
 
-    from sdk.bench.train_bench import DEFAULT_MODELS, format_table, run_train_bench, write_json
+    from sdk.bench.train_bench import DEFAULT_MODELS, format_table, run_train_bench, write_json, write_png
 
-    with tqdm(total=repeats * len(DEFAULT_MODELS), desc="train bench", unit="pair") as bar:
+    with tqdm(total=repeats * len(DEFAULT_MODELS), desc="train bench", unit="round") as bar:
         rows = run_train_bench(batch=batch, threads=threads, repeats=repeats, step_scale=0.1 if quick else 1.0, progress=bar.update)
     click.echo(format_table(rows))
     write_json(rows, out, threads=threads)
-    click.echo(f"wrote {out}")
+    write_png(rows, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:

@@ -68,16 +68,25 @@ def bundle() -> None:
 @click.option("--version", "bundle_version", type=click.IntRange(min=0), default=1, show_default=True,
               help="Bundle version; a device never installs a lower one than it has (docs/device-agent.md).")
 @click.option("--seed", type=int, default=0, show_default=True, help="torch seed for the initial weights.")
+@click.option("--artifacts", type=click.Choice(["both", "portable", "ort-training"]), default="both", show_default=True,
+              help="Artifact kinds to include: portable graphs (any onnxruntime >= 1.19, aarch64, armhf), "
+                   "ORT-training artifacts (onnxruntime-training, x86_64), or both.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .fedge file.")
 def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared: str, personal: str, mode: str, mu: float,
-          loss: str, optimizer: str, lr: float, key_path: Path, model_name: str, bundle_version: int, seed: int, out: Path) -> None:
-    """Export a PyTorch model and write a signed training bundle."""
+          loss: str, optimizer: str, lr: float, key_path: Path, model_name: str, bundle_version: int, seed: int, artifacts: str,
+          out: Path) -> None:
+    """Export a PyTorch model and write a signed training bundle.
+
+    A model with a layer the training graphs cannot express (BatchNorm, Dropout, ...) is
+    refused with one line naming the layer.
+    """
     import torch
 
     from device_agent.bundle.manifest import LossKind, OptimizerKind, TrainingMode
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.model_spec import ParameterSplit, ParameterSplitError, parse_prefixes
+    from sdk.portable_graph import UnsupportedModelError
 
     factory = cli_import_factory(model_spec)
     kwargs = cli_model_args(model_args)
@@ -95,7 +104,10 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
             model, example_input=torch.zeros((2, *shape)), split=split,
             spec=TrainingSpec(mode=TrainingMode(mode), mu=mu, loss=LossKind(loss), optimizer=OptimizerKind(optimizer), learning_rate=lr),
             signing_key=signing_key, out_path=out, model_name=model_name, bundle_version=bundle_version,
+            kinds=("ort-training", "portable") if artifacts == "both" else (artifacts,),
         )
+    except UnsupportedModelError as exc:  # the command ran and the answer is no (exit 1)
+        raise click.ClickException(f"refused: {one_line(str(exc))}") from exc
     except ParameterSplitError as exc:
         raise click.BadParameter(one_line(str(exc)), param_hint="--shared/--personal") from exc
     except OSError as exc:
@@ -104,7 +116,9 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
         raise InputError(one_line(str(exc))) from exc
     n_shared = sum(_numel(p.shape) for p in manifest.parameters if p.role == "shared")
     n_personal = sum(_numel(p.shape) for p in manifest.parameters if p.role == "personal")
-    click.echo(f"wrote {out}: {model_name} v{bundle_version}, mode {mode}, {n_shared} shared + {n_personal} personal parameters")
+    kinds = "+".join(k.value for k in manifest.artifact_kinds)
+    click.echo(f"wrote {out}: {model_name} v{bundle_version}, mode {mode}, {n_shared} shared + {n_personal} personal parameters, "
+               f"artifacts {kinds}")
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -135,5 +149,6 @@ def verify(path: Path, pub_paths: tuple[Path, ...], as_json: bool) -> None:
     h = manifest.hyperparameters
     click.echo(f"OK {manifest.model_name} v{manifest.bundle_version} signed by {manifest.signer_key_id}")
     click.echo(f"  mode={h.mode.value} mu={h.mu} loss={h.loss.value} optimizer={h.optimizer.value} lr={h.learning_rate}")
+    click.echo(f"  format {manifest.format_version}, artifacts {', '.join(k.value for k in manifest.artifact_kinds)}")
     for p in manifest.parameters:
         click.echo(f"  {p.role:8s} {p.name:30s} {list(p.shape)} {p.dtype}")

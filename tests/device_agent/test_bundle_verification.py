@@ -29,7 +29,9 @@ def test_bundle_verify_accepts_untouched_bundle(bundle_factory, fleet_key):
     assert manifest.hyperparameters.mode is TrainingMode.FEDALT
     assert manifest.hyperparameters.mu == pytest.approx(0.1)
     assert {p.role for p in manifest.parameters} == {"shared", "personal"}
-    assert len(manifest.files) == 8
+    # 2 ORT-training sets x 4 files, and the portable kind: 2 step graphs, the eval graph, the initial weights
+    assert len(manifest.files) == 12
+    assert [k.value for k in manifest.artifact_kinds] == ["ort-training", "portable"]
 
 
 def test_bundle_tampered_manifest_is_refused(bundle_factory, fleet_key, tmp_path):

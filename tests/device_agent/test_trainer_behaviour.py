@@ -41,15 +41,16 @@ def test_trainer_fedalt_shared_phase_leaves_head_untouched(bundle_factory, insta
 
 
 def test_trainer_fedalt_phases_see_each_others_updates(bundle_factory, install, digits):
-    """After the head phase, the shared phase must train against the *new* head (state sync)."""
-    trainer = DeviceTrainer(install(bundle_factory("fedalt", mu=0.0)))
+    """After the head phase, the shared phase must train against the *new* head (ORT-training: state sync)."""
+    trainer = DeviceTrainer(install(bundle_factory("fedalt", mu=0.0)), backend="ort-training")
     train, test = _split(digits)
     trainer.train(train, TrainBudget(epochs=3, batch_size=32), rng=np.random.default_rng(0))
+    trainer.export_state()  # exporting syncs the last phase's parameters into the other state
     # both ORT states must now hold identical weights for every parameter
     names = trainer.manifest.shared_names + trainer.manifest.personal_names
-    states = list(trainer._sessions.values())
+    states = list(trainer._backend._sessions.values())
     for n in names:
-        np.testing.assert_array_equal(states[0].get_parameter(n), states[1].get_parameter(n))
+        np.testing.assert_array_equal(states[0].get(n), states[1].get(n))
     assert trainer.evaluate(test).accuracy > 0.8
 
 

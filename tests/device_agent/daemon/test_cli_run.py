@@ -42,7 +42,8 @@ def test_cli_run_plays_a_round_and_prints_the_outcome(fleet, capsys):
     assert main(["run", "--config", str(config), "--rounds", "1"]) == 0
 
     out = json.loads(capsys.readouterr().out)
-    assert out == {"device": "eu-dev-0001", "finished": 1, "stopped": False,
+    # auto picks ort-training where onnxruntime-training is installed (this host) and the bundle has both kinds
+    assert out == {"device": "eu-dev-0001", "backend": "ort-training", "finished": 1, "stopped": False,
                    "rounds": [{"round": 0, "status": "accepted", "reason": "", "trained": True}]}
     assert [o.header.round for o in fleet.responder.opened] == [0]
 
@@ -58,7 +59,7 @@ def test_cli_run_stops_cleanly_on_sigterm_without_importing_torch(fleet):
     config = write_config(fleet.config_path, fleet.sections)
     status = Probe(fleet.broker.port, "fedge/itest/dev/eu-dev-0001/status")
     keys = {"eu-dev-0001": fleet.keys.device.public_key()}
-    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_CLI, "run", "--config", str(config)],
+    proc = subprocess.Popen([sys.executable, "-c", NO_TORCH_CLI, "run", "--config", str(config), "--backend", "portable"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         try:
@@ -78,5 +79,8 @@ def test_cli_run_stops_cleanly_on_sigterm_without_importing_torch(fleet):
     assert proc.returncode == 0, err
     assert not offline.online and offline.sequence > online.sequence, "a clean stop publishes a signed offline status"
     lines = out.strip().splitlines()
-    assert json.loads(lines[0]) == {"device": "eu-dev-0001", "finished": 0, "stopped": True, "rounds": []}
+    assert json.loads(lines[0]) == {"device": "eu-dev-0001", "backend": "portable", "finished": 0, "stopped": True,
+                                    "rounds": []}
     assert lines[1] == "heavy="
+    # the start-up line names the backend at the default verbosity
+    assert "training backend portable (onnxruntime " in err

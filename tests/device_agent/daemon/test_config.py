@@ -12,6 +12,7 @@ from device_agent.daemon.backoff import BackoffPolicy
 from device_agent.daemon.config import DataFormat, OversizePolicy, load_config
 from device_agent.daemon.errors import ConfigError
 from device_agent.protocol.tensor_codec import Encoding
+from device_agent.training_backends import BackendName
 from tests.device_agent.daemon.fleet_harness import FleetKeys, agent_sections, render_toml, write_config
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "agent.toml"
@@ -41,6 +42,12 @@ def test_config_minimal_file_gets_the_documented_defaults(tmp_path: Path, base):
     assert config.backoff == BackoffPolicy()
     assert config.data.format is DataFormat.AUTO and config.seed is None
     assert (config.fomo_candidates, config.fomo_timeout_s, config.data.validation_path) == (0, 10.0, None)
+    assert config.backend is BackendName.AUTO
+
+
+def test_config_training_backend_is_read(tmp_path: Path, base):
+    base["training"]["backend"] = "portable"
+    assert load(tmp_path, base).backend is BackendName.PORTABLE
 
 
 def test_config_resolves_relative_paths_against_the_config_directory(tmp_path: Path, fleet_keys: FleetKeys):
@@ -100,6 +107,7 @@ def test_config_example_in_examples_is_valid(tmp_path: Path, fleet_keys: FleetKe
     (lambda s: s["keys"].update(model_signers=["nope.pub"]), "keys.model_signers", "does not exist"),
     (lambda s: s["keys"].update(model_signers=[]), "keys.model_signers", "non-empty list"),
     (lambda s: s["training"].update(encoding="bf16"), "training.encoding", "'raw', 'fp16', 'int8'"),
+    (lambda s: s["training"].update(backend="tflite"), "training.backend", "'auto', 'portable', 'ort-training'"),
     (lambda s: s["training"].update(batch_size=0), "training.batch_size", "integer in 1.."),
     (lambda s: s["training"].update(learning_rate=-0.1), "training.learning_rate", "number > 0"),
     (lambda s: s["training"].update(fomo_candidates=33), "training.fomo_candidates", "integer in 0..32"),

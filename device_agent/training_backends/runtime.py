@@ -1,0 +1,70 @@
+"""Importing onnxruntime on the device, with torch kept out, and finding out what it can do.
+
+``import onnxruntime.training`` imports torch (training/__init__ -> optim), and
+even ``import onnxruntime`` probes ``onnxruntime.training.ortmodule`` (and so
+torch) when torch happens to be installed. The agent therefore imports
+onnxruntime with torch and ``onnxruntime.training`` hidden, so a device that
+has torch installed for other reasons still does not pay its ~300 MB of RSS,
+and reaches the on-device training classes in ``onnxruntime.capi._pybind_state``
+directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from types import ModuleType
+
+from device_agent.errors import FedgeError
+from device_agent.import_guard import ModuleBlocker
+
+_HIDDEN = ("torch", "onnxruntime.training")
+
+
+class BackendUnavailableError(FedgeError):
+    """The requested training backend cannot run here (runtime missing, or the bundle lacks its artifacts)."""
+
+
+@functools.cache
+def onnxruntime_module() -> ModuleType:
+    """The ``onnxruntime`` module, imported with torch hidden; BackendUnavailableError when it is not installed."""
+    if "onnxruntime" in sys.modules or "torch" in sys.modules:
+        import onnxruntime
+    else:
+        finder = ModuleBlocker(_HIDDEN, reason="is hidden from the fedge device agent")
+        sys.meta_path.insert(0, finder)
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise BackendUnavailableError(f"onnxruntime is not installed ({exc}); install fedge[device]") from exc
+        finally:
+            sys.meta_path.remove(finder)
+    onnxruntime.set_default_logger_severity(3)
+    return onnxruntime
+
+
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version, or None when there is none."""
+    try:
+        return str(onnxruntime_module().__version__)
+    except BackendUnavailableError:
+        return None
+
+
+@functools.cache
+def has_training_api() -> bool:
+    """True when the installed onnxruntime is an onnxruntime-training build (Module, Optimizer, checkpoints)."""
+    try:
+        onnxruntime_module()
+        from onnxruntime.capi import _pybind_state as capi
+    except (BackendUnavailableError, ImportError):
+        return False
+    return all(hasattr(capi, n) for n in ("Module", "Optimizer", "load_checkpoint", "save_checkpoint"))
+
+
+def has_inference_session() -> bool:
+    """True when onnxruntime is installed (every build has InferenceSession, which the portable backend needs)."""
+    try:
+        return hasattr(onnxruntime_module(), "InferenceSession")
+    except BackendUnavailableError:
+        return False

@@ -1,0 +1,98 @@
+"""Tracing a step or eval function to ATen ops and exporting it as a standard-ops ONNX graph.
+
+``make_fx`` with the decomposition table turns the function (forward,
+``torch.func.grad``, optimizer) into a flat ATen graph; symbolic tracing keeps
+the batch axis free (real tracing bakes the batch size into convolution
+graphs). torch's dynamo exporter then writes it at opset 18 with its graph
+optimizer off (``optimize=True`` deletes ``Add(x, eps)`` and Adam's weights
+go NaN). The result is checked to hold ``ai.onnx`` ops only at opset <= 18
+and stamped to IR 10, what onnxruntime 1.19 loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch.export import Dim
+from torch.fx.experimental import _config as fx_config
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from device_agent.bundle.manifest import MAX_PORTABLE_OPSET
+from sdk.portable_graph.decompositions import decomposition_table
+from sdk.portable_graph.support import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+#: onnxruntime 1.19 loads IR <= 10.
+IR_VERSION = 10
+_STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, input_names: list[str], output_names: list[str],
+                 path: Path) -> onnx.ModelProto:
+    """Trace ``fn(*inputs)`` and write it to ``path`` with a dynamic batch on the first two inputs (x, y)."""
+    try:
+        # Without duck shaping: a batch that happens to equal some weight dimension (4 channels, batch 4)
+        # would share its symbol and be specialised into a fixed batch size.
+        with _quiet(), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+            gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*inputs)
+            batch = Dim("batch")
+            dynamic: list[Any] = [{0: batch}, {0: batch}] + [None] * (len(inputs) - 2)
+            torch.onnx.export(gm, tuple(inputs), os.fspath(path), dynamo=True, opset_version=OPSET, optimize=False,
+                              dynamic_shapes=tuple(dynamic), input_names=input_names, output_names=output_names,
+                              verbose=False)
+    except Exception as exc:  # the tracer and exporter raise many types; all mean "cannot express this model"
+        raise UnsupportedModelError(f"cannot express the model as a standard ONNX training graph: {_first_line(exc)}") from exc
+    proto = onnx.load(os.fspath(path))
+    check_standard_ops(proto)
+    if proto.ir_version > IR_VERSION:
+        proto.ir_version = IR_VERSION
+    onnx.save(proto, os.fspath(path))
+    return proto
+
+
+def check_standard_ops(proto: onnx.ModelProto) -> None:
+    """Raise UnsupportedModelError unless every node is an ``ai.onnx`` op and the opset is <= 18."""
+    bad = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in _STANDARD_DOMAINS})
+    if bad or proto.functions:
+        raise UnsupportedModelError(f"the training graph needs non-standard ops {bad or [f.name for f in proto.functions]}")
+    for imp in proto.opset_import:
+        if imp.domain in _STANDARD_DOMAINS and imp.version > MAX_PORTABLE_OPSET:
+            raise UnsupportedModelError(f"the training graph needs opset {imp.version} (> {MAX_PORTABLE_OPSET})")
+        if imp.domain not in _STANDARD_DOMAINS:
+            raise UnsupportedModelError(f"the training graph imports domain {imp.domain!r}")
+
+
+def _first_line(exc: BaseException) -> str:
+    # The exporter wraps the real cause; the innermost message names the op.
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """The exporter prints progress and warns about every torchvision op it skips; keep that out of the build's output."""
+    sink = io.StringIO()
+    torch_onnx_logger = logging.getLogger("torch.onnx")
+    level = torch_onnx_logger.level
+    torch_onnx_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_onnx_logger.setLevel(level)
+        if sink.getvalue():
+            logger.debug("torch.onnx said:\n%s", sink.getvalue())

@@ -1,0 +1,76 @@
+"""Bundles of the reference models (MLP, 1D-CNN, 2D-CNN) with both artifact kinds, built once per session.
+
+The ``model_bundle`` fixture is exposed by ``tests/conftest.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelCase:
+    """A model from sdk.models, its constructor arguments and one example's shape."""
+
+    factory: str
+    kwargs: tuple[tuple[str, object], ...]
+    input_shape: tuple[int, ...]
+    outputs: int
+
+
+MODELS = {
+    "mlp": ModelCase(factory="PersonalizedMLP", kwargs=(("in_features", 12), ("hidden", (16,)), ("num_classes", 4)),
+                     input_shape=(12,), outputs=4),
+    "cnn1d": ModelCase(factory="PersonalizedCNN1D", kwargs=(("in_channels", 3), ("num_classes", 5), ("width", 4)),
+                       input_shape=(3, 20), outputs=5),
+    "cnn2d": ModelCase(factory="PersonalizedCNN2D", kwargs=(("in_channels", 1), ("num_classes", 10), ("hidden", 16)),
+                       input_shape=(1, 28, 28), outputs=10),
+}
+
+
+def make_data(model: str, loss: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random inputs and labels fitting ``model`` and ``loss``."""
+    case = MODELS[model]
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *case.input_shape)).astype(np.float32)
+    if loss == "cross_entropy":
+        return x, rng.integers(0, case.outputs, n).astype(np.int64)
+    if loss == "mse":
+        return x, rng.normal(size=(n, case.outputs)).astype(np.float32)
+    return x, rng.integers(0, 2, (n, case.outputs)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def model_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_key):
+    """build(model, mode, mu=, optimizer=, loss=, lr=, finetune=, kinds=) -> (bundle path, torch model) (cached)."""
+    import torch
+
+    import sdk.models as zoo
+    from sdk.artifacts import TrainingSpec
+    from sdk.bundle_builder import build_bundle
+    from sdk.model_spec import ParameterSplit
+    from sdk.models import BASE_HEAD_SPLIT
+
+    cache: dict[tuple, tuple[Path, object]] = {}
+    root = tmp_path_factory.mktemp("backend-bundles")
+
+    def build(model: str, mode: str, *, mu: float = 0.0, optimizer: str = "adamw", loss: str = "cross_entropy",
+              lr: float = 0.01, finetune: tuple[str, ...] = (), kinds: tuple[str, ...] = ("ort-training", "portable")):
+        key = (model, mode, mu, optimizer, loss, lr, finetune, kinds)
+        if key not in cache:
+            case = MODELS[model]
+            torch.manual_seed(len(cache))
+            net = getattr(zoo, case.factory)(**dict(case.kwargs))
+            split = BASE_HEAD_SPLIT if mode in ("fedsim", "fedalt") else ParameterSplit(shared=("*",))
+            path = root / f"{model}-{len(cache)}.fedge"
+            build_bundle(net, example_input=torch.zeros((2, *case.input_shape)), split=split,
+                         spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune),
+                         signing_key=fleet_key, out_path=path, model_name=f"{model}-{mode}", kinds=kinds)
+            cache[key] = (path, net)
+        return cache[key]
+
+    return build

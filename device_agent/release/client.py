@@ -162,8 +162,13 @@ class ReleaseClient:
                 "asking again in %.0f s", download.info.release, index, failures, delay)
             self._set_report(state="refused", release=download.info.release, progress=download.progress_pct,
                              reason=f"hash_mismatch: chunk {index} does not match the signed metadata")
-        elif result.stored and (download.received == download.info.chunks or download.received % 8 == 0):
-            self._set_report(state="fetching", release=download.info.release, progress=download.progress_pct, reason="")
+        elif result.stored:
+            self._bad.pop(index, None)
+            # A refusal (a chunk that came back wrong) stays in the status until that chunk arrives right.
+            if not self._bad and (download.received == download.info.chunks or download.received % 8 == 0
+                                  or self.memory.report.state == "refused"):
+                self._set_report(state="fetching", release=download.info.release, progress=download.progress_pct,
+                                 reason="")
 
     # -- the step between rounds --------------------------------------------------------------
 

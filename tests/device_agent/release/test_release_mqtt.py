@@ -132,6 +132,9 @@ def test_tampered_chunk_is_refused_and_the_right_one_completes(mosquitto, operat
         refused = next(rep for rep in device.reports if rep.reason.startswith("hash_mismatch"))
         assert refused.state == "refused" and refused.release == info.release
         assert not (tmp_path / "dev" / "downloads" / info.sha256 / "0.chunk").exists()
+        chunks = tmp_path / "dev" / "downloads" / info.sha256
+        device.run(lambda r: len(list(chunks.glob("*.chunk"))) == info.chunks - 1)  # every other chunk came
+        assert device.reports[-1].state == "refused", "the refusal stays in the status while the chunk is wrong"
         with MqttSession(_publisher(broker.port)) as session:  # the operator republishes the right chunk
             session.publish_all([(LAYOUT.release_chunk(info.sha256, 0), good)])
         ready = device.run(lambda r: isinstance(r, InstallReady), timeout=30)

@@ -74,7 +74,7 @@ def test_rollout_proof(live: LiveFleet, bundles, fleet_key) -> None:
     print(f"[{live.elapsed():6.1f} s] rounds on v1", flush=True)
     # 2. v2 with a canary of two: healthy, promoted, everyone switches, rounds go on, heads kept.
     out = live.fedge("release", "publish", fleet_dir, str(bundles[2]), "--canary", ",".join(CANARIES),
-                     "--chunk-size", "4096", "--max-accuracy-drop", "40")
+                     "--chunk-size", "16384", "--max-accuracy-drop", "40")
     assert "release 1:" in out and "canary on eu-dev-0001, us-dev-0001" in out
     live.wait("the canaries healthy on v2", lambda s: all(
         s[d] is not None and s[d].bundle_version == 2 and s[d].release.state is ReleaseState.INSTALLED for d in CANARIES))
@@ -100,7 +100,7 @@ def test_rollout_proof(live: LiveFleet, bundles, fleet_key) -> None:
 
     print(f"[{live.elapsed():6.1f} s] v2 everywhere", flush=True)
     # 3. v3 diverges: the canaries go back to v2 by themselves, the controller halts it at the canary.
-    live.fedge("release", "publish", fleet_dir, str(bundles[3]), "--canary", ",".join(CANARIES), "--chunk-size", "4096")
+    live.fedge("release", "publish", fleet_dir, str(bundles[3]), "--canary", ",".join(CANARIES), "--chunk-size", "16384")
     live.wait("the canaries back on v2 after trying v3", lambda s: all(
         s[d] is not None and s[d].bundle_version == 2 and s[d].release.state is ReleaseState.ROLLED_BACK
         and s[d].release.version == 2 for d in CANARIES))
@@ -115,7 +115,7 @@ def test_rollout_proof(live: LiveFleet, bundles, fleet_key) -> None:
     opened = live.release
     repo = opened.repository()
     info, data = plan_release(bundles[4], release=3, fleet="lab", fleet_key=fleet_key.public_key(),
-                              choices=ReleaseChoices(canary=("eu-dev-0002",), chunk_size=4096,
+                              choices=ReleaseChoices(canary=("eu-dev-0002",), chunk_size=16384,
                                                      expires_ms=int((time.time() + 3600) * 1000)),
                               message_size_limit=opened.message_size_limit, devices=opened.devices())
     repo.add_release(info, data, opened.signers(),
@@ -162,7 +162,7 @@ def test_rollout_proof(live: LiveFleet, bundles, fleet_key) -> None:
     config = slow.device_dir / "agent.toml"
     config.write_text(config.read_text().replace("[release]\n", "[release]\nchunks_per_second = 3.0\n", 1))
     slow.start()
-    live.fedge("release", "publish", fleet_dir, str(bundles[5]), "--no-canary", "--chunk-size", "2048")
+    live.fedge("release", "publish", fleet_dir, str(bundles[5]), "--no-canary", "--chunk-size", "8192")
     downloads = slow.device_dir / "var" / "state" / "release" / "downloads"
     deadline = time.monotonic() + 60
     while len(list(downloads.glob("*/*.chunk"))) < 4:

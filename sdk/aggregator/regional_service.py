@@ -24,8 +24,7 @@ from collections.abc import Callable, Sequence
 
 from device_agent.daemon.backoff import Backoff, BackoffPolicy
 from device_agent.errors import FedgeError
-from device_agent.protocol.envelope import open_model
-from device_agent.protocol.tensor_codec import DecodeLimits
+from device_agent.protocol.envelope import verified_model_header
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.errors import ModelRejectedError
 from sdk.aggregator.follower import VersionFollower
@@ -167,8 +166,7 @@ class RegionalService(MqttAggregatorService):
         if self.follower is None:
             return False
         try:
-            version = open_model(blob, trusted_signers=self.aggregator.config.root_verify_key,
-                                 limits=DecodeLimits(max_tensors=100_000, max_total_bytes=2 * len(blob) + 4096)).header.bundle_version
+            version = verified_model_header(blob, trusted_signers=self.aggregator.config.root_verify_key).bundle_version
         except FedgeError:
             return False
         if self.follower.library.get(version) is None:

@@ -20,8 +20,7 @@ from typing import Self, TypeVar
 
 import numpy as np
 
-from device_agent.protocol.envelope import open_model, sign_model
-from device_agent.protocol.tensor_codec import DecodeLimits
+from device_agent.protocol.envelope import sign_model, verified_model_header
 from device_agent.protocol.headers import ModelHeader
 from sdk.aggregator.config import AggregatorConfig, conform_params
 from sdk.aggregator.errors import ModelRejectedError
@@ -86,8 +85,7 @@ class AggregatorTier:
 
     def model_version(self, blob: bytes) -> int:
         """The bundle version named by a model this aggregator signed (verified with its own key)."""
-        limits = DecodeLimits(max_tensors=100_000, max_total_bytes=2 * len(blob) + 4096)
-        return open_model(blob, trusted_signers=self._config.signing_key.public_key(), limits=limits).header.bundle_version
+        return verified_model_header(blob, trusted_signers=self._config.signing_key.public_key()).bundle_version
 
     def stored_version(self) -> int | None:
         """The bundle version of the stored current round (None before the first): what a restart must run."""

@@ -7,6 +7,7 @@ Pipeline, cheapest and least trusting first::
         same nonce, same content                    -> duplicate: "accepted" receipt again, not counted
         same nonce, other content                   -> replay
         another nonce                               -> already_counted
+    bundle version (before the round checks)        -> wrong_bundle_version
     round state (collecting, same round)            -> no_round / stale_round / future_round
                                                        (anything for an earlier round is stale, exact resends too)
     UpdateValidator (header, shapes, finite, norm)  -> its reason
@@ -220,6 +221,12 @@ class UpdateIntake(RoundCache):
             raise RejectedUpdateError(IntakeReason.NO_ROUND.value, "no round has started")
         if self._sender_is_region and header.sender != header.region:
             raise RejectedUpdateError(RejectReason.REGION.value, f"sender {header.sender!r} reports for region {header.region!r}")
+        if header.bundle_version != self._config.bundle_version:
+            # Before the round checks: after a version switch the round numbers go on, and the sender
+            # must hear the real cause (docs/rollout.md, "Version switch at a round boundary").
+            raise RejectedUpdateError(RejectReason.WRONG_BUNDLE_VERSION.value,
+                                      f"this aggregator runs bundle v{self._config.bundle_version}, the "
+                                      f"{header.kind.value} is for v{header.bundle_version}")
         self._state.check_admission(header.round)
         self._validator.check_header(header, self._state.round)
         contributors = None

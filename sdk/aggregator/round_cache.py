@@ -129,13 +129,14 @@ class RoundCache(CounterLedger):
     # -- round phases (the callers run these inside write_transaction) ---------
 
     def write_round_start(self, *, previous: RoundRecord | None, round: int, global_params: dict[str, np.ndarray],
-                          base_params: dict[str, np.ndarray], model_blob: bytes) -> None:
+                          base_params: dict[str, np.ndarray], model_blob: bytes, fresh_bounds: bool = False) -> None:
         """Make ``round`` current in the store, with a replay-window snapshot advanced to it and its influence
-        bounds (from ``previous``, the round being left, and the norms and counts of its accepted updates)."""
+        bounds (from ``previous``, the round being left, and the norms and counts of its accepted updates;
+        ``fresh_bounds``: the first round's bounds, as after a switch to another bundle version)."""
         self._catch_up()
         window = ReplayWindow.from_state(self._window.export_state())
         window.advance(round)
-        bounds = self._next_bounds(previous)
+        bounds = self._next_bounds(None if fresh_bounds else previous)
         if previous is not None and previous.closing is not None and previous.closing.result_blob is not None \
                 and previous.forward is None:
             self._pending["aggregate_unacknowledged"] += 1

@@ -7,7 +7,7 @@
 # apt (system packages) and pip (.venv) run side by side on a fresh machine.
 # The suite runs in parallel pytest-xdist workers (FEDGE_TEST_WORKERS, default 4 on any core
 # count: most tests wait on brokers, deadlines and child processes, not on the CPU);
-# `--dist loadgroup` keeps each xdist_group on one worker (docs/testing.md).
+# `--dist loadgroup` keeps the tests that share a costly fixture on one worker (tests/conftest.py, docs/testing.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()

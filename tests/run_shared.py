@@ -18,11 +18,6 @@ def name_of(key: tuple[object, ...]) -> str:
     return hashlib.sha256(repr(key).encode()).hexdigest()[:20]
 
 
-def seed_of(key: tuple[object, ...]) -> int:
-    """A torch seed derived from ``key`` alone (not from which worker built what first)."""
-    return int(name_of(key)[:8], 16)
-
-
 def build_once(directory: Path, key: tuple[object, ...], build: Callable[[Path], None], *, suffix: str = ".fedge") -> Path:
     """``directory/<hash of key><suffix>``, made by ``build(path)`` by the first worker that asks (the others wait)."""
     path = directory / f"{name_of(key)}{suffix}"

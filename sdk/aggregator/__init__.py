@@ -15,6 +15,7 @@ argument, the mixing definition and how several processes share a region.
 - :mod:`~sdk.aggregator.inbox`: the services' per-sender rate limits and fair queue.
 - :mod:`~sdk.aggregator.tier` / :mod:`~sdk.aggregator.config`: what both tiers share.
 - :mod:`~sdk.aggregator.regional` / :mod:`~sdk.aggregator.root`: the two tiers.
+- :mod:`~sdk.aggregator.middle`: a tier between them (children's aggregates in, one aggregate out), for any depth.
 - :mod:`~sdk.aggregator.candidates`: FedFomo's pool of device models (pure, in memory).
 - :mod:`~sdk.aggregator.outcomes` / :mod:`~sdk.aggregator.errors`: results and errors.
 """
@@ -25,6 +26,7 @@ from sdk.aggregator.candidates import Candidate, CandidatePool
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.errors import AggregatorError, ModelRejectedError, RoundStateError, StoreError
 from sdk.aggregator.forwarding import ForwardAnswer
+from sdk.aggregator.middle import MiddleAggregator, MiddleConfig
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate, IntakeReason, Verdict
 from sdk.aggregator.regional import CandidateAnswer, RegionalAggregate, RegionalAggregator, RegionalConfig
 from sdk.aggregator.root import RootAggregator, RootConfig
@@ -43,6 +45,8 @@ __all__ = [
     "ForwardAnswer",
     "HandledUpdate",
     "IntakeReason",
+    "MiddleAggregator",
+    "MiddleConfig",
     "ModelRejectedError",
     "RegionalAggregate",
     "RegionalAggregator",

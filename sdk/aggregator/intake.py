@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -271,7 +271,7 @@ class UpdateIntake(CounterLedger):
                 self._window.check(header.sender, header.round, header.nonce)
                 check_round_total(self._store.round_totals(header.round)[1], admission)
                 if admission.contributors is not None:
-                    self._claim_contributors(header.round, header.sender, [d for d, _ in admission.contributors])
+                    self._claim_contributors(header.round, header.sender, admission.contributors)
                 seq = self._store.insert_acceptance(acceptance, delta=None if self._rule is not None else opened.tensors)
                 partial = self._fold(admission)  # mutates the cached rule: reload if anything below fails
                 self._store.write_partial(header.round, partial)
@@ -299,9 +299,10 @@ class UpdateIntake(CounterLedger):
                         header.sample_count, admission.samples)
         return True
 
-    def _claim_contributors(self, round: int, region: str, devices: list[str]) -> None:
-        """Root: record ``region``'s devices for ``round``; device_overlap when another region counted one already."""
-        elsewhere = self._store.counted_elsewhere(round, devices, region)
+    def _claim_contributors(self, round: int, region: str, devices: Sequence[tuple[str, int]]) -> None:
+        """Root or middle tier: record ``region``'s (device, weight) pairs for ``round``; device_overlap when another
+        region counted one of those devices already."""
+        elsewhere = self._store.counted_elsewhere(round, [d for d, _ in devices], region)
         if elsewhere:
             pairs = ", ".join(f"{device} (counted by {other})" for device, other in sorted(elsewhere.items())[:10])
             logger.error("round %d: %s's aggregate counts %d device(s) another region already counted: %s; refused",

@@ -69,7 +69,10 @@ class RegionalConfig(AggregatorConfig):
     aggregates as). ``device_keys``: device id -> Ed25519 public key, or a
     lookup returning None for an unknown device. ``root_verify_key``: the
     root's Ed25519 key (global models). ``root_encryption_key``: the root's
-    X25519 key (aggregates are sealed to it). ``aggregation``: how updates are
+    X25519 key (aggregates are sealed to it). In a deeper tree these two are
+    the keys of the tier above, whatever it is, and ``parent`` names it: the
+    id that signs the models this region starts rounds from (None: the root,
+    whose global models name no region; docs/aggregation.md, "Any depth"). ``aggregation``: how updates are
     combined (mean, median, trimmed mean); its ``clip_norm`` must stay None: the
     aggregator bounds norms and weights through ``influence``
     (:class:`~sdk.aggregation.influence.InfluencePolicy`, on by default; see docs/security.md).
@@ -87,10 +90,15 @@ class RegionalConfig(AggregatorConfig):
     regional_weight: float = 0.0
     fomo_candidates: int = 0
     fomo_requests_per_round: int = 3
+    parent: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("region", self.region)
+        if self.parent is not None:
+            check_id("parent", self.parent)
+            if self.parent == self.region:
+                raise ValueError(f"region {self.region!r} cannot be its own parent")
         for name, low, high in (("fomo_candidates", 0, MAX_CANDIDATES), ("fomo_requests_per_round", 1, 1000)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -154,18 +162,8 @@ class RegionalAggregator(AggregatorTier):
     def __init__(self, config: RegionalConfig, *, store: AggregatorStore, rng: np.random.Generator | None = None) -> None:
         if not isinstance(config, RegionalConfig):
             raise TypeError("config must be a RegionalConfig")
-        intake = UpdateIntake(
-            config=config,
-            store=store,
-            identity=config.region,
-            kind=MessageKind.UPDATE,
-            region=config.region,
-            sender_keys=config.device_keys,
-            aggregation=config.aggregation,
-            weight_of=lambda header: float(header.sample_count),
-            influence=config.influence,
-        )
-        super().__init__(config=config, intake=intake, identity=config.region)
+        self._store = store
+        super().__init__(config=config, intake=self._make_intake(config), identity=config.region)
         if config.influence.unsafe:
             logger.warning("region %s: influence norm='unbounded': one device can move the model as far as it likes (unsafe)",
                            config.region)
@@ -174,6 +172,22 @@ class RegionalAggregator(AggregatorTier):
         self.candidates = CandidatePool()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._answered: Counter[tuple[str, int]] = Counter()
+
+    def _make_intake(self, config: AggregatorConfig) -> UpdateIntake:
+        """Devices' sealed updates in, bounded (a middle tier overrides this: children's aggregates in)."""
+        if not isinstance(config, RegionalConfig):
+            raise TypeError("config must be a RegionalConfig")
+        return UpdateIntake(
+            config=config,
+            store=self._store,
+            identity=config.region,
+            kind=MessageKind.UPDATE,
+            region=config.region,
+            sender_keys=config.device_keys,
+            aggregation=config.aggregation,
+            weight_of=lambda header: float(header.sample_count),
+            influence=config.influence,
+        )
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], config: RegionalConfig, *, member: str = "main",
@@ -210,8 +224,9 @@ class RegionalAggregator(AggregatorTier):
         header = opened.header
         if header.fleet != self._config.fleet:
             raise self._reject_model("fleet", f"model for fleet {header.fleet!r}")
-        if header.region is not None:
-            raise self._reject_model("region", f"a model for region {header.region!r}, not a global model")
+        if header.region != self._regional.parent:
+            expected = "a global model" if self._regional.parent is None else f"the model of {self._regional.parent!r}"
+            raise self._reject_model("region", f"a model for region {header.region!r}, not {expected}")
         if header.bundle_version != self._config.bundle_version:
             raise self._reject_model("bundle_version", f"model for bundle {header.bundle_version}")
         try:
@@ -341,6 +356,10 @@ class RegionalAggregator(AggregatorTier):
         served = mix_regional(previous, global_params, regional_weight=self._regional.regional_weight)
         return served, self._sign_model(round=round, params=served, region=self._regional.region)
 
+    def _contributors(self, round: int) -> list[tuple[str, int]]:
+        """(device, bounded weight) of every update counted in ``round``: the aggregate's ``@contributors``."""
+        return self._intake.store.contributions(round)
+
     def _seal(self, round: int, merged: MergedRound) -> tuple[bytes, bytes] | None:
         """(nonce, sealed aggregate) for the root, the contributor list inside; None when nothing was accepted."""
         if merged.mean_delta is None:
@@ -356,7 +375,7 @@ class RegionalAggregator(AggregatorTier):
             clock=self._config.wall_clock,
         )
         tensors = dict(merged.mean_delta)
-        tensors[CONTRIBUTORS_TENSOR] = encode_contributors(self._intake.store.contributions(round))
+        tensors[CONTRIBUTORS_TENSOR] = encode_contributors(self._contributors(round))
         return header.nonce, seal_update(
             header,
             tensors,

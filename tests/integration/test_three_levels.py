@@ -20,7 +20,8 @@ only after that is a new middle process started on the same store.
 Every global model must equal the numpy sample-weighted reference (G_{r+1}
 = G_r + sum_k n_k d_k / sum_k n_k over all eight devices; bounds set loose
 so they never bind), each tier's store must hold each child exactly once
-per round, and each round's model must reach every device through every level.
+per round, and each round's model must reach every device through every level. A cell
+device's status must climb both bridges to the root.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ def test_three_levels_global_model_and_a_killed_middle_tier(mosquitto: Mosquitto
         root_watch = tree.fleet.client("root-agg")
         probes.append(root_watch)
         root_watch.subscribe(layout.root_model)
+        root_watch.subscribe(layout.all_region_statuses)
         eu_watch = tree.fleet.client("eu-agg")  # what crosses the eu broker: the cells' aggregates
         probes.append(eu_watch)
         eu_watch.subscribe(layout.all_region_aggregates)
@@ -237,6 +239,10 @@ def test_three_levels_global_model_and_a_killed_middle_tier(mosquitto: Mosquitto
             client.subscribe(layout.global_model)
             client.subscribe(layout.device_receipt(device))
             clients[device] = client
+
+        # A cell device's status climbs two bridges to the root, under its cell's subtree.
+        clients["eu-b-d0"].publish(layout.device_status("eu-b-d0"), b"status probe")
+        assert _next(root_watch, layout.region_device_status("eu-b", "eu-b-d0"), time.monotonic() + WAIT) == b"status probe"
 
         processes = {name: tree.process(name, name) for name in PARENTS}
         for process in processes.values():

@@ -10,6 +10,7 @@ from pathlib import PurePosixPath
 
 from sdk.broker_config.layout import BrokerPaths
 from sdk.broker_config.topology import ROOT, Role, Topology, TopologyError, parse_topology
+from sdk.fleet.spec import parse_fleet_spec
 
 DEEP = """
 [fleet]
@@ -101,3 +102,10 @@ def test_middle_broker_acl_confines_each_child_bridge_to_its_own_subtree(topolog
 def test_parent_mistakes_are_named(changes: dict[str, str], message: str) -> None:
     with pytest.raises(TopologyError, match=message):
         parse_topology(_deep(**changes))
+
+
+def test_fleet_provisioning_refuses_a_tree_deeper_than_two_levels(topology: Topology) -> None:
+    text = _deep(**{'devices = ["a-1", "a-2"]\n': "", 'aggregators = ["eu-a-x-agg"]\n':
+                    'aggregators = ["eu-a-x-agg"]\ndevices = ["a-1", "a-2"]\n'})
+    with pytest.raises(TopologyError, match="fedge fleet provisions two levels only"):
+        parse_fleet_spec(text)

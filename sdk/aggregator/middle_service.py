@@ -63,17 +63,14 @@ class MiddleService(RegionalService):
         return None if child == self.region else child
 
     def handle_message(self, topic: str, payload: bytes) -> None:
-        """Route one message: the parent's model or receipt, or a child's (possibly chunked) aggregate."""
+        """Route one message: a child's (possibly chunked) aggregate here; the parent's model and receipts (and
+        anything else) as a region routes them; this tier's own aggregate, delivered back, is skipped."""
         child = self.layout.region_of(topic)
-        if topic == self.layout.root_model or child == self.region:
-            if topic == self.layout.region_aggregate(self.region):
-                return  # our own aggregate, delivered back by the broker
+        if child is None or topic != self.layout.region_aggregate(child):
             super().handle_message(topic, payload)
             return
-        if child is None or topic != self.layout.region_aggregate(child):
-            self.count("unroutable_topic")
-            logger.warning("ignoring a message on %s", topic)
-            return
+        if child == self.region:
+            return  # our own aggregate, delivered back by the broker
         blob = self.reassemble(payload, sender=child)
         if blob is None:
             return

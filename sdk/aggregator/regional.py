@@ -23,6 +23,11 @@ own model, the global one only seeding the first round. The interpolation
 is the cluster-level form of Mansour et al., "Three Approaches for
 Personalization with Applications to Federated Learning" (2020); the two
 tiers follow HierFAVG (Liu et al., ICC 2020).
+
+In a deeper tree (docs/aggregation.md, "Any depth") "the root" above reads
+"the tier above" (``RegionalConfig.parent``): a cell under a middle tier
+(:mod:`sdk.aggregator.middle`) starts rounds from that tier's model and
+forwards to it; nothing else changes.
 """
 
 from __future__ import annotations
@@ -207,7 +212,8 @@ class RegionalAggregator(AggregatorTier):
         return self._start(round, global_params, self._serve)
 
     def handle_root_model(self, blob: bytes | bytearray | memoryview) -> bytes:
-        """Verify the root's signed global model, start its round, and return the mixed model signed for devices.
+        """Verify the root's signed global model (or, with a ``parent``, that tier's model), start its round, and
+        return the mixed model signed for devices.
 
         ModelRejectedError (counted as ``model_rejected:<reason>``) when the
         signature does not verify (``auth``, nothing more said), the model is

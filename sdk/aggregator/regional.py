@@ -77,9 +77,9 @@ class RegionalConfig(AggregatorConfig):
     X25519 key (aggregates are sealed to it). In a deeper tree these two are
     the keys of the tier above, whatever it is, and ``parent`` names it: the
     id that signs the models this region starts rounds from (None: the root,
-    whose global models name no region; docs/aggregation.md, "Any depth"). ``aggregation``: how updates are
-    combined (mean, median, trimmed mean); its ``clip_norm`` must stay None: the
-    aggregator bounds norms and weights through ``influence``
+    whose global models name no region; docs/aggregation.md, "Any depth").
+    ``aggregation``: how updates are combined (mean, median, trimmed mean);
+    its ``clip_norm`` must stay None: the aggregator bounds norms and weights through ``influence``
     (:class:`~sdk.aggregation.influence.InfluencePolicy`, on by default; see docs/security.md).
     ``regional_weight``: ``a`` in ``S_r = a R_{r-1} + (1 - a) G_r``, in [0, 1].
     ``fomo_candidates``: the most FedFomo candidates served per request (0: FedFomo off; at most 32).

@@ -13,7 +13,9 @@ the children's aggregates (bridged out from their brokers) arrive on
 ``region/+/up/aggregate`` and each authenticated one is answered with this
 tier's signed receipt on ``region/<child>/down/receipt``, which the child's
 bridge carries back. Its own aggregate comes back to it on the same filter
-(MQTT 3.1.1 has no "no local"): it is recognised by its topic and skipped.
+(MQTT 3.1.1 has no "no local"): it is recognised by its topic and skipped. With ``follower`` it follows the fleet's releases and
+switches bundle version at a round boundary exactly as a region does
+(docs/rollout.md).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from device_agent.protocol.topics import TopicLayout
+from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.inbox import InboxLimits
 from sdk.aggregator.metrics import ServiceMetrics
 from sdk.aggregator.middle import MiddleAggregator
@@ -37,12 +40,13 @@ class MiddleService(RegionalService):
 
     def __init__(self, aggregator: MiddleAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
-                 inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None) -> None:
+                 inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None,
+                 follower: VersionFollower | None = None) -> None:
         if metrics is None:
             metrics = ServiceMetrics(fleet=layout.fleet, tier="middle", region=region, member=aggregator.member,
                                      bundle_version=aggregator.config.bundle_version, clock=clock)
         super().__init__(aggregator, region=region, layout=layout, broker=broker, loop=loop, clock=clock, inbox=inbox,
-                         metrics=metrics)
+                         metrics=metrics, follower=follower)
         self.middle = aggregator
 
     def describe(self) -> str:
@@ -52,9 +56,10 @@ class MiddleService(RegionalService):
 
     def subscriptions(self) -> Sequence[str]:
         """The children's aggregate filter (shared when a group is set), the parent's model and the parent's
-        receipts for this tier (direct: every member hears them)."""
-        return (self.group_filter(self.layout.all_region_aggregates), self.layout.root_model,
-                self.layout.region_receipt(self.region))
+        receipts for this tier (direct: every member hears them) and, following releases, their metadata."""
+        topics = (self.group_filter(self.layout.all_region_aggregates), self.layout.root_model,
+                  self.layout.region_receipt(self.region))
+        return topics + (self.follower.subscriptions if self.follower is not None else ())
 
     def sender_of(self, topic: str) -> str | None:
         """Aggregates are rate-limited per child; the parent's model and receipts (and this tier's own

@@ -50,6 +50,7 @@ from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, Mess
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregator.candidates import CandidatePool
+from device_agent.release.carry import carry_parameters
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
 from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from sdk.aggregator.errors import RoundStateError
@@ -194,6 +195,19 @@ class RegionalAggregator(AggregatorTier):
             influence=config.influence,
         )
 
+    @property
+    def config(self) -> RegionalConfig:
+        """The configuration in force (it changes when the region adopts another bundle version)."""
+        return self._regional
+
+    def adopt(self, config: AggregatorConfig) -> None:
+        """Run another bundle version (see :meth:`AggregatorTier.adopt`); FedFomo's pool of the old version is emptied."""
+        if not isinstance(config, RegionalConfig):
+            raise TypeError("config must be a RegionalConfig")
+        super().adopt(config)
+        self._regional = config
+        self.candidates = CandidatePool()
+
     @classmethod
     def open(cls, path: str | os.PathLike[str], config: RegionalConfig, *, member: str = "main",
              rng: np.random.Generator | None = None) -> RegionalAggregator:
@@ -234,7 +248,9 @@ class RegionalAggregator(AggregatorTier):
             expected = "a global model" if self._regional.parent is None else f"the model of {self._regional.parent!r}"
             raise self._reject_model("region", f"a model for region {header.region!r}, not {expected}")
         if header.bundle_version != self._config.bundle_version:
-            raise self._reject_model("bundle_version", f"model for bundle {header.bundle_version}")
+            # The service switches versions (adopt) when it holds that bundle, then hands the model in again.
+            raise self._reject_model("bundle_version", f"model for bundle v{header.bundle_version}, this region runs "
+                                     f"v{self._config.bundle_version}")
         try:
             params = conform_params(self._config.spec, opened.tensors, what="global model")
         except (TypeError, ValueError) as exc:
@@ -359,6 +375,9 @@ class RegionalAggregator(AggregatorTier):
             # R_{r-1}: the closed round's result, or (abandoned round) the model it served.
             closed = record.closing.result_params if record.closing is not None else None
             previous = closed if closed is not None else record.base_params
+        if previous is not None and {n: v.shape for n, v in previous.items()} != {n: v.shape for n, v in global_params.items()}:
+            # The round before ran another bundle version: mix only what carries over (same name and shape).
+            previous = carry_parameters(previous, global_params).params
         served = mix_regional(previous, global_params, regional_weight=self._regional.regional_weight)
         return served, self._sign_model(round=round, params=served, region=self._regional.region)
 

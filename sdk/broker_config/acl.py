@@ -32,7 +32,8 @@ def _user_block(comment: str, username: str, rules: list[tuple[str, str]]) -> st
 def _bridge_blocks(topology: Topology, parent: str) -> list[str]:
     """The ``user`` blocks, on broker ``parent`` (``"root"`` or a region), of the bridges of its child regions: each
     writes only its own uplink, its devices' (and its descendants') statuses and its bridge state, and reads only the
-    model served from this broker (the root's, or the middle tier's ``model/``) and its own downlink."""
+    model served from this broker (the root's, or the middle tier's ``model/``), its own downlink and the releases
+    (retained here, passed on down the chain)."""
     base = topology.layout.base
     model = f"{base}/root/model/#" if parent == ROOT else f"{base}/model/#"
     served = "the root model" if parent == ROOT else "the middle tier's model"
@@ -48,6 +49,7 @@ def _bridge_blocks(topology: Topology, parent: str) -> list[str]:
                 ("write", bridge_state_topic(topology, child.name)),
                 ("read", model),
                 ("read", f"{base}/region/{child.name}/down/#"),
+                ("read", f"{base}/release/#"),
             ],
         )
         for child in topology.children(parent)
@@ -61,12 +63,13 @@ def render_region_acl(topology: Topology, region: Region) -> str:
     parts = [
         _HEADER.format(what=f"region {region.name}", fleet=topology.fleet),
         "# Devices (username = device id): write only their own uplink, status and presence,\n"
-        "# read only their own downlink and the region's model.\n"
+        "# read only their own downlink, the region's model and the releases (bridged in from the root).\n"
         f"pattern write {base}/dev/%u/up/#\n"
         f"pattern write {base}/dev/%u/status\n"
         f"pattern write {base}/dev/%u/presence\n"
         f"pattern read {base}/dev/%u/down/#\n"
-        f"pattern read {base}/model/#\n",
+        f"pattern read {base}/model/#\n"
+        f"pattern read {base}/release/#\n",
     ]
     parts += [
         _user_block(f"Aggregator of region {region.name}: the whole fleet subtree on this broker.",
@@ -95,6 +98,11 @@ def render_root_acl(topology: Topology) -> str:
         _user_block("Root aggregator: the whole fleet subtree.", username, [("readwrite", f"{base}/#")])
         for username in topology.root.aggregators
     ]
+    if topology.release is not None:
+        parts.append(_user_block(
+            "Release tools (publish, controller): the release metadata and bundle chunks; every region's device statuses.",
+            topology.release,
+            [("readwrite", f"{base}/release/#"), ("read", f"{base}/region/+/dev/+/status")]))
     if topology.monitor is not None:
         parts.append(_user_block(
             "Monitoring (read only): every region's device statuses, the root model, the bridge states.",

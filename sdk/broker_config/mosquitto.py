@@ -143,6 +143,7 @@ def render_bridge_conf(topology: Topology, region: Region, *, paths: BrokerPaths
     downlink = f"{base}/region/{region.name}/down/"
     model = f"{base}/root/model/"
     parent_model = model if region.parent is None else f"{base}/model/"
+    release = f"{base}/release/"
     devices = f"{base}/dev/"
     statuses = f"{base}/region/{region.name}/dev/"
     target = "root broker" if region.parent is None else f"broker of region {region.parent}"
@@ -166,11 +167,13 @@ notification_topic {bridge_state_topic(topology, region.name)}
 
 # topic PATTERN DIRECTION QOS LOCAL-PREFIX REMOTE-PREFIX
 # Out: the region's aggregates, and its devices' signed statuses (retained) under the region's subtree at the root.
-# In: the root's models, and the root's signed receipts for this region's aggregates.
+# In: the root's models, the root's signed receipts for this region's aggregates, and the releases
+# (retained TUF metadata and bundle chunks, kept retained here for the region's devices).
 topic # out 1 {uplink} {uplink}
 topic +/status out 1 {devices} {statuses}
 topic # in 1 {model} {parent_model}
 topic # in 1 {downlink} {downlink}
+topic # in 1 {release} {release}
 """
     for below in topology.descendants(region.name):
         relayed = f"{base}/region/{below.name}/dev/"

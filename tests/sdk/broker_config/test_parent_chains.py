@@ -86,6 +86,7 @@ def test_middle_broker_acl_confines_each_child_bridge_to_its_own_subtree(topolog
         "topic write fedge/f/region/eu-a/bridge/state",
         "topic read fedge/f/model/#",
         "topic read fedge/f/region/eu-a/down/#",
+        "topic read fedge/f/release/#",
     ]
     assert "user bridge-eu-a-x" not in acl  # a grandchild's bridge authenticates one level down, at eu-a
     root = render_root_acl(topology)

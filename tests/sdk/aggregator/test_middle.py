@@ -273,3 +273,21 @@ def test_a_middle_tier_refuses_device_updates(tree: Tree) -> None:
     handled = tree.eu.handle_update(scenario.seal(update, region="eu"), topic_device=update.device)
     assert handled.verdict is Verdict.REJECTED and handled.reason in ("auth", "kind")
 
+
+
+def test_two_members_of_a_middle_tier_share_its_store_and_its_contributor_list(tree: Tree) -> None:
+    tree.start(0)
+    updates = _devices(tree, 0, seed=80)
+    other = tree._keep(MiddleAggregator.open(tree.path / "eu.sqlite", middle_config(), member="b"))
+    blobs = {cell: aggregator.close_round().blob for cell, aggregator in tree.cells.items()}
+    assert tree.eu.handle_aggregate(blobs["eu-a"], topic_child="eu-a").accepted
+    assert other.handle_aggregate(blobs["eu-b"], topic_child="eu-b").accepted
+    assert other.handle_aggregate(blobs["eu-a"], topic_child="eu-a").verdict is Verdict.DUPLICATE  # the other member's
+    assert other.should_close()
+    closed = other.close_round()
+    assert tree.eu.close_round().blob == closed.blob  # one aggregate, whoever closes
+    opened = open_update(closed.blob, recipient_key=scenario.encryption_key("root"),
+                         sender_public_key={"eu": scenario.signing_key("eu").public_key()},
+                         limits=DecodeLimits(max_tensors=8, max_total_bytes=1 << 20))
+    _, contributors = split_contributors(opened)
+    assert list(contributors) == sorted((u.device, u.samples) for cell in CELLS for u in updates[cell])

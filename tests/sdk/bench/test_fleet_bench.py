@@ -1,0 +1,81 @@
+"""The fleet benchmark on a small real fleet: 20 devices, 2 regions, 1 round, real Mosquitto and aggregator processes.
+
+One run (module fixture) is checked against what must hold exactly: every device's update accepted once with a
+verified receipt, the global model equal to a plain numpy reference of the updates the devices sent (round 0 of
+the default bounded influence: each update clipped to L2 norm 1, every device weighing the same), bytes through
+the regional brokers at least the updates they carried, and the JSON written as summarised.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sdk.bench.fleet_bench import FleetBenchConfig, FleetRun, run_fleet_bench
+from sdk.bench.fleet_load import device_delta
+from sdk.bench.fleet_setup import SignedBundle
+from sdk.bench.fleet_report import format_table, summarise, write_json, write_png
+from sdk.cli.main import cli
+
+CONFIG = FleetBenchConfig(devices=20, regions=2, rounds=1, agents=0, generators=1, deadline_s=120.0,
+                          receipt_timeout_s=30.0, timeout_s=240.0)
+
+
+@pytest.fixture(scope="module")
+def fleet_run(bundle_factory, fleet_key) -> FleetRun:
+    """One run on the suite's cached digits bundle (building the bench's own would cost a torch export)."""
+    run = run_fleet_bench(CONFIG, bundle=SignedBundle(path=bundle_factory("fedavg"), key=fleet_key))
+    print("setup seconds:", run.setup_s)
+    return run
+
+
+@pytest.mark.mosquitto
+@pytest.mark.slow
+def test_fleet_bench_counts_every_update_once_and_the_global_model_matches_numpy(fleet_run: FleetRun, tmp_path: Path) -> None:
+    summary = summarise(fleet_run)
+    receipts = summary["receipts"]
+    assert (receipts["expected"], receipts["accepted_once"], receipts["accepted_more_than_once"], receipts["missing"]) == (20, 20, 0, 0)
+    assert sorted(fleet_run.accepted) == sorted(fleet_run.devices) and all(c == {0: 1} for c in fleet_run.accepted.values())
+    assert summary["devices_by_region"] == {"r01": 10, "r02": 10}
+    assert 0 < receipts["latency_ms"]["p50"] <= receipts["latency_ms"]["p95"] <= receipts["latency_ms"]["max"]
+    assert receipts["latency_ms"]["count"] == 20
+
+    # Round 0 under the default influence policy, written out in plain numpy: clip to norm 1, equal weights.
+    initial = fleet_run.models[0]
+    spec = {name: value.shape for name, value in initial.items()}
+    deltas = [device_delta(spec, index=index, round=0, seed=CONFIG.seed) for _, index in fleet_run.devices.values()]
+    clipped = []
+    for delta in deltas:
+        norm = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in delta.values()))
+        clipped.append({n: v.astype(np.float64) * min(1.0, 1.0 / norm) for n, v in delta.items()})
+    assert any(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in d.values())) > 1.0 for d in deltas), "nothing was clipped"
+    for name, start in initial.items():
+        expected = start.astype(np.float64) + np.mean([c[name] for c in clipped], axis=0)
+        np.testing.assert_allclose(fleet_run.models[1][name], expected, rtol=0, atol=2e-6)
+    assert summary["global_model_check"]["checked"] and summary["global_model_check"]["max_abs_diff"] < 2e-6
+
+    rows = {row["name"]: row for row in summary["processes"]}
+    assert set(rows) == {"broker root", "broker r01", "broker r02", "regional r01", "regional r02", "root", "generator 0"}
+    update_bytes = summary["model"]["update_bytes"]
+    for region in ("r01", "r02"):  # 10 updates in from the devices and out to the aggregator, each
+        assert rows[f"broker {region}"]["bytes_in"] >= 10 * update_bytes
+        assert rows[f"broker {region}"]["bytes_out"] >= 10 * update_bytes
+    for row in rows.values():
+        assert row["cpu_s"] is not None and row["cpu_s"] >= 0 and row["peak_rss_mb"] > 0
+    assert len(summary["rounds"]["seconds"]) == 1 and summary["rounds"]["seconds"][0] > 0
+    assert summary["saturation"]["busiest_process"] in rows
+
+    out = tmp_path / "fleet.json"
+    write_json(summary, out)
+    write_png(summary, out.with_suffix(".png"))
+    assert json.loads(out.read_text()) == json.loads(json.dumps(summary)) and out.with_suffix(".png").stat().st_size > 0
+    assert "20/20 accepted once" in format_table(summary)
+
+
+def test_bench_fleet_cli_refuses_fewer_devices_than_regions() -> None:
+    result = CliRunner().invoke(cli, ["bench", "fleet", "--devices", "3", "--regions", "4"])
+    assert result.exit_code == 2 and "at least one device per region" in result.output

@@ -256,6 +256,7 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
     generators: list[tuple[subprocess.Popen[str], Path, Path]] = []
     agents: dict[str, tuple[subprocess.Popen[str], Path]] = {}
     observer: _Observer | None = None
+    sampler: proc_stats.LastSamples | None = None
     try:
         started = time.monotonic()
         bench = provision(work, devices=config.devices, regions=config.regions, agents=config.agents, deadline_s=config.deadline_s,
@@ -296,6 +297,7 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
         processes.append(Proc(name="root", kind="root", pid=runners[-1].children[0].process.pid))
         before.update(_sample_all(processes[-1:]))
         busy_before, t0 = proc_stats.machine_busy_ticks(), time.monotonic()
+        sampler = proc_stats.LastSamples({p.name: p.pid for p in processes})
 
         def alive() -> None:
             for runner in runners:
@@ -312,7 +314,7 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
                                    f"(logs under {bench.directory / 'run'})")
             if r > 0:
                 say(f"round {r - 1} closed in {observer.times[r] - observer.times[r - 1]:.2f} s")
-        after, busy_after, t1 = _sample_all(processes), proc_stats.machine_busy_ticks(), time.monotonic()
+        after, busy_after, t1 = sampler.finish(), proc_stats.machine_busy_ticks(), time.monotonic()
         window_s = t1 - observer.times[0]
 
         generator_results = []
@@ -346,6 +348,8 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
                         light_devices=config.devices - len(bench.agents), devices=dict(bench.devices),
                         models=dict(observer.models))
     finally:
+        if sampler is not None:
+            sampler.finish()
         if observer is not None:
             observer.stop()
         for process, _, _ in generators:

@@ -32,6 +32,8 @@ from sdk.bench.fleet_bench import FleetRun
 from sdk.bench.proc_stats import difference
 
 SATURATED = 0.85
+_TIER_NAMES = {"broker": "regional brokers", "regional": "regional aggregators", "root": "root aggregator",
+               "generator": "load generators", "agent": "agents"}
 
 
 def _latencies(run: FleetRun) -> list[float]:
@@ -65,7 +67,7 @@ def _process_rows(run: FleetRun) -> list[dict[str, Any]]:
 def _tier_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     tiers: dict[str, dict[str, float]] = {}
     for row in rows:
-        kind = "root broker" if row["name"] == "broker root" else ("regional brokers" if row["kind"] == "broker" else row["kind"])
+        kind = "root broker" if row["name"] == "broker root" else _TIER_NAMES[row["kind"]]
         tier = tiers.setdefault(kind, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb_max": 0.0, "bytes_in": 0.0, "bytes_out": 0.0})
         tier["processes"] += 1
         tier["cpu_s"] += row["cpu_s"] or 0.0
@@ -78,11 +80,13 @@ def _tier_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return tiers
 
 
-def _saturation(run: FleetRun, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _saturation(run: FleetRun, rows: list[dict[str, Any]], tiers: dict[str, dict[str, float]]) -> dict[str, Any]:
     ours = sum(r["cpu_s"] or 0.0 for r in rows)
     cores = os.cpu_count() or 1
     busiest = max(rows, key=lambda r: r["utilisation"] or 0.0)
     share = ours / (run.window_s * cores)
+    shares = {name: t["cpu_s"] / ours for name, t in tiers.items()} if ours > 0 else {}
+    heaviest = max(shares, key=lambda name: shares[name]) if shares else None
     if run.machine_busy is not None and run.machine_busy >= SATURATED:
         verdict = (f"the machine: its {cores} cores were {run.machine_busy:.0%} busy over the rounds "
                    f"(this run's processes {share:.0%}, the rest other jobs); busiest process {busiest['name']} "
@@ -92,8 +96,14 @@ def _saturation(run: FleetRun, rows: list[dict[str, Any]]) -> dict[str, Any]:
     else:
         verdict = (f"nothing: the busiest process ({busiest['name']}) used {busiest['utilisation']:.0%} of a core "
                    f"and the machine was {run.machine_busy or 0:.0%} busy; rounds wait on latency, not capacity")
+    if heaviest is not None:
+        verdict += f"; of this run's CPU the {heaviest} took {shares[heaviest]:.0%}"
     return {"verdict": verdict, "machine_busy": run.machine_busy, "cores": cores, "our_share_of_machine": share,
-            "busiest_process": busiest["name"], "busiest_utilisation": busiest["utilisation"]}
+            "busiest_process": busiest["name"], "busiest_utilisation": busiest["utilisation"],
+            "cpu_share_by_tier": shares, "heaviest_tier": heaviest,
+            # What the rounds would take if this run's CPU work were the only work on the machine, spread over
+            # every core: an estimate (it ignores waiting and serial steps), not a measurement.
+            "cpu_bound_round_estimate_s": ours / cores / run.config.rounds}
 
 
 def summarise(run: FleetRun) -> dict[str, Any]:
@@ -136,7 +146,7 @@ def summarise(run: FleetRun) -> dict[str, Any]:
         "processes": rows,
         "tiers": tiers,
         "per_update": per_update,
-        "saturation": _saturation(run, rows),
+        "saturation": _saturation(run, rows, tiers),
         "global_model_check": {"checked": run.model_max_abs_diff is not None, "max_abs_diff": run.model_max_abs_diff},
     }
 

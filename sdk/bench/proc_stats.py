@@ -14,6 +14,8 @@ a figure that cannot be read is None.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -66,3 +68,36 @@ def machine_busy_ticks() -> tuple[int, int] | None:
 def difference(before: int | float | None, after: int | float | None) -> float | None:
     """``after - before``, None when either is unknown."""
     return None if before is None or after is None else float(after - before)
+
+
+class LastSamples:
+    """Samples ``pids`` (name -> pid) every ``interval_s`` in a thread and keeps each one's last complete reading,
+    so a process that exits before the end (an agent done with its rounds) still has its CPU and peak RSS."""
+
+    def __init__(self, pids: Mapping[str, int], *, interval_s: float = 0.5) -> None:
+        self._pids = dict(pids)
+        self._interval_s = interval_s
+        self._last: dict[str, ProcSample] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="proc-sampler", daemon=True)
+        self._thread.start()
+
+    def _take(self) -> None:
+        for name, pid in self._pids.items():
+            reading = sample(pid)
+            if reading.cpu_s is not None and reading.peak_rss_mb is not None:
+                with self._lock:
+                    self._last[name] = reading
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._take()
+
+    def finish(self) -> dict[str, ProcSample]:
+        """Stop, take a last reading, and return the last complete one of each process (a partial one if never)."""
+        self._stop.set()
+        self._thread.join()
+        self._take()
+        with self._lock:
+            return {name: self._last.get(name) or sample(pid) for name, pid in self._pids.items()}

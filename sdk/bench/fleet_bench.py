@@ -19,7 +19,7 @@ One run:
 4. **Check**: every receipt is verified (region key, the update's nonce,
    accepted); with no agents the last global model is compared with the
    numpy reference of the sent updates under the default bounded-influence
-   rules (:func:`reference_model`).
+   rules (:func:`~sdk.bench.fleet_checks.reference_model`).
 
 :mod:`sdk.bench.fleet_report` turns the raw :class:`FleetRun` into the
 summary, table, JSON and PNG.
@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from sdk.bench import proc_stats
+from sdk.bench.fleet_checks import count_receipts, reference_model
 from sdk.bench.fleet_setup import FLEET, BenchFleet, SignedBundle, provision
 
 logger = logging.getLogger(__name__)
@@ -337,7 +338,7 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
         diff = None
         if not bench.agents:
             diff = float(max(np.max(np.abs(observer.models[config.rounds][n] - ref)) for n, ref in
-                             reference_model(bench, config, observer.models[0]).items()))
+                             reference_model(bench, config.rounds, config.seed, observer.models[0]).items()))
         machine = None
         if busy_before is not None and busy_after is not None and busy_after[1] > busy_before[1]:
             machine = (busy_after[0] - busy_before[0]) / (busy_after[1] - busy_before[1])
@@ -367,62 +368,3 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
             for log in [*work.glob("*.log"), *(work / "fleet" / "run").glob("*.log")]:
                 shutil.copyfile(log, keep / log.name)
         shutil.rmtree(work, ignore_errors=True)
-
-
-def count_receipts(bench: BenchFleet, results: list[dict[str, Any]]) -> tuple[dict[str, dict[int, int]], int]:
-    """device -> round -> how many verified receipts said accepted for that round's update; and how many receipts
-    answered no update of the device or said something else (duplicates of a resend count there)."""
-    from device_agent.keys import load_verify_key
-    from device_agent.protocol.receipts import ReceiptStatus, open_receipt
-
-    keys = {r: load_verify_key(bench.directory / "aggregators" / r / "keys" / "signing.pub") for r in bench.regions}
-    accepted: dict[str, dict[int, int]] = {}
-    other = 0
-    for result in results:
-        for device, record in result["devices"].items():
-            nonces = {bytes.fromhex(n): r for r, n in enumerate(result["nonces"][device])}
-            counts = accepted.setdefault(device, {})
-            for _, blob in record["receipts"]:
-                receipt = open_receipt(bytes.fromhex(blob), trusted_signers=[keys[bench.devices[device][0]]])
-                r = nonces.get(receipt.update_nonce)
-                if r is not None and receipt.device == device and receipt.status is ReceiptStatus.ACCEPTED:
-                    counts[r] = counts.get(r, 0) + 1
-                else:
-                    other += 1
-    return accepted, other
-
-
-def reference_model(bench: BenchFleet, config: FleetBenchConfig, initial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The global model after ``config.rounds`` rounds, in float64 numpy, from the updates the generators sent.
-
-    Each region bounds each update (the default :class:`~sdk.aggregation.influence.InfluencePolicy`: clip to the
-    round's norm bound, weight = min(sample count, cap); round 0's bounds are the policy's first ones, later
-    rounds' come from that region's previous round); the root weights each region's mean by the sum of its
-    bounded weights, which is one weighted mean over every device.
-    """
-    from sdk.aggregation.influence import InfluencePolicy, first_bounds, next_bounds
-    from sdk.bench.fleet_load import device_delta, sample_count
-
-    policy = InfluencePolicy()
-    model = {n: v.astype(np.float64) for n, v in initial.items()}
-    bounds = {region: first_bounds(policy) for region in bench.regions}
-    for r in range(config.rounds):
-        total = {n: np.zeros_like(v) for n, v in model.items()}
-        weight_sum = 0.0
-        for region in bench.regions:
-            norms, counts = [], []
-            for device, (reg, index) in bench.devices.items():
-                if reg != region:
-                    continue
-                delta = device_delta(bench.spec, index=index, round=r, seed=config.seed)
-                norm = float(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in delta.values())))
-                count = sample_count(index, r)
-                scale, weight = bounds[region].clip_scale(norm), bounds[region].weight(count)
-                for n, v in delta.items():
-                    total[n] += weight * scale * v.astype(np.float64)
-                weight_sum += weight
-                norms.append(norm)
-                counts.append(count)
-            bounds[region] = next_bounds(policy, bounds[region], norms=norms, sample_counts=counts)
-        model = {n: model[n] + total[n] / weight_sum for n in model}
-    return model

@@ -320,7 +320,10 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
 
         generator_results = []
         for process, out, log in generators:
-            process.communicate("stop\n", timeout=60)
+            try:
+                process.communicate("stop\n", timeout=60)
+            except subprocess.TimeoutExpired as exc:
+                raise RuntimeError(f"a load generator did not stop within 60 s; log {log}") from exc
             if process.returncode != 0 or not out.is_file():
                 raise RuntimeError(f"a load generator failed ({process.returncode}):\n{log.read_text(errors='replace')[-2000:]}")
             generator_results.append(json.loads(out.read_text()))

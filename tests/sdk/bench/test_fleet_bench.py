@@ -79,3 +79,49 @@ def test_fleet_bench_counts_every_update_once_and_the_global_model_matches_numpy
 def test_bench_fleet_cli_refuses_fewer_devices_than_regions() -> None:
     result = CliRunner().invoke(cli, ["bench", "fleet", "--devices", "3", "--regions", "4"])
     assert result.exit_code == 2 and "at least one device per region" in result.output
+
+
+def test_fleet_topology_spreads_devices_evenly_and_agents_go_round_the_regions() -> None:
+    from sdk.bench.fleet_setup import choose_agents, region_names, topology_text
+    from sdk.fleet.spec import parse_fleet_spec
+
+    spec = parse_fleet_spec(topology_text(devices=23, regions=4, deadline_s=60))
+    assert [len(r.devices) for r in spec.topology.regions] == [6, 6, 6, 5]
+    assert [r.name for r in spec.topology.regions] == list(region_names(4))
+    by_region = {r.name: list(r.devices) for r in spec.topology.regions}
+    assert choose_agents(region_names(4), by_region, 5) == ("r01-dev-0001", "r02-dev-0001", "r03-dev-0001", "r04-dev-0001",
+                                                             "r01-dev-0002")
+    with pytest.raises(ValueError, match="one device per region"):
+        topology_text(devices=3, regions=4, deadline_s=60)
+
+
+def test_fleet_report_divides_each_tier_by_the_updates_and_names_the_saturated_process() -> None:
+    from sdk.bench.fleet_bench import Proc
+    from sdk.bench.proc_stats import ProcSample
+
+    def s(cpu: float, rss: float = 50.0, io: int = 0) -> ProcSample:
+        return ProcSample(cpu_s=cpu, peak_rss_mb=rss, rss_mb=rss, read_bytes=io, written_bytes=2 * io)
+
+    config = FleetBenchConfig(devices=4, regions=2, rounds=2, agents=0, generators=1)
+    processes = [Proc(name="broker root", kind="broker", pid=1), Proc(name="broker r01", kind="broker", pid=2),
+                 Proc(name="regional r01", kind="regional", pid=3), Proc(name="generator 0", kind="generator", pid=4)]
+    before = {"broker root": s(1.0), "broker r01": s(1.0), "regional r01": s(2.0), "generator 0": s(0.0)}
+    after = {"broker root": s(1.0), "broker r01": s(1.4, io=800), "regional r01": s(11.6), "generator 0": s(0.8)}
+    sent = {"0": [1.0], "1": [5.0]}
+    generator = {"devices": {f"d{k}": {"sent": sent, "receipts": [[1.5, ""], [5.25, ""]]} for k in range(4)},
+                 "update_bytes": 100, "resends": 0, "seal_s": 0.1, "connect_s": 0.1, "cpu_serving_s": 0.8, "bad_models": 0}
+    run = FleetRun(config=config, parameters=10, bundle_version=1, setup_s={}, model_times={0: 0.0, 1: 4.0, 2: 10.0},
+                   processes=processes, before=before, after=after, window_s=10.0, machine_busy=0.5,
+                   generator_results=[generator], agent_results={}, accepted={f"d{k}": {0: 1, 1: 1} for k in range(4)},
+                   other_receipts=0, model_max_abs_diff=0.0, light_devices=4,
+                   devices={"d0": ("r01", 0), "d1": ("r01", 1), "d2": ("r02", 2), "d3": ("r02", 3)})
+    summary = summarise(run)
+    assert summary["rounds"]["seconds"] == [4.0, 6.0] and summary["rounds"]["updates_per_s"] == pytest.approx(8 / 10)
+    assert summary["receipts"]["accepted_once"] == 8 and summary["receipts"]["missing"] == 0
+    assert summary["receipts"]["latency_ms"]["p50"] == pytest.approx(375.0)  # 500 ms and 250 ms, four times each
+    assert summary["per_update"]["regional aggregators"]["cpu_ms"] == pytest.approx(9600 / 8)
+    assert summary["per_update"]["regional brokers"]["bytes_in"] == pytest.approx(800 / 8)
+    assert summary["per_update"]["regional brokers"]["bytes_out"] == pytest.approx(1600 / 8)
+    assert summary["per_update"]["regional aggregators"]["bytes_in"] is None  # Python's socket bytes are not in /proc io
+    assert summary["saturation"]["busiest_process"] == "regional r01" and summary["saturation"]["heaviest_tier"] == "regional aggregators"
+    assert summary["saturation"]["verdict"].startswith("one process: regional r01 at 96% of a core")

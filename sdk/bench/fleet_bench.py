@@ -92,7 +92,7 @@ class Proc:
     pid: int
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class FleetRun:
     """The raw measurements of one run (times on the monotonic clock); ``devices``: device -> (region, index);
     ``models``: the root's global model of each round as the observer received it."""

@@ -182,7 +182,8 @@ class _Observer:
 
 
 def _read_line(process: subprocess.Popen[str], timeout_s: float, what: str, log: Path) -> str:
-    assert process.stdout is not None
+    if process.stdout is None:
+        raise RuntimeError(f"{what} was started without a pipe to read")
     ready, _, _ = select.select([process.stdout], [], [], timeout_s)
     line = process.stdout.readline() if ready else ""
     if not line.strip():

@@ -28,9 +28,7 @@ CONFIG = FleetBenchConfig(devices=20, regions=2, rounds=1, agents=0, generators=
 @pytest.fixture(scope="module")
 def fleet_run(bundle_factory, fleet_key) -> FleetRun:
     """One run on the suite's cached digits bundle (building the bench's own would cost a torch export)."""
-    run = run_fleet_bench(CONFIG, bundle=SignedBundle(path=bundle_factory("fedavg"), key=fleet_key))
-    print("setup seconds:", run.setup_s)
-    return run
+    return run_fleet_bench(CONFIG, bundle=SignedBundle(path=bundle_factory("fedavg"), key=fleet_key))
 
 
 @pytest.mark.mosquitto

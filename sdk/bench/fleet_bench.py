@@ -46,6 +46,7 @@ import numpy as np
 
 from sdk.bench import proc_stats
 from sdk.bench.fleet_checks import count_receipts, reference_model
+from sdk.bench.fleet_metrics import scrape
 from sdk.bench.fleet_setup import FLEET, BenchFleet, SignedBundle, provision
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ class Proc:
 @dataclass(frozen=True, kw_only=True)
 class FleetRun:
     """The raw measurements of one run (times on the monotonic clock); ``devices``: device -> (region, index);
-    ``models``: the root's global model of each round as the observer received it."""
+    ``models``: the root's global model of each round as the observer received it; ``service_metrics``: site ->
+    what its aggregator's /metrics said after the last round (:mod:`sdk.bench.fleet_metrics`)."""
 
     config: FleetBenchConfig
     parameters: int
@@ -115,6 +117,7 @@ class FleetRun:
     light_devices: int
     devices: dict[str, tuple[str, int]] = field(default_factory=dict)
     models: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    service_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def devices_by_region(self) -> dict[str, int]:
@@ -318,6 +321,7 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
                 say(f"round {r - 1} closed in {observer.times[r] - observer.times[r - 1]:.2f} s")
         after, busy_after, t1 = sampler.finish(), proc_stats.machine_busy_ticks(), time.monotonic()
         window_s = t1 - observer.times[0]
+        service_metrics = {site: scrape(port) for site, port in bench.metrics_ports.items()}
 
         generator_results = []
         for process, out, log in generators:
@@ -351,7 +355,7 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
                         before=before, after=after, window_s=window_s, machine_busy=machine, generator_results=generator_results,
                         agent_results=agent_results, accepted=accepted, other_receipts=other, model_max_abs_diff=diff,
                         light_devices=config.devices - len(bench.agents), devices=dict(bench.devices),
-                        models=dict(observer.models))
+                        models=dict(observer.models), service_metrics=service_metrics)
     finally:
         if sampler is not None:
             sampler.finish()

@@ -5,7 +5,8 @@ regional brokers on free loopback ports (plain MQTT), ``devices`` spread
 evenly over them, then runs :func:`sdk.fleet.provision.init_fleet` on it with
 a freshly built and signed bundle: every device gets its own Ed25519 key,
 broker account (password, pattern ACL) and provisioning directory; every
-aggregator its own keys, registry and TOML. The model is the digits MLP
+aggregator its own keys, registry and TOML (plus a ``[metrics]`` endpoint on a
+free loopback port, which the bench reads at the end). The model is the digits MLP
 (:class:`~sdk.models.PersonalizedMLP`, 64 inputs, trunk ``base`` 128-64
 shared, head personal, FedAlt), so the real training agents can train on
 scikit-learn's digits, which ships with scikit-learn.
@@ -32,7 +33,8 @@ MESSAGE_SIZE_LIMIT = 1024 * 1024
 
 @dataclass(frozen=True, kw_only=True)
 class BenchFleet:
-    """What :func:`provision` wrote: the fleet directory, regions in order, device -> (region, index), agents' ids."""
+    """What :func:`provision` wrote: the fleet directory, regions in order, device -> (region, index), agents' ids,
+    the shared parameters' shapes, and each aggregator service's metrics port (site -> port)."""
 
     directory: Path
     regions: tuple[str, ...]
@@ -40,6 +42,7 @@ class BenchFleet:
     agents: tuple[str, ...]
     spec: dict[str, tuple[int, ...]]
     bundle_version: int
+    metrics_ports: dict[str, int]
 
     def device_dir(self, device: str) -> Path:
         """The provisioning directory of ``device``."""
@@ -129,6 +132,7 @@ def provision(workdir: Path, *, devices: int, regions: int, agents: int, deadlin
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from device_agent.bundle.archive import verify_bundle
+    from sdk.bench.fleet_metrics import enable_metrics
     from sdk.fleet.provision import init_fleet
     from sdk.fleet.spec import parse_fleet_spec
 
@@ -148,10 +152,12 @@ def provision(workdir: Path, *, devices: int, regions: int, agents: int, deadlin
     chosen = choose_agents(names, by_region, agents)
     for k, device in enumerate(chosen):
         write_agent_data(fleet.devices[device], k)
+    metrics_ports = {site: enable_metrics(fleet.aggregators[site] / ("root.toml" if site == "root" else "regional.toml"))
+                     for site in ("root", *names)}
     manifest = verify_bundle(bundle.path, key.public_key())
     shared = {name: tuple(shape) for name, (shape, _dtype) in manifest.shared_spec().items()}
     return BenchFleet(directory=fleet.directory, regions=names, devices=index, agents=chosen, spec=shared,
-                      bundle_version=manifest.bundle_version)
+                      bundle_version=manifest.bundle_version, metrics_ports=metrics_ports)
 
 
 def parameters(spec: dict[str, tuple[int, ...]]) -> int:

@@ -67,6 +67,14 @@ def test_fleet_bench_counts_every_update_once_and_the_global_model_matches_numpy
     assert len(summary["rounds"]["seconds"]) == 1 and summary["rounds"]["seconds"][0] > 0
     assert summary["saturation"]["busiest_process"] in rows
 
+    services = summary["aggregator_metrics"]  # the aggregators' own counters agree: each update counted once, none lost
+    assert sorted(services) == ["r01", "r02", "root"]
+    assert [services[r]["accepted"] for r in ("r01", "r02", "root")] == [10, 10, 2]
+    for figures in services.values():
+        assert (figures["duplicates"], figures["rejected"], figures["inbox_dropped"], figures["service_dropped"]) == (0, 0, 0, 0)
+        assert figures["rounds_closed"] == 1 and figures["commits"] >= figures["accepted"] and figures["commit_mean_ms"] > 0
+    assert services["r01"]["receipts"] == 10 and services["r01"]["receipt_latency_mean_ms"] > 0
+
     out = tmp_path / "fleet.json"
     write_json(summary, out)
     write_png(summary, out.with_suffix(".png"))

@@ -8,8 +8,9 @@ Pure apart from :func:`write_json` and :func:`write_png`. Definitions:
   round results.
 - **CPU seconds** and **bytes**: differences of /proc readings at the start and
   the end of the rounds; **utilisation**: CPU seconds over that window (1.0 =
-  one core busy the whole time). **Peak RSS**: ``VmHWM`` since the process
-  started.
+  one core busy the whole time); **CPU wait**: seconds its threads were ready
+  to run but waited for a CPU (the share of the machine other work took from
+  it). **Peak RSS**: ``VmHWM`` since the process started.
 - **what saturates first**: the machine when its cores were >= 85% busy over
   the window (this machine is shared, so the figure includes other jobs),
   otherwise the busiest process when it used >= 85% of a core; otherwise
@@ -56,6 +57,7 @@ def _process_rows(run: FleetRun) -> list[dict[str, Any]]:
         cpu = difference(before.cpu_s, after.cpu_s)
         rows.append({"name": proc.name, "kind": proc.kind, "cpu_s": cpu,
                      "utilisation": None if cpu is None else cpu / run.window_s,
+                     "run_queue_wait_s": difference(before.run_wait_s, after.run_wait_s),
                      "peak_rss_mb": after.peak_rss_mb,
                      # Only Mosquitto moves its sockets' bytes through read(2)/write(2); Python's recv/send are not
                      # in rchar/wchar (which count its SQLite and log writes instead), so bytes are brokers' only.
@@ -68,9 +70,11 @@ def _tier_totals(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     tiers: dict[str, dict[str, float]] = {}
     for row in rows:
         kind = "root broker" if row["name"] == "broker root" else _TIER_NAMES[row["kind"]]
-        tier = tiers.setdefault(kind, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb_max": 0.0, "bytes_in": 0.0, "bytes_out": 0.0})
+        tier = tiers.setdefault(kind, {"processes": 0, "cpu_s": 0.0, "run_queue_wait_s": 0.0, "peak_rss_mb_max": 0.0,
+                                       "bytes_in": 0.0, "bytes_out": 0.0})
         tier["processes"] += 1
         tier["cpu_s"] += row["cpu_s"] or 0.0
+        tier["run_queue_wait_s"] += row["run_queue_wait_s"] or 0.0
         tier["peak_rss_mb_max"] = max(tier["peak_rss_mb_max"], row["peak_rss_mb"] or 0.0)
         tier["bytes_in"] += row["bytes_in"] or 0.0
         tier["bytes_out"] += row["bytes_out"] or 0.0
@@ -87,20 +91,32 @@ def _saturation(run: FleetRun, rows: list[dict[str, Any]], tiers: dict[str, dict
     share = ours / (run.window_s * cores)
     shares = {name: t["cpu_s"] / ours for name, t in tiers.items()} if ours > 0 else {}
     heaviest = max(shares, key=lambda name: shares[name]) if shares else None
+    waited = sum(r["run_queue_wait_s"] or 0.0 for r in rows)
+    regions = [m for site, m in run.service_metrics.items() if site != "root" and m.get("commit_mean_ms") is not None]
+    # Seconds each regional store spent in COMMIT (fsync included), as a share of the rounds: a region handles its
+    # updates one at a time, so this is the part of its round its disk decided.
+    commit_share = (sum(m["commits"] * m["commit_mean_ms"] / 1000 for m in regions) / len(regions) / run.window_s
+                    if regions else None)
     if run.machine_busy is not None and run.machine_busy >= SATURATED:
         verdict = (f"the machine: its {cores} cores were {run.machine_busy:.0%} busy over the rounds "
                    f"(this run's processes {share:.0%}, the rest other jobs); busiest process {busiest['name']} "
                    f"at {busiest['utilisation']:.0%} of a core")
     elif (busiest["utilisation"] or 0.0) >= SATURATED:
         verdict = f"one process: {busiest['name']} at {busiest['utilisation']:.0%} of a core"
+    elif commit_share is not None and commit_share >= 0.5:
+        verdict = f"the disk: each regional store spent {commit_share:.0%} of the rounds committing (fsync)"
     else:
         verdict = (f"nothing: the busiest process ({busiest['name']}) used {busiest['utilisation']:.0%} of a core "
                    f"and the machine was {run.machine_busy or 0:.0%} busy; rounds wait on latency, not capacity")
     if heaviest is not None:
         verdict += f"; of this run's CPU the {heaviest} took {shares[heaviest]:.0%}"
+    verdict += f"; its processes ran {ours:.1f} CPU-s and waited {waited:.1f} s for a CPU"
+    if commit_share is not None:
+        verdict += f"; regional stores committed {commit_share:.0%} of the time"
     return {"verdict": verdict, "machine_busy": run.machine_busy, "cores": cores, "our_share_of_machine": share,
             "busiest_process": busiest["name"], "busiest_utilisation": busiest["utilisation"],
-            "cpu_share_by_tier": shares, "heaviest_tier": heaviest,
+            "cpu_share_by_tier": shares, "heaviest_tier": heaviest, "our_cpu_s": ours, "our_run_queue_wait_s": waited,
+            "regional_commit_share": commit_share,
             # What the rounds would take if this run's CPU work were the only work on the machine, spread over
             # every core: an estimate (it ignores waiting and serial steps), not a measurement.
             "cpu_bound_round_estimate_s": ours / cores / run.config.rounds}
@@ -170,13 +186,16 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     for device, agent in summary["agents"].items():
         lines.append(f"agent {device}: {agent.get('statuses')}" + (f" ERROR {agent['error']}" if "error" in agent else ""))
-    head = f"{'process':22s} {'CPU s':>8s} {'of a core':>10s} {'peak RSS MB':>12s} {'MB in':>9s} {'MB out':>9s}"
+    head = (f"{'process':22s} {'CPU s':>8s} {'of a core':>10s} {'CPU wait s':>11s} {'peak RSS MB':>12s} {'MB in':>9s} "
+            f"{'MB out':>9s}")
     lines += ["", head, "-" * len(head)]
     for row in summary["processes"]:
         util = "-" if row["utilisation"] is None else f"{row['utilisation']:.0%}"
         cpu = "-" if row["cpu_s"] is None else f"{row['cpu_s']:.2f}"
         rss = "-" if row["peak_rss_mb"] is None else f"{row['peak_rss_mb']:.1f}"
-        lines.append(f"{row['name']:22s} {cpu:>8s} {util:>10s} {rss:>12s} {_mb(row['bytes_in']):>9s} {_mb(row['bytes_out']):>9s}")
+        wait = "-" if row["run_queue_wait_s"] is None else f"{row['run_queue_wait_s']:.2f}"
+        lines.append(f"{row['name']:22s} {cpu:>8s} {util:>10s} {wait:>11s} {rss:>12s} {_mb(row['bytes_in']):>9s} "
+                     f"{_mb(row['bytes_out']):>9s}")
     lines += ["", f"{'per update':22s} {'CPU ms':>8s} {'kB in':>10s} {'kB out':>12s}"]
     for name, figures in summary["per_update"].items():
         kb_in = "-" if figures["bytes_in"] is None else f"{figures['bytes_in'] / 1e3:.1f}"

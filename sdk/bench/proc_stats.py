@@ -8,7 +8,10 @@ the process's high-water mark since it started. ``rchar``/``wchar`` of
 (sockets included: Mosquitto reads and writes its clients' sockets that
 way), so for a broker they are the MQTT bytes in and out plus its log and
 persistence writes. Reading another user's ``io`` needs the same user or root;
-a figure that cannot be read is None.
+a figure that cannot be read is None. ``schedstat`` adds how long the
+process's threads were ready to run but waited for a CPU: on a machine shared
+with other work, that is the time the process lost to the others (threads
+that have exited by the second reading drop out of the sum).
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, kw_only=True)
 class ProcSample:
-    """One reading of a process: CPU seconds (user + system), peak and current RSS in MB, I/O bytes (None: unreadable)."""
+    """One reading of a process: CPU seconds (user + system), peak and current RSS in MB, I/O bytes, and seconds its
+    threads were runnable but waiting for a CPU (``run_wait_s``, from ``schedstat``); None: unreadable."""
 
     cpu_s: float | None
     peak_rss_mb: float | None
     rss_mb: float | None
     read_bytes: int | None
     written_bytes: int | None
+    run_wait_s: float | None = None
 
 
 def _read(path: str) -> str | None:
@@ -51,7 +56,22 @@ def sample(pid: int) -> ProcSample:
     io = _read(f"/proc/{pid}/io") or ""
     counters = {line.split(":")[0]: int(line.split()[1]) for line in io.splitlines() if line.startswith(("rchar:", "wchar:"))}
     return ProcSample(cpu_s=cpu, peak_rss_mb=memory.get("VmHWM"), rss_mb=memory.get("VmRSS"),
-                      read_bytes=counters.get("rchar"), written_bytes=counters.get("wchar"))
+                      read_bytes=counters.get("rchar"), written_bytes=counters.get("wchar"), run_wait_s=_run_wait_s(pid))
+
+
+def _run_wait_s(pid: int) -> float | None:
+    """Seconds every thread of ``pid`` spent runnable on a run queue, not running (sum of /proc/<pid>/task/*/schedstat)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total, seen = 0, False
+    for task in tasks:
+        text = _read(f"/proc/{pid}/task/{task}/schedstat")
+        if text is not None and len(text.split()) >= 2:
+            total += int(text.split()[1])
+            seen = True
+    return total / 1e9 if seen else None
 
 
 def machine_busy_ticks() -> tuple[int, int] | None:

@@ -120,7 +120,9 @@ def test_fleet_report_divides_each_tier_by_the_updates_and_names_the_saturated_p
                    processes=processes, before=before, after=after, window_s=10.0, machine_busy=0.5,
                    generator_results=[generator], agent_results={}, accepted={f"d{k}": {0: 1, 1: 1} for k in range(4)},
                    other_receipts=0, model_max_abs_diff=0.0, light_devices=4,
-                   devices={"d0": ("r01", 0), "d1": ("r01", 1), "d2": ("r02", 2), "d3": ("r02", 3)})
+                   devices={"d0": ("r01", 0), "d1": ("r01", 1), "d2": ("r02", 2), "d3": ("r02", 3)},
+                   service_metrics={"root": {"commits": 3, "commit_mean_ms": 1.0},
+                                    "r01": {"commits": 8, "commit_mean_ms": 625.0}})
     summary = summarise(run)
     assert summary["rounds"]["seconds"] == [4.0, 6.0] and summary["rounds"]["updates_per_s"] == pytest.approx(8 / 10)
     assert summary["receipts"]["accepted_once"] == 8 and summary["receipts"]["missing"] == 0
@@ -131,3 +133,4 @@ def test_fleet_report_divides_each_tier_by_the_updates_and_names_the_saturated_p
     assert summary["per_update"]["regional aggregators"]["bytes_in"] is None  # Python's socket bytes are not in /proc io
     assert summary["saturation"]["busiest_process"] == "regional r01" and summary["saturation"]["heaviest_tier"] == "regional aggregators"
     assert summary["saturation"]["verdict"].startswith("one process: regional r01 at 96% of a core")
+    assert summary["saturation"]["regional_commit_share"] == pytest.approx(8 * 0.625 / 10)  # the root's commits left out

@@ -46,7 +46,7 @@ import numpy as np
 
 from sdk.bench import proc_stats
 from sdk.bench.fleet_checks import count_receipts, reference_model
-from sdk.bench.fleet_metrics import scrape
+from sdk.bench.fleet_metrics import port_from_log, scrape
 from sdk.bench.fleet_setup import FLEET, BenchFleet, SignedBundle, provision
 
 logger = logging.getLogger(__name__)
@@ -321,7 +321,10 @@ def run_fleet_bench(config: FleetBenchConfig, *, progress: Progress | None = Non
                 say(f"round {r - 1} closed in {observer.times[r] - observer.times[r - 1]:.2f} s")
         after, busy_after, t1 = sampler.finish(), proc_stats.machine_busy_ticks(), time.monotonic()
         window_s = t1 - observer.times[0]
-        service_metrics = {site: scrape(port) for site, port in bench.metrics_ports.items()}
+        service_metrics = {}
+        for child in [*runners[2].children, *runners[1].children]:
+            port = port_from_log(child.log.read_text(errors="replace"))
+            service_metrics[child.site] = scrape(port) if port is not None else {"error": "no metrics port in its log"}
 
         generator_results = []
         for process, out, log in generators:

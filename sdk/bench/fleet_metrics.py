@@ -1,7 +1,7 @@
 """The aggregator services' own view of a fleet bench run, from their Prometheus ``/metrics`` endpoints.
 
 Each service of the bench's fleet gets a ``[metrics]`` section on a free
-loopback port (:func:`enable_metrics`); after the last round the bench reads
+loopback port (:func:`enable_metrics`, found in its log by :func:`port_from_log`); after the last round the bench reads
 every endpoint once (:func:`scrape`) and keeps, per service, what tells where
 an update's time went and that nothing was lost: updates counted, duplicates,
 rejections and drops, the mean time from an update's arrival to its signed
@@ -11,19 +11,25 @@ fresh, so their counters are the run's totals.
 
 from __future__ import annotations
 
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sdk.demo.brokers import free_port
+_METRICS_LINE = re.compile(r"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 
-def enable_metrics(config_file: Path) -> int:
-    """Append a ``[metrics]`` section on a free loopback port to a service's TOML; the port."""
-    port = free_port()
+def enable_metrics(config_file: Path) -> None:
+    """Append a ``[metrics]`` section to a service's TOML: loopback, port 0 (the service takes a free port and logs
+    it: picking one here could race with the many client connections of the run)."""
     with open(config_file, "a", encoding="utf-8") as handle:
-        handle.write(f'\n[metrics]\nbind = "127.0.0.1"\nport = {port}\n')
-    return port
+        handle.write('\n[metrics]\nbind = "127.0.0.1"\nport = 0\n')
+
+
+def port_from_log(text: str) -> int | None:
+    """The port of the ``metrics on http://127.0.0.1:<port>/metrics`` line a service logs at start, or None."""
+    found = _METRICS_LINE.search(text)
+    return int(found.group(1)) if found else None
 
 
 def parse(text: str) -> dict[str, float]:

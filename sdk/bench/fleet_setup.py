@@ -5,8 +5,8 @@ regional brokers on free loopback ports (plain MQTT), ``devices`` spread
 evenly over them, then runs :func:`sdk.fleet.provision.init_fleet` on it with
 a freshly built and signed bundle: every device gets its own Ed25519 key,
 broker account (password, pattern ACL) and provisioning directory; every
-aggregator its own keys, registry and TOML (plus a ``[metrics]`` endpoint on a
-free loopback port, which the bench reads at the end). The model is the digits MLP
+aggregator its own keys, registry and TOML (plus a ``[metrics]`` endpoint on
+loopback, which the bench reads at the end). The model is the digits MLP
 (:class:`~sdk.models.PersonalizedMLP`, 64 inputs, trunk ``base`` 128-64
 shared, head personal, FedAlt), so the real training agents can train on
 scikit-learn's digits, which ships with scikit-learn.
@@ -34,7 +34,7 @@ MESSAGE_SIZE_LIMIT = 1024 * 1024
 @dataclass(frozen=True, kw_only=True)
 class BenchFleet:
     """What :func:`provision` wrote: the fleet directory, regions in order, device -> (region, index), agents' ids,
-    the shared parameters' shapes, and each aggregator service's metrics port (site -> port)."""
+    and the shared parameters' shapes."""
 
     directory: Path
     regions: tuple[str, ...]
@@ -42,7 +42,6 @@ class BenchFleet:
     agents: tuple[str, ...]
     spec: dict[str, tuple[int, ...]]
     bundle_version: int
-    metrics_ports: dict[str, int]
 
     def device_dir(self, device: str) -> Path:
         """The provisioning directory of ``device``."""
@@ -152,12 +151,12 @@ def provision(workdir: Path, *, devices: int, regions: int, agents: int, deadlin
     chosen = choose_agents(names, by_region, agents)
     for k, device in enumerate(chosen):
         write_agent_data(fleet.devices[device], k)
-    metrics_ports = {site: enable_metrics(fleet.aggregators[site] / ("root.toml" if site == "root" else "regional.toml"))
-                     for site in ("root", *names)}
+    for site in ("root", *names):
+        enable_metrics(fleet.aggregators[site] / ("root.toml" if site == "root" else "regional.toml"))
     manifest = verify_bundle(bundle.path, key.public_key())
     shared = {name: tuple(shape) for name, (shape, _dtype) in manifest.shared_spec().items()}
     return BenchFleet(directory=fleet.directory, regions=names, devices=index, agents=chosen, spec=shared,
-                      bundle_version=manifest.bundle_version, metrics_ports=metrics_ports)
+                      bundle_version=manifest.bundle_version)
 
 
 def parameters(spec: dict[str, tuple[int, ...]]) -> int:

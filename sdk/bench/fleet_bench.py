@@ -138,9 +138,9 @@ class _Observer:
         from device_agent.keys import load_verify_key
         from device_agent.protocol.topics import TopicLayout
 
-        credentials = json.loads((bench.directory / "brokers" / "credentials" / "monitors" / "fedge-monitor.json").read_text())
+        credentials = json.loads(bench.monitor_credentials().read_text())
         self.topic = TopicLayout(fleet=FLEET).root_model
-        self.root_key = load_verify_key(bench.directory / "aggregators" / "root" / "keys" / "signing.pub")
+        self.root_key = load_verify_key(bench.signing_pub("root"))
         self.times: dict[int, float] = {}
         self.models: dict[int, dict[str, np.ndarray]] = {}
         self.changed = threading.Condition()
@@ -203,8 +203,7 @@ def _agent_command() -> list[str]:
 def _start_generators(bench: BenchFleet, config: FleetBenchConfig, work: Path, ports: dict[str, int]) -> list[tuple[subprocess.Popen[str], Path, Path]]:
     light = [d for d in bench.devices if d not in bench.agents]
     groups = [light[k::config.generators] for k in range(config.generators)]
-    signers = {region: [str(bench.directory / "aggregators" / "root" / "keys" / "signing.pub"),
-                        str(bench.directory / "aggregators" / region / "keys" / "signing.pub")] for region in bench.regions}
+    signers = {region: [str(bench.signing_pub("root")), str(bench.signing_pub(region))] for region in bench.regions}
     started = []
     for k, group in enumerate(g for g in groups if g):
         out = work / f"generator-{k}.json"

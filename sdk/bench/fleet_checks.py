@@ -18,7 +18,7 @@ def count_receipts(bench: BenchFleet, results: list[dict[str, Any]]) -> tuple[di
     from device_agent.keys import load_verify_key
     from device_agent.protocol.receipts import ReceiptStatus, open_receipt
 
-    keys = {r: load_verify_key(bench.directory / "aggregators" / r / "keys" / "signing.pub") for r in bench.regions}
+    keys = {r: load_verify_key(bench.signing_pub(r)) for r in bench.regions}
     accepted: dict[str, dict[int, int]] = {}
     other = 0
     for result in results:

@@ -82,6 +82,7 @@ class LoadGenerator:
         self.models_seen: dict[str, int] = {}
         self.resends = 0
         self.bad_models = 0
+        self._sealed: dict[str, list[tuple[bytes, bytes]]] = {}
 
     # -- setup, not timed --------------------------------------------------------------------------
 
@@ -90,14 +91,14 @@ class LoadGenerator:
         from device_agent.keys import load_recipient_key, load_signing_key
         from device_agent.protocol.envelope import seal_update
         from device_agent.protocol.headers import MessageKind, UpdateHeader
+        from sdk.fleet import layout
 
         spec = {name: tuple(shape) for name, shape in self.job["spec"].items()}
         started = time.monotonic()
-        self._sealed: dict[str, list[tuple[bytes, bytes]]] = {}
         for entry in self.job["devices"]:
             directory = Path(entry["dir"])
-            key = load_signing_key(directory / "keys" / "device.key")
-            recipient = load_recipient_key(directory / "keys" / "aggregator.x25519.pub")
+            key = load_signing_key(directory / layout.DEVICE_KEY)
+            recipient = load_recipient_key(directory / layout.DEVICE_AGGREGATOR_PUB)
             blobs = []
             for r in range(self.rounds):
                 header = UpdateHeader.create(kind=MessageKind.UPDATE, fleet=self.job["fleet"], sender=entry["id"],
@@ -113,11 +114,13 @@ class LoadGenerator:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
+        from sdk.fleet import layout
+
         started = time.monotonic()
         for entry in self.job["devices"]:
             name = entry["id"]
             client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=name, clean_session=True, protocol=mqtt.MQTTv311)
-            password = (Path(entry["dir"]) / "keys" / "mqtt-password").read_text().splitlines()[0]
+            password = (Path(entry["dir"]) / layout.MQTT_PASSWORD).read_text().splitlines()[0]
             client.username_pw_set(name, password)
             client.max_inflight_messages_set(20)
             device = _Device(name=name, client=client, sealed=self._sealed[name])

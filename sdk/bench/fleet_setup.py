@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from sdk.demo.brokers import broker_owner, free_port
+from sdk.fleet import layout
 
 FLEET = "bench"
 HIDDEN = (128, 64)
@@ -29,6 +30,7 @@ CLASSES = 10
 INPUTS = 64
 AGENT_EXAMPLES = 150
 MESSAGE_SIZE_LIMIT = 1024 * 1024
+MONITOR = "fedge-monitor"  # the topology's default monitoring account
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +47,19 @@ class BenchFleet:
 
     def device_dir(self, device: str) -> Path:
         """The provisioning directory of ``device``."""
-        return self.directory / "devices" / device
+        return self.directory / layout.device_dir(device)
+
+    def signing_pub(self, site: str) -> Path:
+        """The Ed25519 public key ``site`` (``root`` or a region) signs models and receipts with."""
+        return self.directory / layout.aggregator_dir(site) / layout.SIGNING_PUB
+
+    def monitor_credentials(self) -> Path:
+        """The monitoring account's credentials JSON (its password and the root broker's port)."""
+        from sdk.broker_config.render import credential_path
+        from sdk.broker_config.topology import Account, Role
+
+        return self.directory / layout.BROKERS_DIR / credential_path(
+            Account(username=MONITOR, role=Role.MONITOR, broker="root", region=None))
 
 
 def region_names(count: int) -> tuple[str, ...]:
@@ -151,8 +165,8 @@ def provision(workdir: Path, *, devices: int, regions: int, agents: int, deadlin
     chosen = choose_agents(names, by_region, agents)
     for k, device in enumerate(chosen):
         write_agent_data(fleet.devices[device], k)
-    for site in ("root", *names):
-        enable_metrics(fleet.aggregators[site] / ("root.toml" if site == "root" else "regional.toml"))
+    for site in (layout.ROOT_SITE, *names):
+        enable_metrics(fleet.aggregators[site] / (layout.ROOT_CONFIG if site == layout.ROOT_SITE else layout.REGIONAL_CONFIG))
     manifest = verify_bundle(bundle.path, key.public_key())
     shared = {name: tuple(shape) for name, (shape, _dtype) in manifest.shared_spec().items()}
     return BenchFleet(directory=fleet.directory, regions=names, devices=index, agents=chosen, spec=shared,

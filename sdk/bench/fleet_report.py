@@ -202,7 +202,7 @@ def format_table(summary: dict[str, Any]) -> str:
         kb_out = "-" if figures["bytes_out"] is None else f"{figures['bytes_out'] / 1e3:.1f}"
         lines.append(f"{name:22s} {figures['cpu_ms']:8.2f} {kb_in:>10s} {kb_out:>12s}")
     lines += ["", f"{'aggregator (/metrics)':22s} {'counted':>8s} {'dup':>5s} {'rejected':>9s} {'dropped':>8s} "
-                  f"{'in-service ms':>14s} {'commit ms':>10s}"]
+                  f"{'in-service ms':>14s} {'commits':>8s} {'commit ms':>10s}"]
     for site, m in summary["aggregator_metrics"].items():
         if "error" in m:
             lines.append(f"{site:22s} unreadable: {m['error']}")
@@ -210,7 +210,7 @@ def format_table(summary: dict[str, Any]) -> str:
         service_ms = "-" if m["receipt_latency_mean_ms"] is None else f"{m['receipt_latency_mean_ms']:.1f}"
         commit_ms = "-" if m["commit_mean_ms"] is None else f"{m['commit_mean_ms']:.1f}"
         lines.append(f"{site:22s} {m['accepted']:8d} {m['duplicates']:5d} {m['rejected']:9d} "
-                     f"{m['inbox_dropped'] + m['service_dropped']:8d} {service_ms:>14s} {commit_ms:>10s}")
+                     f"{m['inbox_dropped'] + m['service_dropped']:8d} {service_ms:>14s} {m['commits']:8d} {commit_ms:>10s}")
     check = summary["global_model_check"]
     lines += ["", f"window {summary['window_s']:.1f} s; saturates first: {summary['saturation']['verdict']}",
               "global model vs numpy reference: " +

@@ -72,7 +72,8 @@ def test_fleet_bench_counts_every_update_once_and_the_global_model_matches_numpy
     assert [services[r]["accepted"] for r in ("r01", "r02", "root")] == [10, 10, 2]
     for figures in services.values():
         assert (figures["duplicates"], figures["rejected"], figures["inbox_dropped"], figures["service_dropped"]) == (0, 0, 0, 0)
-        assert figures["rounds_closed"] == 1 and figures["commits"] >= figures["accepted"] and figures["commit_mean_ms"] > 0
+        # Group commit: a region commits a batch of updates at once, so commits may be fewer than updates.
+        assert figures["rounds_closed"] == 1 and figures["commits"] >= 1 and figures["commit_mean_ms"] > 0
     assert services["r01"]["receipts"] == 10 and services["r01"]["receipt_latency_mean_ms"] > 0
 
     out = tmp_path / "fleet.json"

@@ -102,6 +102,21 @@ def _scalar(graph: onnx.GraphProto, name: str) -> bool:
     return all(d == 1 for d in dims)
 
 
+def _constant_ints(graph: onnx.GraphProto, name: str) -> list[int] | None:
+    """The values of an integer constant (initializer or Constant node), None when ``name`` is not one."""
+    for init in graph.initializer:
+        if init.name == name:
+            return [int(v) for v in onnx.numpy_helper.to_array(init).reshape(-1)]
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for a in node.attribute:
+                if a.name == "value":
+                    return [int(v) for v in onnx.numpy_helper.to_array(a.t).reshape(-1)]
+                if a.name == "value_ints":
+                    return list(a.ints)
+    return None
+
+
 def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [n for n in graph.node if name in n.input]
 
@@ -198,9 +213,61 @@ def _drop_dead_expands(graph: onnx.GraphProto) -> None:
         graph.node.remove(n)
 
 
+def _bypass(graph: onnx.GraphProto, node: onnx.NodeProto, source: str) -> None:
+    """Remove ``node`` (one output), pointing its consumers at ``source``."""
+    target = node.output[0]
+    if target in {o.name for o in graph.output}:
+        return  # the value is a graph output: keep its producer
+    for other in graph.node:
+        for i, name in enumerate(other.input):
+            if name == target:
+                other.input[i] = source
+    graph.node.remove(node)
+
+
+def drop_identity_expands(graph: onnx.GraphProto) -> int:
+    """Remove Expands whose output has their input's shape (the exporter's broadcast of a scalar to a scalar)."""
+    dropped = 0
+    for node in [n for n in graph.node if n.op_type == "Expand"]:
+        source, target = _dims(graph, node.input[0]), _dims(graph, node.output[0])
+        if source is not None and source == target:
+            _bypass(graph, node, node.input[0])
+            dropped += 1
+    return dropped
+
+
+def squeeze_reductions(graph: onnx.GraphProto) -> int:
+    """``Reshape(ReduceSum(x, keepdims=1))`` that only drops the reduced axes -> ``ReduceSum(x, keepdims=0)``."""
+    producers = {out: node for node in graph.node for out in node.output}
+    outputs = {o.name for o in graph.output}
+    merged = 0
+    for reshape in [n for n in graph.node if n.op_type == "Reshape" and n.output[0] not in outputs]:
+        reduce = producers.get(reshape.input[0])
+        if reduce is None or reduce.op_type != "ReduceSum" or len(_consumers(graph, reduce.output[0])) != 1:
+            continue
+        if any(a.name == "keepdims" and a.i == 0 for a in reduce.attribute) or len(reduce.input) < 2:
+            continue
+        axes = _constant_ints(graph, reduce.input[1])
+        kept, wanted = _dims(graph, reduce.output[0]), _dims(graph, reshape.output[0])
+        if axes is None or kept is None or wanted is None:
+            continue
+        reduced = {a % len(kept) for a in axes}
+        if [d for i, d in enumerate(kept) if i not in reduced] != wanted:
+            continue
+        del reduce.attribute[:]
+        reduce.attribute.append(onnx.helper.make_attribute("keepdims", 0))
+        for vi in [vi for vi in graph.value_info if vi.name == reduce.output[0]]:
+            graph.value_info.remove(vi)  # it recorded the kept axes
+        _bypass(graph, reshape, reduce.output[0])
+        merged += 1
+    return merged
+
+
 def clean_up(proto: onnx.ModelProto) -> None:
     """Apply every pass above to ``proto`` in place."""
     dedupe_initializers(proto.graph)
     fold_matmul_expands(proto.graph)
     hoist_scalar_ops_above_expands(proto.graph)
     fold_broadcast_expands(proto.graph)
+    drop_identity_expands(proto.graph)
+    squeeze_reductions(proto.graph)

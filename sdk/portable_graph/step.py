@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,12 +90,36 @@ class StepSpec:
         return [g.LOSS, *map(g.new, updated)]
 
 
+class _MeanCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy with ORT-training's gradient, ``(exp(log_prob) - onehot) * (dY / N)``, in that order.
+
+    F.cross_entropy's decomposition carries ignore_index handling (Equal/Not/Where nodes) that fedge's labels
+    never need, and autograd's own backward of log_softmax + gather + mean is a dozen nodes (a scattered
+    one-hot, a row sum, a broadcast); this one is five, and rounds exactly as SoftmaxCrossEntropyLossGrad.
+    """
+
+    @staticmethod
+    def forward(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        log_prob = F.log_softmax(logits, dim=-1)
+        return -log_prob.gather(1, labels.unsqueeze(1)).mean(), log_prob
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        log_prob, labels = ctx.saved_tensors
+        onehot = (labels.unsqueeze(1) == torch.arange(log_prob.shape[-1])).to(log_prob.dtype)
+        return (log_prob.exp() - onehot) * (grad_loss / log_prob.shape[0]), None
+
+
 def task_loss(kind: LossKind, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy, MSE or BCE-with-logits, as ORT-training's loss blocks compute them."""
     if kind is LossKind.CROSS_ENTROPY:
-        # F.cross_entropy's decomposition carries ignore_index handling (Equal/Not/Where nodes, forward and
-        # backward) that fedge's labels never need: the same mean negative log-likelihood, fewer nodes.
-        return -F.log_softmax(out, dim=-1).gather(1, y.unsqueeze(1)).mean()
+        loss, _ = _MeanCrossEntropy.apply(out, y)
+        return loss  # type: ignore[no-any-return]
     if kind is LossKind.MSE:
         diff = out - y
         return (diff * diff).mean()

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -111,6 +112,16 @@ class _Source:
 
 
 def _verify(source: _Source, trusted: TrustedKeys, on_file: Callable[[str, BinaryIO], None] | None) -> tuple[BundleManifest, bytes]:
+    try:
+        return _verify_contents(source, trusted, on_file)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        # A member corrupted in transit (bad CRC, broken deflate stream, truncation) is
+        # one more way for a bundle to be inauthentic: the same opaque error.
+        raise BundleVerificationError() from exc
+
+
+def _verify_contents(source: _Source, trusted: TrustedKeys,
+                     on_file: Callable[[str, BinaryIO], None] | None) -> tuple[BundleManifest, bytes]:
     keys = trusted_key_map(trusted)
     if not keys:
         raise ValueError("no trusted fleet key given")

@@ -137,3 +137,22 @@ def test_install_survives_kill_9_at_random_moments(bundle_factory, fleet_key, tm
         seen.add((version, finished))
     assert any(not finished for _, finished in seen), "no kill landed mid-install; shorten the waits"
     assert len(seen) >= 2, seen
+
+
+@pytest.mark.parametrize("where", [0.25, 0.5, 0.75])
+def test_install_refuses_an_archive_corrupted_in_transit_with_the_opaque_error(bundle_factory, fleet_key, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str], where: float):
+    from device_agent.errors import BundleVerificationError
+
+    data = bytearray(Path(bundle_factory("fedavg")).read_bytes())
+    data[int(len(data) * where)] ^= 0x01  # one bit flipped inside a member: a bad CRC or a broken deflate stream
+    bad = tmp_path / "bad.fedge"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BundleVerificationError):
+        install_bundle(bad, fleet_key.public_key(), tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    pub = tmp_path / "fleet.pub"
+    save_public_key(fleet_key.public_key(), pub)
+    code = agent_main(["install", str(bad), "--fleet-key", str(pub), "--dest", str(tmp_path / "dest2")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err

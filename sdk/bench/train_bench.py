@@ -10,7 +10,11 @@ Arithmetic efficiency (``train_flops``): each run times its steps in ten
 windows; GFLOP/s is the step's useful FLOPs times the best window's steps/s,
 and % of peak divides it by the best SGEMM window measured in the same round
 at the same thread count. Best against best, so that other jobs on a shared
-machine stretch neither side of the ratio.
+machine stretch neither side of the ratio. The same figures are also given
+per second of the process's own CPU time (``time.process_time``, against the
+peak's, likewise): a time slice another job takes counts in neither, which
+keeps the one-thread efficiency meaningful on a loaded machine (shared caches
+and memory bandwidth still cost; with several threads it is per core-second).
 """
 
 from __future__ import annotations
@@ -47,20 +51,22 @@ def peak_rss_mb():
     with open("/proc/self/status") as fh:  # VmHWM, not ru_maxrss (which survives exec)
         return next(int(l.split()[1]) / 1024 for l in fh if l.startswith("VmHWM:"))
 def report(timing, t_import, version):
-    seconds, steps, best_window = timing
-    print(json.dumps({"steps_per_s": steps / seconds, "best_window_steps_per_s": best_window, "peak_rss_mb": peak_rss_mb(),
+    seconds, steps, best_window, best_cpu_window = timing
+    print(json.dumps({"steps_per_s": steps / seconds, "best_window_steps_per_s": best_window,
+                      "best_window_steps_per_cpu_s": best_cpu_window, "peak_rss_mb": peak_rss_mb(),
                       "import_s": t_import, "torch_loaded": "torch" in sys.modules, "version": version}))
 def timed(step):
     for _ in range(cfg["warmup"]):
         step()
-    windows = []
+    windows, cpu_windows = [], []
     per_window = max(1, cfg["steps"] // 10)
     for _ in range(cfg["steps"] // per_window):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(per_window):
             step()
         windows.append(time.perf_counter() - t0)
-    return sum(windows), per_window * len(windows), per_window / min(windows)
+        cpu_windows.append(time.process_time() - c0)
+    return sum(windows), per_window * len(windows), per_window / min(windows), per_window / max(min(cpu_windows), 1e-9)
 """
 
 AGENT_CHILD = textwrap.dedent(
@@ -133,6 +139,9 @@ class RuntimeFigures:
     version: str
     gflops: float
     percent_of_peak: float
+    #: The same per second of this process's CPU time, against the peak's: time slices other jobs take dilute neither.
+    gflops_per_cpu_s: float
+    percent_of_peak_cpu: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,6 +155,7 @@ class TrainBenchRow:
     threads: int
     mflop_per_step: float
     sgemm_peak_gflops: float
+    sgemm_peak_gflops_per_cpu_s: float
     runtimes: dict[str, RuntimeFigures]
     portable_vs_ort_training: float
     portable_vs_torch: float
@@ -198,14 +208,16 @@ def _network(model: BenchModel) -> torch.nn.Module:
     return getattr(zoo, model.factory)(**model.kwargs)  # type: ignore[no-any-return]
 
 
-def _figures(runs: list[dict[str, object]], flops: int, peak: float) -> RuntimeFigures:
+def _figures(runs: list[dict[str, object]], flops: int, peak: float, peak_cpu: float) -> RuntimeFigures:
     best = max(float(r["best_window_steps_per_s"]) for r in runs)  # type: ignore[arg-type]
     gflops = best * flops / 1e9
+    gflops_cpu = max(float(r["best_window_steps_per_cpu_s"]) for r in runs) * flops / 1e9  # type: ignore[arg-type]
     return RuntimeFigures(
         steps_per_s=statistics.median(float(r["steps_per_s"]) for r in runs),  # type: ignore[arg-type]
         peak_rss_mb=statistics.median(float(r["peak_rss_mb"]) for r in runs),  # type: ignore[arg-type]
         import_s=statistics.median(float(r["import_s"]) for r in runs),  # type: ignore[arg-type]
-        version=str(runs[0]["version"]), gflops=gflops, percent_of_peak=100 * gflops / peak)
+        version=str(runs[0]["version"]), gflops=gflops, percent_of_peak=100 * gflops / peak,
+        gflops_per_cpu_s=gflops_cpu, percent_of_peak_cpu=100 * gflops_cpu / peak_cpu)
 
 
 def run_train_bench(
@@ -229,9 +241,11 @@ def run_train_bench(
                     "classes": model.classes, "threads": threads, "warmup": max(5, steps // 10), "steps": steps,
                     "factory": model.factory, "kwargs": model.kwargs}
             runs: dict[str, list[dict[str, object]]] = {r: [] for r in RUNTIMES}
-            peaks = []
+            peaks, cpu_peaks = [], []
             for _ in range(repeats):
-                peaks.append(float(_run_child(PEAK_CHILD, peak_cfg)["gflops"]))  # type: ignore[arg-type]
+                peak_run = _run_child(PEAK_CHILD, peak_cfg)
+                peaks.append(float(peak_run["gflops"]))  # type: ignore[arg-type]
+                cpu_peaks.append(float(peak_run["gflops_per_cpu_s"]))  # type: ignore[arg-type]
                 for runtime in RUNTIMES:
                     code = TORCH_CHILD if runtime == "torch" else AGENT_CHILD
                     runs[runtime].append(_run_child(code, {**base, "runtime": runtime}))
@@ -241,12 +255,12 @@ def run_train_bench(
                 raise RuntimeError("a device-agent benchmark process loaded torch; its RSS figure would be meaningless")
             net = _network(model)
             flops = training_flops(net, model.input_shape, batch)
-            peak = max(peaks)
-            figures = {name: _figures(rs, flops, peak) for name, rs in runs.items()}
+            peak, peak_cpu = max(peaks), max(cpu_peaks)
+            figures = {name: _figures(rs, flops, peak, peak_cpu) for name, rs in runs.items()}
             sps = {n: f.steps_per_s for n, f in figures.items()}
             rows.append(TrainBenchRow(
                 model=model.name, parameters=int(sum(p.numel() for p in net.parameters())), batch=batch, repeats=repeats,
-                threads=threads, mflop_per_step=flops / 1e6, sgemm_peak_gflops=peak, runtimes=figures,
+                threads=threads, mflop_per_step=flops / 1e6, sgemm_peak_gflops=peak, sgemm_peak_gflops_per_cpu_s=peak_cpu, runtimes=figures,
                 portable_vs_ort_training=sps["portable"] / sps["ort-training"], portable_vs_torch=sps["portable"] / sps["torch"],
                 ort_training_vs_torch=sps["ort-training"] / sps["torch"],
                 torch_rss_over_portable=figures["torch"].peak_rss_mb / figures["portable"].peak_rss_mb,
@@ -268,6 +282,13 @@ def format_table(rows: list[TrainBenchRow]) -> str:
         lines.append(f"{r.model:18s} {r.parameters:7d} {r.mflop_per_step:6.1f} | {f[0].steps_per_s:17.0f} {f[1].steps_per_s:9.0f} "
                      f"{f[2].steps_per_s:7.0f} | {f[0].gflops:16.1f} {f[1].gflops:9.1f} {f[2].gflops:6.1f} | "
                      f"{f[0].percent_of_peak:14.0f}% {f[1].percent_of_peak:8.0f}% {f[2].percent_of_peak:5.0f}%")
+    lines += ["", "Per second of the process's own CPU time (other jobs' time slices dilute neither side; peak "
+              + " / ".join(f"{r.sgemm_peak_gflops_per_cpu_s:.0f}" for r in rows) + " GFLOP/s per CPU-second):"]
+    for r in rows:
+        f = [r.runtimes[n] for n in order]
+        lines.append(f"{r.model:18s} GFLOP/s per CPU-s {f[0].gflops_per_cpu_s:6.1f} {f[1].gflops_per_cpu_s:9.1f} "
+                     f"{f[2].gflops_per_cpu_s:6.1f} | % peak {f[0].percent_of_peak_cpu:4.0f}% {f[1].percent_of_peak_cpu:8.0f}% "
+                     f"{f[2].percent_of_peak_cpu:5.0f}%")
     head2 = (f"{'model':18s} | {'RSS MB portable':>15s} {'ort-train':>9s} {'torch':>6s} | {'import s  port.':>15s} {'torch':>6s} | "
              f"{'port/ort':>8s} {'port/torch':>10s} {'RSS torch/port':>14s}")
     lines += ["", head2, "-" * len(head2)]

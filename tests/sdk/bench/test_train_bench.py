@@ -19,6 +19,8 @@ def test_train_bench_measures_every_runtime_side_by_side(tmp_path):
         assert figures.steps_per_s > 0 and figures.peak_rss_mb > 0 and figures.import_s > 0, name
         assert figures.gflops == pytest.approx(figures.percent_of_peak / 100 * row.sgemm_peak_gflops), name
         assert 0 < figures.percent_of_peak, name
+        assert figures.gflops_per_cpu_s == pytest.approx(figures.percent_of_peak_cpu / 100 * row.sgemm_peak_gflops_per_cpu_s), name
+        assert figures.gflops_per_cpu_s > 0, name
     assert row.mflop_per_step == 8 * (2 * 64 * 2 + 2 * 24 * 3) / 1e6  # Linear(8, 8) (first layer) + Linear(8, 3), batch 8
     assert row.sgemm_peak_gflops > 1.0
     assert row.runtimes["portable"].version.startswith("onnxruntime ")

@@ -61,11 +61,16 @@ SenderKeys = Union[Mapping[str, Ed25519PublicKey], Callable[[str], Union[Ed25519
 
 @dataclass(frozen=True, kw_only=True)
 class OpenedUpdate:
-    """An authenticated, decrypted update; ``sender_key_id`` names the key that signed it."""
+    """An authenticated, decrypted update; ``sender_key_id`` names the key that signed it.
+
+    ``digest``: SHA-256 of the header bytes and the decrypted payload bytes as received
+    (equal for a resend of the same update, whose ciphertext differs); None unless asked for.
+    """
 
     header: UpdateHeader
     tensors: dict[str, np.ndarray]
     sender_key_id: str
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,13 +170,15 @@ def open_update(
     recipient_key: X25519PrivateKey,
     sender_public_key: SenderKeys,
     limits: DecodeLimits = DecodeLimits(),
+    with_digest: bool = False,
 ) -> OpenedUpdate:
     """Authenticate, decrypt and decode a sealed update.
 
     ``sender_public_key`` maps ``header.sender`` to its Ed25519 key (a lookup
     may return None: unknown sender). The header is parsed before the
     signature is checked only to find the sender; nothing is decrypted or
-    decoded until the signature verifies.
+    decoded until the signature verifies. ``with_digest``: also hash the
+    header and plaintext bytes (:attr:`OpenedUpdate.digest`), no re-encoding.
     """
     if not isinstance(recipient_key, X25519PrivateKey):
         raise TypeError("recipient_key must be an X25519PrivateKey")
@@ -180,8 +187,14 @@ def open_update(
     )
     header = UpdateHeader.from_bytes(frame.record)
     key_id = verify_frame(frame, [lookup_sender(sender_public_key, header.sender)])
-    tensors = decode_tensors(_decrypt(frame, recipient_key), encoding=header.encoding, limits=limits)
-    return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id)
+    plaintext = _decrypt(frame, recipient_key)
+    tensors = decode_tensors(plaintext, encoding=header.encoding, limits=limits)
+    digest = None
+    if with_digest:
+        hasher = hashlib.sha256(frame.record)
+        hasher.update(plaintext)
+        digest = hasher.digest()
+    return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id, digest=digest)
 
 
 def sign_model(header: ModelHeader, tensors: Mapping[str, np.ndarray], *, signer_key: Ed25519PrivateKey) -> bytes:
@@ -207,6 +220,22 @@ def open_model(
     key_id = verify_frame(frame, keys.values())
     tensors = decode_tensors(frame.body, encoding=header.encoding, limits=limits)
     return OpenedModel(header=header, tensors=tensors, signer_key_id=key_id)
+
+
+def verified_model_header(blob: bytes | bytearray | memoryview, *, trusted_signers: TrustedKeys) -> ModelHeader:
+    """The header of a signed model, after its signature checked out, without decoding the tensors.
+
+    For a reader that must know whom and which bundle version a model is for
+    before it decodes it (a device on another bundle version than its region's
+    models). AuthenticationError / MalformedMessageError as :func:`open_model`.
+    """
+    keys = trusted_key_map(trusted_signers)
+    if not keys:
+        raise ValueError("no trusted signer key given")
+    frame = split_frame(blob, magic=MODEL_MAGIC, what="signed model", min_body=0, max_bytes=len(blob))
+    header = ModelHeader.from_bytes(frame.record)
+    verify_frame(frame, keys.values())
+    return header
 
 
 def seal_candidates(

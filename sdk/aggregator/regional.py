@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +44,9 @@ from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidat
 from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
+from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.candidates import CandidatePool
+from device_agent.release.carry import carry_parameters
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
 from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from sdk.aggregator.errors import RoundStateError
@@ -154,18 +156,8 @@ class RegionalAggregator(AggregatorTier):
     def __init__(self, config: RegionalConfig, *, store: AggregatorStore, rng: np.random.Generator | None = None) -> None:
         if not isinstance(config, RegionalConfig):
             raise TypeError("config must be a RegionalConfig")
-        intake = UpdateIntake(
-            config=config,
-            store=store,
-            identity=config.region,
-            kind=MessageKind.UPDATE,
-            region=config.region,
-            sender_keys=config.device_keys,
-            aggregation=config.aggregation,
-            weight_of=lambda header: float(header.sample_count),
-            influence=config.influence,
-        )
-        super().__init__(config=config, intake=intake, identity=config.region)
+        self._store = store
+        super().__init__(config=config, intake=self._make_intake(config), identity=config.region)
         if config.influence.unsafe:
             logger.warning("region %s: influence norm='unbounded': one device can move the model as far as it likes (unsafe)",
                            config.region)
@@ -174,6 +166,33 @@ class RegionalAggregator(AggregatorTier):
         self.candidates = CandidatePool()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._answered: Counter[tuple[str, int]] = Counter()
+
+    def _make_intake(self, config: AggregatorConfig) -> UpdateIntake:
+        assert isinstance(config, RegionalConfig)
+        return UpdateIntake(
+            config=config,
+            store=self._store,
+            identity=config.region,
+            kind=MessageKind.UPDATE,
+            region=config.region,
+            sender_keys=config.device_keys,
+            aggregation=config.aggregation,
+            weight_of=lambda header: float(header.sample_count),
+            influence=config.influence,
+        )
+
+    @property
+    def config(self) -> RegionalConfig:
+        """The configuration in force (it changes when the region adopts another bundle version)."""
+        return self._regional
+
+    def adopt(self, config: AggregatorConfig) -> None:
+        """Run another bundle version (see :meth:`AggregatorTier.adopt`); FedFomo's pool of the old version is emptied."""
+        if not isinstance(config, RegionalConfig):
+            raise TypeError("config must be a RegionalConfig")
+        super().adopt(config)
+        self._regional = config
+        self.candidates = CandidatePool()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], config: RegionalConfig, *, member: str = "main",
@@ -213,7 +232,9 @@ class RegionalAggregator(AggregatorTier):
         if header.region is not None:
             raise self._reject_model("region", f"a model for region {header.region!r}, not a global model")
         if header.bundle_version != self._config.bundle_version:
-            raise self._reject_model("bundle_version", f"model for bundle {header.bundle_version}")
+            # The service switches versions (adopt) when it holds that bundle, then hands the model in again.
+            raise self._reject_model("bundle_version", f"model for bundle v{header.bundle_version}, this region runs "
+                                     f"v{self._config.bundle_version}")
         try:
             params = conform_params(self._config.spec, opened.tensors, what="global model")
         except (TypeError, ValueError) as exc:
@@ -226,12 +247,18 @@ class RegionalAggregator(AggregatorTier):
         ``topic_device``: the device id from the topic it arrived on (None:
         unchecked); an update signed by another device is refused as ``auth``.
         """
-        handled = self._intake.handle(blob, topic_sender=topic_device)
+        return self.handle_updates([IncomingUpdate(blob=blob, topic_sender=topic_device)])[0]
+
+    def handle_updates(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
+        """:meth:`handle_update` for several updates with one commit (group commit, docs/aggregation.md):
+        one answer per item, in order; no receipt of the batch exists before every accepted update is durable."""
+        answers = self._intake.handle_batch(items)
         record = self._intake.record
-        if self._regional.fomo_candidates and handled.delta is not None and handled.header is not None \
-                and record is not None and record.round == handled.header.round:
-            self.candidates.record(handled.header.sender, record.round, apply_delta(record.base_params, handled.delta))
-        return handled
+        if self._regional.fomo_candidates and record is not None:
+            for handled in answers:
+                if handled.delta is not None and handled.header is not None and record.round == handled.header.round:
+                    self.candidates.record(handled.header.sender, record.round, apply_delta(record.base_params, handled.delta))
+        return answers
 
     @property
     def fomo_enabled(self) -> bool:
@@ -338,6 +365,9 @@ class RegionalAggregator(AggregatorTier):
             # R_{r-1}: the closed round's result, or (abandoned round) the model it served.
             closed = record.closing.result_params if record.closing is not None else None
             previous = closed if closed is not None else record.base_params
+        if previous is not None and {n: v.shape for n, v in previous.items()} != {n: v.shape for n, v in global_params.items()}:
+            # The round before ran another bundle version: mix only what carries over (same name and shape).
+            previous = carry_parameters(previous, global_params).params
         served = mix_regional(previous, global_params, regional_weight=self._regional.regional_weight)
         return served, self._sign_model(round=round, params=served, region=self._regional.region)
 

@@ -21,10 +21,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from device_agent.daemon.backoff import Backoff, BackoffPolicy
+from device_agent.errors import FedgeError
+from device_agent.protocol.envelope import verified_model_header
 from device_agent.protocol.topics import TopicLayout
+from sdk.aggregator.batching import IncomingUpdate, UpdateBatch
 from sdk.aggregator.errors import ModelRejectedError
+from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.inbox import InboxLimits
 from sdk.aggregator.metrics import ServiceMetrics
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate
@@ -35,14 +40,28 @@ from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Queued:
+    """A whole device update waiting for its batch: ``arrived`` is when its last frame came (receipt latency)."""
+
+    blob: bytes
+    device: str
+    arrived: float | None
+
+
 class RegionalService(MqttAggregatorService):
     """A region's aggregator on its regional broker (module docstring); ``metrics`` None makes its own."""
 
     def __init__(self, aggregator: RegionalAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
-                 inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None) -> None:
+                 inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None,
+                 follower: VersionFollower | None = None) -> None:
         self.aggregator = aggregator
         self.region = region
+        #: Follows the fleet's releases (None: the configured bundle for good); a root model of another
+        #: version switches the region at that round boundary once its bundle is in the library.
+        self.follower = follower
+        self._waiting_model: tuple[bytes, int] | None = None
         if metrics is None:
             metrics = ServiceMetrics(fleet=layout.fleet, tier="regional", region=region, member=aggregator.member,
                                      bundle_version=aggregator.config.bundle_version, clock=clock)
@@ -50,8 +69,11 @@ class RegionalService(MqttAggregatorService):
         aggregator.observe_commits(metrics.store_committed)
         if aggregator.pending_aggregate() is not None:
             metrics.aggregate_pending.set(1)
+        if follower is not None:
+            follower.attach(self.subscribe_topics, self.unsubscribe_topics)
         self._resend = Backoff(BackoffPolicy(initial_s=loop.resend_min_s, max_s=loop.resend_max_s))
         self._resend_at: float | None = None
+        self._batch: UpdateBatch[_Queued] = UpdateBatch(loop.batch_limits(), clock=clock)
 
     def expected_update_bytes(self) -> int:
         """One sealed update of this bundle's shared parameters, at most."""
@@ -73,6 +95,8 @@ class RegionalService(MqttAggregatorService):
                   self.layout.region_receipt(self.region)]
         if self.aggregator.fomo_enabled:
             topics.append(self.group_filter(self.layout.all_candidate_requests))
+        if self.follower is not None:
+            topics.extend(self.follower.subscriptions)
         return tuple(topics)
 
     def sender_of(self, topic: str) -> str | None:
@@ -90,7 +114,11 @@ class RegionalService(MqttAggregatorService):
     def handle_message(self, topic: str, payload: bytes) -> None:
         """Route one message: the root's model or receipt, a device's (possibly chunked) update or request."""
         if topic == self.layout.root_model:
+            self.flush_batch(force=True)  # updates that arrived before the next round's model are decided in their round
             self.handle_root_model(payload)
+            return
+        if self.follower is not None and self.follower.handles(topic):
+            self.follower.handle(topic, payload)
             return
         if topic == self.layout.region_receipt(self.region):
             answer = self.aggregator.handle_root_receipt(payload)
@@ -109,7 +137,7 @@ class RegionalService(MqttAggregatorService):
             return
         blob = self.reassemble(payload, sender=device)
         if blob is not None:
-            self.handle_update(blob, device=device)
+            self._batch.add(_Queued(blob=blob, device=device, arrived=self.arrived), len(blob))
 
     def handle_candidate_request(self, payload: bytes, *, device: str) -> None:
         """Answer a device's FedFomo request with its sealed candidates, chunked to fit (nothing for a refused request)."""
@@ -122,8 +150,12 @@ class RegionalService(MqttAggregatorService):
         try:
             model = self.aggregator.handle_root_model(blob)
         except ModelRejectedError as exc:
+            if exc.reason == "bundle_version" and self._switch_for(blob):
+                self.handle_root_model(blob)
+                return
             self.count(f"model_refused:{exc.reason}")  # the aggregator counted and logged it as well
             return
+        self._waiting_model = None
         if self.publish(self.layout.global_model, model, retain=True):
             self.metrics.model_published()
         if self.aggregator.pending_aggregate() is None:
@@ -132,18 +164,66 @@ class RegionalService(MqttAggregatorService):
             self.metrics.aggregate_settled(acknowledged=False)
         self.refresh_round(force=True)
 
+    def batch_due_in(self) -> float | None:
+        """Seconds until the queued updates' latency cap passes; None when none are queued."""
+        return self._batch.due_in()
+
+    def flush_batch(self, *, force: bool = False) -> None:
+        """Group commit: hand the queued updates to the aggregator together once the batch is full, or its
+        latency cap has passed and nothing else waits in the inbox (``force``: now); then send their receipts."""
+        batch = self._batch
+        if not len(batch) or not (force or batch.full or (batch.due() and self.inbox.pending() == 0)):
+            return
+        queued = batch.drain()
+        answers = self.aggregator.handle_updates([IncomingUpdate(blob=q.blob, topic_sender=q.device) for q in queued])
+        for q, handled in zip(queued, answers):
+            self.send_receipt(q.device, handled, arrived=q.arrived)
+        self.on_tick()  # a quorum may have just been reached
+
     def handle_update(self, blob: bytes, *, device: str) -> HandledUpdate:
-        """Hand one whole update to the aggregator and send its receipt (none for unauthenticated input)."""
+        """Hand one whole update to the aggregator at once (no batch) and send its receipt."""
         handled = self.aggregator.handle_update(blob, topic_device=device)
-        if handled.receipt is not None:
-            self.publish(self.layout.device_receipt(device), handled.receipt)
-        self.metrics.update_handled(handled, arrived=self.arrived)
+        self.send_receipt(device, handled, arrived=self.arrived)
         self.on_tick()  # a quorum may have just been reached
         return handled
 
+    def send_receipt(self, device: str, handled: HandledUpdate, *, arrived: float | None) -> None:
+        """Publish a handled update's signed receipt (none for unauthenticated input) and record its metrics."""
+        if handled.receipt is not None:
+            self.publish(self.layout.device_receipt(device), handled.receipt)
+        self.metrics.update_handled(handled, arrived=arrived)
+
+    def _switch_for(self, blob: bytes) -> bool:
+        """A root model names another bundle version: adopt it if its bundle is in the library (True), else
+        keep the model and fetch that version (a release carries it); the round starts once it is here."""
+        if self.follower is None:
+            return False
+        try:
+            version = verified_model_header(blob, trusted_signers=self.aggregator.config.root_verify_key).bundle_version
+        except FedgeError:
+            return False
+        if self.follower.library.get(version) is None:
+            if self._waiting_model is None:
+                logger.warning("region %s: the root runs bundle v%d, which is not here yet; fetching it", self.region,
+                               version)
+            self._waiting_model = (blob, version)
+            self.follower.want(version)
+            return False
+        self._waiting_model = None
+        self.aggregator.adopt(self.follower.library.config_for(self.aggregator.config, version))
+        self.metrics.bundle_version.set(version)
+        return True
+
     def on_tick(self) -> None:
-        """Expire stale chunks; close the round when it should close; resend an unanswered aggregate when due."""
+        """Expire stale chunks; follow releases (a root model waiting for its bundle is taken once it is here);
+        close the round when it should close; resend an unanswered aggregate when due."""
         self._reassembler.expire()
+        if self.follower is not None:
+            self.follower.step()
+            waiting = self._waiting_model
+            if waiting is not None and self.follower.library.get(waiting[1]) is not None:
+                self._waiting_model = None
+                self.handle_root_model(waiting[0])
         if self.aggregator.should_close():
             self.forward_aggregate()
         elif self._resend_at is not None and self._clock() >= self._resend_at:

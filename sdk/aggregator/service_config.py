@@ -28,8 +28,10 @@ from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
 from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
 from device_agent.protocol.headers import MAX_CANDIDATES
+from device_agent.release.settings import ReleaseSettings
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
+from sdk.aggregator.batching import BatchLimits
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.root import RootConfig
@@ -88,6 +90,8 @@ class LoopSettings:
     opened: ``sender_rate_per_s`` messages per second with bursts of
     ``sender_burst`` (None: sized to the model, enough for a chunked update and
     a resend), and ``max_pending_bytes`` over everything waiting (docs/aggregation.md, "Floods").
+    Group commit: up to ``batch_max_updates`` queued updates are committed together, waiting at most
+    ``batch_max_wait_s`` for more (1 / 0: one commit per update; docs/aggregation.md, "Group commit").
     """
 
     tick_s: float = 0.2
@@ -97,8 +101,11 @@ class LoopSettings:
     sender_rate_per_s: float = 1.0
     sender_burst: int | None = None
     max_pending_bytes: int = 256 * 1024 * 1024
+    batch_max_updates: int = BatchLimits.max_updates
+    batch_max_wait_s: float = BatchLimits.max_wait_s
 
     def __post_init__(self) -> None:
+        self.batch_limits()  # validates the batch settings
         if not (self.tick_s > 0 and self.flush_every_s > 0):
             raise ValueError("tick_s and flush_every_s must be > 0")
         if not 0 < self.resend_min_s <= self.resend_max_s:
@@ -109,6 +116,10 @@ class LoopSettings:
             raise ValueError("sender_burst must be >= 1 or None")
         if self.max_pending_bytes < 1:
             raise ValueError("max_pending_bytes must be >= 1")
+
+    def batch_limits(self) -> BatchLimits:
+        """The group-commit limits of the regional service's update batches."""
+        return BatchLimits(max_updates=self.batch_max_updates, max_wait_s=self.batch_max_wait_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,9 +149,26 @@ def check_listen_address(bind: str, port: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServiceRelease:
+    """The ``[release]`` table: follow the fleet's releases (docs/rollout.md).
+
+    ``settings``: the TUF trust anchor (``root_file``) and download pacing.
+    ``library``: where verified bundles are kept (default ``<store>.bundles``);
+    ``state_dir``: the release client's metadata and downloads (``<store>.release``).
+    ``bundle`` and ``fleet_public_key``: the configured bundle and the key bundles must be signed with.
+    """
+
+    settings: ReleaseSettings
+    library: Path
+    state_dir: Path
+    bundle: Path
+    fleet_public_key: Path
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegionalServiceConfig:
     """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop,
-    metrics endpoint (None: none)."""
+    metrics endpoint (None: none), and (``release``; None: the configured bundle for good) how it follows releases."""
 
     aggregator: RegionalConfig
     store: Path
@@ -148,6 +176,7 @@ class RegionalServiceConfig:
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
     metrics: MetricsSettings | None = None
+    release: ServiceRelease | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +192,7 @@ class RootServiceConfig:
     metrics: MetricsSettings | None = None
     bundle: Path
     fleet_public_key: Path
+    release: ServiceRelease | None = None
 
 
 def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
@@ -188,9 +218,11 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
     broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
     loop = _loop(top)
     metrics = _metrics(top)
+    release = _release(top, store=store, bundle=agg.path("bundle"), fleet_public_key=agg.path("fleet_public_key"))
     agg.done()
     top.done()
-    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics)
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                                 release=release)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:
@@ -216,10 +248,11 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
     broker = _broker(top, default_client_id=f"fedge-{fleet}-root-{member}")
     loop = _loop(top)
     metrics = _metrics(top)
+    release = _release(top, store=store, bundle=bundle, fleet_public_key=agg.path("fleet_public_key"))
     agg.done()
     top.done()
     return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
-                             bundle=bundle, fleet_public_key=agg.path("fleet_public_key"))
+                             bundle=bundle, fleet_public_key=agg.path("fleet_public_key"), release=release)
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -357,6 +390,9 @@ def _loop(top: TomlTable) -> LoopSettings:
     table = top.section("service")
     defaults = LoopSettings()
     resend_min_s = table.number("resend_min_s", defaults.resend_min_s, positive=True)
+    batch_wait_s = table.number("batch_max_wait_s", defaults.batch_max_wait_s, minimum=0.0)
+    if batch_wait_s > 1.0:
+        raise table.error("batch_max_wait_s", f"must be at most 1 s (a receipt waits that long), got {batch_wait_s}")
     settings = _build(table, "resend_max_s", LoopSettings, dict(
         tick_s=table.number("tick_s", defaults.tick_s, positive=True),
         flush_every_s=table.number("flush_every_s", defaults.flush_every_s, positive=True),
@@ -365,6 +401,8 @@ def _loop(top: TomlTable) -> LoopSettings:
         sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
         sender_burst=table.integer("sender_burst", None, minimum=1),
         max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
+        batch_max_updates=table.integer("batch_max_updates", defaults.batch_max_updates, minimum=1, maximum=4096),
+        batch_max_wait_s=batch_wait_s,
     ))
     table.done()
     return settings
@@ -381,6 +419,25 @@ def _metrics(top: TomlTable) -> MetricsSettings | None:
     ))
     table.done()
     return settings
+
+
+def _release(top: TomlTable, *, store: Path, bundle: Path, fleet_public_key: Path) -> ServiceRelease | None:
+    """``[release]``: absent, the service runs its configured bundle for good."""
+    table = top.optional_table("release")
+    if table is None:
+        return None
+    settings = _build(table, "root_file", ReleaseSettings, dict(
+        root_file=table.path("root_file", must_exist=True),
+        window=table.integer("window", 8, minimum=1, maximum=64),
+        chunks_per_s=table.number("chunks_per_second", 100.0, positive=True),
+        chunk_timeout_s=table.number("chunk_timeout_s", 15.0, positive=True),
+        settle_s=table.number("settle_s", 0.5, minimum=0.0),
+        recheck_s=table.number("recheck_s", 300.0, positive=True),
+    ))
+    library = table.path("library", store.with_name(store.name + ".bundles"))
+    table.done()
+    return ServiceRelease(settings=settings, library=library, state_dir=store.with_name(store.name + ".release"),
+                          bundle=bundle, fleet_public_key=fleet_public_key)
 
 
 def _key(table: TomlTable, key: str, load: Callable[[Path], _K]) -> _K:

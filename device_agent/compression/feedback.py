@@ -11,7 +11,7 @@ subtraction is exact in float64; stochastic rounding is unbiased but its
 residual is exact only up to float64 rounding.
 
 The residual is kept in float64: the device's persisted state holds it
-(named arrays, backend-neutral, :mod:`device_agent.compression.residual_file`).
+(named float64 arrays, backend-neutral: :class:`device_agent.state_store.ResidualFile`).
 """
 
 from __future__ import annotations
@@ -94,3 +94,26 @@ def _compress_one(corrected: np.ndarray, spec: CompressionSpec, rng: np.random.G
 def decoded_values(tensors: Mapping[str, CompressedTensor | np.ndarray]) -> dict[str, np.ndarray]:
     """What an aggregator decodes ``tensors`` to: dense arrays by name."""
     return {n: t.to_dense() if isinstance(t, CompressedTensor) else np.array(t) for n, t in tensors.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResidualState:
+    """The device's error-feedback memory after sealing ``round`` of bundle ``bundle_version``.
+
+    ``before``: the residual that round started from; ``after``: what it left
+    for the next. Keeping both makes a re-seal of the same round after a crash
+    (the trainer saved, the update not yet sealed) start from the same residual.
+    """
+
+    bundle_version: int
+    round: int
+    before: dict[str, np.ndarray]
+    after: dict[str, np.ndarray]
+
+
+def residual_for(state: ResidualState | None, *, bundle_version: int, round: int) -> dict[str, np.ndarray] | None:
+    """The residual to add to ``round``'s delta: ``after`` of an earlier round, ``before`` of this one
+    (a re-seal), None for another bundle, nothing saved, or a saved round after ``round``."""
+    if state is None or state.bundle_version != bundle_version or state.round > round:
+        return None
+    return state.before if state.round == round else state.after

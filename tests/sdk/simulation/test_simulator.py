@@ -170,3 +170,25 @@ def test_hierarchy_with_a_personal_head_mixes_only_the_trunk(bundle_factory, fle
     # with its own head every device does far better than chance with any tier's trunk; the served mix is best on average
     assert min(np.mean(list(a.values())) for a in (last.global_accuracy, last.regional_accuracy, last.personalised_accuracy)) > 0.5
     assert last.mean_accuracy >= np.mean(list(last.global_accuracy.values())) - 0.02
+
+
+def test_simulator_compressed_traffic_uses_the_device_codec_and_still_learns(bundle_factory, fleet_key, tmp_path, skewed_digits):
+    from device_agent.compression import CompressionSpec
+
+    plain = _simulator(bundle_factory, fleet_key, tmp_path, skewed_digits, "fedavg").run()
+    squeezed = _simulator(bundle_factory, fleet_key, tmp_path / "c", skewed_digits, "fedavg",
+                          compression=CompressionSpec.parse("topk:0.3+q4"),
+                          downlink_compression=CompressionSpec.parse("q4")).run()
+    up = [r.bytes_up_per_device for r in squeezed.rounds]
+    down = [r.bytes_down_per_device for r in squeezed.rounds]
+    assert max(up) * 8 < min(r.bytes_up_per_device for r in plain.rounds)
+    assert max(down) * 7 < min(r.bytes_down_per_device for r in plain.rounds)
+    assert squeezed.mean_final_accuracy >= ALGORITHMS["fedavg"][3]
+    assert abs(squeezed.mean_final_accuracy - plain.mean_final_accuracy) < 0.1
+
+
+def test_simulator_refuses_a_compressed_downlink_it_does_not_model(bundle_factory, fleet_key, tmp_path, skewed_digits):
+    from device_agent.compression import CompressionSpec
+
+    with pytest.raises(ValueError, match="downlink_compression"):
+        SimulationConfig(rounds=1, fomo_candidates=2, downlink_compression=CompressionSpec.parse("q8"))

@@ -164,7 +164,7 @@ def settings(profile: Profile = "full") -> dict[str, AccuracySetting]:
 
 
 
-COMPRESSED_RUNS = (("q8", "q8"), ("q4", "q4"), ("topk:0.3+q4", "q4"), ("topk:0.5+q4", "topk:0.5+q4"), ("topk:0.1+q8", "none"))
+COMPRESSED_RUNS = (("q8", "q8"), ("q4", "q4"), ("topk:0.3+q4", "q4"), ("topk:0.1+q8", "none"))
 """(up, down) pairs the compression settings compare with full float32."""
 
 
@@ -187,8 +187,10 @@ def _compress_settings(quick: bool, watch_common: dict[str, Any]) -> list[Accura
         ),
         AccuracySetting(
             name="fmnist-compress", title="Fashion-MNIST Dir(0.1), 20 clients: compressed vs full float32 traffic",
-            dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 15, epochs=1, batch_size=32, learning_rate=0.001,
-            optimizer="adamw", subsample=0.05 if quick else 0.5, runs=runs, notes=(note,),
+            dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 10, epochs=1, batch_size=32, learning_rate=0.001,
+            optimizer="adamw", subsample=0.05 if quick else 0.1, runs=runs[:4],
+            notes=(note, "Smaller than the fmnist setting (10 rounds on 10% of the images) so that it fits a shared 2-core"
+                         " machine; the last compressed pair of watch-compress is left out for the same reason."),
         ),
     ]
 

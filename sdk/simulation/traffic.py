@@ -10,7 +10,8 @@ docs/protocol.md): the server keeps its true model ``G`` and the model the
 devices hold, ``H``; after each round it sends ``C(G - H)`` and every device
 adds the decoded values, so ``G - H`` is the server's error-feedback residual
 (error feedback on both directions, as in Tang et al., "DoubleSqueeze",
-ICML 2019). Devices train from ``H``. Bytes are the encoded tensor payload
+ICML 2019). Devices train from ``H``; the first message is a delta against
+the bundle's initial weights (the device has them). Bytes are the encoded tensor payload
 (the envelope adds a fixed ~0.5 KB per message on top).
 """
 
@@ -49,8 +50,11 @@ class Downlink:
         self.spec = spec
         self.held: ParameterDict = {n: np.array(v, dtype=np.float32) for n, v in initial.items()}
         self._full = len(encode_tensors(self.held))
-        #: bytes of the last model message per device (the first one carries the whole model).
+        #: bytes of the last model message per device. Uncompressed, every message is the whole model; compressed,
+        #: the first is a delta against the bundle's initial weights, which every device installed with the bundle.
         self.last_bytes = self._full
+        if spec.enabled:
+            self.publish(self.held)
 
     def publish(self, target: Mapping[str, np.ndarray]) -> ParameterDict:
         """Move the held model towards ``target`` (the server's true model); returns the new held model."""

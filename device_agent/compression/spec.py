@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agent.compression.quantise import QMAX, QuantisedBlocks
+from device_agent.compression.quantise import QMAX, QuantisedBlocks, dequantise
 
 DEFAULT_BLOCK = 256
 MAX_BLOCK = 1 << 16
@@ -106,8 +106,6 @@ class CompressedTensor:
 
     def to_dense(self) -> np.ndarray:
         """The float32 tensor this stands for (zeros where nothing was sent)."""
-        from device_agent.compression.quantise import dequantise
-
         values = dequantise(self.values) if isinstance(self.values, QuantisedBlocks) else np.asarray(self.values, np.float32)
         if self.indices is None:
             return values.reshape(self.shape).copy()

@@ -36,7 +36,7 @@ from enum import Enum
 
 import numpy as np
 
-from device_agent.compression import CompressionSpec, compress_delta, residual_for
+from device_agent.compression import CompressedTensor, CompressionSpec, compress_delta, residual_for
 from device_agent.compression.feedback import ResidualState
 from device_agent.daemon.agent_state import AgentProgress, AgentStateFiles, SealedUpdate
 from device_agent.daemon.backoff import Backoff
@@ -331,7 +331,8 @@ class DeviceAgent:
         self.state.save_pending(sealed)
         return sealed
 
-    def _compress(self, update: LocalUpdate) -> tuple[dict, str]:
+    def _compress(self, update: LocalUpdate) -> tuple[dict[str, np.ndarray | CompressedTensor], str]:
+        """What to seal and its encoding: the float32 delta, or the bundle's compression with error feedback."""
         if not self.compression.enabled:
             return update.delta, self.config.encoding.value
         before = residual_for(self._residual.load(), bundle_version=self._bundle_version, round=update.round_number)

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +44,7 @@ from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidat
 from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
+from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.candidates import CandidatePool
 from device_agent.release.carry import carry_parameters
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
@@ -246,12 +247,18 @@ class RegionalAggregator(AggregatorTier):
         ``topic_device``: the device id from the topic it arrived on (None:
         unchecked); an update signed by another device is refused as ``auth``.
         """
-        handled = self._intake.handle(blob, topic_sender=topic_device)
+        return self.handle_updates([IncomingUpdate(blob=blob, topic_sender=topic_device)])[0]
+
+    def handle_updates(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
+        """:meth:`handle_update` for several updates with one commit (group commit, docs/aggregation.md):
+        one answer per item, in order; no receipt of the batch exists before every accepted update is durable."""
+        answers = self._intake.handle_batch(items)
         record = self._intake.record
-        if self._regional.fomo_candidates and handled.delta is not None and handled.header is not None \
-                and record is not None and record.round == handled.header.round:
-            self.candidates.record(handled.header.sender, record.round, apply_delta(record.base_params, handled.delta))
-        return handled
+        if self._regional.fomo_candidates and record is not None:
+            for handled in answers:
+                if handled.delta is not None and handled.header is not None and record.round == handled.header.round:
+                    self.candidates.record(handled.header.sender, record.round, apply_delta(record.base_params, handled.delta))
+        return answers
 
     @property
     def fomo_enabled(self) -> bool:

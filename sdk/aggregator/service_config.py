@@ -31,6 +31,7 @@ from device_agent.protocol.headers import MAX_CANDIDATES
 from device_agent.release.settings import ReleaseSettings
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
+from sdk.aggregator.batching import BatchLimits
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.root import RootConfig
@@ -89,6 +90,8 @@ class LoopSettings:
     opened: ``sender_rate_per_s`` messages per second with bursts of
     ``sender_burst`` (None: sized to the model, enough for a chunked update and
     a resend), and ``max_pending_bytes`` over everything waiting (docs/aggregation.md, "Floods").
+    Group commit: up to ``batch_max_updates`` queued updates are committed together, waiting at most
+    ``batch_max_wait_s`` for more (1 / 0: one commit per update; docs/aggregation.md, "Group commit").
     """
 
     tick_s: float = 0.2
@@ -98,8 +101,11 @@ class LoopSettings:
     sender_rate_per_s: float = 1.0
     sender_burst: int | None = None
     max_pending_bytes: int = 256 * 1024 * 1024
+    batch_max_updates: int = BatchLimits.max_updates
+    batch_max_wait_s: float = BatchLimits.max_wait_s
 
     def __post_init__(self) -> None:
+        self.batch_limits()  # validates the batch settings
         if not (self.tick_s > 0 and self.flush_every_s > 0):
             raise ValueError("tick_s and flush_every_s must be > 0")
         if not 0 < self.resend_min_s <= self.resend_max_s:
@@ -110,6 +116,10 @@ class LoopSettings:
             raise ValueError("sender_burst must be >= 1 or None")
         if self.max_pending_bytes < 1:
             raise ValueError("max_pending_bytes must be >= 1")
+
+    def batch_limits(self) -> BatchLimits:
+        """The group-commit limits of the regional service's update batches."""
+        return BatchLimits(max_updates=self.batch_max_updates, max_wait_s=self.batch_max_wait_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -380,6 +390,9 @@ def _loop(top: TomlTable) -> LoopSettings:
     table = top.section("service")
     defaults = LoopSettings()
     resend_min_s = table.number("resend_min_s", defaults.resend_min_s, positive=True)
+    batch_wait_s = table.number("batch_max_wait_s", defaults.batch_max_wait_s, minimum=0.0)
+    if batch_wait_s > 1.0:
+        raise table.error("batch_max_wait_s", f"must be at most 1 s (a receipt waits that long), got {batch_wait_s}")
     settings = _build(table, "resend_max_s", LoopSettings, dict(
         tick_s=table.number("tick_s", defaults.tick_s, positive=True),
         flush_every_s=table.number("flush_every_s", defaults.flush_every_s, positive=True),
@@ -388,6 +401,8 @@ def _loop(top: TomlTable) -> LoopSettings:
         sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
         sender_burst=table.integer("sender_burst", None, minimum=1),
         max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
+        batch_max_updates=table.integer("batch_max_updates", defaults.batch_max_updates, minimum=1, maximum=4096),
+        batch_max_wait_s=batch_wait_s,
     ))
     table.done()
     return settings

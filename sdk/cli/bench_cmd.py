@@ -49,24 +49,31 @@ def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> t
     return counts
 
 
-@bench.command("aggregator", epilog=examples("fedge bench aggregator --updates 50,200"))
-@click.option("--updates", default="50,200", show_default=True, callback=_updates_list,
+@bench.command("aggregator", epilog=examples("fedge bench aggregator", "fedge bench aggregator --updates 100 --repeats 1 --paths durable,memory"))
+@click.option("--updates", default="400", show_default=True, callback=_updates_list,
               help="Comma-separated numbers of sealed updates per round (one row each).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per path; the median is reported.")
-@click.option("--no-memory", is_flag=True, help="Skip the in-memory streaming path (no SQLite).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True)
-def aggregator(updates: tuple[int, ...], repeats: int, no_memory: bool, out: Path) -> None:
-    """Regional aggregator, 100k-parameter model: streaming + SQLite vs keeping every delta; updates/s and peak RSS."""
+@click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Updates per group commit in the durable paths (the service's batch_max_updates).")
+@click.option("--paths", default="durable,memory,naive,unbatched,members", show_default=True,
+              help="Comma-separated paths to run; durable and memory are required.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True,
+              help="JSON results; a PNG chart is written next to it.")
+def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, out: Path) -> None:
+    """Regional aggregator, 100k-parameter model: durable (group commit) vs in memory, 2 members vs 1, per-part costs."""
     from tqdm import tqdm
 
-    from sdk.bench.aggregator_bench import PATHS, format_table, run_aggregator_bench, write_json
+    from sdk.bench.aggregator_bench import PATHS, REQUIRED_PATHS, format_table, run_aggregator_bench, write_json, write_png
 
-    paths = tuple(p for p in PATHS if not (no_memory and p == "memory"))
+    chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
+    if not set(REQUIRED_PATHS) <= set(chosen) or not set(chosen) <= set(PATHS):
+        raise click.BadParameter(f"choose from {', '.join(PATHS)}, including {' and '.join(REQUIRED_PATHS)}", param_hint="--paths")
     with tqdm(total=repeats * len(updates), desc="aggregator bench", unit="round") as bar:
-        rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=paths, progress=bar.update)
+        rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=chosen, batch=batch, progress=bar.update)
     click.echo(format_table(rows))
     write_json(rows, out)
-    click.echo(f"wrote {out}")
+    write_png(rows, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 @bench.command("round", epilog=examples("fedge bench round --devices 50", "fedge bench round --devices 10 --repeats 1 --no-tmpfs"))

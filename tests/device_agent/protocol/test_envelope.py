@@ -67,6 +67,20 @@ def test_envelope_seal_uses_fresh_ephemeral_keys(make_header: HeaderFactory, ten
     assert one != two
 
 
+def test_envelope_digest_names_the_content_not_the_sealing(make_header: HeaderFactory, tensors: dict[str, np.ndarray],
+                                                           region_key: X25519PrivateKey, device_key: Ed25519PrivateKey,
+                                                           senders: dict[str, Any]) -> None:
+    header = make_header()
+    def sealed_copy(values: dict[str, np.ndarray]) -> bytes:
+        return seal_update(header, values, recipient_public_key=region_key.public_key(), sender_key=device_key)
+    one, resealed = sealed_copy(tensors), sealed_copy(tensors)  # fresh ephemeral keys: other ciphertext
+    other = sealed_copy({name: value + 1 for name, value in tensors.items()})
+    digests = [_open(blob, region_key, senders, with_digest=True).digest for blob in (one, resealed, other)]
+    assert one != resealed and digests[0] == digests[1] != digests[2]
+    assert digests[0] is not None and len(digests[0]) == 32
+    assert _open(one, region_key, senders).digest is None  # only computed when asked for
+
+
 def test_envelope_ciphertext_hides_the_tensors(sealed: bytes, tensors: dict[str, np.ndarray]) -> None:
     assert tensors["base.0.weight"].tobytes()[:8] not in sealed and b"base.0.weight" not in sealed
 

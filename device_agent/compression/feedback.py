@@ -3,7 +3,9 @@
 ``corrected = delta + residual`` (float64), ``sent = C(corrected)``,
 ``residual' = corrected - decoded(sent)``. So ``decoded(sent) + residual' ==
 corrected`` and, over rounds, what was sent plus the last residual equals the
-sum of the true deltas: nothing is lost, only delayed (Seide et al., 2014;
+sum of the true deltas (up to the float64 rounding of ``delta + residual``,
+none at all for deltas on a common binary grid, which the tests use to check
+it bit for bit): nothing is lost, only delayed (Seide et al., 2014;
 Karimireddy et al., "Error Feedback Fixes SignSGD", ICML 2019; Stich et al.,
 "Sparsified SGD with Memory", NeurIPS 2018). With round-to-nearest
 power-of-two quantisation (:mod:`.quantise`) and top-k selection the

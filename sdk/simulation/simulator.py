@@ -99,7 +99,10 @@ class SimulationConfig:
     ``federated=False`` is the local-only baseline: devices train on their own
     data every round and nothing is aggregated. ``validation_fraction``: the
     share of a client's training examples held out as its validation split
-    when the data has none (0: make none).
+    when the data has none (0: make none). ``compression``: how devices
+    compress their deltas (the device's own code, error feedback);
+    ``downlink_compression``: how the server sends model deltas down
+    (simulated, flat averaging only): :mod:`sdk.simulation.traffic`.
     """
 
     rounds: int
@@ -135,6 +138,8 @@ class SimulationConfig:
             raise ValueError("finetune_epochs must be >= 0")
         if self.hierarchy is not None and (self.fomo_candidates is not None or not self.federated):
             raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
+        if self.compression.enabled and self.fomo_candidates is not None:
+            raise ValueError("compression applies to averaged deltas; FedFomo uploads whole models")
         if self.downlink_compression.enabled and (self.hierarchy is not None or self.fomo_candidates is not None):
             raise ValueError("downlink_compression is simulated for flat averaging only")
 
@@ -240,6 +245,7 @@ class FederatedSimulator:
             )
             if cfg.fomo_candidates is not None:
                 self._uploads[cid] = self._trainers[cid].get_shared()
+                sent.append(self._downlink.full_bytes)  # FedFomo uploads the whole shared model, uncompressed
             elif cfg.federated:
                 decoded, size = self._uplink.send(cid, update.delta)
                 sent.append(size)

@@ -49,10 +49,11 @@ class Downlink:
     def __init__(self, initial: Mapping[str, np.ndarray], spec: CompressionSpec = NO_COMPRESSION) -> None:
         self.spec = spec
         self.held: ParameterDict = {n: np.array(v, dtype=np.float32) for n, v in initial.items()}
-        self._full = len(encode_tensors(self.held))
+        #: bytes of the whole model in float32 (what a FedFomo upload or an uncompressed model message costs)
+        self.full_bytes = len(encode_tensors(self.held))
         #: bytes of the last model message per device. Uncompressed, every message is the whole model; compressed,
         #: the first is a delta against the bundle's initial weights, which every device installed with the bundle.
-        self.last_bytes = self._full
+        self.last_bytes = self.full_bytes
         if spec.enabled:
             self.publish(self.held)
 
@@ -60,7 +61,7 @@ class Downlink:
         """Move the held model towards ``target`` (the server's true model); returns the new held model."""
         if not self.spec.enabled:
             self.held = {n: np.array(v, dtype=np.float32) for n, v in target.items()}
-            self.last_bytes = self._full
+            self.last_bytes = self.full_bytes
             return self.held
         gap = {n: np.asarray(target[n], np.float64) - self.held[n] for n in self.held}
         out = compress_delta({n: np.zeros(v.shape, np.float32) for n, v in gap.items()}, gap, self.spec)

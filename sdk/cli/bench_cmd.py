@@ -156,8 +156,8 @@ def fleet(ctx: click.Context, devices: int, regions: int, rounds: int, agents: i
     "fedge bench accuracy --report-only --out docs/results",
     "fedge bench accuracy --data ./my-clients --model mymodels:Net --personal head --out ./my-results"))
 @click.option("--setting", "names", multiple=True,
-              help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long."
-                   " Default: all but fmnist-long, or none when --data is given.")
+              help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long, watch-compress, fmnist-compress."
+                   " Default: all but fmnist-long and the two -compress ones, or none when --data is given.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, help=DATA_HELP.replace(" Replaces --dataset.", ""))
 @click.option("--name", default=None, help="--data: the setting's name, used for the output files (default: the folder's name).")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="--data: number of classes (default: largest label + 1).")

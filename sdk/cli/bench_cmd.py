@@ -76,6 +76,23 @@ def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, o
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+@bench.command("contributors", epilog=examples("fedge bench contributors", "fedge bench contributors --devices 1000"))
+@click.option("--devices", default="1000,10000,100000", show_default=True, callback=_updates_list,
+              help="Comma-separated numbers of devices each of two children lists (one row each).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/contributors.json"), show_default=True)
+def contributors(devices: tuple[int, ...], out: Path) -> None:
+    """A middle tier taking two children's aggregates: the contributor lists' intake, close and size (docs/aggregation.md)."""
+    from tqdm import tqdm
+
+    from sdk.bench.contributors_bench import format_table, run_contributors_bench, write_json
+
+    with tqdm(total=len(devices), desc="contributors bench", unit="N") as bar:
+        rows = run_contributors_bench(devices, progress=bar.update)
+    click.echo(format_table(rows))
+    write_json(rows, out)
+    click.echo(f"wrote {out}")
+
+
 @bench.command("round", epilog=examples("fedge bench round --devices 50", "fedge bench round --devices 10 --repeats 1 --no-tmpfs"))
 @click.option("--devices", type=int, default=50, show_default=True, help="Device clients in the region, all started at once.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating rounds per store variant; the median is reported.")

@@ -25,6 +25,9 @@ class ModelCase:
 MODELS = {
     "mlp": ModelCase(factory="PersonalizedMLP", kwargs=(("in_features", 12), ("hidden", (16,)), ("num_classes", 4)),
                      input_shape=(12,), outputs=4),
+    # base.2.weight (160 x 256) is large enough for its own AdamW update and moments (portable: opt.m@base.2.weight)
+    "mlp-wide": ModelCase(factory="PersonalizedMLP", kwargs=(("in_features", 12), ("hidden", (256, 160)), ("num_classes", 4)),
+                          input_shape=(12,), outputs=4),
     "cnn1d": ModelCase(factory="PersonalizedCNN1D", kwargs=(("in_channels", 3), ("num_classes", 5), ("width", 4)),
                        input_shape=(3, 20), outputs=5),
     "cnn2d": ModelCase(factory="PersonalizedCNN2D", kwargs=(("in_channels", 1), ("num_classes", 10), ("hidden", 16)),

@@ -180,6 +180,8 @@ class BundleManifest:
     artifact_sets: tuple[ArtifactSet, ...]
     files: dict[str, FileEntry] = field(default_factory=dict)
     portable: PortableArtifacts | None = None
+    #: What devices send up: :class:`~device_agent.compression.CompressionSpec` text (None: full float32, the default).
+    compression: str | None = None
 
     @property
     def artifact_kinds(self) -> tuple[ArtifactKind, ...]:
@@ -233,11 +235,13 @@ class BundleManifest:
     def to_json_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed.
 
-        ``portable`` is left out when None, so a format-1 manifest reads as it was written.
+        ``portable`` and ``compression`` are left out when None, so a manifest
+        without them reads (and verifies) as it was written.
         """
         plain = _to_plain(asdict(self))
-        if plain["portable"] is None:
-            del plain["portable"]
+        for optional in ("portable", "compression"):
+            if plain[optional] is None:
+                del plain[optional]
         return json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
 
 

@@ -43,6 +43,7 @@ from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.keys import TrustedKeys, raw_public_bytes, trusted_key_map
 from device_agent.protocol._frame import SIGNATURE_BYTES, Frame, frame_prefix, sign_frame, split_frame, verify_frame
 from device_agent.protocol.headers import MAX_HEADER_BYTES, CandidatesHeader, ModelHeader, UpdateHeader
+from device_agent.compression.spec import CompressedTensor
 from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors, encode_tensors
 
 UPDATE_MAGIC = b"FDGU"
@@ -103,13 +104,15 @@ def _cipher(shared: bytes, header: bytes, ephemeral_public: bytes, recipient_pub
 
 def seal_update(
     header: UpdateHeader,
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray | CompressedTensor],
     *,
     recipient_public_key: X25519PublicKey,
     sender_key: Ed25519PrivateKey,
     ephemeral_key: X25519PrivateKey | None = None,
 ) -> bytes:
     """Encode ``tensors`` with ``header.encoding``, encrypt them to the recipient and sign.
+
+    A compressed encoding takes the :class:`CompressedTensor` values ``compress_delta`` made.
 
     ``ephemeral_key`` None means a fresh random key (always, outside known-answer tests).
     """

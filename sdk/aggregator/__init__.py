@@ -16,6 +16,7 @@ argument, the mixing definition and how several processes share a region.
 - :mod:`~sdk.aggregator.batching`: when queued updates are committed together (size and latency caps).
 - :mod:`~sdk.aggregator.tier` / :mod:`~sdk.aggregator.config`: what both tiers share.
 - :mod:`~sdk.aggregator.regional` / :mod:`~sdk.aggregator.root`: the two tiers.
+- :mod:`~sdk.aggregator.middle`: a tier between them (children's aggregates in, one aggregate out), for any depth.
 - :mod:`~sdk.aggregator.candidates`: FedFomo's pool of device models (pure, in memory).
 - :mod:`~sdk.aggregator.outcomes` / :mod:`~sdk.aggregator.errors`: results and errors.
 """
@@ -27,6 +28,7 @@ from sdk.aggregator.candidates import Candidate, CandidatePool
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.errors import AggregatorError, ModelRejectedError, RoundStateError, StoreError
 from sdk.aggregator.forwarding import ForwardAnswer
+from sdk.aggregator.middle import MiddleAggregator, MiddleConfig
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate, IntakeReason, Verdict
 from sdk.aggregator.regional import CandidateAnswer, RegionalAggregate, RegionalAggregator, RegionalConfig
 from sdk.aggregator.root import RootAggregator, RootConfig
@@ -47,6 +49,8 @@ __all__ = [
     "HandledUpdate",
     "IncomingUpdate",
     "IntakeReason",
+    "MiddleAggregator",
+    "MiddleConfig",
     "ModelRejectedError",
     "RegionalAggregate",
     "RegionalAggregator",

@@ -309,7 +309,7 @@ class UpdateIntake(RoundCache):
             raise
         check_round_total(round_samples, admission)
         if admission.contributors is not None:
-            self._claim_contributors(header.round, header.sender, [d for d, _ in admission.contributors])
+            self._claim_contributors(header.round, header.sender, admission.contributors)
         acceptance = Acceptance(sender=header.sender, round=header.round, nonce=header.nonce, digest=digest,
                                 sample_count=header.sample_count, weight=admission.weight, norm=admission.norm)
         return self._store.insert_acceptance(acceptance, delta=None if self._rule is not None else opened.tensors)
@@ -325,9 +325,10 @@ class UpdateIntake(RoundCache):
             logger.debug("%s round %d: sample count %d weighs %d (the round's cap)", header.sender, header.round,
                          header.sample_count, admission.samples)
 
-    def _claim_contributors(self, round: int, region: str, devices: list[str]) -> None:
-        """Root: record ``region``'s devices for ``round``; device_overlap when another region counted one already."""
-        elsewhere = self._store.counted_elsewhere(round, devices, region)
+    def _claim_contributors(self, round: int, region: str, devices: Sequence[tuple[str, int]]) -> None:
+        """Root or middle tier: record ``region``'s (device, weight) pairs for ``round``; device_overlap when another
+        region counted one of those devices already."""
+        elsewhere = self._store.counted_elsewhere(round, [d for d, _ in devices], region)
         if elsewhere:
             pairs = ", ".join(f"{device} (counted by {other})" for device, other in sorted(elsewhere.items())[:10])
             logger.error("round %d: %s's aggregate counts %d device(s) another region already counted: %s; refused",

@@ -32,6 +32,7 @@ from device_agent.release.settings import ReleaseSettings
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 from sdk.aggregator.batching import BatchLimits
+from sdk.aggregator.middle import MiddleConfig
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.root import RootConfig
@@ -205,8 +206,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         fleet=fleet,
         region=region,
         device_keys=_public_keys_dir(agg, "device_keys_dir", what="device"),
-        root_verify_key=_key(agg, "root_verify_key", load_verify_key),
-        root_encryption_key=_key(agg, "root_encryption_key", load_recipient_key),
+        **_parent(agg),
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
         fomo_candidates=agg.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),
         aggregation=_aggregation(top),
@@ -457,3 +457,48 @@ def _public_keys_dir(table: TomlTable, key: str, *, what: str) -> KeyRegistry:
         return KeyRegistry(directory, what=what)
     except RegistryError as exc:
         raise table.error(key, str(exc)) from exc
+
+
+def load_middle_service_config(path: str | Path) -> RegionalServiceConfig:
+    """Read and validate a middle tier's TOML file (docs/aggregation.md, "Any depth"): a regional file whose
+    ``[aggregator]`` names ``child_keys_dir`` instead of ``device_keys_dir`` and has no FedFomo, ``[aggregation]``
+    or ``[influence]``; ``round.quorum`` defaults to the number of children."""
+    top = _open_toml(Path(path))
+    agg = top.table("aggregator")
+    fleet, region = agg.identifier("fleet"), agg.identifier("region")
+    manifest = _manifest(agg)
+    children = _public_keys_dir(agg, "child_keys_dir", what="child tier")
+    config = _build(agg, "regional_weight", MiddleConfig, dict(
+        fleet=fleet,
+        region=region,
+        device_keys=children,
+        **_parent(agg),
+        regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
+        **_common(top, agg, manifest, default_quorum=max(1, len(children))),
+    ))
+    store = agg.path("store")
+    member = agg.string("member", "main")
+    broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
+    loop = _loop(top)
+    metrics = _metrics(top)
+    release = _release(top, store=store, bundle=agg.path("bundle"), fleet_public_key=agg.path("fleet_public_key"))
+    agg.done()
+    top.done()
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                                 release=release)
+
+
+def _parent(agg: TomlTable) -> dict[str, Any]:
+    """The tier above: ``parent`` (its id; absent: the root) and its keys, ``parent_verify_key`` and
+    ``parent_encryption_key`` or, the names two-level files use, ``root_verify_key`` and ``root_encryption_key``."""
+    parent = agg.string("parent", None)
+    if parent is not None:
+        parent = agg.identifier("parent")
+    keys: dict[str, Any] = {"parent": parent}
+    for field_name, new_name, load in (("root_verify_key", "parent_verify_key", load_verify_key),
+                                       ("root_encryption_key", "parent_encryption_key", load_recipient_key)):
+        given = [name for name in (new_name, field_name) if agg.value(name, None) is not None]
+        if len(given) == 2:
+            raise agg.error(new_name, f"give {new_name} or {field_name}, not both")
+        keys[field_name] = _key(agg, given[0] if given else new_name, load)
+    return keys

@@ -37,7 +37,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -318,6 +318,14 @@ class AggregatorStore:
         rows = self._conn.execute("SELECT sender, weight FROM accepted WHERE round = ? ORDER BY sender", (round,))
         return [(sender, int(weight)) for sender, weight in rows]
 
+    def counted_contributors(self, round: int) -> list[tuple[str, int]]:
+        """(device, weight) of every device the children's aggregates counted in ``round``, sorted by device (a middle
+        tier's own contributor list); StoreError when a row predates the weights (schema version 2)."""
+        rows = self._conn.execute("SELECT device, weight FROM contributors WHERE round = ? ORDER BY device", (round,)).fetchall()
+        if any(weight is None for _, weight in rows):
+            raise StoreError(f"round {round}'s contributor rows carry no weights (written before schema version 3)")
+        return [(device, int(weight)) for device, weight in rows]
+
     def counted_elsewhere(self, round: int, devices: list[str], region: str) -> dict[str, str]:
         """Of ``devices``, those another region already has counted in ``round``: device -> that region (root)."""
         found: dict[str, str] = {}
@@ -442,11 +450,13 @@ class AggregatorStore:
         )
         return cursor.rowcount == 1
 
-    def insert_contributors(self, round: int, region: str, devices: list[str]) -> None:
-        """Record that ``region`` counted ``devices`` in ``round`` (root); AcceptanceConflict if one is already counted."""
+    def insert_contributors(self, round: int, region: str, devices: Sequence[tuple[str, int]]) -> None:
+        """Record that ``region`` counted ``devices`` ((device, weight) pairs) in ``round``; AcceptanceConflict if one
+        is already counted."""
         try:
-            for device in devices:
-                self._write("INSERT INTO contributors (round, device, region) VALUES (?, ?, ?)", (round, device, region))
+            for device, weight in devices:
+                self._write("INSERT INTO contributors (round, device, region, weight) VALUES (?, ?, ?, ?)",
+                            (round, device, region, weight))
         except sqlite3.IntegrityError as exc:
             raise AcceptanceConflict(f"a device of {region} is already counted in round {round}") from exc
 

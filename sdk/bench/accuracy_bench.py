@@ -89,6 +89,7 @@ def _model_source(setting: AccuracySetting, data):  # type: ignore[no-untyped-de
 
 def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, threads: int = 1) -> dict[str, Any]:
     """Build the run's bundle, simulate it, and return every figure as plain JSON-able data."""
+    from device_agent.compression import CompressionSpec
     from device_agent.trainer import TrainBudget
     from sdk.simulation.runner import BundleTraining, run_algorithm
     from sdk.simulation.simulator import HierarchyConfig, SimulationConfig
@@ -99,6 +100,7 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
         rounds=setting.rounds, budget=TrainBudget(epochs=setting.epochs, batch_size=setting.batch_size),
         participation=setting.participation, straggler_fraction=run.stragglers, straggler_work=setting.straggler_work,
         hierarchy=hierarchy, finetune_epochs=run.finetune_epochs, seed=seed,
+        compression=CompressionSpec.parse(run.compression), downlink_compression=CompressionSpec.parse(run.downlink),
     )
     done = run_algorithm(data, run.algorithm, model=_model_source(setting, data), config=config, fomo_candidates=run.fomo_candidates,
                          training=BundleTraining(learning_rate=setting.learning_rate, optimizer=setting.optimizer, mu=run.mu),

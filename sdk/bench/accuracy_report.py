@@ -19,7 +19,7 @@ from sdk.bench.accuracy_settings import PFLLIB_FMNIST_DIR01, TIE_MARGIN, Accurac
 
 @dataclass(frozen=True, kw_only=True)
 class SummaryRow:
-    """One line of a setting's table: accuracies in [0, 1], bytes per participating device per round."""
+    """One line of a setting's table: accuracies in [0, 1], bytes per participating device per round (mean over rounds)."""
 
     label: str
     personalised_mean: float
@@ -40,8 +40,8 @@ def _row(label: str, acc: dict[str, float], examples: dict[str, int], *, global_
     values = np.array(list(acc.values()))
     total = sum(examples[c] for c in acc)
     pooled = float(sum(acc[c] * examples[c] for c in acc) / total)
-    up = max((r["bytes_up_per_device"] for r in rounds), default=0)
-    down = max((r["bytes_down_per_device"] for r in rounds), default=0)
+    up = float(np.mean([r["bytes_up_per_device"] for r in rounds])) if rounds else 0
+    down = float(np.mean([r["bytes_down_per_device"] for r in rounds])) if rounds else 0
     return SummaryRow(
         label=label, personalised_mean=float(values.mean()), personalised_std=float(values.std()),
         personalised_min=float(values.min()), pooled=pooled,
@@ -121,6 +121,7 @@ def _claims(setting: AccuracySetting, table: dict[str, SummaryRow], by_label: di
             a, p = table[avg].global_mean or 0.0, table[prox].global_mean or 0.0
             out.append(_claim("FedProx beats FedAvg with 90% stragglers (global model, mean per-device test accuracy)",
                               p > a, f"FedProx {p:.4f} vs FedAvg {a:.4f}"))
+    out.extend(_compression_claims(table, by_label))
     hier = [k for k in mean if k.startswith("Hier. FedAvg")]
     flat = table.get("FedAvg")
     if hier and flat is not None:
@@ -128,6 +129,31 @@ def _claims(setting: AccuracySetting, table: dict[str, SummaryRow], by_label: di
         out.append(_claim("hierarchical cluster-aware FedAvg beats flat FedAvg when regions differ (model each device is served)",
                           mean[best] > flat.personalised_mean,
                           f"{best} {mean[best]:.4f} vs flat FedAvg {flat.personalised_mean:.4f}"))
+    return out
+
+
+COMPRESSION_TARGET = 8.0
+"""Issue 12: at least 8x fewer bytes (up + down) per device per round than full float32, at most half a point lost."""
+
+
+def _compression_claims(table: dict[str, SummaryRow], by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each compressed run against the float32 run of the same algorithm (same label before the first comma)."""
+    out = []
+    for label, result in by_label.items():
+        run = result["run"]
+        if run.get("compression", "none") == "none" and run.get("downlink", "none") == "none":
+            continue
+        base = table.get(label.split(",")[0])
+        row = table[label]
+        if base is None or not (row.bytes_up + row.bytes_down):
+            continue
+        ratio = (base.bytes_up + base.bytes_down) / (row.bytes_up + row.bytes_down)
+        up_ratio = base.bytes_up / row.bytes_up if row.bytes_up else math.nan
+        lost = base.personalised_mean - row.personalised_mean
+        out.append(_claim(f"{label}: >= {COMPRESSION_TARGET:g}x fewer bytes than float32 with <= 0.5 points lost",
+                          ratio >= COMPRESSION_TARGET and lost <= TIE_MARGIN,
+                          f"{ratio:.1f}x fewer bytes up + down (up alone {up_ratio:.1f}x); accuracy {100 * row.personalised_mean:.2f}"
+                          f" vs {100 * base.personalised_mean:.2f} ({-100 * lost:+.2f} points)"))
     return out
 
 

@@ -76,6 +76,23 @@ def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, o
     click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
+@bench.command("contributors", epilog=examples("fedge bench contributors", "fedge bench contributors --devices 1000"))
+@click.option("--devices", default="1000,10000,100000", show_default=True, callback=_updates_list,
+              help="Comma-separated numbers of devices each of two children lists (one row each).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/contributors.json"), show_default=True)
+def contributors(devices: tuple[int, ...], out: Path) -> None:
+    """A middle tier taking two children's aggregates: the contributor lists' intake, close and size (docs/aggregation.md)."""
+    from tqdm import tqdm
+
+    from sdk.bench.contributors_bench import format_table, run_contributors_bench, write_json
+
+    with tqdm(total=len(devices), desc="contributors bench", unit="N") as bar:
+        rows = run_contributors_bench(devices, progress=bar.update)
+    click.echo(format_table(rows))
+    write_json(rows, out)
+    click.echo(f"wrote {out}")
+
+
 @bench.command("round", epilog=examples("fedge bench round --devices 50", "fedge bench round --devices 10 --repeats 1 --no-tmpfs"))
 @click.option("--devices", type=int, default=50, show_default=True, help="Device clients in the region, all started at once.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating rounds per store variant; the median is reported.")
@@ -97,13 +114,67 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
+@bench.command("fleet", epilog=examples("fedge bench fleet", "fedge bench fleet --quick",
+                                           "fedge bench fleet --devices 200 --regions 4 --rounds 2 --agents 0"))
+@click.option("--devices", type=click.IntRange(min=1), default=1000, show_default=True, help="Devices in the fleet (real agents included).")
+@click.option("--regions", type=click.IntRange(min=1), default=10, show_default=True, help="Regions, each with its own bridged broker and aggregator.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--agents", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Devices run as real `fedge-agent run` processes (they train); the rest replay pre-sealed updates.")
+@click.option("--generators", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Load-generator processes the lightweight devices are multiplexed over.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Each region's round deadline in seconds (rounds close earlier, at quorum: every device).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1800.0, show_default=True,
+              help="Fail when the rounds take longer than this many seconds in all.")
+@click.option("--quick", is_flag=True, help="20 devices (1 agent), 2 regions, 1 round: a smoke run, not the benchmark.")
+@click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Copy every broker, aggregator, generator and agent log here.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/fleet.json"), show_default=True,
+              help="JSON results; a PNG chart is written next to it.")
+@click.pass_context
+def fleet(ctx: click.Context, devices: int, regions: int, rounds: int, agents: int, generators: int, deadline: float,
+          timeout: float, quick: bool, logs: Path | None, out: Path) -> None:
+    """A whole fleet on this machine through real Mosquitto (root + bridged regional brokers, generated per-device
+    credentials and ACLs), aggregators as separate processes, several rounds: round time, receipt latency, CPU, peak
+    RSS and bytes per process, and what saturates first."""
+    from tqdm import tqdm
+
+    from sdk.bench.fleet_bench import QUICK, FleetBenchConfig, run_fleet_bench
+    from sdk.bench.fleet_report import format_table, summarise, write_json, write_png
+
+    if quick:
+        config = QUICK
+    else:
+        try:
+            config = FleetBenchConfig(devices=devices, regions=regions, rounds=rounds, agents=agents, generators=generators,
+                                      deadline_s=deadline, timeout_s=timeout)
+        except ValueError as exc:
+            raise click.UsageError(str(exc), ctx) from exc
+    with tqdm(total=3 + config.rounds, desc="fleet bench", unit="step") as bar:
+
+        def progress(message: str) -> None:
+            bar.update(1)
+            bar.write(message)
+
+        try:
+            run = run_fleet_bench(config, progress=progress, keep=logs)
+        except RuntimeError as exc:  # a process died or a round did not close: one line, exit 1
+            raise click.ClickException(f"fleet bench failed: {exc}") from exc
+    summary = summarise(run)
+    click.echo(format_table(summary))
+    write_json(summary, out)
+    write_png(summary, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 @bench.command("accuracy", epilog=examples(
     "fedge bench accuracy --quick", "fedge bench accuracy --setting watch --setting synthetic",
     "fedge bench accuracy --report-only --out docs/results",
     "fedge bench accuracy --data ./my-clients --model mymodels:Net --personal head --out ./my-results"))
 @click.option("--setting", "names", multiple=True,
-              help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long."
-                   " Default: all but fmnist-long, or none when --data is given.")
+              help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long, watch-compress, fmnist-compress."
+                   " Default: all but fmnist-long and the two -compress ones, or none when --data is given.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, help=DATA_HELP.replace(" Replaces --dataset.", ""))
 @click.option("--name", default=None, help="--data: the setting's name, used for the output files (default: the folder's name).")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="--data: number of classes (default: largest label + 1).")

@@ -28,7 +28,8 @@ from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from device_agent.bundle.manifest import MAX_PORTABLE_OPSET
-from sdk.portable_graph.decompositions import decomposition_table
+from sdk.portable_graph.decompositions import decomposition_table, lowering_table
+from sdk.portable_graph.graph_passes import clean_up
 from sdk.portable_graph.support import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
         # would share its symbol and be specialised into a fixed batch size.
         with _quiet(), _shared_torchlib_registry(), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*inputs)
+            gm = make_fx(gm, decomposition_table=lowering_table(), tracing_mode="symbolic")(*inputs)
             batch = Dim("batch")
             dynamic: list[Any] = [{0: batch}, {0: batch}] + [None] * (len(inputs) - 2)
             torch.onnx.export(gm, tuple(inputs), os.fspath(path), dynamo=True, opset_version=OPSET, optimize=False,
@@ -55,6 +57,7 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
     except Exception as exc:  # the tracer and exporter raise many types; all mean "cannot express this model"
         raise UnsupportedModelError(f"cannot express the model as a standard ONNX training graph: {_first_line(exc)}") from exc
     proto = onnx.load(os.fspath(path))
+    clean_up(proto)
     check_standard_ops(proto)
     if proto.ir_version > IR_VERSION:
         proto.ir_version = IR_VERSION

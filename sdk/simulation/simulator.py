@@ -56,6 +56,7 @@ from typing import Literal
 import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle
+from device_agent.compression import NO_COMPRESSION, CompressionSpec
 from device_agent.data import ArrayDataSource
 from device_agent.local_round import combine_candidates_fomo, train_local_round
 from device_agent.personalization.fedfomo import exploration_rate, select_candidates, update_affinity
@@ -65,6 +66,7 @@ from sdk.aggregation.mixing import RegionWeighting
 from sdk.datasets.federated import FederatedDataset
 from sdk.datasets.holdout import DEFAULT_VALIDATION_FRACTION, ensure_validation_split
 from sdk.simulation.results import RoundMetrics, SimulationResult
+from sdk.simulation.traffic import Downlink, Uplink
 
 ParameterDict = dict[str, np.ndarray]
 
@@ -97,7 +99,10 @@ class SimulationConfig:
     ``federated=False`` is the local-only baseline: devices train on their own
     data every round and nothing is aggregated. ``validation_fraction``: the
     share of a client's training examples held out as its validation split
-    when the data has none (0: make none).
+    when the data has none (0: make none). ``compression``: how devices
+    compress their deltas (the device's own code, error feedback);
+    ``downlink_compression``: how the server sends model deltas down
+    (simulated, flat averaging only): :mod:`sdk.simulation.traffic`.
     """
 
     rounds: int
@@ -114,6 +119,8 @@ class SimulationConfig:
     finetune_epochs: int = 0
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     seed: int = 0
+    compression: CompressionSpec = NO_COMPRESSION
+    downlink_compression: CompressionSpec = NO_COMPRESSION
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -131,6 +138,10 @@ class SimulationConfig:
             raise ValueError("finetune_epochs must be >= 0")
         if self.hierarchy is not None and (self.fomo_candidates is not None or not self.federated):
             raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
+        if self.compression.enabled and self.fomo_candidates is not None:
+            raise ValueError("compression applies to averaged deltas; FedFomo uploads whole models")
+        if self.downlink_compression.enabled and (self.hierarchy is not None or self.fomo_candidates is not None):
+            raise ValueError("downlink_compression is simulated for flat averaging only")
 
 
 def _full_steps(n: int, budget: TrainBudget) -> int:
@@ -155,7 +166,8 @@ class FederatedSimulator:
         first = next(iter(self._trainers.values()))
         self.global_params = first.get_shared()
         self._shapes = {n: v.shape for n, v in self.global_params.items()}
-        self._bytes_per_update = sum(v.nbytes for v in self.global_params.values())
+        self._uplink = Uplink(config.compression)
+        self._downlink = Downlink(self.global_params, config.downlink_compression)
         # FedFomo server state: every device's latest upload and each device's affinity to its peers.
         # Flat runs treat the whole fleet as one unnamed region whatever the dataset's labels.
         self._region = {c.client_id: (c.region or "") if config.hierarchy is not None else "" for c in dataset.clients}
@@ -181,7 +193,7 @@ class FederatedSimulator:
         """The shared weights device ``cid`` trains from: the global model, or its region's mix."""
         h = self.config.hierarchy
         if h is None:
-            return self.global_params
+            return self._downlink.held
         return mix_regional(self._regional[self._region[cid]], self.global_params, regional_weight=h.regional_weight)
 
     def run_round(self, round_number: int) -> RoundMetrics:
@@ -201,6 +213,8 @@ class FederatedSimulator:
         rules = {r: make_rule(cfg.aggregation, expected_shapes=self._shapes) for r in self._regional}
         samples = dict.fromkeys(self._regional, 0)
         aggregated, dropped = [], {}
+        sent: list[int] = []
+        received = self._downlink.last_bytes
         combined: list[str] = []
         kept_own: list[str] = []
         for index, cid in enumerate(ids):
@@ -231,12 +245,17 @@ class FederatedSimulator:
             )
             if cfg.fomo_candidates is not None:
                 self._uploads[cid] = self._trainers[cid].get_shared()
+                sent.append(self._downlink.full_bytes)  # FedFomo uploads the whole shared model, uncompressed
             elif cfg.federated:
-                rules[region].accumulate(update.delta, float(update.num_examples))
+                decoded, size = self._uplink.send(cid, update.delta)
+                sent.append(size)
+                rules[region].accumulate(decoded, float(update.num_examples))
                 samples[region] += update.num_examples
             aggregated.append(cid)
         if self._averaging():
             self._aggregate(rules, samples, served)
+            if cfg.hierarchy is None:
+                self._downlink.publish(self.global_params)
             for cid, trainer in self._trainers.items():
                 trainer.set_global(self._served(cid), round_number=round_number)
         personal = self._evaluate()
@@ -249,8 +268,8 @@ class FederatedSimulator:
             round_number=round_number, selected=tuple(selected), aggregated=tuple(aggregated), dropped=dropped,
             personalised_accuracy=personal, mean_accuracy=float(np.mean(list(personal.values()))),
             pooled_accuracy=self._pooled(personal), global_accuracy=server, regional_accuracy=regional,
-            bytes_up_per_device=self._bytes_per_update if cfg.federated else 0,
-            bytes_down_per_device=self._bytes_per_update * (cfg.fomo_candidates or 1) if cfg.federated else 0,
+            bytes_up_per_device=(round(float(np.mean(sent))) if sent else 0) if cfg.federated else 0,
+            bytes_down_per_device=received * (cfg.fomo_candidates or 1) if cfg.federated else 0,
             seconds=time.perf_counter() - start, fomo_combined=tuple(combined), fomo_kept_own=tuple(kept_own),
         )
 

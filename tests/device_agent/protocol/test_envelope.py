@@ -43,7 +43,7 @@ def _splice_header(blob: bytes, header: bytes) -> bytes:
     return blob[:5] + struct.pack("<H", len(header)) + header + blob[7 + old_len :]
 
 
-@pytest.mark.parametrize("encoding", list(Encoding))
+@pytest.mark.parametrize("encoding", [Encoding.RAW, Encoding.FP16, Encoding.INT8])  # compressed: test_compressed_codec.py
 def test_envelope_update_round_trips(
     encoding: Encoding, make_header: HeaderFactory, tensors: dict[str, np.ndarray],
     region_key: X25519PrivateKey, device_key: Ed25519PrivateKey, senders: dict[str, Any],

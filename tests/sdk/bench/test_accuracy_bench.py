@@ -120,3 +120,19 @@ def test_a_lead_under_half_a_point_over_local_only_is_a_tie_not_a_win() -> None:
     ]
     (claim,) = [c for c in summarise(SETTING, results)["claims"] if c["claim"].startswith("the best personalised")]
     assert claim["holds"] is False and "a tie with local-only" in claim["evidence"]
+
+
+def test_compression_claim_compares_bytes_up_and_down_and_accuracy_with_the_float32_run() -> None:
+    def squeezed(label: str, acc: float, up: int, down: int, spec: str = "q4") -> dict:
+        r = _result(label, "fedavg", {"a": acc, "b": acc})
+        r["run"] = {"algorithm": "fedavg", "compression": spec, "downlink": spec}
+        r["rounds"] = [{**r["rounds"][0], "bytes_up_per_device": up, "bytes_down_per_device": down}]
+        return r
+
+    results = [_result("FedAvg", "fedavg", {"a": 0.8, "b": 0.8}),  # 400 up + 800 down
+               squeezed("FedAvg, small", 0.797, 50, 100), squeezed("FedAvg, lossy", 0.78, 50, 100),
+               squeezed("FedAvg, big", 0.8, 100, 100)]
+    claims = {c["claim"].split(":")[0]: c for c in summarise(SETTING, results)["claims"]}
+    assert claims["FedAvg, small"]["holds"] is True and "8.0x fewer bytes up + down (up alone 8.0x)" in claims["FedAvg, small"]["evidence"]
+    assert claims["FedAvg, lossy"]["holds"] is False and "-2.00 points" in claims["FedAvg, lossy"]["evidence"]
+    assert claims["FedAvg, big"]["holds"] is False and "6.0x" in claims["FedAvg, big"]["evidence"]

@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 _CHECK_BATCH = 3
 _RTOL, _ATOL = 1e-4, 1e-6
+# AdamW divides by sqrt(v): where a gradient is at float32 summation-noise level, a correct graph and PyTorch can
+# differ by a visible fraction of lr on that weight (2.2e-6 seen on a 2D-CNN at lr 0.01). A wrong graph is off by
+# about lr on most weights, so a step's tolerance scales with lr.
+_STEP_ATOL_PER_LR = 1e-3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +91,7 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
                      input_names=spec.step_inputs(), output_names=spec.step_outputs(), path=out / file)
         _check_against_eager(out / file, make_step(model, spec),
                              example_inputs(spec, params, x_check, y_check, lr=plan.learning_rate, step=True, warm=generator),
-                             spec.step_inputs())
+                             spec.step_inputs(), atol=max(_ATOL, _STEP_ATOL_PER_LR * plan.learning_rate))
         sets.append(PortableSet(name=set_name, step_model=file, trainable=trainable))
     init_file = "portable_parameters.npz"
     with open(out / init_file, "wb") as fh:
@@ -95,7 +99,8 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
     return PortableArtifacts(opset=OPSET, eval_model=eval_file, initial_parameters=init_file, sets=tuple(sets))
 
 
-def _check_against_eager(path: Path, fn, inputs: Sequence[torch.Tensor], input_names: list[str]) -> None:  # type: ignore[no-untyped-def]
+def _check_against_eager(path: Path, fn, inputs: Sequence[torch.Tensor], input_names: list[str], *,
+                         atol: float = _ATOL) -> None:  # type: ignore[no-untyped-def]
     import onnxruntime
 
     expected = as_numpy(fn(*inputs))
@@ -104,7 +109,7 @@ def _check_against_eager(path: Path, fn, inputs: Sequence[torch.Tensor], input_n
     got = session.run(None, feeds)
     outputs = [o.name for o in session.get_outputs()]
     for name, want, have in zip(outputs, expected, got):
-        if want.shape != have.shape or not np.allclose(have, want, rtol=_RTOL, atol=_ATOL):
+        if want.shape != have.shape or not np.allclose(have, want, rtol=_RTOL, atol=atol):
             worst = float(np.max(np.abs(have.astype(np.float64) - want))) if want.shape == have.shape else float("nan")
             raise UnsupportedModelError(f"{path.name}: output {name} does not reproduce PyTorch (max difference {worst:.3g})")
     logger.debug("%s reproduces PyTorch at batch %d", path.name, _CHECK_BATCH)

@@ -46,7 +46,7 @@ def make_data(model: str, loss: str, n: int, seed: int) -> tuple[np.ndarray, np.
 
 @pytest.fixture(scope="session")
 def model_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_key):
-    """build(model, mode, mu=, optimizer=, loss=, lr=, finetune=, kinds=) -> (bundle path, torch model) (cached)."""
+    """build(model, mode, mu=, optimizer=, loss=, lr=, finetune=, kinds=, ditto_lambda=) -> (bundle path, torch model) (cached)."""
     import torch
 
     import sdk.models as zoo
@@ -59,8 +59,9 @@ def model_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_key):
     root = tmp_path_factory.mktemp("backend-bundles")
 
     def build(model: str, mode: str, *, mu: float = 0.0, optimizer: str = "adamw", loss: str = "cross_entropy",
-              lr: float = 0.01, finetune: tuple[str, ...] = (), kinds: tuple[str, ...] = ("ort-training", "portable")):
-        key = (model, mode, mu, optimizer, loss, lr, finetune, kinds)
+              lr: float = 0.01, finetune: tuple[str, ...] = (), kinds: tuple[str, ...] = ("ort-training", "portable"),
+              ditto_lambda: float = 0.0):
+        key = (model, mode, mu, optimizer, loss, lr, finetune, kinds, ditto_lambda)
         if key not in cache:
             case = MODELS[model]
             torch.manual_seed(len(cache))
@@ -68,7 +69,8 @@ def model_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_key):
             split = BASE_HEAD_SPLIT if mode in ("fedsim", "fedalt") else ParameterSplit(shared=("*",))
             path = root / f"{model}-{len(cache)}.fedge"
             build_bundle(net, example_input=torch.zeros((2, *case.input_shape)), split=split,
-                         spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune),
+                         spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune,
+                                           ditto_lambda=ditto_lambda),
                          signing_key=fleet_key, out_path=path, model_name=f"{model}-{mode}", kinds=kinds)
             cache[key] = (path, net)
         return cache[key]

@@ -30,7 +30,10 @@ _RTOL, _ATOL = 1e-4, 1e-6
 
 @dataclass(frozen=True, kw_only=True)
 class PortablePlan:
-    """What to build: the sets (name -> trainable parameters), the shared parameters and the objective."""
+    """What to build: the sets (name -> trainable parameters), the shared parameters and the objective.
+
+    ``mu`` is every set's proximal weight except Ditto's personal set, which has ``ditto_lambda``.
+    """
 
     sets: tuple[tuple[ArtifactSetName, tuple[str, ...]], ...]
     shared: tuple[str, ...]
@@ -38,6 +41,7 @@ class PortablePlan:
     loss: LossKind
     optimizer: OptimizerKind
     learning_rate: float
+    ditto_lambda: float = 0.0
 
 
 def _labels(kind: LossKind, output: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -65,8 +69,9 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
     y_trace = _labels(plan.loss, output, 4, generator)
     y_check = _labels(plan.loss, output, _CHECK_BATCH, generator)
 
-    def spec_for(trainable: tuple[str, ...]) -> StepSpec:
-        return StepSpec(parameters=names, trainable=trainable, shared=plan.shared, mu=plan.mu, loss=plan.loss,
+    def spec_for(trainable: tuple[str, ...], set_name: ArtifactSetName | None = None) -> StepSpec:
+        mu = plan.ditto_lambda if set_name is ArtifactSetName.DITTO else plan.mu
+        return StepSpec(parameters=names, trainable=trainable, shared=plan.shared, mu=mu, loss=plan.loss,
                         optimizer=plan.optimizer)
 
     eval_spec = spec_for(())
@@ -78,7 +83,7 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
                                                                    lr=plan.learning_rate, step=False), eval_spec.eval_inputs())
     sets = []
     for set_name, trainable in plan.sets:
-        spec = spec_for(trainable)
+        spec = spec_for(trainable, set_name)
         step = make_step(model, spec)
         file = f"portable_{set_name.value}_step.onnx"
         export_graph(step, example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True),

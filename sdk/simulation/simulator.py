@@ -34,9 +34,18 @@ the regional and root aggregators: region ``j`` serves
 ``G = G + combine_regions(D, n)``. ``a = 0`` is hierarchical FedAvg (which,
 weighted by samples, equals flat FedAvg).
 
+Ditto (a ``ditto`` bundle) averages the global track like FedAvg; every
+device also trains its personal model and, on its validation split, chooses
+the mixture of personal and global outputs it serves
+(:func:`~device_agent.local_round.choose_served_model`, called by
+``train_local_round``); :attr:`RoundMetrics.serving_weight` records each
+device's choice and :attr:`RoundMetrics.personal_model_accuracy` the personal
+model alone.
+
 Evaluation, per device on its own test split: ``personalised_accuracy`` is
 the model the device holds after the round (the served model plus its
-personal head, or its own model for local-only and FedFomo);
+personal head, its own model for local-only and FedFomo, Ditto's chosen
+mixture);
 ``global_accuracy`` is the root's shared layers (plus the device's head,
 if any); ``regional_accuracy`` its region's model. ``finetune_epochs`` > 0
 adds, after the last round, FedAvg+FT: the device fine-tunes the received
@@ -49,7 +58,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,11 +68,14 @@ from device_agent.bundle.archive import TrainingBundle
 from device_agent.data import ArrayDataSource
 from device_agent.local_round import combine_candidates_fomo, train_local_round
 from device_agent.personalization.fedfomo import exploration_rate, select_candidates, update_affinity
-from device_agent.trainer import DeviceTrainer, TrainBudget
+from device_agent.personalization.model_choice import correct_count, mix_outputs
+from device_agent.trainer import DeviceTrainer, ModelView, TrainBudget
 from sdk.aggregation import AggregationConfig, combine_regions, make_rule, mix_regional
 from sdk.aggregation.mixing import RegionWeighting
-from sdk.datasets.federated import FederatedDataset
+from sdk.datasets.federated import ClientData, FederatedDataset
 from sdk.datasets.holdout import DEFAULT_VALIDATION_FRACTION, ensure_validation_split
+from sdk.simulation.checkpoint import SimulationCheckpoint
+from sdk.simulation.cold_start import ColdStartConfig, NewcomerBench, NewcomerResult
 from sdk.simulation.results import RoundMetrics, SimulationResult
 
 ParameterDict = dict[str, np.ndarray]
@@ -114,6 +126,7 @@ class SimulationConfig:
     finetune_epochs: int = 0
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     seed: int = 0
+    cold_start: ColdStartConfig | None = None
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -131,6 +144,8 @@ class SimulationConfig:
             raise ValueError("finetune_epochs must be >= 0")
         if self.hierarchy is not None and (self.fomo_candidates is not None or not self.federated):
             raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
+        if self.cold_start is not None and max(self.cold_start.join_rounds) > self.rounds:
+            raise ValueError("cold_start.join_rounds must not exceed rounds")
 
 
 def _full_steps(n: int, budget: TrainBudget) -> int:
@@ -138,9 +153,16 @@ def _full_steps(n: int, budget: TrainBudget) -> int:
 
 
 class FederatedSimulator:
-    """Runs ``config.rounds`` rounds of the bundle's training mode over ``dataset``'s clients."""
+    """Runs ``config.rounds`` rounds of the bundle's training mode over ``dataset``'s clients.
 
-    def __init__(self, bundle: TrainingBundle, dataset: FederatedDataset, config: SimulationConfig, *, threads: int = 1) -> None:
+    ``checkpoint``: save each round's metrics and, every ``checkpoint.every``
+    rounds, the whole fleet there, and resume from what is saved (not for FedFomo).
+    ``newcomers``: clients outside the fleet that join it per ``config.cold_start``
+    (:mod:`sdk.simulation.cold_start`; averaging algorithms only).
+    """
+
+    def __init__(self, bundle: TrainingBundle, dataset: FederatedDataset, config: SimulationConfig, *, threads: int = 1,
+                 checkpoint: SimulationCheckpoint | None = None, newcomers: Sequence[ClientData] = ()) -> None:
         self.bundle = bundle
         self.validation = ensure_validation_split(dataset, fraction=config.validation_fraction, seed=config.seed)
         if self.validation.held_out:
@@ -148,11 +170,25 @@ class FederatedSimulator:
         dataset = self.validation.dataset
         self.dataset = dataset
         self.config = config
-        self._trainers = {c.client_id: DeviceTrainer(bundle, threads=threads) for c in dataset.clients}
+        if checkpoint is not None and config.fomo_candidates is not None:
+            raise ValueError("FedFomo runs cannot be checkpointed (its peer uploads and affinities are not saved)")
+        self._checkpoint = checkpoint
+        self._newcomers: NewcomerBench | None = None
+        if config.cold_start is not None:
+            if not (config.federated and config.fomo_candidates is None and config.hierarchy is None):
+                raise ValueError("cold start joins a flat averaging fleet (not local-only, FedFomo or a hierarchy)")
+            self._newcomers = NewcomerBench(bundle, newcomers, config.cold_start, seed=config.seed, threads=threads)
+        self._resume_after = None if checkpoint is None else checkpoint.committed_round([c.client_id for c in dataset.clients])
+        self._trainers = {c.client_id: DeviceTrainer(bundle, threads=threads,
+                                                     state_dir=None if checkpoint is None else checkpoint.device_dir(c.client_id))
+                          for c in dataset.clients}
         self._train = {c.client_id: ArrayDataSource(c.train.x, c.train.y) for c in dataset.clients}
         self._test = {c.client_id: ArrayDataSource(c.test.x, c.test.y) for c in dataset.clients}
         self._val = {c.client_id: ArrayDataSource(c.val.x, c.val.y) for c in dataset.clients}
         first = next(iter(self._trainers.values()))
+        self._ditto = first.has_personal_model
+        if self._ditto and (config.hierarchy is not None or config.fomo_candidates is not None or not config.federated):
+            raise ValueError("a ditto bundle runs flat averaging only (no hierarchy, FedFomo or local-only)")
         self.global_params = first.get_shared()
         self._shapes = {n: v.shape for n, v in self.global_params.items()}
         self._bytes_per_update = sum(v.nbytes for v in self.global_params.values())
@@ -227,7 +263,7 @@ class FederatedSimulator:
             update = train_local_round(
                 self._trainers[cid], self._train[cid],
                 global_params=served[region] if self._averaging() else None,
-                round_number=round_number, budget=budget, rng=self._rng(round_number, 1, index),
+                round_number=round_number, budget=budget, rng=self._rng(round_number, 1, index), validation=self._val[cid],
             )
             if cfg.fomo_candidates is not None:
                 self._uploads[cid] = self._trainers[cid].get_shared()
@@ -239,10 +275,14 @@ class FederatedSimulator:
             self._aggregate(rules, samples, served)
             for cid, trainer in self._trainers.items():
                 trainer.set_global(self._served(cid), round_number=round_number)
-        personal = self._evaluate()
-        # Flat averaging: every device holds the global shared layers already.
-        server = {} if not self._averaging() else (
-            dict(personal) if cfg.hierarchy is None else self._evaluate(lambda cid: self.global_params))
+        own: dict[str, float] = {}
+        if self._ditto:
+            personal, server, own = self._evaluate_ditto()
+        else:
+            personal = self._evaluate()
+            # Flat averaging: every device holds the global shared layers already.
+            server = {} if not self._averaging() else (
+                dict(personal) if cfg.hierarchy is None else self._evaluate(lambda cid: self.global_params))
         regional = ({} if cfg.hierarchy is None else
                     self._evaluate(lambda cid: self._regional[self._region[cid]] or self.global_params))
         return RoundMetrics(
@@ -252,6 +292,8 @@ class FederatedSimulator:
             bytes_up_per_device=self._bytes_per_update if cfg.federated else 0,
             bytes_down_per_device=self._bytes_per_update * (cfg.fomo_candidates or 1) if cfg.federated else 0,
             seconds=time.perf_counter() - start, fomo_combined=tuple(combined), fomo_kept_own=tuple(kept_own),
+            personal_model_accuracy=own,
+            serving_weight={cid: t.serving_weight for cid, t in self._trainers.items()} if self._ditto else {},
         )
 
     def _aggregate(self, rules: dict, samples: dict[str, int], served: dict[str, ParameterDict]) -> None:
@@ -284,6 +326,19 @@ class FederatedSimulator:
             out[cid] = float(trainer.evaluate(self._test[cid]).accuracy or 0.0)
             trainer.set_shared(own)
         return out
+
+    def _evaluate_ditto(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """Ditto: per device, the served mixture, the global model and the personal model alone, from two passes."""
+        served, global_, own = {}, {}, {}
+        for cid, trainer in self._trainers.items():
+            kind = trainer.manifest.hyperparameters.loss
+            personal, y = trainer.model_outputs(self._test[cid], model=ModelView.PERSONAL)
+            server, _ = trainer.model_outputs(self._test[cid], model=ModelView.GLOBAL)
+            n = max(1, len(y))
+            own[cid] = correct_count(personal, y, kind) / n
+            global_[cid] = correct_count(server, y, kind) / n
+            served[cid] = correct_count(mix_outputs(personal, server, trainer.serving_weight, kind), y, kind) / n
+        return served, global_, own
 
     def _pooled(self, accuracy: dict[str, float]) -> float:
         total = sum(self._test_examples[c] for c in accuracy)
@@ -329,16 +384,30 @@ class FederatedSimulator:
     def run(self, *, on_round: Callable[[RoundMetrics], None] | None = None) -> SimulationResult:
         """All rounds, then the optional fine-tuning; ``on_round`` (e.g. a progress bar) is called after each round."""
         start = time.perf_counter()
-        records = []
-        for r in range(self.config.rounds):
+        records: list[RoundMetrics] = []
+        ckpt = self._checkpoint
+        if ckpt is not None and self._resume_after is not None:
+            records = ckpt.records(self._resume_after)
+            self.global_params, self._regional = ckpt.load_server(list(self._regional))
+            logger.info("resumed from %s after round %d", ckpt.directory, self._resume_after)
+        earlier = sum(r.seconds for r in records)
+        joined: list[NewcomerResult] = []
+        for r in range(len(records), self.config.rounds):
             record = self.run_round(r)
             records.append(record)
+            if self._newcomers is not None and r + 1 in self._newcomers.config.join_rounds:
+                joined += self._newcomers.evaluate(self.global_params, join_round=r + 1)
             logger.info("round %d: mean accuracy %.4f, %d aggregated, %d dropped", r, record.mean_accuracy,
                         len(record.aggregated), len(record.dropped))
+            if ckpt is not None:
+                ckpt.append_record(record)
+                if ckpt.due(r, self.config.rounds - 1):
+                    ckpt.save(r, self._trainers, self.global_params, self._regional)
             if on_round is not None:
                 on_round(record)
         final = records[-1].personalised_accuracy if records else self._evaluate()
         tuned = self._fine_tune() if self.config.finetune_epochs > 0 else {}
         return SimulationResult(rounds=tuple(records), final_accuracy=final, global_params=dict(self.global_params),
                                 fine_tuned_accuracy=tuned, test_examples=dict(self._test_examples),
-                                seconds=time.perf_counter() - start, validation=self.validation)
+                                seconds=earlier + time.perf_counter() - start, validation=self.validation,
+                                cold_start=tuple(joined))

@@ -30,6 +30,7 @@ import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle
 from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, LossKind, TrainingMode
+from device_agent.batches import prepare_batch
 from device_agent.data import ArrayDataSource, Batch, DataSource
 from device_agent.errors import StateError, TrainingError
 from device_agent.personalization.model_choice import correct_count, mix_outputs, output_loss
@@ -228,28 +229,7 @@ class DeviceTrainer:
     # -- data -------------------------------------------------------------------------------
 
     def _prepare(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        spec = self.manifest.inputs[0]
-        x = np.ascontiguousarray(batch.x, dtype=np.float32)
-        if x.shape[1:] != tuple(spec.shape[1:]):
-            raise TrainingError(f"input shape {x.shape[1:]} does not match the bundle's {tuple(spec.shape[1:])}")
-        if not np.isfinite(x).all():
-            raise TrainingError("input batch contains NaN or Inf")
-        if self._hyper.loss is LossKind.CROSS_ENTROPY:
-            y = np.asarray(batch.y)
-            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):
-                raise TrainingError("cross-entropy labels must be a 1-D array of class indices")
-            y = y.astype(np.int64)
-            classes = self._hyper.num_classes
-            if y.size and (y.min() < 0 or (classes is not None and y.max() >= classes)):
-                raise TrainingError(f"labels must lie in [0, {classes})")
-        else:
-            y = np.ascontiguousarray(batch.y, dtype=np.float32)
-            want = tuple(self.manifest.label.shape[1:])
-            if y.shape[1:] != want:
-                y = y.reshape((y.shape[0], *want)) if y.size == y.shape[0] * math.prod(d or 1 for d in want) else y
-            if y.shape[1:] != want:
-                raise TrainingError(f"target shape {y.shape[1:]} does not match the bundle's {want}")
-        return x, y
+        return prepare_batch(self.manifest, batch)
 
     # -- training ---------------------------------------------------------------------------
 

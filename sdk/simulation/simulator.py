@@ -59,8 +59,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
@@ -70,82 +68,20 @@ from device_agent.local_round import combine_candidates_fomo, train_local_round
 from device_agent.personalization.fedfomo import exploration_rate, select_candidates, update_affinity
 from device_agent.personalization.model_choice import correct_count, mix_outputs
 from device_agent.trainer import DeviceTrainer, ModelView, TrainBudget
-from sdk.aggregation import AggregationConfig, combine_regions, make_rule, mix_regional
-from sdk.aggregation.mixing import RegionWeighting
+from sdk.aggregation import combine_regions, make_rule, mix_regional
 from sdk.datasets.federated import ClientData, FederatedDataset
-from sdk.datasets.holdout import DEFAULT_VALIDATION_FRACTION, ensure_validation_split
+from sdk.datasets.holdout import ensure_validation_split
 from sdk.simulation.checkpoint import SimulationCheckpoint
-from sdk.simulation.cold_start import ColdStartConfig, NewcomerBench, NewcomerResult
+from sdk.simulation.cold_start import NewcomerBench, NewcomerResult
+from sdk.simulation.config import HierarchyConfig, SimulationConfig
 from sdk.simulation.results import RoundMetrics, SimulationResult
+
+__all__ = ["FederatedSimulator", "HierarchyConfig", "RoundMetrics", "SimulationConfig", "SimulationResult"]
 
 ParameterDict = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True, kw_only=True)
-class HierarchyConfig:
-    """Two-tier aggregation over the clients' regions.
-
-    ``regional_weight`` (a): each region serves a * its regional model +
-    (1 - a) * the global one; 0 is hierarchical FedAvg. ``region_weighting``:
-    the root combines regional aggregates by ``"samples"`` or ``"uniform"``.
-    """
-
-    regional_weight: float = 0.5
-    region_weighting: RegionWeighting = "samples"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.regional_weight <= 1.0:
-            raise ValueError("regional_weight must be in [0, 1]")
-        if self.region_weighting not in ("samples", "uniform"):
-            raise ValueError("region_weighting must be 'samples' or 'uniform'")
-
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SimulationConfig:
-    """How a simulated federation runs.
-
-    ``federated=False`` is the local-only baseline: devices train on their own
-    data every round and nothing is aggregated. ``validation_fraction``: the
-    share of a client's training examples held out as its validation split
-    when the data has none (0: make none).
-    """
-
-    rounds: int
-    budget: TrainBudget = TrainBudget()
-    participation: float = 1.0
-    straggler_fraction: float = 0.0
-    straggler_work: float = 0.5
-    straggler_policy: Literal["drop", "partial"] = "partial"
-    dropout_fraction: float = 0.0
-    aggregation: AggregationConfig = AggregationConfig()
-    federated: bool = True
-    fomo_candidates: int | None = None
-    hierarchy: HierarchyConfig | None = None
-    finetune_epochs: int = 0
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
-    seed: int = 0
-    cold_start: ColdStartConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise ValueError("rounds must be >= 0")
-        for name in ("participation", "straggler_fraction", "straggler_work", "dropout_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]")
-        if self.participation == 0:
-            raise ValueError("participation must be > 0")
-        if self.fomo_candidates is not None and self.fomo_candidates < 1:
-            raise ValueError("fomo_candidates must be >= 1")
-        if self.straggler_policy not in ("drop", "partial"):
-            raise ValueError("straggler_policy must be 'drop' or 'partial'")
-        if self.finetune_epochs < 0:
-            raise ValueError("finetune_epochs must be >= 0")
-        if self.hierarchy is not None and (self.fomo_candidates is not None or not self.federated):
-            raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
-        if self.cold_start is not None and max(self.cold_start.join_rounds) > self.rounds:
-            raise ValueError("cold_start.join_rounds must not exceed rounds")
 
 
 def _full_steps(n: int, budget: TrainBudget) -> int:

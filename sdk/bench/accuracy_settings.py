@@ -6,7 +6,8 @@ A *setting* is a dataset split, a model, a training budget and a list of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from sdk.training_defaults import DEFAULT_LEARNING_RATE, DEFAULT_OPTIMIZER
@@ -99,6 +100,34 @@ class AccuracySetting:
     def run_seeds(self, seed: int) -> tuple[int, ...]:
         """The seeds this setting runs: its own ``seeds``, or ``(seed,)`` (the command's ``--seed``) when it has none."""
         return self.seeds or (seed,)
+
+
+def cut_setting(setting: AccuracySetting, *, rounds: int | None = None, labels: Sequence[str] = ()) -> AccuracySetting:
+    """``setting`` with at most ``rounds`` rounds and only the runs named in ``labels`` (empty: all), the cut noted in its title.
+
+    What fits on a small machine: the report then says it is a cut of the full setting. Rounds above the
+    setting's own and labels it does not have are a ValueError.
+    """
+    if rounds is not None and not 1 <= rounds <= setting.rounds:
+        raise ValueError(f"{setting.name} runs {setting.rounds} rounds; --rounds must be between 1 and that")
+    known = [r.label for r in setting.runs]
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ValueError(f"{setting.name} has no runs {unknown}; its runs are {known}")
+    runs = tuple(r for r in setting.runs if not labels or r.label in labels)
+    cut = []
+    if rounds is not None and rounds < setting.rounds:
+        cut.append(f"{rounds} of its {setting.rounds} rounds")
+    if len(runs) < len(setting.runs):
+        cut.append(f"{len(runs)} of its {len(setting.runs)} runs")
+    if not cut:
+        return setting
+    joins = tuple(r for r in setting.join_rounds if r <= (rounds or setting.rounds))
+    if setting.newcomers and not joins:
+        raise ValueError(f"{setting.name}: newcomers join after rounds {list(setting.join_rounds)}; keep at least the first")
+    return replace(setting, rounds=rounds or setting.rounds, runs=runs, join_rounds=joins, title=f"{setting.title} (cut: {' and '.join(cut)})",
+                   notes=(*setting.notes, f"This report is a cut of the setting: {' and '.join(cut)} (--rounds/--run), what fitted"
+                                          " the machine; the full setting runs without them."))
 
 
 def setting_from_dict(raw: dict[str, Any]) -> AccuracySetting:

@@ -110,7 +110,10 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
 @click.option("--personal", default="", help="--model: comma-separated name prefixes of the personal head (needed by fedsim, fedalt, fedfomo).")
 @click.option("--algorithm", "algorithms", multiple=True, type=click.Choice(sorted(ALGORITHMS)),
               help="--data: algorithm to compare (repeatable; default: every one the model allows).")
-@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="--data: rounds.")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="--data: rounds (default 20). Built-in settings: only the first N rounds, a cut the report states.")
+@click.option("--run", "run_labels", multiple=True,
+              help="Built-in settings: only the run with this label (repeatable, e.g. FedAlt), a cut the report states.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="--data: local epochs per round.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="--data: batch size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEARNING_RATE, show_default=True,
@@ -127,12 +130,14 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
                                             " last checkpoint (without it, a setting's progress there is cleared first).")
 def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, num_classes: int | None, model_spec: str | None,
              model_args: tuple[str, ...], shared: str, personal: str, algorithms: tuple[str, ...], rounds: int, epochs: int,
-             batch_size: int, lr: float, quick: bool, workers: int, seed: int, out: Path, report_only: bool, resume: bool) -> None:
+             batch_size: int, lr: float, quick: bool, workers: int, seed: int, out: Path, report_only: bool, resume: bool,
+             run_labels: tuple[str, ...]) -> None:
     """Every algorithm on real non-IID data (or your own): per-device personalised accuracy, global model, gain over
     local-only, bytes per device per round and wall time; JSON, Markdown tables and PNG plots under --out."""
     from tqdm import tqdm
 
     from sdk.bench.accuracy_bench import DEFAULT_SETTINGS, rewrite_reports, run_accuracy_bench, settings, user_setting
+    from sdk.bench.accuracy_settings import cut_setting
 
     table = settings("quick" if quick else "full")
     chosen = list(names) or ([] if data_dir is not None else list(DEFAULT_SETTINGS))
@@ -140,11 +145,18 @@ def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, nu
     if unknown:
         raise click.BadParameter(f"unknown settings {unknown}; choose from {sorted(table)}", param_hint="--setting")
     extra = []
+    if data_dir is not None and run_labels:
+        raise click.BadParameter("--run cuts built-in settings; with --data choose --algorithm", param_hint="--run")
+    if data_dir is None and (rounds is not None or run_labels):
+        try:
+            extra = [cut_setting(table[n], rounds=rounds, labels=run_labels) for n in chosen if n in table]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--rounds/--run") from exc
     if data_dir is not None:
         extra.append(_user_setting(user_setting, data_dir, name=name, num_classes=num_classes, model_spec=model_spec,
-                                   model_args=model_args, shared=shared, personal=personal, algorithms=algorithms, rounds=rounds,
+                                   model_args=model_args, shared=shared, personal=personal, algorithms=algorithms, rounds=rounds or 20,
                                    epochs=epochs, batch_size=batch_size, lr=lr))
-        chosen.append(extra[0].name)
+        chosen.append(extra[-1].name)
     if report_only:
         missing = [n for n in chosen if not (out / f"{n}.json").is_file()]
         if missing:
@@ -154,7 +166,8 @@ def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, nu
         return
     if workers < 1:
         raise click.BadParameter("--workers must be >= 1")
-    total = sum(len(table[n].runs) * len(table[n].run_seeds(seed)) for n in chosen if n in table) + sum(len(s.runs) for s in extra)
+    total = sum(len(s.runs) * len(s.run_seeds(seed)) for s in extra) + sum(
+        len(table[n].runs) * len(table[n].run_seeds(seed)) for n in chosen if n in table and n not in {s.name for s in extra})
     with tqdm(total=total, desc="accuracy bench", unit="run") as bar:
 
         def progress(message: str) -> None:

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import struct
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -124,12 +125,13 @@ def _read_npy_member(archive: zipfile.ZipFile, member: str, path: Path, key: str
         raise DataFileError(f"{path}: array {key!r} is {info.file_size} bytes, over the {limit}-byte limit")
     with archive.open(info) as fh:
         version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        elif version in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-        else:
+        if version not in ((1, 0), (2, 0), (3, 0)):
             raise DataFileError(f"{path}: array {key!r} has unsupported .npy format version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        try:
+            shape, fortran, dtype = read_header(fh)
+        except (SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header text (found by atheris)
+            raise DataFileError(f"{path}: array {key!r} has a malformed .npy header") from exc
         if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None:
             raise DataFileError(f"{path}: array {key!r} has dtype {dtype}; only numeric arrays are read "
                                 "(arrays of Python objects would need pickle, which fedge never loads)")

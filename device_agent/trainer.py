@@ -145,6 +145,22 @@ class DeviceTrainer:
         """Current personal-head weights (copies); empty for fedavg/fedprox/ditto bundles."""
         return self._get(self.manifest.personal_names)
 
+    def set_personal(self, params: Mapping[str, np.ndarray]) -> None:
+        """Overwrite some or all personal-head weights (e.g. carried over from another bundle version).
+
+        ValueError for a name that is not a personal parameter, another shape, or non-finite values.
+        """
+        personal = set(self.manifest.personal_names)
+        for name, value in params.items():
+            arr = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+            if name not in personal:
+                raise ValueError(f"{name} is not a personal parameter of this bundle")
+            if arr.shape != tuple(self.manifest.parameter(name).shape):
+                raise ValueError(f"{name}: shape {arr.shape}, bundle expects {tuple(self.manifest.parameter(name).shape)}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"{name}: non-finite values")
+            self._set_everywhere(name, arr)
+
     def set_shared(self, params: Mapping[str, np.ndarray]) -> None:
         """Overwrite some or all shared weights without touching the anchors or the global reference."""
         for name, value in self._checked(params, complete=False).items():

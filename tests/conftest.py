@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "mosquitto: integration test against a real Mosquitto broker")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "packaging: builds device-only venvs (cached under ~/.cache/fedge-tests) and resolves wheels with pip")
+    config.addinivalue_line("markers", "aarch64: runs the agent in an emulated Raspberry Pi root (qemu-user + debootstrap; cached)")
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -27,7 +28,10 @@ from cryptography.exceptions import InvalidSignature
 from device_agent.bundle.install_policy import (
     InstallDecision,
     InstalledRecord,
+    add_failed,
     check_install,
+    check_revert,
+    read_failed,
     read_record,
     versions_dir,
     write_record,
@@ -111,6 +115,16 @@ class _Source:
 
 
 def _verify(source: _Source, trusted: TrustedKeys, on_file: Callable[[str, BinaryIO], None] | None) -> tuple[BundleManifest, bytes]:
+    try:
+        return _verify_contents(source, trusted, on_file)
+    except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        # A member corrupted in transit (bad CRC, broken deflate stream, truncation) is
+        # one more way for a bundle to be inauthentic: the same opaque error.
+        raise BundleVerificationError() from exc
+
+
+def _verify_contents(source: _Source, trusted: TrustedKeys,
+                     on_file: Callable[[str, BinaryIO], None] | None) -> tuple[BundleManifest, bytes]:
     keys = trusted_key_map(trusted)
     if not keys:
         raise ValueError("no trusted fleet key given")
@@ -174,7 +188,7 @@ def install_bundle(path: str | os.PathLike[str], trusted: TrustedKeys, dest: str
         offered = InstalledRecord(model_name=manifest.model_name, bundle_version=manifest.bundle_version,
                                   manifest_sha256=hashlib.sha256(raw).hexdigest())
         current = _current(dest_path, trusted)
-        decision = check_install(_highest(dest_path, current), offered)
+        decision = check_install(_highest(dest_path, current), offered, failed=read_failed(dest_path))
         if decision is InstallDecision.ALREADY_INSTALLED and current is not None and current.manifest == manifest:
             logger.info("bundle %s v%d is already installed in %s", manifest.model_name, manifest.bundle_version, dest_path)
             return current
@@ -186,6 +200,55 @@ def install_bundle(path: str | os.PathLike[str], trusted: TrustedKeys, dest: str
     _prune(dest_path, keep={version_dir.name, *(() if current is None else (current.directory.name,))})
     logger.info("installed bundle %s v%s into %s", manifest.model_name, manifest.bundle_version, dest_path)
     return TrainingBundle(manifest=manifest, directory=version_dir, manifest_sha256=offered.manifest_sha256)
+
+
+def record_of(bundle: TrainingBundle) -> InstalledRecord:
+    """The install record describing ``bundle`` (model name, version, manifest SHA-256)."""
+    m = bundle.manifest
+    return InstalledRecord(model_name=m.model_name, bundle_version=m.bundle_version, manifest_sha256=bundle.manifest_sha256)
+
+
+def previous_bundle(dest: str | os.PathLike[str], trusted: TrustedKeys) -> TrainingBundle | None:
+    """The newest verified version kept under ``<dest>.versions`` that is older than the one installed (None: none kept)."""
+    dest_path = Path(dest)
+    current = _current(dest_path, trusted)
+    if current is None:
+        return None
+    kept = []
+    for entry in versions_dir(dest_path).iterdir():
+        if entry.is_dir() and not entry.is_symlink() and entry.name.startswith("v") and entry != current.directory:
+            try:
+                bundle = load_bundle(entry, trusted)
+            except BundleError as exc:
+                logger.warning("kept version %s does not verify (%s); it cannot be returned to", entry.name, exc)
+                continue
+            if bundle.manifest.bundle_version < current.manifest.bundle_version:
+                kept.append(bundle)
+    return max(kept, key=lambda b: b.manifest.bundle_version, default=None)
+
+
+def revert_bundle(dest: str | os.PathLike[str], trusted: TrustedKeys, *, marked_failed: bool, withdrawn: bool) -> TrainingBundle:
+    """Return ``dest`` to the version kept from before, under the one exception to "never back"
+    (:func:`~device_agent.bundle.install_policy.check_revert`): the running bundle was marked failed by this
+    device or withdrawn by signed metadata. The running bundle is recorded as failed (before the switch: a
+    crash cannot reopen it) and never installed again; the highest-version record stays. BundleError when
+    nothing is installed or no older version is kept; BundleDowngradeError when the rule says no."""
+    dest_path = Path(dest)
+    current = _current(dest_path, trusted)
+    if current is None:
+        raise BundleError(f"no verified bundle is installed in {dest_path}: nothing to go back from")
+    previous = previous_bundle(dest_path, trusted)
+    if previous is None:
+        raise BundleError(f"{dest_path}: no older version is kept to go back to from v{current.manifest.bundle_version}")
+    running = record_of(current)
+    check_revert(_highest(dest_path, current), running=running, previous=record_of(previous), marked_failed=marked_failed,
+                 withdrawn=withdrawn)
+    add_failed(dest_path, running)
+    _point(dest_path, previous.directory)
+    _prune(dest_path, keep={previous.directory.name})
+    logger.warning("went back from bundle %s v%d to v%d (%s)", running.model_name, running.bundle_version,
+                   previous.manifest.bundle_version, "marked failed" if marked_failed else "withdrawn by signed metadata")
+    return previous
 
 
 def _highest(dest: Path, current: TrainingBundle | None) -> InstalledRecord | None:

@@ -37,12 +37,13 @@ import numpy as np
 from device_agent.daemon.agent_state import AgentProgress, AgentStateFiles, SealedUpdate
 from device_agent.daemon.backoff import Backoff
 from device_agent.daemon.config import AgentConfig
-from device_agent.daemon.connection import MqttConnection
+from device_agent.daemon.connection import InboundMessage, MqttConnection
 from device_agent.daemon.fomo_client import FomoClient
 from device_agent.daemon.errors import AgentStopped, ReceiptTimeoutError
 from device_agent.daemon.intake import MessageIntake
 from device_agent.daemon.keyring import DeviceKeys
 from device_agent.daemon.status_reporter import StatusReporter
+from device_agent.daemon.version_switch import Switched, VersionSwitch
 from device_agent.data import DataSource
 from device_agent.errors import TrainingError
 from device_agent.local_round import LocalUpdate, train_local_round
@@ -51,8 +52,10 @@ from device_agent.protocol.chunking import PayloadTooLargeError
 from device_agent.protocol.envelope import OpenedModel
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.protocol.receipts import Receipt, ReceiptStatus
-from device_agent.protocol.status import DeviceStatus
+from device_agent.protocol.status import DeviceStatus, ReleaseState, ReleaseStatus, short_text
 from device_agent.protocol.validation import RejectReason
+from device_agent.release.client import ReleaseClient
+from device_agent.release.release_state import ReleaseReport
 from device_agent.trainer import DeviceTrainer, TrainReport
 
 logger = logging.getLogger(__name__)
@@ -73,6 +76,8 @@ class RoundStatus(str, Enum):
     ``no_receipt``: nothing answered; the update stays pending and is resent.
     ``refused``: the update could not be published (over the broker limit with chunking off).
     ``failed``: local training failed (unreadable data, non-finite loss); the round is skipped.
+    ``wrong_version``: answered ``wrong_bundle_version``: the region runs another bundle version
+    (a switch at a round boundary); the round is over and the device looks for a release at once.
     """
 
     ACCEPTED = "accepted"
@@ -82,6 +87,7 @@ class RoundStatus(str, Enum):
     NO_RECEIPT = "no_receipt"
     REFUSED = "refused"
     FAILED = "failed"
+    WRONG_VERSION = "wrong_version"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +149,8 @@ class DeviceAgent:
         train_rng: np.random.Generator | None = None,
         load_validation: Callable[[], DataSource] | None = None,
         status: StatusReporter | None = None,
+        release: ReleaseClient | None = None,
+        switch: VersionSwitch | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -165,29 +173,52 @@ class DeviceAgent:
                 logger.info("bundle v%d replaced v%d: round progress starts afresh", self._bundle_version,
                             self._progress.bundle_version)
             self._save_progress(AgentProgress(bundle_version=self._bundle_version))
-        self.intake = MessageIntake(
-            inbox=connection.inbox,
-            topics=self._topics,
-            device_id=config.device_id,
-            region=config.region,
-            bundle_version=self._bundle_version,
-            spec=trainer.manifest.shared_spec(),
-            model_signers=keys.model_signers,
-            receipt_signers=keys.receipt_signers,
-            clock=clock,
-        )
-        self.intake.rollback_floor = self._progress.highest_model_round
-        #: FedFomo's device side (None when ``fomo_candidates`` is 0).
-        self.fomo = None if not config.fomo_candidates else FomoClient(
-            config, keys=keys, trainer=trainer, connection=connection, intake=self.intake,
-            pump=self._pump, load_validation=load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
-            clock=clock, wall_clock=wall_clock, random_bytes=random_bytes)
-        self._load_validation = load_validation
         #: The device's status (published by the connection: retained, signed, with a signed offline will).
         self.status = status if status is not None else StatusReporter(
             fleet=config.fleet, region=config.region, device=config.device_id, signing_key=keys.signing_key)
+        self._load_validation = load_validation
+        #: The release client (None: releases are not followed) and what performs its version switches.
+        self.release = release
+        self._switch = switch
+        self._told_foreign: int | None = None
+        self._build_intake(self._progress.highest_model_round)
         self._stop = threading.Event()
         self._started = False
+        if release is not None:
+            release.on_report = self._on_release_report
+            self._on_release_report(release.memory.report)  # what the last run said, until something changes
+
+    def _build_intake(self, rollback_floor: int) -> None:
+        """The message intake (and FedFomo's client) for the bundle the trainer runs."""
+        old = getattr(self, "intake", None)
+        self.intake = MessageIntake(
+            inbox=self.connection.inbox,
+            topics=self._topics,
+            device_id=self.config.device_id,
+            region=self.config.region,
+            bundle_version=self._bundle_version,
+            spec=self.trainer.manifest.shared_spec(),
+            model_signers=self.keys.model_signers,
+            receipt_signers=self.keys.receipt_signers,
+            clock=self._clock,
+        )
+        if old is not None:
+            self.intake.ignored.update(old.ignored)
+        self.intake.rollback_floor = rollback_floor
+        if self.release is not None:
+            self.intake.extra = self._take_release_message
+        #: FedFomo's device side (None when ``fomo_candidates`` is 0).
+        self.fomo = None if not self.config.fomo_candidates else FomoClient(
+            self.config, keys=self.keys, trainer=self.trainer, connection=self.connection, intake=self.intake,
+            pump=self._pump, load_validation=self._load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
+            clock=self._clock, wall_clock=self._wall_clock, random_bytes=self._random_bytes)
+
+    def _take_release_message(self, message: InboundMessage) -> bool:
+        """Give a release topic's message to the release client (True: it was one)."""
+        if self.release is None or not self.release.handles(message.topic):
+            return False
+        self.release.handle(message)
+        return True
 
     def update_status(self, **changes: object) -> DeviceStatus:
         """Change fields of the device's status and publish it (see :meth:`StatusReporter.update`).
@@ -388,6 +419,10 @@ class DeviceAgent:
             status = RoundStatus.DUPLICATE
         elif receipt.reason == RejectReason.STALE_ROUND.value:
             status = RoundStatus.STALE
+        elif receipt.reason == RejectReason.WRONG_BUNDLE_VERSION.value:
+            status = RoundStatus.WRONG_VERSION
+            logger.warning("round %d: the region runs another bundle version than v%d (%s); looking for a release",
+                           number, self._bundle_version, receipt.reason)
         else:
             status = RoundStatus.REJECTED
         return RoundResult(round=number, status=status, trained=trained, reason=receipt.reason, report=report,
@@ -407,6 +442,7 @@ class DeviceAgent:
         pause = Backoff(self.config.backoff, rng=self._rng)
         try:
             while max_rounds is None or sum(r.status is not RoundStatus.NO_RECEIPT for r in results) < max_rounds:
+                self.between_rounds()
                 model = self.wait_for_model(_IDLE_WAIT_S)
                 if model is None:
                     continue
@@ -421,6 +457,44 @@ class DeviceAgent:
         finally:
             self._stop = threading.Event()
         return RunResult(rounds=tuple(results), stopped=False)
+
+    # -- releases, between rounds ------------------------------------------------------------
+
+    def between_rounds(self) -> Switched | None:
+        """The release step (never mid-round, see :class:`VersionSwitch`); the switch made, None when nothing changed."""
+        if self._switch is None:
+            return None
+        switched = self._switch.step(self.trainer)
+        if switched is not None and switched.trainer is not self.trainer:
+            self._adopt(switched)
+        foreign = self.intake.foreign_version
+        if switched is None and foreign is not None and foreign != self._told_foreign:
+            self._told_foreign = foreign  # said once per version: the models of the region are for another bundle
+            logger.warning("the region's models are for bundle v%d, this device runs v%d: it sits out the rounds until "
+                           "both run one version (a canary until its release is promoted; otherwise the release its "
+                           "status names, or why it refused it)", foreign, self._bundle_version)
+        return switched
+
+    def _adopt(self, switched: Switched) -> None:
+        """Play rounds with the switched trainer (another bundle version) from now on: fresh progress, intake and
+        pending state; the status names the new bundle and the trial's loss and accuracy."""
+        trainer = switched.trainer
+        logger.info("now running bundle %s v%d", trainer.manifest.model_name, trainer.manifest.bundle_version)
+        self.trainer = trainer
+        self._bundle_version = trainer.manifest.bundle_version
+        self.state.clear_pending()
+        self._save_progress(AgentProgress(bundle_version=self._bundle_version))
+        self._build_intake(-1)
+        changes: dict[str, object] = {"bundle_model": trainer.manifest.model_name, "bundle_version": self._bundle_version}
+        if switched.loss is not None:
+            changes.update(last_loss=switched.loss, last_val_accuracy=switched.accuracy)
+        self.update_status(**changes)
+
+    def _on_release_report(self, report: ReleaseReport) -> None:
+        """Show the release client's report in the device status (the release sub-record)."""
+        self.update_status(release=ReleaseStatus(state=ReleaseState(report.state), version=report.release, progress=report.progress,
+                                                 reason=short_text(report.reason),
+                                                 baseline_accuracy=report.baseline_accuracy))
 
     # -- internals ---------------------------------------------------------------------------
 

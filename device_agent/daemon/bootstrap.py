@@ -19,9 +19,12 @@ from device_agent.daemon.connection import MqttConnection
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.keyring import load_device_keys
 from device_agent.daemon.status_reporter import StatusReporter
+from device_agent.daemon.version_switch import VersionSwitch
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import BundleError
 from device_agent.keys import load_verify_key
+from device_agent.release.client import ReleaseClient
+from device_agent.release.policy import DeviceIdentity
 from device_agent.trainer import DeviceTrainer
 from device_agent.training_backends.runtime import onnxruntime_version
 
@@ -42,7 +45,12 @@ def open_bundle(config: AgentConfig) -> TrainingBundle:
             logger.warning("installed bundle in %s is not usable (%s)", config.install_dir, exc)
     archive = config.bundle_path
     if archive is not None and archive.exists():
-        if installed is None or verify_bundle(archive, fleet_key) != installed.manifest:
+        offered = verify_bundle(archive, fleet_key)
+        if installed is not None and offered.bundle_version < installed.manifest.bundle_version:
+            # A release installed a newer version since provisioning: bundle.path is history, not a downgrade to make.
+            logger.info("keeping bundle v%d in %s (newer than v%d at bundle.path)", installed.manifest.bundle_version,
+                        config.install_dir, offered.bundle_version)
+        elif installed is None or offered != installed.manifest:
             installed = install_bundle(archive, fleet_key, config.install_dir)
     elif installed is None:
         raise BundleError(f"no verified bundle in {config.install_dir} and no bundle archive at {archive} (bundle.path)")
@@ -103,13 +111,17 @@ def open_agent(
         online_payload=status.online_payload,
         offline_payload=status.offline_payload,
         subscriptions=(topics.global_model, topics.device_receipt(config.device_id))
-        + ((topics.device_candidates(config.device_id),) if config.fomo_candidates else ()),
+        + ((topics.device_candidates(config.device_id),) if config.fomo_candidates else ())
+        + ((topics.release_metadata_filter,) if config.release is not None else ()),
         backoff=config.backoff,
         clock=clock,
         rng=rng,
         poll_interval_s=poll_interval_s,
     )
     status.attach(connection.refresh_presence)
+    load_validation = None if config.data.validation_path is None else data_loader(
+        replace(config.data, path=config.data.validation_path))
+    release, switch = _release(config, connection, state, load_data, load_validation, clock=clock, wall_clock=wall_clock)
     return DeviceAgent(
         config,
         keys=keys,
@@ -122,7 +134,34 @@ def open_agent(
         rng=rng,
         random_bytes=random_bytes,
         train_rng=np.random.default_rng(config.seed),
-        load_validation=None if config.data.validation_path is None
-        else data_loader(replace(config.data, path=config.data.validation_path)),
+        load_validation=load_validation,
         status=status,
+        release=release,
+        switch=switch,
     )
+
+
+def _release(config: AgentConfig, connection: MqttConnection, state: AgentStateFiles, load_data: Callable[[], DataSource],
+             load_validation: Callable[[], DataSource] | None, *, clock: Callable[[], float],
+             wall_clock: Callable[[], float]) -> tuple[ReleaseClient | None, VersionSwitch | None]:
+    """The release client and version switch when ``[release]`` is configured, else (None, None)."""
+    settings = config.release
+    if settings is None:
+        return None, None
+    fleet_key = load_verify_key(config.fleet_public_key)
+    client = ReleaseClient(
+        settings,
+        identity=DeviceIdentity(device=config.device_id, fleet=config.fleet, region=config.region, groups=settings.groups),
+        directory=state.directory / "release",
+        topics=config.topics,
+        fleet_keys=fleet_key,
+        subscribe=connection.subscribe,
+        unsubscribe=connection.unsubscribe,
+        clock=clock,
+        wall_clock=wall_clock,
+    )
+    trial_budget = config.budget if settings.trial_epochs is None else replace(config.budget, epochs=settings.trial_epochs)
+    switch = VersionSwitch(config, client=client, fleet_keys=fleet_key, trainer_dir=state.trainer_dir, load_data=load_data,
+                           load_validation=load_validation, trial_budget=trial_budget,
+                           rng=np.random.default_rng(config.seed))
+    return client, switch

@@ -23,9 +23,10 @@ from typing import Any
 from device_agent.daemon.backoff import BackoffPolicy
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import TomlTable
-from device_agent.protocol.headers import MAX_CANDIDATES
+from device_agent.protocol.headers import MAX_CANDIDATES, check_id
 from device_agent.protocol.tensor_codec import Encoding
 from device_agent.protocol.topics import TopicLayout
+from device_agent.release.settings import ReleaseSettings
 from device_agent.trainer import TrainBudget
 from device_agent.training_backends import BackendName
 
@@ -125,6 +126,7 @@ class AgentConfig:
     FedFomo peers to ask the region for each round (0: off), answered within
     ``fomo_timeout_s``; it needs ``data.validation_path``. ``backend``: the training
     backend (``auto`` chooses from what is installed and what the bundle carries).
+    ``release`` None: the device does not follow releases (no ``[release]`` table).
     """
 
     device_id: str
@@ -150,6 +152,7 @@ class AgentConfig:
     receipt_timeout_s: float = 30.0
     max_attempts: int = 5
     backoff: BackoffPolicy = BackoffPolicy()
+    release: ReleaseSettings | None = None
 
     @property
     def topics(self) -> TopicLayout:
@@ -240,6 +243,31 @@ def _backoff(t: TomlTable | None) -> BackoffPolicy:
     return BackoffPolicy(initial_s=initial, max_s=maximum, multiplier=multiplier, jitter=jitter)
 
 
+def _release(t: TomlTable | None) -> ReleaseSettings | None:
+    if t is None:
+        return None
+    groups = t.value("groups", [])
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise t.error("groups", f"expected a list of group names, got {groups!r}")
+    for group in groups:
+        try:
+            check_id("group", group)
+        except ValueError as exc:
+            raise t.error("groups", str(exc)) from None
+    settings = ReleaseSettings(
+        root_file=t.path("root_file", must_exist=True),
+        groups=tuple(groups),
+        window=t.integer("window", 4, minimum=1, maximum=64),
+        chunks_per_s=t.number("chunks_per_second", 20.0, positive=True),
+        chunk_timeout_s=t.number("chunk_timeout_s", 15.0, positive=True),
+        settle_s=t.number("settle_s", 0.5, minimum=0.0),
+        recheck_s=t.number("recheck_s", 300.0, positive=True),
+        trial_epochs=t.integer("trial_epochs", None, minimum=1),
+    )
+    t.done()
+    return settings
+
+
 def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = ".", source: str = "<config>") -> AgentConfig:
     """Validate parsed TOML data; relative paths are taken from ``base_dir``, errors name ``source``."""
     top = TomlTable(data, prefix="", source=source, base_dir=Path(base_dir))
@@ -273,6 +301,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = 
         receipt_timeout_s=submit.number("receipt_timeout_s", 30.0, positive=True),
         max_attempts=submit.integer("max_attempts", 5, minimum=1),
         backoff=_backoff(top.optional_table("backoff")),
+        release=_release(top.optional_table("release")),
     )
     for table in (bundle, state, keys, training, submit, top):
         table.done()

@@ -156,6 +156,8 @@ class MqttConnection:
         self._size_trouble = Throttle(REPORT_INTERVAL_S, clock=clock)
         self._events: queue.Queue[_Event] = queue.Queue()
         self._commands: queue.Queue[PublishTicket] = queue.Queue()
+        self._subscription_changes: queue.Queue[tuple[bool, tuple[str, ...]]] = queue.Queue()
+        self._pending_changes: list[tuple[bool, tuple[str, ...]]] = []
         self._in_flight: dict[int, PublishTicket] = {}
         self._state = ConnectionState.DISCONNECTED
         self._state_changed = threading.Condition()
@@ -209,6 +211,31 @@ class MqttConnection:
             logger.info("payload of %d bytes for %s goes out as %d chunk frames", len(payload), topic, len(frames))
         self._commands.put(ticket)
         return ticket
+
+    def subscribe(self, topics: Sequence[str]) -> None:
+        """Subscribe (QoS 1) to ``topics`` now, or right after the next connect when down.
+
+        Unlike :attr:`subscriptions` these are not renewed on later connects:
+        a caller that heard nothing asks again (the release client does, per chunk).
+        """
+        if topics:
+            self._subscription_changes.put((True, tuple(topics)))
+
+    def unsubscribe(self, topics: Sequence[str]) -> None:
+        """Unsubscribe from ``topics`` (filters subscribed with :meth:`subscribe`)."""
+        if topics:
+            self._subscription_changes.put((False, tuple(topics)))
+
+    def _run_subscription_changes(self) -> None:
+        self._pending_changes.extend(drain(self._subscription_changes))
+        if self._state is not ConnectionState.CONNECTED:
+            return
+        changes, self._pending_changes = self._pending_changes, []
+        for add, topics in changes:
+            if add:
+                self._client.subscribe([(topic, 1) for topic in topics])
+            else:
+                self._client.unsubscribe(list(topics))
 
     def _frames(self, topic: str, payload: bytes, *, retain: bool) -> list[bytes]:
         limit = self.packet_limit
@@ -311,6 +338,7 @@ class MqttConnection:
                 self._presence_dirty.clear()
                 self._publish_presence(online=True)
             self._run_commands()
+        self._run_subscription_changes()
         rc = self._client.loop(timeout=self._poll)
         if rc != mqtt.MQTT_ERR_SUCCESS:
             self._drain_events()  # the on_disconnect event, when paho raised one, names the reason

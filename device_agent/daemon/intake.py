@@ -25,7 +25,13 @@ from device_agent.daemon.errors import AgentStopped
 from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.protocol.candidate_request import CandidateRequest
 from device_agent.protocol.chunking import Reassembler, is_chunk
-from device_agent.protocol.envelope import OpenedCandidates, OpenedModel, open_candidates, open_model
+from device_agent.protocol.envelope import (
+    OpenedCandidates,
+    OpenedModel,
+    open_candidates,
+    open_model,
+    verified_model_header,
+)
 from device_agent.protocol.headers import MAX_CANDIDATES, UpdateHeader
 from device_agent.protocol.receipts import Receipt, open_receipt
 from device_agent.protocol.tensor_codec import DecodeLimits
@@ -87,6 +93,10 @@ class MessageIntake:
         self.rollback_floor = -1
         #: Messages dropped so far, by reason (``untrusted_model``, ``model_rollback``...).
         self.ignored: Counter[str] = Counter()
+        #: The bundle version of the newest trusted model for this region that was for another version (None: none).
+        self.foreign_version: int | None = None
+        #: Takes messages on other topics first (the release client); returns True when it consumed one.
+        self.extra: Callable[[InboundMessage], bool] | None = None
 
     def receipt_for(self, header: UpdateHeader) -> tuple[Receipt, bytes] | None:
         """The verified receipt answering ``header`` and its signed bytes, or None when none came."""
@@ -127,6 +137,8 @@ class MessageIntake:
             self._on_receipt(message.payload)
         elif message.topic == self._candidates_topic:
             self._on_candidates(message.payload)
+        elif self.extra is not None and self.extra(message):
+            return
         else:
             self._ignore("topic", "message on unexpected topic %s", message.topic)
 
@@ -139,6 +151,15 @@ class MessageIntake:
             self._ignore("chunked_model", "models must fit in one retained message")
             return
         try:
+            # The header first (signature checked): a model for another bundle version has other
+            # tensors, which must be told apart from a malformed model of this version.
+            h = verified_model_header(payload, trusted_signers=self._model_signers)
+            if h.bundle_version != self._bundle_version and h.fleet == self._topics.fleet \
+                    and h.region in (None, self._region):
+                self.foreign_version = h.bundle_version
+                self._ignore("model_bundle_version", "model for bundle v%d, device runs v%d", h.bundle_version,
+                             self._bundle_version)
+                return
             model = open_model(payload, trusted_signers=self._model_signers, limits=self._limits)
         except AuthenticationError:
             self._ignore("untrusted_model", "model not signed by a trusted signer")
@@ -149,9 +170,6 @@ class MessageIntake:
         h = model.header
         if h.fleet != self._topics.fleet or h.region not in (None, self._region):
             self._ignore("model_scope", "model for fleet %s region %s", h.fleet, h.region)
-        elif h.bundle_version != self._bundle_version:
-            self._ignore("model_bundle_version", "model for bundle v%d, device runs v%d", h.bundle_version,
-                         self._bundle_version)
         elif h.round < self.rollback_floor:
             self._ignore("model_rollback", "model round %d is older than round %d already seen", h.round,
                          self.rollback_floor)

@@ -209,6 +209,22 @@ def open_model(
     return OpenedModel(header=header, tensors=tensors, signer_key_id=key_id)
 
 
+def verified_model_header(blob: bytes | bytearray | memoryview, *, trusted_signers: TrustedKeys) -> ModelHeader:
+    """The header of a signed model, after its signature checked out, without decoding the tensors.
+
+    For a reader that must know whom and which bundle version a model is for
+    before it decodes it (a device on another bundle version than its region's
+    models). AuthenticationError / MalformedMessageError as :func:`open_model`.
+    """
+    keys = trusted_key_map(trusted_signers)
+    if not keys:
+        raise ValueError("no trusted signer key given")
+    frame = split_frame(blob, magic=MODEL_MAGIC, what="signed model", min_body=0, max_bytes=len(blob))
+    header = ModelHeader.from_bytes(frame.record)
+    verify_frame(frame, keys.values())
+    return header
+
+
 def seal_candidates(
     header: CandidatesHeader,
     models: Sequence[Mapping[str, np.ndarray]],

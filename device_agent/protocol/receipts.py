@@ -6,7 +6,9 @@ aggregator answers every update it authenticated with a receipt naming the
 update's nonce, accepted or rejected with a reason code (the
 :class:`~device_agent.errors.RejectedUpdateError` reason). Unauthenticated or
 malformed messages get no receipt: answering them would let anyone make the
-aggregator sign things. Layout::
+aggregator sign things. A ``wrong_bundle_version`` rejection tells the device
+that its region runs another bundle version (a switch at a round boundary,
+docs/rollout.md): the agent ends the round and looks for a release at once. Layout::
 
     b"FDGR" | version u8 | receipt_len u16 | receipt (canonical JSON) | Ed25519 signature 64
 """

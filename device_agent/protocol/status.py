@@ -107,13 +107,17 @@ class ReleaseStatus:
 
     ``version`` None: no release named. ``progress``: percent (0..100) of the
     current step (fetching: bytes received). ``reason``: why it was refused or
-    rolled back (empty otherwise).
+    rolled back (empty otherwise). ``baseline_accuracy``: the previous
+    version's validation accuracy, measured on the same data just before the
+    switch (None: not measured); with ``last_val_accuracy`` it is the canary's
+    health (docs/rollout.md).
     """
 
     state: ReleaseState = ReleaseState.IDLE
     version: int | None = None
     progress: int = 0
     reason: str = ""
+    baseline_accuracy: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", as_enum("release.state", ReleaseState, self.state))
@@ -121,10 +125,13 @@ class ReleaseStatus:
         if isinstance(self.progress, bool) or not isinstance(self.progress, int) or not 0 <= self.progress <= 100:
             raise ValueError(f"release.progress must be an integer percent in 0..100, got {self.progress!r}")
         _check_text("release.reason", self.reason)
+        object.__setattr__(self, "baseline_accuracy", _as_float("release.baseline_accuracy", self.baseline_accuracy))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready data."""
-        return {"progress": self.progress, "reason": self.reason, "state": self.state.value, "version": self.version}
+        """Plain JSON-ready data (``baseline_accuracy`` as its ``repr`` string, like the status's floats)."""
+        baseline = None if self.baseline_accuracy is None else repr(self.baseline_accuracy)
+        return {"baseline_accuracy": baseline, "progress": self.progress, "reason": self.reason,
+                "state": self.state.value, "version": self.version}
 
     @classmethod
     def from_dict(cls, data: object) -> ReleaseStatus:

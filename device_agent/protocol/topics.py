@@ -18,11 +18,14 @@ Mosquitto ACL ``pattern`` lines with ``%u`` confine a device to its own topics):
     fedge/{fleet}/region/{region}/dev/{device}/status  a device's status as the root broker holds it (bridged
                                               out from its region, which the topic names)
     fedge/{fleet}/root/model/global           root -> regional aggregators (bridged in from the root broker)
+    fedge/{fleet}/release/metadata/{file}     release tool -> everyone: retained TUF metadata (bridged in, read-only)
+    fedge/{fleet}/release/targets/{sha256}/{i} release tool -> everyone: retained bundle chunks (bridged in, read-only)
 
 A device may write only under ``dev/{device}/up/``, its status and its
-presence topic and read only ``dev/{device}/down/#`` and ``model/#``; it can
-never publish a model. Statuses are bridged to the root under their region's
-subtree, so a region's bridge can write only its own devices' statuses there.
+presence topic and read only ``dev/{device}/down/#``, ``model/#`` and
+``release/#``; it can never publish a model or a release. Statuses are
+bridged to the root under their region's subtree, so a region's bridge can
+write only its own devices' statuses there.
 Aggregators use shared subscriptions (``$share/{group}/...``) on the
 update topic so several aggregator processes can split one region's load.
 """
@@ -129,6 +132,28 @@ class TopicLayout:
     def root_model(self) -> str:
         """Where the root publishes the signed global model for the regions."""
         return f"{self.base}/root/model/global"
+
+    def release_metadata(self, name: str) -> str:
+        """Retained TUF metadata file ``name`` (``timestamp.json``, ``3.snapshot.json``...); ``""`` gives the prefix."""
+        return f"{self.base}/release/metadata/{_check_segment('metadata file', name) if name else ''}"
+
+    @property
+    def release_metadata_filter(self) -> str:
+        """Subscription filter matching every release metadata file."""
+        return f"{self.base}/release/metadata/#"
+
+    def release_chunk(self, sha256: str, index: int) -> str:
+        """Retained chunk ``index`` of the bundle whose SHA-256 is ``sha256`` (content-addressed)."""
+        return f"{self.release_chunk_prefix()}{_check_segment('bundle hash', sha256)}/{int(index)}"
+
+    def release_chunk_prefix(self) -> str:
+        """The prefix of every release chunk topic."""
+        return f"{self.base}/release/targets/"
+
+    @property
+    def release_filter(self) -> str:
+        """Every release topic (metadata and chunks): what bridges carry down and devices may read."""
+        return f"{self.base}/release/#"
 
     @property
     def all_device_updates(self) -> str:

@@ -35,7 +35,7 @@ class RejectReason(str, Enum):
     KIND = "kind"
     FLEET = "fleet"
     REGION = "region"
-    BUNDLE_VERSION = "bundle_version"
+    WRONG_BUNDLE_VERSION = "wrong_bundle_version"
     STALE_ROUND = "stale_round"
     FUTURE_ROUND = "future_round"
     TIMESTAMP = "timestamp"
@@ -226,10 +226,11 @@ class UpdateValidator:
             (RejectReason.KIND, self.kind, header.kind),
             (RejectReason.FLEET, self.fleet, header.fleet),
             (RejectReason.REGION, self.region, header.region),
-            (RejectReason.BUNDLE_VERSION, self.bundle_version, header.bundle_version),
+            (RejectReason.WRONG_BUNDLE_VERSION, self.bundle_version, header.bundle_version),
         ):
             if expected is not None and got != expected:
-                raise _reject(name, f"expected {name.value} {_plain(expected)!r}, got {_plain(got)!r}")
+                field = "bundle_version" if name is RejectReason.WRONG_BUNDLE_VERSION else name.value
+                raise _reject(name, f"expected {field} {_plain(expected)!r}, got {_plain(got)!r}")
         if header.round < current_round - self.max_round_lag:
             raise _reject(RejectReason.STALE_ROUND, f"round {header.round} is older than {current_round - self.max_round_lag}")
         if header.round > current_round + self.max_rounds_ahead:

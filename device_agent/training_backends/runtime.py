@@ -12,6 +12,7 @@ directly.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from types import ModuleType
 
@@ -27,7 +28,14 @@ class BackendUnavailableError(FedgeError):
 
 @functools.cache
 def onnxruntime_module() -> ModuleType:
-    """The ``onnxruntime`` module, imported with torch hidden; BackendUnavailableError when it is not installed."""
+    """The ``onnxruntime`` module, imported with torch hidden; BackendUnavailableError when it is not installed.
+
+    Telemetry is switched off before and after the import: onnxruntime's Linux wheels
+    since 1.29 send usage events to Microsoft and write a device id under ~/.cache
+    unless told not to, and a fleet device must not phone anywhere but its broker.
+    ``ORT_DISABLE_TELEMETRY=0`` in the environment is respected as an explicit opt-in.
+    """
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     if "onnxruntime" in sys.modules or "torch" in sys.modules:
         import onnxruntime
     else:
@@ -40,6 +48,8 @@ def onnxruntime_module() -> ModuleType:
         finally:
             sys.meta_path.remove(finder)
     onnxruntime.set_default_logger_severity(3)
+    if os.environ.get("ORT_DISABLE_TELEMETRY") != "0" and hasattr(onnxruntime, "disable_telemetry_events"):
+        onnxruntime.disable_telemetry_events()
     return onnxruntime
 
 

@@ -7,6 +7,7 @@ Pipeline, cheapest and least trusting first::
         same nonce, same content                    -> duplicate: "accepted" receipt again, not counted
         same nonce, other content                   -> replay
         another nonce                               -> already_counted
+    bundle version (before the round checks)        -> wrong_bundle_version
     round state (collecting, same round)            -> no_round / stale_round / future_round
                                                        (anything for an earlier round is stale, exact resends too)
     UpdateValidator (header, shapes, finite, norm)  -> its reason
@@ -246,6 +247,12 @@ class UpdateIntake(CounterLedger):
             raise RejectedUpdateError(IntakeReason.NO_ROUND.value, "no round has started")
         if self._sender_is_region and header.sender != header.region:
             raise RejectedUpdateError(RejectReason.REGION.value, f"sender {header.sender!r} reports for region {header.region!r}")
+        if header.bundle_version != self._config.bundle_version:
+            # Before the round checks: after a version switch the round numbers go on, and the sender
+            # must hear the real cause (docs/rollout.md, "Version switch at a round boundary").
+            raise RejectedUpdateError(RejectReason.WRONG_BUNDLE_VERSION.value,
+                                      f"this aggregator runs bundle v{self._config.bundle_version}, the "
+                                      f"{header.kind.value} is for v{header.bundle_version}")
         self._state.check_admission(header.round)
         self._validator.check_header(header, self._state.round)
         contributors = None
@@ -351,13 +358,14 @@ class UpdateIntake(CounterLedger):
     # -- round phases (the callers run these inside write_transaction) ---------
 
     def write_round_start(self, *, previous: RoundRecord | None, round: int, global_params: dict[str, np.ndarray],
-                          base_params: dict[str, np.ndarray], model_blob: bytes) -> None:
+                          base_params: dict[str, np.ndarray], model_blob: bytes, fresh_bounds: bool = False) -> None:
         """Make ``round`` current in the store, with a replay-window snapshot advanced to it and its influence
-        bounds (from ``previous``, the round being left, and the norms and counts of its accepted updates)."""
+        bounds (from ``previous``, the round being left, and the norms and counts of its accepted updates;
+        ``fresh_bounds``: the first round's bounds, as after a switch to another bundle version)."""
         self._catch_up()
         window = ReplayWindow.from_state(self._window.export_state())
         window.advance(round)
-        bounds = self._next_bounds(previous)
+        bounds = self._next_bounds(None if fresh_bounds else previous)
         if previous is not None and previous.closing is not None and previous.closing.result_blob is not None \
                 and previous.forward is None:
             self._pending["aggregate_unacknowledged"] += 1

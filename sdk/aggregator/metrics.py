@@ -89,6 +89,10 @@ class ServiceMetrics:
             "fleet": fleet, "tier": tier, "region": region or "", "member": member,
             "bundle_version": str(bundle_version), "version": __version__,
         })
+        self.bundle_version = Gauge("fedge_bundle_version",
+                                    "The bundle version this aggregator runs now (a release switches it at a round boundary).",
+                                    registry=r)
+        self.bundle_version.set(bundle_version)
         if process_metrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)

@@ -45,6 +45,7 @@ from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, Mess
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregator.candidates import CandidatePool
+from device_agent.release.carry import carry_parameters
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
 from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from sdk.aggregator.errors import RoundStateError
@@ -154,18 +155,8 @@ class RegionalAggregator(AggregatorTier):
     def __init__(self, config: RegionalConfig, *, store: AggregatorStore, rng: np.random.Generator | None = None) -> None:
         if not isinstance(config, RegionalConfig):
             raise TypeError("config must be a RegionalConfig")
-        intake = UpdateIntake(
-            config=config,
-            store=store,
-            identity=config.region,
-            kind=MessageKind.UPDATE,
-            region=config.region,
-            sender_keys=config.device_keys,
-            aggregation=config.aggregation,
-            weight_of=lambda header: float(header.sample_count),
-            influence=config.influence,
-        )
-        super().__init__(config=config, intake=intake, identity=config.region)
+        self._store = store
+        super().__init__(config=config, intake=self._make_intake(config), identity=config.region)
         if config.influence.unsafe:
             logger.warning("region %s: influence norm='unbounded': one device can move the model as far as it likes (unsafe)",
                            config.region)
@@ -174,6 +165,33 @@ class RegionalAggregator(AggregatorTier):
         self.candidates = CandidatePool()
         self._rng = rng if rng is not None else np.random.default_rng()
         self._answered: Counter[tuple[str, int]] = Counter()
+
+    def _make_intake(self, config: AggregatorConfig) -> UpdateIntake:
+        assert isinstance(config, RegionalConfig)
+        return UpdateIntake(
+            config=config,
+            store=self._store,
+            identity=config.region,
+            kind=MessageKind.UPDATE,
+            region=config.region,
+            sender_keys=config.device_keys,
+            aggregation=config.aggregation,
+            weight_of=lambda header: float(header.sample_count),
+            influence=config.influence,
+        )
+
+    @property
+    def config(self) -> RegionalConfig:
+        """The configuration in force (it changes when the region adopts another bundle version)."""
+        return self._regional
+
+    def adopt(self, config: AggregatorConfig) -> None:
+        """Run another bundle version (see :meth:`AggregatorTier.adopt`); FedFomo's pool of the old version is emptied."""
+        if not isinstance(config, RegionalConfig):
+            raise TypeError("config must be a RegionalConfig")
+        super().adopt(config)
+        self._regional = config
+        self.candidates = CandidatePool()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], config: RegionalConfig, *, member: str = "main",
@@ -213,7 +231,9 @@ class RegionalAggregator(AggregatorTier):
         if header.region is not None:
             raise self._reject_model("region", f"a model for region {header.region!r}, not a global model")
         if header.bundle_version != self._config.bundle_version:
-            raise self._reject_model("bundle_version", f"model for bundle {header.bundle_version}")
+            # The service switches versions (adopt) when it holds that bundle, then hands the model in again.
+            raise self._reject_model("bundle_version", f"model for bundle v{header.bundle_version}, this region runs "
+                                     f"v{self._config.bundle_version}")
         try:
             params = conform_params(self._config.spec, opened.tensors, what="global model")
         except (TypeError, ValueError) as exc:
@@ -338,6 +358,9 @@ class RegionalAggregator(AggregatorTier):
             # R_{r-1}: the closed round's result, or (abandoned round) the model it served.
             closed = record.closing.result_params if record.closing is not None else None
             previous = closed if closed is not None else record.base_params
+        if previous is not None and {n: v.shape for n, v in previous.items()} != {n: v.shape for n, v in global_params.items()}:
+            # The round before ran another bundle version: mix only what carries over (same name and shape).
+            previous = carry_parameters(previous, global_params).params
         served = mix_regional(previous, global_params, regional_weight=self._regional.regional_weight)
         return served, self._sign_model(round=round, params=served, region=self._regional.region)
 

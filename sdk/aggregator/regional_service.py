@@ -23,8 +23,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from device_agent.daemon.backoff import Backoff, BackoffPolicy
+from device_agent.errors import FedgeError
+from device_agent.protocol.envelope import verified_model_header
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.errors import ModelRejectedError
+from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.inbox import InboxLimits
 from sdk.aggregator.metrics import ServiceMetrics
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate
@@ -40,9 +43,14 @@ class RegionalService(MqttAggregatorService):
 
     def __init__(self, aggregator: RegionalAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
-                 inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None) -> None:
+                 inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None,
+                 follower: VersionFollower | None = None) -> None:
         self.aggregator = aggregator
         self.region = region
+        #: Follows the fleet's releases (None: the configured bundle for good); a root model of another
+        #: version switches the region at that round boundary once its bundle is in the library.
+        self.follower = follower
+        self._waiting_model: tuple[bytes, int] | None = None
         if metrics is None:
             metrics = ServiceMetrics(fleet=layout.fleet, tier="regional", region=region, member=aggregator.member,
                                      bundle_version=aggregator.config.bundle_version, clock=clock)
@@ -50,6 +58,8 @@ class RegionalService(MqttAggregatorService):
         aggregator.observe_commits(metrics.store_committed)
         if aggregator.pending_aggregate() is not None:
             metrics.aggregate_pending.set(1)
+        if follower is not None:
+            follower.attach(self.subscribe_topics, self.unsubscribe_topics)
         self._resend = Backoff(BackoffPolicy(initial_s=loop.resend_min_s, max_s=loop.resend_max_s))
         self._resend_at: float | None = None
 
@@ -73,6 +83,8 @@ class RegionalService(MqttAggregatorService):
                   self.layout.region_receipt(self.region)]
         if self.aggregator.fomo_enabled:
             topics.append(self.group_filter(self.layout.all_candidate_requests))
+        if self.follower is not None:
+            topics.extend(self.follower.subscriptions)
         return tuple(topics)
 
     def sender_of(self, topic: str) -> str | None:
@@ -91,6 +103,9 @@ class RegionalService(MqttAggregatorService):
         """Route one message: the root's model or receipt, a device's (possibly chunked) update or request."""
         if topic == self.layout.root_model:
             self.handle_root_model(payload)
+            return
+        if self.follower is not None and self.follower.handles(topic):
+            self.follower.handle(topic, payload)
             return
         if topic == self.layout.region_receipt(self.region):
             answer = self.aggregator.handle_root_receipt(payload)
@@ -122,8 +137,12 @@ class RegionalService(MqttAggregatorService):
         try:
             model = self.aggregator.handle_root_model(blob)
         except ModelRejectedError as exc:
+            if exc.reason == "bundle_version" and self._switch_for(blob):
+                self.handle_root_model(blob)
+                return
             self.count(f"model_refused:{exc.reason}")  # the aggregator counted and logged it as well
             return
+        self._waiting_model = None
         if self.publish(self.layout.global_model, model, retain=True):
             self.metrics.model_published()
         if self.aggregator.pending_aggregate() is None:
@@ -141,9 +160,37 @@ class RegionalService(MqttAggregatorService):
         self.on_tick()  # a quorum may have just been reached
         return handled
 
+    def _switch_for(self, blob: bytes) -> bool:
+        """A root model names another bundle version: adopt it if its bundle is in the library (True), else
+        keep the model and fetch that version (a release carries it); the round starts once it is here."""
+        if self.follower is None:
+            return False
+        try:
+            version = verified_model_header(blob, trusted_signers=self.aggregator.config.root_verify_key).bundle_version
+        except FedgeError:
+            return False
+        if self.follower.library.get(version) is None:
+            if self._waiting_model is None:
+                logger.warning("region %s: the root runs bundle v%d, which is not here yet; fetching it", self.region,
+                               version)
+            self._waiting_model = (blob, version)
+            self.follower.want(version)
+            return False
+        self._waiting_model = None
+        self.aggregator.adopt(self.follower.library.config_for(self.aggregator.config, version))
+        self.metrics.bundle_version.set(version)
+        return True
+
     def on_tick(self) -> None:
-        """Expire stale chunks; close the round when it should close; resend an unanswered aggregate when due."""
+        """Expire stale chunks; follow releases (a root model waiting for its bundle is taken once it is here);
+        close the round when it should close; resend an unanswered aggregate when due."""
         self._reassembler.expire()
+        if self.follower is not None:
+            self.follower.step()
+            waiting = self._waiting_model
+            if waiting is not None and self.follower.library.get(waiting[1]) is not None:
+                self._waiting_model = None
+                self.handle_root_model(waiting[0])
         if self.aggregator.should_close():
             self.forward_aggregate()
         elif self._resend_at is not None and self._clock() >= self._resend_at:

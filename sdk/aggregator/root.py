@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +36,20 @@ from sdk.aggregator.store import AggregatorStore
 from sdk.aggregator.tier import AggregatorTier, open_with_store
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VersionSwitch:
+    """A switch of the root to another bundle version at the next round boundary.
+
+    ``config``: the root's config for the new version (its spec and bundle
+    version). ``start``: the new version's first global model from the old
+    version's last one (the release's ``shared_start``: carried where names and
+    shapes match, or the new bundle's own weights).
+    """
+
+    config: RootConfig
+    start: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,10 +91,16 @@ class RootAggregator(AggregatorTier):
     def __init__(self, config: RootConfig, *, store: AggregatorStore) -> None:
         if not isinstance(config, RootConfig):
             raise TypeError("config must be a RootConfig")
+        self._store = store
+        super().__init__(config=config, intake=self._make_intake(config), identity=config.root_id)
+        self._root = config
+
+    def _make_intake(self, config: AggregatorConfig) -> UpdateIntake:
+        assert isinstance(config, RootConfig)
         uniform = config.weighting == "uniform"
-        intake = UpdateIntake(
+        return UpdateIntake(
             config=config,
-            store=store,
+            store=self._store,
             identity=config.root_id,
             kind=MessageKind.AGGREGATE,
             region=None,
@@ -89,8 +109,6 @@ class RootAggregator(AggregatorTier):
             weight_of=lambda header: 1.0 if uniform else float(header.sample_count),
             sender_is_region=True,
         )
-        super().__init__(config=config, intake=intake, identity=config.root_id)
-        self._root = config
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], config: RootConfig, *, member: str = "main") -> RootAggregator:
@@ -113,10 +131,13 @@ class RootAggregator(AggregatorTier):
         """
         return self._intake.handle(blob, topic_sender=topic_region)
 
-    def close_round(self) -> bytes:
+    def close_round(self, *, switch: VersionSwitch | None = None) -> bytes:
         """G_{r+1} = G_r + the weighted mean of the regions' deltas, signed; round r+1 starts with it.
 
-        With no aggregate accepted, G_{r+1} = G_r (logged). RoundStateError before the first round.
+        With no aggregate accepted, G_{r+1} = G_r (logged). ``switch``: round r+1
+        runs another bundle version (docs/rollout.md): its G_{r+1} is ``switch.start``
+        applied to the old G_{r+1}, signed with the new version, and the root
+        adopts ``switch.config`` once that round is stored. RoundStateError before the first round.
         """
         with self._intake.write_transaction():
             record = self._intake.store.load_round()
@@ -130,14 +151,32 @@ class RootAggregator(AggregatorTier):
                 self._intake.count("regions_missing", len(missing))
                 logger.warning("root round %d closed without %d region(s): %s", record.round, len(missing), ", ".join(missing))
             new_global = apply_delta(record.global_params, merged.mean_delta)
-            blob = self._sign_model(round=record.round + 1, params=new_global, region=None)
+            version = None
+            if switch is not None:
+                new_global = switch.start(new_global)
+                version = switch.config.bundle_version
+            blob = self._sign_model(round=record.round + 1, params=new_global, region=None, bundle_version=version)
             self._intake.write_round_start(previous=record, round=record.round + 1, global_params=new_global,
-                                           base_params=new_global, model_blob=blob)
+                                           base_params=new_global, model_blob=blob, fresh_bounds=switch is not None)
             logger.debug(
                 "root round %d closed: %d regions, %d samples", record.round, merged.update_count, merged.sample_count
             )
+        if switch is not None:
+            self.adopt(switch.config)
         self._intake.refresh()
         return blob
+
+    @property
+    def config(self) -> RootConfig:
+        """The configuration in force (it changes when the root adopts another bundle version)."""
+        return self._root
+
+    def adopt(self, config: AggregatorConfig) -> None:
+        """Run another bundle version (see :meth:`AggregatorTier.adopt`)."""
+        if not isinstance(config, RootConfig):
+            raise TypeError("config must be a RootConfig")
+        super().adopt(config)
+        self._root = config
 
     def _missing_regions(self, round: int) -> list[str]:
         """Regions with a known key that had no aggregate accepted for ``round`` (empty for a key lookup function)."""

@@ -349,6 +349,16 @@ class MqttAggregatorService:
             self.count("handler_error")
             logger.exception("aggregator service: %s failed", what)
 
+    def subscribe_topics(self, topics: Sequence[str]) -> None:
+        """Subscribe (QoS 1) to ``topics`` now (not renewed on reconnect: callers ask again, as the release follower does)."""
+        if topics:
+            self._client.subscribe([(topic, 1) for topic in topics])
+
+    def unsubscribe_topics(self, topics: Sequence[str]) -> None:
+        """Unsubscribe from ``topics``."""
+        if topics:
+            self._client.unsubscribe(list(topics))
+
     def group_filter(self, topic_filter: str) -> str:
         """``topic_filter`` behind ``$share/<group>/`` when ``broker.share_group`` is set, else unchanged."""
         group = self.broker.share_group

@@ -28,6 +28,7 @@ from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
 from device_agent.keys import load_encryption_key, load_recipient_key, load_signing_key, load_verify_key
 from device_agent.protocol.headers import MAX_CANDIDATES
+from device_agent.release.settings import ReleaseSettings
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 from sdk.aggregator.regional import RegionalConfig
@@ -138,9 +139,26 @@ def check_listen_address(bind: str, port: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ServiceRelease:
+    """The ``[release]`` table: follow the fleet's releases (docs/rollout.md).
+
+    ``settings``: the TUF trust anchor (``root_file``) and download pacing.
+    ``library``: where verified bundles are kept (default ``<store>.bundles``);
+    ``state_dir``: the release client's metadata and downloads (``<store>.release``).
+    ``bundle`` and ``fleet_public_key``: the configured bundle and the key bundles must be signed with.
+    """
+
+    settings: ReleaseSettings
+    library: Path
+    state_dir: Path
+    bundle: Path
+    fleet_public_key: Path
+
+
+@dataclass(frozen=True, kw_only=True)
 class RegionalServiceConfig:
     """Everything ``fedge aggregator regional`` needs: the aggregator, its store and member name, broker, loop,
-    metrics endpoint (None: none)."""
+    metrics endpoint (None: none), and (``release``; None: the configured bundle for good) how it follows releases."""
 
     aggregator: RegionalConfig
     store: Path
@@ -148,6 +166,7 @@ class RegionalServiceConfig:
     broker: BrokerSettings
     loop: LoopSettings = LoopSettings()
     metrics: MetricsSettings | None = None
+    release: ServiceRelease | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +182,7 @@ class RootServiceConfig:
     metrics: MetricsSettings | None = None
     bundle: Path
     fleet_public_key: Path
+    release: ServiceRelease | None = None
 
 
 def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
@@ -188,9 +208,11 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
     broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
     loop = _loop(top)
     metrics = _metrics(top)
+    release = _release(top, store=store, bundle=agg.path("bundle"), fleet_public_key=agg.path("fleet_public_key"))
     agg.done()
     top.done()
-    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics)
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                                 release=release)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:
@@ -216,10 +238,11 @@ def load_root_service_config(path: str | Path) -> RootServiceConfig:
     broker = _broker(top, default_client_id=f"fedge-{fleet}-root-{member}")
     loop = _loop(top)
     metrics = _metrics(top)
+    release = _release(top, store=store, bundle=bundle, fleet_public_key=agg.path("fleet_public_key"))
     agg.done()
     top.done()
     return RootServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
-                             bundle=bundle, fleet_public_key=agg.path("fleet_public_key"))
+                             bundle=bundle, fleet_public_key=agg.path("fleet_public_key"), release=release)
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -381,6 +404,25 @@ def _metrics(top: TomlTable) -> MetricsSettings | None:
     ))
     table.done()
     return settings
+
+
+def _release(top: TomlTable, *, store: Path, bundle: Path, fleet_public_key: Path) -> ServiceRelease | None:
+    """``[release]``: absent, the service runs its configured bundle for good."""
+    table = top.optional_table("release")
+    if table is None:
+        return None
+    settings = _build(table, "root_file", ReleaseSettings, dict(
+        root_file=table.path("root_file", must_exist=True),
+        window=table.integer("window", 8, minimum=1, maximum=64),
+        chunks_per_s=table.number("chunks_per_second", 100.0, positive=True),
+        chunk_timeout_s=table.number("chunk_timeout_s", 15.0, positive=True),
+        settle_s=table.number("settle_s", 0.5, minimum=0.0),
+        recheck_s=table.number("recheck_s", 300.0, positive=True),
+    ))
+    library = table.path("library", store.with_name(store.name + ".bundles"))
+    table.done()
+    return ServiceRelease(settings=settings, library=library, state_dir=store.with_name(store.name + ".release"),
+                          bundle=bundle, fleet_public_key=fleet_public_key)
 
 
 def _key(table: TomlTable, key: str, load: Callable[[Path], _K]) -> _K:

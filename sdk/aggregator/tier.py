@@ -20,7 +20,7 @@ from typing import Self, TypeVar
 
 import numpy as np
 
-from device_agent.protocol.envelope import sign_model
+from device_agent.protocol.envelope import sign_model, verified_model_header
 from device_agent.protocol.headers import ModelHeader
 from sdk.aggregator.config import AggregatorConfig, conform_params
 from sdk.aggregator.errors import ModelRejectedError
@@ -58,14 +58,45 @@ class AggregatorTier:
         self._closed = False
 
     @property
+    def config(self) -> AggregatorConfig:
+        """The configuration in force (it changes when the aggregator adopts another bundle version)."""
+        return self._config
+
+    @property
+    def bundle_version(self) -> int:
+        """The bundle version this aggregator runs (every update must name it)."""
+        return self._config.bundle_version
+
+    def adopt(self, config: AggregatorConfig) -> None:
+        """Run another bundle version from now on (``config``: this one with another spec and bundle version).
+
+        Called at a round boundary (docs/rollout.md, "Version switch at a round
+        boundary"); the store and every durable record stay, only what an update
+        must look like changes. TypeError for another kind of config.
+        """
+        if type(config) is not type(self._config):
+            raise TypeError(f"config must be a {type(self._config).__name__}")
+        logger.warning("switching from bundle v%d to v%d", self._config.bundle_version, config.bundle_version)
+        self._config = config
+        self._intake = self._make_intake(config)
+
+    def _make_intake(self, config: AggregatorConfig) -> UpdateIntake:
+        raise NotImplementedError
+
+    def model_version(self, blob: bytes) -> int:
+        """The bundle version named by a model this aggregator signed (verified with its own key)."""
+        return verified_model_header(blob, trusted_signers=self._config.signing_key.public_key()).bundle_version
+
+    def stored_version(self) -> int | None:
+        """The bundle version of the stored current round (None before the first): what a restart must run."""
+        model = self.current_model()
+        return None if model is None else self.model_version(model)
+
+    @property
     def identity(self) -> str:
         """The sender id this aggregator signs as (receipts, models, aggregates)."""
         return self._identity
 
-    @property
-    def config(self) -> AggregatorConfig:
-        """The configuration this aggregator runs with."""
-        return self._config
 
     @property
     def member(self) -> str:
@@ -135,7 +166,10 @@ class AggregatorTier:
         return ModelRejectedError(reason, detail)
 
     def _start(self, round: int, global_params: Mapping[str, np.ndarray], serve: ServeModel) -> bytes:
-        """Start ``round`` from ``global_params``: the signed model to publish (the stored one if already current)."""
+        """Start ``round`` from ``global_params``: the signed model to publish (the stored one if already current).
+
+        A round whose bundle version differs from the stored round's starts with fresh
+        influence bounds (the previous version's norms say nothing about the new model)."""
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise ValueError(f"round must be an integer >= 0, got {round!r}")
         params = conform_params(self._config.spec, global_params, what="global model")
@@ -151,17 +185,19 @@ class AggregatorTier:
                     self._intake.count("abandoned_updates", abandoned)
                     logger.warning("round %d abandoned with %d accepted updates: round %d started", record.round, abandoned, round)
             base, blob = serve(record, round, params)
-            self._intake.write_round_start(previous=record, round=round, global_params=params, base_params=base, model_blob=blob)
+            self._intake.write_round_start(previous=record, round=round, global_params=params, base_params=base, model_blob=blob,
+                                           fresh_bounds=record is not None and self.model_version(record.model_blob) != self._config.bundle_version)
         self._intake.refresh()
         logger.debug("round %d started", round)
         return blob
 
-    def _sign_model(self, *, round: int, params: Mapping[str, np.ndarray], region: str | None) -> bytes:
+    def _sign_model(self, *, round: int, params: Mapping[str, np.ndarray], region: str | None,
+                    bundle_version: int | None = None) -> bytes:
         header = ModelHeader.create(
             fleet=self._config.fleet,
             sender=self._identity,
             round=round,
-            bundle_version=self._config.bundle_version,
+            bundle_version=self._config.bundle_version if bundle_version is None else bundle_version,
             region=region,
             clock=self._config.wall_clock,
         )

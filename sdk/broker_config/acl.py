@@ -36,12 +36,13 @@ def render_region_acl(topology: Topology, region: Region) -> str:
     parts = [
         _HEADER.format(what=f"region {region.name}", fleet=topology.fleet),
         "# Devices (username = device id): write only their own uplink, status and presence,\n"
-        "# read only their own downlink and the region's model.\n"
+        "# read only their own downlink, the region's model and the releases (bridged in from the root).\n"
         f"pattern write {base}/dev/%u/up/#\n"
         f"pattern write {base}/dev/%u/status\n"
         f"pattern write {base}/dev/%u/presence\n"
         f"pattern read {base}/dev/%u/down/#\n"
-        f"pattern read {base}/model/#\n",
+        f"pattern read {base}/model/#\n"
+        f"pattern read {base}/release/#\n",
     ]
     parts += [
         _user_block(f"Aggregator of region {region.name}: the whole fleet subtree on this broker.",
@@ -75,6 +76,7 @@ def render_root_acl(topology: Topology) -> str:
                 ("write", bridge_state_topic(topology, region.name)),
                 ("read", f"{base}/root/model/#"),
                 ("read", f"{base}/region/{region.name}/down/#"),
+                ("read", f"{base}/release/#"),
             ],
         )
         for region in topology.regions
@@ -83,6 +85,11 @@ def render_root_acl(topology: Topology) -> str:
         _user_block("Root aggregator: the whole fleet subtree.", username, [("readwrite", f"{base}/#")])
         for username in topology.root.aggregators
     ]
+    if topology.release is not None:
+        parts.append(_user_block(
+            "Release tools (publish, controller): the release metadata and bundle chunks; every region's device statuses.",
+            topology.release,
+            [("readwrite", f"{base}/release/#"), ("read", f"{base}/region/+/dev/+/status")]))
     if topology.monitor is not None:
         parts.append(_user_block(
             "Monitoring (read only): every region's device statuses, the root model, the bridge states.",

@@ -138,6 +138,7 @@ def render_bridge_conf(topology: Topology, region: Region, *, paths: BrokerPaths
     uplink = f"{base}/region/{region.name}/up/"
     downlink = f"{base}/region/{region.name}/down/"
     model = f"{base}/root/model/"
+    release = f"{base}/release/"
     devices = f"{base}/dev/"
     statuses = f"{base}/region/{region.name}/dev/"
     base_s, cap_s = BRIDGE_RESTART_TIMEOUT
@@ -160,11 +161,13 @@ notification_topic {bridge_state_topic(topology, region.name)}
 
 # topic PATTERN DIRECTION QOS LOCAL-PREFIX REMOTE-PREFIX
 # Out: the region's aggregates, and its devices' signed statuses (retained) under the region's subtree at the root.
-# In: the root's models, and the root's signed receipts for this region's aggregates.
+# In: the root's models, the root's signed receipts for this region's aggregates, and the releases
+# (retained TUF metadata and bundle chunks, kept retained here for the region's devices).
 topic # out 1 {uplink} {uplink}
 topic +/status out 1 {devices} {statuses}
 topic # in 1 {model} {model}
 topic # in 1 {downlink} {downlink}
+topic # in 1 {release} {release}
 """
     if topology.tls.enabled:
         text += f"\nbridge_cafile {paths.of(layout.CA_FILE)}\nbridge_tls_version tlsv1.2\n"

@@ -40,6 +40,10 @@ _HOST_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")
 _MAX_MQTT_PAYLOAD = 268_435_455
 DEFAULT_MESSAGE_SIZE_LIMIT = 5 * 1024 * 1024
 DEFAULT_MONITOR = "fedge-monitor"
+DEFAULT_RELEASE = "fedge-release"
+"""The root broker account of the release tools (publisher, controller) unless ``[release] username`` says otherwise."""
+RELEASE_POLICY_KEYS = ("root_keys", "root_threshold", "targets_keys", "targets_threshold")
+"""``[release]`` keys that configure no broker (the release keys' policy, read by ``fedge fleet init``)."""
 """The read-only monitoring account's name unless ``[monitor] username`` says otherwise."""
 FLEET_SECTIONS = frozenset({"devices", "aggregators"})
 """Top-level tables of a topology file that ``fedge fleet init`` reads and the broker generator ignores."""
@@ -171,6 +175,7 @@ class Role(str, Enum):
     AGGREGATOR = "aggregator"
     BRIDGE = "bridge"
     MONITOR = "monitor"
+    RELEASE = "release"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,6 +199,8 @@ class Topology:
 
     ``monitor``: the read-only monitoring account (statuses, presence, models,
     bridge states; never updates), present at every broker; None: no such account.
+    ``release``: the release tools' account at the root broker (writes release
+    metadata and bundle chunks, reads statuses); None: no such account.
     """
 
     fleet: str
@@ -203,6 +210,7 @@ class Topology:
     message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT
     topic_prefix: str = "fedge"
     monitor: str | None = DEFAULT_MONITOR
+    release: str | None = DEFAULT_RELEASE
 
     def __post_init__(self) -> None:
         _check_account("fleet", self.fleet)
@@ -221,6 +229,8 @@ class Topology:
             raise TopologyError(f"message_size_limit must be an integer in 1..{_MAX_MQTT_PAYLOAD}, not {limit!r}")
         if self.monitor is not None:
             _check_account("monitor account", self.monitor)
+        if self.release is not None:
+            _check_account("release account", self.release)
         seen: dict[str, Account] = {}
         for account in self.accounts():
             if account.username in seen and not (account.role is Role.MONITOR and seen[account.username].role is Role.MONITOR):
@@ -263,6 +273,8 @@ class Topology:
         if self.monitor is not None:
             found += [Account(username=self.monitor, role=Role.MONITOR, broker=b, region=None)
                       for b in (ROOT, *(r.name for r in self.regions))]
+        if self.release is not None:
+            found.append(Account(username=self.release, role=Role.RELEASE, broker=ROOT, region=None))
         return tuple(a for a in found if broker is None or a.broker == broker)
 
     def with_addresses(self, addresses: Mapping[str, BrokerAddress]) -> Topology:
@@ -360,11 +372,16 @@ def parse_topology(text: str) -> Topology:
     root = _Table("root", top.take("root", dict))
     raw_regions = top.take("regions", list)
     monitor = _Table("monitor", top.take("monitor", dict, {}))
+    release = _Table("release", top.take("release", dict, {}))
     for section in FLEET_SECTIONS:  # fedge fleet init's; they configure no broker
         top.take(section, dict, None)
     top.done()
     monitor_enabled, monitor_name = monitor.take("enabled", bool, True), monitor.take("username", str, DEFAULT_MONITOR)
     monitor.done()
+    release_enabled, release_name = release.take("enabled", bool, True), release.take("username", str, DEFAULT_RELEASE)
+    for key in RELEASE_POLICY_KEYS:  # checked and used by fedge fleet init (sdk.release.fleet_setup)
+        release.take(key, int, None)
+    release.done()
 
     tls_settings = TlsSettings(
         enabled=tls.take("enabled", bool, False),
@@ -383,6 +400,7 @@ def parse_topology(text: str) -> Topology:
         regions=regions,
         tls=tls_settings,
         monitor=monitor_name if monitor_enabled else None,
+        release=release_name if release_enabled else None,
     )
     fleet.done()
     return topology

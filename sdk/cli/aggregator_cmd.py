@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,22 +18,24 @@ from types import FrameType
 import click
 import numpy as np
 
-from device_agent.bundle.archive import install_bundle
 from device_agent.daemon.errors import ConfigError
 from device_agent.errors import FedgeError
 from device_agent.keys import load_verify_key
 from device_agent.protocol.topics import TopicLayout
-from device_agent.trainer import DeviceTrainer
 from sdk.aggregator import RegionalAggregator, RootAggregator
+from sdk.aggregator.bundles import BundleLibrary, initial_shared_weights
+from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.metrics_endpoint import MetricsEndpoint
 from sdk.aggregator.mqtt_service import MqttAggregatorService, RegionalService, RootService, ServiceReport
 from sdk.aggregator.registry import KeyRegistry
 from sdk.aggregator.service_config import (
     MetricsSettings,
     RootServiceConfig,
+    ServiceRelease,
     load_regional_service_config,
     load_root_service_config,
 )
+from sdk.aggregator.tier import AggregatorTier
 from sdk.cli.family import InputError, examples, service_logging
 
 logger = logging.getLogger(__name__)
@@ -62,11 +63,13 @@ def regional(ctx: click.Context, config_path: Path, max_seconds: float | None) -
         settings = load_regional_service_config(config_path)
         layout = TopicLayout(fleet=settings.aggregator.fleet)
         with RegionalAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
+            follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id,
+                                       region=settings.aggregator.region)
             service = RegionalService(agg, region=settings.aggregator.region, layout=layout,
-                                      broker=settings.broker, loop=settings.loop)
+                                      broker=settings.broker, loop=settings.loop, follower=follower)
             logger.info("regional aggregator %s of fleet %s: store %s, bundle v%d, quorum %d, deadline %g s",
                         settings.aggregator.region, settings.aggregator.fleet, settings.store,
-                        settings.aggregator.bundle_version, settings.aggregator.policy.quorum,
+                        agg.bundle_version, settings.aggregator.policy.quorum,
                         settings.aggregator.policy.deadline_s)
             _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.device_keys)
     except (ConfigError, FedgeError) as exc:
@@ -86,14 +89,35 @@ def root(ctx: click.Context, config_path: Path, max_seconds: float | None) -> No
         layout = TopicLayout(fleet=settings.aggregator.fleet)
         with RootAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
             initial = initial_shared_params(settings) if agg.current_model() is None else None
-            service = RootService(agg, layout=layout, broker=settings.broker, loop=settings.loop, initial_params=initial)
+            follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id, region=None)
+            service = RootService(agg, layout=layout, broker=settings.broker, loop=settings.loop, initial_params=initial,
+                                  follower=follower)
             logger.info("root aggregator of fleet %s: store %s, bundle v%d, quorum %d of the regions, deadline %g s",
-                        settings.aggregator.fleet, settings.store, settings.aggregator.bundle_version,
+                        settings.aggregator.fleet, settings.store, agg.bundle_version,
                         settings.aggregator.policy.quorum,
                         settings.aggregator.policy.deadline_s)
             _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.region_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def follow_releases(release: ServiceRelease | None, agg: AggregatorTier, *, layout: TopicLayout, identity: str,
+                    region: str | None) -> VersionFollower | None:
+    """The service's release follower (None without ``[release]``), after putting ``agg`` on the bundle version
+    its stored round runs (a restart after a switch); FedgeError when that bundle is not in the library."""
+    if release is None:
+        return None
+    keys = load_verify_key(release.fleet_public_key)
+    library = BundleLibrary(release.library, keys, configured=release.bundle)
+    stored = agg.stored_version()
+    if stored is not None and stored != agg.bundle_version:
+        if library.get(stored) is None:
+            raise FedgeError(f"the store runs bundle v{stored} but neither the configured bundle nor the library "
+                             f"({release.library}) has it")
+        agg.adopt(library.config_for(agg.config, stored))
+    return VersionFollower(release.settings, fleet=layout.fleet, identity=identity, region=region,
+                           directory=release.state_dir, layout=layout, library=library, fleet_keys=keys,
+                           configured_version=library.configured_version)
 
 
 def _serve(service: MqttAggregatorService, metrics: MetricsSettings | None, max_seconds: float | None, *,
@@ -115,10 +139,7 @@ def _serve(service: MqttAggregatorService, metrics: MetricsSettings | None, max_
 
 def initial_shared_params(settings: RootServiceConfig) -> dict[str, np.ndarray]:
     """The bundle's initial shared weights (round 0's global model), read through ONNX Runtime from its checkpoint."""
-    fleet_key = load_verify_key(settings.fleet_public_key)
-    with tempfile.TemporaryDirectory(prefix="fedge-root-bundle-") as scratch:
-        bundle = install_bundle(settings.bundle, fleet_key, Path(scratch) / "bundle")
-        return DeviceTrainer(bundle).get_shared()
+    return initial_shared_weights(settings.bundle, load_verify_key(settings.fleet_public_key))
 
 
 @contextlib.contextmanager

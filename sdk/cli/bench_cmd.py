@@ -240,6 +240,30 @@ def flood(devices: int, flood: int, repeats: int, receipt_timeout: float, out: P
     click.echo(f"wrote {out}")
 
 
+@bench.command("release", epilog=examples("fedge bench release", "fedge bench release --repeats 1 --releases 3"))
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Fresh processes per variant (alternating); medians reported.")
+@click.option("--releases", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Releases in the repository a device refreshes from.")
+@click.option("--bundle-kib", type=click.IntRange(min=1), default=1024, show_default=True, help="Size of the bundle checked.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/release.json"), show_default=True)
+def release(repeats: int, releases: int, bundle_kib: int, out: Path) -> None:
+    """What following releases with python-tuf costs a device: installed size, import time and RSS, refresh + verify."""
+    from tqdm import tqdm
+
+    from sdk.bench.release_bench import OTHERS, TUF_STACK, format_table, installed_mib, measure_imports, measure_verify, \
+        write_json
+
+    sizes = installed_mib(TUF_STACK + OTHERS)
+    with tqdm(total=repeats * 4, desc="release bench", unit="process") as bar:
+        imports = measure_imports(repeats, progress=bar.update)
+        verify = [measure_verify(releases=1, bundle_kib=bundle_kib, repeats=repeats, progress=bar.update),
+                  measure_verify(releases=releases, bundle_kib=bundle_kib, repeats=repeats, progress=bar.update)]
+    click.echo(format_table(sizes, imports, verify))
+    write_json(out, sizes, imports, verify)
+    click.echo(f"wrote {out}")
+
+
 @bench.command("attack")
 @click.option("--rounds", type=click.IntRange(min=1), default=15, show_default=True, help="Rounds per run, attacked every round.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -14,6 +14,7 @@ from sdk.cli.demo_cmd import demo
 from sdk.cli.family import FedgeGroup, add_verbosity_everywhere, configure_logging, examples, verbosity_options
 from sdk.cli.fleet_cmd import fleet
 from sdk.cli.keys_cmd import keys
+from sdk.cli.release_cmd import release
 from sdk.cli.simulate_cmd import simulate
 
 
@@ -47,6 +48,7 @@ cli.add_command(aggregator)
 cli.add_command(dashboard)
 cli.add_command(broker_config, name="broker-config")
 cli.add_command(fleet)
+cli.add_command(release)
 add_verbosity_everywhere(cli)
 
 

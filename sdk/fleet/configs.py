@@ -71,6 +71,7 @@ def render_agent_toml(spec: FleetSpec, *, device: str, region: Region) -> str:
     for name in ("training", "submit", "backoff"):
         if name in defaults.sections:
             data[name] = dict(defaults.sections[name])
+    data["release"] = {"root_file": _s(layout.TRUST_ANCHOR), **defaults.sections.get("release", {})}
     return _text(f"device {device} of fleet {topology.fleet}, region {region.name}",
                  "docs/device-agent.md, 'Configuration reference'", data)
 
@@ -115,6 +116,7 @@ def render_regional_toml(spec: FleetSpec, *, region: Region, devices: int) -> st
     }
     if "service" in agg.sections:
         data["service"] = dict(agg.sections["service"])
+    data["release"] = {"root_file": _s(layout.TRUST_ANCHOR)}
     return _text(f"the aggregator service of region {region.name}, fleet {topology.fleet} "
                  f"(fedge aggregator regional --config regional.toml)", "docs/aggregation.md, 'Running the services'", data)
 
@@ -140,5 +142,6 @@ def render_root_toml(spec: FleetSpec) -> str:
     }
     if "service" in spec.aggregators.sections:
         data["service"] = dict(spec.aggregators.sections["service"])
+    data["release"] = {"root_file": _s(layout.TRUST_ANCHOR)}
     return _text(f"the root aggregator service of fleet {topology.fleet} (fedge aggregator root --config root.toml)",
                  "docs/aggregation.md, 'Running the services'", data)

@@ -5,7 +5,8 @@ Fleet directory (the operator's; keep ``keys/`` and ``brokers/pki/`` offline)::
     topology.toml            the topology it was made from (regions, brokers; the device lists there are the first ones)
     inventory.json           the devices as they are now: region, key id; revoked keys (fedge fleet add/remove/rekey/move)
     keys/fleet.key .pub      the bundle signing key (fedge bundle build --key FLEET/keys/fleet.key)
-    keys/release/            reserved for release-metadata keys (rollout over MQTT)
+    keys/release/            the release roles' keys (sdk.release.keys; root and targets belong offline)
+    release/repository/      the fleet's TUF repository (fedge release publish); release/root.json its trust anchor
     bundles/model.fedge      the fleet's current bundle (copied into every aggregator and device directory)
     brokers/                 fedge broker-config's output: root/ <region>/ (one per broker host), credentials/, pki/
     aggregators/root/        the root service: root.toml, keys/, regions/<region>.pub, bundles/, its store
@@ -23,7 +24,7 @@ except what the agent writes (``[devices] state_dir``)::
     keys/fleet.pub           the bundle signing key it trusts
     keys/root.pub keys/region.pub keys/aggregator.x25519.pub   its aggregators' keys
     keys/ca.pem              the fleet CA, when TLS is on (keys/client.crt, keys/client.key with mTLS)
-    keys/release/            reserved for the release root of trust (rollout over MQTT)
+    keys/release/root.json   the release root of trust (TUF root v1; newer roots arrive over MQTT)
     bundles/model.fedge      the bundle it starts from
 """
 
@@ -73,6 +74,9 @@ DEVICE_CA = KEYS_DIR / "ca.pem"
 DEVICE_CLIENT_CERT = KEYS_DIR / "client.crt"
 DEVICE_CLIENT_KEY = KEYS_DIR / "client.key"
 DEVICE_RELEASE_DIR = KEYS_DIR / "release"
+RELEASE_ROOT = PurePosixPath("release") / "root.json"
+TRUST_ANCHOR = KEYS_DIR / "release" / "root.json"
+"""The release trust anchor inside a device's or an aggregator's directory (``[release] root_file``)."""
 
 
 def aggregator_dir(site: str) -> PurePosixPath:

@@ -35,6 +35,7 @@ from sdk.fleet.configs import render_agent_toml, render_regional_toml, render_ro
 from sdk.fleet.inventory import DeviceEntry, Inventory, save_inventory
 from sdk.fleet.spec import FleetSpec
 from sdk.fleet.writes import link_or_copy, make_dir, write_file
+from sdk.release.fleet_setup import init_release, key_policy
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def write_device_dir(fleet_dir: Path, spec: FleetSpec, *, device: str, region: R
     write_file(staging / layout.MQTT_PASSWORD, password + "\n", secret=True)
     aggregator = fleet_dir / layout.aggregator_dir(region.name)
     copies = {
+        layout.TRUST_ANCHOR: fleet_dir / layout.RELEASE_ROOT,
         layout.DEVICE_FLEET_PUB: fleet_dir / layout.FLEET_PUB,
         layout.DEVICE_ROOT_PUB: fleet_dir / layout.aggregator_dir(layout.ROOT_SITE) / layout.SIGNING_PUB,
         layout.DEVICE_REGION_PUB: aggregator / layout.SIGNING_PUB,
@@ -91,6 +93,7 @@ def write_device_dir(fleet_dir: Path, spec: FleetSpec, *, device: str, region: R
     if spec.topology.tls.enabled:
         copies[layout.DEVICE_CA] = credentials / CA_CERT_NAME
     for name, source in copies.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, staging / name)
     if spec.topology.tls.require_client_certs:
         account = Account(username=device, role=Role.DEVICE, broker=region.name, region=region.name)
@@ -124,6 +127,7 @@ def _write_aggregators(fleet_dir: Path, spec: FleetSpec, *, inventory: Inventory
     _write_keypair(root_dir, layout.SIGNING_KEY, layout.SIGNING_PUB, root_sign)
     _write_keypair(root_dir, layout.ENCRYPTION_KEY, layout.ENCRYPTION_PUB, root_enc)
     shutil.copyfile(fleet_dir / layout.FLEET_PUB, root_dir / layout.AGGREGATOR_FLEET_PUB)
+    _copy_trust_anchor(fleet_dir, root_dir)
     account = Account(username=topology.root.aggregators[0], role=Role.AGGREGATOR, broker=ROOT, region=None)
     write_file(root_dir / layout.MQTT_PASSWORD, _account_password(fleet_dir, account) + "\n", secret=True)
     make_dir(root_dir / layout.REGION_KEYS_DIR)
@@ -138,6 +142,7 @@ def _write_aggregators(fleet_dir: Path, spec: FleetSpec, *, inventory: Inventory
         save_public_key(root_sign.public_key(), directory / layout.ROOT_VERIFY_PUB)
         save_public_key(root_enc.public_key(), directory / layout.ROOT_ENCRYPTION_PUB)
         shutil.copyfile(fleet_dir / layout.FLEET_PUB, directory / layout.AGGREGATOR_FLEET_PUB)
+        _copy_trust_anchor(fleet_dir, directory)
         account = Account(username=region.aggregators[0], role=Role.AGGREGATOR, broker=region.name, region=region.name)
         write_file(directory / layout.MQTT_PASSWORD, _account_password(fleet_dir, account) + "\n", secret=True)
         make_dir(directory / layout.REGISTRY_DIR)
@@ -147,6 +152,12 @@ def _write_aggregators(fleet_dir: Path, spec: FleetSpec, *, inventory: Inventory
         sites[region.name] = directory
     write_file(root_dir / layout.ROOT_CONFIG, render_root_toml(spec), secret=False)
     return sites
+
+
+def _copy_trust_anchor(fleet_dir: Path, directory: Path) -> None:
+    """The release root of trust (``keys/release/root.json``) into an aggregator directory."""
+    make_dir((directory / layout.TRUST_ANCHOR).parent, secret=True)
+    shutil.copyfile(fleet_dir / layout.RELEASE_ROOT, directory / layout.TRUST_ANCHOR)
 
 
 def revoked_text(inventory: Inventory) -> str:
@@ -205,6 +216,7 @@ def init_fleet(
     write_file(out / layout.TOPOLOGY_FILE, topology_text, secret=False)
     make_dir(out / layout.KEYS_DIR, secret=True)
     make_dir(out / layout.RELEASE_KEYS_DIR, secret=True)
+    init_release(out, policy=key_policy(topology_text))  # release keys, TUF repository, release/root.json
     fleet_key = fleet_key if fleet_key is not None else Ed25519PrivateKey.generate()
     _write_keypair(out, layout.FLEET_KEY, layout.FLEET_PUB, fleet_key)
     topology = spec.topology

@@ -10,9 +10,9 @@ read here, and ignored by the broker generator:
     directory; a relative path is taken inside each provisioning directory,
     for fleets that run on one machine), ``data_path`` and ``validation_path``
     (default ``<state_dir>/data/local.npz`` and none), and the sub-tables
-    ``[devices.training]``, ``[devices.submit]``, ``[devices.backoff]`` and
-    ``[devices.broker]`` copied into every ``agent.toml`` as they are (the
-    agent's own parser checks them: docs/device-agent.md).
+    ``[devices.training]``, ``[devices.submit]``, ``[devices.backoff]``,
+    ``[devices.broker]`` and ``[devices.release]`` copied into every
+    ``agent.toml`` as they are (the agent's own parser checks them: docs/device-agent.md).
 ``[aggregators]``
     ``deadline_s`` (default 300) and ``quorum_fraction`` (default 1.0: a
     region's round closes when every device it knows answered, or at the
@@ -39,7 +39,7 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
 
 DEFAULT_STATE_DIR = "/var/lib/fedge"
 """Where an agent keeps what it writes, on a device built from the firmware overlay (its unit's StateDirectory)."""
-_DEVICE_PASSTHROUGH = ("training", "submit", "backoff", "broker")
+_DEVICE_PASSTHROUGH = ("training", "submit", "backoff", "broker", "release")
 _AGGREGATOR_PASSTHROUGH = ("service", "regional")
 
 

@@ -15,6 +15,7 @@ import pytest
 from device_agent.bundle.archive import install_bundle, load_bundle
 from device_agent.bundle.install_policy import BundleDowngradeError, read_record, versions_dir
 from device_agent.cli import main as agent_main
+from device_agent.errors import BundleError
 from device_agent.keys import save_public_key
 from tests.device_agent.bundle.resign import resigned
 
@@ -137,3 +138,44 @@ def test_install_survives_kill_9_at_random_moments(bundle_factory, fleet_key, tm
         seen.add((version, finished))
     assert any(not finished for _, finished in seen), "no kill landed mid-install; shorten the waits"
     assert len(seen) >= 2, seen
+
+
+def test_revert_returns_to_the_kept_version_and_refuses_the_failed_one_for_good(versions, fleet_key, tmp_path: Path):
+    from device_agent.bundle.archive import previous_bundle, revert_bundle
+    from device_agent.bundle.install_policy import BundleFailedError
+
+    dest = tmp_path / "bundle"
+    key = fleet_key.public_key()
+    install_bundle(versions[1], key, dest)
+    install_bundle(versions[2], key, dest)
+    assert previous_bundle(dest, key).manifest.bundle_version == 1
+    with pytest.raises(BundleDowngradeError):  # no failure, no withdrawal: the rule says no
+        revert_bundle(dest, key, marked_failed=False, withdrawn=False)
+    back = revert_bundle(dest, key, marked_failed=True, withdrawn=False)
+    assert back.manifest.bundle_version == 1
+    assert load_bundle(dest, key).manifest.bundle_version == 1
+    assert read_record(dest).bundle_version == 2, "the floor stays at the failed version"
+    with pytest.raises(BundleFailedError):  # the failed bundle itself: never again, also after a reboot
+        install_bundle(versions[2], key, dest)
+    with pytest.raises(BundleError, match="no older version is kept"):  # and no walking further down
+        revert_bundle(dest, key, marked_failed=True, withdrawn=True)
+    assert install_bundle(versions[3], key, dest).manifest.bundle_version == 3
+
+
+@pytest.mark.parametrize("where", [0.25, 0.5, 0.75])
+def test_install_refuses_an_archive_corrupted_in_transit_with_the_opaque_error(bundle_factory, fleet_key, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str], where: float):
+    from device_agent.errors import BundleVerificationError
+
+    data = bytearray(Path(bundle_factory("fedavg")).read_bytes())
+    data[int(len(data) * where)] ^= 0x01  # one bit flipped inside a member: a bad CRC or a broken deflate stream
+    bad = tmp_path / "bad.fedge"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BundleVerificationError):
+        install_bundle(bad, fleet_key.public_key(), tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    pub = tmp_path / "fleet.pub"
+    save_public_key(fleet_key.public_key(), pub)
+    code = agent_main(["install", str(bad), "--fleet-key", str(pub), "--dest", str(tmp_path / "dest2")])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1, err

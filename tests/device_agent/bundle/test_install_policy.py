@@ -59,3 +59,60 @@ def test_damaged_record_is_an_error_naming_the_file_not_a_reset(tmp_path, conten
     (versions_dir(dest) / "highest.json").write_bytes(content)
     with pytest.raises(BundleError, match="highest.json"):
         read_record(dest)
+
+
+# -- the one way back (docs/rollout.md, "The local rollback rule") ---------------------------------
+
+
+def test_check_offer_refuses_an_older_version_before_any_download():
+    from device_agent.bundle.install_policy import check_offer
+
+    check_offer(None, model_name="m", bundle_version=1)
+    check_offer(record(2), model_name="m", bundle_version=2)  # same version: the manifest decides after the download
+    check_offer(record(2), model_name="m", bundle_version=3)
+    with pytest.raises(BundleDowngradeError, match="m v1: this device already installed v2"):
+        check_offer(record(2), model_name="m", bundle_version=1)
+
+
+def test_check_install_refuses_a_bundle_marked_failed_even_at_the_top():
+    from device_agent.bundle.install_policy import BundleFailedError
+
+    failed = (record(3, "f" * 64),)
+    with pytest.raises(BundleFailedError, match="marked it failed"):
+        check_install(record(3, "f" * 64), record(3, "f" * 64), failed=failed)
+    assert check_install(record(3, "f" * 64), record(4, "c" * 64), failed=failed) is InstallDecision.INSTALL
+
+
+def test_check_revert_needs_a_failure_or_a_signed_withdrawal():
+    from device_agent.bundle.install_policy import check_revert
+
+    running, previous = record(3, "c" * 64), record(2, "b" * 64)
+    check_revert(record(3, "c" * 64), running=running, previous=previous, marked_failed=True, withdrawn=False)
+    check_revert(record(3, "c" * 64), running=running, previous=previous, marked_failed=False, withdrawn=True)
+    with pytest.raises(BundleDowngradeError):
+        check_revert(record(3, "c" * 64), running=running, previous=previous, marked_failed=False, withdrawn=False)
+
+
+def test_check_revert_is_one_step_from_the_top_only():
+    from device_agent.bundle.install_policy import check_revert
+
+    # Running v2 after having installed v3 (already went back once): no second step down.
+    with pytest.raises(BundleDowngradeError):
+        check_revert(record(3), running=record(2, "b" * 64), previous=record(1, "c" * 64), marked_failed=True,
+                     withdrawn=True)
+    with pytest.raises(ValueError, match="not older"):
+        check_revert(None, running=record(2), previous=record(2, "b" * 64), marked_failed=True, withdrawn=False)
+
+
+def test_failed_record_round_trips_and_refuses_damage(tmp_path):
+    from device_agent.bundle.install_policy import FAILED_NAME, add_failed, read_failed
+
+    dest = tmp_path / "bundle"
+    assert read_failed(dest) == ()
+    add_failed(dest, record(3, "c" * 64))
+    add_failed(dest, record(3, "c" * 64))
+    add_failed(dest, record(4, "d" * 64))
+    assert read_failed(dest) == (record(3, "c" * 64), record(4, "d" * 64))
+    (versions_dir(dest) / FAILED_NAME).write_text("{broken")
+    with pytest.raises(BundleError, match="damaged record of failed bundles"):
+        read_failed(dest)

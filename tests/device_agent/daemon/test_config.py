@@ -140,3 +140,21 @@ def test_config_rejects_a_file_that_is_not_toml(tmp_path: Path):
 
 def test_config_helper_renders_nested_tables():
     assert render_toml({"broker": {"host": "h", "tls": {"ca_file": "c"}}}) == '[broker]\nhost = "h"\n[broker.tls]\nca_file = "c"\n'
+
+
+def test_config_release_table(tmp_path: Path, base):
+    assert load(tmp_path, base).release is None, "no [release] table: the device never updates"
+    root = tmp_path / "root.json"
+    root.write_text("{}")
+    base["release"] = {"root_file": str(root), "groups": ["gateways"], "chunks_per_second": 2.5, "trial_epochs": 3}
+    release = load(tmp_path, base).release
+    assert release is not None and release.root_file == root and release.groups == ("gateways",)
+    assert (release.chunks_per_s, release.trial_epochs, release.window, release.settle_s) == (2.5, 3, 4, 0.5)
+    for key, value, message in (("root_file", str(tmp_path / "missing.json"), "release.root_file"),
+                                ("groups", ["bad/group"], "release.groups"),
+                                ("window", 0, "release.window"),
+                                ("chunks_per_second", 0, "release.chunks_per_second"),
+                                ("colour", "blue", "release.colour")):
+        bad = {**base, "release": {**base["release"], key: value}}
+        with pytest.raises(ConfigError, match=message):
+            load(tmp_path, bad)

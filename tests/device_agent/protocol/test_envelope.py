@@ -291,3 +291,18 @@ def test_envelope_aggregate_kind_round_trips(make_header: HeaderFactory, tensors
     header = make_header(kind=MessageKind.AGGREGATE, sender="agg-eu")
     blob = seal_update(header, tensors, recipient_public_key=region_key.public_key(), sender_key=device_key)
     assert _open(blob, region_key, {"agg-eu": device_key.public_key()}).header.kind is MessageKind.AGGREGATE
+
+
+def test_envelope_model_header_is_verified_before_any_tensor_is_decoded(
+        model_header: ModelHeader, tensors: dict[str, np.ndarray], root_key: Ed25519PrivateKey,
+        device_key: Ed25519PrivateKey) -> None:
+    blob = sign_model(model_header, tensors, signer_key=root_key)
+    assert envelope.verified_model_header(blob, trusted_signers=[root_key.public_key()]) == model_header
+    with pytest.raises(MalformedMessageError):  # the tensors are too large for these limits: the header still reads
+        open_model(blob, trusted_signers=[root_key.public_key()], limits=DecodeLimits(max_tensors=1, max_total_bytes=8))
+    with pytest.raises(AuthenticationError):
+        envelope.verified_model_header(blob, trusted_signers=[device_key.public_key()])
+    tampered = bytearray(blob)
+    tampered[10] ^= 1
+    with pytest.raises((AuthenticationError, MalformedMessageError)):
+        envelope.verified_model_header(bytes(tampered), trusted_signers=[root_key.public_key()])

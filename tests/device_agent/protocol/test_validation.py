@@ -48,7 +48,7 @@ CASES: list[tuple[RejectReason, dict[str, Any], dict[str, np.ndarray] | None]] =
     (RejectReason.KIND, {"kind": MessageKind.AGGREGATE}, None),
     (RejectReason.FLEET, {"fleet": "other"}, None),
     (RejectReason.REGION, {"region": "us"}, None),
-    (RejectReason.BUNDLE_VERSION, {"bundle_version": 2}, None),
+    (RejectReason.WRONG_BUNDLE_VERSION, {"bundle_version": 2}, None),
     (RejectReason.STALE_ROUND, {"round": 3}, None),
     (RejectReason.FUTURE_ROUND, {"round": 6}, None),
     (RejectReason.TIMESTAMP, {"timestamp_ms": int((NOW + 61) * 1000)}, None),

@@ -17,7 +17,7 @@ import venv
 from pathlib import Path
 
 #: The device dependencies (pyproject's base dependencies) plus the `device` extra's runtime.
-PACKAGES = ("onnxruntime", "numpy>=1.24", "paho-mqtt>=2.1,<3", "cryptography>=42")
+PACKAGES = ("onnxruntime", "numpy>=1.24", "paho-mqtt>=2.1,<3", "cryptography>=42", "tuf>=7,<8")
 _STAMP = "fedge-stamp.json"
 
 

@@ -98,7 +98,7 @@ def _bad_inputs() -> dict[str, tuple[Build, str, bool]]:
         "nan": (lambda u, r: seal(u[5], round=r, delta=nan), "non_finite", True),
         "inf": (lambda u, r: seal(u[5], round=r, delta=inf), "non_finite", True),
         "norm_above_bound": (lambda u, r: seal(u[5], round=r, delta=huge), "norm", True),
-        "bundle_version": (lambda u, r: seal(u[5], round=r, bundle_version=2), "bundle_version", True),
+        "bundle_version": (lambda u, r: seal(u[5], round=r, bundle_version=2), "wrong_bundle_version", True),
         "other_region": (lambda u, r: seal(u[5], round=r, region="us", recipient=eu_key), "region", True),
         "aggregate_kind": (lambda u, r: seal(u[5], round=r, kind=MessageKind.AGGREGATE), "kind", True),
         "zero_samples": (lambda u, r: seal(u[5], round=r, sample_count=0), "sample_count", True),

@@ -43,6 +43,7 @@ def test_render_region_acl_confines_devices_with_patterns_and_nothing_for_anonym
         "pattern write fedge/f/dev/%u/presence",
         "pattern read fedge/f/dev/%u/down/#",
         "pattern read fedge/f/model/#",
+        "pattern read fedge/f/release/#",
     ]
     assert rules[first_user:] == ["user eu-agg", "topic readwrite fedge/f/#",
                                   "user fedge-monitor", "topic deny fedge/f/dev/fedge-monitor/#",
@@ -53,17 +54,21 @@ def test_render_region_acl_confines_devices_with_patterns_and_nothing_for_anonym
 
 def test_render_root_acl_gives_each_bridge_only_its_region(topology: Topology) -> None:
     rules = _rules(render_root_acl(topology))
-    assert rules[:6] == [
+    assert rules[:7] == [
         "user bridge-eu",
         "topic write fedge/f/region/eu/up/#",
         "topic write fedge/f/region/eu/dev/+/status",
         "topic write fedge/f/region/eu/bridge/state",
         "topic read fedge/f/root/model/#",
         "topic read fedge/f/region/eu/down/#",
+        "topic read fedge/f/release/#",
     ]
-    assert rules[6] == "user bridge-us" and "topic write fedge/f/region/us/up/#" in rules
-    assert "topic read fedge/f/region/us/down/#" in rules and "topic read fedge/f/region/eu/down/#" not in rules[6:]
-    assert rules[-6:] == ["user root-agg", "topic readwrite fedge/f/#", "user fedge-monitor",
+    assert rules[7] == "user bridge-us" and "topic write fedge/f/region/us/up/#" in rules
+    assert "topic read fedge/f/region/us/down/#" in rules and "topic read fedge/f/region/eu/down/#" not in rules[7:]
+    assert rules[-9:] == ["user root-agg", "topic readwrite fedge/f/#",
+                          "user fedge-release", "topic readwrite fedge/f/release/#",
+                          "topic read fedge/f/region/+/dev/+/status",
+                          "user fedge-monitor",
                           "topic read fedge/f/region/+/dev/+/status", "topic read fedge/f/root/model/#",
                           "topic read fedge/f/region/+/bridge/state"]
     assert not [line for line in rules if line.startswith("pattern")]
@@ -97,6 +102,7 @@ def test_render_bridge_conf_maps_uplink_out_and_model_in(topology: Topology) -> 
                  "cleansession false", "topic # out 1 fedge/f/region/eu/up/ fedge/f/region/eu/up/",
                  "topic # in 1 fedge/f/root/model/ fedge/f/root/model/",
                  "topic # in 1 fedge/f/region/eu/down/ fedge/f/region/eu/down/",
+                 "topic # in 1 fedge/f/release/ fedge/f/release/",
                  "notification_topic fedge/f/region/eu/bridge/state", "bridge_cafile /srv/b/tls/ca.crt"):
         assert line in lines
     assert "bridge_certfile" not in conf
@@ -125,7 +131,7 @@ def test_render_password_files_put_each_account_on_its_own_broker(topology: Topo
     hashes = {a.username: f"$7$1$s${a.username}" for a in topology.accounts()}
     files = {str(f.path): f.text for f in render_password_files(topology, hashes)}
     assert [line.split(":")[0] for line in files["root/passwords"].splitlines()] == [
-        "bridge-eu", "bridge-us", "fedge-monitor", "root-agg"]
+        "bridge-eu", "bridge-us", "fedge-monitor", "fedge-release", "root-agg"]
     assert [line.split(":")[0] for line in files["eu/passwords"].splitlines()] == [
         "eu-agg", "eu-dev-0001", "eu-dev-0002", "fedge-monitor"]
     assert files["us/passwords"] == "fedge-monitor:$7$1$s$fedge-monitor\nus-1:$7$1$s$us-1\nus-agg:$7$1$s$us-agg\n"
@@ -139,7 +145,7 @@ def test_render_credentials_dial_the_tls_port_and_skip_bridges(topology: Topolog
     assert set(files) == {"credentials/aggregators/root-agg.json", "credentials/aggregators/eu-agg.json",
                           "credentials/aggregators/us-agg.json", "credentials/devices/eu-dev-0001.json",
                           "credentials/devices/eu-dev-0002.json", "credentials/devices/us-1.json",
-                          "credentials/monitors/fedge-monitor.json"}
+                          "credentials/monitors/fedge-monitor.json", "credentials/releases/fedge-release.json"}
     d1 = files["credentials/devices/eu-dev-0001.json"]
     assert (d1["username"], d1["password"], d1["host"], d1["port"], d1["ca_file"], d1["region"]) == (
         "eu-dev-0001", "pw-eu-dev-0001", "eu.example", 8883, "ca.crt", "eu")

@@ -46,7 +46,7 @@ def test_topology_accounts_by_broker() -> None:
     topology = parse_topology(MINIMAL)
     root = {(a.username, a.role) for a in topology.accounts("root")}
     assert root == {("root-agg", Role.AGGREGATOR), ("bridge-eu", Role.BRIDGE), ("bridge-us", Role.BRIDGE),
-                    ("fedge-monitor", Role.MONITOR)}
+                    ("fedge-monitor", Role.MONITOR), ("fedge-release", Role.RELEASE)}
     eu = [a for a in topology.accounts("eu") if a.role is not Role.MONITOR]
     assert [a.username for a in eu] == ["eu-agg", "eu-dev-0001", "eu-dev-0002"]
     assert all(a.region == "eu" for a in eu)

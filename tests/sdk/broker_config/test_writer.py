@@ -37,8 +37,8 @@ def test_generate_topology_layout_and_permissions(tmp_path: Path) -> None:
         assert path is not None and _mode(path) == 0o600
     assert _mode(generated.credentials_dir) == 0o700 and _mode(out / "pki") == 0o700
     assert eu.persistence_dir.is_dir()
-    assert sorted(generated.credential_files) == ["eu-agg", "eu-dev-0001", "eu-dev-0002", "fedge-monitor", "root-agg",
-                                                  "us-1", "us-agg"]
+    assert sorted(generated.credential_files) == ["eu-agg", "eu-dev-0001", "eu-dev-0002", "fedge-monitor",
+                                                  "fedge-release", "root-agg", "us-1", "us-agg"]
     # In place: the config names the files where they were written.
     assert f"password_file {eu.password_file}" in eu.config_file.read_text().splitlines()
 
@@ -55,7 +55,7 @@ def test_generate_topology_passwords_match_credentials_and_bridge(tmp_path: Path
     bridge_password = next(line.split()[1] for line in bridge_file.read_text().splitlines()
                            if line.startswith("remote_password "))
     assert verify_password(bridge_password, root_hashes["bridge-eu"])
-    assert len({json.loads(p.read_text())["password"] for p in generated.credential_files.values()}) == 7
+    assert len({json.loads(p.read_text())["password"] for p in generated.credential_files.values()}) == 8
 
 
 def test_generate_topology_deploy_dir_and_no_tls(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ listing their SHA-256), fsyncs it, renames it into place and only then points
 ``CURRENT`` at it (write-temp, fsync, rename). A process killed at any instant
 therefore leaves ``CURRENT`` naming a complete generation, and a load that
 finds a damaged generation falls back to the newest intact one.
+:class:`ResidualFile` keeps the compression's error-feedback residual.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agent.errors import StateError
+import numpy as np
+
+from device_agent.compression.feedback import ResidualState
+from device_agent.errors import FedgeError, StateError
+from device_agent.protocol.tensor_codec import decode_tensors, encode_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -144,3 +149,42 @@ class StateStore:
             except StateError as exc:
                 logger.warning("skipping damaged state: %s", exc)
         return None
+
+
+class ResidualFile:
+    """The error-feedback residual (:class:`~device_agent.compression.ResidualState`) in one file, replaced atomically.
+
+    Stored with the tensor codec (raw float64, never pickle): ``@bundle`` and
+    ``@round`` as int64 scalars, then ``before/<name>`` and ``after/<name>``.
+    It is named arrays only, so it does not depend on the training backend.
+    A damaged or foreign file is logged and treated as no residual (the
+    device loses some delayed update, never its model).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def save(self, state: ResidualState) -> None:
+        """Replace the file with ``state``."""
+        tensors = {"@bundle": np.array([state.bundle_version], np.int64), "@round": np.array([state.round], np.int64)}
+        tensors.update({f"before/{n}": np.asarray(v, np.float64) for n, v in state.before.items()})
+        tensors.update({f"after/{n}": np.asarray(v, np.float64) for n, v in state.after.items()})
+        atomic_write_bytes(self.path, encode_tensors(tensors))
+
+    def load(self) -> ResidualState | None:
+        """The saved state, or None when there is none or it is unreadable."""
+        try:
+            tensors = decode_tensors(self.path.read_bytes(), encoding="raw")
+            bundle, rnd = tensors.pop("@bundle"), tensors.pop("@round")
+            parts: dict[str, dict[str, np.ndarray]] = {"before": {}, "after": {}}
+            for key, value in tensors.items():
+                part, _, name = key.partition("/")
+                if part not in parts or not name or value.dtype != np.float64:
+                    raise ValueError(f"unexpected entry {key!r}")
+                parts[part][name] = value
+            return ResidualState(bundle_version=int(bundle[0]), round=int(rnd[0]), before=parts["before"], after=parts["after"])
+        except FileNotFoundError:
+            return None
+        except (OSError, KeyError, IndexError, ValueError, FedgeError) as exc:
+            logger.warning("ignoring the compression residual in %s: %s", self.path, exc)
+            return None

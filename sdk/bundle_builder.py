@@ -33,9 +33,10 @@ def _file_entry(path: Path) -> FileEntry:
 
 
 def manifest_for(
-    generated: GeneratedArtifacts, *, model_name: str, bundle_version: int, signing_key: Ed25519PrivateKey, created_at: int | None = None
+    generated: GeneratedArtifacts, *, model_name: str, bundle_version: int, signing_key: Ed25519PrivateKey, created_at: int | None = None,
+    compression: str | None = None,
 ) -> BundleManifest:
-    """The manifest describing ``generated`` (files hashed from disk)."""
+    """The manifest describing ``generated`` (files hashed from disk); ``compression``: what devices send up (None: float32)."""
     files = {f: _file_entry(generated.directory / f) for f in generated.files}
     return BundleManifest(
         format_version=FORMAT_VERSION,
@@ -51,7 +52,16 @@ def manifest_for(
         artifact_sets=generated.artifact_sets,
         files=files,
         portable=generated.portable,
+        compression=None if compression is None else _compression(compression),
     )
+
+
+def _compression(text: str) -> str | None:
+    """The canonical text of a compression spec (``none`` is stored as no field at all)."""
+    from device_agent.compression import CompressionSpec
+
+    spec = CompressionSpec.parse(text)
+    return spec.describe() if spec.enabled else None
 
 
 def write_bundle(directory: Path, manifest: BundleManifest, signing_key: Ed25519PrivateKey, out_path: Path) -> Path:
@@ -80,17 +90,21 @@ def build_bundle(
     model_name: str,
     bundle_version: int = 1,
     kinds: Sequence[ArtifactKind | str] = ALL_KINDS,
+    compression: str | None = None,
 ) -> BundleManifest:
     """Export ``model``, generate the training artifacts of each kind in ``kinds`` for ``spec``, and write a signed bundle.
 
     Returns the manifest that was signed. ``example_input`` fixes every input
-    dimension except the batch axis. A model the training graphs cannot
+    dimension except the batch axis. ``compression``: how devices compress
+    their updates (``CompressionSpec`` text, e.g. ``topk:0.3+q4``; None or
+    ``none``: full float32). A model the training graphs cannot
     express raises ``UnsupportedModelError`` naming the layer; nothing is written.
     """
     chosen = tuple(ArtifactKind(k) for k in kinds)
     with tempfile.TemporaryDirectory(prefix="fedge-artifacts-") as tmp:
         generated = generate_training_artifacts(model, example_input=example_input, split=split, spec=spec, out_dir=tmp,
                                                 kinds=chosen)
-        manifest = manifest_for(generated, model_name=model_name, bundle_version=bundle_version, signing_key=signing_key)
+        manifest = manifest_for(generated, model_name=model_name, bundle_version=bundle_version, signing_key=signing_key,
+                                compression=compression)
         write_bundle(Path(tmp), manifest, signing_key, Path(out_path))
     return manifest

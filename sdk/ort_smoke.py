@@ -18,9 +18,14 @@ from pathlib import Path
 
 from device_agent.bundle.manifest import ArtifactSet, LossKind
 
+# The child imports onnxruntime the way the device agent does (torch and onnxruntime.training
+# hidden): a plain ``import onnxruntime`` of the training wheel probes ortmodule and so imports
+# torch and onnx, several seconds per build for nothing.
 _CHILD = """
 import json, sys
 import numpy as np
+from device_agent.training_backends.runtime import onnxruntime_module
+onnxruntime_module()
 from onnxruntime.capi import _pybind_state as capi
 from onnxruntime.capi.onnxruntime_inference_collection import OrtValue
 cfg = json.loads(sys.argv[1])

@@ -25,6 +25,9 @@ class ModelCase:
 MODELS = {
     "mlp": ModelCase(factory="PersonalizedMLP", kwargs=(("in_features", 12), ("hidden", (16,)), ("num_classes", 4)),
                      input_shape=(12,), outputs=4),
+    # base.2.weight (160 x 256) is large enough for its own AdamW update and moments (portable: opt.m@base.2.weight)
+    "mlp-wide": ModelCase(factory="PersonalizedMLP", kwargs=(("in_features", 12), ("hidden", (256, 160)), ("num_classes", 4)),
+                          input_shape=(12,), outputs=4),
     "cnn1d": ModelCase(factory="PersonalizedCNN1D", kwargs=(("in_channels", 3), ("num_classes", 5), ("width", 4)),
                        input_shape=(3, 20), outputs=5),
     "cnn2d": ModelCase(factory="PersonalizedCNN2D", kwargs=(("in_channels", 1), ("num_classes", 10), ("hidden", 16)),
@@ -45,8 +48,13 @@ def make_data(model: str, loss: str, n: int, seed: int) -> tuple[np.ndarray, np.
 
 
 @pytest.fixture(scope="session")
-def model_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_key):
-    """build(model, mode, mu=, optimizer=, loss=, lr=, finetune=, kinds=, ditto_lambda=) -> (bundle path, torch model) (cached)."""
+def model_bundle(run_shared_dir: Path, fleet_key):
+    """build(model, mode, mu=, optimizer=, loss=, lr=, finetune=, kinds=, ditto_lambda=) -> (bundle path, torch model) (built once per run).
+
+    Every model starts from ``torch.manual_seed(0)`` (as ``bundle_factory``'s), not from the
+    order of builds, so every xdist worker holds the same model as the bundle another worker
+    may have built, and a test's numbers do not depend on which tests ran before it.
+    """
     import torch
 
     import sdk.models as zoo
@@ -55,8 +63,9 @@ def model_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_key):
     from sdk.model_spec import ParameterSplit
     from sdk.models import BASE_HEAD_SPLIT
 
+    from tests.run_shared import build_once
+
     cache: dict[tuple, tuple[Path, object]] = {}
-    root = tmp_path_factory.mktemp("backend-bundles")
 
     def build(model: str, mode: str, *, mu: float = 0.0, optimizer: str = "adamw", loss: str = "cross_entropy",
               lr: float = 0.01, finetune: tuple[str, ...] = (), kinds: tuple[str, ...] = ("ort-training", "portable"),
@@ -64,15 +73,17 @@ def model_bundle(tmp_path_factory: pytest.TempPathFactory, fleet_key):
         key = (model, mode, mu, optimizer, loss, lr, finetune, kinds, ditto_lambda)
         if key not in cache:
             case = MODELS[model]
-            torch.manual_seed(len(cache))
+            torch.manual_seed(0)
             net = getattr(zoo, case.factory)(**dict(case.kwargs))
             split = BASE_HEAD_SPLIT if mode in ("fedsim", "fedalt") else ParameterSplit(shared=("*",))
-            path = root / f"{model}-{len(cache)}.fedge"
-            build_bundle(net, example_input=torch.zeros((2, *case.input_shape)), split=split,
-                         spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune,
-                                           ditto_lambda=ditto_lambda),
-                         signing_key=fleet_key, out_path=path, model_name=f"{model}-{mode}", kinds=kinds)
-            cache[key] = (path, net)
+
+            def _build(path: Path) -> None:
+                build_bundle(net, example_input=torch.zeros((2, *case.input_shape)), split=split,
+                             spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune,
+                                               ditto_lambda=ditto_lambda),
+                             signing_key=fleet_key, out_path=path, model_name=f"{model}-{mode}", kinds=kinds)
+
+            cache[key] = (build_once(run_shared_dir, ("model-bundle", *key), _build), net)
         return cache[key]
 
     return build

@@ -189,6 +189,8 @@ class BundleManifest:
     artifact_sets: tuple[ArtifactSet, ...]
     files: dict[str, FileEntry] = field(default_factory=dict)
     portable: PortableArtifacts | None = None
+    #: What devices send up: :class:`~device_agent.compression.CompressionSpec` text (None: full float32, the default).
+    compression: str | None = None
 
     @property
     def artifact_kinds(self) -> tuple[ArtifactKind, ...]:
@@ -247,12 +249,14 @@ class BundleManifest:
     def to_json_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed.
 
-        ``portable`` and ``ditto_lambda`` are left out when None, so manifests that do not use
-        them read (and hash) as they were written before these fields existed.
+        ``portable``, ``compression`` and ``ditto_lambda`` are left out when None, so a
+        manifest that does not use them reads (and hashes, and verifies) as it was written
+        before these fields existed.
         """
         plain = _to_plain(asdict(self))
-        if plain["portable"] is None:
-            del plain["portable"]
+        for optional in ("portable", "compression"):
+            if plain[optional] is None:
+                del plain[optional]
         if plain["hyperparameters"]["ditto_lambda"] is None:
             del plain["hyperparameters"]["ditto_lambda"]
         return json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()

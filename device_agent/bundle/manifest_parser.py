@@ -32,6 +32,7 @@ from device_agent.bundle.manifest import (
     TensorSpec,
     TrainingMode,
 )
+from device_agent.compression.spec import CompressionSpec
 from device_agent.errors import BundleError
 
 
@@ -197,6 +198,12 @@ def parse_manifest_bytes(raw: bytes) -> BundleManifest:
     bundle_version = top.get("bundle_version", int)
     if bundle_version < 0:
         raise BundleError("manifest.bundle_version must be >= 0")
+    compression = top.get("compression", str, optional=True)
+    if compression is not None:
+        try:
+            CompressionSpec.parse(compression)
+        except ValueError as exc:
+            raise BundleError(f"manifest.compression: {exc}") from exc
     return BundleManifest(
         format_version=version,
         model_name=top.name("model_name"),
@@ -211,6 +218,7 @@ def parse_manifest_bytes(raw: bytes) -> BundleManifest:
         artifact_sets=tuple(sets),
         files=files,
         portable=portable,
+        compression=compression,
     )
 
 

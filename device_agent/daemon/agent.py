@@ -9,9 +9,11 @@ A round, from the device's side (docs/device-agent.md has the full argument):
 2. :meth:`DeviceAgent.train_round`: adopt it (with FedFomo: as the delta
    reference, combining peers' models first), train within the budget, save
    the trainer state.
-3. :meth:`DeviceAgent.seal_update`: encrypt the shared delta to the region's
-   aggregator, sign it with the device key, and persist the exact bytes as
-   the pending update *before* anything is published.
+3. :meth:`DeviceAgent.seal_update`: compress the shared delta as the bundle
+   says (error feedback: the residual it did not send is saved first and
+   added to the next delta), encrypt it to the region's aggregator, sign it
+   with the device key, and persist the exact bytes as the pending update
+   *before* anything is published.
 4. :meth:`DeviceAgent.submit`: publish, wait for the signed receipt naming
    the update's nonce, resend the same bytes on timeout (the aggregator
    deduplicates by nonce), record the receipt and clear the pending update.
@@ -34,6 +36,8 @@ from enum import Enum
 
 import numpy as np
 
+from device_agent.compression import CompressedTensor, CompressionSpec, compress_delta, residual_for
+from device_agent.compression.feedback import ResidualState
 from device_agent.daemon.agent_state import AgentProgress, AgentStateFiles, SealedUpdate
 from device_agent.daemon.backoff import Backoff
 from device_agent.daemon.config import AgentConfig
@@ -56,6 +60,7 @@ from device_agent.protocol.status import DeviceStatus, ReleaseState, ReleaseStat
 from device_agent.protocol.validation import RejectReason
 from device_agent.release.client import ReleaseClient
 from device_agent.release.release_state import ReleaseReport
+from device_agent.state_store import ResidualFile
 from device_agent.trainer import DeviceTrainer, TrainReport
 
 logger = logging.getLogger(__name__)
@@ -167,6 +172,9 @@ class DeviceAgent:
         self._update_topic = self._topics.device_update(config.device_id)
         self._receipt_topic = self._topics.device_receipt(config.device_id)
         self._bundle_version = trainer.manifest.bundle_version
+        #: What the bundle asks devices to send up (``none``: the float32 delta in ``config.encoding``).
+        self.compression = CompressionSpec.parse(trainer.manifest.compression or "none")
+        self._residual = ResidualFile(state.directory / "residual.bin")
         self._progress = state.load_progress()
         if self._progress.bundle_version != self._bundle_version:
             if self._progress.bundle_version >= 0:
@@ -313,7 +321,12 @@ class DeviceAgent:
     # -- phase 3: sealing -------------------------------------------------------------------
 
     def seal_update(self, update: LocalUpdate) -> SealedUpdate:
-        """Encrypt the delta to the aggregator, sign it, and persist it as the pending update."""
+        """Compress the delta (if the bundle says so), encrypt it to the aggregator, sign it, persist it as pending.
+
+        The new residual is saved before the update, together with the one the
+        round started from, so a crash anywhere re-seals from the same residual.
+        """
+        tensors, encoding = self._compress(update)
         header = UpdateHeader.create(
             clock=self._wall_clock,
             random_bytes=self._random_bytes,
@@ -323,14 +336,24 @@ class DeviceAgent:
             round=update.round_number,
             bundle_version=self._bundle_version,
             sample_count=update.num_examples,
-            encoding=self.config.encoding,
+            encoding=encoding,
         )
         blob = envelope.seal_update(
-            header, update.delta, recipient_public_key=self.keys.aggregator_key, sender_key=self.keys.signing_key
+            header, tensors, recipient_public_key=self.keys.aggregator_key, sender_key=self.keys.signing_key
         )
         sealed = SealedUpdate(header=header, blob=blob)
         self.state.save_pending(sealed)
         return sealed
+
+    def _compress(self, update: LocalUpdate) -> tuple[dict[str, np.ndarray | CompressedTensor], str]:
+        """What to seal and its encoding: the float32 delta, or the bundle's compression with error feedback."""
+        if not self.compression.enabled:
+            return update.delta, self.config.encoding.value
+        before = residual_for(self._residual.load(), bundle_version=self._bundle_version, round=update.round_number)
+        out = compress_delta(update.delta, before, self.compression)
+        self._residual.save(ResidualState(bundle_version=self._bundle_version, round=update.round_number,
+                                          before=before or {}, after=out.residual))
+        return out.tensors, self.compression.encoding
 
     # -- phase 4: submitting ----------------------------------------------------------------
 

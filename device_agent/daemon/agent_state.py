@@ -6,6 +6,7 @@ Layout of the state directory::
     pending-update.bin     the exact bytes of a sealed update not yet answered by a receipt
     pending-update.json    its header and SHA-256: the commit record, written after the .bin
     trainer/               DeviceTrainer generations (personal weights, optimizer, global reference)
+    residual.bin           compressing bundles only: the error-feedback residual (``device_agent.state_store.ResidualFile``)
 
 Every file is replaced atomically (write temp, fsync, rename). The pending
 update is committed by its ``.json``, written after the ``.bin`` and naming

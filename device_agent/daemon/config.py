@@ -24,7 +24,7 @@ from device_agent.daemon.backoff import BackoffPolicy
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import TomlTable
 from device_agent.protocol.headers import MAX_CANDIDATES, check_id
-from device_agent.protocol.tensor_codec import Encoding
+from device_agent.protocol.tensor_codec import Encoding, payload_version
 from device_agent.protocol.topics import TopicLayout
 from device_agent.release.settings import ReleaseSettings
 from device_agent.trainer import TrainBudget
@@ -295,7 +295,7 @@ def parse_config(data: Mapping[str, Any], *, base_dir: str | os.PathLike[str] = 
         threads=training.integer("threads", None, minimum=1),
         backend=training.choice("backend", BackendName, BackendName.AUTO),
         seed=training.integer("seed", None, minimum=0),
-        encoding=training.choice("encoding", Encoding, Encoding.RAW),
+        encoding=_plain_encoding(training),
         fomo_candidates=training.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),
         fomo_timeout_s=training.number("fomo_timeout_s", 10.0, positive=True),
         receipt_timeout_s=submit.number("receipt_timeout_s", 30.0, positive=True),
@@ -320,3 +320,12 @@ def load_config(path: str | os.PathLike[str]) -> AgentConfig:
         # RecursionError: tomllib recurses per nesting level (found by fuzzing: ~1,000 nested inline tables)
         raise ConfigError(f"{file}: not valid TOML: {str(exc) or type(exc).__name__}") from exc
     return parse_config(data, base_dir=file.resolve().parent, source=str(file))
+
+
+def _plain_encoding(training: TomlTable) -> Encoding:
+    """``raw``, ``fp16`` or ``int8``: compression with error feedback is the bundle's choice (its ``compression`` field)."""
+    encoding = training.choice("encoding", Encoding, Encoding.RAW)
+    if payload_version(encoding) != 1:
+        raise training.error("encoding", f"expected 'raw', 'fp16' or 'int8', got {encoding.value!r}"
+                             " (compressed updates are chosen by the bundle's compression field)")
+    return encoding

@@ -43,6 +43,7 @@ from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.keys import TrustedKeys, raw_public_bytes, trusted_key_map
 from device_agent.protocol._frame import SIGNATURE_BYTES, Frame, frame_prefix, sign_frame, split_frame, verify_frame
 from device_agent.protocol.headers import MAX_HEADER_BYTES, CandidatesHeader, ModelHeader, UpdateHeader
+from device_agent.compression.spec import CompressedTensor
 from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors, encode_tensors
 
 UPDATE_MAGIC = b"FDGU"
@@ -61,11 +62,16 @@ SenderKeys = Union[Mapping[str, Ed25519PublicKey], Callable[[str], Union[Ed25519
 
 @dataclass(frozen=True, kw_only=True)
 class OpenedUpdate:
-    """An authenticated, decrypted update; ``sender_key_id`` names the key that signed it."""
+    """An authenticated, decrypted update; ``sender_key_id`` names the key that signed it.
+
+    ``digest``: SHA-256 of the header bytes and the decrypted payload bytes as received
+    (equal for a resend of the same update, whose ciphertext differs); None unless asked for.
+    """
 
     header: UpdateHeader
     tensors: dict[str, np.ndarray]
     sender_key_id: str
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,13 +104,15 @@ def _cipher(shared: bytes, header: bytes, ephemeral_public: bytes, recipient_pub
 
 def seal_update(
     header: UpdateHeader,
-    tensors: Mapping[str, np.ndarray],
+    tensors: Mapping[str, np.ndarray | CompressedTensor],
     *,
     recipient_public_key: X25519PublicKey,
     sender_key: Ed25519PrivateKey,
     ephemeral_key: X25519PrivateKey | None = None,
 ) -> bytes:
     """Encode ``tensors`` with ``header.encoding``, encrypt them to the recipient and sign.
+
+    A compressed encoding takes the :class:`CompressedTensor` values ``compress_delta`` made.
 
     ``ephemeral_key`` None means a fresh random key (always, outside known-answer tests).
     """
@@ -165,13 +173,15 @@ def open_update(
     recipient_key: X25519PrivateKey,
     sender_public_key: SenderKeys,
     limits: DecodeLimits = DecodeLimits(),
+    with_digest: bool = False,
 ) -> OpenedUpdate:
     """Authenticate, decrypt and decode a sealed update.
 
     ``sender_public_key`` maps ``header.sender`` to its Ed25519 key (a lookup
     may return None: unknown sender). The header is parsed before the
     signature is checked only to find the sender; nothing is decrypted or
-    decoded until the signature verifies.
+    decoded until the signature verifies. ``with_digest``: also hash the
+    header and plaintext bytes (:attr:`OpenedUpdate.digest`), no re-encoding.
     """
     if not isinstance(recipient_key, X25519PrivateKey):
         raise TypeError("recipient_key must be an X25519PrivateKey")
@@ -180,8 +190,14 @@ def open_update(
     )
     header = UpdateHeader.from_bytes(frame.record)
     key_id = verify_frame(frame, [lookup_sender(sender_public_key, header.sender)])
-    tensors = decode_tensors(_decrypt(frame, recipient_key), encoding=header.encoding, limits=limits)
-    return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id)
+    plaintext = _decrypt(frame, recipient_key)
+    tensors = decode_tensors(plaintext, encoding=header.encoding, limits=limits)
+    digest = None
+    if with_digest:
+        hasher = hashlib.sha256(frame.record)
+        hasher.update(plaintext)
+        digest = hasher.digest()
+    return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id, digest=digest)
 
 
 def sign_model(header: ModelHeader, tensors: Mapping[str, np.ndarray], *, signer_key: Ed25519PrivateKey) -> bytes:

@@ -3,8 +3,8 @@
 Layout (all integers little-endian)::
 
     magic     4 bytes  b"FDGT"
-    version   u8       1
-    encoding  u8       0 = raw, 1 = fp16, 2 = int8 (see :class:`Encoding`)
+    version   u8       1 for raw/fp16/int8, 2 for the compressed encodings
+    encoding  u8       0 = raw, 1 = fp16, 2 = int8, 3 = q8, 4 = q4, 5 = topk, 6 = topk_q8, 7 = topk_q4
     count     u32      number of tensors
     then per tensor, in ascending order of name (UTF-8 byte order):
       name_len  u16, name (UTF-8, non-empty)
@@ -22,6 +22,13 @@ parameters, value = (q + 128) * scale + lo (``int8`` encoding only). The lossy
 codes apply to float32 tensors only; other dtypes are always stored raw. A
 lossy tensor decodes back to float32. The int8 error bound is ``scale / 2``
 per element (plus float32 rounding), with ``scale = (max - min) / 255``.
+
+Version 2 adds the encodings the device's error-feedback compression sends
+(:mod:`device_agent.compression`): storage codes 131 (dense, block-quantised
+to 8 or 4 bits), 132 (top-k sparse, float32 values) and 133 (top-k sparse,
+block-quantised values), laid out in :mod:`._compressed_codec`. They are
+encoded from :class:`~device_agent.compression.CompressedTensor` values and
+decode to dense float32, so validation and aggregation see plain arrays.
 """
 
 from __future__ import annotations
@@ -33,11 +40,22 @@ from enum import Enum
 
 import numpy as np
 
+from device_agent.compression.spec import CompressedTensor
 from device_agent.errors import MalformedMessageError
+from device_agent.protocol._compressed_codec import (
+    DENSE_QUANTISED,
+    SPARSE_F32,
+    SPARSE_QUANTISED,
+    bits_of,
+    decode_compressed,
+    encode_compressed,
+    storage_code,
+)
 from device_agent.protocol._reader import ByteReader, pack_f64, pack_u8, pack_u16, pack_u32, pack_u64
 
 MAGIC = b"FDGT"
 VERSION = 1
+COMPRESSED_VERSION = 2
 
 _RAW_CODES: dict[int, np.dtype] = {
     1: np.dtype("<f4"),
@@ -55,16 +73,32 @@ _F16_MAX = float(np.finfo(np.float16).max)
 
 
 class Encoding(str, Enum):
-    """How float32 tensors are stored: exactly, as float16, or as int8 affine-quantised."""
+    """How float32 tensors are stored: exactly, as float16, as int8 affine-quantised (version 1), or
+    block-quantised and/or top-k sparse as the device's compression made them (version 2)."""
 
     RAW = "raw"
     FP16 = "fp16"
     INT8 = "int8"
+    Q8 = "q8"
+    Q4 = "q4"
+    TOPK = "topk"
+    TOPK_Q8 = "topk_q8"
+    TOPK_Q4 = "topk_q4"
 
 
-_ENCODING_CODES = {Encoding.RAW: 0, Encoding.FP16: 1, Encoding.INT8: 2}
+_ENCODING_CODES = {enc: code for code, enc in enumerate(Encoding)}
 _ENCODING_OF_CODE = {code: enc for enc, code in _ENCODING_CODES.items()}
 _LOSSY_CODE = {Encoding.FP16: _F32_AS_F16, Encoding.INT8: _F32_AS_INT8}
+#: version-2 encodings: (storage code, bits) they carry float32 tensors in.
+_COMPRESSED = {
+    Encoding.Q8: (DENSE_QUANTISED, 8), Encoding.Q4: (DENSE_QUANTISED, 4), Encoding.TOPK: (SPARSE_F32, None),
+    Encoding.TOPK_Q8: (SPARSE_QUANTISED, 8), Encoding.TOPK_Q4: (SPARSE_QUANTISED, 4),
+}
+
+
+def payload_version(encoding: Encoding | str) -> int:
+    """The payload version an encoding is written in (1 for raw/fp16/int8, 2 for the compressed ones)."""
+    return COMPRESSED_VERSION if Encoding(encoding) in _COMPRESSED else VERSION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,25 +124,31 @@ class DecodeLimits:
     def max_encoded_bytes(self) -> int:
         """The largest encoded payload that can decode within these limits."""
         per_tensor = 2 + self.max_name_bytes + 2 + 8 * self.max_rank + 16 + 8
-        return len(MAGIC) + 6 + self.max_tensors * per_tensor + self.max_total_bytes
+        # A sparse float32 tensor at full density carries a bitmap on top of its values: 1/32 more.
+        return len(MAGIC) + 6 + self.max_tensors * per_tensor + self.max_total_bytes + self.max_total_bytes // 32
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray], *, encoding: Encoding | str = Encoding.RAW) -> bytes:
+def encode_tensors(tensors: Mapping[str, np.ndarray | CompressedTensor], *, encoding: Encoding | str = Encoding.RAW) -> bytes:
     """Encode named tensors deterministically (sorted names); an empty mapping is valid.
 
     Lossy encodings refuse non-finite float32 values, and ``fp16`` refuses
     values outside the float16 range (ValueError): compress deltas, not garbage.
+    The compressed encodings take :class:`CompressedTensor` values of their
+    kind (``compress_delta`` makes them) for float32 tensors; a plain float32
+    array, or a compressed tensor of another kind, is a ValueError.
     """
     enc = Encoding(encoding)
-    parts = [MAGIC, pack_u8(VERSION), pack_u8(_ENCODING_CODES[enc]), pack_u32(len(tensors))]
+    parts = [MAGIC, pack_u8(payload_version(enc)), pack_u8(_ENCODING_CODES[enc]), pack_u32(len(tensors))]
     for name in sorted(tensors):
         parts.extend(_encode_one(name, tensors[name], enc))
     return b"".join(parts)
 
 
-def _encode_one(name: str, tensor: np.ndarray, enc: Encoding) -> list[bytes]:
+def _encode_one(name: str, tensor: np.ndarray | CompressedTensor, enc: Encoding) -> list[bytes]:
     if not isinstance(name, str) or not name:
         raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    if isinstance(tensor, CompressedTensor):
+        return _encode_compressed_one(name, tensor, enc)
     if not isinstance(tensor, np.ndarray):
         raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a numpy array")
     raw_name = name.encode("utf-8")
@@ -118,6 +158,8 @@ def _encode_one(name: str, tensor: np.ndarray, enc: Encoding) -> list[bytes]:
     if code is None:
         raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} is not encodable (supported: {sorted(_CODE_OF_DTYPE)})")
     params = b""
+    if enc in _COMPRESSED and tensor.dtype == np.float32:
+        raise ValueError(f"tensor {name!r}: encoding {enc.value!r} takes compressed tensors (compress_delta) for float32")
     if enc is not Encoding.RAW and tensor.dtype == np.float32:
         code = _LOSSY_CODE[enc]
         if not np.all(np.isfinite(tensor)):
@@ -135,6 +177,19 @@ def _encode_one(name: str, tensor: np.ndarray, enc: Encoding) -> list[bytes]:
     head = [pack_u16(len(raw_name)), raw_name, pack_u8(code), pack_u8(tensor.ndim)]
     head.extend(pack_u64(dim) for dim in tensor.shape)
     return head + [params, pack_u64(len(data)), data]
+
+
+def _encode_compressed_one(name: str, tensor: CompressedTensor, enc: Encoding) -> list[bytes]:
+    raw_name = name.encode("utf-8")
+    code = storage_code(tensor)
+    if _COMPRESSED.get(enc) != (code, bits_of(tensor)):
+        raise ValueError(f"tensor {name!r}: a {code}/{bits_of(tensor)}-bit compressed tensor does not fit encoding {enc.value!r}")
+    if len(raw_name) > 0xFFFF or len(tensor.shape) > 255:
+        raise ValueError(f"tensor {name!r}: name or rank too large to encode")
+    params, data = encode_compressed(name, tensor)
+    head = [pack_u16(len(raw_name)), raw_name, pack_u8(code), pack_u8(len(tensor.shape))]
+    head.extend(pack_u64(dim) for dim in tensor.shape)
+    return head + [params, data]
 
 
 def _quantise(tensor: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -163,11 +218,13 @@ def decode_tensors(
         raise MalformedMessageError(f"tensor payload: {len(blob)} bytes exceeds the limit of {limits.max_encoded_bytes}")
     reader = ByteReader(blob, what="tensor payload")
     reader.expect(MAGIC, "magic")
-    if (version := reader.u8("version")) != VERSION:
+    if (version := reader.u8("version")) not in (VERSION, COMPRESSED_VERSION):
         raise MalformedMessageError(f"tensor payload: unsupported version {version}")
     enc = _ENCODING_OF_CODE.get(reader.u8("encoding"))
     if enc is None:
         raise MalformedMessageError("tensor payload: unknown encoding code")
+    if payload_version(enc) != version:
+        raise MalformedMessageError(f"tensor payload: encoding {enc.value!r} is not part of version {version}")
     if encoding is not None and enc is not Encoding(encoding):
         raise MalformedMessageError(f"tensor payload: encoding {enc.value!r} does not match declared {Encoding(encoding).value!r}")
     count = reader.u32("count")
@@ -206,6 +263,8 @@ def _decode_one(
         stored = out_dtype = _RAW_CODES[code]
     elif code == _LOSSY_CODE.get(enc):
         stored, out_dtype = (np.dtype("<f2") if code == _F32_AS_F16 else np.dtype("i1")), np.dtype("<f4")
+    elif enc in _COMPRESSED and code == _COMPRESSED[enc][0]:
+        stored = out_dtype = np.dtype("<f4")
     else:
         raise MalformedMessageError(f"tensor payload: {where} has storage code {code}, not allowed in {enc.value!r}")
     rank = reader.u8(f"{where} rank")
@@ -216,6 +275,9 @@ def _decode_one(
     # Zero dims count as 1 here, so an "empty" tensor cannot declare absurd dims that numpy refuses.
     if math.prod(max(d, 1) for d in shape) * out_dtype.itemsize > budget:
         raise MalformedMessageError(f"tensor payload: {where} shape {shape} exceeds the total size limit")
+    if enc in _COMPRESSED and code == _COMPRESSED[enc][0]:
+        array = decode_compressed(reader, code, bits=_COMPRESSED[enc][1], shape=shape, where=where)
+        return name, raw_name, array, size * out_dtype.itemsize
     lo, scale = (reader.f64(f"{where} lo"), reader.f64(f"{where} scale")) if code == _F32_AS_INT8 else (0.0, 0.0)
     if not (math.isfinite(lo) and math.isfinite(scale) and scale >= 0.0):
         raise MalformedMessageError(f"tensor payload: {where} has invalid quantisation parameters")

@@ -6,9 +6,13 @@ inputs ``x``, ``y``, ``lr``, ``param.<name>`` for every model parameter,
 term, and its optimizer state (AdamW: ``opt.step``, ``opt.m``, ``opt.v``);
 outputs ``loss`` and, for each updated state value ``X``, ``new.X``. The device therefore needs no
 knowledge of the optimizer: it feeds every ``X`` and keeps every ``new.X``.
-AdamW's moments are two flat float32 vectors per set (``opt.m``, ``opt.v``:
-the set's trainable parameters flattened and concatenated in manifest order),
-so the update is a dozen ops for the whole model rather than per parameter.
+AdamW's moments: a large trainable parameter ``w`` has its own, shaped like
+it (``opt.m@w``, ``opt.v@w``), and its update is a dozen elementwise ops that
+write ``new.param.w`` directly; all other trainable parameters share two flat
+float32 vectors (``opt.m``, ``opt.v``: those parameters flattened and
+concatenated in manifest order), so their update is a dozen ops in all rather
+than per parameter. Which parameters have their own moments is read from the
+graph's inputs (graphs built before this split have only ``opt.m``/``opt.v``).
 The eval graph takes ``x``, ``y``, every ``param.*`` and ``anchor.*`` and
 returns ``loss`` and ``output`` (the model's logits).
 """
@@ -25,6 +29,8 @@ ANCHOR = "anchor."
 OPT_STEP = "opt.step"
 OPT_M = "opt.m"
 OPT_V = "opt.v"
+#: Separator between a moment's name and the parameter it belongs to (``opt.m@w``).
+OWN = "@"
 NEW = "new."
 
 
@@ -36,6 +42,19 @@ def param(name: str) -> str:
 def anchor(name: str) -> str:
     """Graph name of the FedProx anchor of shared parameter ``name``."""
     return ANCHOR + name
+
+
+def own_moment(flat_name: str, parameter: str) -> str:
+    """Graph name of a parameter's own moment (``OPT_M`` or ``OPT_V`` for ``flat_name``)."""
+    return flat_name + OWN + parameter
+
+
+def moment_owner(input_name: str) -> tuple[str, str] | None:
+    """(``OPT_M`` or ``OPT_V``, parameter) for an own moment's input name; None for any other input."""
+    for flat in (OPT_M, OPT_V):
+        if input_name.startswith(flat + OWN):
+            return flat, input_name[len(flat) + len(OWN):]
+    return None
 
 
 def new(state_name: str) -> str:

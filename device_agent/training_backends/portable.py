@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle
-from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, OptimizerKind, PortableArtifacts
+from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, PortableArtifacts
 from device_agent.errors import BundleError
 from device_agent.training_backends import graph_names as g
 from device_agent.training_backends.base import BackendName, TrainingBackend
@@ -129,17 +129,10 @@ class PortableBackend(TrainingBackend):
         self._graphs: dict[ArtifactSetName, _StepGraph] = {}
         self._graph_paths = {pset.name: os.fspath(bundle.path(pset.step_model)) for pset in portable.sets}
         self._set_slots: dict[ArtifactSetName, dict[str, _Slot]] = {}
-        self._steps: dict[ArtifactSetName, int] = {}
-        adam = manifest.hyperparameters.optimizer is OptimizerKind.ADAMW
-        for pset in portable.sets:
-            opt = state.optimizers[pset.name]
-            own = {}
-            if adam:
-                own[g.OPT_STEP] = _Slot(ort, np.array(opt.step, dtype=np.int64))
-                own[g.OPT_M] = _Slot(ort, _flatten(opt.m, pset.trainable))
-                own[g.OPT_V] = _Slot(ort, _flatten(opt.v, pset.trainable))
-            self._set_slots[pset.name] = {**self._slots, **own}
-            self._steps[pset.name] = opt.step
+        # Optimizer state of the sets whose step graph has not opened yet: the graph's inputs say how its
+        # moments are laid out (see graph_names), so their slots are made when it opens.
+        self._pending: dict[ArtifactSetName, OptimizerState] = {pset.name: state.optimizers[pset.name] for pset in portable.sets}
+        self._steps: dict[ArtifactSetName, int] = {pset.name: state.optimizers[pset.name].step for pset in portable.sets}
         self._eval_path = os.fspath(bundle.path(portable.eval_model))
         self._eval: Any = None
         self._lr = ort.OrtValue.ortvalue_from_numpy(np.array(manifest.hyperparameters.learning_rate, dtype=np.float32))
@@ -165,7 +158,9 @@ class PortableBackend(TrainingBackend):
     def _activate(self, set_name: ArtifactSetName) -> _StepGraph:
         self._settle()
         if set_name not in self._graphs:
-            self._graphs[set_name] = _StepGraph(self._ort, self._graph_paths[set_name], self._options)
+            graph = _StepGraph(self._ort, self._graph_paths[set_name], self._options)
+            self._graphs[set_name] = graph
+            self._set_slots[set_name] = {**self._slots, **self._optimizer_slots(graph, set_name)}
         graph = self._graphs[set_name]
         slots = self._set_slots[set_name]
         for name in graph.updated:
@@ -173,6 +168,23 @@ class PortableBackend(TrainingBackend):
         graph.bind(slots, self._lr, self._loss)
         self._active = set_name
         return graph
+
+    def _optimizer_slots(self, graph: _StepGraph, set_name: ArtifactSetName) -> dict[str, _Slot]:
+        """Slots for the step graph's optimizer inputs, filled from the set's pending optimizer state."""
+        opt = self._pending.pop(set_name)
+        trainable = self._manifest.trainable(set_name)
+        separate = {owner[1] for owner in map(g.moment_owner, graph.inputs) if owner is not None}
+        shared = tuple(n for n in trainable if n not in separate)
+        slots = {}
+        for name in graph.inputs:
+            if name == g.OPT_STEP:
+                slots[name] = _Slot(self._ort, np.array(opt.step, dtype=np.int64))
+            elif name in (g.OPT_M, g.OPT_V):
+                slots[name] = _Slot(self._ort, _flatten(opt.m if name == g.OPT_M else opt.v, shared))
+            elif (owner := g.moment_owner(name)) is not None:
+                kind, param = owner
+                slots[name] = _Slot(self._ort, np.asarray((opt.m if kind == g.OPT_M else opt.v)[param], dtype=np.float32))
+        return slots
 
     def train_step(self, set_name: ArtifactSetName, x: np.ndarray, y: np.ndarray) -> float:
         graph = self._graphs[set_name] if self._active is set_name else self._activate(set_name)
@@ -222,11 +234,18 @@ class PortableBackend(TrainingBackend):
         params = {p.name: self._slots[g.param(p.name)].read() for p in self._manifest.parameters}
         anchors = {n[len(g.ANCHOR):]: s.read() for n, s in self._slots.items() if n.startswith(g.ANCHOR)}
         shapes = {p.name: p.shape for p in self._manifest.parameters}
-        optimizers = {}
+        optimizers = dict(self._pending)
         for set_name, slots in self._set_slots.items():
             trainable = self._manifest.trainable(set_name)
-            m = _unflatten(slots[g.OPT_M].read(), trainable, shapes) if g.OPT_M in slots else {}
-            v = _unflatten(slots[g.OPT_V].read(), trainable, shapes) if g.OPT_V in slots else {}
+            m: dict[str, np.ndarray] = {}
+            v: dict[str, np.ndarray] = {}
+            own = [owner for owner in map(g.moment_owner, slots) if owner is not None]
+            shared = tuple(n for n in trainable if (g.OPT_M, n) not in own)
+            if g.OPT_M in slots:
+                m.update(_unflatten(slots[g.OPT_M].read(), shared, shapes))
+                v.update(_unflatten(slots[g.OPT_V].read(), shared, shapes))
+            for kind, param in own:
+                (m if kind == g.OPT_M else v)[param] = slots[g.own_moment(kind, param)].read()
             optimizers[set_name] = OptimizerState(step=self._steps[set_name], m=m, v=v)
         return TrainingState(parameters=params, anchors=anchors, optimizers=optimizers)
 

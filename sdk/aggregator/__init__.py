@@ -1,8 +1,8 @@
 """The regional and root aggregators: transport-agnostic, durable, exactly-once.
 
-Bytes in, bytes out; an MQTT service wraps them. Every accepted update is
-one SQLite transaction (the accepted row and the new running sum together),
-so a crash loses nothing that was acknowledged and a resend is never counted
+Bytes in, bytes out; an MQTT service wraps them. Every batch of accepted updates
+is one SQLite transaction (their accepted rows and the new running sum together;
+group commit, receipts signed after it), so a crash loses nothing that was acknowledged and a resend is never counted
 twice. See docs/aggregation.md for the round lifecycle, the durability
 argument, the mixing definition and how several processes share a region.
 
@@ -13,18 +13,22 @@ argument, the mixing definition and how several processes share a region.
   :mod:`~sdk.aggregator.merge` the close's arithmetic, :mod:`~sdk.aggregator.contributors` the root's device lists).
 - :mod:`~sdk.aggregator.forwarding`: the root's signed answer to a region's aggregate.
 - :mod:`~sdk.aggregator.inbox`: the services' per-sender rate limits and fair queue.
+- :mod:`~sdk.aggregator.batching`: when queued updates are committed together (size and latency caps).
 - :mod:`~sdk.aggregator.tier` / :mod:`~sdk.aggregator.config`: what both tiers share.
 - :mod:`~sdk.aggregator.regional` / :mod:`~sdk.aggregator.root`: the two tiers.
+- :mod:`~sdk.aggregator.middle`: a tier between them (children's aggregates in, one aggregate out), for any depth.
 - :mod:`~sdk.aggregator.candidates`: FedFomo's pool of device models (pure, in memory).
 - :mod:`~sdk.aggregator.outcomes` / :mod:`~sdk.aggregator.errors`: results and errors.
 """
 
 from __future__ import annotations
 
+from sdk.aggregator.batching import BatchLimits, IncomingUpdate
 from sdk.aggregator.candidates import Candidate, CandidatePool
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.errors import AggregatorError, ModelRejectedError, RoundStateError, StoreError
 from sdk.aggregator.forwarding import ForwardAnswer
+from sdk.aggregator.middle import MiddleAggregator, MiddleConfig
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate, IntakeReason, Verdict
 from sdk.aggregator.regional import CandidateAnswer, RegionalAggregate, RegionalAggregator, RegionalConfig
 from sdk.aggregator.root import RootAggregator, RootConfig
@@ -36,13 +40,17 @@ __all__ = [
     "AggregatorError",
     "AggregatorStatus",
     "AggregatorStore",
+    "BatchLimits",
     "Candidate",
     "CandidateAnswer",
     "CandidatePool",
     "CloseReason",
     "ForwardAnswer",
     "HandledUpdate",
+    "IncomingUpdate",
     "IntakeReason",
+    "MiddleAggregator",
+    "MiddleConfig",
     "ModelRejectedError",
     "RegionalAggregate",
     "RegionalAggregator",

@@ -49,15 +49,20 @@ class Admission:
 
 
 def admit(opened: OpenedUpdate, *, base: Mapping[str, np.ndarray], bounds: RoundBounds | None, weight: float,
-          contributors: Contributors | None = None) -> Admission:
+          contributors: Contributors | None = None, base_largest: float | None = None) -> Admission:
     """Measure ``opened`` against the round: ``weight`` is its unbounded weight (a sample count, or 1 for uniform).
 
-    RejectedUpdateError ``non_finite`` when applying it could overflow float32.
+    ``base_largest``: max |x| over the round's ``base`` model (:func:`largest_magnitude`, computed once per round;
+    None: computed here). RejectedUpdateError ``non_finite`` when applying it could overflow float32.
     """
     header = opened.header
     norm = global_norm(opened.tensors)
     scale = 1.0 if bounds is None else bounds.clip_scale(norm)
-    for name, value in opened.tensors.items():
+    if base_largest is None:
+        base_largest = largest_magnitude(base)
+    # |x| <= the L2 norm for every entry, so this settles almost every update without touching the tensors again.
+    settled = base_largest + scale * norm <= FLOAT32_SAFE
+    for name, value in {} if settled else opened.tensors.items():
         if _largest(base[name]) + scale * _largest(value) <= FLOAT32_SAFE:
             continue  # the cheap bound (no temporaries) settles almost every update
         moved = np.asarray(base[name], dtype=np.float64) + np.asarray(value, dtype=np.float64) * scale
@@ -67,6 +72,11 @@ def admit(opened: OpenedUpdate, *, base: Mapping[str, np.ndarray], bounds: Round
     bounded_weight = weight if bounds is None else float(min(weight, bounds.weight_cap))
     return Admission(opened=opened, weight=bounded_weight, samples=samples, norm=norm, clipped=scale < 1.0,
                      capped=bounds is not None and header.sample_count > bounds.weight_cap, contributors=contributors)
+
+
+def largest_magnitude(params: Mapping[str, np.ndarray]) -> float:
+    """max |x| over every array of ``params`` (0 for none)."""
+    return max((_largest(np.asarray(value)) for value in params.values()), default=0.0)
 
 
 def _largest(array: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -58,7 +59,7 @@ def split_contributors(opened: OpenedUpdate) -> tuple[OpenedUpdate, Contributors
     total = sum(weight for _, weight in entries)
     if total != opened.header.sample_count:
         raise RejectedUpdateError("malformed", f"contributor weights sum to {total}, the header says {opened.header.sample_count}")
-    stripped = OpenedUpdate(header=opened.header, tensors=tensors, sender_key_id=opened.sender_key_id)
+    stripped = replace(opened, tensors=tensors)
     return stripped, entries
 
 

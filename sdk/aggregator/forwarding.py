@@ -1,5 +1,8 @@
 """A region's side of the region -> root leg: the root's signed answer to the region's aggregate.
 
+The same holds on every link of a deeper tree (a cell -> its middle tier, a
+middle tier -> its parent): "root" below reads "the tier above".
+
 The region closes a round, stores the sealed aggregate (with its nonce) in the
 close transaction and resends it until the root answers with a signed receipt
 on ``region/<region>/down/receipt``. :func:`settle_forward` verifies such a

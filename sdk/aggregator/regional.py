@@ -23,6 +23,11 @@ own model, the global one only seeding the first round. The interpolation
 is the cluster-level form of Mansour et al., "Three Approaches for
 Personalization with Applications to Federated Learning" (2020); the two
 tiers follow HierFAVG (Liu et al., ICC 2020).
+
+In a deeper tree (docs/aggregation.md, "Any depth") "the root" above reads
+"the tier above" (``RegionalConfig.parent``): a cell under a middle tier
+(:mod:`sdk.aggregator.middle`) starts rounds from that tier's model and
+forwards to it; nothing else changes.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +49,7 @@ from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidat
 from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
+from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.candidates import CandidatePool
 from device_agent.release.carry import carry_parameters
 from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
@@ -70,9 +76,12 @@ class RegionalConfig(AggregatorConfig):
     aggregates as). ``device_keys``: device id -> Ed25519 public key, or a
     lookup returning None for an unknown device. ``root_verify_key``: the
     root's Ed25519 key (global models). ``root_encryption_key``: the root's
-    X25519 key (aggregates are sealed to it). ``aggregation``: how updates are
-    combined (mean, median, trimmed mean); its ``clip_norm`` must stay None: the
-    aggregator bounds norms and weights through ``influence``
+    X25519 key (aggregates are sealed to it). In a deeper tree these two are
+    the keys of the tier above, whatever it is, and ``parent`` names it: the
+    id that signs the models this region starts rounds from (None: the root,
+    whose global models name no region; docs/aggregation.md, "Any depth").
+    ``aggregation``: how updates are combined (mean, median, trimmed mean);
+    its ``clip_norm`` must stay None: the aggregator bounds norms and weights through ``influence``
     (:class:`~sdk.aggregation.influence.InfluencePolicy`, on by default; see docs/security.md).
     ``regional_weight``: ``a`` in ``S_r = a R_{r-1} + (1 - a) G_r``, in [0, 1].
     ``fomo_candidates``: the most FedFomo candidates served per request (0: FedFomo off; at most 32).
@@ -88,10 +97,15 @@ class RegionalConfig(AggregatorConfig):
     regional_weight: float = 0.0
     fomo_candidates: int = 0
     fomo_requests_per_round: int = 3
+    parent: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("region", self.region)
+        if self.parent is not None:
+            check_id("parent", self.parent)
+            if self.parent == self.region:
+                raise ValueError(f"region {self.region!r} cannot be its own parent")
         for name, low, high in (("fomo_candidates", 0, MAX_CANDIDATES), ("fomo_requests_per_round", 1, 1000)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -167,7 +181,9 @@ class RegionalAggregator(AggregatorTier):
         self._answered: Counter[tuple[str, int]] = Counter()
 
     def _make_intake(self, config: AggregatorConfig) -> UpdateIntake:
-        assert isinstance(config, RegionalConfig)
+        """Devices' sealed updates in, bounded (a middle tier overrides this: children's aggregates in)."""
+        if not isinstance(config, RegionalConfig):
+            raise TypeError("config must be a RegionalConfig")
         return UpdateIntake(
             config=config,
             store=self._store,
@@ -211,7 +227,8 @@ class RegionalAggregator(AggregatorTier):
         return self._start(round, global_params, self._serve)
 
     def handle_root_model(self, blob: bytes | bytearray | memoryview) -> bytes:
-        """Verify the root's signed global model, start its round, and return the mixed model signed for devices.
+        """Verify the root's signed global model (or, with a ``parent``, that tier's model), start its round, and
+        return the mixed model signed for devices.
 
         ModelRejectedError (counted as ``model_rejected:<reason>``) when the
         signature does not verify (``auth``, nothing more said), the model is
@@ -228,8 +245,9 @@ class RegionalAggregator(AggregatorTier):
         header = opened.header
         if header.fleet != self._config.fleet:
             raise self._reject_model("fleet", f"model for fleet {header.fleet!r}")
-        if header.region is not None:
-            raise self._reject_model("region", f"a model for region {header.region!r}, not a global model")
+        if header.region != self._regional.parent:
+            expected = "a global model" if self._regional.parent is None else f"the model of {self._regional.parent!r}"
+            raise self._reject_model("region", f"a model for region {header.region!r}, not {expected}")
         if header.bundle_version != self._config.bundle_version:
             # The service switches versions (adopt) when it holds that bundle, then hands the model in again.
             raise self._reject_model("bundle_version", f"model for bundle v{header.bundle_version}, this region runs "
@@ -246,12 +264,18 @@ class RegionalAggregator(AggregatorTier):
         ``topic_device``: the device id from the topic it arrived on (None:
         unchecked); an update signed by another device is refused as ``auth``.
         """
-        handled = self._intake.handle(blob, topic_sender=topic_device)
+        return self.handle_updates([IncomingUpdate(blob=blob, topic_sender=topic_device)])[0]
+
+    def handle_updates(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
+        """:meth:`handle_update` for several updates with one commit (group commit, docs/aggregation.md):
+        one answer per item, in order; no receipt of the batch exists before every accepted update is durable."""
+        answers = self._intake.handle_batch(items)
         record = self._intake.record
-        if self._regional.fomo_candidates and handled.delta is not None and handled.header is not None \
-                and record is not None and record.round == handled.header.round:
-            self.candidates.record(handled.header.sender, record.round, apply_delta(record.base_params, handled.delta))
-        return handled
+        if self._regional.fomo_candidates and record is not None:
+            for handled in answers:
+                if handled.delta is not None and handled.header is not None and record.round == handled.header.round:
+                    self.candidates.record(handled.header.sender, record.round, apply_delta(record.base_params, handled.delta))
+        return answers
 
     @property
     def fomo_enabled(self) -> bool:
@@ -364,6 +388,10 @@ class RegionalAggregator(AggregatorTier):
         served = mix_regional(previous, global_params, regional_weight=self._regional.regional_weight)
         return served, self._sign_model(round=round, params=served, region=self._regional.region)
 
+    def _contributors(self, round: int) -> list[tuple[str, int]]:
+        """(device, bounded weight) of every update counted in ``round``: the aggregate's ``@contributors``."""
+        return self._intake.store.contributions(round)
+
     def _seal(self, round: int, merged: MergedRound) -> tuple[bytes, bytes] | None:
         """(nonce, sealed aggregate) for the root, the contributor list inside; None when nothing was accepted."""
         if merged.mean_delta is None:
@@ -379,7 +407,7 @@ class RegionalAggregator(AggregatorTier):
             clock=self._config.wall_clock,
         )
         tensors = dict(merged.mean_delta)
-        tensors[CONTRIBUTORS_TENSOR] = encode_contributors(self._intake.store.contributions(round))
+        tensors[CONTRIBUTORS_TENSOR] = encode_contributors(self._contributors(round))
         return header.nonce, seal_update(
             header,
             tensors,

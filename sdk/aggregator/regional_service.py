@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from device_agent.daemon.backoff import Backoff, BackoffPolicy
 from device_agent.errors import FedgeError
 from device_agent.protocol.envelope import verified_model_header
 from device_agent.protocol.topics import TopicLayout
+from sdk.aggregator.batching import IncomingUpdate, UpdateBatch
 from sdk.aggregator.errors import ModelRejectedError
 from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.inbox import InboxLimits
@@ -36,6 +38,15 @@ from sdk.aggregator.service_base import MqttAggregatorService
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Queued:
+    """A whole device update waiting for its batch: ``arrived`` is when its last frame came (receipt latency)."""
+
+    blob: bytes
+    device: str
+    arrived: float | None
 
 
 class RegionalService(MqttAggregatorService):
@@ -62,6 +73,7 @@ class RegionalService(MqttAggregatorService):
             follower.attach(self.subscribe_topics, self.unsubscribe_topics)
         self._resend = Backoff(BackoffPolicy(initial_s=loop.resend_min_s, max_s=loop.resend_max_s))
         self._resend_at: float | None = None
+        self._batch: UpdateBatch[_Queued] = UpdateBatch(loop.batch_limits(), clock=clock)
 
     def expected_update_bytes(self) -> int:
         """One sealed update of this bundle's shared parameters, at most."""
@@ -102,6 +114,7 @@ class RegionalService(MqttAggregatorService):
     def handle_message(self, topic: str, payload: bytes) -> None:
         """Route one message: the root's model or receipt, a device's (possibly chunked) update or request."""
         if topic == self.layout.root_model:
+            self.flush_batch(force=True)  # updates that arrived before the next round's model are decided in their round
             self.handle_root_model(payload)
             return
         if self.follower is not None and self.follower.handles(topic):
@@ -124,7 +137,7 @@ class RegionalService(MqttAggregatorService):
             return
         blob = self.reassemble(payload, sender=device)
         if blob is not None:
-            self.handle_update(blob, device=device)
+            self._batch.add(_Queued(blob=blob, device=device, arrived=self.arrived), len(blob))
 
     def handle_candidate_request(self, payload: bytes, *, device: str) -> None:
         """Answer a device's FedFomo request with its sealed candidates, chunked to fit (nothing for a refused request)."""
@@ -151,14 +164,34 @@ class RegionalService(MqttAggregatorService):
             self.metrics.aggregate_settled(acknowledged=False)
         self.refresh_round(force=True)
 
+    def batch_due_in(self) -> float | None:
+        """Seconds until the queued updates' latency cap passes; None when none are queued."""
+        return self._batch.due_in()
+
+    def flush_batch(self, *, force: bool = False) -> None:
+        """Group commit: hand the queued updates to the aggregator together once the batch is full, or its
+        latency cap has passed and nothing else waits in the inbox (``force``: now); then send their receipts."""
+        batch = self._batch
+        if not len(batch) or not (force or batch.full or (batch.due() and self.inbox.pending() == 0)):
+            return
+        queued = batch.drain()
+        answers = self.aggregator.handle_updates([IncomingUpdate(blob=q.blob, topic_sender=q.device) for q in queued])
+        for q, handled in zip(queued, answers):
+            self.send_receipt(q.device, handled, arrived=q.arrived)
+        self.on_tick()  # a quorum may have just been reached
+
     def handle_update(self, blob: bytes, *, device: str) -> HandledUpdate:
-        """Hand one whole update to the aggregator and send its receipt (none for unauthenticated input)."""
+        """Hand one whole update to the aggregator at once (no batch) and send its receipt."""
         handled = self.aggregator.handle_update(blob, topic_device=device)
-        if handled.receipt is not None:
-            self.publish(self.layout.device_receipt(device), handled.receipt)
-        self.metrics.update_handled(handled, arrived=self.arrived)
+        self.send_receipt(device, handled, arrived=self.arrived)
         self.on_tick()  # a quorum may have just been reached
         return handled
+
+    def send_receipt(self, device: str, handled: HandledUpdate, *, arrived: float | None) -> None:
+        """Publish a handled update's signed receipt (none for unauthenticated input) and record its metrics."""
+        if handled.receipt is not None:
+            self.publish(self.layout.device_receipt(device), handled.receipt)
+        self.metrics.update_handled(handled, arrived=arrived)
 
     def _switch_for(self, blob: bytes) -> bool:
         """A root model names another bundle version: adopt it if its bundle is in the library (True), else

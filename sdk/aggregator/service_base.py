@@ -213,6 +213,13 @@ class MqttAggregatorService:
     def on_tick(self) -> None:
         """Hook called every ``tick_s`` and after each message."""
 
+    def batch_due_in(self) -> float | None:
+        """Hook: seconds until queued updates must be handled (0: now); None when nothing is queued."""
+        return None
+
+    def flush_batch(self, *, force: bool = False) -> None:
+        """Hook called after every loop turn: handle queued updates when their batch is due (``force``: now)."""
+
     def round_status(self) -> AggregatorStatus | None:
         """Hook: the aggregator's status, for the round gauges and the "round open" line (None: nothing to report)."""
         return None
@@ -277,9 +284,12 @@ class MqttAggregatorService:
                 if deadline is not None and self._clock() >= deadline:
                     ended_by = "time_limit"
                     break
-                event = self.inbox.take(timeout=max(0.0, min(tick, next_tick - self._clock())))
+                wait = min(tick, next_tick - self._clock())
+                batch_due = self.batch_due_in()
+                event = self.inbox.take(timeout=max(0.0, wait if batch_due is None else min(wait, batch_due)))
                 if event is not None:
                     self._dispatch(event)
+                self._guarded("update batch", self.flush_batch)
                 if event is None or self._clock() >= next_tick:
                     self._guarded("tick", self.on_tick)
                     self._guarded("round status", self.refresh_round)
@@ -290,6 +300,7 @@ class MqttAggregatorService:
                 if self._clock() >= self._next_drop_report:
                     self._report_drops()
         finally:
+            self._guarded("update batch", lambda: self.flush_batch(force=True))
             self._client.disconnect()
             self._client.loop_stop()
             self.subscribed.clear()

@@ -31,6 +31,8 @@ from device_agent.protocol.headers import MAX_CANDIDATES
 from device_agent.release.settings import ReleaseSettings
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
+from sdk.aggregator.batching import BatchLimits
+from sdk.aggregator.middle import MiddleConfig
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.root import RootConfig
@@ -89,6 +91,8 @@ class LoopSettings:
     opened: ``sender_rate_per_s`` messages per second with bursts of
     ``sender_burst`` (None: sized to the model, enough for a chunked update and
     a resend), and ``max_pending_bytes`` over everything waiting (docs/aggregation.md, "Floods").
+    Group commit: up to ``batch_max_updates`` queued updates are committed together, waiting at most
+    ``batch_max_wait_s`` for more (1 / 0: one commit per update; docs/aggregation.md, "Group commit").
     """
 
     tick_s: float = 0.2
@@ -98,8 +102,11 @@ class LoopSettings:
     sender_rate_per_s: float = 1.0
     sender_burst: int | None = None
     max_pending_bytes: int = 256 * 1024 * 1024
+    batch_max_updates: int = BatchLimits.max_updates
+    batch_max_wait_s: float = BatchLimits.max_wait_s
 
     def __post_init__(self) -> None:
+        self.batch_limits()  # validates the batch settings
         if not (self.tick_s > 0 and self.flush_every_s > 0):
             raise ValueError("tick_s and flush_every_s must be > 0")
         if not 0 < self.resend_min_s <= self.resend_max_s:
@@ -110,6 +117,10 @@ class LoopSettings:
             raise ValueError("sender_burst must be >= 1 or None")
         if self.max_pending_bytes < 1:
             raise ValueError("max_pending_bytes must be >= 1")
+
+    def batch_limits(self) -> BatchLimits:
+        """The group-commit limits of the regional service's update batches."""
+        return BatchLimits(max_updates=self.batch_max_updates, max_wait_s=self.batch_max_wait_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,8 +206,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         fleet=fleet,
         region=region,
         device_keys=_public_keys_dir(agg, "device_keys_dir", what="device"),
-        root_verify_key=_key(agg, "root_verify_key", load_verify_key),
-        root_encryption_key=_key(agg, "root_encryption_key", load_recipient_key),
+        **_parent(agg),
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
         fomo_candidates=agg.integer("fomo_candidates", 0, minimum=0, maximum=MAX_CANDIDATES),
         aggregation=_aggregation(top),
@@ -380,6 +390,9 @@ def _loop(top: TomlTable) -> LoopSettings:
     table = top.section("service")
     defaults = LoopSettings()
     resend_min_s = table.number("resend_min_s", defaults.resend_min_s, positive=True)
+    batch_wait_s = table.number("batch_max_wait_s", defaults.batch_max_wait_s, minimum=0.0)
+    if batch_wait_s > 1.0:
+        raise table.error("batch_max_wait_s", f"must be at most 1 s (a receipt waits that long), got {batch_wait_s}")
     settings = _build(table, "resend_max_s", LoopSettings, dict(
         tick_s=table.number("tick_s", defaults.tick_s, positive=True),
         flush_every_s=table.number("flush_every_s", defaults.flush_every_s, positive=True),
@@ -388,6 +401,8 @@ def _loop(top: TomlTable) -> LoopSettings:
         sender_rate_per_s=table.number("sender_rate_per_s", defaults.sender_rate_per_s, positive=True),
         sender_burst=table.integer("sender_burst", None, minimum=1),
         max_pending_bytes=table.integer("max_pending_bytes", defaults.max_pending_bytes, minimum=1024),
+        batch_max_updates=table.integer("batch_max_updates", defaults.batch_max_updates, minimum=1, maximum=4096),
+        batch_max_wait_s=batch_wait_s,
     ))
     table.done()
     return settings
@@ -442,3 +457,48 @@ def _public_keys_dir(table: TomlTable, key: str, *, what: str) -> KeyRegistry:
         return KeyRegistry(directory, what=what)
     except RegistryError as exc:
         raise table.error(key, str(exc)) from exc
+
+
+def load_middle_service_config(path: str | Path) -> RegionalServiceConfig:
+    """Read and validate a middle tier's TOML file (docs/aggregation.md, "Any depth"): a regional file whose
+    ``[aggregator]`` names ``child_keys_dir`` instead of ``device_keys_dir`` and has no FedFomo, ``[aggregation]``
+    or ``[influence]``; ``round.quorum`` defaults to the number of children."""
+    top = _open_toml(Path(path))
+    agg = top.table("aggregator")
+    fleet, region = agg.identifier("fleet"), agg.identifier("region")
+    manifest = _manifest(agg)
+    children = _public_keys_dir(agg, "child_keys_dir", what="child tier")
+    config = _build(agg, "regional_weight", MiddleConfig, dict(
+        fleet=fleet,
+        region=region,
+        device_keys=children,
+        **_parent(agg),
+        regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
+        **_common(top, agg, manifest, default_quorum=max(1, len(children))),
+    ))
+    store = agg.path("store")
+    member = agg.string("member", "main")
+    broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
+    loop = _loop(top)
+    metrics = _metrics(top)
+    release = _release(top, store=store, bundle=agg.path("bundle"), fleet_public_key=agg.path("fleet_public_key"))
+    agg.done()
+    top.done()
+    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
+                                 release=release)
+
+
+def _parent(agg: TomlTable) -> dict[str, Any]:
+    """The tier above: ``parent`` (its id; absent: the root) and its keys, ``parent_verify_key`` and
+    ``parent_encryption_key`` or, the names two-level files use, ``root_verify_key`` and ``root_encryption_key``."""
+    parent = agg.string("parent", None)
+    if parent is not None:
+        parent = agg.identifier("parent")
+    keys: dict[str, Any] = {"parent": parent}
+    for field_name, new_name, load in (("root_verify_key", "parent_verify_key", load_verify_key),
+                                       ("root_encryption_key", "parent_encryption_key", load_recipient_key)):
+        given = [name for name in (new_name, field_name) if agg.value(name, None) is not None]
+        if len(given) == 2:
+            raise agg.error(new_name, f"give {new_name} or {field_name}, not both")
+        keys[field_name] = _key(agg, given[0] if given else new_name, load)
+    return keys

@@ -24,8 +24,9 @@ Tables::
 Arrays travel through :mod:`device_agent.protocol.tensor_codec` (float64 sums
 stay float64, so a resumed sum is bit-for-bit the one written), never pickle.
 Every write method must run inside :meth:`AggregatorStore.transaction`
-(``BEGIN IMMEDIATE``), so that accepting an update, i.e. inserting its
-``accepted`` row and writing the new partial sum, is one atomic commit.
+(``BEGIN IMMEDIATE``), so that accepting a batch of updates, i.e. inserting
+their ``accepted`` rows and writing the new partial sum, is one atomic commit
+(:meth:`AggregatorStore.savepoint` scopes one update's writes inside it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -64,6 +65,8 @@ from sdk.aggregator.store_schema import SCHEMA_VERSION, create_or_migrate
 logger = logging.getLogger(__name__)
 
 # The file is our own, written by this module: the limits only guard against a corrupt file.
+_SQLITE_BUSY = 5
+_LOCK_POLL_S = 0.001
 _OWN_LIMITS = DecodeLimits(max_tensors=1 << 16, max_total_bytes=1 << 40, max_rank=32, max_name_bytes=4096)
 
 
@@ -88,8 +91,9 @@ class AggregatorStore:
     thread-safe (one connection); share the file across processes instead.
     """
 
-    def __init__(self, conn: sqlite3.Connection, *, member: str, lock: IO[bytes], path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, *, member: str, lock: IO[bytes], path: Path, busy_timeout_s: float = 30.0) -> None:
         self._conn = conn
+        self._busy_timeout_s = busy_timeout_s
         self._member = member
         self._lock = lock
         self._path = path
@@ -120,7 +124,7 @@ class AggregatorStore:
             if mode != "wal":
                 raise StoreError(f"{path}: cannot switch to WAL mode (got {mode!r})")
             conn.execute("PRAGMA synchronous=FULL")
-            store = cls(conn, member=member, lock=lock, path=path)
+            store = cls(conn, member=member, lock=lock, path=path, busy_timeout_s=busy_timeout_s)
             store._init_schema(identity)
         except BaseException:
             lock.close()
@@ -166,7 +170,7 @@ class AggregatorStore:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception rolls everything back. Does not nest."""
         if self._in_transaction:
             raise RuntimeError("store transactions do not nest")
-        self._conn.execute("BEGIN IMMEDIATE")
+        self._begin()
         self._in_transaction = True
         try:
             yield
@@ -180,6 +184,36 @@ class AggregatorStore:
             raise
         finally:
             self._in_transaction = False
+
+    def _begin(self) -> None:
+        """``BEGIN IMMEDIATE``, retried every millisecond while another member holds the write lock (up to the busy
+        timeout). SQLite's own busy handler backs off to 100 ms sleeps, which idles a member far longer than the
+        other holds the lock (one batch's SQL and fsync, a few ms)."""
+        deadline = time.monotonic() + self._busy_timeout_s
+        self._conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc) or time.monotonic() >= deadline:
+                        raise
+                time.sleep(_LOCK_POLL_S)
+        finally:
+            self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside :meth:`transaction`: a nested scope whose writes are undone alone when it raises (one update of a batch)."""
+        self._write("SAVEPOINT item")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO item")
+            self._conn.execute("RELEASE item")
+            raise
+        self._conn.execute("RELEASE item")
 
     def _write(self, sql: str, args: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         if not self._in_transaction:
@@ -260,6 +294,20 @@ class AggregatorStore:
         return Acceptance(sender=sender, round=round, nonce=row[0], digest=row[1], sample_count=row[2], weight=row[3],
                           norm=0.0 if row[4] is None else row[4])
 
+    def find_acceptances(self, round: int, senders: Iterable[str]) -> dict[str, Acceptance]:
+        """The updates accepted for ``round`` from any of ``senders`` (one query): sender -> its acceptance."""
+        wanted = sorted(set(senders))
+        found: dict[str, Acceptance] = {}
+        for start in range(0, len(wanted), 500):  # well under SQLite's bound-parameter limit
+            chunk = wanted[start:start + 500]
+            rows = self._conn.execute(
+                "SELECT sender, nonce, digest, sample_count, weight, norm FROM accepted WHERE round = ? AND sender IN"
+                f" ({', '.join('?' * len(chunk))})", (round, *chunk))
+            for sender, nonce, digest, sample_count, weight, norm in rows:
+                found[sender] = Acceptance(sender=sender, round=round, nonce=nonce, digest=digest, sample_count=sample_count,
+                                           weight=weight, norm=0.0 if norm is None else norm)
+        return found
+
     def round_statistics(self, round: int) -> tuple[list[float], list[int]]:
         """(raw L2 norms, claimed sample counts) of every update accepted for ``round``, in commit order."""
         rows = self._conn.execute("SELECT norm, sample_count FROM accepted WHERE round = ? ORDER BY seq", (round,)).fetchall()
@@ -269,6 +317,14 @@ class AggregatorStore:
         """(sender, weight) of every update accepted for ``round``, sorted by sender."""
         rows = self._conn.execute("SELECT sender, weight FROM accepted WHERE round = ? ORDER BY sender", (round,))
         return [(sender, int(weight)) for sender, weight in rows]
+
+    def counted_contributors(self, round: int) -> list[tuple[str, int]]:
+        """(device, weight) of every device the children's aggregates counted in ``round``, sorted by device (a middle
+        tier's own contributor list); StoreError when a row predates the weights (schema version 2)."""
+        rows = self._conn.execute("SELECT device, weight FROM contributors WHERE round = ? ORDER BY device", (round,)).fetchall()
+        if any(weight is None for _, weight in rows):
+            raise StoreError(f"round {round}'s contributor rows carry no weights (written before schema version 3)")
+        return [(device, int(weight)) for device, weight in rows]
 
     def counted_elsewhere(self, round: int, devices: list[str], region: str) -> dict[str, str]:
         """Of ``devices``, those another region already has counted in ``round``: device -> that region (root)."""
@@ -394,11 +450,13 @@ class AggregatorStore:
         )
         return cursor.rowcount == 1
 
-    def insert_contributors(self, round: int, region: str, devices: list[str]) -> None:
-        """Record that ``region`` counted ``devices`` in ``round`` (root); AcceptanceConflict if one is already counted."""
+    def insert_contributors(self, round: int, region: str, devices: Sequence[tuple[str, int]]) -> None:
+        """Record that ``region`` counted ``devices`` ((device, weight) pairs) in ``round``; AcceptanceConflict if one
+        is already counted."""
         try:
-            for device in devices:
-                self._write("INSERT INTO contributors (round, device, region) VALUES (?, ?, ?)", (round, device, region))
+            for device, weight in devices:
+                self._write("INSERT INTO contributors (round, device, region, weight) VALUES (?, ?, ?, ?)",
+                            (round, device, region, weight))
         except sqlite3.IntegrityError as exc:
             raise AcceptanceConflict(f"a device of {region} is already counted in round {round}") from exc
 
@@ -410,6 +468,12 @@ class AggregatorStore:
                     "INSERT INTO counters (name, count) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET count = count + excluded.count",
                     (name, count),
                 )
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    """True for SQLITE_BUSY (another connection holds the lock), false for every other failure."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    return (code & 0xFF) == _SQLITE_BUSY if isinstance(code, int) else "database is locked" in str(exc)
 
 
 def _partial(row: tuple[Any, ...]) -> PartialSum:

@@ -1,6 +1,8 @@
 """The aggregator store's SQL schema and its migrations (the store itself is :mod:`sdk.aggregator.store`).
 
-Version 2 adds, to version 1: each round's influence bounds (``clip_norm``,
+Version 3 adds each contributor's bounded weight to ``contributors`` (a
+middle tier lists its children's devices, with their weights, in its own
+aggregate); rows written before it have none (NULL). Version 2 adds, to version 1: each round's influence bounds (``clip_norm``,
 ``weight_cap``), the nonce of the sealed aggregate and the tier above's
 signed answer to it (``forward_receipt``, ``forward_status``), each accepted
 update's raw L2 norm, and the root's ``contributors`` table (which region
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +64,7 @@ CREATE TABLE IF NOT EXISTS contributors (
     round INTEGER NOT NULL,
     device TEXT NOT NULL,
     region TEXT NOT NULL,
+    weight INTEGER,
     PRIMARY KEY (round, device)
 );
 CREATE TABLE IF NOT EXISTS replay_snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL, seq INTEGER NOT NULL);
@@ -76,6 +79,7 @@ _FROM_1 = (
     "ALTER TABLE round_state ADD COLUMN forward_status TEXT",
     "ALTER TABLE accepted ADD COLUMN norm REAL",
 )
+_FROM_2 = ("ALTER TABLE contributors ADD COLUMN weight INTEGER",)
 
 
 def create_or_migrate(conn: sqlite3.Connection, stored_version: str | None) -> None:
@@ -86,6 +90,10 @@ def create_or_migrate(conn: sqlite3.Connection, stored_version: str | None) -> N
     if stored_version == "1":
         for statement in _FROM_1:
             conn.execute(statement)
+    if stored_version == "2":
+        for statement in _FROM_2:
+            conn.execute(statement)
+    if stored_version in ("1", "2"):
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     if stored_version in (None, "1"):
         for statement in SCHEMA.strip().split(";\n"):

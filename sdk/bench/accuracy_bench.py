@@ -114,6 +114,7 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
     """
     from dataclasses import replace
 
+    from device_agent.compression import CompressionSpec
     from device_agent.trainer import TrainBudget
     from sdk.simulation.checkpoint import SimulationCheckpoint
     from sdk.simulation.cold_start import ColdStartConfig
@@ -134,6 +135,7 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
         rounds=setting.rounds, budget=TrainBudget(epochs=setting.epochs, batch_size=setting.batch_size),
         participation=setting.participation, straggler_fraction=run.stragglers, straggler_work=setting.straggler_work,
         hierarchy=hierarchy, finetune_epochs=run.finetune_epochs, seed=seed, cold_start=cold_start,
+        compression=CompressionSpec.parse(run.compression), downlink_compression=CompressionSpec.parse(run.downlink),
     )
     checkpoint = (SimulationCheckpoint(progress / "checkpoint", every=setting.checkpoint_every)
                   if progress is not None and setting.checkpoint_every else None)

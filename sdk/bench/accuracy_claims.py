@@ -63,6 +63,7 @@ def check_claims(setting: AccuracySetting, table: dict[str, SummaryRow], by_labe
             a, p = table[avg].global_mean or 0.0, table[prox].global_mean or 0.0
             out.append(_claim("FedProx beats FedAvg with 90% stragglers (global model, mean per-device test accuracy)",
                               p > a, f"FedProx {p:.4f} vs FedAvg {a:.4f}"))
+    out.extend(_compression_claims(table, by_label))
     hier = [k for k in mean if k.startswith("Hier. FedAvg")]
     flat = table.get("FedAvg")
     if hier and flat is not None:
@@ -108,3 +109,28 @@ def _clear_gain(setting: AccuracySetting, table: dict[str, SummaryRow]) -> dict[
                   f" of devices and on the mean ({best.seeds} seeds)", holds,
                   f"{best.label}: mean gain {100 * gain:+.2f} points vs seed spread {100 * spread:.2f}; clearly ahead on"
                   f" {share:.0%} of devices (any gain: {best.share_beating_local or 0.0:.0%})")
+
+
+COMPRESSION_TARGET = 8.0
+"""Issue 12: at least 8x fewer bytes (up + down) per device per round than full float32, at most half a point lost."""
+
+
+def _compression_claims(table: dict[str, SummaryRow], by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each compressed run against the float32 run of the same algorithm (same label before the first comma)."""
+    out = []
+    for label, result in by_label.items():
+        run = result["run"]
+        if run.get("compression", "none") == "none" and run.get("downlink", "none") == "none":
+            continue
+        base = table.get(label.split(",")[0])
+        row = table[label]
+        if base is None or not (row.bytes_up + row.bytes_down):
+            continue
+        ratio = (base.bytes_up + base.bytes_down) / (row.bytes_up + row.bytes_down)
+        up_ratio = base.bytes_up / row.bytes_up if row.bytes_up else math.nan
+        lost = base.personalised_mean - row.personalised_mean
+        out.append(_claim(f"{label}: >= {COMPRESSION_TARGET:g}x fewer bytes than float32 with <= 0.5 points lost",
+                          ratio >= COMPRESSION_TARGET and lost <= TIE_MARGIN,
+                          f"{ratio:.1f}x fewer bytes up + down (up alone {up_ratio:.1f}x); accuracy {100 * row.personalised_mean:.2f}"
+                          f" vs {100 * base.personalised_mean:.2f} ({-100 * lost:+.2f} points)"))
+    return out

@@ -20,7 +20,7 @@ from sdk.bench.accuracy_settings import AccuracySetting, Profile, setting_from_d
 
 @dataclass(frozen=True, kw_only=True)
 class SummaryRow:
-    """One line of a setting's table: accuracies in [0, 1], bytes per participating device per round.
+    """One line of a setting's table: accuracies in [0, 1], bytes per participating device per round (mean over rounds).
 
     With several seeds every figure is the mean over seeds (``per_device``: each
     device's mean), ``personalised_seed_std`` the standard deviation over seeds
@@ -56,8 +56,8 @@ def _row(label: str, acc: dict[str, float], examples: dict[str, int], *, global_
     values = np.array(list(acc.values()))
     total = sum(examples[c] for c in acc)
     pooled = float(sum(acc[c] * examples[c] for c in acc) / total)
-    up = max((r["bytes_up_per_device"] for r in rounds), default=0)
-    down = max((r["bytes_down_per_device"] for r in rounds), default=0)
+    up = float(np.mean([r["bytes_up_per_device"] for r in rounds])) if rounds else 0
+    down = float(np.mean([r["bytes_down_per_device"] for r in rounds])) if rounds else 0
     return SummaryRow(
         label=label, personalised_mean=float(values.mean()), personalised_std=float(values.std()),
         personalised_min=float(values.min()), pooled=pooled,

@@ -37,6 +37,10 @@ class AccuracyRun:
     ``label`` names the row; ``algorithm`` is a key of
     :data:`sdk.simulation.algorithms.ALGORITHMS`. ``regional_weight`` not
     None runs the two-tier hierarchy over the dataset's regions.
+    ``ditto_lambda``: Ditto's proximal weight (None: the algorithm's default).
+    ``compression`` / ``downlink``: what devices send up and the server
+    sends down (:class:`~device_agent.compression.CompressionSpec` text;
+    ``none`` is full float32; the downlink is simulated only).
     """
 
     label: str
@@ -47,6 +51,8 @@ class AccuracyRun:
     finetune_epochs: int = 0
     fomo_candidates: int = 5
     ditto_lambda: float | None = None
+    compression: str = "none"
+    downlink: str = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +208,7 @@ def settings(profile: Profile = "full") -> dict[str, AccuracySetting]:
         runs=(AccuracyRun(label="Local-only", algorithm="local"), AccuracyRun(label="FedAlt", algorithm="fedalt")),
         notes=("Same data, model and budget per round as the fmnist setting, 40 rounds instead of 15.",),
     ))
+    out.extend(_compress_settings(quick, watch_common))
     stragglers = (0.0, 0.5, 0.9)
     synthetic_runs = tuple(
         run for s in stragglers for run in (
@@ -299,6 +306,37 @@ def _scarce_settings(quick: bool) -> list[AccuracySetting]:
     return out
 
 
+
+
+COMPRESSED_RUNS = (("q8", "q8"), ("q4", "q4"), ("topk:0.3+q4", "q4"), ("topk:0.1+q8", "none"))
+"""(up, down) pairs the compression settings compare with full float32."""
+
+
+def _compress_settings(quick: bool, watch_common: dict[str, Any]) -> list[AccuracySetting]:
+    """``watch-compress`` and ``fmnist-compress``: FedAvg (and FedAlt on the watch) in float32 vs compressed traffic."""
+    runs = (AccuracyRun(label="FedAvg", algorithm="fedavg"),
+            *(AccuracyRun(label=f"FedAvg, up {up}, down {down}", algorithm="fedavg", compression=up, downlink=down)
+              for up, down in COMPRESSED_RUNS))
+    note = ("Traffic is the encoded tensor payload per participating device per round, averaged over rounds (the envelope"
+            " adds ~0.5 KB per message); up is the device's error-feedback compression (device_agent.compression), down is"
+            " the server's, simulated (the MQTT protocol still sends full models).")
+    return [
+        AccuracySetting(
+            name="watch-compress", title="Smartwatch, 20 clients, time split: compressed vs full float32 traffic",
+            dataset="watch-time", notes=(note,),
+            runs=(*runs, AccuracyRun(label="FedAlt", algorithm="fedalt"),
+                  AccuracyRun(label="FedAlt, up topk:0.3+q4, down q4", algorithm="fedalt", compression="topk:0.3+q4",
+                              downlink="q4")),
+            **watch_common,  # type: ignore[arg-type]
+        ),
+        AccuracySetting(
+            name="fmnist-compress", title="Fashion-MNIST Dir(0.1), 20 clients: compressed vs full float32 traffic",
+            dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 10, epochs=1, batch_size=32, learning_rate=0.001,
+            optimizer="adamw", subsample=0.05 if quick else 0.1, runs=runs[:4],
+            notes=(note, "Smaller than the fmnist setting (10 rounds on 10% of the images) so that it fits a shared 2-core"
+                         " machine; the last compressed pair of watch-compress is left out for the same reason."),
+        ),
+    ]
 
 
 _LABELS = {run.algorithm: run for run in _personal_runs(0)}

@@ -1,22 +1,30 @@
-"""Regional aggregator throughput and memory: fedge's streaming durable path vs keeping every delta.
+"""Regional aggregator throughput: the durable intake (group commit) vs in memory, one member vs two, per-part costs.
 
 ``N`` sealed updates from ``N`` distinct device keys are prepared in advance
 (not timed) and written to one file. Each path then runs in its own fresh
-subprocess, reading the updates one at a time from that file (as they would
-arrive from the broker), and reports updates/s and its peak RSS (``VmHWM``):
+subprocess (:mod:`sdk.bench.aggregator_children`), reading the updates from
+that file as they would arrive from the broker, and reports updates/s and its
+peak RSS (``VmHWM``):
 
-- ``streaming``: :class:`~sdk.aggregator.RegionalAggregator` on a SQLite
-  file (WAL, ``synchronous=FULL``): per update open + validate + fold + commit,
-  then ``close_round``.
-- ``naive``: ``open_update`` + :class:`UpdateValidator` per update, every
-  decoded delta kept in a Python list, the sample-weighted mean computed at the end.
-- ``memory``: the same open + validate, folded into a
-  :class:`~sdk.aggregation.StreamingWeightedMean` with no store; the gap to
-  ``streaming`` is the cost of durability, the gap to ``naive`` the cost of the math.
+- ``durable``: :class:`~sdk.aggregator.RegionalAggregator` on a SQLite file
+  (WAL, ``synchronous=FULL``), updates handed over in batches of ``batch``
+  (what the service's queue does under load): open + validate + fold a batch,
+  one commit, then the batch's signed receipts; then ``close_round``.
+- ``unbatched``: the same with batches of one (a commit per update: the intake before group commit).
+- ``memory``: ``open_update`` + :class:`UpdateValidator`, folded into a
+  :class:`~sdk.aggregation.StreamingWeightedMean`, no store, no digest, no receipt.
+  ``durable`` / ``memory`` is the price of durability and exactly-once.
+- ``naive``: the same open + validate, every decoded delta kept in a list, the mean at the end (memory grows with N).
+- ``members``: two ``durable`` processes, members of ONE region sharing its
+  store, each taking every other update, started together; the round is
+  closed by one of them (merging both partial sums). ``members`` / ``durable``
+  is the scaling of a region over two cores.
 
-Paths alternate (streaming, naive, memory, streaming, ...) and medians are
-reported. Each child writes the mean it produced; the parent checks every path
-against a float64 reference computed independently, so the comparison is honest.
+A ``parts`` child times each stage of the intake on the same updates (verify,
+decrypt, decode, digest, validate + bounds + fold, receipt signing); the
+durable child adds the COMMIT time per update. Paths alternate (durable,
+memory, ..., durable, ...) and medians are reported. Every path's mean is
+checked against a float64 reference computed independently while sealing.
 """
 
 from __future__ import annotations
@@ -30,14 +38,19 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-PATHS = ("streaming", "naive", "memory")
+from sdk.bench.aggregator_children import MEMBER, SCRIPTS
+
+PATHS = ("durable", "memory", "naive", "unbatched", "members")
+REQUIRED_PATHS = ("durable", "memory")
+PARTS = ("verify", "decrypt", "decode", "digest", "validate_fold", "receipt")
+FLOOR_MS = 0.6
+"""The unavoidable work per update at 100k parameters on one core, as estimated in issue 12."""
 FLEET = "bench"
 REGION = "eu"
 BUNDLE_VERSION = 1
@@ -53,115 +66,6 @@ SPEC_100K: dict[str, tuple[int, ...]] = {
     "head.bias": (10,),
 }
 
-_CHILD_PRELUDE = textwrap.dedent(
-    """
-    import hashlib, json, sys, time
-    import numpy as np
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-    from device_agent.protocol.envelope import open_update
-    from device_agent.protocol.validation import UpdateValidator
-    cfg = json.loads(sys.argv[1])
-    def seed(label):
-        return hashlib.sha256(f"fedge-bench:{label}".encode()).digest()
-    from sdk.bench.process_memory import status_mb
-    spec = {name: (tuple(shape), "float32") for name, shape in cfg["spec"].items()}
-    devices = {d: Ed25519PrivateKey.from_private_bytes(seed("ed25519:" + d)).public_key() for d in cfg["devices"]}
-    region_key = X25519PrivateKey.from_private_bytes(seed("x25519:" + cfg["region"]))
-    index = cfg["index"]
-    blobs = open(cfg["blobs"], "rb")
-    def next_blob(i):
-        blobs.seek(index[i][0])
-        return blobs.read(index[i][1])
-    rss_before_mb = status_mb("VmRSS")
-    def report(mean, loop_s, finish_s):
-        np.savez(cfg["mean_out"], **mean)
-        n = len(index)
-        print(json.dumps({"updates_per_s": n / (loop_s + finish_s), "loop_s": loop_s, "finish_s": finish_s,
-                          "peak_rss_mb": status_mb("VmHWM"), "rss_before_mb": rss_before_mb}))
-    """
-)
-
-_OPEN_VALIDATE = textwrap.dedent(
-    """
-    validator = UpdateValidator(params=spec, max_norm=cfg["norm_bound"], fleet=cfg["fleet"], region=cfg["region"],
-                                bundle_version=cfg["bundle_version"])
-    limits_total = sum(8 * int(np.prod(s)) for s, _ in spec.values())
-    from device_agent.protocol.tensor_codec import DecodeLimits
-    limits = DecodeLimits(max_tensors=2 * len(spec) + 8, max_total_bytes=2 * limits_total + 4096)
-    def open_valid(i):
-        opened = open_update(next_blob(i), recipient_key=region_key, sender_public_key=devices, limits=limits)
-        validator.validate(opened, current_round=0)
-        return opened
-    """
-)
-
-STREAMING_CHILD = _CHILD_PRELUDE + textwrap.dedent(
-    """
-    from sdk.aggregator import RegionalAggregator, RegionalConfig, RoundPolicy, Verdict
-    from sdk.aggregation.influence import InfluencePolicy
-    config = RegionalConfig(
-        fleet=cfg["fleet"], region=cfg["region"], encryption_key=region_key,
-        signing_key=Ed25519PrivateKey.from_private_bytes(seed("ed25519:" + cfg["region"])),
-        device_keys=devices,
-        root_verify_key=Ed25519PrivateKey.from_private_bytes(seed("ed25519:root")).public_key(),
-        root_encryption_key=X25519PrivateKey.from_private_bytes(seed("x25519:root")).public_key(),
-        spec=spec, bundle_version=cfg["bundle_version"],
-        policy=RoundPolicy(quorum=len(index), deadline_s=86400.0), norm_bound=cfg["norm_bound"],
-        # Fixed bounds that do not bind (same clipping work as the default), so the mean matches the plain reference.
-        influence=InfluencePolicy(norm="fixed", norm_bound=cfg["norm_bound"], weight="fixed", max_sample_count=1_000_000),
-    )
-    agg = RegionalAggregator.open(cfg["db"], config)
-    agg.start_round(0, {name: np.zeros(shape, dtype=np.float32) for name, (shape, _) in spec.items()})
-    rss_before_mb = status_mb("VmRSS")
-    t0 = time.perf_counter()
-    for i in range(len(index)):
-        handled = agg.handle_update(next_blob(i))
-        if handled.verdict is not Verdict.ACCEPTED:
-            raise SystemExit(f"update {i} not accepted: {handled.reason}")
-    t1 = time.perf_counter()
-    aggregate = agg.close_round()
-    t2 = time.perf_counter()
-    agg.close()
-    report(aggregate.mean_delta, t1 - t0, t2 - t1)
-    """
-)
-
-NAIVE_CHILD = _CHILD_PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
-    """
-    rss_before_mb = status_mb("VmRSS")
-    t0 = time.perf_counter()
-    kept = []
-    for i in range(len(index)):
-        opened = open_valid(i)
-        kept.append((opened.tensors, opened.header.sample_count))
-    t1 = time.perf_counter()
-    total = float(sum(n for _, n in kept))
-    mean = {name: (sum(n * t[name].astype(np.float64) for t, n in kept) / total).astype(np.float32) for name in spec}
-    t2 = time.perf_counter()
-    report(mean, t1 - t0, t2 - t1)
-    """
-)
-
-MEMORY_CHILD = _CHILD_PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
-    """
-    from sdk.aggregation import StreamingWeightedMean
-    acc = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
-    rss_before_mb = status_mb("VmRSS")
-    t0 = time.perf_counter()
-    for i in range(len(index)):
-        opened = open_valid(i)
-        acc.accumulate(opened.tensors, float(opened.header.sample_count))
-    t1 = time.perf_counter()
-    mean = acc.finalize()
-    t2 = time.perf_counter()
-    report(mean, t1 - t0, t2 - t1)
-    """
-)
-
-_CHILDREN = {"streaming": STREAMING_CHILD, "naive": NAIVE_CHILD, "memory": MEMORY_CHILD}
-
-
 @dataclass(frozen=True, kw_only=True)
 class PathFigures:
     """Median figures of one path over the repeats.
@@ -170,6 +74,9 @@ class PathFigures:
     mean). ``finish_s``: the last part alone (``close_round``, or the naive
     mean over the kept list). ``rss_before_mb``: RSS once imports, keys and
     the empty aggregator are in place, before the first update.
+    ``commit_ms``: COMMIT time per update (durable paths; None elsewhere).
+    ``cpu_ms``: CPU time per update over the loop (every member's, summed): the cost
+    whatever else shares the machine (None for a path that does not report it).
     """
 
     updates_per_s: float
@@ -177,19 +84,26 @@ class PathFigures:
     finish_s: float
     peak_rss_mb: float
     rss_before_mb: float
+    commit_ms: float | None = None
+    cpu_ms: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class AggregatorBenchRow:
-    """One N: each path's median figures, the ratios, and the largest deviation from the reference mean."""
+    """One N: each path's median figures, the per-part costs (ms per update), the ratios (None when a path
+    was not run), and the largest deviation from the reference mean."""
 
     updates: int
     parameters: int
     update_bytes: int
     repeats: int
+    batch: int
     paths: dict[str, PathFigures]
-    rss_ratio_naive_streaming: float
-    speed_ratio_streaming_naive: float
+    parts_ms: dict[str, float]
+    durable_vs_memory: float
+    members_vs_durable: float | None
+    durable_vs_unbatched: float | None
+    rss_ratio_naive_durable: float | None
     max_abs_diff: float
 
 
@@ -247,13 +161,59 @@ def prepare_updates(spec: Mapping[str, tuple[int, ...]], count: int, work: Path)
     return path, index, {name: (s / total).astype(np.float32) for name, s in sums.items()}
 
 
-def _run_child(path_name: str, cfg: dict[str, object]) -> dict[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILDREN[path_name], json.dumps(cfg)], capture_output=True, text=True,
-                          env=env, timeout=900, check=False)
+def _child_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def _run_child(script: str, cfg: Mapping[str, object]) -> dict[str, float]:
+    proc = subprocess.run([sys.executable, "-c", SCRIPTS[script], json.dumps(cfg)], capture_output=True, text=True,
+                          env=_child_env(), timeout=900, check=False, start_new_session=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{path_name} benchmark child failed:\n{proc.stderr[-2000:]}{proc.stdout[-500:]}")
+        raise RuntimeError(f"{script} benchmark child failed:\n{proc.stderr[-2000:]}{proc.stdout[-500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_members(cfg: Mapping[str, object], members: int = 2) -> dict[str, float]:
+    """``members`` processes of one region on one store, started together; the first closes the round."""
+    procs = [subprocess.Popen([sys.executable, "-c", MEMBER, json.dumps(dict(cfg, members=members, share=k, member=f"m{k}"))],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
+                              start_new_session=True)
+             for k in range(members)]
+    try:
+        lines = [_line(p) for p in procs]  # ready
+        for p in procs:
+            _send(p, "go")
+        timings = [_line(p) for p in procs]
+        for k, p in enumerate(procs):
+            _send(p, "close" if k == 0 else "exit")
+        closed = _line(procs[0])
+        for p in procs:
+            p.wait(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    del lines
+    loop_s = max(t["t1"] for t in timings) - min(t["t0"] for t in timings)
+    count = len(cfg["index"])  # type: ignore[arg-type]
+    return dict(closed, loop_s=loop_s, updates_per_s=count / (loop_s + closed["finish_s"]),
+                commit_s=sum(t["commit_s"] for t in timings), cpu_s=sum(t["cpu_s"] for t in timings))
+
+
+def _line(proc: subprocess.Popen[str]) -> dict[str, float]:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        stderr = proc.stderr.read() if proc.stderr is not None else ""
+        raise RuntimeError(f"members benchmark child failed:\n{stderr[-2000:]}")
+    return json.loads(line)
+
+
+def _send(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(word + "\n")
+    proc.stdin.flush()
 
 
 def _max_abs_diff(path: Path, reference: Mapping[str, np.ndarray]) -> float:
@@ -264,18 +224,18 @@ def _max_abs_diff(path: Path, reference: Mapping[str, np.ndarray]) -> float:
 
 
 def run_aggregator_bench(
-    *, updates: tuple[int, ...] = (50, 200), spec: Mapping[str, tuple[int, ...]] = SPEC_100K, repeats: int = 3,
-    paths: tuple[str, ...] = PATHS, tolerance: float = 1e-5, progress: Callable[[int], object] | None = None,
+    *, updates: tuple[int, ...] = (400,), spec: Mapping[str, tuple[int, ...]] = SPEC_100K, repeats: int = 3,
+    paths: tuple[str, ...] = PATHS, batch: int = 32, tolerance: float = 1e-5, progress: Callable[[int], object] | None = None,
 ) -> list[AggregatorBenchRow]:
-    """Measure every path ``repeats`` times per N, alternating, and return median rows.
+    """Measure every path (and the per-part costs) ``repeats`` times per N, alternating, and return median rows.
 
-    ``paths`` must include ``streaming`` and ``naive``; ``memory`` is optional.
-    RuntimeError when any path's mean differs from the reference by more than ``tolerance``.
+    ``paths`` must include ``durable`` and ``memory``. RuntimeError when any path's mean differs from the
+    reference by more than ``tolerance``.
     """
-    if not {"streaming", "naive"} <= set(paths) or not set(paths) <= set(PATHS):
-        raise ValueError(f"paths must include 'streaming' and 'naive' and be drawn from {PATHS}, got {paths}")
-    if repeats < 1 or any(n < 1 for n in updates):
-        raise ValueError("repeats and every update count must be >= 1")
+    if not set(REQUIRED_PATHS) <= set(paths) or not set(paths) <= set(PATHS):
+        raise ValueError(f"paths must include {REQUIRED_PATHS} and be drawn from {PATHS}, got {paths}")
+    if repeats < 1 or batch < 1 or any(n < 1 for n in updates):
+        raise ValueError("repeats, batch and every update count must be >= 1")
     parameters = sum(math.prod(s) for s in spec.values())
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedge-aggbench-") as tmp:
@@ -284,50 +244,125 @@ def run_aggregator_bench(
             blob_path, index, reference = prepare_updates(spec, count, work)
             base = {"spec": {k: list(v) for k, v in spec.items()}, "devices": [_device(i) for i in range(count)], "region": REGION,
                     "fleet": FLEET, "bundle_version": BUNDLE_VERSION, "norm_bound": _norm_bound(spec),
-                    "blobs": str(blob_path), "index": index}
+                    "blobs": str(blob_path), "index": index, "batch": batch}
             runs: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
+            parts: list[dict[str, float]] = []
             worst = 0.0
             for rep in range(repeats):
                 for p in paths:
                     mean_out = work / f"mean-{p}-{count}-{rep}.npz"
-                    db = work / f"region-{count}-{rep}.sqlite"
-                    runs[p].append(_run_child(p, dict(base, mean_out=str(mean_out), db=str(db))))
+                    cfg = dict(base, mean_out=str(mean_out), db=str(work / f"region-{count}-{rep}.sqlite"))
+                    if p == "unbatched":
+                        cfg["batch"] = 1
+                    runs[p].append(_run_members(cfg) if p == "members" else _run_child(p, cfg))
                     diff = _max_abs_diff(mean_out, reference)
                     if not diff <= tolerance:
                         raise RuntimeError(f"{p} path with {count} updates: mean differs from the reference by {diff:.3g} > {tolerance}")
                     worst = max(worst, diff)
                     for leftover in work.glob(f"region-{count}-{rep}.sqlite*"):
                         leftover.unlink()
+                parts.append(_run_child("parts", dict(base, mean_out="")))
                 if progress is not None:
                     progress(1)
-            figures = {p: PathFigures(**{k: statistics.median(r[k] for r in rs) for k in
-                                         ("updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb")})
-                       for p, rs in runs.items()}
-            rows.append(AggregatorBenchRow(
-                updates=count, parameters=parameters, update_bytes=int(statistics.median(n for _, n in index)), repeats=repeats,
-                paths=figures, rss_ratio_naive_streaming=figures["naive"].peak_rss_mb / figures["streaming"].peak_rss_mb,
-                speed_ratio_streaming_naive=figures["streaming"].updates_per_s / figures["naive"].updates_per_s, max_abs_diff=worst,
-            ))
+            rows.append(_row(count, parameters, index, repeats, batch, runs, parts, worst))
             blob_path.unlink()
     return rows
 
 
+def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int, batch: int,
+         runs: dict[str, list[dict[str, float]]], parts: list[dict[str, float]], worst: float) -> AggregatorBenchRow:
+    def median(rs: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in rs)
+
+    figures = {p: PathFigures(**{k: median(rs, k) for k in ("updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb")},
+                              commit_ms=1000 * median(rs, "commit_s") / count if "commit_s" in rs[0] else None,
+                              cpu_ms=1000 * median(rs, "cpu_s") / count if "cpu_s" in rs[0] else None)
+               for p, rs in runs.items()}
+
+    def ratio(a: str, b: str, key: str = "updates_per_s") -> float | None:
+        if a not in figures or b not in figures:
+            return None
+        return getattr(figures[a], key) / getattr(figures[b], key)
+
+    durable_vs_memory = ratio("durable", "memory")
+    assert durable_vs_memory is not None  # both paths are required
+    return AggregatorBenchRow(
+        updates=count, parameters=parameters, update_bytes=int(statistics.median(n for _, n in index)), repeats=repeats,
+        batch=batch, paths=figures, parts_ms={name: 1000 * median(parts, name) for name in PARTS},
+        durable_vs_memory=durable_vs_memory, members_vs_durable=ratio("members", "durable"),
+        durable_vs_unbatched=ratio("durable", "unbatched"), rss_ratio_naive_durable=ratio("naive", "durable", "peak_rss_mb"),
+        max_abs_diff=worst,
+    )
+
+
 def format_table(rows: list[AggregatorBenchRow]) -> str:
-    """A plain-text table: one line per (N, path), then the ratios per N."""
-    head = f"{'N':>5s} {'path':10s} {'updates/s':>10s} {'finish s':>9s} {'peak RSS MB':>12s} {'RSS at start MB':>16s}"
+    """Plain-text tables: one line per (N, path) with the ratios, then the per-part costs beside the floor."""
+    head = (f"{'N':>5s} {'path':10s} {'updates/s':>10s} {'CPU ms/upd':>11s} {'commit ms/upd':>14s} {'finish s':>9s}"
+            f" {'peak RSS MB':>12s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         for p, f in r.paths.items():
-            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f} {f.rss_before_mb:16.1f}")
-        lines.append(f"{'':5s} RSS ratio naive/streaming {r.rss_ratio_naive_streaming:.2f}x, speed streaming/naive "
-                     f"{r.speed_ratio_streaming_naive:.2f}x, max |mean - reference| {r.max_abs_diff:.2g}")
+            cell = "" if f.commit_ms is None else f"{f.commit_ms:.3f}"
+            cpu = "" if f.cpu_ms is None else f"{f.cpu_ms:.3f}"
+            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {cpu:>11s} {cell:>14s} {f.finish_s:9.3f}"
+                         f" {f.peak_rss_mb:12.1f}")
+        extra = [f"durable/memory {r.durable_vs_memory:.2f}x (target >= 0.8)"]
+        if r.members_vs_durable is not None:
+            extra.append(f"2 members/1 {r.members_vs_durable:.2f}x (target >= 1.6)")
+        if r.durable_vs_unbatched is not None:
+            extra.append(f"batch {r.batch}/batch 1 {r.durable_vs_unbatched:.2f}x")
+        if r.rss_ratio_naive_durable is not None:
+            extra.append(f"RSS naive/durable {r.rss_ratio_naive_durable:.2f}x")
+        lines.append(f"{'':5s} " + ", ".join(extra) + f", max |mean - reference| {r.max_abs_diff:.2g}")
+    for r in rows:
+        durable = r.paths["durable"]
+        per_update = durable.cpu_ms if durable.cpu_ms is not None else 1000 / durable.updates_per_s
+        commit = durable.commit_ms or 0.0
+        floor = sum(r.parts_ms[name] for name in ("verify", "decrypt", "decode", "validate_fold"))
+        lines += ["", f"CPU ms per update, N = {r.updates}, {r.parameters:,} parameters, one process (issue 12's floor: ~{FLOOR_MS} ms):"]
+        for part in PARTS:
+            lines.append(f"  {part:14s} {r.parts_ms[part]:8.3f}")
+        rest = per_update - sum(r.parts_ms.values())
+        lines.append(f"  {'store + rest':14s} {rest:8.3f}   (SQL statements and the sum write, dedup reads, copies, Python)")
+        lines.append(f"  {'(commit wait)':14s} {commit:8.3f}   (COMMIT with fsync, batch {r.batch}, per update: wall time, mostly I/O)")
+        lines.append(f"  {'durable total':14s} {per_update:8.3f}   = {1000 / per_update:.0f} updates/s per free core;"
+                     f" floor measured here (verify+decrypt+decode+validate_fold) {floor:.3f}")
     return "\n".join(lines)
 
 
 def write_json(rows: list[AggregatorBenchRow], path: Path) -> None:
     """Write rows plus machine info as JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "aggregator",
+    doc = {"benchmark": "aggregator", "floor_ms": FLOOR_MS,
            "machine": {"python": platform.python_version(), "cpu_count": os.cpu_count(), "platform": platform.platform()},
            "rows": [asdict(r) for r in rows]}
     path.write_text(json.dumps(doc, indent=2))
+
+
+def write_png(rows: list[AggregatorBenchRow], path: Path) -> None:
+    """Two charts for the last row: updates/s per path, and the durable path's CPU ms per update by part beside the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    row = rows[-1]
+    fig, (speed, parts) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(row.paths)
+    speed.bar(names, [row.paths[p].updates_per_s for p in names], color="tab:blue")
+    speed.set_title(f"updates/s, N = {row.updates}, {row.parameters:,} parameters", fontsize=9)
+    bottom = 0.0
+    durable = row.paths["durable"]
+    total = durable.cpu_ms if durable.cpu_ms is not None else 1000 / durable.updates_per_s
+    for part, cost in [*row.parts_ms.items(), ("store + rest", max(0.0, total - sum(row.parts_ms.values())))]:
+        parts.bar(["durable"], [cost], bottom=bottom, label=part)
+        bottom += cost
+    parts.axhline(FLOOR_MS, color="grey", linewidth=0.8, linestyle="--", label=f"issue 12 floor ({FLOOR_MS} ms, idle core)")
+    parts.set_title("CPU ms per update, by part", fontsize=9)
+    parts.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for ax in (speed, parts):
+        ax.tick_params(labelsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

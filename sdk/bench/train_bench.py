@@ -1,10 +1,20 @@
-"""Device training backends (portable, ort-training; torch hidden) vs PyTorch eager: steps/s, peak RSS, import time.
+"""Device training backends (portable, ort-training; torch hidden) vs PyTorch eager: steps/s, GFLOP/s, peak RSS, import time.
 
 Each measurement runs in its own fresh subprocess so that peak RSS belongs to
 that runtime alone. The agent processes make torch, onnx and sdk unimportable
-(and check torch never loaded), as on a device. Runs alternate (ort-training,
-portable, torch, ...) and the median of the repeats is reported, since the
-machines are noisy; the headline figures are ratios within one run.
+(and check torch never loaded), as on a device. Runs alternate (SGEMM peak,
+ort-training, portable, torch, ...) and the median of the repeats is reported,
+since the machines are noisy; the headline figures are ratios within one run.
+
+Arithmetic efficiency (``train_flops``): each run times its steps in ten
+windows; GFLOP/s is the step's useful FLOPs times the best window's steps/s,
+and % of peak divides it by the best SGEMM window measured in the same round
+at the same thread count. Best against best, so that other jobs on a shared
+machine stretch neither side of the ratio. The same figures are also given
+per second of the process's own CPU time (``time.process_time``, against the
+peak's, likewise): a time slice another job takes counts in neither, which
+keeps the one-thread efficiency meaningful on a loaded machine (shared caches
+and memory bandwidth still cost; with several threads it is per core-second).
 """
 
 from __future__ import annotations
@@ -21,7 +31,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+if TYPE_CHECKING:
+    import torch
 
 RUNTIMES = ("ort-training", "portable", "torch")
 
@@ -35,16 +50,23 @@ y = rng.integers(0, cfg["classes"], cfg["batch"]).astype(np.int64)
 def peak_rss_mb():
     with open("/proc/self/status") as fh:  # VmHWM, not ru_maxrss (which survives exec)
         return next(int(l.split()[1]) / 1024 for l in fh if l.startswith("VmHWM:"))
-def report(steps, seconds, t_import, version):
-    print(json.dumps({"steps_per_s": steps / seconds, "peak_rss_mb": peak_rss_mb(), "import_s": t_import,
-                      "torch_loaded": "torch" in sys.modules, "version": version}))
+def report(timing, t_import, version):
+    seconds, steps, best_window, best_cpu_window = timing
+    print(json.dumps({"steps_per_s": steps / seconds, "best_window_steps_per_s": best_window,
+                      "best_window_steps_per_cpu_s": best_cpu_window, "peak_rss_mb": peak_rss_mb(),
+                      "import_s": t_import, "torch_loaded": "torch" in sys.modules, "version": version}))
 def timed(step):
     for _ in range(cfg["warmup"]):
         step()
-    t0 = time.perf_counter()
-    for _ in range(cfg["steps"]):
-        step()
-    return time.perf_counter() - t0
+    windows, cpu_windows = [], []
+    per_window = max(1, cfg["steps"] // 10)
+    for _ in range(cfg["steps"] // per_window):
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(per_window):
+            step()
+        windows.append(time.perf_counter() - t0)
+        cpu_windows.append(time.process_time() - c0)
+    return sum(windows), per_window * len(windows), per_window / min(windows), per_window / max(min(cpu_windows), 1e-9)
 """
 
 AGENT_CHILD = textwrap.dedent(
@@ -65,8 +87,7 @@ AGENT_CHILD = textwrap.dedent(
     """
     bundle = load_bundle(cfg["bundle"], load_verify_key(cfg["pub"]))
     backend = open_backend(cfg["runtime"], bundle, threads=cfg["threads"])
-    seconds = timed(lambda: backend.train_step(ArtifactSetName.JOINT, x, y))
-    report(cfg["steps"], seconds, t_import, "onnxruntime " + ort.__version__)
+    report(timed(lambda: backend.train_step(ArtifactSetName.JOINT, x, y)), t_import, "onnxruntime " + ort.__version__)
     """
 )
 
@@ -91,7 +112,7 @@ TORCH_CHILD = textwrap.dedent(
         loss = loss_fn(model(xt), yt)
         loss.backward()
         opt.step()
-    report(cfg["steps"], timed(step), t_import, "torch " + torch.__version__)
+    report(timed(step), t_import, "torch " + torch.__version__)
     """
 )
 
@@ -110,12 +131,17 @@ class BenchModel:
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeFigures:
-    """Medians for one runtime on one model."""
+    """One runtime on one model: medians over the repeats, and the arithmetic rate of its best timing window."""
 
     steps_per_s: float
     peak_rss_mb: float
     import_s: float
     version: str
+    gflops: float
+    percent_of_peak: float
+    #: The same per second of this process's CPU time, against the peak's: time slices other jobs take dilute neither.
+    gflops_per_cpu_s: float
+    percent_of_peak_cpu: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +152,10 @@ class TrainBenchRow:
     parameters: int
     batch: int
     repeats: int
+    threads: int
+    mflop_per_step: float
+    sgemm_peak_gflops: float
+    sgemm_peak_gflops_per_cpu_s: float
     runtimes: dict[str, RuntimeFigures]
     portable_vs_ort_training: float
     portable_vs_torch: float
@@ -148,7 +178,7 @@ def _run_child(code: str, cfg: dict[str, object]) -> dict[str, object]:
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=900,
                           check=False)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child ({cfg['runtime']}) failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"benchmark child ({cfg.get('runtime', 'sgemm peak')}) failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -172,24 +202,38 @@ def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey) -> Path:
     return work / model.name
 
 
-def _parameters(model: BenchModel) -> int:
+def _network(model: BenchModel) -> torch.nn.Module:
     import sdk.models as zoo
 
-    return int(sum(p.numel() for p in getattr(zoo, model.factory)(**model.kwargs).parameters()))
+    return getattr(zoo, model.factory)(**model.kwargs)  # type: ignore[no-any-return]
+
+
+def _figures(runs: list[dict[str, object]], flops: int, peak: float, peak_cpu: float) -> RuntimeFigures:
+    best = max(float(r["best_window_steps_per_s"]) for r in runs)  # type: ignore[arg-type]
+    gflops = best * flops / 1e9
+    gflops_cpu = max(float(r["best_window_steps_per_cpu_s"]) for r in runs) * flops / 1e9  # type: ignore[arg-type]
+    return RuntimeFigures(
+        steps_per_s=statistics.median(float(r["steps_per_s"]) for r in runs),  # type: ignore[arg-type]
+        peak_rss_mb=statistics.median(float(r["peak_rss_mb"]) for r in runs),  # type: ignore[arg-type]
+        import_s=statistics.median(float(r["import_s"]) for r in runs),  # type: ignore[arg-type]
+        version=str(runs[0]["version"]), gflops=gflops, percent_of_peak=100 * gflops / peak,
+        gflops_per_cpu_s=gflops_cpu, percent_of_peak_cpu=100 * gflops_cpu / peak_cpu)
 
 
 def run_train_bench(
     *, models: tuple[BenchModel, ...] = DEFAULT_MODELS, batch: int = 32, threads: int = 2, repeats: int = 3,
     step_scale: float = 1.0, progress: Callable[[int], object] | None = None,
 ) -> list[TrainBenchRow]:
-    """Measure every model ``repeats`` times per runtime, alternating, and return median rows."""
+    """Measure every model ``repeats`` times per runtime (and the SGEMM peak), alternating, and return median rows."""
     from device_agent.keys import save_public_key
+    from sdk.bench.train_flops import PEAK_CHILD, training_flops, write_matmul_models
 
     rows = []
     key = Ed25519PrivateKey.generate()
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
         work = Path(tmp)
         save_public_key(key.public_key(), work / "fleet.pub")
+        peak_cfg = {"threads": threads, "windows": 20, "models": write_matmul_models(work)}
         for model in models:
             bundle_dir = _build(model, work, key)
             steps = max(20, int(model.steps * step_scale))
@@ -197,7 +241,11 @@ def run_train_bench(
                     "classes": model.classes, "threads": threads, "warmup": max(5, steps // 10), "steps": steps,
                     "factory": model.factory, "kwargs": model.kwargs}
             runs: dict[str, list[dict[str, object]]] = {r: [] for r in RUNTIMES}
+            peaks, cpu_peaks = [], []
             for _ in range(repeats):
+                peak_run = _run_child(PEAK_CHILD, peak_cfg)
+                peaks.append(float(peak_run["gflops"]))  # type: ignore[arg-type]
+                cpu_peaks.append(float(peak_run["gflops_per_cpu_s"]))  # type: ignore[arg-type]
                 for runtime in RUNTIMES:
                     code = TORCH_CHILD if runtime == "torch" else AGENT_CHILD
                     runs[runtime].append(_run_child(code, {**base, "runtime": runtime}))
@@ -205,14 +253,14 @@ def run_train_bench(
                     progress(1)
             if any(r["torch_loaded"] for name in ("ort-training", "portable") for r in runs[name]):
                 raise RuntimeError("a device-agent benchmark process loaded torch; its RSS figure would be meaningless")
-            figures = {name: RuntimeFigures(
-                steps_per_s=statistics.median(float(r["steps_per_s"]) for r in rs),  # type: ignore[arg-type]
-                peak_rss_mb=statistics.median(float(r["peak_rss_mb"]) for r in rs),  # type: ignore[arg-type]
-                import_s=statistics.median(float(r["import_s"]) for r in rs),  # type: ignore[arg-type]
-                version=str(rs[0]["version"])) for name, rs in runs.items()}
+            net = _network(model)
+            flops = training_flops(net, model.input_shape, batch)
+            peak, peak_cpu = max(peaks), max(cpu_peaks)
+            figures = {name: _figures(rs, flops, peak, peak_cpu) for name, rs in runs.items()}
             sps = {n: f.steps_per_s for n, f in figures.items()}
             rows.append(TrainBenchRow(
-                model=model.name, parameters=_parameters(model), batch=batch, repeats=repeats, runtimes=figures,
+                model=model.name, parameters=int(sum(p.numel() for p in net.parameters())), batch=batch, repeats=repeats,
+                threads=threads, mflop_per_step=flops / 1e6, sgemm_peak_gflops=peak, sgemm_peak_gflops_per_cpu_s=peak_cpu, runtimes=figures,
                 portable_vs_ort_training=sps["portable"] / sps["ort-training"], portable_vs_torch=sps["portable"] / sps["torch"],
                 ort_training_vs_torch=sps["ort-training"] / sps["torch"],
                 torch_rss_over_portable=figures["torch"].peak_rss_mb / figures["portable"].peak_rss_mb,
@@ -221,18 +269,34 @@ def run_train_bench(
 
 
 def format_table(rows: list[TrainBenchRow]) -> str:
-    """A plain-text table: steps/s, peak RSS and import time per runtime, then the ratios."""
-    head = (f"{'model':18s} {'params':>7s} | {'steps/s  portable':>17s} {'ort-train':>9s} {'torch':>7s} | "
-            f"{'RSS MB portable':>15s} {'ort-train':>9s} {'torch':>6s} | {'import s  port.':>15s} {'torch':>6s} | "
-            f"{'port/ort':>8s} {'port/torch':>10s} {'RSS torch/port':>14s}")
-    lines = [head, "-" * len(head)]
+    """Plain-text tables: speed (steps/s, GFLOP/s, % of SGEMM peak) and footprint (peak RSS, import time), then the ratios."""
+    if not rows:
+        return "(no models)"
+    order = ("portable", "ort-training", "torch")
+    head = (f"{'model':18s} {'params':>7s} {'MFLOP':>6s} | {'steps/s  portable':>17s} {'ort-train':>9s} {'torch':>7s} | "
+            f"{'GFLOP/s portable':>16s} {'ort-train':>9s} {'torch':>6s} | {'% peak portable':>15s} {'ort-train':>9s} {'torch':>6s}")
+    lines = [f"SGEMM peak (onnxruntime MatMul, {rows[0].threads} thread(s), best window, measured with each model): "
+             + " / ".join(f"{r.sgemm_peak_gflops:.0f}" for r in rows) + " GFLOP/s", head, "-" * len(head)]
     for r in rows:
-        f = r.runtimes
-        lines.append(
-            f"{r.model:18s} {r.parameters:7d} | {f['portable'].steps_per_s:17.0f} {f['ort-training'].steps_per_s:9.0f} "
-            f"{f['torch'].steps_per_s:7.0f} | {f['portable'].peak_rss_mb:15.0f} {f['ort-training'].peak_rss_mb:9.0f} "
-            f"{f['torch'].peak_rss_mb:6.0f} | {f['portable'].import_s:15.2f} {f['torch'].import_s:6.2f} | "
-            f"{r.portable_vs_ort_training:7.2f}x {r.portable_vs_torch:9.2f}x {r.torch_rss_over_portable:13.2f}x")
+        f = [r.runtimes[n] for n in order]
+        lines.append(f"{r.model:18s} {r.parameters:7d} {r.mflop_per_step:6.1f} | {f[0].steps_per_s:17.0f} {f[1].steps_per_s:9.0f} "
+                     f"{f[2].steps_per_s:7.0f} | {f[0].gflops:16.1f} {f[1].gflops:9.1f} {f[2].gflops:6.1f} | "
+                     f"{f[0].percent_of_peak:14.0f}% {f[1].percent_of_peak:8.0f}% {f[2].percent_of_peak:5.0f}%")
+    lines += ["", "Per second of the process's own CPU time (other jobs' time slices dilute neither side; peak "
+              + " / ".join(f"{r.sgemm_peak_gflops_per_cpu_s:.0f}" for r in rows) + " GFLOP/s per CPU-second):"]
+    for r in rows:
+        f = [r.runtimes[n] for n in order]
+        lines.append(f"{r.model:18s} GFLOP/s per CPU-s {f[0].gflops_per_cpu_s:6.1f} {f[1].gflops_per_cpu_s:9.1f} "
+                     f"{f[2].gflops_per_cpu_s:6.1f} | % peak {f[0].percent_of_peak_cpu:4.0f}% {f[1].percent_of_peak_cpu:8.0f}% "
+                     f"{f[2].percent_of_peak_cpu:5.0f}%")
+    head2 = (f"{'model':18s} | {'RSS MB portable':>15s} {'ort-train':>9s} {'torch':>6s} | {'import s  port.':>15s} {'torch':>6s} | "
+             f"{'port/ort':>8s} {'port/torch':>10s} {'RSS torch/port':>14s}")
+    lines += ["", head2, "-" * len(head2)]
+    for r in rows:
+        f = [r.runtimes[n] for n in order]
+        lines.append(f"{r.model:18s} | {f[0].peak_rss_mb:15.0f} {f[1].peak_rss_mb:9.0f} {f[2].peak_rss_mb:6.0f} | "
+                     f"{f[0].import_s:15.2f} {f[2].import_s:6.2f} | {r.portable_vs_ort_training:7.2f}x {r.portable_vs_torch:9.2f}x "
+                     f"{r.torch_rss_over_portable:13.2f}x")
     return "\n".join(lines)
 
 
@@ -245,24 +309,28 @@ def write_json(rows: list[TrainBenchRow], path: Path, *, threads: int) -> None:
 
 
 def write_png(rows: list[TrainBenchRow], path: Path) -> None:
-    """Two bar charts: steps/s relative to PyTorch eager (log scale), and peak RSS, per model and runtime."""
+    """Three bar charts per model and runtime: steps/s relative to PyTorch eager (log), % of the SGEMM peak, peak RSS."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (speed, efficiency, memory) = plt.subplots(1, 3, figsize=(15, 4))
     width = 0.27
     for i, runtime in enumerate(RUNTIMES):
         xs = [j + (i - 1) * width for j in range(len(rows))]
         speed.bar(xs, [r.runtimes[runtime].steps_per_s / r.runtimes["torch"].steps_per_s for r in rows], width, label=runtime)
+        efficiency.bar(xs, [r.runtimes[runtime].percent_of_peak for r in rows], width, label=runtime)
         memory.bar(xs, [r.runtimes[runtime].peak_rss_mb for r in rows], width, label=runtime)
-    for ax, title in ((speed, "training steps/s relative to PyTorch eager"), (memory, "peak RSS (MB)")):
+    threads = rows[0].threads if rows else 0
+    for ax, title in ((speed, "training steps/s relative to PyTorch eager"),
+                      (efficiency, f"% of SGEMM peak ({threads} thread(s))"), (memory, "peak RSS (MB)")):
         ax.set_xticks(range(len(rows)), [r.model for r in rows], fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
     speed.axhline(1.0, color="grey", linewidth=0.8)
     speed.set_yscale("log")
+    efficiency.axhline(60, color="grey", linewidth=0.8, linestyle="--")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -10,7 +10,7 @@ subscription is granted but delivers nothing: these files are the only guard.
 
 from __future__ import annotations
 
-from sdk.broker_config.topology import Region, Topology
+from sdk.broker_config.topology import ROOT, Region, Topology
 
 _HEADER = """\
 # Mosquitto ACL for {what} of fleet {fleet}.
@@ -27,6 +27,33 @@ def bridge_state_topic(topology: Topology, region: str) -> str:
 def _user_block(comment: str, username: str, rules: list[tuple[str, str]]) -> str:
     lines = [f"# {comment}", f"user {username}"] + [f"topic {access} {topic}" for access, topic in rules]
     return "\n".join(lines) + "\n"
+
+
+def _bridge_blocks(topology: Topology, parent: str) -> list[str]:
+    """The ``user`` blocks, on broker ``parent`` (``"root"`` or a region), of the bridges of its child regions: each
+    writes only its own uplink, its devices' (and its descendants') statuses and its bridge state, and reads only the
+    model served from this broker (the root's, or the middle tier's ``model/``), its own downlink and the releases
+    (retained here, passed on down the chain)."""
+    base = topology.layout.base
+    model = f"{base}/root/model/#" if parent == ROOT else f"{base}/model/#"
+    served = "the root model" if parent == ROOT else "the middle tier's model"
+    return [
+        _user_block(
+            f"Bridge of region {child.name}: its uplink, its devices' statuses and bridge state out; "
+            f"{served} and its own receipts in.",
+            child.bridge_username,
+            [
+                ("write", f"{base}/region/{child.name}/up/#"),
+                ("write", f"{base}/region/{child.name}/dev/+/status"),
+                *[("write", f"{base}/region/{below.name}/dev/+/status") for below in topology.descendants(child.name)],
+                ("write", bridge_state_topic(topology, child.name)),
+                ("read", model),
+                ("read", f"{base}/region/{child.name}/down/#"),
+                ("read", f"{base}/release/#"),
+            ],
+        )
+        for child in topology.children(parent)
+    ]
 
 
 def render_region_acl(topology: Topology, region: Region) -> str:
@@ -49,6 +76,7 @@ def render_region_acl(topology: Topology, region: Region) -> str:
                     username, [("readwrite", f"{base}/#")])
         for username in region.aggregators
     ]
+    parts += _bridge_blocks(topology, region.name)  # a middle tier's children
     if topology.monitor is not None:
         parts.append(_user_block(
             "Monitoring (read only): statuses, presence, the region's model. The deny line takes away what the\n"
@@ -65,22 +93,7 @@ def render_root_acl(topology: Topology) -> str:
     and bridge states."""
     base = topology.layout.base
     parts = [_HEADER.format(what="the root broker", fleet=topology.fleet)]
-    parts += [
-        _user_block(
-            f"Bridge of region {region.name}: its uplink, its devices' statuses and bridge state out; "
-            "the root model and its own receipts in.",
-            region.bridge_username,
-            [
-                ("write", f"{base}/region/{region.name}/up/#"),
-                ("write", f"{base}/region/{region.name}/dev/+/status"),
-                ("write", bridge_state_topic(topology, region.name)),
-                ("read", f"{base}/root/model/#"),
-                ("read", f"{base}/region/{region.name}/down/#"),
-                ("read", f"{base}/release/#"),
-            ],
-        )
-        for region in topology.regions
-    ]
+    parts += _bridge_blocks(topology, ROOT)
     parts += [
         _user_block("Root aggregator: the whole fleet subtree.", username, [("readwrite", f"{base}/#")])
         for username in topology.root.aggregators

@@ -35,8 +35,8 @@ def queued_bytes(message_size_limit: int) -> int:
 
 
 def bridge_connection_name(topology: Topology, region: Region) -> str:
-    """Bridge connection name, also its client id on the root (unique per fleet and region)."""
-    return f"fedge-{topology.fleet}-{region.name}-to-root"
+    """Bridge connection name, also its client id on the parent's broker (unique per fleet and region)."""
+    return f"fedge-{topology.fleet}-{region.name}-to-{region.parent or 'root'}"
 
 
 def _common(topology: Topology, paths: BrokerPaths) -> str:
@@ -123,31 +123,37 @@ def render_region_conf(topology: Topology, region: Region, *, paths: BrokerPaths
 
 
 def render_bridge_conf(topology: Topology, region: Region, *, paths: BrokerPaths, password: str) -> str:
-    """The bridge section for ``region``'s ``include_dir``: uplink out, root model and receipts in, QoS 1, persistent.
+    """The bridge section for ``region``'s ``include_dir``: uplink out, the parent's model and receipts in, QoS 1,
+    persistent; to the root broker, or to its parent region's broker (docs/broker.md, "Bridging chains").
 
     Topic lines map a local prefix to a remote prefix; both sides use the same
     names (``TopicLayout``), so the maps are identities that confine each
-    direction to its subtree.
+    direction to its subtree. One map is not: below a middle tier, the model
+    that tier serves (``model/`` on its broker) arrives as ``root/model/`` here,
+    where every aggregator reads the model of the tier above. A middle tier's
+    bridge also carries its descendants' device statuses on towards the root.
     """
     if not password or any(ch.isspace() for ch in password):
         raise ValueError("the bridge password must be non-empty and contain no whitespace")
     base = topology.layout.base
-    root = topology.root.address
-    port = root.tls_port if topology.tls.enabled else root.port
+    parent = topology.address(topology.parent_broker(region))
+    port = parent.tls_port if topology.tls.enabled else parent.port
     name = bridge_connection_name(topology, region)
     uplink = f"{base}/region/{region.name}/up/"
     downlink = f"{base}/region/{region.name}/down/"
     model = f"{base}/root/model/"
+    parent_model = model if region.parent is None else f"{base}/model/"
     release = f"{base}/release/"
     devices = f"{base}/dev/"
     statuses = f"{base}/region/{region.name}/dev/"
+    target = "root broker" if region.parent is None else f"broker of region {region.parent}"
     base_s, cap_s = BRIDGE_RESTART_TIMEOUT
     text = f"""\
-# Bridge from the broker of region {region.name} to the root broker of fleet {topology.fleet}.
+# Bridge from the broker of region {region.name} to the {target} of fleet {topology.fleet}.
 {_GENERATED}# It contains the bridge password: keep it mode 0600, owned by root (Mosquitto reads it before dropping privileges).
 
 connection {name}
-address {root.host}:{port}
+address {parent.host}:{port}
 bridge_protocol_version mqttv311
 remote_clientid {name}
 remote_username {region.bridge_username}
@@ -165,10 +171,13 @@ notification_topic {bridge_state_topic(topology, region.name)}
 # (retained TUF metadata and bundle chunks, kept retained here for the region's devices).
 topic # out 1 {uplink} {uplink}
 topic +/status out 1 {devices} {statuses}
-topic # in 1 {model} {model}
+topic # in 1 {model} {parent_model}
 topic # in 1 {downlink} {downlink}
 topic # in 1 {release} {release}
 """
+    for below in topology.descendants(region.name):
+        relayed = f"{base}/region/{below.name}/dev/"
+        text += f"topic +/status out 1 {relayed} {relayed}\n"
     if topology.tls.enabled:
         text += f"\nbridge_cafile {paths.of(layout.CA_FILE)}\nbridge_tls_version tlsv1.2\n"
         if topology.tls.require_client_certs:

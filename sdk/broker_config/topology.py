@@ -1,5 +1,10 @@
 """The broker topology of a fleet: a root broker and one bridged broker per region.
 
+A region bridges to the root, or (``parent``) to another region's broker:
+the tree can be as deep as the aggregators (root -> regions -> cells ->
+devices; docs/broker.md, "Bridging chains"). A region with children is a
+middle tier: its aggregator takes its children's aggregates, so it has no devices.
+
 A ``topology.toml`` names the fleet, the root broker, each region's broker, its
 devices (an explicit list or a count and an id pattern) and the aggregator
 accounts, plus TLS and the message size limit. :func:`parse_topology` turns it
@@ -126,12 +131,14 @@ class Region:
     """One region: its broker, its aggregator accounts and its devices.
 
     ``devices`` may be empty (devices are added later); ``aggregators`` may not.
+    ``parent``: the region whose broker this one bridges to (None: the root broker).
     """
 
     name: str
     address: BrokerAddress
     aggregators: tuple[str, ...]
     devices: tuple[str, ...] = ()
+    parent: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _REGION_RE.fullmatch(self.name):
@@ -142,10 +149,12 @@ class Region:
         object.__setattr__(self, "devices", _check_accounts(f"region {self.name} devices", self.devices))
         if not self.aggregators:
             raise TopologyError(f"region {self.name} needs at least one aggregator account")
+        if self.parent is not None and (self.parent == self.name or not _REGION_RE.fullmatch(str(self.parent))):
+            raise TopologyError(f"region {self.name}: parent {self.parent!r} must be another region's name")
 
     @property
     def bridge_username(self) -> str:
-        """Account the region's bridge uses on the root broker."""
+        """Account the region's bridge uses on its parent's broker (the root's, or its parent region's)."""
         return f"bridge-{self.name}"
 
 
@@ -240,6 +249,41 @@ class Topology:
                     f"({other.role.value} at {other.broker}, {account.role.value} at {account.broker})"
                 )
             seen[account.username] = account
+        self._check_parents()
+
+    def _check_parents(self) -> None:
+        """Every parent is a region of this topology, the parents form a tree (no cycle), and a region with
+        children has no devices (its aggregator takes its children's aggregates, not updates)."""
+        names = {r.name for r in self.regions}
+        for region in self.regions:
+            if region.parent is not None and region.parent not in names:
+                raise TopologyError(f"region {region.name}: parent {region.parent!r} is not a region of this topology")
+            seen = [region.name]
+            parent = region.parent
+            while parent is not None:
+                if parent in seen:
+                    raise TopologyError(f"regions {' -> '.join(seen + [parent])} form a cycle; parents must form a tree")
+                seen.append(parent)
+                parent = self.region(parent).parent
+            if region.devices and self.children(region.name):
+                raise TopologyError(f"region {region.name} has child regions and devices: put its devices in a region "
+                                    "of their own (a middle tier takes aggregates only)")
+
+    def children(self, name: str | None) -> tuple[Region, ...]:
+        """The regions whose parent is ``name`` (None or ``"root"``: the regions right below the root)."""
+        parent = None if name == ROOT else name
+        return tuple(r for r in self.regions if r.parent == parent)
+
+    def descendants(self, name: str) -> tuple[Region, ...]:
+        """Every region below region ``name``, depth first."""
+        found: list[Region] = []
+        for child in self.children(name):
+            found += [child, *self.descendants(child.name)]
+        return tuple(found)
+
+    def parent_broker(self, region: Region) -> str:
+        """The broker ``region`` bridges to: ``"root"`` or its parent region's name."""
+        return ROOT if region.parent is None else region.parent
 
     @property
     def layout(self) -> TopicLayout:
@@ -261,7 +305,8 @@ class Topology:
         """Every account, or only those that authenticate at ``broker`` (``"root"`` or a region)."""
         found = [Account(username=u, role=Role.AGGREGATOR, broker=ROOT, region=None) for u in self.root.aggregators]
         for region in self.regions:
-            found.append(Account(username=region.bridge_username, role=Role.BRIDGE, broker=ROOT, region=region.name))
+            found.append(Account(username=region.bridge_username, role=Role.BRIDGE, broker=self.parent_broker(region),
+                                 region=region.name))
         for region in self.regions:
             found += [
                 Account(username=u, role=Role.AGGREGATOR, broker=region.name, region=region.name)
@@ -349,6 +394,7 @@ def _region(table: _Table) -> Region:
     address = _address(table)
     aggregators = table.take_names("aggregators")
     devices = table.take_names("devices", ())
+    parent = table.take("parent", str, None)
     count = table.take("device_count", int, None)
     if count is not None:
         if devices:
@@ -357,7 +403,7 @@ def _region(table: _Table) -> Region:
             name, table.take("device_id_pattern", str, "{region}-dev-{index:04d}"), count, table.take("device_start", int, 1)
         )
     table.done()
-    return Region(name=name, address=address, aggregators=aggregators, devices=devices)
+    return Region(name=name, address=address, aggregators=aggregators, devices=devices, parent=parent)
 
 
 def parse_topology(text: str) -> Topology:

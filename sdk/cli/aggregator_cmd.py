@@ -47,7 +47,7 @@ _MAX_SECONDS = click.option("--max-seconds", type=click.FloatRange(min=0, min_op
 
 @click.group()
 def aggregator() -> None:
-    """Run a region's or the root's aggregator as an MQTT service."""
+    """Run a region's, a middle tier's or the root's aggregator as an MQTT service."""
 
 
 @aggregator.command("regional", epilog=examples("fedge aggregator regional --config eu-aggregator.toml",
@@ -97,6 +97,34 @@ def root(ctx: click.Context, config_path: Path, max_seconds: float | None) -> No
                         settings.aggregator.policy.quorum,
                         settings.aggregator.policy.deadline_s)
             _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.region_keys)
+    except (ConfigError, FedgeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@aggregator.command("middle", epilog=examples("fedge aggregator middle --config eu-middle.toml"))
+@_CONFIG
+@_MAX_SECONDS
+@click.pass_context
+def middle(ctx: click.Context, config_path: Path, max_seconds: float | None) -> None:
+    """Serve a middle tier: its children's aggregates in, receipts and its model out, one aggregate to its parent."""
+    from sdk.aggregator.middle import MiddleAggregator
+    from sdk.aggregator.middle_service import MiddleService
+    from sdk.aggregator.service_config import load_middle_service_config
+
+    service_logging(ctx)
+    try:
+        settings = load_middle_service_config(config_path)
+        layout = TopicLayout(fleet=settings.aggregator.fleet)
+        with MiddleAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
+            follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id,
+                                       region=settings.aggregator.region)
+            service = MiddleService(agg, region=settings.aggregator.region, layout=layout, broker=settings.broker,
+                                    loop=settings.loop, follower=follower)
+            logger.info("middle aggregator %s of fleet %s (parent %s): store %s, bundle v%d, quorum %d, deadline %g s",
+                        settings.aggregator.region, settings.aggregator.fleet, settings.aggregator.parent or "root",
+                        settings.store, agg.bundle_version, settings.aggregator.policy.quorum,
+                        settings.aggregator.policy.deadline_s)
+            _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.device_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -49,21 +49,45 @@ def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> t
     return counts
 
 
-@bench.command("aggregator", epilog=examples("fedge bench aggregator --updates 50,200"))
-@click.option("--updates", default="50,200", show_default=True, callback=_updates_list,
+@bench.command("aggregator", epilog=examples("fedge bench aggregator", "fedge bench aggregator --updates 100 --repeats 1 --paths durable,memory"))
+@click.option("--updates", default="400", show_default=True, callback=_updates_list,
               help="Comma-separated numbers of sealed updates per round (one row each).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per path; the median is reported.")
-@click.option("--no-memory", is_flag=True, help="Skip the in-memory streaming path (no SQLite).")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True)
-def aggregator(updates: tuple[int, ...], repeats: int, no_memory: bool, out: Path) -> None:
-    """Regional aggregator, 100k-parameter model: streaming + SQLite vs keeping every delta; updates/s and peak RSS."""
+@click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Updates per group commit in the durable paths (the service's batch_max_updates).")
+@click.option("--paths", default="durable,memory,naive,unbatched,members", show_default=True,
+              help="Comma-separated paths to run; durable and memory are required.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True,
+              help="JSON results; a PNG chart is written next to it.")
+def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, out: Path) -> None:
+    """Regional aggregator, 100k-parameter model: durable (group commit) vs in memory, 2 members vs 1, per-part costs."""
     from tqdm import tqdm
 
-    from sdk.bench.aggregator_bench import PATHS, format_table, run_aggregator_bench, write_json
+    from sdk.bench.aggregator_bench import PATHS, REQUIRED_PATHS, format_table, run_aggregator_bench, write_json, write_png
 
-    paths = tuple(p for p in PATHS if not (no_memory and p == "memory"))
+    chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
+    if not set(REQUIRED_PATHS) <= set(chosen) or not set(chosen) <= set(PATHS):
+        raise click.BadParameter(f"choose from {', '.join(PATHS)}, including {' and '.join(REQUIRED_PATHS)}", param_hint="--paths")
     with tqdm(total=repeats * len(updates), desc="aggregator bench", unit="round") as bar:
-        rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=paths, progress=bar.update)
+        rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=chosen, batch=batch, progress=bar.update)
+    click.echo(format_table(rows))
+    write_json(rows, out)
+    write_png(rows, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+@bench.command("contributors", epilog=examples("fedge bench contributors", "fedge bench contributors --devices 1000"))
+@click.option("--devices", default="1000,10000,100000", show_default=True, callback=_updates_list,
+              help="Comma-separated numbers of devices each of two children lists (one row each).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/contributors.json"), show_default=True)
+def contributors(devices: tuple[int, ...], out: Path) -> None:
+    """A middle tier taking two children's aggregates: the contributor lists' intake, close and size (docs/aggregation.md)."""
+    from tqdm import tqdm
+
+    from sdk.bench.contributors_bench import format_table, run_contributors_bench, write_json
+
+    with tqdm(total=len(devices), desc="contributors bench", unit="N") as bar:
+        rows = run_contributors_bench(devices, progress=bar.update)
     click.echo(format_table(rows))
     write_json(rows, out)
     click.echo(f"wrote {out}")
@@ -90,6 +114,60 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
+@bench.command("fleet", epilog=examples("fedge bench fleet", "fedge bench fleet --quick",
+                                           "fedge bench fleet --devices 200 --regions 4 --rounds 2 --agents 0"))
+@click.option("--devices", type=click.IntRange(min=1), default=1000, show_default=True, help="Devices in the fleet (real agents included).")
+@click.option("--regions", type=click.IntRange(min=1), default=10, show_default=True, help="Regions, each with its own bridged broker and aggregator.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--agents", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Devices run as real `fedge-agent run` processes (they train); the rest replay pre-sealed updates.")
+@click.option("--generators", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Load-generator processes the lightweight devices are multiplexed over.")
+@click.option("--deadline", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True,
+              help="Each region's round deadline in seconds (rounds close earlier, at quorum: every device).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=1800.0, show_default=True,
+              help="Fail when the rounds take longer than this many seconds in all.")
+@click.option("--quick", is_flag=True, help="20 devices (1 agent), 2 regions, 1 round: a smoke run, not the benchmark.")
+@click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Copy every broker, aggregator, generator and agent log here.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/fleet.json"), show_default=True,
+              help="JSON results; a PNG chart is written next to it.")
+@click.pass_context
+def fleet(ctx: click.Context, devices: int, regions: int, rounds: int, agents: int, generators: int, deadline: float,
+          timeout: float, quick: bool, logs: Path | None, out: Path) -> None:
+    """A whole fleet on this machine through real Mosquitto (root + bridged regional brokers, generated per-device
+    credentials and ACLs), aggregators as separate processes, several rounds: round time, receipt latency, CPU, peak
+    RSS and bytes per process, and what saturates first."""
+    from tqdm import tqdm
+
+    from sdk.bench.fleet_bench import QUICK, FleetBenchConfig, run_fleet_bench
+    from sdk.bench.fleet_report import format_table, summarise, write_json, write_png
+
+    if quick:
+        config = QUICK
+    else:
+        try:
+            config = FleetBenchConfig(devices=devices, regions=regions, rounds=rounds, agents=agents, generators=generators,
+                                      deadline_s=deadline, timeout_s=timeout)
+        except ValueError as exc:
+            raise click.UsageError(str(exc), ctx) from exc
+    with tqdm(total=3 + config.rounds, desc="fleet bench", unit="step") as bar:
+
+        def progress(message: str) -> None:
+            bar.update(1)
+            bar.write(message)
+
+        try:
+            run = run_fleet_bench(config, progress=progress, keep=logs)
+        except RuntimeError as exc:  # a process died or a round did not close: one line, exit 1
+            raise click.ClickException(f"fleet bench failed: {exc}") from exc
+    summary = summarise(run)
+    click.echo(format_table(summary))
+    write_json(summary, out)
+    write_png(summary, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
 @bench.command("accuracy", epilog=examples(
     "fedge bench accuracy --quick", "fedge bench accuracy --setting watch --setting synthetic",
     "fedge bench accuracy --setting watch-n10 --setting fmnist-n10   # data-scarce, three seeds each",
@@ -98,9 +176,9 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     "fedge bench accuracy --data ./my-clients --model mymodels:Net --personal head --out ./my-results"))
 @click.option("--setting", "names", multiple=True,
               help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic (the default"
-                   " set); opt-in: fmnist-long, fmnist-full (100 rounds on all 70k images), the data-scarce <dataset>-n<N>"
-                   " (dataset watch, fmnist, digits or synthetic; N 10, 25 or 50 examples per class; three seeds each) and"
-                   " cold-start-watch, cold-start-fmnist. None when --data is given.")
+                   " set); opt-in: fmnist-long, fmnist-full (100 rounds on all 70k images), watch-compress, fmnist-compress,"
+                   " the data-scarce <dataset>-n<N> (dataset watch, fmnist, digits or synthetic; N 10, 25 or 50 examples per"
+                   " class; three seeds each) and cold-start-watch, cold-start-fmnist. None when --data is given.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, help=DATA_HELP.replace(" Replaces --dataset.", ""))
 @click.option("--name", default=None, help="--data: the setting's name, used for the output files (default: the folder's name).")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="--data: number of classes (default: largest label + 1).")

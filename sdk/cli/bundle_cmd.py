@@ -73,10 +73,13 @@ def bundle() -> None:
 @click.option("--artifacts", type=click.Choice(["both", "portable", "ort-training"]), default="both", show_default=True,
               help="Artifact kinds to include: portable graphs (any onnxruntime >= 1.19, aarch64, armhf), "
                    "ORT-training artifacts (onnxruntime-training, x86_64), or both.")
+@click.option("--compression", default="none", show_default=True, callback=lambda ctx, param, value: _compression(value),
+              help="What devices send up: none (float32), q8, q4, topk:F, topk:F+q8, topk:F+q4 (error feedback;"
+                   " docs/protocol.md 'Compressed updates'), e.g. topk:0.3+q4.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .fedge file.")
 def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared: str, personal: str, mode: str, mu: float,
           loss: str, optimizer: str, lr: float, key_path: Path, model_name: str, bundle_version: int, seed: int, artifacts: str,
-          out: Path, ditto_lambda: float | None) -> None:
+          compression: str, out: Path, ditto_lambda: float | None) -> None:
     """Export a PyTorch model and write a signed training bundle.
 
     A model with a layer the training graphs cannot express (BatchNorm, Dropout, ...) is
@@ -109,7 +112,7 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
                               ditto_lambda=(DEFAULT_DITTO_LAMBDA if ditto_lambda is None else ditto_lambda) if mode == "ditto"
                               else ditto_lambda or 0.0),
             signing_key=signing_key, out_path=out, model_name=model_name, bundle_version=bundle_version,
-            kinds=("ort-training", "portable") if artifacts == "both" else (artifacts,),
+            kinds=("ort-training", "portable") if artifacts == "both" else (artifacts,), compression=compression,
         )
     except UnsupportedModelError as exc:  # the command ran and the answer is no (exit 1)
         raise click.ClickException(f"refused: {one_line(str(exc))}") from exc
@@ -124,6 +127,15 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     kinds = "+".join(k.value for k in manifest.artifact_kinds)
     click.echo(f"wrote {out}: {model_name} v{bundle_version}, mode {mode}, {n_shared} shared + {n_personal} personal parameters, "
                f"artifacts {kinds}")
+
+
+def _compression(value: str) -> str:
+    from device_agent.compression import CompressionSpec
+
+    try:
+        return CompressionSpec.parse(value).describe()
+    except ValueError as exc:
+        raise click.BadParameter(one_line(str(exc)), param_hint="--compression") from exc
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -7,6 +7,8 @@ import signal
 from dataclasses import replace
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import click
 
 from device_agent.daemon.errors import ConfigError
@@ -15,7 +17,9 @@ from sdk.cli.family import InputError, examples, service_logging
 from sdk.dashboard.config import DashboardConfig, load_dashboard_config
 from sdk.dashboard.fleet_dir import config_from_fleet
 from sdk.dashboard.security import ExposureError, check_exposure
-from sdk.dashboard.server import Dashboard
+
+if TYPE_CHECKING:  # aiohttp and matplotlib load only when a dashboard is served (50 MB in every aggregator otherwise)
+    from sdk.dashboard.server import Dashboard
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -66,6 +70,8 @@ def dashboard(ctx: click.Context, config_path: Path | None, fleet_dir: Path | No
         raise InputError(str(exc)) from exc
     except (ConfigError, FedgeError, ValueError) as exc:
         raise InputError(str(exc)) from exc
+    from sdk.dashboard.server import Dashboard
+
     asyncio.run(_serve(config, Dashboard(config, credentials=credentials), max_seconds))
 
 

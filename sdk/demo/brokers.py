@@ -75,11 +75,46 @@ def broker_owner() -> str | None:
     return MOSQUITTO_USER
 
 
+#: Ports :func:`free_port` hands out: below Linux's ephemeral range (32768-60999), so the
+#: client sockets of other processes never take one between the pick and the server's bind.
+_PORT_RANGE = range(20000, 32000)
+_PORT_COUNTER = Path(tempfile.gettempdir()) / f"fedge-next-port-{os.getuid()}"
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on ``host`` a moment ago (the OS picks it)."""
+    """A TCP port that was free on ``host`` a moment ago and that no other fedge process got from here.
+
+    Processes on one machine (parallel test workers, several demos) take turns on a
+    counter file, so two of them never pick the same port before either binds it;
+    without the file (another user's, a read-only temp dir) the OS picks one.
+    """
+    try:
+        with open(_PORT_COUNTER, "a+") as counter:
+            fcntl.flock(counter, fcntl.LOCK_EX)
+            counter.seek(0)
+            text = counter.read().strip()
+            start = int(text) if text.isdigit() else _PORT_RANGE.start + os.getpid() % len(_PORT_RANGE)
+            for step in range(len(_PORT_RANGE)):
+                port = _PORT_RANGE.start + (start - _PORT_RANGE.start + step) % len(_PORT_RANGE)
+                if _bindable(host, port):
+                    counter.seek(0)
+                    counter.truncate()
+                    counter.write(str(port + 1))
+                    return port
+    except OSError:
+        pass
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def port_open(port: int, host: str = LOOPBACK) -> bool:

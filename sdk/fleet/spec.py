@@ -120,6 +120,11 @@ def _leftover(table: dict[str, Any], where: str) -> None:
 def parse_fleet_spec(text: str) -> FleetSpec:
     """Parse a topology file's text (TopologyError naming the bad key)."""
     topology = parse_topology(text)
+    nested = [r.name for r in topology.regions if r.parent is not None]
+    if nested:
+        raise TopologyError(f"regions {nested} have a parent: fedge fleet provisions two levels only; generate the "
+                            "brokers with fedge broker-config and write the middle tiers' files (docs/aggregation.md, "
+                            "'Any depth')")
     data = tomllib.loads(text)  # parse_topology has already checked it is valid TOML
     devices = _table(data, "devices", "devices")
     device_sections = _sections(devices, _DEVICE_PASSTHROUGH, "devices")

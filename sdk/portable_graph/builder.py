@@ -19,7 +19,8 @@ import torch
 
 from device_agent.bundle.manifest import ArtifactSetName, LossKind, OptimizerKind, PortableArtifacts, PortableSet
 from sdk.portable_graph.export import OPSET, export_graph
-from sdk.portable_graph.step import StepSpec, as_numpy, example_inputs, make_eval, make_step
+from sdk.portable_graph.rewrite import for_training_graph
+from sdk.portable_graph.step import SEPARATE_UPDATE_MIN_SIZE, StepSpec, as_numpy, example_inputs, make_eval, make_step
 from sdk.portable_graph.support import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -71,24 +72,26 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
 
     def spec_for(trainable: tuple[str, ...], set_name: ArtifactSetName | None = None) -> StepSpec:
         mu = plan.ditto_lambda if set_name is ArtifactSetName.DITTO else plan.mu
+        separate = tuple(n for n in trainable if params[n].numel() >= SEPARATE_UPDATE_MIN_SIZE)
         return StepSpec(parameters=names, trainable=trainable, shared=plan.shared, mu=mu, loss=plan.loss,
-                        optimizer=plan.optimizer)
+                        optimizer=plan.optimizer, separate=separate if plan.optimizer is OptimizerKind.ADAMW else ())
 
+    traced = for_training_graph(model)  # what is exported; the checks run the model as given
     eval_spec = spec_for(())
     eval_file = "portable_eval.onnx"
-    evaluate = make_eval(model, eval_spec)
-    export_graph(evaluate, example_inputs(eval_spec, params, x_trace, y_trace, lr=plan.learning_rate, step=False),
+    export_graph(make_eval(traced, eval_spec), example_inputs(eval_spec, params, x_trace, y_trace, lr=plan.learning_rate, step=False),
                  input_names=eval_spec.eval_inputs(), output_names=["loss", "output"], path=out / eval_file)
-    _check_against_eager(out / eval_file, evaluate, example_inputs(eval_spec, params, x_check, y_check,
-                                                                   lr=plan.learning_rate, step=False), eval_spec.eval_inputs())
+    _check_against_eager(out / eval_file, make_eval(model, eval_spec), example_inputs(eval_spec, params, x_check, y_check,
+                                                                                      lr=plan.learning_rate, step=False),
+                         eval_spec.eval_inputs())
     sets = []
     for set_name, trainable in plan.sets:
         spec = spec_for(trainable, set_name)
-        step = make_step(model, spec)
         file = f"portable_{set_name.value}_step.onnx"
-        export_graph(step, example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True),
+        export_graph(make_step(traced, spec), example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True),
                      input_names=spec.step_inputs(), output_names=spec.step_outputs(), path=out / file)
-        _check_against_eager(out / file, step, example_inputs(spec, params, x_check, y_check, lr=plan.learning_rate, step=True),
+        _check_against_eager(out / file, make_step(model, spec),
+                             example_inputs(spec, params, x_check, y_check, lr=plan.learning_rate, step=True, warm=generator),
                              spec.step_inputs())
         sets.append(PortableSet(name=set_name, step_model=file, trainable=trainable))
     init_file = "portable_parameters.npz"

@@ -38,9 +38,20 @@ def decomposition_table() -> dict[Any, Callable[..., Any]]:
     """Core ATen decompositions plus the rewrites above."""
     table = dict(core_aten_decompositions())
     table[aten.empty_permuted.default] = _empty_permuted
+    for col2im in (aten.col2im.default, aten.col2im.out):  # kept whole: ONNX Col2Im, not an index_put scatter
+        table.pop(col2im, None)
     table[aten.convolution_backward.default] = convolution.convolution_backward
     table[aten.max_pool2d_with_indices.default] = pooling.max_pool2d_with_indices
     table[aten.max_pool2d_with_indices_backward.default] = pooling.max_pool2d_backward
     table[aten.avg_pool2d_backward.default] = pooling.avg_pool2d_backward
     table[aten.threshold_backward.default] = _threshold_backward
     return table
+
+
+def lowering_table() -> dict[Any, Callable[..., Any]]:
+    """Rewrites applied to the traced step graph in a second pass, after autograd has seen the original ops.
+
+    The convolution forward is lowered here, not in the first pass: decomposed there, autograd would
+    differentiate through the unfold instead of calling ``convolution_backward``.
+    """
+    return {aten.convolution.default: convolution.convolution}

@@ -12,6 +12,7 @@ and stamped to IR 10, what onnxruntime 1.19 loads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -27,7 +28,8 @@ from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from device_agent.bundle.manifest import MAX_PORTABLE_OPSET
-from sdk.portable_graph.decompositions import decomposition_table
+from sdk.portable_graph.decompositions import decomposition_table, lowering_table
+from sdk.portable_graph.graph_passes import clean_up
 from sdk.portable_graph.support import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -44,8 +46,9 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
     try:
         # Without duck shaping: a batch that happens to equal some weight dimension (4 channels, batch 4)
         # would share its symbol and be specialised into a fixed batch size.
-        with _quiet(), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+        with _quiet(), _shared_torchlib_registry(), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*inputs)
+            gm = make_fx(gm, decomposition_table=lowering_table(), tracing_mode="symbolic")(*inputs)
             batch = Dim("batch")
             dynamic: list[Any] = [{0: batch}, {0: batch}] + [None] * (len(inputs) - 2)
             torch.onnx.export(gm, tuple(inputs), os.fspath(path), dynamo=True, opset_version=OPSET, optimize=False,
@@ -54,6 +57,7 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
     except Exception as exc:  # the tracer and exporter raise many types; all mean "cannot express this model"
         raise UnsupportedModelError(f"cannot express the model as a standard ONNX training graph: {_first_line(exc)}") from exc
     proto = onnx.load(os.fspath(path))
+    clean_up(proto)
     check_standard_ops(proto)
     if proto.ir_version > IR_VERSION:
         proto.ir_version = IR_VERSION
@@ -79,6 +83,36 @@ def _first_line(exc: BaseException) -> str:
         exc = exc.__cause__
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+try:  # torch's exporter rebuilds the torchlib op registry (~1 s) on every export and only reads it
+    from torch.onnx._internal.exporter import _constants, _registration
+
+    _FROM_TORCHLIB: Any = _registration.ONNXRegistry.__dict__["from_torchlib"]
+except (ImportError, AttributeError, KeyError):  # another torch layout: every export builds its own
+    _FROM_TORCHLIB = None
+
+
+@functools.cache
+def _torchlib_registry(cls: type, opset_version: int) -> Any:
+    return _FROM_TORCHLIB.__func__(cls, opset_version=opset_version)
+
+
+@contextlib.contextmanager
+def _shared_torchlib_registry() -> Any:
+    """Within the block, torch's exporter gets one torchlib registry per opset, built once per process."""
+    if _FROM_TORCHLIB is None:
+        yield
+        return
+
+    def from_torchlib(cls: type, opset_version: int = _constants.TORCHLIB_OPSET) -> Any:
+        return _torchlib_registry(cls, opset_version)
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = _FROM_TORCHLIB  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager

@@ -1,13 +1,19 @@
 """Max and average pooling in ops that are cheap in ONNX Runtime, forward and backward.
 
 Max pooling whose windows tile the input (stride == kernel, no padding, no
-dilation, the usual ``MaxPool(2)``) is computed as ReduceMax / ArgMax over a
-reshaped view, and its gradient scattered to each window's argmax: ORT's MaxPool with
-an indices output plus a ScatterElements backward measured several times
-slower. Ties go to the first maximum, as in PyTorch. Other max pools keep
-``max_pool2d_with_indices`` and get a scatter-add backward. Average pooling
-(no padding) backpropagates through a transposed convolution with a constant
-kernel.
+dilation: the usual ``MaxPool(2)``) works channels-last on the window's taps
+(one strided view per kernel position, each a copy of whole channel vectors):
+the forward is a running ``Max`` over the taps, and the backward hands each
+window's gradient to its first maximum, as PyTorch does, by a scan over the
+taps: ``s_i = tap_i > max(tap_0..tap_i-1)`` is true for the first maximum and
+for no later tap, so walking the taps from the last one, ``g_i = r * s_i;
+r -= g_i`` leaves the whole gradient on the first maximum (every product is
+exactly r or 0). The taps are reassembled by concatenation. This replaced
+ReduceMax / ArgMax over a window axis and a ScatterElements backward (and,
+before that, MaxPool with indices), each measured several times slower.
+Other max pools keep ``max_pool2d_with_indices`` and get a scatter-add
+backward. Average pooling (no padding) backpropagates through a transposed
+convolution with a constant kernel.
 """
 
 from __future__ import annotations
@@ -24,29 +30,44 @@ def _tiled(kernel: list[int], stride: list[int], padding: list[int], dilation: l
     return list(stride or kernel) == list(kernel) and not any(padding) and all(d == 1 for d in dilation) and not ceil_mode
 
 
-def _windows(x: torch.Tensor, kernel: list[int]) -> torch.Tensor:
-    """(N, C, H, W) -> (N, C, OH, OW, kh*kw), dropping the rows/columns no window covers."""
+def _kernel(kernel_size: Sequence[int]) -> list[int]:
+    return list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
+
+
+def _taps(x: torch.Tensor, kernel: list[int]) -> list[torch.Tensor]:
+    """(N, C, H, W) -> kh*kw tensors (N, OH, OW, C), tap (i, j) of every window, rows no window covers dropped."""
     kh, kw = kernel
+    c = int(x.shape[1])
     oh, ow = int(x.shape[2]) // kh, int(x.shape[3]) // kw
-    x = x[:, :, : oh * kh, : ow * kw]
-    return x.reshape(-1, int(x.shape[1]), oh, kh, ow, kw).permute(0, 1, 2, 4, 3, 5).reshape(-1, int(x.shape[1]), oh, ow, kh * kw)
+    windows = x.permute(0, 2, 3, 1)[:, : oh * kh, : ow * kw].reshape(-1, oh, kh, ow, kw, c)
+    return [windows[:, :, i, :, j] for i in range(kh) for j in range(kw)]
+
+
+def _running_max(taps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``out[i]`` = max(taps[0..i]), as the same Max nodes in the forward and the backward."""
+    out = [taps[0]]
+    for tap in taps[1:]:
+        out.append(torch.maximum(out[-1], tap))
+    return out
 
 
 def max_pool2d_with_indices(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (),
                             padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1),
                             ceil_mode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiled max pooling as ReduceMax/ArgMax; the indices are window-local (only :func:`max_pool2d_backward` reads them)."""
-    kernel = list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
+    """Tiled max pooling as a running Max over the window taps; the indices are a placeholder nothing reads
+    (:func:`max_pool2d_backward` recomputes the taps from the input), dropped from the exported graph."""
+    kernel = _kernel(kernel_size)
     if not _tiled(kernel, list(stride), list(padding), list(dilation), ceil_mode):
         return NotImplemented  # type: ignore[return-value]  # torch falls back to the ATen op
-    windows = _windows(x, kernel)
-    return windows.amax(-1), windows.argmax(-1)
+    # contiguous: a free Identity in ONNX, and what lets a later view (Flatten) trace
+    pooled = _running_max(_taps(x, kernel))[-1].permute(0, 3, 1, 2).contiguous()
+    return pooled, torch.zeros_like(pooled, dtype=torch.int64)
 
 
 def max_pool2d_backward(grad_output: torch.Tensor, inp: torch.Tensor, kernel_size: list[int], stride: list[int],
                         padding: list[int], dilation: list[int], ceil_mode: bool, indices: torch.Tensor) -> torch.Tensor:
-    """Gradient of either max pool above: one-hot at the window-local argmax, or a scatter-add at plane indices."""
-    kernel = list(kernel_size) if len(kernel_size) == 2 else [kernel_size[0]] * 2
+    """Gradient of either max pool above: to each window's first maximum, or a scatter-add at plane indices."""
+    kernel = _kernel(kernel_size)
     n_c = int(inp.shape[1])
     if not _tiled(kernel, list(stride), list(padding), list(dilation), ceil_mode):
         plane_in = int(inp.shape[2]) * int(inp.shape[3])
@@ -56,14 +77,20 @@ def max_pool2d_backward(grad_output: torch.Tensor, inp: torch.Tensor, kernel_siz
         return grad.reshape(inp.shape)
     kh, kw = kernel
     oh, ow = int(grad_output.shape[2]), int(grad_output.shape[3])
-    # ScatterElements of each window's gradient at its argmax (measured faster in ORT than a one-hot Equal + Mul).
-    zeros = grad_output.new_zeros((grad_output.shape[0], n_c, oh, ow, kh * kw))
-    spread = zeros.scatter(-1, indices.unsqueeze(-1), grad_output.unsqueeze(-1))  # (N, C, OH, OW, kh*kw)
-    grad = spread.reshape(-1, n_c, oh, ow, kh, kw).permute(0, 1, 2, 4, 3, 5).reshape(-1, n_c, oh * kh, ow * kw)
+    taps = _taps(inp, kernel)
+    before = _running_max(taps)
+    rest = grad_output.permute(0, 2, 3, 1)  # (N, OH, OW, C)
+    grads: list[torch.Tensor] = [rest] * len(taps)
+    for i in range(len(taps) - 1, 0, -1):
+        grads[i] = rest * (taps[i] > before[i - 1]).to(rest.dtype)
+        rest = rest - grads[i]
+    grads[0] = rest
+    rows = [torch.stack(grads[i * kw:(i + 1) * kw], dim=3) for i in range(kh)]  # (N, OH, OW, kw, C)
+    grad = torch.stack(rows, dim=2).reshape(-1, oh * kh, ow * kw, n_c)
     missing_h, missing_w = int(inp.shape[2]) - oh * kh, int(inp.shape[3]) - ow * kw
     if missing_h or missing_w:
-        grad = aten.constant_pad_nd(grad, [0, missing_w, 0, missing_h], 0.0)
-    return grad
+        grad = aten.constant_pad_nd(grad, [0, 0, 0, missing_w, 0, missing_h], 0.0)
+    return grad.permute(0, 3, 1, 2).contiguous()
 
 
 def avg_pool2d_backward(grad_output: torch.Tensor, inp: torch.Tensor, kernel_size: list[int], stride: list[int],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ BETA2 = float(np.float32(0.999))
 EPS = float(np.float32(1e-6))
 ONE_MINUS_BETA1 = float(np.float32(1) - np.float32(BETA1))
 ONE_MINUS_BETA2 = float(np.float32(1) - np.float32(BETA2))
+#: Parameters this large get their own AdamW update (a dozen nodes) instead of a share of the flat one, which would
+#: copy them into and out of the flat vector every step (4 passes over 2 MB for the 2D-CNN's 524k-weight layer).
+SEPARATE_UPDATE_MIN_SIZE = 1 << 15
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +46,20 @@ class StepSpec:
     mu: float
     loss: LossKind
     optimizer: OptimizerKind
+    #: Trainable parameters updated on their own, with their own AdamW moments (the large ones; see graph_names).
+    separate: tuple[str, ...] = ()
+
+    @property
+    def flat(self) -> tuple[str, ...]:
+        """Trainable parameters whose AdamW moments share the flat ``opt.m`` / ``opt.v`` vectors."""
+        return tuple(n for n in self.trainable if n not in self.separate)
+
+    def moments(self) -> list[str]:
+        """AdamW moment names, in input (and output) order: the flat pair when used, then each separate pair."""
+        names = [g.OPT_M, g.OPT_V] if self.flat else []
+        for n in self.separate:
+            names += [g.own_moment(g.OPT_M, n), g.own_moment(g.OPT_V, n)]
+        return names
 
     @property
     def adam(self) -> bool:
@@ -61,23 +79,47 @@ class StepSpec:
         """Step graph inputs: x, y, lr, every parameter, the anchors, the optimizer state."""
         names = [g.X, g.Y, g.LR, *map(g.param, self.parameters), *map(g.anchor, self.anchored)]
         if self.adam:
-            names += [g.OPT_STEP, g.OPT_M, g.OPT_V]
+            names += [g.OPT_STEP, *self.moments()]
         return names
 
     def step_outputs(self) -> list[str]:
         """Step graph outputs: the loss, then ``new.X`` for every state value X the step updates."""
         updated = [g.param(n) for n in self.trainable]
         if self.adam:
-            updated += [g.OPT_STEP, g.OPT_M, g.OPT_V]
+            updated += [g.OPT_STEP, *self.moments()]
         return [g.LOSS, *map(g.new, updated)]
+
+
+class _MeanCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy with ORT-training's gradient, ``(exp(log_prob) - onehot) * (dY / N)``, in that order.
+
+    F.cross_entropy's decomposition carries ignore_index handling (Equal/Not/Where nodes) that fedge's labels
+    never need, and autograd's own backward of log_softmax + gather + mean is a dozen nodes (a scattered
+    one-hot, a row sum, a broadcast); this one is five, and rounds exactly as SoftmaxCrossEntropyLossGrad.
+    """
+
+    @staticmethod
+    def forward(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        log_prob = F.log_softmax(logits, dim=-1)
+        return -log_prob.gather(1, labels.unsqueeze(1)).mean(), log_prob
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1], inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        log_prob, labels = ctx.saved_tensors
+        onehot = (labels.unsqueeze(1) == torch.arange(log_prob.shape[-1])).to(log_prob.dtype)
+        return (log_prob.exp() - onehot) * (grad_loss / log_prob.shape[0]), None
 
 
 def task_loss(kind: LossKind, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy, MSE or BCE-with-logits, as ORT-training's loss blocks compute them."""
     if kind is LossKind.CROSS_ENTROPY:
-        # F.cross_entropy's decomposition carries ignore_index handling (Equal/Not/Where nodes, forward and
-        # backward) that fedge's labels never need: the same mean negative log-likelihood, fewer nodes.
-        return -F.log_softmax(out, dim=-1).gather(1, y.unsqueeze(1)).mean()
+        loss, _ = _MeanCrossEntropy.apply(out, y)
+        return loss  # type: ignore[no-any-return]
     if kind is LossKind.MSE:
         diff = out - y
         return (diff * diff).mean()
@@ -136,17 +178,28 @@ def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[tor
         grads, loss = grad(loss_of, has_aux=True)({n: params[n] for n in spec.trainable})
         if not spec.adam:
             return (loss, *(params[n] - lr * grads[n] for n in spec.trainable))
-        step_count, m, v = state[n_params + n_anchors:]
+        step_count, *moments = state[n_params + n_anchors:]
         t = step_count + 1
-        # One flat update for all trainable parameters: ~12 graph nodes instead of ~12 per parameter.
-        trainable = [params[n] for n in spec.trainable]
-        flat, m, v = _hf_adamw(_flat(trainable), _flat([grads[n] for n in spec.trainable]), m, v, _hf_step_size(t, lr))
-        pieces, offset = [], 0
-        for p in trainable:  # Slice, not split: torch.onnx turns split into slower sequence ops
-            piece = flat[offset:offset + p.numel()]
-            pieces.append(piece if p.dim() == 1 else piece.reshape(p.shape))
-            offset += p.numel()
-        return (loss, *pieces, t, m, v)
+        step_size = _hf_step_size(t, lr)
+        new = {n: params[n] for n in spec.trainable}
+        new_moments = []
+        if spec.flat:
+            # One flat update for the small parameters: ~12 graph nodes instead of ~12 per parameter.
+            m, v = moments[:2]
+            moments = moments[2:]
+            trainable = [params[n] for n in spec.flat]
+            flat, m, v = _hf_adamw(_flat(trainable), _flat([grads[n] for n in spec.flat]), m, v, step_size)
+            offset = 0
+            for n, p in zip(spec.flat, trainable):  # Slice, not split: torch.onnx turns split into slower sequence ops
+                piece = flat[offset:offset + p.numel()]
+                new[n] = piece if p.dim() == 1 else piece.reshape(p.shape)
+                offset += p.numel()
+            new_moments += [m, v]
+        for i, n in enumerate(spec.separate):
+            # A large parameter on its own: no concatenation, no slicing, the update writes new.param directly.
+            new[n], m, v = _hf_adamw(params[n], grads[n], moments[2 * i], moments[2 * i + 1], step_size)
+            new_moments += [m, v]
+        return (loss, *(new[n] for n in spec.trainable), t, *new_moments)
 
     return step
 
@@ -164,16 +217,26 @@ def make_eval(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[tor
 
 
 def example_inputs(spec: StepSpec, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-                   *, lr: float, step: bool) -> list[torch.Tensor]:
-    """Inputs for the step (``step`` True) or eval graph: the given parameters, anchors equal to them, zero moments."""
+                   *, lr: float, step: bool, warm: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Inputs for the step (``step`` True) or eval graph: the given parameters, anchors equal to them, zero moments.
+
+    ``warm``: AdamW state as after some training instead (step 10, random moments with sqrt(v) >> eps), drawn
+    from this generator. A first AdamW step from zero moments divides each gradient by its own magnitude,
+    which turns float32 summation-order noise in near-zero gradients into update differences of ~1e-6; from a
+    warm state the update is well conditioned and ``new.opt.m`` (= 0.9 m + 0.1 g) checks the gradients directly.
+    """
     state: list[torch.Tensor] = [params[n].clone() for n in spec.parameters] + [params[n].clone() for n in spec.anchored]
     if not step:
         return [x, y, *state]
     if spec.adam:
-        state += [torch.tensor(0, dtype=torch.int64)]
-        size = sum(params[n].numel() for n in spec.trainable)
-        # m and v must be distinct tensors: the tracer would otherwise treat them as one aliased input.
-        state += [torch.zeros(size), torch.zeros(size)]
+        state += [torch.tensor(0 if warm is None else 10, dtype=torch.int64)]
+        shapes = ([torch.Size([sum(params[n].numel() for n in spec.flat)])] if spec.flat else []) + \
+            [params[n].shape for n in spec.separate]
+        for shape in shapes:  # m and v distinct tensors: the tracer would otherwise treat them as one aliased input
+            if warm is None:
+                state += [torch.zeros(shape), torch.zeros(shape)]
+            else:
+                state += [torch.randn(shape, generator=warm) * 1e-2, torch.rand(shape, generator=warm) * 1e-4 + 1e-5]
     return [x, y, torch.tensor(lr, dtype=torch.float32), *state]
 
 

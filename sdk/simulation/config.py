@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from device_agent.compression import NO_COMPRESSION, CompressionSpec
 from device_agent.trainer import TrainBudget
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.mixing import RegionWeighting
@@ -39,7 +40,10 @@ class SimulationConfig:
     ``federated=False`` is the local-only baseline: devices train on their own
     data every round and nothing is aggregated. ``validation_fraction``: the
     share of a client's training examples held out as its validation split
-    when the data has none (0: make none).
+    when the data has none (0: make none). ``compression``: how devices
+    compress their deltas (the device's own code, error feedback);
+    ``downlink_compression``: how the server sends model deltas down
+    (simulated, flat averaging only): :mod:`sdk.simulation.traffic`.
     """
 
     rounds: int
@@ -57,6 +61,8 @@ class SimulationConfig:
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     seed: int = 0
     cold_start: ColdStartConfig | None = None
+    compression: CompressionSpec = NO_COMPRESSION
+    downlink_compression: CompressionSpec = NO_COMPRESSION
 
     def __post_init__(self) -> None:
         if self.rounds < 0:
@@ -76,3 +82,7 @@ class SimulationConfig:
             raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
         if self.cold_start is not None and max(self.cold_start.join_rounds) > self.rounds:
             raise ValueError("cold_start.join_rounds must not exceed rounds")
+        if self.compression.enabled and self.fomo_candidates is not None:
+            raise ValueError("compression applies to averaged deltas; FedFomo uploads whole models")
+        if self.downlink_compression.enabled and (self.hierarchy is not None or self.fomo_candidates is not None):
+            raise ValueError("downlink_compression is simulated for flat averaging only")

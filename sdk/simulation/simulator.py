@@ -75,6 +75,7 @@ from sdk.simulation.checkpoint import SimulationCheckpoint
 from sdk.simulation.cold_start import NewcomerBench, NewcomerResult
 from sdk.simulation.config import HierarchyConfig, SimulationConfig
 from sdk.simulation.results import RoundMetrics, SimulationResult
+from sdk.simulation.traffic import Downlink, Uplink
 
 __all__ = ["FederatedSimulator", "HierarchyConfig", "RoundMetrics", "SimulationConfig", "SimulationResult"]
 
@@ -127,7 +128,8 @@ class FederatedSimulator:
             raise ValueError("a ditto bundle runs flat averaging only (no hierarchy, FedFomo or local-only)")
         self.global_params = first.get_shared()
         self._shapes = {n: v.shape for n, v in self.global_params.items()}
-        self._bytes_per_update = sum(v.nbytes for v in self.global_params.values())
+        self._uplink = Uplink(config.compression)
+        self._downlink = Downlink(self.global_params, config.downlink_compression)
         # FedFomo server state: every device's latest upload and each device's affinity to its peers.
         # Flat runs treat the whole fleet as one unnamed region whatever the dataset's labels.
         self._region = {c.client_id: (c.region or "") if config.hierarchy is not None else "" for c in dataset.clients}
@@ -153,7 +155,7 @@ class FederatedSimulator:
         """The shared weights device ``cid`` trains from: the global model, or its region's mix."""
         h = self.config.hierarchy
         if h is None:
-            return self.global_params
+            return self._downlink.held
         return mix_regional(self._regional[self._region[cid]], self.global_params, regional_weight=h.regional_weight)
 
     def run_round(self, round_number: int) -> RoundMetrics:
@@ -173,6 +175,8 @@ class FederatedSimulator:
         rules = {r: make_rule(cfg.aggregation, expected_shapes=self._shapes) for r in self._regional}
         samples = dict.fromkeys(self._regional, 0)
         aggregated, dropped = [], {}
+        sent: list[int] = []
+        received = self._downlink.last_bytes
         combined: list[str] = []
         kept_own: list[str] = []
         for index, cid in enumerate(ids):
@@ -203,12 +207,17 @@ class FederatedSimulator:
             )
             if cfg.fomo_candidates is not None:
                 self._uploads[cid] = self._trainers[cid].get_shared()
+                sent.append(self._downlink.full_bytes)  # FedFomo uploads the whole shared model, uncompressed
             elif cfg.federated:
-                rules[region].accumulate(update.delta, float(update.num_examples))
+                decoded, size = self._uplink.send(cid, update.delta)
+                sent.append(size)
+                rules[region].accumulate(decoded, float(update.num_examples))
                 samples[region] += update.num_examples
             aggregated.append(cid)
         if self._averaging():
             self._aggregate(rules, samples, served)
+            if cfg.hierarchy is None:
+                self._downlink.publish(self.global_params)
             for cid, trainer in self._trainers.items():
                 trainer.set_global(self._served(cid), round_number=round_number)
         own: dict[str, float] = {}
@@ -225,8 +234,8 @@ class FederatedSimulator:
             round_number=round_number, selected=tuple(selected), aggregated=tuple(aggregated), dropped=dropped,
             personalised_accuracy=personal, mean_accuracy=float(np.mean(list(personal.values()))),
             pooled_accuracy=self._pooled(personal), global_accuracy=server, regional_accuracy=regional,
-            bytes_up_per_device=self._bytes_per_update if cfg.federated else 0,
-            bytes_down_per_device=self._bytes_per_update * (cfg.fomo_candidates or 1) if cfg.federated else 0,
+            bytes_up_per_device=(round(float(np.mean(sent))) if sent else 0) if cfg.federated else 0,
+            bytes_down_per_device=received * (cfg.fomo_candidates or 1) if cfg.federated else 0,
             seconds=time.perf_counter() - start, fomo_combined=tuple(combined), fomo_kept_own=tuple(kept_own),
             personal_model_accuracy=own,
             serving_weight={cid: t.serving_weight for cid, t in self._trainers.items()} if self._ditto else {},

@@ -104,6 +104,8 @@ def test_bundle_not_a_zip_gives_clear_error(fleet_key, tmp_path):
         (lambda d: d["parameters"][0].update(shape=[-1]), "bad dimension"),
         (lambda d: d["artifact_sets"][0].update(checkpoint="../../etc/passwd"), "plain file name"),
         (lambda d: d.pop("label"), "missing field 'label'"),
+        (lambda d: d.update(compression="zip"), "manifest.compression: .*'zip'"),
+        (lambda d: d.update(compression=8), "manifest.compression: expected"),
     ],
 )
 def test_manifest_parse_names_the_problem(bundle_factory, mutate, message):
@@ -142,3 +144,16 @@ def test_ditto_manifest_parse_names_the_problem(bundle_factory, mutate, message)
     mutate(doc)
     with pytest.raises(BundleError, match=message):
         parse_manifest(json.dumps(doc).encode())
+
+
+def test_manifest_compression_field_round_trips_and_is_absent_by_default(bundle_factory):
+    with zipfile.ZipFile(bundle_factory("fedavg")) as zf:
+        raw = zf.read(MANIFEST_NAME)
+    plain = parse_manifest(raw)
+    assert plain.compression is None and b"compression" not in plain.to_json_bytes()
+    assert plain.to_json_bytes() == raw  # bundles signed before the field existed verify unchanged
+    doc = json.loads(raw)
+    doc["compression"] = "topk:0.3+q4"
+    parsed = parse_manifest(json.dumps(doc).encode())
+    assert parsed.compression == "topk:0.3+q4"
+    assert json.loads(parsed.to_json_bytes())["compression"] == "topk:0.3+q4"

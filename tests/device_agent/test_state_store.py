@@ -75,3 +75,26 @@ def test_state_survives_kill_9_during_saves(bundle_factory, install, fleet_key, 
         meta = json.loads((state / (state / "CURRENT").read_text() / "meta.json").read_text())
         assert meta["total_steps"] == trainer.total_steps
         total_before = trainer.total_steps
+
+
+def test_residual_file_round_trips_and_treats_damage_as_no_residual(tmp_path: Path):
+    import numpy as np
+
+    from device_agent.compression import ResidualState, residual_for
+    from device_agent.state_store import ResidualFile
+
+    f = ResidualFile(tmp_path / "residual.bin")
+    assert f.load() is None
+    state = ResidualState(bundle_version=2, round=5, before={"w": np.full((2, 2), 0.5)}, after={"w": np.arange(4.0).reshape(2, 2)})
+    f.save(state)
+    back = f.load()
+    assert back is not None and (back.bundle_version, back.round) == (2, 5)
+    np.testing.assert_array_equal(back.before["w"], state.before["w"])
+    np.testing.assert_array_equal(back.after["w"], state.after["w"])
+    # Which residual a round starts from: the last round's "after", a re-seal's "before", nothing across bundles.
+    assert residual_for(back, bundle_version=2, round=6) is back.after
+    assert residual_for(back, bundle_version=2, round=5) is back.before
+    assert residual_for(back, bundle_version=3, round=6) is None
+    assert residual_for(back, bundle_version=2, round=4) is None
+    (tmp_path / "residual.bin").write_bytes(b"FDGT\x01\x00garbage")
+    assert f.load() is None

@@ -166,6 +166,19 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
+def _compressed_seeds(tensors: dict[str, np.ndarray]) -> list[bytes]:
+    """One payload per compressed encoding (sparse ones with both index formats)."""
+    from device_agent.compression import CompressionSpec, compress_delta
+    from device_agent.protocol.tensor_codec import encode_tensors
+
+    wide = {**tensors, "v": np.linspace(-1, 1, 300, dtype=np.float32)}
+    out = []
+    for text in ("q8", "q4/4", "topk:0.5", "topk:0.02", "topk:0.5+q8/2", "topk:0.02+q4"):
+        spec = CompressionSpec.parse(text)
+        out.append(encode_tensors(compress_delta(wide, None, spec).tensors, encoding=spec.encoding))
+    return out
+
+
 def seeds() -> dict[str, list[bytes]]:
     """Valid inputs per target, for mutation (hypothesis examples, atheris corpus)."""
     from device_agent.protocol.headers import ModelHeader
@@ -180,7 +193,7 @@ def seeds() -> dict[str, list[bytes]]:
     npz = io.BytesIO()
     np.savez(npz, x=np.ones((4, 3), np.float32), y=np.arange(4))
     out = {
-        "tensors": [encode_tensors(tensors), encode_tensors(tensors, encoding="int8")],
+        "tensors": [encode_tensors(tensors), encode_tensors(tensors, encoding="int8"), *_compressed_seeds(tensors)],
         "model": [model],
         "model-signed": [bytes([len(record)]) + record + encode_tensors(tensors)] if len(record) < 256 else [b""],
         "chunk": [],

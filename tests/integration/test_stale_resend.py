@@ -51,14 +51,11 @@ class ReceiptLosingService(RegionalService):
         self.device = device
         self.counted = threading.Event()
 
-    def handle_update(self, blob: bytes, *, device: str) -> HandledUpdate:
-        if device != self.device or self.counted.is_set():
-            return super().handle_update(blob, device=device)
-        handled = self.aggregator.handle_update(blob, topic_device=device)
-        if handled.accepted:
+    def send_receipt(self, device: str, handled: HandledUpdate, *, arrived: float | None) -> None:
+        if device == self.device and handled.accepted and not self.counted.is_set():
             self.counted.set()  # committed; the receipt dies here
-        self.on_tick()
-        return handled
+            return
+        super().send_receipt(device, handled, arrived=arrived)
 
 
 def test_device_answered_stale_round_after_a_lost_receipt_moves_on_to_the_next_round() -> None:

@@ -23,12 +23,14 @@ def test_cli_keys_bundle_build_verify_and_agent_train(tmp_path: Path, digits, ca
     res = runner.invoke(cli, ["bundle", "build", "--model", "sdk.models:PersonalizedMLP", "--model-arg", "in_features=64",
                               "--model-arg", "hidden=(32,)", "--model-arg", "num_classes=10", "--input-shape", "64",
                               "--shared", "base", "--personal", "head", "--mode", "fedalt", "--mu", "0.01", "--lr", "0.01",
-                              "--key", str(key), "--name", "digits", "--version", "3", "-o", str(bundle)])
+                              "--key", str(key), "--name", "digits", "--version", "3", "--compression", "topk:0.30+q4",
+                              "-o", str(bundle)])
     assert res.exit_code == 0, res.output
     assert "2080 shared + 330 personal" in res.output
     res = runner.invoke(cli, ["bundle", "verify", str(bundle), "--pub", str(tmp_path / "fleet.pub"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["bundle_version"] == 3
+    assert json.loads(res.output)["compression"] == "topk:0.3+q4"  # signed, in its canonical spelling
 
     other = tmp_path / "other.key"
     runner.invoke(cli, ["keys", "generate", "--out", str(other)])

@@ -107,6 +107,7 @@ def test_config_example_in_examples_is_valid(tmp_path: Path, fleet_keys: FleetKe
     (lambda s: s["keys"].update(model_signers=["nope.pub"]), "keys.model_signers", "does not exist"),
     (lambda s: s["keys"].update(model_signers=[]), "keys.model_signers", "non-empty list"),
     (lambda s: s["training"].update(encoding="bf16"), "training.encoding", "'raw', 'fp16', 'int8'"),
+    (lambda s: s["training"].update(encoding="topk_q8"), "training.encoding", "bundle's compression field"),
     (lambda s: s["training"].update(backend="tflite"), "training.backend", "'auto', 'portable', 'ort-training'"),
     (lambda s: s["training"].update(batch_size=0), "training.batch_size", "integer in 1.."),
     (lambda s: s["training"].update(learning_rate=-0.1), "training.learning_rate", "number > 0"),

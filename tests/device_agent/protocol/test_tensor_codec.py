@@ -201,7 +201,7 @@ def test_tensor_codec_decode_refuses_blob_longer_than_any_valid_payload() -> Non
 
 
 def test_tensor_codec_decode_survives_random_corruption(tensors: dict[str, np.ndarray], corruptions: Callable[..., Iterator[bytes]]) -> None:
-    for encoding in Encoding:
+    for encoding in (Encoding.RAW, Encoding.FP16, Encoding.INT8):  # compressed ones: test_compressed_codec.py
         for mutated in corruptions(encode_tensors(tensors, encoding=encoding), seed=7, count=150):
             try:
                 decoded = decode_tensors(mutated)

@@ -44,6 +44,7 @@ CASES = {
     "mlp-fedalt-adamw-ce": Case(model="mlp", mode="fedalt", optimizer="adamw", mu=0.1),
     "mlp-fedavg-adamw-mse-finetune": Case(model="mlp", mode="fedavg", optimizer="adamw", loss="mse", finetune=("head",)),
     "mlp-fedsim-sgd-bce": Case(model="mlp", mode="fedsim", optimizer="sgd", loss="bce_with_logits", mu=0.2),
+    "mlpwide-fedalt-adamw-ce": Case(model="mlp-wide", mode="fedalt", optimizer="adamw", mu=0.1),
     "cnn1d-fedalt-adamw-ce": Case(model="cnn1d", mode="fedalt", optimizer="adamw", mu=0.05),
     "cnn2d-fedavg-adamw-ce": Case(model="cnn2d", mode="fedavg", optimizer="adamw"),
 }
@@ -112,12 +113,13 @@ def test_backends_match_each_other_and_pytorch_step_by_step(case_id, model_bundl
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("model", ["mlp", "mlp-wide"])  # mlp-wide: a parameter with its own moments on portable
 @pytest.mark.parametrize(("first", "second"), [("ort-training", "portable"), ("portable", "ort-training")])
-def test_saved_state_resumes_on_the_other_backend(first, second, model_bundle, install, tmp_path):
+def test_saved_state_resumes_on_the_other_backend(first, second, model, model_bundle, install, tmp_path):
     """Personal head, anchors and both phases' AdamW moments survive a change of backend."""
-    path, _ = model_bundle("mlp", "fedalt", mu=0.1, optimizer="adamw")
+    path, _ = model_bundle(model, "fedalt", mu=0.1, optimizer="adamw")
     bundle = install(path)
-    data = [make_data("mlp", "cross_entropy", 8, seed=s) for s in range(3)]
+    data = [make_data(model, "cross_entropy", 8, seed=s) for s in range(3)]
     budget = TrainBudget(epochs=1, batch_size=8)
     straight = DeviceTrainer(bundle, backend=first, threads=1)
     saving = DeviceTrainer(bundle, backend=first, threads=1, state_dir=tmp_path / "state")

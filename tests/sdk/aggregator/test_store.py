@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +132,38 @@ def test_store_member_is_exclusive_while_open(tmp_path: Path) -> None:
     first.close()
     _open(tmp_path / "s.sqlite").close()  # the lock is released with the store
     other.close()
+
+
+def test_store_transaction_waits_for_another_writer_then_gives_up_at_the_busy_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    quick = AggregatorStore.open(path, identity="region:f/eu", member="a", busy_timeout_s=0.05)
+    patient = AggregatorStore.open(path, identity="region:f/eu", member="b", busy_timeout_s=30.0)
+    held, go, released = threading.Event(), threading.Event(), []
+
+    def other_member() -> None:  # holds the write lock until the main thread is about to write
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        held.set()
+        go.wait(30)
+        released.append(time.monotonic())
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    thread = threading.Thread(target=other_member)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            with quick.transaction():
+                pass
+        assert quick.pragma("synchronous") == 2  # still FULL: only the lock wait was changed, and restored
+        go.set()
+        with patient.transaction():  # waits (polling) for the other member's lock, then writes
+            began = time.monotonic()
+            patient.add_counters({"waited": 1})
+        assert released and began >= released[0] and patient.counters() == {"waited": 1}
+    finally:
+        go.set()
+        thread.join(30)
+        quick.close()
+        patient.close()

@@ -123,7 +123,7 @@ def test_metrics_count_what_happened_in_a_round(mosquitto: MosquittoFactory, sta
         assert during.value("fedge_mqtt_received_bytes_total", kind="update") == sum(len(b) for _, b in sent)
         assert during.value("fedge_mqtt_sent_messages_total", kind="receipt") == 3
         assert during.value("fedge_mqtt_sent_bytes_total", kind="receipt") == sum(len(b) for _, b in receipts)
-        assert during.value("fedge_store_commit_seconds_count") >= 3  # round start + two acceptances
+        assert during.value("fedge_store_commit_seconds_count") >= 2  # round start + the acceptances (group commit: one commit per batch)
         assert during.value("fedge_round_current") == 0 and during.value("fedge_round_collecting") == 1
         assert during.value("fedge_round_samples") == 40
         assert during.value("fedge_rounds_closed_total") == 0 and during.value("fedge_closed_round") == -1

@@ -87,6 +87,7 @@ def test_service_config_influence_and_limits_default_on_and_named_when_wrong(bun
     config = load_regional_service_config(write_regional(tmp_path, bundle, fleet_key))
     assert config.aggregator.influence == InfluencePolicy() and not config.aggregator.influence.unsafe
     assert (config.loop.sender_rate_per_s, config.loop.sender_burst) == (1.0, None)
+    assert (config.loop.batch_max_updates, config.loop.batch_max_wait_s) == (32, 0.005)
     cases = {
         "[influence]\nnorm = \"unbounded\"\nweight = \"fixed\"\nmax_sample_count = 5000": None,
         "[influence]\nnorm = \"loose\"": r"influence\.norm: expected 'adaptive', 'fixed' or 'unbounded'",
@@ -94,6 +95,8 @@ def test_service_config_influence_and_limits_default_on_and_named_when_wrong(bun
         "[aggregation]\nclip_norm = 1.0": r"aggregation\.clip_norm: norms are bounded in \[influence\]",
         "[service]\nsender_burst = 0": r"service\.sender_burst",
         "[service]\nresend_min_s = 9.0\nresend_max_s = 3.0": r"service\.resend_max_s",
+        "[service]\nbatch_max_updates = 0": r"service\.batch_max_updates",
+        "[service]\nbatch_max_wait_s = 2.0": r"service\.batch_max_wait_s: must be at most 1 s",
     }
     for i, (extra, error) in enumerate(cases.items()):
         directory = tmp_path / f"case{i}"

@@ -78,7 +78,7 @@ def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
 
-def _wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> re.Match[str]:
+def _wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> re.Match[str]:
     deadline = time.monotonic() + timeout
     while True:
         found = re.search(pattern, log.read_text(errors="replace"))

@@ -217,3 +217,19 @@ def test_a_cut_setting_keeps_the_named_runs_and_rounds_and_says_so() -> None:
     assert cut_setting(cold, rounds=10).join_rounds == (1, 5, 10)
     with pytest.raises(ValueError, match="keep at least the first"):
         cut_setting(replace(cold, join_rounds=(5,)), rounds=2)
+
+
+def test_compression_claim_compares_bytes_up_and_down_and_accuracy_with_the_float32_run() -> None:
+    def squeezed(label: str, acc: float, up: int, down: int, spec: str = "q4") -> dict:
+        r = _result(label, "fedavg", {"a": acc, "b": acc})
+        r["run"] = {"algorithm": "fedavg", "compression": spec, "downlink": spec}
+        r["rounds"] = [{**r["rounds"][0], "bytes_up_per_device": up, "bytes_down_per_device": down}]
+        return r
+
+    results = [_result("FedAvg", "fedavg", {"a": 0.8, "b": 0.8}),  # 400 up + 800 down
+               squeezed("FedAvg, small", 0.797, 50, 100), squeezed("FedAvg, lossy", 0.78, 50, 100),
+               squeezed("FedAvg, big", 0.8, 100, 100)]
+    claims = {c["claim"].split(":")[0]: c for c in summarise(SETTING, results)["claims"]}
+    assert claims["FedAvg, small"]["holds"] is True and "8.0x fewer bytes up + down (up alone 8.0x)" in claims["FedAvg, small"]["evidence"]
+    assert claims["FedAvg, lossy"]["holds"] is False and "-2.00 points" in claims["FedAvg, lossy"]["evidence"]
+    assert claims["FedAvg, big"]["holds"] is False and "6.0x" in claims["FedAvg, big"]["evidence"]

@@ -9,29 +9,37 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sdk.bench.aggregator_bench import PATHS, format_table, prepare_updates, run_aggregator_bench, write_json
+from sdk.bench.aggregator_bench import FLOOR_MS, PARTS, format_table, prepare_updates, run_aggregator_bench, write_json, write_png
 from sdk.cli.main import cli
 
 TINY_SPEC = {"base.0.weight": (10, 90), "base.0.bias": (10,), "head.weight": (9, 10)}  # 1,000 parameters
 
 
 def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path: Path) -> None:
-    rows = run_aggregator_bench(updates=(5,), spec=TINY_SPEC, repeats=1)
+    rows = run_aggregator_bench(updates=(5,), spec=TINY_SPEC, repeats=1, batch=2, paths=("durable", "memory", "members"))
     out = tmp_path / "aggregator.json"
     write_json(rows, out)
     doc = json.loads(out.read_text())
 
     assert doc["benchmark"] == "aggregator" and set(doc["machine"]) == {"python", "cpu_count", "platform"}
+    assert doc["floor_ms"] == FLOOR_MS
     (row,) = doc["rows"]
-    assert (row["updates"], row["parameters"], row["repeats"]) == (5, 1000, 1)
+    assert (row["updates"], row["parameters"], row["repeats"], row["batch"]) == (5, 1000, 1, 2)
     assert row["update_bytes"] > 4 * 1000
-    assert set(row["paths"]) == set(PATHS)
-    for figures in row["paths"].values():
-        assert set(figures) == {"updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb"}
+    assert set(row["paths"]) == {"durable", "memory", "members"}
+    for name, figures in row["paths"].items():
+        assert set(figures) == {"updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb", "commit_ms", "cpu_ms"}
         assert figures["updates_per_s"] > 0 and figures["peak_rss_mb"] >= figures["rss_before_mb"] > 0
+        assert (figures["commit_ms"] is None) == (name == "memory")
+    assert set(row["parts_ms"]) == set(PARTS) and all(v > 0 for v in row["parts_ms"].values())
     assert row["max_abs_diff"] <= 1e-5
-    assert row["rss_ratio_naive_streaming"] == pytest.approx(row["paths"]["naive"]["peak_rss_mb"] / row["paths"]["streaming"]["peak_rss_mb"])
-    assert "RSS ratio naive/streaming" in format_table(rows)
+    assert row["durable_vs_memory"] == pytest.approx(row["paths"]["durable"]["updates_per_s"] / row["paths"]["memory"]["updates_per_s"])
+    assert row["members_vs_durable"] == pytest.approx(row["paths"]["members"]["updates_per_s"] / row["paths"]["durable"]["updates_per_s"])
+    assert row["durable_vs_unbatched"] is None and row["rss_ratio_naive_durable"] is None
+    write_png(rows, tmp_path / "aggregator.png")
+    assert (tmp_path / "aggregator.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = format_table(rows)
+    assert "durable/memory" in table and "2 members/1" in table and "verify" in table and "commit" in table
 
 
 def test_aggregator_bench_reference_is_the_sample_weighted_mean(tmp_path: Path) -> None:
@@ -44,10 +52,15 @@ def test_aggregator_bench_reference_is_the_sample_weighted_mean(tmp_path: Path) 
 
 
 def test_aggregator_bench_rejects_a_run_without_both_paths() -> None:
-    with pytest.raises(ValueError, match="streaming"):
+    with pytest.raises(ValueError, match="durable"):
         run_aggregator_bench(updates=(2,), spec=TINY_SPEC, repeats=1, paths=("memory",))
 
 
 def test_bench_aggregator_cli_rejects_bad_update_counts() -> None:
     result = CliRunner().invoke(cli, ["bench", "aggregator", "--updates", "5,x"])
     assert result.exit_code != 0 and "comma-separated integers" in result.output
+
+
+def test_bench_aggregator_cli_rejects_paths_without_durable_and_memory() -> None:
+    result = CliRunner().invoke(cli, ["bench", "aggregator", "--paths", "durable,naive"])
+    assert result.exit_code == 2 and "including durable and memory" in result.output and "Traceback" not in result.output

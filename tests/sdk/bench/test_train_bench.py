@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sdk.bench.train_bench import RUNTIMES, BenchModel, format_table, run_train_bench, write_json, write_png
 
 
@@ -15,6 +17,12 @@ def test_train_bench_measures_every_runtime_side_by_side(tmp_path):
     assert set(row.runtimes) == set(RUNTIMES)
     for name, figures in row.runtimes.items():
         assert figures.steps_per_s > 0 and figures.peak_rss_mb > 0 and figures.import_s > 0, name
+        assert figures.gflops == pytest.approx(figures.percent_of_peak / 100 * row.sgemm_peak_gflops), name
+        assert 0 < figures.percent_of_peak, name
+        assert figures.gflops_per_cpu_s == pytest.approx(figures.percent_of_peak_cpu / 100 * row.sgemm_peak_gflops_per_cpu_s), name
+        assert figures.gflops_per_cpu_s > 0, name
+    assert row.mflop_per_step == 8 * (2 * 64 * 2 + 2 * 24 * 3) / 1e6  # Linear(8, 8) (first layer) + Linear(8, 3), batch 8
+    assert row.sgemm_peak_gflops > 1.0
     assert row.runtimes["portable"].version.startswith("onnxruntime ")
     assert row.portable_vs_ort_training == row.runtimes["portable"].steps_per_s / row.runtimes["ort-training"].steps_per_s
     # without torch, the device processes stay far below PyTorch's footprint

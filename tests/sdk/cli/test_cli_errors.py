@@ -53,6 +53,14 @@ def test_bundle_build_input_shape_the_model_rejects(key, tmp_path):
     assert not out.exists()
 
 
+def test_bundle_build_unknown_compression(key, tmp_path):
+    out = tmp_path / "x.fedge"
+    result = _fedge("bundle", "build", *MLP, "--input-shape", "64", "--compression", "topk:2", "--key", str(key), "-o", str(out))
+    assert result.exit_code == 2
+    one_line_error(result.stderr, "--compression", "topk must be in (0, 1]")
+    assert not out.exists()
+
+
 def test_bundle_build_misspelt_model_arg(key, tmp_path):
     args = [a.replace("in_features", "in_feature") for a in MLP]
     result = _fedge("bundle", "build", *args, "--input-shape", "64", "--key", str(key), "-o", str(tmp_path / "x.fedge"))

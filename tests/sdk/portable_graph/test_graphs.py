@@ -38,6 +38,20 @@ def test_every_portable_node_is_ai_onnx_at_opset_18_or_lower(model, mode, optimi
             assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param, "batch axis must be symbolic"
 
 
+def test_large_parameters_get_their_own_adamw_moments(model_bundle):
+    path, _ = model_bundle("mlp-wide", "fedavg", optimizer="adamw")
+    with zipfile.ZipFile(path) as zf:
+        step = onnx.load_from_string(zf.read("portable_joint_step.onnx"))
+    inputs = [i.name for i in step.graph.input]
+    outputs = [o.name for o in step.graph.output]
+    # base.2.weight (40,960 floats) on its own, the small rest in the flat vectors
+    assert [n for n in inputs if n.startswith("opt.")] == ["opt.step", "opt.m", "opt.v", "opt.m@base.2.weight", "opt.v@base.2.weight"]
+    assert {"new.opt.m@base.2.weight", "new.opt.v@base.2.weight", "new.opt.m", "new.opt.v"} <= set(outputs)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in step.graph.input}
+    assert shapes["opt.m@base.2.weight"] == [160, 256]
+    assert shapes["opt.m"] == [12 * 256 + 256 + 160 + 4 * 160 + 4]
+
+
 def test_portable_graph_trains_batches_of_one(model_bundle, install):
     path, _ = model_bundle("cnn1d", "fedavg", optimizer="sgd", loss="mse")
     bundle = install(path)

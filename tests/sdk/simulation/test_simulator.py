@@ -170,3 +170,28 @@ def test_hierarchy_with_a_personal_head_mixes_only_the_trunk(bundle_factory, fle
     # with its own head every device does far better than chance with any tier's trunk; the served mix is best on average
     assert min(np.mean(list(a.values())) for a in (last.global_accuracy, last.regional_accuracy, last.personalised_accuracy)) > 0.5
     assert last.mean_accuracy >= np.mean(list(last.global_accuracy.values())) - 0.02
+
+
+def test_simulator_compressed_traffic_uses_the_device_codec_and_still_learns(bundle_factory, fleet_key, tmp_path, skewed_digits):
+    from device_agent.compression import CompressionSpec
+    from device_agent.protocol.tensor_codec import encode_tensors
+
+    sim = _simulator(bundle_factory, fleet_key, tmp_path, skewed_digits, "fedavg", rounds=3,
+                     compression=CompressionSpec.parse("topk:0.3+q4"), downlink_compression=CompressionSpec.parse("q4"))
+    full = len(encode_tensors(sim.global_params))  # what one float32 update or model costs on the wire
+    result = sim.run()
+    assert all(0 < r.bytes_up_per_device * 8 < full for r in result.rounds)
+    assert all(0 < r.bytes_down_per_device * 7 < full for r in result.rounds)
+    assert result.rounds[0].mean_accuracy < result.mean_final_accuracy
+    # The devices hold what the server sent down, not the server's exact model (the gap is its residual).
+    held = sim._downlink.held
+    assert any(not np.array_equal(held[n], result.global_params[n]) for n in held)
+    gap = max(float(np.abs(held[n] - result.global_params[n]).max()) for n in held)
+    assert gap < max(float(np.abs(v).max()) for v in result.global_params.values())
+
+
+def test_simulator_refuses_a_compressed_downlink_it_does_not_model(bundle_factory, fleet_key, tmp_path, skewed_digits):
+    from device_agent.compression import CompressionSpec
+
+    with pytest.raises(ValueError, match="downlink_compression"):
+        SimulationConfig(rounds=1, fomo_candidates=2, downlink_compression=CompressionSpec.parse("q8"))

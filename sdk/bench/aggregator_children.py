@@ -1,0 +1,199 @@
+"""The child processes of ``fedge bench aggregator`` (:mod:`sdk.bench.aggregator_bench`): one script per path.
+
+Each runs in a fresh interpreter, reads the pre-sealed updates one at a time
+from one file (as they would arrive from the broker), and prints one JSON line.
+Kept as source text so every path starts from the same clean process.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+_PRELUDE = textwrap.dedent(
+    """
+    import hashlib, json, sys, time
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from device_agent.protocol.envelope import open_update
+    from device_agent.protocol.tensor_codec import DecodeLimits
+    from device_agent.protocol.validation import UpdateValidator
+    from sdk.bench.process_memory import status_mb
+    cfg = json.loads(sys.argv[1])
+    def seed(label):
+        return hashlib.sha256(f"fedge-bench:{label}".encode()).digest()
+    spec = {name: (tuple(shape), "float32") for name, shape in cfg["spec"].items()}
+    devices = {d: Ed25519PrivateKey.from_private_bytes(seed("ed25519:" + d)).public_key() for d in cfg["devices"]}
+    region_key = X25519PrivateKey.from_private_bytes(seed("x25519:" + cfg["region"]))
+    index = cfg["index"]
+    mine = [i for i in range(len(index)) if i % cfg.get("members", 1) == cfg.get("share", 0)]
+    blobs = open(cfg["blobs"], "rb")
+    def next_blob(i):
+        blobs.seek(index[i][0])
+        return blobs.read(index[i][1])
+    rss_before_mb = status_mb("VmRSS")
+    def report(mean, loop_s, finish_s, **extra):
+        if mean is not None:
+            np.savez(cfg["mean_out"], **mean)
+        print(json.dumps({"updates_per_s": len(index) / (loop_s + finish_s), "loop_s": loop_s, "finish_s": finish_s,
+                          "peak_rss_mb": status_mb("VmHWM"), "rss_before_mb": rss_before_mb, **extra}), flush=True)
+    cpu = time.process_time  # this process's CPU seconds: what the loop cost, whatever else shares the machine
+    """
+)
+
+_OPEN_VALIDATE = textwrap.dedent(
+    """
+    validator = UpdateValidator(params=spec, max_norm=cfg["norm_bound"], fleet=cfg["fleet"], region=cfg["region"],
+                                bundle_version=cfg["bundle_version"])
+    limits_total = sum(8 * int(np.prod(s)) for s, _ in spec.values())
+    limits = DecodeLimits(max_tensors=2 * len(spec) + 8, max_total_bytes=2 * limits_total + 4096)
+    def open_valid(i):
+        opened = open_update(next_blob(i), recipient_key=region_key, sender_public_key=devices, limits=limits)
+        validator.validate(opened, current_round=0)
+        return opened
+    """
+)
+
+_REGION = textwrap.dedent(
+    """
+    from sdk.aggregator import IncomingUpdate, RegionalAggregator, RegionalConfig, RoundPolicy, Verdict
+    from sdk.aggregation.influence import InfluencePolicy
+    config = RegionalConfig(
+        fleet=cfg["fleet"], region=cfg["region"], encryption_key=region_key,
+        signing_key=Ed25519PrivateKey.from_private_bytes(seed("ed25519:" + cfg["region"])),
+        device_keys=devices,
+        root_verify_key=Ed25519PrivateKey.from_private_bytes(seed("ed25519:root")).public_key(),
+        root_encryption_key=X25519PrivateKey.from_private_bytes(seed("x25519:root")).public_key(),
+        spec=spec, bundle_version=cfg["bundle_version"],
+        policy=RoundPolicy(quorum=len(index), deadline_s=86400.0), norm_bound=cfg["norm_bound"],
+        # Fixed bounds that do not bind (same clipping work as the default), so the mean matches the plain reference.
+        influence=InfluencePolicy(norm="fixed", norm_bound=cfg["norm_bound"], weight="fixed", max_sample_count=1_000_000),
+    )
+    agg = RegionalAggregator.open(cfg["db"], config, member=cfg.get("member", "main"))
+    agg.start_round(0, {name: np.zeros(shape, dtype=np.float32) for name, (shape, _) in spec.items()})
+    commits = []
+    agg.observe_commits(commits.append)
+    rss_before_mb = status_mb("VmRSS")
+    def run_batches():
+        # What the service does under load: the queue fills batches of cfg["batch"] updates.
+        batch = cfg["batch"]
+        for start in range(0, len(mine), batch):
+            items = [IncomingUpdate(blob=next_blob(i)) for i in mine[start:start + batch]]
+            for handled in agg.handle_updates(items):
+                if handled.verdict is not Verdict.ACCEPTED:
+                    raise SystemExit(f"an update was not accepted: {handled.reason}")
+    """
+)
+
+DURABLE = _PRELUDE + _REGION + textwrap.dedent(
+    """
+    t0, c0 = time.perf_counter(), cpu()
+    run_batches()
+    t1, c1 = time.perf_counter(), cpu()
+    aggregate = agg.close_round()
+    t2 = time.perf_counter()
+    agg.close()
+    report(aggregate.mean_delta, t1 - t0, t2 - t1, commit_s=sum(commits), commits=len(commits), cpu_s=c1 - c0)
+    """
+)
+
+MEMBER = _PRELUDE + _REGION + textwrap.dedent(
+    """
+    print(json.dumps({"ready": True}), flush=True)
+    sys.stdin.readline()  # "go": every member starts together
+    t0, c0 = time.perf_counter(), cpu()  # perf_counter is CLOCK_MONOTONIC: comparable across the members
+    run_batches()
+    t1, c1 = time.perf_counter(), cpu()
+    print(json.dumps({"t0": t0, "t1": t1, "commit_s": sum(commits), "commits": len(commits), "cpu_s": c1 - c0}), flush=True)
+    if sys.stdin.readline().strip() == "close":
+        t2 = time.perf_counter()
+        aggregate = agg.close_round()
+        report(aggregate.mean_delta, t1 - t0, time.perf_counter() - t2)
+    agg.close()
+    """
+)
+
+NAIVE = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
+    """
+    t0, c0 = time.perf_counter(), cpu()
+    kept = []
+    for i in range(len(index)):
+        opened = open_valid(i)
+        kept.append((opened.tensors, opened.header.sample_count))
+    t1, c1 = time.perf_counter(), cpu()
+    total = float(sum(n for _, n in kept))
+    mean = {name: (sum(n * t[name].astype(np.float64) for t, n in kept) / total).astype(np.float32) for name in spec}
+    t2 = time.perf_counter()
+    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0)
+    """
+)
+
+MEMORY = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
+    """
+    from sdk.aggregation import StreamingWeightedMean
+    acc = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
+    t0, c0 = time.perf_counter(), cpu()
+    for i in range(len(index)):
+        opened = open_valid(i)
+        acc.accumulate(opened.tensors, float(opened.header.sample_count))
+    t1, c1 = time.perf_counter(), cpu()
+    mean = acc.finalize()
+    t2 = time.perf_counter()
+    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0)
+    """
+)
+
+# Each stage of the durable intake timed alone, on the same updates, in the order the intake runs them.
+# The envelope's private helpers are used so that verification, decryption and decoding can be timed apart.
+PARTS = _PRELUDE + textwrap.dedent(
+    """
+    from device_agent.protocol._frame import split_frame, verify_frame
+    from device_agent.protocol.envelope import UPDATE_MAGIC, _decrypt
+    from device_agent.protocol.headers import UpdateHeader
+    from device_agent.protocol.receipts import Receipt, sign_receipt
+    from device_agent.protocol.tensor_codec import decode_tensors
+    from sdk.aggregation import StreamingWeightedMean
+    from sdk.aggregation.robust import clip_by_norm
+    from sdk.aggregation.influence import RoundBounds
+    from sdk.aggregator.admission import admit
+    from device_agent.protocol.envelope import OpenedUpdate
+    validator = UpdateValidator(params=spec, max_norm=cfg["norm_bound"], fleet=cfg["fleet"], region=cfg["region"],
+                                bundle_version=cfg["bundle_version"])
+    limits_total = sum(8 * int(np.prod(s)) for s, _ in spec.values())
+    limits = DecodeLimits(max_tensors=2 * len(spec) + 8, max_total_bytes=2 * limits_total + 4096)
+    signer = Ed25519PrivateKey.from_private_bytes(seed("ed25519:" + cfg["region"]))
+    base = {name: np.zeros(shape, dtype=np.float32) for name, (shape, _) in spec.items()}
+    bounds = RoundBounds(clip_norm=cfg["norm_bound"], weight_cap=1_000_000)
+    rule = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
+    parts = dict.fromkeys(("verify", "decrypt", "decode", "digest", "validate_fold", "receipt"), 0.0)
+    clock = time.process_time  # CPU time: the stages' own cost, robust to whatever else shares the cores
+    for i in range(len(index)):
+        blob = next_blob(i)
+        t0 = clock()
+        frame = split_frame(blob, magic=UPDATE_MAGIC, what="sealed update", min_body=48, max_bytes=len(blob) + 1)
+        header = UpdateHeader.from_bytes(frame.record)
+        verify_frame(frame, [devices[header.sender]])
+        t1 = clock()
+        plaintext = _decrypt(frame, region_key)
+        t2 = clock()
+        tensors = decode_tensors(plaintext, encoding=header.encoding, limits=limits)
+        t3 = clock()
+        hasher = hashlib.sha256(frame.record)
+        hasher.update(plaintext)
+        hasher.digest()
+        t4 = clock()
+        validator.check_header(header, 0)
+        validator.check_tensors(tensors)
+        admission = admit(OpenedUpdate(header=header, tensors=tensors, sender_key_id=""), base=base, bounds=bounds,
+                          weight=float(header.sample_count))
+        rule.accumulate(clip_by_norm(tensors, bounds.clip_norm).delta if admission.clipped else tensors, admission.weight)
+        t5 = clock()
+        sign_receipt(Receipt.answering(header, issuer=cfg["region"]), signer_key=signer)
+        t6 = clock()
+        for name, took in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            parts[name] += took
+    print(json.dumps({name: total / len(index) for name, total in parts.items()}), flush=True)
+    """
+)
+
+SCRIPTS = {"durable": DURABLE, "unbatched": DURABLE, "naive": NAIVE, "memory": MEMORY, "parts": PARTS}

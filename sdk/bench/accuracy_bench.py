@@ -23,7 +23,7 @@ round's metrics and, every few rounds, the whole simulated fleet there
 (:mod:`sdk.simulation.checkpoint`). ``resume=True`` reuses finished runs and
 continues interrupted ones from their last checkpoint; without it a setting's
 progress is cleared first. Once a setting's report is written its progress
-folder is removed.
+folder is removed, and ``<out>/.progress`` itself once it is empty.
 """
 
 from __future__ import annotations
@@ -283,5 +283,9 @@ def run_accuracy_bench(
         ordered = [results[s.name][(run.label, k)] for k in s.run_seeds(seed) for run in s.runs]
         reports[s.name] = write_setting(s, ordered, out_dir, seed=seed, profile=profile)
         shutil.rmtree(out_dir / ".progress" / s.name, ignore_errors=True)
+    try:
+        (out_dir / ".progress").rmdir()  # only when no other setting's progress is left in it
+    except OSError:
+        pass
     logger.info("accuracy bench: %d runs in %.0f s (%d reused)", len(jobs), time.perf_counter() - start, len(jobs) - len(pending))
     return reports

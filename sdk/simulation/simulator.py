@@ -93,7 +93,8 @@ class FederatedSimulator:
     """Runs ``config.rounds`` rounds of the bundle's training mode over ``dataset``'s clients.
 
     ``checkpoint``: save each round's metrics and, every ``checkpoint.every``
-    rounds, the whole fleet there, and resume from what is saved (not for FedFomo).
+    rounds, the whole fleet there, and resume from what is saved (not for FedFomo
+    or compressed traffic, whose server-side state is not saved).
     ``newcomers``: clients outside the fleet that join it per ``config.cold_start``
     (:mod:`sdk.simulation.cold_start`; averaging algorithms only).
     """
@@ -109,6 +110,8 @@ class FederatedSimulator:
         self.config = config
         if checkpoint is not None and config.fomo_candidates is not None:
             raise ValueError("FedFomo runs cannot be checkpointed (its peer uploads and affinities are not saved)")
+        if checkpoint is not None and (config.compression.enabled or config.downlink_compression.enabled):
+            raise ValueError("compressed runs cannot be checkpointed (the error-feedback residuals are not saved)")
         self._checkpoint = checkpoint
         self._newcomers: NewcomerBench | None = None
         if config.cold_start is not None:

@@ -3,6 +3,9 @@
 Receive the global shared weights, adopt them (weights, FedProx anchors, delta
 reference), train within the budget, and return the shared-layer delta with
 the sample count it should be weighted by. Personal weights stay in the trainer.
+A device with a personal model (Ditto) and validation data then chooses, on
+that data, how much of its personal and of the global model it serves
+(:func:`choose_served_model`, :mod:`~device_agent.personalization.model_choice`).
 """
 
 from __future__ import annotations
@@ -14,17 +17,22 @@ import numpy as np
 
 from device_agent.data import DataSource
 from device_agent.personalization.fedfomo import FomoUpdate, fomo_update
-from device_agent.trainer import DeviceTrainer, TrainBudget, TrainReport
+from device_agent.personalization.model_choice import DEFAULT_ALPHAS, MixtureChoice, choose_mixture
+from device_agent.trainer import DeviceTrainer, ModelView, TrainBudget, TrainReport
 
 
 @dataclass(frozen=True, kw_only=True)
 class LocalUpdate:
-    """What a device sends after a round: its shared delta and how many examples back it."""
+    """What a device sends after a round: its shared delta and how many examples back it.
+
+    ``choice``: the served mixture it chose on its validation data (None: no choice made).
+    """
 
     round_number: int
     delta: dict[str, np.ndarray]
     num_examples: int
     report: TrainReport
+    choice: MixtureChoice | None = None
 
 
 def train_local_round(
@@ -35,14 +43,41 @@ def train_local_round(
     round_number: int,
     budget: TrainBudget,
     rng: np.random.Generator | None = None,
+    validation: DataSource | None = None,
 ) -> LocalUpdate:
-    """Adopt ``global_params`` (None: keep the device's current model), train, return the delta."""
+    """Adopt ``global_params`` (None: keep the device's current model), train, return the delta.
+
+    With ``validation`` (non-empty) and a personal model, the device then
+    chooses what it serves (:func:`choose_served_model`).
+    """
     if global_params is not None:
         trainer.set_global(global_params, round_number=round_number)
     else:
         trainer.round = round_number
     report = trainer.train(data, budget, rng=rng)
-    return LocalUpdate(round_number=round_number, delta=trainer.shared_delta(), num_examples=len(data), report=report)
+    choice = None
+    if validation is not None and trainer.has_personal_model and len(validation) > 0:
+        choice = choose_served_model(trainer, validation)
+    return LocalUpdate(round_number=round_number, delta=trainer.shared_delta(), num_examples=len(data), report=report,
+                       choice=choice)
+
+
+def choose_served_model(trainer: DeviceTrainer, validation: DataSource, *,
+                        alphas: Sequence[float] = DEFAULT_ALPHAS) -> MixtureChoice:
+    """Choose, on ``validation``, the weight of the personal model against the last received global one, and serve it.
+
+    Both models' outputs are computed once; every weight in ``alphas`` is
+    scored on them (:func:`~device_agent.personalization.model_choice.choose_mixture`)
+    and the winner becomes :attr:`DeviceTrainer.serving_weight`. ValueError for a
+    trainer without a personal model or empty validation data.
+    """
+    if not trainer.has_personal_model:
+        raise ValueError("only a device with a personal model (Ditto) chooses a mixture")
+    personal, labels = trainer.model_outputs(validation, model=ModelView.PERSONAL)
+    global_, _ = trainer.model_outputs(validation, model=ModelView.GLOBAL)
+    choice = choose_mixture(personal, global_, labels, trainer.manifest.hyperparameters.loss, alphas=alphas)
+    trainer.set_serving_weight(choice.alpha)
+    return choice
 
 
 def combine_candidates_fomo(

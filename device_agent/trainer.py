@@ -4,85 +4,46 @@ Modes (see :class:`~device_agent.bundle.manifest.TrainingMode`): ``fedavg``,
 ``fedprox`` and ``fedsim`` train one artifact set; ``fedalt`` alternates a
 personal-head phase (shared layers frozen) and a shared phase (head frozen),
 each with its own optimizer state (Pillutla et al., ICML 2022, Algorithm 1
-"FedAlt"). The graphs run on a training backend (``device_agent.training_backends``):
-``ort-training`` or ``portable``, chosen from what is installed and what the
-bundle carries; saved state is backend-neutral named arrays.
+"FedAlt"). ``ditto`` (Li et al., ICML 2021, Algorithm 1) keeps two values of
+every parameter: the global model's, which trains as in fedavg/fedprox and
+whose delta is sent, and the device's personal model, which then trains with
+``lambda/2 ||v - w_global||^2`` towards the received global model (the
+anchors); the backend holds the global track, the trainer the personal one,
+and both are saved. The graphs run on a training backend
+(``device_agent.training_backends``): ``ort-training`` or ``portable``, chosen
+from what is installed and what the bundle carries; saved state is
+backend-neutral named arrays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle
-from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, BundleManifest, LossKind, TrainingMode
+from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, LossKind, TrainingMode
+from device_agent.batches import prepare_batch
 from device_agent.data import ArrayDataSource, Batch, DataSource
 from device_agent.errors import StateError, TrainingError
-from device_agent.state_store import StateStore, StoredState
+from device_agent.personalization.model_choice import correct_count, mix_outputs, output_loss
+from device_agent.state_store import StateStore
+from device_agent.trainer_state import STATE_FORMAT, read_parameter_file, read_serving_weight, read_training_state
 from device_agent.training_backends import BackendName, TrainingState, choose_backend, open_backend
-from device_agent.training_backends.legacy_state import is_legacy_generation, state_from_ort_checkpoints
-from device_agent.training_backends.state import state_from_arrays
+from device_agent.training_types import EvalReport, ModelView, TrainBudget, TrainReport
+
+__all__ = ["STATE_FORMAT", "DeviceTrainer", "EvalReport", "ModelView", "TrainBudget", "TrainReport"]
 
 logger = logging.getLogger(__name__)
 
 ParameterDict = dict[str, np.ndarray]
-
-#: What ``save_state`` writes: 2 = ``state.npz`` (backend-neutral named arrays); 1 = one ORT checkpoint per set.
-STATE_FORMAT = 2
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainBudget:
-    """How much local work one round may do.
-
-    ``epochs`` passes over the data per phase, capped at ``max_steps`` steps per
-    phase when given (a straggler's partial budget). For ``fedalt``,
-    ``personal_epochs`` sets the head phase (None: same as ``epochs``).
-    ``learning_rate`` None keeps the bundle's default.
-    """
-
-    epochs: int = 1
-    batch_size: int = 32
-    max_steps: int | None = None
-    personal_epochs: int | None = None
-    learning_rate: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError("epochs must be >= 0 and batch_size >= 1")
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError("max_steps must be >= 0")
-        if self.personal_epochs is not None and self.personal_epochs < 0:
-            raise ValueError("personal_epochs must be >= 0")
-        if self.learning_rate is not None and not self.learning_rate > 0:
-            raise ValueError("learning_rate must be > 0")
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainReport:
-    """What one call to :meth:`DeviceTrainer.train` did."""
-
-    steps: int
-    examples: int
-    mean_loss: float
-    seconds: float
-    phase_steps: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvalReport:
-    """Loss (mean over examples) and, for classification, accuracy; ``accuracy`` None otherwise."""
-
-    loss: float
-    accuracy: float | None
-    examples: int
 
 
 class DeviceTrainer:
@@ -107,25 +68,32 @@ class DeviceTrainer:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self._hyper = self.manifest.hyperparameters
+        self._ditto = self._hyper.mode is TrainingMode.DITTO
+        self._names = tuple(p.name for p in self.manifest.parameters)
         self.backend_name = choose_backend(backend, self.manifest)
         self._store = StateStore(state_dir) if state_dir is not None else None
         self.round = -1
         self.total_steps = 0
+        self._serving_weight = 1.0
         stored = self._store.load() if self._store is not None else None
         if stored is not None and stored.meta.get("manifest_sha256") != bundle.manifest_sha256:
             logger.warning("saved state belongs to another bundle; starting from this bundle's weights")
             stored = None
-        state = _read_state(stored, self.manifest) if stored is not None else None
+        state = read_training_state(stored, self.manifest) if stored is not None else None
         self._backend = open_backend(self.backend_name, bundle, threads=threads, state=state)
-        self._has_anchors = self._hyper.mu > 0
+        self._has_anchors = self.manifest.has_anchors
         if stored is not None:
             self.round = int(stored.meta["round"])
             self.total_steps = int(stored.meta["total_steps"])
-            self._global = _load_arrays(stored.directory / "global.npz", self.manifest.shared_spec())
+            self._serving_weight = read_serving_weight(stored.meta)
+            self._global = read_parameter_file(stored.directory / "global.npz", self.manifest.shared_spec())
             logger.info("resumed device state generation %d (round %d, written by %s) on backend %s", stored.generation,
                         self.round, stored.meta.get("backend", "ort-training"), self.backend_name.value)
         else:
             self._global = self.get_shared()
+        # Ditto's personal model starts where the global one does: the bundle's initial weights.
+        self._personal_model: ParameterDict = (
+            {} if not self._ditto else dict(state.personal_model) if state is not None else self._get(self._names))
 
     # -- parameters -------------------------------------------------------------------------
 
@@ -135,12 +103,30 @@ class DeviceTrainer:
     def _set_everywhere(self, name: str, value: np.ndarray) -> None:
         self._backend.set_parameter(name, value)
 
-    def _checked(self, params: Mapping[str, np.ndarray], *, complete: bool = True) -> ParameterDict:
-        spec = self.manifest.shared_spec()
+    def _load(self, params: Mapping[str, np.ndarray]) -> None:
+        for name, value in params.items():
+            self._backend.set_parameter(name, value)
+
+    @contextlib.contextmanager
+    def _holding(self, params: Mapping[str, np.ndarray] | None) -> Iterator[None]:
+        """Run the block with ``params`` loaded in place of the current values (None: as they are), then put those back."""
+        if params is None:
+            yield
+            return
+        previous = self._get(tuple(params))
+        self._load(params)
+        try:
+            yield
+        finally:
+            self._load(previous)
+
+    def _checked(self, params: Mapping[str, np.ndarray], *, complete: bool = True,
+                 spec: Mapping[str, tuple[tuple[int, ...], str]] | None = None) -> ParameterDict:
+        spec = self.manifest.shared_spec() if spec is None else spec
         unknown = sorted(set(params) - set(spec))
         missing = sorted(set(spec) - set(params)) if complete else []
         if unknown or missing:
-            raise ValueError(f"shared parameters: unknown {unknown}, missing {missing}")
+            raise ValueError(f"parameters: unknown {unknown}, missing {missing}")
         out = {}
         for name, value in params.items():
             arr = np.asarray(value, dtype=np.float32)
@@ -156,7 +142,7 @@ class DeviceTrainer:
         return self._get(self.manifest.shared_names)
 
     def get_personal(self) -> ParameterDict:
-        """Current personal-head weights (copies); empty for fedavg/fedprox bundles."""
+        """Current personal-head weights (copies); empty for fedavg/fedprox/ditto bundles."""
         return self._get(self.manifest.personal_names)
 
     def set_personal(self, params: Mapping[str, np.ndarray]) -> None:
@@ -181,20 +167,20 @@ class DeviceTrainer:
             self._set_everywhere(name, value)
 
     def set_anchors(self, params: Mapping[str, np.ndarray]) -> None:
-        """Write the FedProx anchors (no-op when the bundle has mu == 0)."""
+        """Write the FedProx (and Ditto) anchors (no-op when the bundle has none)."""
         if not self._has_anchors:
             return
         for name, value in self._checked(params).items():
             self._set_everywhere(ANCHOR_PREFIX + name, value)
 
     def get_anchors(self) -> ParameterDict:
-        """Current FedProx anchors by shared parameter name; empty when mu == 0."""
+        """Current anchors by shared parameter name; empty when the bundle has none (mu == 0 and not Ditto)."""
         if not self._has_anchors:
             return {}
         return {n: self._backend.get_parameter(ANCHOR_PREFIX + n) for n in self.manifest.shared_names}
 
     def set_global(self, params: Mapping[str, np.ndarray], *, round_number: int | None = None) -> None:
-        """Adopt a received global model: shared weights, FedProx anchors and the delta reference."""
+        """Adopt a received global model: shared weights, anchors and the delta reference (Ditto's personal model stays)."""
         checked = self._checked(params)
         for name, value in checked.items():
             self._set_everywhere(name, value)
@@ -213,38 +199,59 @@ class DeviceTrainer:
         now = self.get_shared()
         return {n: (now[n] - self._global[n]).astype(np.float32) for n in now}
 
+    # -- Ditto's personal model and the served mixture ----------------------------------------
+
+    @property
+    def has_personal_model(self) -> bool:
+        """True for Ditto bundles: the device keeps a personal copy of every parameter."""
+        return self._ditto
+
+    def get_personal_model(self) -> ParameterDict:
+        """Ditto's personal model (copies, every parameter); empty for other modes."""
+        return {n: v.copy() for n, v in self._personal_model.items()}
+
+    def set_personal_model(self, params: Mapping[str, np.ndarray]) -> None:
+        """Overwrite Ditto's personal model (every parameter); ValueError for other modes or a wrong table."""
+        if not self._ditto:
+            raise ValueError(f"mode {self._hyper.mode.value} has no personal model")
+        self._personal_model = self._checked(params, spec={p.name: (p.shape, p.dtype) for p in self.manifest.parameters})
+
+    @property
+    def serving_weight(self) -> float:
+        """Ditto: the weight of the personal model's outputs in the model the device uses (1: personal only)."""
+        return self._serving_weight
+
+    def set_serving_weight(self, alpha: float) -> None:
+        """Serve ``alpha * personal + (1 - alpha) * global`` outputs from now on (Ditto only; saved with the state)."""
+        if not self._ditto:
+            raise ValueError(f"mode {self._hyper.mode.value} has no personal model to mix")
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self._serving_weight = float(alpha)
+
+    def _view_parameters(self, view: ModelView) -> ParameterDict | None:
+        """The values ``view`` evaluates with (None: the current ones); for a mixed Ditto view, not defined."""
+        if view is ModelView.PERSONAL:
+            if not self._ditto:
+                raise ValueError(f"mode {self._hyper.mode.value} has no personal model; use served or global")
+            return self._personal_model
+        if view is ModelView.GLOBAL or (self._ditto and self._serving_weight == 0.0):
+            return self._global
+        return self._personal_model if self._ditto else None
+
+    def _mixing(self, view: ModelView) -> bool:
+        return self._ditto and view is ModelView.SERVED and 0.0 < self._serving_weight < 1.0
+
     # -- data -------------------------------------------------------------------------------
 
     def _prepare(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
-        spec = self.manifest.inputs[0]
-        x = np.ascontiguousarray(batch.x, dtype=np.float32)
-        if x.shape[1:] != tuple(spec.shape[1:]):
-            raise TrainingError(f"input shape {x.shape[1:]} does not match the bundle's {tuple(spec.shape[1:])}")
-        if not np.isfinite(x).all():
-            raise TrainingError("input batch contains NaN or Inf")
-        if self._hyper.loss is LossKind.CROSS_ENTROPY:
-            y = np.asarray(batch.y)
-            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):
-                raise TrainingError("cross-entropy labels must be a 1-D array of class indices")
-            y = y.astype(np.int64)
-            classes = self._hyper.num_classes
-            if y.size and (y.min() < 0 or (classes is not None and y.max() >= classes)):
-                raise TrainingError(f"labels must lie in [0, {classes})")
-        else:
-            y = np.ascontiguousarray(batch.y, dtype=np.float32)
-            want = tuple(self.manifest.label.shape[1:])
-            if y.shape[1:] != want:
-                y = y.reshape((y.shape[0], *want)) if y.size == y.shape[0] * math.prod(d or 1 for d in want) else y
-            if y.shape[1:] != want:
-                raise TrainingError(f"target shape {y.shape[1:]} does not match the bundle's {want}")
-        return x, y
+        return prepare_batch(self.manifest, batch)
 
     # -- training ---------------------------------------------------------------------------
 
     def _phases(self, budget: TrainBudget) -> list[tuple[ArtifactSetName, int]]:
         if self._hyper.mode is TrainingMode.FEDALT:
-            head = budget.epochs if budget.personal_epochs is None else budget.personal_epochs
-            return [(ArtifactSetName.PERSONAL, head), (ArtifactSetName.SHARED, budget.epochs)]
+            return [(ArtifactSetName.PERSONAL, budget.head_epochs), (ArtifactSetName.SHARED, budget.epochs)]
         return [(ArtifactSetName.JOINT, budget.epochs)]
 
     def train(
@@ -254,8 +261,25 @@ class DeviceTrainer:
         *,
         rng: np.random.Generator | None = None,
     ) -> TrainReport:
-        """Train within ``budget`` on ``data`` (shuffled with ``rng``; in order when None)."""
-        return self._run_phases(data, budget, self._phases(budget), rng)
+        """Train within ``budget`` on ``data`` (shuffled with ``rng``; in order when None).
+
+        Ditto: the global model's update first (``epochs``), then the personal
+        model's (``personal_epochs``), both against this round's anchors.
+        """
+        report = self._run_phases(data, budget, self._phases(budget), rng)
+        if not self._ditto:
+            return report
+        return _merged(report, self._train_personal_model(data, budget, rng))
+
+    def _train_personal_model(self, data: DataSource, budget: TrainBudget, rng: np.random.Generator | None) -> TrainReport:
+        trained = self._get(self._names)  # the global track after its local update: what the delta is made of
+        self._load(self._personal_model)
+        try:
+            report = self._run_phases(data, budget, [(ArtifactSetName.DITTO, budget.head_epochs)], rng)
+            self._personal_model = self._get(self._names)
+        finally:
+            self._load(trained)
+        return report
 
     @property
     def can_fine_tune(self) -> bool:
@@ -323,27 +347,57 @@ class DeviceTrainer:
             phase_steps=phase_steps,
         )
 
-    def evaluate(self, data: DataSource, *, batch_size: int = 256) -> EvalReport:
-        """Mean loss (including the FedProx term when mu > 0) and accuracy for classification."""
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, data: DataSource, *, batch_size: int = 256, model: ModelView | str = ModelView.SERVED) -> EvalReport:
+        """Mean loss and accuracy (classification) of ``model`` (see :class:`ModelView`) on ``data``.
+
+        The loss is the eval graph's (including the proximal term when mu > 0),
+        except for a Ditto mixture, whose loss is the mixture's task loss.
+        """
+        view = ModelView(model)
+        kind = self._hyper.loss
+        if self._mixing(view):
+            out, y = self.model_outputs(data, model=view, batch_size=batch_size)
+            if len(y) == 0:
+                raise TrainingError("no data to evaluate")
+            accuracy = correct_count(out, y, kind) / len(y) if kind is not LossKind.MSE else None
+            return EvalReport(loss=output_loss(out, y, kind), accuracy=accuracy, examples=len(y))
         total_loss = 0.0
         correct = 0
         n = 0
-        for batch in data.batches(batch_size):
-            x, y = self._prepare(batch)
-            loss, out = self._backend.eval_step(x, y)
-            total_loss += loss * x.shape[0]
-            n += x.shape[0]
-            if self._hyper.loss is LossKind.CROSS_ENTROPY:
-                correct += int(np.sum(np.argmax(out, axis=-1) == y))
-            elif self._hyper.loss is LossKind.BCE_WITH_LOGITS:
-                correct += int(np.sum((out > 0) == (y > 0.5))) // max(1, int(np.prod(y.shape[1:])))
+        with self._holding(self._view_parameters(view)):
+            for batch in data.batches(batch_size):
+                x, y = self._prepare(batch)
+                loss, out = self._backend.eval_step(x, y)
+                total_loss += loss * x.shape[0]
+                n += x.shape[0]
+                correct += correct_count(out, y, kind)
         if n == 0:
             raise TrainingError("no data to evaluate")
-        accuracy = correct / n if self._hyper.loss is not LossKind.MSE else None
+        accuracy = correct / n if kind is not LossKind.MSE else None
         return EvalReport(loss=total_loss / n, accuracy=accuracy, examples=n)
 
-    def predict(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-        """Model outputs (logits for classification) of the personalised model."""
+    def model_outputs(self, data: DataSource, *, model: ModelView | str = ModelView.SERVED,
+                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs, labels) of ``model`` over ``data`` in order; outputs are logits for classification."""
+        view = ModelView(model)
+        if self._mixing(view):
+            personal, y = self.model_outputs(data, model=ModelView.PERSONAL, batch_size=batch_size)
+            global_, _ = self.model_outputs(data, model=ModelView.GLOBAL, batch_size=batch_size)
+            return mix_outputs(personal, global_, self._serving_weight, self._hyper.loss), y
+        outs, labels = [], []
+        with self._holding(self._view_parameters(view)):
+            for batch in data.batches(batch_size):
+                x, y = self._prepare(batch)
+                outs.append(self._backend.eval_step(x, y)[1])
+                labels.append(y)
+        if not outs:
+            return np.zeros((0,), dtype=np.float32), np.zeros((0,), dtype=np.int64)
+        return np.concatenate(outs), np.concatenate(labels)
+
+    def predict(self, x: np.ndarray, *, batch_size: int = 256, model: ModelView | str = ModelView.SERVED) -> np.ndarray:
+        """Outputs (logits for classification) of ``model``, by default the one the device uses."""
         x = np.asarray(x, dtype=np.float32)
         if self._hyper.loss is LossKind.CROSS_ENTROPY:
             dummy = np.zeros((x.shape[0],), dtype=np.int64)
@@ -351,23 +405,20 @@ class DeviceTrainer:
             dummy = np.zeros((x.shape[0], *self.manifest.label.shape[1:]), dtype=np.float32)
         # The eval graph ends in the loss and needs labels; dummy labels only change the
         # discarded loss value, never the outputs.
-        outs = []
-        for b in ArrayDataSource(x, dummy).batches(batch_size):
-            xx, yy = self._prepare(b)
-            outs.append(self._backend.eval_step(xx, yy)[1])
-        return np.concatenate(outs) if outs else np.zeros((0,), dtype=np.float32)
+        return self.model_outputs(ArrayDataSource(x, dummy), model=model, batch_size=batch_size)[0]
 
     # -- persistence --------------------------------------------------------------------------
 
     def export_state(self) -> TrainingState:
-        """Parameters, FedProx anchors and every set's optimizer state as backend-neutral named arrays (copies)."""
-        return self._backend.export_state()
+        """Parameters, anchors, every set's optimizer state and Ditto's personal model as backend-neutral named arrays (copies)."""
+        state = self._backend.export_state()
+        return replace(state, personal_model=self.get_personal_model()) if self._ditto else state
 
     def save_state(self) -> None:
         """Persist weights, optimizer state, the global reference and counters atomically (state format 2)."""
         if self._store is None:
             raise StateError("this trainer has no state_dir")
-        arrays = self._backend.export_state().to_arrays()
+        arrays = self.export_state().to_arrays()
 
         def write(d: Path) -> None:
             with open(d / "state.npz", "wb") as fh:
@@ -375,31 +426,17 @@ class DeviceTrainer:
             with open(d / "global.npz", "wb") as fh:
                 np.savez(fh, **self._global)  # type: ignore[arg-type]
 
-        self._store.save(write, {"manifest_sha256": self.bundle.manifest_sha256, "round": self.round,
-                                 "total_steps": self.total_steps, "state_format": STATE_FORMAT,
-                                 "backend": self.backend_name.value})
+        meta = {"manifest_sha256": self.bundle.manifest_sha256, "round": self.round, "total_steps": self.total_steps,
+                "state_format": STATE_FORMAT, "backend": self.backend_name.value}
+        if self._ditto:
+            meta["serving_weight"] = self._serving_weight
+        self._store.save(write, meta)
 
 
-def _read_state(stored: StoredState, manifest: BundleManifest) -> TrainingState:
-    """The neutral training state of a stored generation; format 1 (ORT checkpoints) is migrated on the fly."""
-    if is_legacy_generation(stored.directory):
-        logger.info("migrating state generation %d from ORT checkpoints (state format 1)", stored.generation)
-        return state_from_ort_checkpoints(stored.directory, manifest)
-    path = stored.directory / "state.npz"
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {n: data[n] for n in data.files}
-    except (OSError, ValueError) as exc:
-        raise StateError(f"{path}: cannot read: {exc}") from exc
-    return state_from_arrays(arrays, manifest)
-
-
-def _load_arrays(path: Path, spec: Mapping[str, tuple[tuple[int, ...], str]]) -> ParameterDict:
-    with np.load(path, allow_pickle=False) as data:
-        if set(data.files) != set(spec):
-            raise StateError(f"{path}: arrays {sorted(data.files)} do not match the bundle's shared parameters")
-        out = {n: np.asarray(data[n], dtype=np.float32) for n in data.files}
-    for n, arr in out.items():
-        if arr.shape != spec[n][0]:
-            raise StateError(f"{path}: {n} has shape {arr.shape}, expected {spec[n][0]}")
-    return out
+def _merged(first: TrainReport, second: TrainReport) -> TrainReport:
+    """One report for two consecutive training calls (losses weighted by examples)."""
+    examples = first.examples + second.examples
+    weighted = sum(r.mean_loss * r.examples for r in (first, second) if r.examples)
+    return TrainReport(steps=first.steps + second.steps, examples=examples,
+                       mean_loss=weighted / examples if examples else float("nan"), seconds=first.seconds + second.seconds,
+                       phase_steps={**first.phase_steps, **second.phase_steps})

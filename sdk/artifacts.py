@@ -13,6 +13,14 @@ personal head with the shared layers frozen, the other trains the shared layers
 with the head frozen. ORT cannot share one ``CheckpointState`` between two
 modules, so the device keeps one state per set and copies the parameters that
 just changed at each phase switch.
+
+For ``ditto`` (Li, Hu, Beirami, Smith, "Ditto: Fair and Robust Federated
+Learning Through Personalization", ICML 2021) every parameter is federated and
+two sets train all of them: ``joint`` the global model's local update (FedAvg,
+or FedProx with ``mu``), ``ditto`` the device's personal model with the proximal
+term ``lambda/2 * sum ||v - anchor.w||^2`` towards the received global model. The
+anchors are FedProx's, over every parameter; the device keeps the second copy
+of the weights (see ``device_agent.trainer``).
 """
 
 from __future__ import annotations
@@ -70,7 +78,8 @@ class TrainingSpec:
     ``finetune`` (name prefixes, e.g. ``("head",)``) adds an extra artifact set
     that trains only those parameters with everything else frozen: what a
     device runs to fine-tune a received global model locally (FedAvg + local
-    fine-tuning). Empty: no such set.
+    fine-tuning). Empty: no such set. ``ditto_lambda`` (> 0, mode ``ditto``
+    only) weighs the personal model's pull towards the global model.
 
     Enum fields also accept their string values (``mode="fedalt"``).
     """
@@ -81,6 +90,7 @@ class TrainingSpec:
     learning_rate: float = DEFAULT_LEARNING_RATE
     mu: float = 0.0
     finetune: tuple[str, ...] = ()
+    ditto_lambda: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.finetune, str):
@@ -97,6 +107,17 @@ class TrainingSpec:
             raise ValueError("fedavg has no proximal term; use mode fedprox for mu > 0")
         if self.mode is TrainingMode.FEDPROX and self.mu == 0:
             raise ValueError("fedprox needs mu > 0")
+        if (self.mode is TrainingMode.DITTO) != (self.ditto_lambda > 0) or not self.ditto_lambda >= 0:
+            raise ValueError("ditto_lambda must be > 0 for mode ditto and 0 for every other mode")
+
+    def prox_weight(self, set_name: ArtifactSetName) -> float:
+        """The proximal weight in set ``set_name``'s loss: lambda for Ditto's personal set, mu otherwise."""
+        return self.ditto_lambda if set_name is ArtifactSetName.DITTO else self.mu
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the graphs carry ``anchor.<name>`` copies of the shared parameters."""
+        return self.mu > 0 or self.mode is TrainingMode.DITTO
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +142,7 @@ class GeneratedArtifacts:
 
 def _check_mode_split(spec: TrainingSpec, roles: dict[str, Role]) -> None:
     personal = names_with_role(roles, Role.PERSONAL)
-    if spec.mode in (TrainingMode.FEDAVG, TrainingMode.FEDPROX) and personal:
+    if spec.mode in (TrainingMode.FEDAVG, TrainingMode.FEDPROX, TrainingMode.DITTO) and personal:
         raise ValueError(f"mode {spec.mode.value} federates every parameter; declare no personal prefixes (got {personal})")
     if spec.mode in (TrainingMode.FEDSIM, TrainingMode.FEDALT) and not personal:
         raise ValueError(f"mode {spec.mode.value} needs a personal head; declare personal prefixes")
@@ -229,7 +250,7 @@ def _generate_set(
             copy.deepcopy(proto),
             requires_grad=trainable,
             frozen_params=frozen,
-            loss=_make_loss_block(spec.loss, shared if spec.mu > 0 else (), spec.mu),
+            loss=_make_loss_block(spec.loss, shared, spec.prox_weight(set_name)),
             optimizer=optim,
             artifact_directory=str(out_dir),
             prefix=prefix,
@@ -292,6 +313,8 @@ def _set_plan(spec: TrainingSpec, param_names: list[str], shared: list[str],
     """(set, trainable, frozen parameters) for every artifact set ``spec`` needs."""
     if spec.mode is TrainingMode.FEDALT:
         plan = [(ArtifactSetName.PERSONAL, personal, shared), (ArtifactSetName.SHARED, shared, personal)]
+    elif spec.mode is TrainingMode.DITTO:
+        plan = [(ArtifactSetName.JOINT, shared, []), (ArtifactSetName.DITTO, shared, [])]
     else:
         plan = [(ArtifactSetName.JOINT, shared + personal, [])]
     if spec.finetune:
@@ -341,6 +364,7 @@ def generate_training_artifacts(
     if ArtifactKind.PORTABLE in kinds:  # first: its refusals name the op that cannot be expressed
         portable = build_portable_graphs(model, example_input=example_input, out_dir=out, plan=PortablePlan(
             sets=tuple((name, tuple(trainable)) for name, trainable, _ in plan), shared=tuple(shared), mu=float(spec.mu),
+            ditto_lambda=float(spec.ditto_lambda),
             loss=spec.loss, optimizer=spec.optimizer, learning_rate=float(spec.learning_rate)))
     sets: list[ArtifactSet] = []
     if ArtifactKind.ORT_TRAINING in kinds:
@@ -359,6 +383,7 @@ def generate_training_artifacts(
         hyperparameters=Hyperparameters(
             mode=spec.mode, mu=float(spec.mu), loss=spec.loss, optimizer=spec.optimizer,
             learning_rate=float(spec.learning_rate), num_classes=num_classes,
+            ditto_lambda=float(spec.ditto_lambda) if spec.mode is TrainingMode.DITTO else None,
         ),
         parameters=params,
         artifact_sets=tuple(sets),
@@ -379,7 +404,7 @@ def _generate_ort_sets(model: torch.nn.Module, example_input: torch.Tensor, spec
     missing = [n for n in param_names if n not in init_names]
     if missing:
         raise RuntimeError(f"ONNX export renamed or folded parameters {missing}; export needs do_constant_folding=False")
-    anchors = _add_anchors(proto, shared) if spec.mu > 0 else []
+    anchors = _add_anchors(proto, shared) if spec.anchored else []
     buffers = sorted(init_names - set(param_names))
     if buffers:
         logger.info("non-parameter initializers stay constant in the graph: %s", buffers)

@@ -92,15 +92,16 @@ def bundle_factory(run_shared_dir: Path, fleet_key: Ed25519PrivateKey):
 
     def build(mode: str, *, mu: float = 0.0, optimizer: str = "adamw", lr: float = 0.01, loss: str = "cross_entropy",
               hidden: tuple[int, ...] = (32,), num_classes: int = 10, seed: int = 0, in_features: int = 64,
-              finetune: tuple[str, ...] = ()) -> Path:
-        key = (mode, mu, optimizer, lr, loss, hidden, num_classes, seed, in_features, finetune)
+              finetune: tuple[str, ...] = (), ditto_lambda: float = 0.0) -> Path:
+        key = (mode, mu, optimizer, lr, loss, hidden, num_classes, seed, in_features, finetune, ditto_lambda)
 
         def _build(path: Path) -> None:
             torch.manual_seed(seed)
             model = PersonalizedMLP(in_features, hidden, num_classes)
             split = BASE_HEAD_SPLIT if mode in ("fedsim", "fedalt") else ParameterSplit(shared=("*",))
             build_bundle(model, example_input=torch.zeros(2, in_features), split=split,
-                         spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune),
+                         spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune,
+                                           ditto_lambda=ditto_lambda),
                          signing_key=fleet_key, out_path=path, model_name="digits-mlp")
 
         return build_once(run_shared_dir, ("digits-mlp", *key), _build)

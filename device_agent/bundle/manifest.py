@@ -37,12 +37,15 @@ class TrainingMode(str, Enum):
     ``fedprox``: every parameter shared, proximal term mu/2 ||w - w_global||^2.
     ``fedsim``: shared layers + personal head updated together (Pillutla et al. 2022), prox on shared.
     ``fedalt``: personal head first with shared frozen, then shared with the head frozen.
+    ``ditto``: every parameter shared and trained as in fedavg/fedprox (set ``joint``), plus a personal copy
+    of every parameter trained with lambda/2 ||v - w_global||^2 (set ``ditto``; Li et al., ICML 2021).
     """
 
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
     FEDSIM = "fedsim"
     FEDALT = "fedalt"
+    DITTO = "ditto"
 
 
 class LossKind(str, Enum):
@@ -67,6 +70,7 @@ class ArtifactSetName(str, Enum):
     PERSONAL = "personal"  # personal head only (fedalt phase 1)
     SHARED = "shared"  # shared layers only (fedalt phase 2)
     FINETUNE = "finetune"  # optional: the parameters a device may fine-tune locally (e.g. FedAvg + head fine-tuning)
+    DITTO = "ditto"  # every parameter, proximal term lambda towards the global model (ditto's personal model)
 
 
 class ArtifactKind(str, Enum):
@@ -145,7 +149,11 @@ class PortableArtifacts:
 
 @dataclass(frozen=True, kw_only=True)
 class Hyperparameters:
-    """Training hyper-parameters baked into (or defaulted by) the bundle."""
+    """Training hyper-parameters baked into (or defaulted by) the bundle.
+
+    ``mu``: the FedProx term of the sets that train the federated model.
+    ``ditto_lambda``: the proximal weight of Ditto's personal set (None for every other mode).
+    """
 
     mode: TrainingMode
     mu: float
@@ -153,6 +161,7 @@ class Hyperparameters:
     optimizer: OptimizerKind
     learning_rate: float
     num_classes: int | None = None
+    ditto_lambda: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,6 +214,11 @@ class BundleManifest:
         return self.portable.set(name).trainable
 
     @property
+    def has_anchors(self) -> bool:
+        """Whether the state holds ``anchor.<name>`` copies of the shared parameters (FedProx mu > 0, or Ditto)."""
+        return self.hyperparameters.mu > 0 or self.hyperparameters.mode is TrainingMode.DITTO
+
+    @property
     def shared_names(self) -> tuple[str, ...]:
         """Names of the federated parameters, in model order."""
         return tuple(p.name for p in self.parameters if p.role == "shared")
@@ -235,13 +249,16 @@ class BundleManifest:
     def to_json_bytes(self) -> bytes:
         """Canonical JSON (sorted keys, no spaces): the exact bytes that get signed.
 
-        ``portable`` and ``compression`` are left out when None, so a manifest
-        without them reads (and verifies) as it was written.
+        ``portable``, ``compression`` and ``ditto_lambda`` are left out when None, so a
+        manifest that does not use them reads (and hashes, and verifies) as it was written
+        before these fields existed.
         """
         plain = _to_plain(asdict(self))
         for optional in ("portable", "compression"):
             if plain[optional] is None:
                 del plain[optional]
+        if plain["hyperparameters"]["ditto_lambda"] is None:
+            del plain["hyperparameters"]["ditto_lambda"]
         return json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
 
 

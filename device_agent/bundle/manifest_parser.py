@@ -122,13 +122,19 @@ def parse_manifest_bytes(raw: bytes) -> BundleManifest:
     if not (mu >= 0 and mu < 1e6) or not (0 < lr < 1e3):
         raise BundleError("manifest.hyperparameters: mu must be >= 0 and learning_rate > 0")
     num_classes = h.get("num_classes", int, optional=True)
+    mode = h.enum("mode", TrainingMode)
+    raw_lambda = h.get("ditto_lambda", (int, float), optional=True)
+    ditto_lambda = None if raw_lambda is None else float(raw_lambda)
+    if (mode is TrainingMode.DITTO) != (ditto_lambda is not None) or not (ditto_lambda is None or 0 < ditto_lambda < 1e6):
+        raise BundleError("manifest.hyperparameters.ditto_lambda: needed (> 0) by mode ditto, and only by it")
     hyper = Hyperparameters(
-        mode=h.enum("mode", TrainingMode),
+        mode=mode,
         mu=mu,
         loss=h.enum("loss", LossKind),
         optimizer=h.enum("optimizer", OptimizerKind),
         learning_rate=lr,
         num_classes=num_classes,
+        ditto_lambda=ditto_lambda,
     )
     params = []
     for i, item in enumerate(top.get("parameters", list)):
@@ -147,6 +153,8 @@ def parse_manifest_bytes(raw: bytes) -> BundleManifest:
         raise BundleError("manifest.parameters: duplicate parameter names")
     if not any(p.role == "shared" for p in params):
         raise BundleError("manifest.parameters: no shared parameter")
+    if hyper.mode is TrainingMode.DITTO and any(p.role != "shared" for p in params):
+        raise BundleError("manifest.parameters: mode ditto federates every parameter (its personal model is a full copy)")
     sets = []
     for i, item in enumerate(top.get("artifact_sets", list)):
         r = _Reader(item, f"manifest.artifact_sets[{i}]")
@@ -222,8 +230,14 @@ def _trainable(r: _Reader, names: list[str]) -> tuple[str, ...]:
     return trainable
 
 
+_MODE_SETS = {
+    TrainingMode.FEDALT: {ArtifactSetName.PERSONAL, ArtifactSetName.SHARED},
+    TrainingMode.DITTO: {ArtifactSetName.JOINT, ArtifactSetName.DITTO},
+}
+
+
 def _check_sets(mode: TrainingMode, present_all: list[ArtifactSetName], where: str) -> None:
-    expected = {ArtifactSetName.PERSONAL, ArtifactSetName.SHARED} if mode is TrainingMode.FEDALT else {ArtifactSetName.JOINT}
+    expected = _MODE_SETS.get(mode, {ArtifactSetName.JOINT})
     present = [s for s in present_all if s is not ArtifactSetName.FINETUNE]
     finetune = [s for s in present_all if s is ArtifactSetName.FINETUNE]
     if set(present) != expected or len(present) != len(expected) or len(finetune) > 1:

@@ -298,11 +298,25 @@ class DeviceAgent:
             round_number=model.header.round,
             budget=self.config.budget,
             rng=self._train_rng,
+            validation=self._choice_validation(),
         )
         self.trainer.save_state()
         logger.info("round %d: trained %d steps on %d examples (mean loss %.4f)",
                     update.round_number, update.report.steps, update.num_examples, update.report.mean_loss)
+        if update.choice is not None:
+            logger.info("round %d: serving %s (personal weight %.1f), chosen on %d validation examples",
+                        update.round_number, update.choice.picked, update.choice.alpha, update.choice.examples)
         return update
+
+    def _choice_validation(self) -> DataSource | None:
+        """Validation data for a device with a personal model (Ditto) to choose what it serves; None otherwise."""
+        if not self.trainer.has_personal_model or self._load_validation is None:
+            return None
+        try:
+            return self._load_validation()
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot load the validation data; the served model stays as it was: %s", exc)
+            return None
 
     # -- phase 3: sealing -------------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 - :mod:`~device_agent.personalization.fedfomo`: FedFomo (Zhang et al., ICLR 2021)
   weights over peer models and epsilon-greedy choice of which peers to ask for.
+- :mod:`~device_agent.personalization.model_choice`: the per-device choice of
+  what to serve, a mixture of the personal and the global model's outputs
+  (APFL-style weight, Deng et al. 2020) picked on the device's validation data.
 """
 
 from __future__ import annotations
@@ -17,8 +20,20 @@ from device_agent.personalization.fedfomo import (
     select_candidates,
     update_affinity,
 )
+from device_agent.personalization.model_choice import (
+    DEFAULT_ALPHAS,
+    CandidateScore,
+    MixtureChoice,
+    choose_mixture,
+    mix_outputs,
+)
 
 __all__ = [
+    "DEFAULT_ALPHAS",
+    "CandidateScore",
+    "MixtureChoice",
+    "choose_mixture",
+    "mix_outputs",
     "FomoUpdate",
     "exploration_rate",
     "fomo_delta",

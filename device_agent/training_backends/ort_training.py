@@ -163,7 +163,7 @@ class OrtTrainingBackend(TrainingBackend):
         self._sync()
         manifest = self._manifest
         params = {p.name: self.get_parameter(p.name) for p in manifest.parameters}
-        anchors = {n: self.get_parameter(ANCHOR_PREFIX + n) for n in manifest.shared_names} if manifest.hyperparameters.mu > 0 else {}
+        anchors = {n: self.get_parameter(ANCHOR_PREFIX + n) for n in manifest.shared_names} if manifest.has_anchors else {}
         adam = manifest.hyperparameters.optimizer is OptimizerKind.ADAMW
         optimizers = {}
         with tempfile.TemporaryDirectory(prefix="fedge-ort-state-") as tmp:

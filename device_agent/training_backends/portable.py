@@ -146,7 +146,7 @@ class PortableBackend(TrainingBackend):
         bad = [p.name for p in manifest.parameters if p.name not in params or params[p.name].shape != p.shape]
         if bad:
             raise BundleError(f"{portable.initial_parameters}: missing or misshapen parameters {bad}")
-        anchors = {n: params[n].copy() for n in manifest.shared_names} if manifest.hyperparameters.mu > 0 else {}
+        anchors = {n: params[n].copy() for n in manifest.shared_names} if manifest.has_anchors else {}
         return TrainingState(parameters=params, anchors=anchors,
                              optimizers={s: fresh_optimizer(manifest, s) for s in manifest.set_names})
 

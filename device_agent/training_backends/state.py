@@ -5,22 +5,24 @@ upgrade from onnxruntime-training to plain onnxruntime) keeps its personal
 head, its FedProx anchors and its optimizer moments. Array names:
 
 - ``param/<name>``: every model parameter (shared and personal);
-- ``anchor/<name>``: FedProx anchors of the shared parameters (bundles with mu > 0);
+- ``anchor/<name>``: FedProx anchors of the shared parameters (bundles with mu > 0, and Ditto's);
+- ``ditto/<name>``: Ditto's personal model, a second value of every parameter (Ditto bundles only);
 - ``opt/<set>/step``: optimizer steps taken by artifact set ``<set>`` (int64 scalar);
 - ``opt/<set>/m/<name>``, ``opt/<set>/v/<name>``: AdamW moments of that set's trainable parameters.
 
 Each artifact set keeps its own optimizer state, as ORT-training does (FedAlt's
-two phases never share moments).
+two phases never share moments). Backends hold one value per parameter; the
+trainer keeps Ditto's second value and adds it to the state it saves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from device_agent.bundle.manifest import ArtifactSetName, BundleManifest, OptimizerKind
+from device_agent.bundle.manifest import ArtifactSetName, BundleManifest, OptimizerKind, TrainingMode
 from device_agent.errors import StateError
 
 
@@ -35,16 +37,21 @@ class OptimizerState:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingState:
-    """Everything a backend needs to continue training exactly where another one stopped."""
+    """Everything a backend needs to continue training exactly where another one stopped.
+
+    ``personal_model``: Ditto's personal value of every parameter (empty for other modes).
+    """
 
     parameters: dict[str, np.ndarray]
     anchors: dict[str, np.ndarray]
     optimizers: dict[ArtifactSetName, OptimizerState]
+    personal_model: dict[str, np.ndarray] = field(default_factory=dict)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The state as one flat name -> array mapping (what ``state.npz`` holds)."""
         out: dict[str, np.ndarray] = {f"param/{n}": v for n, v in self.parameters.items()}
         out.update({f"anchor/{n}": v for n, v in self.anchors.items()})
+        out.update({f"ditto/{n}": v for n, v in self.personal_model.items()})
         for set_name, opt in self.optimizers.items():
             out[f"opt/{set_name.value}/step"] = np.array(opt.step, dtype=np.int64)
             out.update({f"opt/{set_name.value}/m/{n}": v for n, v in opt.m.items()})
@@ -68,8 +75,11 @@ def state_from_arrays(arrays: Mapping[str, np.ndarray], manifest: BundleManifest
     """
     shapes = {p.name: p.shape for p in manifest.parameters}
     expected: dict[str, tuple[int, ...]] = {f"param/{n}": s for n, s in shapes.items()}
-    if manifest.hyperparameters.mu > 0:
+    if manifest.has_anchors:
         expected.update({f"anchor/{n}": shapes[n] for n in manifest.shared_names})
+    ditto = manifest.hyperparameters.mode is TrainingMode.DITTO
+    if ditto:
+        expected.update({f"ditto/{n}": s for n, s in shapes.items()})
     adam = manifest.hyperparameters.optimizer is OptimizerKind.ADAMW
     for set_name in manifest.set_names:
         expected[f"opt/{set_name.value}/step"] = ()
@@ -107,4 +117,5 @@ def state_from_arrays(arrays: Mapping[str, np.ndarray], manifest: BundleManifest
         parameters={n: checked[f"param/{n}"] for n in shapes},
         anchors={n: checked[f"anchor/{n}"] for n in manifest.shared_names if f"anchor/{n}" in checked},
         optimizers=optimizers,
+        personal_model={n: checked[f"ditto/{n}"] for n in shapes} if ditto else {},
     )

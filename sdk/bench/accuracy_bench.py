@@ -16,12 +16,23 @@ per-round figure), ``<setting>.md`` (the table and the claims checked),
 The settings live in :mod:`sdk.bench.accuracy_settings`, the pure summary
 and the report writers in :mod:`sdk.bench.accuracy_report`; this module holds
 :func:`run_one` (what a worker executes) and the process pool.
+
+Progress: every run writes its result to ``<out>/.progress/<setting>/<run>-seed<k>/result.json``
+as soon as it finishes, and settings with ``checkpoint_every`` also keep each
+round's metrics and, every few rounds, the whole simulated fleet there
+(:mod:`sdk.simulation.checkpoint`). ``resume=True`` reuses finished runs and
+continues interrupted ones from their last checkpoint; without it a setting's
+progress is cleared first. Once a setting's report is written its progress
+folder is removed, and ``<out>/.progress`` itself once it is empty.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
+import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,6 +48,7 @@ from sdk.bench.accuracy_settings import (
     AccuracyRun,
     AccuracySetting,
     Profile,
+    setting_from_dict,
     settings,
     user_setting,
 )
@@ -52,26 +64,32 @@ logger = logging.getLogger(__name__)
 # -- one run (a worker) -----------------------------------------------------------------------
 
 def _load_dataset(setting: AccuracySetting, seed: int):  # type: ignore[no-untyped-def]
+    """The setting's data for run seed ``seed`` (the loader seed is ``setting.data_seed`` when the setting fixes it)."""
     import sdk.datasets as ds
 
+    fixed = setting.data_seed is not None
+    dseed = setting.data_seed if fixed else seed
     if setting.dataset == "folder":
         data = ds.load_client_folder(setting.data_dir or "", num_classes=setting.num_classes)
     elif setting.dataset == "watch-time":
-        data = ds.load_watch(seed=seed, split=ds.TimeSplit(), regions_by="side")
+        data = ds.load_watch(seed=dseed, split=ds.TimeSplit(), regions_by="side")
     elif setting.dataset == "watch-scarce":
-        data = ds.load_watch(seed=seed, split=ds.TimeSplit(train_fraction=0.25), regions_by="side")
+        data = ds.load_watch(seed=dseed, split=ds.TimeSplit(train_fraction=0.25), regions_by="side")
     elif setting.dataset == "watch-recording":
-        data = ds.load_watch(seed=seed, split=ds.RecordingSplit(), regions_by="side")
+        data = ds.load_watch(seed=dseed, split=ds.RecordingSplit(), regions_by="side")
     elif setting.dataset == "fashion-mnist":
-        data = ds.load_fashion_mnist(num_clients=20, alpha=0.1, seed=seed + 1, subsample=setting.subsample, val_fraction=0.1)
+        data = ds.load_fashion_mnist(num_clients=setting.clients or 20, alpha=0.1, seed=dseed if fixed else dseed + 1,
+                                     subsample=setting.subsample, val_fraction=0.1)
     elif setting.dataset == "synthetic":
-        data = ds.make_synthetic(alpha=1.0, beta=1.0, seed=seed)
+        data = ds.make_synthetic(alpha=1.0, beta=1.0, seed=dseed)
     elif setting.dataset == "digits":
-        data = ds.load_digits(num_clients=8, label_skew=0.3, seed=seed)
+        data = ds.load_digits(num_clients=setting.clients or 8, label_skew=0.3, seed=dseed)
     else:
         raise ValueError(f"unknown dataset {setting.dataset!r}")
     if setting.regions is not None and setting.regions.startswith("labels-"):
-        data = data.with_regions(ds.regions_by_label_mix(data, int(setting.regions.split("-")[1]), seed=seed))
+        data = data.with_regions(ds.regions_by_label_mix(data, int(setting.regions.split("-")[1]), seed=dseed))
+    if setting.per_class is not None:
+        data = ds.limit_per_class(data, train_per_class=setting.per_class)
     return data
 
 
@@ -87,30 +105,53 @@ def _model_source(setting: AccuracySetting, data):  # type: ignore[no-untyped-de
     return builtin_model(kind, data)
 
 
-def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, threads: int = 1) -> dict[str, Any]:
-    """Build the run's bundle, simulate it, and return every figure as plain JSON-able data."""
+def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, threads: int = 1,
+            progress: Path | None = None) -> dict[str, Any]:
+    """Build the run's bundle, simulate it, and return every figure as plain JSON-able data.
+
+    ``progress``: the run's progress folder; settings with ``checkpoint_every``
+    keep a resumable checkpoint in ``progress/checkpoint``.
+    """
+    from dataclasses import replace
+
     from device_agent.compression import CompressionSpec
     from device_agent.trainer import TrainBudget
+    from sdk.simulation.checkpoint import SimulationCheckpoint
+    from sdk.simulation.cold_start import ColdStartConfig
     from sdk.simulation.runner import BundleTraining, run_algorithm
     from sdk.simulation.simulator import HierarchyConfig, SimulationConfig
 
     data = _load_dataset(setting, seed)
+    newcomers = tuple(c for c in data.clients if c.client_id in setting.newcomers)
+    if len(newcomers) != len(setting.newcomers):
+        raise ValueError(f"{setting.name}: newcomers {sorted(set(setting.newcomers) - {c.client_id for c in newcomers})} not in the data")
+    if newcomers:
+        data = replace(data, clients=tuple(c for c in data.clients if c.client_id not in setting.newcomers))
+    cold_start = None if not newcomers else ColdStartConfig(
+        join_rounds=setting.join_rounds, samples=setting.newcomer_samples, head_epochs=setting.head_epochs,
+        local_epochs=setting.rounds * setting.epochs, batch_size=setting.batch_size)
     hierarchy = None if run.regional_weight is None else HierarchyConfig(regional_weight=run.regional_weight)
     config = SimulationConfig(
         rounds=setting.rounds, budget=TrainBudget(epochs=setting.epochs, batch_size=setting.batch_size),
         participation=setting.participation, straggler_fraction=run.stragglers, straggler_work=setting.straggler_work,
-        hierarchy=hierarchy, finetune_epochs=run.finetune_epochs, seed=seed,
+        hierarchy=hierarchy, finetune_epochs=run.finetune_epochs, seed=seed, cold_start=cold_start,
         compression=CompressionSpec.parse(run.compression), downlink_compression=CompressionSpec.parse(run.downlink),
     )
+    checkpoint = (SimulationCheckpoint(progress / "checkpoint", every=setting.checkpoint_every)
+                  if progress is not None and setting.checkpoint_every else None)
     done = run_algorithm(data, run.algorithm, model=_model_source(setting, data), config=config, fomo_candidates=run.fomo_candidates,
-                         training=BundleTraining(learning_rate=setting.learning_rate, optimizer=setting.optimizer, mu=run.mu),
-                         threads=threads)
+                         training=BundleTraining(learning_rate=setting.learning_rate, optimizer=setting.optimizer, mu=run.mu,
+                                                 ditto_lambda=run.ditto_lambda),
+                         threads=threads, checkpoint=checkpoint, newcomers=newcomers)
     result, mu, n_params, head_params = done.result, done.mu, done.parameters, done.personal_parameters
     validation = result.validation
+    last = result.rounds[-1] if result.rounds else None
     return {
         "label": run.label,
         "run": asdict(run),
+        "seed": seed,
         "mu": mu,
+        "ditto_lambda": done.ditto_lambda,
         "parameters": n_params,
         "head_parameters": head_params,
         "seconds": result.seconds,
@@ -125,11 +166,16 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
             "global": result.rounds[-1].global_accuracy if result.rounds else {},
             "regional": result.rounds[-1].regional_accuracy if result.rounds else {},
             "fine_tuned": result.fine_tuned_accuracy,
+            "personal_model": last.personal_model_accuracy if last else {},
+            "serving_weight": last.serving_weight if last else {},
         },
+        "cold_start": [asdict(c) for c in result.cold_start],
         "rounds": [
             {"round": r.round_number, "mean": r.mean_accuracy, "pooled": r.pooled_accuracy,
              "global_mean": float(np.mean(list(r.global_accuracy.values()))) if r.global_accuracy else None,
              "regional_mean": float(np.mean(list(r.regional_accuracy.values()))) if r.regional_accuracy else None,
+             "personal_model_mean": (float(np.mean(list(r.personal_model_accuracy.values())))
+                                     if r.personal_model_accuracy else None),
              "aggregated": len(r.aggregated), "dropped": len(r.dropped),
              "bytes_up_per_device": r.bytes_up_per_device, "bytes_down_per_device": r.bytes_down_per_device,
              "seconds": r.seconds}
@@ -138,9 +184,46 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
     }
 
 
-def _run_in_worker(setting: AccuracySetting, run: AccuracyRun, seed: int) -> tuple[str, str, dict[str, Any]]:
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower() or "run"
+
+
+def run_dir(out_dir: Path, setting: AccuracySetting, run: AccuracyRun, seed: int) -> Path:
+    """The progress folder of one run of ``setting`` with ``seed`` under ``out_dir``."""
+    return out_dir / ".progress" / setting.name / f"{_slug(run.label)}-seed{seed}"
+
+
+def _numbers_of(setting: AccuracySetting) -> dict[str, Any]:
+    """What in a setting changes the numbers (its title and notes do not), as plain JSON data."""
+    plain = json.loads(json.dumps(asdict(setting)))
+    return {k: v for k, v in plain.items() if k not in ("title", "notes")}
+
+
+def finished_result(folder: Path, setting: AccuracySetting, run: AccuracyRun) -> dict[str, Any] | None:
+    """The result a finished run left in ``folder``, if it was made with this setting, run and hyper-parameters (else None)."""
+    from sdk.simulation.algorithms import algorithm
+
+    try:
+        saved = json.loads((folder / "result.json").read_text())
+        result = saved["result"]
+        same = (_numbers_of(setting_from_dict(saved["setting"])) == _numbers_of(setting) and result["run"] == asdict(run))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    spec = algorithm(run.algorithm)
+    lam = run.ditto_lambda if run.ditto_lambda is not None else spec.default_ditto_lambda
+    mu = run.mu if run.mu is not None else spec.default_mu
+    return result if same and result.get("mu") == mu and result.get("ditto_lambda", 0.0) == lam else None
+
+
+def _run_in_worker(setting: AccuracySetting, run: AccuracyRun, seed: int, folder: Path) -> tuple[str, str, int, dict[str, Any]]:
     logging.basicConfig(level=logging.WARNING)
-    return setting.name, run.label, run_one(setting, run, seed=seed, threads=1)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = run_one(setting, run, seed=seed, threads=1, progress=folder)
+    tmp = folder / "result.json.tmp"
+    tmp.write_text(json.dumps({"setting": asdict(setting), "result": result}))
+    tmp.replace(folder / "result.json")
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    return setting.name, run.label, seed, result
 
 
 def run_accuracy_bench(
@@ -152,10 +235,14 @@ def run_accuracy_bench(
     out_dir: Path,
     progress: Callable[[str], None] | None = None,
     extra: Sequence[AccuracySetting] = (),
+    resume: bool = False,
 ) -> dict[str, tuple[str, dict[str, Any]]]:
     """Run every run of the named settings and the ``extra`` ones (e.g. :func:`user_setting`) on ``workers`` processes.
 
-    Writes and returns each setting's report; ``names`` may also name the ``extra`` settings.
+    Each setting runs its own seeds, or ``seed`` when it has none. ``resume``
+    reuses finished runs and checkpoints under ``out_dir/.progress`` (see the
+    module docs). Writes and returns each setting's report; ``names`` may also
+    name the ``extra`` settings.
     """
     table = settings(profile)
     added = {s.name: s for s in extra}
@@ -163,25 +250,42 @@ def run_accuracy_bench(
     if unknown:
         raise ValueError(f"unknown settings {unknown}; choose from {sorted(table)}")
     chosen = [table[n] for n in names if n in table and n not in added] + list(added.values())
-    jobs = [(s, run) for s in chosen for run in s.runs]
+    jobs = [(s, run, k) for s in chosen for k in s.run_seeds(seed) for run in s.runs]
+    results: dict[str, dict[tuple[str, int], dict[str, Any]]] = {s.name: {} for s in chosen}
+    pending = []
+    for s, run, k in jobs:
+        folder = run_dir(out_dir, s, run, k)
+        found = finished_result(folder, s, run) if resume else None
+        if found is not None:
+            results[s.name][(run.label, k)] = found
+            if progress is not None:
+                progress(f"{s.name}: {run.label} (seed {k}) reused from {folder}")
+            continue
+        if not resume:
+            shutil.rmtree(folder, ignore_errors=True)
+        pending.append((s, run, k, folder))
     # Longest first keeps both workers busy to the end.
     cost = {"cnn2d": 100.0, "cnn1d": 3.0, "logreg": 1.0, "mlp": 0.5}
-    jobs.sort(key=lambda job: -cost.get(job[0].model, 1.0) * job[0].rounds * (1.6 if job[1].algorithm == "fedalt" else 1.0))
-    results: dict[str, dict[str, dict[str, Any]]] = {s.name: {} for s in chosen}
+    factor = {"fedalt": 1.6, "ditto": 2.0}
+    pending.sort(key=lambda job: -cost.get(job[0].model, 1.0) * job[0].rounds * factor.get(job[1].algorithm, 1.0))
     start = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold ORT threads
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
-        futures = [pool.submit(_run_in_worker, s, run, seed) for s, run in jobs]
+        futures = [pool.submit(_run_in_worker, s, run, k, folder) for s, run, k, folder in pending]
         for future in as_completed(futures):
-            name, label, result = future.result()
-            results[name][label] = result
+            name, label, k, result = future.result()
+            results[name][(label, k)] = result
             if progress is not None:
-                progress(f"{name}: {label} {100 * float(np.mean(list(result['final']['personalised'].values()))):.2f}%"
+                progress(f"{name}: {label} (seed {k}) {100 * float(np.mean(list(result['final']['personalised'].values()))):.2f}%"
                          f" in {result['seconds']:.0f} s")
     reports = {}
     for s in chosen:
-        ordered = [results[s.name][run.label] for run in s.runs]
+        ordered = [results[s.name][(run.label, k)] for k in s.run_seeds(seed) for run in s.runs]
         reports[s.name] = write_setting(s, ordered, out_dir, seed=seed, profile=profile)
-    logger.info("accuracy bench: %d runs in %.0f s", len(jobs), time.perf_counter() - start)
+        shutil.rmtree(out_dir / ".progress" / s.name, ignore_errors=True)
+    try:
+        (out_dir / ".progress").rmdir()  # only when no other setting's progress is left in it
+    except OSError:
+        pass
+    logger.info("accuracy bench: %d runs in %.0f s (%d reused)", len(jobs), time.perf_counter() - start, len(jobs) - len(pending))
     return reports
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import platform
 from collections.abc import Sequence
@@ -13,13 +12,24 @@ from typing import Any
 
 import numpy as np
 
-from sdk.bench.accuracy_settings import PFLLIB_FMNIST_DIR01, TIE_MARGIN, AccuracySetting, Profile, setting_from_dict, settings
+from sdk.bench.accuracy_claims import check_claims
+from sdk.bench.accuracy_cold_start import cold_start_claims, cold_start_summary, format_cold_start, plot_cold_start
+from sdk.bench.accuracy_settings import AccuracySetting, Profile, setting_from_dict, settings
 
 # -- the summary (pure) -----------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
 class SummaryRow:
-    """One line of a setting's table: accuracies in [0, 1], bytes per participating device per round (mean over rounds)."""
+    """One line of a setting's table: accuracies in [0, 1], bytes per participating device per round (mean over rounds).
+
+    With several seeds every figure is the mean over seeds (``per_device``: each
+    device's mean), ``personalised_seed_std`` the standard deviation over seeds
+    of the mean accuracy. ``gain_mean``: mean over devices (and seeds) of the
+    accuracy minus local-only's on the same device and seed; ``gain_seed_std``:
+    its standard deviation over seeds; ``share_clear``: the share of devices
+    whose mean gain exceeds the standard deviation over seeds of their own gain
+    (None with one seed, or for local-only itself).
+    """
 
     label: str
     personalised_mean: float
@@ -33,6 +43,12 @@ class SummaryRow:
     bytes_down: int
     seconds: float
     per_device: dict[str, float] = field(repr=False)
+    seeds: int = 1
+    personalised_seed_std: float | None = None
+    gain_mean: float | None = None
+    gain_seed_std: float | None = None
+    share_clear: float | None = None
+    per_seed_device: list[dict[str, float]] = field(default_factory=list, repr=False)
 
 
 def _row(label: str, acc: dict[str, float], examples: dict[str, int], *, global_acc: dict[str, float] | None,
@@ -48,143 +64,180 @@ def _row(label: str, acc: dict[str, float], examples: dict[str, int], *, global_
         best_round_pooled=max([pooled, *(r["pooled"] for r in rounds)]) if best is None else best,
         global_mean=float(np.mean(list(global_acc.values()))) if global_acc else None,
         share_beating_local=None if local is None else float(np.mean([acc[c] > local[c] for c in acc])),
-        bytes_up=int(up), bytes_down=int(down), seconds=seconds, per_device=dict(acc),
+        bytes_up=int(up), bytes_down=int(down), seconds=seconds, per_device=dict(acc), per_seed_device=[dict(acc)],
     )
 
 
-def summarise(setting: AccuracySetting, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Table rows (FedAvg+FT rows derived from the FedAvg run) and the claims this setting can check."""
+def _seed_rows(results: Sequence[dict[str, Any]]) -> list[SummaryRow]:
+    """The rows of one seed's runs (FedAvg+FT rows from the FedAvg run, two rows from a Ditto run)."""
     from sdk.simulation.algorithms import ALGORITHMS
 
-    by_label = {r["label"]: r for r in results}
     local_run = next((r for r in results if r["run"]["algorithm"] == "local"), None)
     local = local_run["final"]["personalised"] if local_run else None
     rows: list[SummaryRow] = []
     for r in results:
         ex = r["test_examples"]
-        is_local = r["run"]["algorithm"] == "local"
+        algo = r["run"]["algorithm"]
+        compare = None if algo == "local" else local
         # Only algorithms without a personal head have a whole global model to evaluate.
-        has_global = not ALGORITHMS[r["run"]["algorithm"]].personal_head and r["run"]["algorithm"] != "local"
-        rows.append(_row(r["label"], r["final"]["personalised"], ex, global_acc=r["final"]["global"] if has_global else None,
-                         local=None if is_local else local, rounds=r["rounds"], seconds=r["seconds"]))
+        has_global = not ALGORITHMS[algo].personal_head and algo != "local"
+        global_acc = r["final"]["global"] if has_global else None
+        own = r["final"].get("personal_model") or {}
+        if own:  # Ditto: its personal model alone, then the mixture each device chose on validation
+            rows.append(_row(r["label"], own, ex, global_acc=global_acc, local=compare, rounds=r["rounds"], seconds=r["seconds"],
+                             best=0.0))
+            rows.append(_row(f"{r['label']}+choice", r["final"]["personalised"], ex, global_acc=global_acc, local=compare,
+                             rounds=r["rounds"], seconds=r["seconds"]))
+        else:
+            rows.append(_row(r["label"], r["final"]["personalised"], ex, global_acc=global_acc, local=compare, rounds=r["rounds"],
+                             seconds=r["seconds"]))
         for kind, acc in sorted(r["final"]["fine_tuned"].items()):
             rows.append(_row(f"{r['label']}+FT({kind})", acc, ex, global_acc=None, local=local, rounds=r["rounds"],
                              seconds=r["seconds"], best=0.0))
+    return rows
+
+
+def _std(values: Sequence[float]) -> float | None:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _combine(label: str, rows: Sequence[SummaryRow], local: Sequence[SummaryRow] | None) -> SummaryRow:
+    """One row from the same row of every seed (means over seeds; gains paired with local-only seed by seed)."""
+    devices = list(rows[0].per_device)
+    per_seed = [r.per_device for r in rows]
+
+    def mean(name: str) -> float:
+        return float(np.mean([getattr(r, name) for r in rows]))
+
+    gains: list[dict[str, float]] = []
+    if local is not None and label != local[0].label:
+        gains = [{d: acc[d] - base.per_device[d] for d in devices} for acc, base in zip(per_seed, local)]
+    share_clear = None
+    if len(gains) > 1:
+        share_clear = float(np.mean([np.mean([g[d] for g in gains]) > np.std([g[d] for g in gains], ddof=1) for d in devices]))
+    globals_ = [r.global_mean for r in rows if r.global_mean is not None]
+    shares = [r.share_beating_local for r in rows if r.share_beating_local is not None]
+    mean_gains = [float(np.mean(list(g.values()))) for g in gains]
+    return SummaryRow(
+        label=label, personalised_mean=mean("personalised_mean"), personalised_std=mean("personalised_std"),
+        personalised_min=mean("personalised_min"), pooled=mean("pooled"), best_round_pooled=mean("best_round_pooled"),
+        global_mean=float(np.mean(globals_)) if globals_ else None,
+        share_beating_local=float(np.mean(shares)) if shares else None,
+        bytes_up=rows[0].bytes_up, bytes_down=rows[0].bytes_down, seconds=mean("seconds"),
+        per_device={d: float(np.mean([acc[d] for acc in per_seed])) for d in devices}, seeds=len(rows),
+        personalised_seed_std=_std([r.personalised_mean for r in rows]),
+        gain_mean=float(np.mean(mean_gains)) if gains else None, gain_seed_std=_std(mean_gains) if gains else None,
+        share_clear=share_clear, per_seed_device=[dict(acc) for acc in per_seed],
+    )
+
+
+def summarise(setting: AccuracySetting, results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Table rows (means over the seeds present), the claims this setting can check, and what Ditto devices chose."""
+    seeds = list(dict.fromkeys(r.get("seed") for r in results))
+    per_seed = {k: _seed_rows([r for r in results if r.get("seed") == k]) for k in seeds}
+    labels = [row.label for row in per_seed[seeds[0]]]
+    by_seed = {label: [next(row for row in per_seed[k] if row.label == label) for k in seeds] for label in labels}
+    local = by_seed.get("Local-only")
+    rows = [_combine(label, by_seed[label], local) for label in labels]
     table = {row.label: row for row in rows}
-    claims = _claims(setting, table, by_label)
-    kept = {r["label"]: r["fomo_kept_own"] for r in results if (r.get("fomo_kept_own") or {}).get("overall") is not None}
+    by_label = {r["label"]: r for r in results if r.get("seed") == seeds[0]}
+    claims = check_claims(setting, table, by_label)
+    kept = {r["label"]: r["fomo_kept_own"] for r in results
+            if r.get("seed") == seeds[0] and (r.get("fomo_kept_own") or {}).get("overall") is not None}
     validation = next((r["validation"]["note"] for r in results if (r.get("validation") or {}).get("note")), "")
-    return {"rows": [asdict(row) for row in rows], "claims": claims, "fomo_kept_own": kept, "validation": validation}
+    cold = cold_start_summary(results)
+    if cold is not None:
+        claims += cold_start_claims(cold)
+    return {"rows": [asdict(row) for row in rows], "claims": claims, "fomo_kept_own": kept, "validation": validation,
+            "seeds": seeds, "choices": _choices(results), "cold_start": cold}
 
 
-def _claim(text: str, holds: bool | None, evidence: str) -> dict[str, Any]:
-    return {"claim": text, "holds": holds, "evidence": evidence}
-
-
-def _claims(setting: AccuracySetting, table: dict[str, SummaryRow], by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    mean = {k: v.personalised_mean for k, v in table.items()}
-    personal: list[str] = [k for k in ("FedSim", "FedAlt", "FedFomo") if k in mean]
-    if personal and "FedAvg" in table and "Local-only" in mean:
-        best = max(personal, key=lambda k: mean[k])
-        fedavg_global = table["FedAvg"].global_mean or 0.0
-        lead = mean[best] - mean["Local-only"]
-        out.append(_claim(f"the best personalised method beats FedAvg's global model and local-only by more than {TIE_MARGIN:.3f}"
-                          " (mean per-device accuracy)",
-                          mean[best] > fedavg_global + TIE_MARGIN and lead > TIE_MARGIN,
-                          f"{best} {mean[best]:.4f} vs FedAvg global {fedavg_global:.4f}, local-only {mean['Local-only']:.4f}"
-                          + (" (a tie with local-only)" if abs(lead) <= TIE_MARGIN else "")))
-    if "FedAlt" in mean and "FedSim" in mean:
-        out.append(_claim("FedAlt matches or beats FedSim", mean["FedAlt"] >= mean["FedSim"] - 0.002,
-                          f"FedAlt {mean['FedAlt']:.4f} vs FedSim {mean['FedSim']:.4f} (tolerance 0.002)"))
-    if "FedAlt" in mean and "FedAvg" in table and "FedAvg+FT(all)" in mean:
-        base = table["FedAvg"].global_mean or 0.0
-        full_gain = mean["FedAvg+FT(all)"] - base
-        part_gain = mean["FedAlt"] - base
-        ratio = part_gain / full_gain if full_gain > 0 else math.nan
-        fedalt = by_label["FedAlt"]
-        share = fedalt["head_parameters"] / fedalt["parameters"]
-        out.append(_claim("a personal head with < 10% of the parameters gets >= 90% of full personalisation's gain (Pillutla et al.)",
-                          bool(share < 0.10 and full_gain > 0 and ratio >= 0.9),
-                          f"head = {share:.1%} of {fedalt['parameters']:,} parameters; gain over FedAvg's global model: "
-                          f"FedAlt {part_gain:+.4f}, full fine-tuning (FedAvg+FT(all)) {full_gain:+.4f}, ratio {ratio:.2f}"))
-    if setting.dataset == "fashion-mnist" and personal:
-        best = max(personal, key=lambda k: table[k].best_round_pooled)
-        ref = max(PFLLIB_FMNIST_DIR01.values())
-        ours = 100 * table[best].best_round_pooled
-        out.append(_claim("the best personalised method is within 1 point of PFLlib's best published figure (97.56)",
-                          ours >= ref - 1.0, f"{best} {ours:.2f} (best round, pooled over test examples) vs PFLlib FedRep {ref:.2f}"))
-    if setting.dataset == "synthetic":
-        avg = next((k for k in mean if k.startswith("FedAvg, 90%")), None)
-        prox = next((k for k in mean if k.startswith("FedProx mu=1, 90%")), None)
-        if avg and prox:
-            a, p = table[avg].global_mean or 0.0, table[prox].global_mean or 0.0
-            out.append(_claim("FedProx beats FedAvg with 90% stragglers (global model, mean per-device test accuracy)",
-                              p > a, f"FedProx {p:.4f} vs FedAvg {a:.4f}"))
-    out.extend(_compression_claims(table, by_label))
-    hier = [k for k in mean if k.startswith("Hier. FedAvg")]
-    flat = table.get("FedAvg")
-    if hier and flat is not None:
-        best = max(hier, key=lambda k: mean[k])
-        out.append(_claim("hierarchical cluster-aware FedAvg beats flat FedAvg when regions differ (model each device is served)",
-                          mean[best] > flat.personalised_mean,
-                          f"{best} {mean[best]:.4f} vs flat FedAvg {flat.personalised_mean:.4f}"))
-    return out
-
-
-COMPRESSION_TARGET = 8.0
-"""Issue 12: at least 8x fewer bytes (up + down) per device per round than full float32, at most half a point lost."""
-
-
-def _compression_claims(table: dict[str, SummaryRow], by_label: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each compressed run against the float32 run of the same algorithm (same label before the first comma)."""
-    out = []
-    for label, result in by_label.items():
-        run = result["run"]
-        if run.get("compression", "none") == "none" and run.get("downlink", "none") == "none":
+def _choices(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per Ditto run: how many devices (over seeds) ended serving the personal model, the global one or a mixture."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        weights = r["final"].get("serving_weight") or {}
+        if not weights:
             continue
-        base = table.get(label.split(",")[0])
-        row = table[label]
-        if base is None or not (row.bytes_up + row.bytes_down):
-            continue
-        ratio = (base.bytes_up + base.bytes_down) / (row.bytes_up + row.bytes_down)
-        up_ratio = base.bytes_up / row.bytes_up if row.bytes_up else math.nan
-        lost = base.personalised_mean - row.personalised_mean
-        out.append(_claim(f"{label}: >= {COMPRESSION_TARGET:g}x fewer bytes than float32 with <= 0.5 points lost",
-                          ratio >= COMPRESSION_TARGET and lost <= TIE_MARGIN,
-                          f"{ratio:.1f}x fewer bytes up + down (up alone {up_ratio:.1f}x); accuracy {100 * row.personalised_mean:.2f}"
-                          f" vs {100 * base.personalised_mean:.2f} ({-100 * lost:+.2f} points)"))
+        entry = out.setdefault(f"{r['label']}+choice", {"personal": 0, "global": 0, "mixture": 0, "weights": []})
+        for w in weights.values():
+            entry["personal" if w >= 1.0 else "global" if w <= 0.0 else "mixture"] += 1
+            entry["weights"].append(w)
     return out
 
 
 # -- reports ----------------------------------------------------------------------------------
 
+def _gain(row: dict[str, Any]) -> str:
+    if row["gain_mean"] is None:
+        return "—"
+    spread = "" if row["gain_seed_std"] is None else f" ± {100 * row['gain_seed_std']:.2f}"
+    return f"{100 * row['gain_mean']:+.2f}{spread}"
+
+
 def format_table(setting: AccuracySetting, summary: dict[str, Any]) -> str:
     """The setting's table (percent) and its claims, as Markdown."""
-    lines = [f"### {setting.title}", "", *(f"{note}\n" for note in setting.notes),
-             "| method | personalised mean ± std | min | pooled | best-round pooled | global model | beats local-only | "
-             "up / down per device per round | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    seeds = [k for k in summary.get("seeds", [None]) if k is not None]
+    multi = len(seeds) > 1
+    lines = [f"### {setting.title}", "", *(f"{note}\n" for note in setting.notes)]
+    if multi:
+        lines += [f"Mean over seeds {', '.join(map(str, seeds))} (± the standard deviation over seeds for the mean and the"
+                  " gain; the device spread, minimum and pooled figures are seed means). *Gain*: accuracy minus local-only's"
+                  " on the same device and seed, in points. *Clearly ahead*: the share of devices whose mean gain exceeds"
+                  " the standard deviation of their own gain over the seeds.", ""]
+    head = "| method | personalised mean" + (" ± seed std" if multi else " ± std over devices") + (
+        " | device std" if multi else "") + " | min | pooled | best-round pooled | global model | gain over local-only |" \
+        " beats local-only |" + (" clearly ahead |" if multi else "") + " up / down per device per round | wall s |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for row in summary["rows"]:
         glob = "—" if row["global_mean"] is None else f"{100 * row['global_mean']:.2f}"
         share = "—" if row["share_beating_local"] is None else f"{100 * row['share_beating_local']:.0f}%"
         best = "—" if row["best_round_pooled"] == 0.0 else f"{100 * row['best_round_pooled']:.2f}"
         traffic = "0" if not row["bytes_up"] else f"{row['bytes_up'] / 1024:,.1f} KiB / {row['bytes_down'] / 1024:,.1f} KiB"
-        lines.append(f"| {row['label']} | {100 * row['personalised_mean']:.2f} ± {100 * row['personalised_std']:.2f} | "
-                     f"{100 * row['personalised_min']:.2f} | {100 * row['pooled']:.2f} | {best} | {glob} | {share} | "
-                     f"{traffic} | {row['seconds']:.0f} |")
+        if multi:
+            seed_std = "" if row.get("personalised_seed_std") is None else f" ± {100 * row['personalised_seed_std']:.2f}"
+            first = f"{100 * row['personalised_mean']:.2f}{seed_std} | {100 * row['personalised_std']:.2f}"
+        else:
+            first = f"{100 * row['personalised_mean']:.2f} ± {100 * row['personalised_std']:.2f}"
+        clear = "" if not multi else (" — |" if row.get("share_clear") is None else f" {100 * row['share_clear']:.0f}% |")
+        lines.append(f"| {row['label']} | {first} | {100 * row['personalised_min']:.2f} | {100 * row['pooled']:.2f} | {best} |"
+                     f" {glob} | {_gain(row)} | {share} |{clear} {traffic} | {row['seconds']:.0f} |")
     if summary.get("validation"):
         lines += ["", f"Validation: {summary['validation']}."]
     for label, kept in (summary.get("fomo_kept_own") or {}).items():
         worst = max(kept["per_device"].items(), key=lambda item: item[1])
         lines += ["", f"{label}: a device kept only its own model (no peer helped on its validation split) in"
                       f" {100 * kept['overall']:.0f}% of device-rounds; most often {worst[0]} ({100 * worst[1]:.0f}%)."]
+    for label, chose in (summary.get("choices") or {}).items():
+        total = chose["personal"] + chose["global"] + chose["mixture"]
+        lines += ["", f"{label}: after the last round {chose['personal']} of {total} devices{' (all seeds)' if multi else ''}"
+                      f" served their personal model, {chose['global']} the global model and {chose['mixture']} a mixture"
+                      f" (median weight on the personal model {float(np.median(chose['weights'])):.1f}), each chosen on its own"
+                      " validation split."]
+    if summary.get("cold_start"):
+        lines.append(format_cold_start(summary["cold_start"]))
     if summary["claims"]:
         lines += ["", "Claims checked:", ""]
         for c in summary["claims"]:
             mark = {True: "holds", False: "does NOT hold", None: "not measured"}[c["holds"]]
             lines.append(f"- {c['claim']}: **{mark}** ({c['evidence']})")
     return "\n".join(lines)
+
+
+def round_curves(results: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
+    """Mean per-device accuracy per round for every row that has one, averaged over the seeds present.
+
+    A Ditto run gives two curves: ``<label>`` (its personal model) and ``<label>+choice`` (what the devices served).
+    """
+    curves: dict[str, list[list[float]]] = {}
+    for r in results:
+        own = [x.get("personal_model_mean") for x in r["rounds"]]
+        if own and all(v is not None for v in own):
+            curves.setdefault(r["label"], []).append([float(v) for v in own])  # type: ignore[arg-type]
+            curves.setdefault(f"{r['label']}+choice", []).append([x["mean"] for x in r["rounds"]])
+        else:
+            curves.setdefault(r["label"], []).append([x["mean"] for x in r["rounds"]])
+    return {label: [float(v) for v in np.mean(np.array(runs), axis=0)] for label, runs in curves.items()}
 
 
 def write_plots(setting: AccuracySetting, results: Sequence[dict[str, Any]], summary: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -196,10 +249,10 @@ def write_plots(setting: AccuracySetting, results: Sequence[dict[str, Any]], sum
 
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in results:
-        ax.plot([x["round"] + 1 for x in r["rounds"]], [100 * x["mean"] for x in r["rounds"]], label=r["label"])
+    for label, curve in round_curves(results).items():
+        ax.plot(range(1, len(curve) + 1), [100 * v for v in curve], label=label)
     ax.set_xlabel("round")
-    ax.set_ylabel("mean per-device test accuracy (%)")
+    ax.set_ylabel("mean per-device test accuracy (%)" + (", mean over seeds" if len(summary.get("seeds", [])) > 1 else ""))
     ax.set_title(setting.title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -222,6 +275,9 @@ def write_plots(setting: AccuracySetting, results: Sequence[dict[str, Any]], sum
         written.append(out_dir / f"{setting.name}-gain.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
+
+    if summary.get("cold_start"):
+        written.append(plot_cold_start(summary["cold_start"], setting.title, out_dir / f"{setting.name}-cold-start.png"))
 
     tiered = [r for r in results if r["final"]["regional"]]
     if tiered:
@@ -254,7 +310,7 @@ def write_setting(setting: AccuracySetting, results: Sequence[dict[str, Any]], o
     summary = summarise(setting, results)
     table = format_table(setting, summary)
     payload = {
-        "setting": asdict(setting), "profile": profile, "seed": seed,
+        "setting": asdict(setting), "profile": profile, "seed": seed, "seeds": list(setting.run_seeds(seed)),
         "machine": {"python": platform.python_version(), "machine": platform.machine(), "cpus": multiprocessing.cpu_count()},
         "dataset": results[0]["dataset_description"] if results else "",
         "summary": summary, "runs": list(results),

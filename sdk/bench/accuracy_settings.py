@@ -6,18 +6,28 @@ A *setting* is a dataset split, a model, a training budget and a list of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from sdk.training_defaults import DEFAULT_LEARNING_RATE, DEFAULT_OPTIMIZER
 
 Profile = Literal["full", "quick"]
 DEFAULT_SETTINGS = ("watch", "watch-scarce", "watch-recording", "fmnist", "synthetic")
-"""What ``fedge bench accuracy`` runs without ``--setting``; ``fmnist-long`` is opt-in (about an hour on 2 cores)."""
+"""What ``fedge bench accuracy`` runs without ``--setting``; ``fmnist-long``, ``fmnist-full``, the data-scarce
+settings (``<dataset>-n<N>``) and the cold-start settings are opt-in (see ``fedge bench accuracy --help``)."""
 TIE_MARGIN = 0.005
 """Accuracy differences up to half a point count as ties in the claims (seed-to-seed spread measured on the
 smartwatch setting is 0.03-1 point)."""
-PFLLIB_FMNIST_DIR01 = {"FedAvg": 85.85, "FedProx": 85.63, "FedFomo": 97.21, "FedPer": 97.44, "FedRep": 97.56, "Ditto": 97.47}
+PFLLIB_FMNIST_DIR01 = {"FedAvg": 85.85, "FedProx": 85.63, "FedFomo": 97.21, "FedPer": 97.44, "FedRep": 97.56, "Ditto": 97.47,
+                       "FedALA": 97.66, "FedDBE": 97.69, "GPFL": 97.81, "FedCP": 97.89}
+"""PFLlib's leaderboard, Fashion-MNIST Dir(0.1), 20 clients, best-round accuracy over 2,000 rounds (FedCP is the best)."""
+SCARCE_PER_CLASS = (10, 25, 50)
+"""Training examples per class per client in the data-scarce settings."""
+SCARCE_SEEDS = (0, 1, 2)
+"""Seeds of every multi-seed setting: the spread between them is what a gain must exceed."""
+CLEAR_SHARE_TARGET = 0.8
+"""The data-scarce target: the best personalised method beats local-only by more than the seed spread on this share of devices."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +37,7 @@ class AccuracyRun:
     ``label`` names the row; ``algorithm`` is a key of
     :data:`sdk.simulation.algorithms.ALGORITHMS`. ``regional_weight`` not
     None runs the two-tier hierarchy over the dataset's regions.
+    ``ditto_lambda``: Ditto's proximal weight (None: the algorithm's default).
     ``compression`` / ``downlink``: what devices send up and the server
     sends down (:class:`~device_agent.compression.CompressionSpec` text;
     ``none`` is full float32; the downlink is simulated only).
@@ -39,6 +50,7 @@ class AccuracyRun:
     regional_weight: float | None = None
     finetune_epochs: int = 0
     fomo_candidates: int = 5
+    ditto_lambda: float | None = None
     compression: str = "none"
     downlink: str = "none"
 
@@ -52,6 +64,13 @@ class AccuracySetting:
     None: inferred). ``model`` is a built-in kind, ``"auto"`` (the built-in
     model for the data's shape) or ``MODULE:CALLABLE`` built with
     ``model_args`` (``KEY=VALUE``), whose ``personal`` prefixes name the head.
+
+    Multi-seed settings name their ``seeds`` and usually fix the data with
+    ``data_seed``; ``per_class`` makes the data scarce; ``checkpoint_every``
+    keeps a resumable checkpoint; ``clients`` overrides the loader's client
+    count. Cold start: the ``newcomers`` (client ids) stay out of the fleet and
+    join it after each of ``join_rounds`` with ``newcomer_samples`` examples,
+    training their head ``head_epochs`` epochs (local-only: ``rounds * epochs``).
     """
 
     name: str
@@ -74,6 +93,47 @@ class AccuracySetting:
     model_args: tuple[str, ...] = ()
     personal: tuple[str, ...] = ()
     shared: tuple[str, ...] = ("*",)
+    seeds: tuple[int, ...] = ()
+    data_seed: int | None = None
+    per_class: int | None = None
+    checkpoint_every: int = 0
+    clients: int | None = None
+    newcomers: tuple[str, ...] = ()
+    join_rounds: tuple[int, ...] = ()
+    newcomer_samples: tuple[int, ...] = (10, 50, 100)
+    head_epochs: int = 10
+
+    def run_seeds(self, seed: int) -> tuple[int, ...]:
+        """The seeds this setting runs: its own ``seeds``, or ``(seed,)`` (the command's ``--seed``) when it has none."""
+        return self.seeds or (seed,)
+
+
+def cut_setting(setting: AccuracySetting, *, rounds: int | None = None, labels: Sequence[str] = ()) -> AccuracySetting:
+    """``setting`` with at most ``rounds`` rounds and only the runs named in ``labels`` (empty: all), the cut noted in its title.
+
+    What fits on a small machine: the report then says it is a cut of the full setting. Rounds above the
+    setting's own and labels it does not have are a ValueError.
+    """
+    if rounds is not None and not 1 <= rounds <= setting.rounds:
+        raise ValueError(f"{setting.name} runs {setting.rounds} rounds; --rounds must be between 1 and that")
+    known = [r.label for r in setting.runs]
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ValueError(f"{setting.name} has no runs {unknown}; its runs are {known}")
+    runs = tuple(r for r in setting.runs if not labels or r.label in labels)
+    cut = []
+    if rounds is not None and rounds < setting.rounds:
+        cut.append(f"{rounds} of its {setting.rounds} rounds")
+    if len(runs) < len(setting.runs):
+        cut.append(f"{len(runs)} of its {len(setting.runs)} runs")
+    if not cut:
+        return setting
+    joins = tuple(r for r in setting.join_rounds if r <= (rounds or setting.rounds))
+    if setting.newcomers and not joins:
+        raise ValueError(f"{setting.name}: newcomers join after rounds {list(setting.join_rounds)}; keep at least the first")
+    return replace(setting, rounds=rounds or setting.rounds, runs=runs, join_rounds=joins, title=f"{setting.title} (cut: {' and '.join(cut)})",
+                   notes=(*setting.notes, f"This report is a cut of the setting: {' and '.join(cut)} (--rounds/--run), what fitted"
+                                          " the machine; the full setting runs without them."))
 
 
 def setting_from_dict(raw: dict[str, Any]) -> AccuracySetting:
@@ -82,7 +142,7 @@ def setting_from_dict(raw: dict[str, Any]) -> AccuracySetting:
     run_fields = {f.name for f in fields(AccuracyRun)}
     values = {k: v for k, v in raw.items() if k in known}
     values["runs"] = tuple(AccuracyRun(**{k: v for k, v in r.items() if k in run_fields}) for r in raw["runs"])
-    for key in ("notes", "model_args", "personal", "shared"):
+    for key in ("notes", "model_args", "personal", "shared", "seeds", "newcomers", "join_rounds", "newcomer_samples"):
         if key in values:
             values[key] = tuple(values[key])
     return AccuracySetting(**values)
@@ -97,6 +157,10 @@ def _personal_runs(ft_epochs: int) -> tuple[AccuracyRun, ...]:
         AccuracyRun(label="FedAlt", algorithm="fedalt"),
         AccuracyRun(label="FedFomo", algorithm="fedfomo", fomo_candidates=5),
     )
+
+
+DITTO_RUN = AccuracyRun(label="Ditto", algorithm="ditto")
+"""One Ditto run gives two rows: ``Ditto`` (its personal model) and ``Ditto+choice`` (the mixture each device chose)."""
 
 
 def settings(profile: Profile = "full") -> dict[str, AccuracySetting]:
@@ -159,7 +223,87 @@ def settings(profile: Profile = "full") -> dict[str, AccuracySetting]:
         notes=("As in Li et al. (2020): 10 of 30 devices per round, 20 local epochs, batch 10, SGD lr 0.01; a straggler does"
                " a quarter of its budget; FedAvg drops stragglers' updates, FedProx keeps their partial work.",),
     ))
+    out.append(AccuracySetting(
+        name="fmnist-full", title="Fashion-MNIST Dir(0.1), all 70,000 images, 20 clients, all every round, 100 rounds",
+        dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 100, epochs=1, batch_size=32, learning_rate=0.001,
+        optimizer="adamw", subsample=0.05 if quick else None, checkpoint_every=5,
+        runs=(AccuracyRun(label="Local-only", algorithm="local"), AccuracyRun(label="FedAvg", algorithm="fedavg"),
+              AccuracyRun(label="FedAlt", algorithm="fedalt"), DITTO_RUN),
+        notes=("PFLlib's leaderboard setting on all 70,000 images (its best: FedCP 97.89, FedRep 97.56, best round of"
+               " 2,000), here 100 rounds with AdamW lr 0.001, batch 32, 1 local epoch (PFLlib: SGD lr 0.005, batch 10).",),
+    ))
+    out.extend(_scarce_settings(quick))
+    out.extend(_cold_start_settings(quick))
     return {s.name: s for s in out}
+
+
+def _cold_start_settings(quick: bool) -> list[AccuracySetting]:
+    """A device joins a running fleet with 10, 50 or 100 labelled examples: the fleet's model + head steps vs local-only."""
+    runs = (AccuracyRun(label="FedAvg", algorithm="fedavg"), AccuracyRun(label="FedAlt", algorithm="fedalt"))
+    note = ("Newcomers never train with the fleet. After the listed rounds each takes n of its training examples (seeded,"
+            " the same n at every join round) and is tested on its whole test split: the fleet's global model as it is"
+            " (FedAvg), the fleet's model with its head trained {head} epochs on the n examples (FedAvg's whole model, or"
+            " FedAlt's trunk with a fresh head), and local-only: the same model trained from scratch on the same n"
+            " examples for {local} epochs.")
+    return [
+        AccuracySetting(
+            name="cold-start-watch", title="Cold start, smartwatch: subjects 9 and 10 (4 arms) join a 16-arm fleet",
+            dataset="watch-time", model="cnn1d", rounds=4 if quick else 30, epochs=2, batch_size=32, learning_rate=0.005,
+            optimizer="adamw", runs=runs, seeds=SCARCE_SEEDS, data_seed=0,
+            newcomers=("s09-left", "s09-right", "s10-left", "s10-right"), join_rounds=(1, 4) if quick else (1, 5, 10, 30),
+            notes=(note.format(head=10, local=60),
+                   "A newcomer's other arm is a newcomer too: no part of a newcomer's body was in the fleet."),
+        ),
+        AccuracySetting(
+            name="cold-start-fmnist", title="Cold start, Fashion-MNIST Dir(0.1): 4 newcomers join a 20-client fleet",
+            dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 15, epochs=1, batch_size=32, learning_rate=0.001,
+            optimizer="adamw", subsample=0.05 if quick else 0.5, runs=runs, seeds=SCARCE_SEEDS, data_seed=1, clients=24,
+            newcomers=("fmnist-20", "fmnist-21", "fmnist-22", "fmnist-23"), join_rounds=(1, 3) if quick else (1, 5, 15),
+            notes=(note.format(head=10, local=15),
+                   "Dirichlet(0.1) over 24 clients of half the 70k images (data seed 1); the last four are the newcomers."),
+        ),
+    ]
+
+
+def _scarce_settings(quick: bool) -> list[AccuracySetting]:
+    """Every built-in dataset with at most N training examples per class per client, three seeds each."""
+    out = []
+    for n in SCARCE_PER_CLASS:
+        common = dict(seeds=SCARCE_SEEDS, per_class=n, data_seed=0)
+        note = (f"At most {n} training and {max(1, n // 5)} validation examples per class per client (the first in the"
+                " loader's order: in time for the smartwatch), test splits whole; data fixed, seeds 0-2 vary the initial"
+                " weights and every shuffle.")
+        out += [
+            AccuracySetting(
+                name=f"watch-n{n}", title=f"Smartwatch, 20 clients, time split, {n} training windows per class per client",
+                dataset="watch-time", model="cnn1d", rounds=4 if quick else 30, epochs=2, batch_size=32, learning_rate=0.005,
+                optimizer="adamw", runs=(*_personal_runs(2), DITTO_RUN), notes=(note,), **common),  # type: ignore[arg-type]
+            AccuracySetting(
+                name=f"fmnist-n{n}", title=f"Fashion-MNIST Dir(0.1), 20 clients, {n} training images per class per client",
+                dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 20, epochs=5, batch_size=32, learning_rate=0.001,
+                optimizer="adamw", subsample=0.05 if quick else 0.5,
+                runs=(AccuracyRun(label="Local-only", algorithm="local"),
+                      AccuracyRun(label="FedAvg", algorithm="fedavg", finetune_epochs=5),
+                      AccuracyRun(label="FedAlt", algorithm="fedalt"), DITTO_RUN),
+                notes=(note, "The fmnist setting's split (half of the 70k images, Dirichlet(0.1), data seed 1)."),
+                **{**common, "data_seed": 1}),  # type: ignore[arg-type]
+            AccuracySetting(
+                name=f"digits-n{n}", title=f"Digits, 8 clients, Dirichlet(0.3), {n} training images per class per client",
+                dataset="digits", model="mlp", rounds=4 if quick else 30, epochs=5, batch_size=32,
+                learning_rate=DEFAULT_LEARNING_RATE, optimizer=DEFAULT_OPTIMIZER, runs=(*_personal_runs(5), DITTO_RUN),
+                notes=(note,), **common),  # type: ignore[arg-type]
+            AccuracySetting(
+                name=f"synthetic-n{n}", title=f"FedProx Synthetic(1, 1), 30 devices, {n} training examples per class per device",
+                dataset="synthetic", model="logreg", rounds=5 if quick else 50, epochs=5, batch_size=10, learning_rate=0.01,
+                optimizer="sgd",
+                runs=(AccuracyRun(label="Local-only", algorithm="local"),
+                      AccuracyRun(label="FedAvg", algorithm="fedavg", finetune_epochs=5),
+                      AccuracyRun(label="FedProx", algorithm="fedprox", mu=1.0), DITTO_RUN),
+                notes=(note, "Multinomial logistic regression has no head to keep personal: Ditto personalises the whole"
+                       " model, FedAvg+FT(all) fine-tunes it; every device takes part in every round."),
+                **common),  # type: ignore[arg-type]
+        ]
+    return out
 
 
 

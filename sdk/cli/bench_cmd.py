@@ -170,11 +170,15 @@ def fleet(ctx: click.Context, devices: int, regions: int, rounds: int, agents: i
 
 @bench.command("accuracy", epilog=examples(
     "fedge bench accuracy --quick", "fedge bench accuracy --setting watch --setting synthetic",
+    "fedge bench accuracy --setting watch-n10 --setting fmnist-n10   # data-scarce, three seeds each",
+    "fedge bench accuracy --setting fmnist-full --resume --out docs/results   # hours; rerun the same line after an interruption",
     "fedge bench accuracy --report-only --out docs/results",
     "fedge bench accuracy --data ./my-clients --model mymodels:Net --personal head --out ./my-results"))
 @click.option("--setting", "names", multiple=True,
-              help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic, fmnist-long, watch-compress, fmnist-compress."
-                   " Default: all but fmnist-long and the two -compress ones, or none when --data is given.")
+              help="Built-in setting to run (repeatable): watch, watch-scarce, watch-recording, fmnist, synthetic (the default"
+                   " set); opt-in: fmnist-long, fmnist-full (100 rounds on all 70k images), watch-compress, fmnist-compress,"
+                   " the data-scarce <dataset>-n<N> (dataset watch, fmnist, digits or synthetic; N 10, 25 or 50 examples per"
+                   " class; three seeds each) and cold-start-watch, cold-start-fmnist. None when --data is given.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None, help=DATA_HELP.replace(" Replaces --dataset.", ""))
 @click.option("--name", default=None, help="--data: the setting's name, used for the output files (default: the folder's name).")
 @click.option("--num-classes", type=click.IntRange(min=2), default=None, help="--data: number of classes (default: largest label + 1).")
@@ -184,26 +188,34 @@ def fleet(ctx: click.Context, devices: int, regions: int, rounds: int, agents: i
 @click.option("--personal", default="", help="--model: comma-separated name prefixes of the personal head (needed by fedsim, fedalt, fedfomo).")
 @click.option("--algorithm", "algorithms", multiple=True, type=click.Choice(sorted(ALGORITHMS)),
               help="--data: algorithm to compare (repeatable; default: every one the model allows).")
-@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="--data: rounds.")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help="--data: rounds (default 20). Built-in settings: only the first N rounds, a cut the report states.")
+@click.option("--run", "run_labels", multiple=True,
+              help="Built-in settings: only the run with this label (repeatable, e.g. FedAlt), a cut the report states.")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="--data: local epochs per round.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="--data: batch size.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEARNING_RATE, show_default=True,
               help="--data: learning rate (see docs/tuning.md).")
 @click.option("--quick", is_flag=True, help="Built-in settings: few rounds on a small data subsample: a smoke run, not the benchmark.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Runs in parallel (one ORT thread each).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the settings that do not fix their own (the"
+                                                                   " data-scarce and cold-start settings run seeds 0, 1 and 2).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("fedge-results"), show_default=True,
               help="Where <setting>.json, <setting>.md and the PNG plots go (the committed report is regenerated only with"
                    " an explicit --out docs/results).")
 @click.option("--report-only", is_flag=True, help="Rebuild the tables and plots from the JSON already under --out; train nothing.")
+@click.option("--resume", is_flag=True, help="Reuse runs finished under --out/.progress and continue interrupted ones from their"
+                                            " last checkpoint (without it, a setting's progress there is cleared first).")
 def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, num_classes: int | None, model_spec: str | None,
              model_args: tuple[str, ...], shared: str, personal: str, algorithms: tuple[str, ...], rounds: int, epochs: int,
-             batch_size: int, lr: float, quick: bool, workers: int, seed: int, out: Path, report_only: bool) -> None:
+             batch_size: int, lr: float, quick: bool, workers: int, seed: int, out: Path, report_only: bool, resume: bool,
+             run_labels: tuple[str, ...]) -> None:
     """Every algorithm on real non-IID data (or your own): per-device personalised accuracy, global model, gain over
     local-only, bytes per device per round and wall time; JSON, Markdown tables and PNG plots under --out."""
     from tqdm import tqdm
 
     from sdk.bench.accuracy_bench import DEFAULT_SETTINGS, rewrite_reports, run_accuracy_bench, settings, user_setting
+    from sdk.bench.accuracy_settings import cut_setting
 
     table = settings("quick" if quick else "full")
     chosen = list(names) or ([] if data_dir is not None else list(DEFAULT_SETTINGS))
@@ -211,11 +223,18 @@ def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, nu
     if unknown:
         raise click.BadParameter(f"unknown settings {unknown}; choose from {sorted(table)}", param_hint="--setting")
     extra = []
+    if data_dir is not None and run_labels:
+        raise click.BadParameter("--run cuts built-in settings; with --data choose --algorithm", param_hint="--run")
+    if data_dir is None and (rounds is not None or run_labels):
+        try:
+            extra = [cut_setting(table[n], rounds=rounds, labels=run_labels) for n in chosen if n in table]
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--rounds/--run") from exc
     if data_dir is not None:
         extra.append(_user_setting(user_setting, data_dir, name=name, num_classes=num_classes, model_spec=model_spec,
-                                   model_args=model_args, shared=shared, personal=personal, algorithms=algorithms, rounds=rounds,
+                                   model_args=model_args, shared=shared, personal=personal, algorithms=algorithms, rounds=rounds or 20,
                                    epochs=epochs, batch_size=batch_size, lr=lr))
-        chosen.append(extra[0].name)
+        chosen.append(extra[-1].name)
     if report_only:
         missing = [n for n in chosen if not (out / f"{n}.json").is_file()]
         if missing:
@@ -225,7 +244,8 @@ def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, nu
         return
     if workers < 1:
         raise click.BadParameter("--workers must be >= 1")
-    total = sum(len(table[n].runs) for n in chosen if n in table) + sum(len(s.runs) for s in extra)
+    total = sum(len(s.runs) * len(s.run_seeds(seed)) for s in extra) + sum(
+        len(table[n].runs) * len(table[n].run_seeds(seed)) for n in chosen if n in table and n not in {s.name for s in extra})
     with tqdm(total=total, desc="accuracy bench", unit="run") as bar:
 
         def progress(message: str) -> None:
@@ -233,7 +253,7 @@ def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, nu
             bar.write(message)
 
         reports = run_accuracy_bench(chosen, profile="quick" if quick else "full", seed=seed, workers=workers, out_dir=out,
-                                     progress=progress, extra=extra)
+                                     progress=progress, extra=extra, resume=resume)
     for setting_name in chosen:
         click.echo("\n" + reports[setting_name][0])
     click.echo(f"\nwrote {out}/<setting>.json, .md and .png for: {', '.join(chosen)}")

@@ -58,8 +58,10 @@ def bundle() -> None:
 @click.option("--input-shape", required=True, help="Shape of one example without the batch axis, e.g. 6,100.")
 @click.option("--shared", default="base", show_default=True, help="Comma-separated name prefixes of shared parameters ('*' = all not personal).")
 @click.option("--personal", default="", help="Comma-separated name prefixes of personal (never uploaded) parameters.")
-@click.option("--mode", type=click.Choice(["fedavg", "fedprox", "fedsim", "fedalt"]), required=True)
+@click.option("--mode", type=click.Choice(["fedavg", "fedprox", "fedsim", "fedalt", "ditto"]), required=True)
 @click.option("--mu", type=float, default=0.0, show_default=True, help="FedProx proximal weight on the shared layers.")
+@click.option("--ditto-lambda", type=float, default=None, help="ditto: pull of the personal model towards the global one"
+                                                                " (default 0.1 for --mode ditto).")
 @click.option("--loss", type=click.Choice(["cross_entropy", "mse", "bce_with_logits"]), default="cross_entropy", show_default=True)
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="adamw", show_default=True)
 @click.option("--lr", type=float, default=DEFAULT_LEARNING_RATE, show_default=True, help="Default learning rate (devices may override).")
@@ -77,7 +79,7 @@ def bundle() -> None:
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .fedge file.")
 def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared: str, personal: str, mode: str, mu: float,
           loss: str, optimizer: str, lr: float, key_path: Path, model_name: str, bundle_version: int, seed: int, artifacts: str,
-          compression: str, out: Path) -> None:
+          compression: str, out: Path, ditto_lambda: float | None) -> None:
     """Export a PyTorch model and write a signed training bundle.
 
     A model with a layer the training graphs cannot express (BatchNorm, Dropout, ...) is
@@ -90,6 +92,7 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     from sdk.bundle_builder import build_bundle
     from sdk.model_spec import ParameterSplit, ParameterSplitError, parse_prefixes
     from sdk.portable_graph import UnsupportedModelError
+    from sdk.simulation.algorithms import DEFAULT_DITTO_LAMBDA
 
     factory = cli_import_factory(model_spec)
     kwargs = cli_model_args(model_args)
@@ -105,7 +108,9 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
     try:
         manifest = build_bundle(
             model, example_input=torch.zeros((2, *shape)), split=split,
-            spec=TrainingSpec(mode=TrainingMode(mode), mu=mu, loss=LossKind(loss), optimizer=OptimizerKind(optimizer), learning_rate=lr),
+            spec=TrainingSpec(mode=TrainingMode(mode), mu=mu, loss=LossKind(loss), optimizer=OptimizerKind(optimizer), learning_rate=lr,
+                              ditto_lambda=(DEFAULT_DITTO_LAMBDA if ditto_lambda is None else ditto_lambda) if mode == "ditto"
+                              else ditto_lambda or 0.0),
             signing_key=signing_key, out_path=out, model_name=model_name, bundle_version=bundle_version,
             kinds=("ort-training", "portable") if artifacts == "both" else (artifacts,), compression=compression,
         )
@@ -160,7 +165,8 @@ def verify(path: Path, pub_paths: tuple[Path, ...], as_json: bool) -> None:
         return
     h = manifest.hyperparameters
     click.echo(f"OK {manifest.model_name} v{manifest.bundle_version} signed by {manifest.signer_key_id}")
-    click.echo(f"  mode={h.mode.value} mu={h.mu} loss={h.loss.value} optimizer={h.optimizer.value} lr={h.learning_rate}")
+    click.echo(f"  mode={h.mode.value} mu={h.mu} loss={h.loss.value} optimizer={h.optimizer.value} lr={h.learning_rate}"
+               + (f" ditto_lambda={h.ditto_lambda}" if h.ditto_lambda is not None else ""))
     click.echo(f"  format {manifest.format_version}, artifacts {', '.join(k.value for k in manifest.artifact_kinds)}")
     for p in manifest.parameters:
         click.echo(f"  {p.role:8s} {p.name:30s} {list(p.shape)} {p.dtype}")

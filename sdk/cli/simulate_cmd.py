@@ -93,11 +93,14 @@ def check_model_option(model, data, algo: str) -> None:  # type: ignore[no-untyp
 @click.option("--fomo-candidates", type=click.IntRange(min=1), default=5, show_default=True, help="FedFomo: peer models each device asks for per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Local epochs per round (fedalt: of the shared phase).")
-@click.option("--personal-epochs", type=click.IntRange(min=1), default=None, help="fedalt: epochs of the head phase (default: --epochs).")
+@click.option("--personal-epochs", type=click.IntRange(min=1), default=None,
+              help="fedalt: epochs of the head phase; ditto: of the personal model (default: --epochs).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_LEARNING_RATE, show_default=True, help="Learning rate (see docs/tuning.md).")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=DEFAULT_OPTIMIZER, show_default=True)
 @click.option("--mu", type=click.FloatRange(min=0), default=None, help="FedProx mu (default: the algorithm's).")
+@click.option("--ditto-lambda", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="ditto: pull of each personal model towards the global one (default: the algorithm's).")
 @click.option("--participation", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Fraction of devices sampled per round.")
 @click.option("--stragglers", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of sampled devices that do only part of their budget.")
 @click.option("--dropouts", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="Fraction of sampled devices that send nothing.")
@@ -122,7 +125,7 @@ def simulate(dataset: str | None, data_dir: Path | None, num_classes: int | None
              lr: float, optimizer: str, mu: float | None, participation: float, stragglers: float, dropouts: float,
              subsample: float | None, validation_fraction: float, seed: int, json_out: Path | None, fomo_candidates: int,
              aggregation: str, trim_fraction: float, clip_norm: float | None, regional_weight: float | None,
-             region_weighting: str, regions: int | None, finetune_epochs: int) -> None:
+             region_weighting: str, regions: int | None, finetune_epochs: int, ditto_lambda: float | None) -> None:
     """Simulate a federation in-process: real ORT training per device, no broker."""
     from tqdm import tqdm
 
@@ -162,7 +165,7 @@ def simulate(dataset: str | None, data_dir: Path | None, num_classes: int | None
 
         try:
             run = run_algorithm(data, algo, model=model, config=config, fomo_candidates=fomo_candidates, on_round=progress,
-                                training=BundleTraining(learning_rate=lr, optimizer=optimizer, mu=mu))
+                                training=BundleTraining(learning_rate=lr, optimizer=optimizer, mu=mu, ditto_lambda=ditto_lambda))
         except (FedgeError, ValueError) as exc:
             raise click.ClickException(f"{algo} on {data.name}: {exc}") from exc
     result = run.result
@@ -178,6 +181,11 @@ def simulate(dataset: str | None, data_dir: Path | None, num_classes: int | None
                    f"served (mixed) {last.mean_accuracy:.4f}")
     for kind, acc in sorted(result.fine_tuned_accuracy.items()):
         click.echo(f"after local fine-tuning ({kind}): {_mean(acc):.4f}")
+    if last is not None and last.serving_weight:
+        weights = last.serving_weight
+        click.echo(f"ditto: personal model alone {_mean(last.personal_model_accuracy):.4f}, global model "
+                   f"{_mean(last.global_accuracy):.4f}, served (each device's choice) {last.mean_accuracy:.4f}; weight on the"
+                   " personal model per device: " + ", ".join(f"{cid} {w:.1f}" for cid, w in weights.items()))
     overall = result.fomo_kept_own_overall
     if overall is not None:
         rates = result.fomo_kept_own_rate
@@ -187,7 +195,8 @@ def simulate(dataset: str | None, data_dir: Path | None, num_classes: int | None
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps({"dataset": data.name, "dataset_description": data.description, "algorithm": algo,
-                                        "learning_rate": lr, "mu": run.mu, **result.to_json_dict()}, indent=2))
+                                        "learning_rate": lr, "mu": run.mu, "ditto_lambda": run.ditto_lambda,
+                                        **result.to_json_dict()}, indent=2))
 
 
 def _mean(values: dict[str, float]) -> float:

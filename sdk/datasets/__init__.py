@@ -12,6 +12,8 @@ give identical arrays.
 - :func:`load_digits`: scikit-learn's digits, the fast unit-test fixture.
 - :func:`load_client_folder` / :func:`clients_from_arrays`: your own per-client
   data (a folder of ``.npz`` files, or the same arrays in memory), validated.
+- :func:`limit_per_class`: a data-scarce variant of any of them (at most N
+  training examples per class per client).
 
 :func:`ensure_validation_split` holds out part of each client's training data
 as validation where the data has none (the simulator does this for you).
@@ -26,6 +28,7 @@ from sdk.datasets.holdout import DEFAULT_VALIDATION_FRACTION, ValidationSplit, e
 from sdk.datasets.federated import ClientData, FederatedDataset, LabeledArrays, regions_by_label_mix, split_client
 from sdk.datasets.partition import SplitIndices, dirichlet_split, iid_split, train_val_test_indices
 from sdk.datasets.restricted_pickle import RestrictedUnpickler, read_object_npy, restricted_loads
+from sdk.datasets.scarce import limit_per_class
 from sdk.datasets.user_folder import clients_from_arrays, load_client_folder
 from sdk.datasets.synthetic import make_synthetic, synthetic_device_sizes
 from sdk.datasets.watch import RecordingSplit, TimeSplit, load_watch, read_watch_recordings
@@ -52,6 +55,7 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_watch",
+    "limit_per_class",
     "make_synthetic",
     "regions_by_label_mix",
     "read_fashion_mnist",

@@ -35,7 +35,10 @@ _STEP_ATOL_PER_LR = 1e-3
 
 @dataclass(frozen=True, kw_only=True)
 class PortablePlan:
-    """What to build: the sets (name -> trainable parameters), the shared parameters and the objective."""
+    """What to build: the sets (name -> trainable parameters), the shared parameters and the objective.
+
+    ``mu`` is every set's proximal weight except Ditto's personal set, which has ``ditto_lambda``.
+    """
 
     sets: tuple[tuple[ArtifactSetName, tuple[str, ...]], ...]
     shared: tuple[str, ...]
@@ -43,6 +46,7 @@ class PortablePlan:
     loss: LossKind
     optimizer: OptimizerKind
     learning_rate: float
+    ditto_lambda: float = 0.0
 
 
 def _labels(kind: LossKind, output: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -70,9 +74,10 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
     y_trace = _labels(plan.loss, output, 4, generator)
     y_check = _labels(plan.loss, output, _CHECK_BATCH, generator)
 
-    def spec_for(trainable: tuple[str, ...]) -> StepSpec:
+    def spec_for(trainable: tuple[str, ...], set_name: ArtifactSetName | None = None) -> StepSpec:
+        mu = plan.ditto_lambda if set_name is ArtifactSetName.DITTO else plan.mu
         separate = tuple(n for n in trainable if params[n].numel() >= SEPARATE_UPDATE_MIN_SIZE)
-        return StepSpec(parameters=names, trainable=trainable, shared=plan.shared, mu=plan.mu, loss=plan.loss,
+        return StepSpec(parameters=names, trainable=trainable, shared=plan.shared, mu=mu, loss=plan.loss,
                         optimizer=plan.optimizer, separate=separate if plan.optimizer is OptimizerKind.ADAMW else ())
 
     traced = for_training_graph(model)  # what is exported; the checks run the model as given
@@ -85,7 +90,7 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
                          eval_spec.eval_inputs())
     sets = []
     for set_name, trainable in plan.sets:
-        spec = spec_for(trainable)
+        spec = spec_for(trainable, set_name)
         file = f"portable_{set_name.value}_step.onnx"
         export_graph(make_step(traced, spec), example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True),
                      input_names=spec.step_inputs(), output_names=spec.step_outputs(), path=out / file)

@@ -5,7 +5,10 @@ aggregates; FedAvg (McMahan et al., 2017) and FedProx (Li et al., 2020)
 federate every parameter; FedSim and FedAlt (Pillutla et al., 2022) federate
 the shared layers and keep a personal head on each device; FedFomo (Zhang et
 al., 2021) replaces averaging with per-device first-order weighted
-combinations of peers' shared layers (head trained with them, FedSim-style).
+combinations of peers' shared layers (head trained with them, FedSim-style);
+Ditto (Li et al., 2021) averages a global model like FedAvg while each device
+also trains a personal copy of every parameter pulled towards it (weight
+``lambda``) and serves the mixture of the two it chooses on its validation data.
 
 Adding an algorithm is a row in :data:`ALGORITHMS`: ``fedge simulate``, ``fedge
 bench accuracy --algorithm``, :func:`sdk.simulation.compare` and
@@ -20,6 +23,9 @@ from dataclasses import dataclass
 
 from device_agent.bundle.manifest import TrainingMode
 
+DEFAULT_DITTO_LAMBDA = 0.1
+"""Ditto's proximal weight unless told otherwise (see docs/personalization.md for how it was chosen)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmSpec:
@@ -32,6 +38,7 @@ class AlgorithmSpec:
     personal_head: bool
     straggler_policy: str
     fomo: bool = False
+    default_ditto_lambda: float = 0.0
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -44,6 +51,8 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec(name="fedalt", mode=TrainingMode.FEDALT, default_mu=0.0, federated=True, personal_head=True, straggler_policy="partial"),
         AlgorithmSpec(name="fedfomo", mode=TrainingMode.FEDSIM, default_mu=0.0, federated=True, personal_head=True, straggler_policy="partial",
                       fomo=True),
+        AlgorithmSpec(name="ditto", mode=TrainingMode.DITTO, default_mu=0.0, federated=True, personal_head=False, straggler_policy="drop",
+                      default_ditto_lambda=DEFAULT_DITTO_LAMBDA),
     )
 }
 

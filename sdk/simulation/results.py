@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from sdk.datasets.holdout import ValidationSplit
+from sdk.simulation.cold_start import NewcomerResult
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +22,9 @@ class RoundMetrics:
     only their own model.
     ``pooled_accuracy`` is correct / examples over every device's test split
     (PFLlib's figure); ``mean_accuracy`` the unweighted mean over devices.
+    Ditto only (empty otherwise): ``personal_model_accuracy``, the personal model
+    alone (``personalised_accuracy`` is the mixture the device chose), and
+    ``serving_weight``, each device's weight on its personal model after the round.
     """
 
     round_number: int
@@ -37,6 +41,21 @@ class RoundMetrics:
     seconds: float
     fomo_combined: tuple[str, ...] = ()
     fomo_kept_own: tuple[str, ...] = ()
+    personal_model_accuracy: dict[str, float] = field(default_factory=dict)
+    serving_weight: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as plain JSON-able data (:meth:`from_json` reads it back)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RoundMetrics:
+        """The record :meth:`to_json` wrote (tuples come back as tuples; unknown keys are ignored)."""
+        values = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        for name in ("selected", "aggregated", "fomo_combined", "fomo_kept_own"):
+            if name in values:
+                values[name] = tuple(values[name])
+        return cls(**values)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +66,7 @@ class SimulationResult:
     after local fine-tuning of the final model (only with ``finetune_epochs``).
     ``validation`` says which clients got a validation split made from their
     training data (None: the simulator was not asked to make any).
+    ``cold_start``: how newcomers fared joining the fleet (empty without ``SimulationConfig.cold_start``).
     """
 
     rounds: tuple[RoundMetrics, ...]
@@ -56,6 +76,7 @@ class SimulationResult:
     test_examples: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     validation: ValidationSplit | None = field(default=None, repr=False)
+    cold_start: tuple[NewcomerResult, ...] = ()
 
     @property
     def mean_final_accuracy(self) -> float:
@@ -91,7 +112,8 @@ class SimulationResult:
                  "pooled_accuracy": r.pooled_accuracy, "global_accuracy": r.global_accuracy,
                  "regional_accuracy": r.regional_accuracy, "aggregated": list(r.aggregated), "dropped": r.dropped,
                  "bytes_up_per_device": r.bytes_up_per_device, "bytes_down_per_device": r.bytes_down_per_device,
-                 "fomo_combined": list(r.fomo_combined), "fomo_kept_own": list(r.fomo_kept_own), "seconds": r.seconds}
+                 "fomo_combined": list(r.fomo_combined), "fomo_kept_own": list(r.fomo_kept_own), "seconds": r.seconds,
+                 "personal_model_accuracy": r.personal_model_accuracy, "serving_weight": r.serving_weight}
                 for r in self.rounds
             ],
             "fine_tuned_accuracy": self.fine_tuned_accuracy,
@@ -100,4 +122,5 @@ class SimulationResult:
                                                   "note": v.describe()},
             "test_examples": self.test_examples,
             "seconds": self.seconds,
+            "cold_start": [asdict(c) for c in self.cold_start],
         }

@@ -12,19 +12,20 @@ starts from the same initial weights.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sdk.simulation.algorithms import AlgorithmSpec, algorithm
+from sdk.simulation.checkpoint import SimulationCheckpoint
 from sdk.simulation.simulator import FederatedSimulator, SimulationConfig
 from sdk.training_defaults import DEFAULT_LEARNING_RATE, DEFAULT_OPTIMIZER
 
 if TYPE_CHECKING:
     import torch
 
-    from sdk.datasets.federated import FederatedDataset
+    from sdk.datasets.federated import ClientData, FederatedDataset
     from sdk.model_spec import ParameterSplit
     from sdk.simulation.results import RoundMetrics, SimulationResult
 
@@ -97,22 +98,24 @@ class ModelSource:
 
 @dataclass(frozen=True, kw_only=True)
 class BundleTraining:
-    """What the bundle carries: optimizer, learning rate and FedProx ``mu`` (None: the algorithm's default)."""
+    """What the bundle carries: optimizer, learning rate, FedProx ``mu`` and Ditto's ``ditto_lambda`` (None: the algorithm's default)."""
 
     learning_rate: float = DEFAULT_LEARNING_RATE
     optimizer: str = DEFAULT_OPTIMIZER
     mu: float | None = None
+    ditto_lambda: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class AlgorithmRun:
-    """A finished run: the simulator's result, the algorithm, the mu used and the model's size."""
+    """A finished run: the simulator's result, the algorithm, the mu (and Ditto's lambda) used and the model's size."""
 
     algorithm: str
     result: SimulationResult
     mu: float
     parameters: int
     personal_parameters: int
+    ditto_lambda: float = 0.0
 
 
 def run_algorithm(
@@ -125,6 +128,8 @@ def run_algorithm(
     fomo_candidates: int = 5,
     threads: int = 1,
     on_round: Callable[[RoundMetrics], None] | None = None,
+    checkpoint: SimulationCheckpoint | None = None,
+    newcomers: Sequence[ClientData] = (),
 ) -> AlgorithmRun:
     """Simulate algorithm ``name`` on ``data``.
 
@@ -132,12 +137,17 @@ def run_algorithm(
     seed...; the algorithm decides ``federated``, ``straggler_policy`` and
     ``fomo_candidates`` (``fomo_candidates`` here is the FedFomo peer count).
     ``finetune_epochs`` adds FedAvg+FT rows for algorithms without a personal head.
+    ``checkpoint``: keep the bundle, each round's metrics and the fleet there,
+    and resume from it (see :mod:`sdk.simulation.checkpoint`). ``newcomers``:
+    the clients that join per ``config.cold_start``; the bundle then carries a
+    ``finetune`` set over the model's personal prefixes (the head they train).
     """
     import torch
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
     from device_agent.bundle.archive import install_bundle
-    from device_agent.bundle.manifest import OptimizerKind
+    from device_agent.bundle.manifest import OptimizerKind, TrainingMode
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
     from sdk.model_spec import matches_prefix
@@ -145,19 +155,33 @@ def run_algorithm(
     spec = algorithm(name)
     split, finetune = model.split_for(spec)
     finetune = finetune if config.finetune_epochs else ()
+    if config.cold_start is not None:
+        if not model.personal:
+            raise ValueError("cold start trains a newcomer's head: say which parameters are the head (personal prefixes)")
+        finetune = model.personal
     config = replace(config, federated=spec.federated, straggler_policy=spec.straggler_policy,  # type: ignore[arg-type]
                      fomo_candidates=fomo_candidates if spec.fomo else None)
     mu = spec.default_mu if training.mu is None else training.mu
+    lam = spec.default_ditto_lambda if training.ditto_lambda is None or spec.mode is not TrainingMode.DITTO else training.ditto_lambda
     torch.manual_seed(config.seed)  # before the model exists: the initial weights follow the seed
     net = model.factory()
     n_params = sum(p.numel() for p in net.parameters())
     n_personal = sum(p.numel() for n, p in net.named_parameters() if any(matches_prefix(n, q) for q in model.personal))
-    key = Ed25519PrivateKey.generate()
     with tempfile.TemporaryDirectory(prefix="fedge-sim-") as tmp:
-        build_bundle(net, example_input=torch.zeros((2, *data.input_shape)), split=split,
-                     spec=TrainingSpec(mode=spec.mode, mu=mu, optimizer=OptimizerKind(training.optimizer),
-                                       learning_rate=training.learning_rate, finetune=finetune),
-                     signing_key=key, out_path=Path(tmp) / "b.fedge", model_name=model.name)
-        bundle = install_bundle(Path(tmp) / "b.fedge", key.public_key(), Path(tmp) / "bundle")
-        result = FederatedSimulator(bundle, data, config, threads=threads).run(on_round=on_round)
-    return AlgorithmRun(algorithm=name, result=result, mu=mu, parameters=n_params, personal_parameters=n_personal)
+        path = Path(tmp) / "b.fedge" if checkpoint is None else checkpoint.bundle_path
+        if checkpoint is not None and path.exists():  # a resumed run trains the very bundle its saved state belongs to
+            public = Ed25519PublicKey.from_public_bytes(checkpoint.public_key_path.read_bytes())
+        else:
+            key = Ed25519PrivateKey.generate()
+            build_bundle(net, example_input=torch.zeros((2, *data.input_shape)), split=split,
+                         spec=TrainingSpec(mode=spec.mode, mu=mu, optimizer=OptimizerKind(training.optimizer),
+                                           learning_rate=training.learning_rate, finetune=finetune, ditto_lambda=lam),
+                         signing_key=key, out_path=path, model_name=model.name)
+            public = key.public_key()
+            if checkpoint is not None:
+                checkpoint.public_key_path.write_bytes(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+        bundle = install_bundle(path, public, Path(tmp) / "bundle")
+        result = FederatedSimulator(bundle, data, config, threads=threads, checkpoint=checkpoint,
+                                    newcomers=newcomers).run(on_round=on_round)
+    return AlgorithmRun(algorithm=name, result=result, mu=mu, parameters=n_params, personal_parameters=n_personal,
+                        ditto_lambda=lam)

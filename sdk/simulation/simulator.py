@@ -34,9 +34,18 @@ the regional and root aggregators: region ``j`` serves
 ``G = G + combine_regions(D, n)``. ``a = 0`` is hierarchical FedAvg (which,
 weighted by samples, equals flat FedAvg).
 
+Ditto (a ``ditto`` bundle) averages the global track like FedAvg; every
+device also trains its personal model and, on its validation split, chooses
+the mixture of personal and global outputs it serves
+(:func:`~device_agent.local_round.choose_served_model`, called by
+``train_local_round``); :attr:`RoundMetrics.serving_weight` records each
+device's choice and :attr:`RoundMetrics.personal_model_accuracy` the personal
+model alone.
+
 Evaluation, per device on its own test split: ``personalised_accuracy`` is
 the model the device holds after the round (the served model plus its
-personal head, or its own model for local-only and FedFomo);
+personal head, its own model for local-only and FedFomo, Ditto's chosen
+mixture);
 ``global_accuracy`` is the root's shared layers (plus the device's head,
 if any); ``regional_accuracy`` its region's model. ``finetune_epochs`` > 0
 adds, after the last round, FedAvg+FT: the device fine-tunes the received
@@ -49,99 +58,31 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from device_agent.bundle.archive import TrainingBundle
-from device_agent.compression import NO_COMPRESSION, CompressionSpec
 from device_agent.data import ArrayDataSource
 from device_agent.local_round import combine_candidates_fomo, train_local_round
 from device_agent.personalization.fedfomo import exploration_rate, select_candidates, update_affinity
-from device_agent.trainer import DeviceTrainer, TrainBudget
-from sdk.aggregation import AggregationConfig, combine_regions, make_rule, mix_regional
-from sdk.aggregation.mixing import RegionWeighting
-from sdk.datasets.federated import FederatedDataset
-from sdk.datasets.holdout import DEFAULT_VALIDATION_FRACTION, ensure_validation_split
+from device_agent.personalization.model_choice import correct_count, mix_outputs
+from device_agent.trainer import DeviceTrainer, ModelView, TrainBudget
+from sdk.aggregation import combine_regions, make_rule, mix_regional
+from sdk.datasets.federated import ClientData, FederatedDataset
+from sdk.datasets.holdout import ensure_validation_split
+from sdk.simulation.checkpoint import SimulationCheckpoint
+from sdk.simulation.cold_start import NewcomerBench, NewcomerResult
+from sdk.simulation.config import HierarchyConfig, SimulationConfig
 from sdk.simulation.results import RoundMetrics, SimulationResult
 from sdk.simulation.traffic import Downlink, Uplink
+
+__all__ = ["FederatedSimulator", "HierarchyConfig", "RoundMetrics", "SimulationConfig", "SimulationResult"]
 
 ParameterDict = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True, kw_only=True)
-class HierarchyConfig:
-    """Two-tier aggregation over the clients' regions.
-
-    ``regional_weight`` (a): each region serves a * its regional model +
-    (1 - a) * the global one; 0 is hierarchical FedAvg. ``region_weighting``:
-    the root combines regional aggregates by ``"samples"`` or ``"uniform"``.
-    """
-
-    regional_weight: float = 0.5
-    region_weighting: RegionWeighting = "samples"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.regional_weight <= 1.0:
-            raise ValueError("regional_weight must be in [0, 1]")
-        if self.region_weighting not in ("samples", "uniform"):
-            raise ValueError("region_weighting must be 'samples' or 'uniform'")
-
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class SimulationConfig:
-    """How a simulated federation runs.
-
-    ``federated=False`` is the local-only baseline: devices train on their own
-    data every round and nothing is aggregated. ``validation_fraction``: the
-    share of a client's training examples held out as its validation split
-    when the data has none (0: make none). ``compression``: how devices
-    compress their deltas (the device's own code, error feedback);
-    ``downlink_compression``: how the server sends model deltas down
-    (simulated, flat averaging only): :mod:`sdk.simulation.traffic`.
-    """
-
-    rounds: int
-    budget: TrainBudget = TrainBudget()
-    participation: float = 1.0
-    straggler_fraction: float = 0.0
-    straggler_work: float = 0.5
-    straggler_policy: Literal["drop", "partial"] = "partial"
-    dropout_fraction: float = 0.0
-    aggregation: AggregationConfig = AggregationConfig()
-    federated: bool = True
-    fomo_candidates: int | None = None
-    hierarchy: HierarchyConfig | None = None
-    finetune_epochs: int = 0
-    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
-    seed: int = 0
-    compression: CompressionSpec = NO_COMPRESSION
-    downlink_compression: CompressionSpec = NO_COMPRESSION
-
-    def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise ValueError("rounds must be >= 0")
-        for name in ("participation", "straggler_fraction", "straggler_work", "dropout_fraction"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]")
-        if self.participation == 0:
-            raise ValueError("participation must be > 0")
-        if self.fomo_candidates is not None and self.fomo_candidates < 1:
-            raise ValueError("fomo_candidates must be >= 1")
-        if self.straggler_policy not in ("drop", "partial"):
-            raise ValueError("straggler_policy must be 'drop' or 'partial'")
-        if self.finetune_epochs < 0:
-            raise ValueError("finetune_epochs must be >= 0")
-        if self.hierarchy is not None and (self.fomo_candidates is not None or not self.federated):
-            raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
-        if self.compression.enabled and self.fomo_candidates is not None:
-            raise ValueError("compression applies to averaged deltas; FedFomo uploads whole models")
-        if self.downlink_compression.enabled and (self.hierarchy is not None or self.fomo_candidates is not None):
-            raise ValueError("downlink_compression is simulated for flat averaging only")
 
 
 def _full_steps(n: int, budget: TrainBudget) -> int:
@@ -149,9 +90,17 @@ def _full_steps(n: int, budget: TrainBudget) -> int:
 
 
 class FederatedSimulator:
-    """Runs ``config.rounds`` rounds of the bundle's training mode over ``dataset``'s clients."""
+    """Runs ``config.rounds`` rounds of the bundle's training mode over ``dataset``'s clients.
 
-    def __init__(self, bundle: TrainingBundle, dataset: FederatedDataset, config: SimulationConfig, *, threads: int = 1) -> None:
+    ``checkpoint``: save each round's metrics and, every ``checkpoint.every``
+    rounds, the whole fleet there, and resume from what is saved (not for FedFomo
+    or compressed traffic, whose server-side state is not saved).
+    ``newcomers``: clients outside the fleet that join it per ``config.cold_start``
+    (:mod:`sdk.simulation.cold_start`; averaging algorithms only).
+    """
+
+    def __init__(self, bundle: TrainingBundle, dataset: FederatedDataset, config: SimulationConfig, *, threads: int = 1,
+                 checkpoint: SimulationCheckpoint | None = None, newcomers: Sequence[ClientData] = ()) -> None:
         self.bundle = bundle
         self.validation = ensure_validation_split(dataset, fraction=config.validation_fraction, seed=config.seed)
         if self.validation.held_out:
@@ -159,11 +108,27 @@ class FederatedSimulator:
         dataset = self.validation.dataset
         self.dataset = dataset
         self.config = config
-        self._trainers = {c.client_id: DeviceTrainer(bundle, threads=threads) for c in dataset.clients}
+        if checkpoint is not None and config.fomo_candidates is not None:
+            raise ValueError("FedFomo runs cannot be checkpointed (its peer uploads and affinities are not saved)")
+        if checkpoint is not None and (config.compression.enabled or config.downlink_compression.enabled):
+            raise ValueError("compressed runs cannot be checkpointed (the error-feedback residuals are not saved)")
+        self._checkpoint = checkpoint
+        self._newcomers: NewcomerBench | None = None
+        if config.cold_start is not None:
+            if not (config.federated and config.fomo_candidates is None and config.hierarchy is None):
+                raise ValueError("cold start joins a flat averaging fleet (not local-only, FedFomo or a hierarchy)")
+            self._newcomers = NewcomerBench(bundle, newcomers, config.cold_start, seed=config.seed, threads=threads)
+        self._resume_after = None if checkpoint is None else checkpoint.committed_round([c.client_id for c in dataset.clients])
+        self._trainers = {c.client_id: DeviceTrainer(bundle, threads=threads,
+                                                     state_dir=None if checkpoint is None else checkpoint.device_dir(c.client_id))
+                          for c in dataset.clients}
         self._train = {c.client_id: ArrayDataSource(c.train.x, c.train.y) for c in dataset.clients}
         self._test = {c.client_id: ArrayDataSource(c.test.x, c.test.y) for c in dataset.clients}
         self._val = {c.client_id: ArrayDataSource(c.val.x, c.val.y) for c in dataset.clients}
         first = next(iter(self._trainers.values()))
+        self._ditto = first.has_personal_model
+        if self._ditto and (config.hierarchy is not None or config.fomo_candidates is not None or not config.federated):
+            raise ValueError("a ditto bundle runs flat averaging only (no hierarchy, FedFomo or local-only)")
         self.global_params = first.get_shared()
         self._shapes = {n: v.shape for n, v in self.global_params.items()}
         self._uplink = Uplink(config.compression)
@@ -241,7 +206,7 @@ class FederatedSimulator:
             update = train_local_round(
                 self._trainers[cid], self._train[cid],
                 global_params=served[region] if self._averaging() else None,
-                round_number=round_number, budget=budget, rng=self._rng(round_number, 1, index),
+                round_number=round_number, budget=budget, rng=self._rng(round_number, 1, index), validation=self._val[cid],
             )
             if cfg.fomo_candidates is not None:
                 self._uploads[cid] = self._trainers[cid].get_shared()
@@ -258,10 +223,14 @@ class FederatedSimulator:
                 self._downlink.publish(self.global_params)
             for cid, trainer in self._trainers.items():
                 trainer.set_global(self._served(cid), round_number=round_number)
-        personal = self._evaluate()
-        # Flat averaging: every device holds the global shared layers already.
-        server = {} if not self._averaging() else (
-            dict(personal) if cfg.hierarchy is None else self._evaluate(lambda cid: self.global_params))
+        own: dict[str, float] = {}
+        if self._ditto:
+            personal, server, own = self._evaluate_ditto()
+        else:
+            personal = self._evaluate()
+            # Flat averaging: every device holds the global shared layers already.
+            server = {} if not self._averaging() else (
+                dict(personal) if cfg.hierarchy is None else self._evaluate(lambda cid: self.global_params))
         regional = ({} if cfg.hierarchy is None else
                     self._evaluate(lambda cid: self._regional[self._region[cid]] or self.global_params))
         return RoundMetrics(
@@ -271,6 +240,8 @@ class FederatedSimulator:
             bytes_up_per_device=(round(float(np.mean(sent))) if sent else 0) if cfg.federated else 0,
             bytes_down_per_device=received * (cfg.fomo_candidates or 1) if cfg.federated else 0,
             seconds=time.perf_counter() - start, fomo_combined=tuple(combined), fomo_kept_own=tuple(kept_own),
+            personal_model_accuracy=own,
+            serving_weight={cid: t.serving_weight for cid, t in self._trainers.items()} if self._ditto else {},
         )
 
     def _aggregate(self, rules: dict, samples: dict[str, int], served: dict[str, ParameterDict]) -> None:
@@ -303,6 +274,19 @@ class FederatedSimulator:
             out[cid] = float(trainer.evaluate(self._test[cid]).accuracy or 0.0)
             trainer.set_shared(own)
         return out
+
+    def _evaluate_ditto(self) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """Ditto: per device, the served mixture, the global model and the personal model alone, from two passes."""
+        served, global_, own = {}, {}, {}
+        for cid, trainer in self._trainers.items():
+            kind = trainer.manifest.hyperparameters.loss
+            personal, y = trainer.model_outputs(self._test[cid], model=ModelView.PERSONAL)
+            server, _ = trainer.model_outputs(self._test[cid], model=ModelView.GLOBAL)
+            n = max(1, len(y))
+            own[cid] = correct_count(personal, y, kind) / n
+            global_[cid] = correct_count(server, y, kind) / n
+            served[cid] = correct_count(mix_outputs(personal, server, trainer.serving_weight, kind), y, kind) / n
+        return served, global_, own
 
     def _pooled(self, accuracy: dict[str, float]) -> float:
         total = sum(self._test_examples[c] for c in accuracy)
@@ -348,16 +332,30 @@ class FederatedSimulator:
     def run(self, *, on_round: Callable[[RoundMetrics], None] | None = None) -> SimulationResult:
         """All rounds, then the optional fine-tuning; ``on_round`` (e.g. a progress bar) is called after each round."""
         start = time.perf_counter()
-        records = []
-        for r in range(self.config.rounds):
+        records: list[RoundMetrics] = []
+        ckpt = self._checkpoint
+        if ckpt is not None and self._resume_after is not None:
+            records = ckpt.records(self._resume_after)
+            self.global_params, self._regional = ckpt.load_server(list(self._regional))
+            logger.info("resumed from %s after round %d", ckpt.directory, self._resume_after)
+        earlier = sum(r.seconds for r in records)
+        joined: list[NewcomerResult] = []
+        for r in range(len(records), self.config.rounds):
             record = self.run_round(r)
             records.append(record)
+            if self._newcomers is not None and r + 1 in self._newcomers.config.join_rounds:
+                joined += self._newcomers.evaluate(self.global_params, join_round=r + 1)
             logger.info("round %d: mean accuracy %.4f, %d aggregated, %d dropped", r, record.mean_accuracy,
                         len(record.aggregated), len(record.dropped))
+            if ckpt is not None:
+                ckpt.append_record(record)
+                if ckpt.due(r, self.config.rounds - 1):
+                    ckpt.save(r, self._trainers, self.global_params, self._regional)
             if on_round is not None:
                 on_round(record)
         final = records[-1].personalised_accuracy if records else self._evaluate()
         tuned = self._fine_tune() if self.config.finetune_epochs > 0 else {}
         return SimulationResult(rounds=tuple(records), final_accuracy=final, global_params=dict(self.global_params),
                                 fine_tuned_accuracy=tuned, test_examples=dict(self._test_examples),
-                                seconds=time.perf_counter() - start, validation=self.validation)
+                                seconds=earlier + time.perf_counter() - start, validation=self.validation,
+                                cold_start=tuple(joined))

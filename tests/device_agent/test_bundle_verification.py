@@ -116,6 +116,36 @@ def test_manifest_parse_names_the_problem(bundle_factory, mutate, message):
         parse_manifest(json.dumps(doc).encode())
 
 
+def test_ditto_manifest_carries_lambda_and_two_full_sets(bundle_factory, fleet_key):
+    manifest = verify_bundle(bundle_factory("ditto", ditto_lambda=0.5), fleet_key.public_key())
+    h = manifest.hyperparameters
+    assert h.mode is TrainingMode.DITTO and h.ditto_lambda == pytest.approx(0.5) and manifest.has_anchors
+    everything = tuple(p.name for p in manifest.parameters)
+    assert {s.name.value: s.trainable for s in manifest.artifact_sets} == {"joint": everything, "ditto": everything}
+    assert {s.name.value for s in manifest.portable.sets} == {"joint", "ditto"}
+    # other modes' manifests do not mention the field at all (their signed bytes are as before)
+    with zipfile.ZipFile(bundle_factory("fedavg")) as zf:
+        assert "ditto_lambda" not in json.loads(zf.read(MANIFEST_NAME))["hyperparameters"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["hyperparameters"].pop("ditto_lambda"), "ditto_lambda"),
+        (lambda d: d["hyperparameters"].update(ditto_lambda=0), "ditto_lambda"),
+        (lambda d: d["hyperparameters"].update(mode="fedavg"), "ditto_lambda"),
+        (lambda d: d["parameters"][-1].update(role="personal"), "federates every parameter"),
+        (lambda d: d["artifact_sets"].pop(), "mode ditto needs exactly"),
+    ],
+)
+def test_ditto_manifest_parse_names_the_problem(bundle_factory, mutate, message):
+    with zipfile.ZipFile(bundle_factory("ditto", ditto_lambda=0.5)) as zf:
+        doc = json.loads(zf.read(MANIFEST_NAME))
+    mutate(doc)
+    with pytest.raises(BundleError, match=message):
+        parse_manifest(json.dumps(doc).encode())
+
+
 def test_manifest_compression_field_round_trips_and_is_absent_by_default(bundle_factory):
     with zipfile.ZipFile(bundle_factory("fedavg")) as zf:
         raw = zf.read(MANIFEST_NAME)

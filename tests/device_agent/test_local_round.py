@@ -62,3 +62,33 @@ def test_fomo_combination_keep_reference_leaves_the_served_model_as_reference(bu
         np.testing.assert_allclose(v, good[n], atol=1e-6)  # the combination is the model now
         np.testing.assert_array_equal(device.global_reference[n], served[n])  # but deltas stay against S_r
         np.testing.assert_allclose(delta[n], good[n] - served[n], atol=1e-6)
+
+
+def test_local_round_of_a_ditto_device_chooses_what_it_serves_on_validation(bundle_factory, install, digits):
+    from device_agent.personalization.model_choice import choose_mixture
+    from device_agent.trainer import ModelView
+
+    x, y = digits
+    trainer = DeviceTrainer(install(bundle_factory("ditto", ditto_lambda=0.1)), threads=1)
+    val = ArrayDataSource(x[1500:1600], y[1500:1600])
+    update = train_local_round(trainer, ArrayDataSource(x[:300], y[:300]), global_params=trainer.get_shared(), round_number=0,
+                               budget=TrainBudget(epochs=2), rng=np.random.default_rng(0), validation=val)
+    personal = trainer.model_outputs(val, model=ModelView.PERSONAL)[0]
+    global_ = trainer.model_outputs(val, model=ModelView.GLOBAL)[0]
+    want = choose_mixture(personal, global_, y[1500:1600], trainer.manifest.hyperparameters.loss)
+    assert update.choice is not None and update.choice.alpha == want.alpha == trainer.serving_weight
+    assert update.choice.accuracy == want.accuracy and len(update.choice.candidates) == 11
+    # the choice is about what the device serves: the delta it sends is its global track's alone
+    now = trainer.get_shared()
+    for n, d in update.delta.items():
+        np.testing.assert_array_equal(d, now[n] - trainer.global_reference[n])
+
+
+def test_local_round_makes_no_choice_without_a_personal_model_or_validation(bundle_factory, install, digits):
+    x, y = digits
+    data, val = ArrayDataSource(x[:64], y[:64]), ArrayDataSource(x[1500:1550], y[1500:1550])
+    fedavg = DeviceTrainer(install(bundle_factory("fedavg")), threads=1)
+    assert train_local_round(fedavg, data, global_params=None, round_number=0, budget=TrainBudget(), validation=val).choice is None
+    ditto = DeviceTrainer(install(bundle_factory("ditto", ditto_lambda=0.1)), threads=1)
+    assert train_local_round(ditto, data, global_params=None, round_number=0, budget=TrainBudget()).choice is None
+    assert ditto.serving_weight == 1.0

@@ -96,6 +96,10 @@ def test_cli_bench_accuracy_refuses_unknown_setting_and_missing_results(tmp_path
     assert res.exit_code == 2 and "unknown settings" in res.output
     res = CliRunner().invoke(cli, ["bench", "accuracy", "--setting", "watch", "--report-only", "--out", str(tmp_path)])
     assert res.exit_code == 1 and "no results to report" in res.output
+    res = CliRunner().invoke(cli, ["bench", "accuracy", "--setting", "fmnist-full", "--run", "FedRep", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "has no runs ['FedRep']" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["bench", "accuracy", "--setting", "synthetic", "--rounds", "500", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "--rounds must be between 1 and" in res.output
 
 
 def test_cli_simulate_hierarchy_robust_rule_and_fine_tuning(tmp_path: Path):

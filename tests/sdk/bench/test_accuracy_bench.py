@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from sdk.bench.accuracy_bench import (
@@ -120,6 +122,101 @@ def test_a_lead_under_half_a_point_over_local_only_is_a_tie_not_a_win() -> None:
     ]
     (claim,) = [c for c in summarise(SETTING, results)["claims"] if c["claim"].startswith("the best personalised")]
     assert claim["holds"] is False and "a tie with local-only" in claim["evidence"]
+
+
+def _seeded(seed: int, label: str, algorithm: str, personalised: dict[str, float], **kwargs) -> dict:
+    result = _result(label, algorithm, personalised, **kwargs)
+    result["seed"] = seed
+    return result
+
+
+SCARCE = AccuracySetting(name="t-n10", title="test", dataset="digits", model="mlp", rounds=2, epochs=1, batch_size=16,
+                         learning_rate=0.01, optimizer="adamw", runs=(), seeds=(0, 1, 2), per_class=10)
+
+
+def test_gains_over_local_only_are_paired_by_device_and_seed() -> None:
+    local = [{"a": 0.50, "b": 0.80}, {"a": 0.52, "b": 0.80}, {"a": 0.48, "b": 0.80}]
+    method = [{"a": 0.60, "b": 0.81}, {"a": 0.62, "b": 0.79}, {"a": 0.61, "b": 0.80}]
+    results = [r for k in range(3) for r in (_seeded(k, "Local-only", "local", local[k]), _seeded(k, "FedAlt", "fedalt", method[k]))]
+    summary = summarise(SCARCE, results)
+    row = next(r for r in summary["rows"] if r["label"] == "FedAlt")
+    # gains: a = 0.10, 0.10, 0.13 (mean 0.11, std 0.0173); b = 0.01, -0.01, 0.00 (mean 0, std 0.01)
+    assert row["gain_mean"] == pytest.approx((0.10 + 0.10 + 0.13 + 0.01 - 0.01 + 0.0) / 6)
+    per_seed_mean_gain = [(0.10 + 0.01) / 2, (0.10 - 0.01) / 2, (0.13 + 0.0) / 2]
+    assert row["gain_seed_std"] == pytest.approx(float(np.std(per_seed_mean_gain, ddof=1)))
+    assert row["share_clear"] == pytest.approx(0.5)  # a clearly ahead, b not (mean gain 0 is not above its spread)
+    assert row["seeds"] == 3 and row["personalised_seed_std"] == pytest.approx(float(np.std([0.705, 0.705, 0.705], ddof=1)), abs=1e-9)
+    assert row["per_device"]["a"] == pytest.approx(0.61)
+    (clear,) = [c for c in summary["claims"] if "seed spread" in c["claim"]]
+    assert clear["holds"] is False and "clearly ahead on 50% of devices" in clear["evidence"]
+    table = format_table(SCARCE, summary)
+    assert "clearly ahead" in table and "| FedAlt | 70.50 ± 0.00 |" in table and "+5.50 ± " in table
+
+
+def test_the_clear_gain_claim_holds_when_every_device_is_ahead_beyond_the_spread() -> None:
+    results = []
+    for k, wobble in enumerate((0.0, 0.01, -0.01)):
+        results.append(_seeded(k, "Local-only", "local", {"a": 0.5 + wobble, "b": 0.6 - wobble}))
+        results.append(_seeded(k, "Ditto", "ditto", {"a": 0.7 + wobble, "b": 0.8 - wobble}))
+    (clear,) = [c for c in summarise(SCARCE, results)["claims"] if "seed spread" in c["claim"]]
+    assert clear["holds"] is True and "+20.00 points" in clear["evidence"]
+
+
+def test_a_ditto_run_gives_its_personal_model_and_its_choice_as_two_rows() -> None:
+    ditto = _result("Ditto", "ditto", {"a": 0.9, "b": 0.7}, global_={"a": 0.6, "b": 0.6})
+    ditto["final"]["personal_model"] = {"a": 0.8, "b": 0.7}
+    ditto["final"]["serving_weight"] = {"a": 1.0, "b": 0.4}
+    ditto["rounds"][0]["personal_model_mean"] = 0.3
+    results = [_result("Local-only", "local", {"a": 0.85, "b": 0.65}), ditto]
+    summary = summarise(SETTING, results)
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert rows["Ditto"]["personalised_mean"] == pytest.approx(0.75) and rows["Ditto+choice"]["personalised_mean"] == pytest.approx(0.8)
+    assert rows["Ditto"]["global_mean"] == rows["Ditto+choice"]["global_mean"] == pytest.approx(0.6)
+    assert rows["Ditto+choice"]["gain_mean"] == pytest.approx(0.05) and rows["Ditto+choice"]["share_clear"] is None
+    assert summary["choices"]["Ditto+choice"] == {"personal": 1, "global": 0, "mixture": 1, "weights": [1.0, 0.4]}
+    assert "1 of 2 devices served their personal model, 0 the global model and 1 a mixture" in format_table(SETTING, summary)
+    from sdk.bench.accuracy_report import round_curves
+
+    assert round_curves(results) == {"Local-only": [0.1], "Ditto": [0.3], "Ditto+choice": [0.1]}
+
+
+def test_cold_start_summary_and_claims_compare_with_local_only_on_the_same_examples() -> None:
+    from sdk.bench.accuracy_cold_start import cold_start_claims, cold_start_summary, format_cold_start
+
+    def joined(label: str, seed: int, entries: list[tuple[str, int, float | None, float, float | None]]) -> dict:
+        result = _seeded(seed, label, "fedavg", {"a": 0.5, "b": 0.5})
+        result["cold_start"] = [{"device": d, "join_round": 5, "samples": n, "zero_shot": z, "fleet": f, "local": loc}
+                                for d, n, z, f, loc in entries]
+        return result
+
+    results = [joined("FedAvg", 0, [("x", 10, 0.5, 0.7, 0.4), ("y", 10, 0.5, 0.3, 0.6)]),
+               joined("FedAlt", 0, [("x", 10, None, 0.9, None), ("y", 10, None, 0.8, None)])]
+    summary = cold_start_summary(results)
+    (row,) = summary["rows"]
+    assert row["ways"]["local-only"]["mean"] == pytest.approx(0.5)
+    assert row["ways"]["FedAvg + head"]["beats_local"] == pytest.approx(0.5)
+    assert row["ways"]["FedAlt + head"] == {"mean": pytest.approx(0.85), "std": pytest.approx(0.05), "n": 2, "beats_local": 1.0}
+    assert "FedAlt + head" in format_cold_start(summary) and "85.0 ± 5.0 (100%)" in format_cold_start(summary)
+    (claim,) = cold_start_claims(summary)
+    assert claim["holds"] is True and claim["evidence"].startswith("FedAlt + head 85.0 vs local-only 50.0")
+
+
+def test_a_cut_setting_keeps_the_named_runs_and_rounds_and_says_so() -> None:
+    from sdk.bench.accuracy_settings import cut_setting
+
+    full = settings("full")["fmnist-full"]
+    cut = cut_setting(full, rounds=20, labels=("FedAlt", "Local-only"))
+    assert cut.name == full.name and cut.rounds == 20 and [r.label for r in cut.runs] == ["Local-only", "FedAlt"]
+    assert "20 of its 100 rounds and 2 of its 4 runs" in cut.title and "--rounds/--run" in cut.notes[-1]
+    assert cut_setting(full) is full and cut_setting(full, rounds=100) is full
+    with pytest.raises(ValueError, match="between 1 and"):
+        cut_setting(full, rounds=101)
+    with pytest.raises(ValueError, match="no runs \\['FedRep'\\]"):
+        cut_setting(full, labels=("FedRep",))
+    cold = settings("full")["cold-start-watch"]
+    assert cut_setting(cold, rounds=10).join_rounds == (1, 5, 10)
+    with pytest.raises(ValueError, match="keep at least the first"):
+        cut_setting(replace(cold, join_rounds=(5,)), rounds=2)
 
 
 def test_compression_claim_compares_bytes_up_and_down_and_accuracy_with_the_float32_run() -> None:

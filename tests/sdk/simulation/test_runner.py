@@ -46,8 +46,8 @@ def test_model_source_check_names_what_does_not_fit() -> None:
 def test_compare_refuses_before_training_and_runs_when_it_fits() -> None:
     clients = _clients()
     split = ParameterSplit(shared=("base",), personal=("head",))
-    with pytest.raises(ValueError, match="unknown algorithm 'ditto'"):
-        compare(clients, Net, split=split, algorithms=["local", "ditto"])
+    with pytest.raises(ValueError, match="unknown algorithm 'scaffold'"):
+        compare(clients, Net, split=split, algorithms=["local", "scaffold"])
     with pytest.raises(ValueError, match="fedalt keeps a personal head"):
         compare(clients, Net, algorithms=["fedavg", "fedalt"])
     with pytest.raises(ValueError, match="rejects examples of shape"):

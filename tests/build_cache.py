@@ -101,6 +101,24 @@ def ensure_built(entry: str, build: Callable[[Path], None]) -> tuple[Path, bool]
     return path, True
 
 
+@contextmanager
+def held_entry(kind: str, entry: str, build: Callable[[Path], None], *, keep: int,
+               timeout_s: float) -> Iterator[tuple[Path, bool]]:
+    """Entry ``entry`` of ``kind``, built if missing, held in use (shared lock) until the context ends; (path, built now).
+
+    Users of a complete entry hold the shared lock for a whole module or session: only a missing
+    entry takes the exclusive one, or a second xdist worker would wait for every user to finish.
+    Older entries of ``kind`` beyond ``keep`` are pruned.
+    """
+    path, built = cache_root() / entry, False
+    if not (path / STAMP).exists():
+        with cache_lock(entry, timeout_s=timeout_s):
+            path, built = ensure_built(entry, build)
+    prune(kind, keep=keep)
+    with cache_lock(entry, timeout_s=timeout_s, shared=True):
+        yield path, built
+
+
 def unmount_under(path: Path) -> None:
     """Unmount (lazily, deepest first) every mount point at or below ``path``; RuntimeError if one stays."""
     prefix = str(path.resolve())

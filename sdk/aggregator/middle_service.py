@@ -20,7 +20,6 @@ switches bundle version at a round boundary exactly as a region does
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -31,8 +30,6 @@ from sdk.aggregator.metrics import ServiceMetrics
 from sdk.aggregator.middle import MiddleAggregator
 from sdk.aggregator.regional_service import RegionalService
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
-
-logger = logging.getLogger(__name__)
 
 
 class MiddleService(RegionalService):
@@ -76,12 +73,4 @@ class MiddleService(RegionalService):
             return
         if child == self.region:
             return  # our own aggregate, delivered back by the broker
-        blob = self.reassemble(payload, sender=child)
-        if blob is None:
-            return
-        handled = self.middle.handle_aggregate(blob, topic_child=child)
-        if handled.receipt is not None:
-            self.publish(self.layout.region_receipt(child), handled.receipt)
-        self.metrics.update_handled(handled, arrived=self.arrived)
-        logger.info("aggregate from %s: %s%s", child, handled.verdict.value, f" ({handled.reason})" if handled.reason else "")
-        self.on_tick()
+        self.take_aggregate(payload, child=child, handle=lambda blob: self.middle.handle_aggregate(blob, topic_child=child))

@@ -113,15 +113,8 @@ class RootService(MqttAggregatorService):
             self.count("unroutable_topic")
             logger.warning("ignoring a message on %s", topic)
             return
-        blob = self.reassemble(payload, sender=region)
-        if blob is None:
-            return
-        handled = self.aggregator.handle_aggregate(blob, topic_region=region)
-        if handled.receipt is not None:
-            self.publish(self.layout.region_receipt(region), handled.receipt)
-        self.metrics.update_handled(handled, arrived=self.arrived)
-        logger.info("aggregate from %s: %s%s", region, handled.verdict.value, f" ({handled.reason})" if handled.reason else "")
-        self.on_tick()
+        self.take_aggregate(payload, child=region,
+                            handle=lambda blob: self.aggregator.handle_aggregate(blob, topic_region=region))
 
     def on_tick(self) -> None:
         """Expire stale chunks; follow releases; close the round (switching versions when due) and publish the

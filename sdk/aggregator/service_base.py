@@ -50,7 +50,7 @@ from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.inbox import FairInbox, InboxLimits
 from sdk.aggregator.metrics import ServiceMetrics
 from sdk.aggregator.metrics_endpoint import Health
-from sdk.aggregator.outcomes import AggregatorStatus
+from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate
 from sdk.aggregator.round_state import RoundStatus
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 
@@ -391,6 +391,18 @@ class MqttAggregatorService:
             self.count("bad_chunk")
             logger.warning("dropped a chunk from %s: %s", sender, exc)
             return None
+
+    def take_aggregate(self, payload: bytes, *, child: str, handle: Callable[[bytes], HandledUpdate]) -> None:
+        """One child tier's (possibly chunked) aggregate: ``handle`` it, answer with its signed receipt, count, tick."""
+        blob = self.reassemble(payload, sender=child)
+        if blob is None:
+            return
+        handled = handle(blob)
+        if handled.receipt is not None:
+            self.publish(self.layout.region_receipt(child), handled.receipt)
+        self.metrics.update_handled(handled, arrived=self.arrived)
+        logger.info("aggregate from %s: %s%s", child, handled.verdict.value, f" ({handled.reason})" if handled.reason else "")
+        self.on_tick()
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False, chunk: bool = False) -> bool:
         """Publish at QoS 1 after the size check: chunked when ``chunk``, else refused (counted) when too large."""

@@ -213,16 +213,7 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         influence=_influence(top),
         **_common(top, agg, manifest),
     ))
-    store = agg.path("store")
-    member = agg.string("member", "main")
-    broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")
-    loop = _loop(top)
-    metrics = _metrics(top)
-    release = _release(top, store=store, bundle=agg.path("bundle"), fleet_public_key=agg.path("fleet_public_key"))
-    agg.done()
-    top.done()
-    return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
-                                 release=release)
+    return _region_like_service(top, agg, config, fleet=fleet, region=region)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:
@@ -476,6 +467,11 @@ def load_middle_service_config(path: str | Path) -> RegionalServiceConfig:
         regional_weight=agg.number("regional_weight", 0.0, minimum=0.0),
         **_common(top, agg, manifest, default_quorum=max(1, len(children))),
     ))
+    return _region_like_service(top, agg, config, fleet=fleet, region=region)
+
+
+def _region_like_service(top: TomlTable, agg: TomlTable, config: RegionalConfig, *, fleet: str, region: str) -> RegionalServiceConfig:
+    """The service settings a region and a middle tier share (store, member, broker, loop, metrics, release)."""
     store = agg.path("store")
     member = agg.string("member", "main")
     broker = _broker(top, default_client_id=f"fedge-{fleet}-{region}-{member}")

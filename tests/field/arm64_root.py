@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.build_cache import STAMP, cache_lock, cache_root, ensure_built, key_of, prune
+from tests.build_cache import held_entry, key_of
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +150,7 @@ def cached_root() -> Iterator[tuple[Path, bool]]:
     mirror = debian_mirror()
     kind = f"{ARCH}-{SUITE}-root"
     entry = f"{kind}-r{RECIPE}-{key_of(SUITE, ARCH, 'minbase', INCLUDE, mirror)}"
-    # Another session (or xdist worker) holds the shared lock while it uses a complete root:
-    # only a missing root needs the exclusive one, or that user would block this one for its whole session.
-    path, built = cache_root() / entry, False
-    if not (path / STAMP).exists():
-        with cache_lock(entry, timeout_s=1500):
-            path, built = ensure_built(entry, lambda p: _debootstrap(p, mirror))
-    prune(kind, keep=1)
-    with cache_lock(entry, timeout_s=1500, shared=True):
+    with held_entry(kind, entry, lambda p: _debootstrap(p, mirror), keep=1, timeout_s=1500) as (path, built):
         yield path / "root", built
 
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.build_cache import REPO, STAMP, cache_lock, cache_root, ensure_built, prune, tree_key
+from tests.build_cache import REPO, held_entry, tree_key
 from tests.example_modules import load_example
 
 #: Bump when the way the venv is built changes.
@@ -93,12 +93,5 @@ def device_venv(extra: str) -> Iterator[DeviceVenv]:
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     kind = f"venv-{extra}-{python}-{platform.machine()}"
     entry = f"{kind}-r{RECIPE}-{tree_key(REPO, overlay.WHEEL_SOURCES)}"
-    # Users of a complete venv hold the shared lock for a whole module or session: only a
-    # missing venv needs the exclusive one (else a second worker would wait for them all).
-    path, built = cache_root() / entry, False
-    if not (path / STAMP).exists():
-        with cache_lock(entry, timeout_s=900):
-            path, built = ensure_built(entry, lambda p: _build(p, extra))
-    prune(kind, keep=2)
-    with cache_lock(entry, timeout_s=900, shared=True):
+    with held_entry(kind, entry, lambda p: _build(p, extra), keep=2, timeout_s=900) as (path, built):
         yield DeviceVenv(path=path, extra=extra, built_now=built)

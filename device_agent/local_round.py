@@ -6,18 +6,26 @@ the sample count it should be weighted by. Personal weights stay in the trainer.
 A device with a personal model (Ditto) and validation data then chooses, on
 that data, how much of its personal and of the global model it serves
 (:func:`choose_served_model`, :mod:`~device_agent.personalization.model_choice`).
+
+After federation a device can also fine-tune the received model with early
+stopping on its validation split (:func:`fine_tune_early_stopped`) and keep,
+of its candidate models, the one that scores best there, ties going to its
+own local model (:func:`validation_score` and
+:func:`~device_agent.personalization.model_select.choose_model`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from device_agent.data import DataSource
 from device_agent.personalization.fedfomo import FomoUpdate, fomo_update
 from device_agent.personalization.model_choice import DEFAULT_ALPHAS, MixtureChoice, choose_mixture
+from device_agent.personalization.model_select import ModelScore, best_index, early_stop_epoch
 from device_agent.trainer import DeviceTrainer, ModelView, TrainBudget, TrainReport
 
 
@@ -110,3 +118,72 @@ def combine_candidates_fomo(
     else:
         trainer.set_global(update.parameters, round_number=round_number)
     return update
+
+
+def validation_score(trainer: DeviceTrainer, validation: DataSource, name: str) -> ModelScore:
+    """What the model ``trainer`` serves scores on ``validation``, as a candidate called ``name``."""
+    report = trainer.evaluate(validation)
+    return ModelScore(name=name, accuracy=report.accuracy, loss=report.loss)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EarlyStopped:
+    """What :func:`fine_tune_early_stopped` kept: after ``epochs`` epochs (0: the model as received) of ``trained``.
+
+    ``scores``: every epoch's validation score, epoch 0 first.
+    """
+
+    epochs: int
+    trained: int
+    score: ModelScore
+    scores: tuple[ModelScore, ...]
+
+
+def fine_tune_early_stopped(
+    trainer: DeviceTrainer,
+    data: DataSource,
+    validation: DataSource,
+    *,
+    scope: Literal["head", "all"],
+    max_epochs: int,
+    patience: int = 3,
+    batch_size: int = 32,
+    learning_rate: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> EarlyStopped:
+    """Fine-tune the model the trainer holds one epoch at a time and keep the epoch that scores best on ``validation``.
+
+    ``scope="head"`` trains the bundle's ``finetune`` set (:meth:`DeviceTrainer.fine_tune`),
+    ``"all"`` every trainable parameter (:meth:`DeviceTrainer.train`, not for Ditto bundles).
+    Epoch 0 (the model as received) is a candidate; an epoch must score strictly better to
+    replace the best, and training stops after ``patience`` epochs without one, or at
+    ``max_epochs``. The trainer is left holding the kept weights (anchors and the delta
+    reference are not touched). ValueError for empty validation data or a bad scope.
+    """
+    if len(validation) == 0:
+        raise ValueError("early stopping needs validation data")
+    if max_epochs < 0:
+        raise ValueError("max_epochs must be >= 0")
+    if scope not in ("head", "all") or (scope == "all" and trainer.has_personal_model):
+        raise ValueError(f"scope {scope!r}: use 'head', or 'all' on a bundle without a Ditto personal model")
+    budget = TrainBudget(epochs=1, batch_size=batch_size, learning_rate=learning_rate)
+
+    def weights() -> dict[str, np.ndarray]:
+        return {**trainer.get_shared(), **trainer.get_personal()}
+
+    scores = [validation_score(trainer, validation, "epoch 0")]
+    best_weights, best = weights(), 0
+    for epoch in range(1, max_epochs + 1):
+        if scope == "head":
+            trainer.fine_tune(data, budget, rng=rng)
+        else:
+            trainer.train(data, budget, rng=rng)
+        scores.append(validation_score(trainer, validation, f"epoch {epoch}"))
+        if best_index(scores) == epoch:
+            best_weights, best = weights(), epoch
+        if early_stop_epoch(scores, patience=patience) is not None:
+            break
+    trainer.set_shared({n: best_weights[n] for n in trainer.manifest.shared_names})
+    if trainer.manifest.personal_names:
+        trainer.set_personal({n: best_weights[n] for n in trainer.manifest.personal_names})
+    return EarlyStopped(epochs=best, trained=len(scores) - 1, score=scores[best], scores=tuple(scores))

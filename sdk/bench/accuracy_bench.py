@@ -134,7 +134,8 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
     config = SimulationConfig(
         rounds=setting.rounds, budget=TrainBudget(epochs=setting.epochs, batch_size=setting.batch_size),
         participation=setting.participation, straggler_fraction=run.stragglers, straggler_work=setting.straggler_work,
-        hierarchy=hierarchy, finetune_epochs=run.finetune_epochs, seed=seed, cold_start=cold_start,
+        hierarchy=hierarchy, finetune_epochs=run.finetune_epochs, choice_epochs=run.choice_epochs, seed=seed,
+        cold_start=cold_start,
         compression=CompressionSpec.parse(run.compression), downlink_compression=CompressionSpec.parse(run.downlink),
     )
     checkpoint = (SimulationCheckpoint(progress / "checkpoint", every=setting.checkpoint_every)
@@ -157,6 +158,8 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
         "seconds": result.seconds,
         "test_examples": result.test_examples,
         "regions": {c.client_id: c.region for c in data.clients},
+        "devices": {c.client_id: {"train": len(c.train.y), "classes": int(len(np.unique(c.train.y))), "val": len(c.val.y),
+                                  "test": len(c.test.y)} for c in data.clients},
         "dataset_description": data.description,
         "validation": None if validation is None else {"fraction": validation.fraction, "held_out": validation.held_out,
                                                        "note": validation.describe()},
@@ -168,6 +171,9 @@ def run_one(setting: AccuracySetting, run: AccuracyRun, *, seed: int = 0, thread
             "fine_tuned": result.fine_tuned_accuracy,
             "personal_model": last.personal_model_accuracy if last else {},
             "serving_weight": last.serving_weight if last else {},
+            "candidates": result.candidate_accuracy,
+            "chosen": result.chosen_accuracy,
+            "chosen_model": result.chosen_model,
         },
         "cold_start": [asdict(c) for c in result.cold_start],
         "rounds": [

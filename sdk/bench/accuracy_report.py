@@ -14,6 +14,7 @@ import numpy as np
 
 from sdk.bench.accuracy_claims import check_claims
 from sdk.bench.accuracy_cold_start import cold_start_claims, cold_start_summary, format_cold_start, plot_cold_start
+from sdk.bench.accuracy_devices import device_analysis, format_devices, plot_devices
 from sdk.bench.accuracy_settings import AccuracySetting, Profile, setting_from_dict, settings
 
 # -- the summary (pure) -----------------------------------------------------------------------
@@ -94,7 +95,20 @@ def _seed_rows(results: Sequence[dict[str, Any]]) -> list[SummaryRow]:
         for kind, acc in sorted(r["final"]["fine_tuned"].items()):
             rows.append(_row(f"{r['label']}+FT({kind})", acc, ex, global_acc=None, local=local, rounds=r["rounds"],
                              seconds=r["seconds"], best=0.0))
+        for name, acc in (r["final"].get("candidates") or {}).items():
+            rows.append(_row(_candidate_label(r["label"], name), acc, ex, global_acc=None, local=local,
+                             rounds=r["rounds"], seconds=r["seconds"], best=0.0))
+        for rule, acc in (r["final"].get("chosen") or {}).items():
+            rows.append(_row(f"{r['label']}, chosen ({rule})", acc, ex, global_acc=None, local=local,
+                             rounds=r["rounds"], seconds=r["seconds"], best=0.0))
     return rows
+
+
+def _candidate_label(label: str, name: str) -> str:
+    """The row of a candidate of the choice against local-only: ``FT(all)`` -> ``FedAvg+FT(all, early stop)``."""
+    if name.startswith("FT(") and name.endswith(")"):
+        return f"{label}+{name[:-1]}, early stop)"
+    return f"{label}, ensemble with local" if name == "local+served" else f"{label}, {name}"
 
 
 def _std(values: Sequence[float]) -> float | None:
@@ -149,7 +163,18 @@ def summarise(setting: AccuracySetting, results: Sequence[dict[str, Any]]) -> di
     if cold is not None:
         claims += cold_start_claims(cold)
     return {"rows": [asdict(row) for row in rows], "claims": claims, "fomo_kept_own": kept, "validation": validation,
-            "seeds": seeds, "choices": _choices(results), "cold_start": cold}
+            "seeds": seeds, "choices": _choices(results), "cold_start": cold, "picked": _picked(results)}
+
+
+def _picked(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per run with a choice against local-only: how many devices (over seeds) kept each candidate."""
+    out: dict[str, dict[str, int]] = {}
+    for r in results:
+        for rule, picked in (r["final"].get("chosen_model") or {}).items():
+            entry = out.setdefault(f"{r['label']}, chosen ({rule})", {})
+            for name in picked.values():
+                entry[name] = entry.get(name, 0) + 1
+    return out
 
 
 def _choices(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -214,6 +239,10 @@ def format_table(setting: AccuracySetting, summary: dict[str, Any]) -> str:
                       f" served their personal model, {chose['global']} the global model and {chose['mixture']} a mixture"
                       f" (median weight on the personal model {float(np.median(chose['weights'])):.1f}), each chosen on its own"
                       " validation split."]
+    for label, picked in (summary.get("picked") or {}).items():
+        kept = ", ".join(f"{n} {name}" for name, n in sorted(picked.items(), key=lambda item: -item[1]))
+        lines += ["", f"{label}: of {sum(picked.values())} devices{' (all seeds)' if multi else ''} kept {kept}, each chosen"
+                      " on its own validation split (`FT(...)`: fine-tuned with early stopping)."]
     if summary.get("cold_start"):
         lines.append(format_cold_start(summary["cold_start"]))
     if summary["claims"]:
@@ -309,6 +338,10 @@ def write_setting(setting: AccuracySetting, results: Sequence[dict[str, Any]], o
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(setting, results)
     table = format_table(setting, summary)
+    devices = device_analysis(summary, results)
+    if devices is not None:
+        summary["devices"] = devices
+        table += "\n" + format_devices(devices)
     payload = {
         "setting": asdict(setting), "profile": profile, "seed": seed, "seeds": list(setting.run_seeds(seed)),
         "machine": {"python": platform.python_version(), "machine": platform.machine(), "cpus": multiprocessing.cpu_count()},
@@ -320,6 +353,8 @@ def write_setting(setting: AccuracySetting, results: Sequence[dict[str, Any]], o
     tmp.replace(out_dir / f"{setting.name}.json")
     (out_dir / f"{setting.name}.md").write_text(table + "\n")
     write_plots(setting, results, summary, out_dir)
+    if devices is not None:
+        plot_devices(devices, setting.title, out_dir / f"{setting.name}-devices.png")
     return table, summary
 
 

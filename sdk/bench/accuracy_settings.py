@@ -41,6 +41,9 @@ class AccuracyRun:
     ``compression`` / ``downlink``: what devices send up and the server
     sends down (:class:`~device_agent.compression.CompressionSpec` text;
     ``none`` is full float32; the downlink is simulated only).
+    ``choice_epochs`` > 0 adds the rows ``<label>, chosen (<rule>)`` and ``<label>+FT(head-es|all-es)``:
+    each device keeps, on its validation split, the best of a local-only model, the run's model and its
+    fine-tunings with early stopping (at most this many epochs) (:mod:`sdk.simulation.local_choice`).
     """
 
     label: str
@@ -53,6 +56,7 @@ class AccuracyRun:
     ditto_lambda: float | None = None
     compression: str = "none"
     downlink: str = "none"
+    choice_epochs: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,6 +269,16 @@ def _cold_start_settings(quick: bool) -> list[AccuracySetting]:
     ]
 
 
+CHOICE_EPOCHS = 20
+"""Most fine-tuning epochs (early stopping, patience 3) before the per-device choice against local-only."""
+
+
+def _with_choice(runs: tuple[AccuracyRun, ...]) -> tuple[AccuracyRun, ...]:
+    """The data-scarce runs with the per-device choice against local-only on every averaging run."""
+    return tuple(replace(r, choice_epochs=CHOICE_EPOCHS) if r.algorithm in ("fedavg", "fedalt", "ditto") else r
+                 for r in runs)
+
+
 def _scarce_settings(quick: bool) -> list[AccuracySetting]:
     """Every built-in dataset with at most N training examples per class per client, three seeds each."""
     out = []
@@ -277,28 +291,28 @@ def _scarce_settings(quick: bool) -> list[AccuracySetting]:
             AccuracySetting(
                 name=f"watch-n{n}", title=f"Smartwatch, 20 clients, time split, {n} training windows per class per client",
                 dataset="watch-time", model="cnn1d", rounds=4 if quick else 30, epochs=2, batch_size=32, learning_rate=0.005,
-                optimizer="adamw", runs=(*_personal_runs(2), DITTO_RUN), notes=(note,), **common),  # type: ignore[arg-type]
+                optimizer="adamw", runs=_with_choice((*_personal_runs(2), DITTO_RUN)), notes=(note,), **common),  # type: ignore[arg-type]
             AccuracySetting(
                 name=f"fmnist-n{n}", title=f"Fashion-MNIST Dir(0.1), 20 clients, {n} training images per class per client",
                 dataset="fashion-mnist", model="cnn2d", rounds=3 if quick else 20, epochs=5, batch_size=32, learning_rate=0.001,
                 optimizer="adamw", subsample=0.05 if quick else 0.5,
-                runs=(AccuracyRun(label="Local-only", algorithm="local"),
-                      AccuracyRun(label="FedAvg", algorithm="fedavg", finetune_epochs=5),
-                      AccuracyRun(label="FedAlt", algorithm="fedalt"), DITTO_RUN),
+                runs=_with_choice((AccuracyRun(label="Local-only", algorithm="local"),
+                                   AccuracyRun(label="FedAvg", algorithm="fedavg", finetune_epochs=5),
+                                   AccuracyRun(label="FedAlt", algorithm="fedalt"), DITTO_RUN)),
                 notes=(note, "The fmnist setting's split (half of the 70k images, Dirichlet(0.1), data seed 1)."),
                 **{**common, "data_seed": 1}),  # type: ignore[arg-type]
             AccuracySetting(
                 name=f"digits-n{n}", title=f"Digits, 8 clients, Dirichlet(0.3), {n} training images per class per client",
                 dataset="digits", model="mlp", rounds=4 if quick else 30, epochs=5, batch_size=32,
-                learning_rate=DEFAULT_LEARNING_RATE, optimizer=DEFAULT_OPTIMIZER, runs=(*_personal_runs(5), DITTO_RUN),
+                learning_rate=DEFAULT_LEARNING_RATE, optimizer=DEFAULT_OPTIMIZER, runs=_with_choice((*_personal_runs(5), DITTO_RUN)),
                 notes=(note,), **common),  # type: ignore[arg-type]
             AccuracySetting(
                 name=f"synthetic-n{n}", title=f"FedProx Synthetic(1, 1), 30 devices, {n} training examples per class per device",
                 dataset="synthetic", model="logreg", rounds=5 if quick else 50, epochs=5, batch_size=10, learning_rate=0.01,
                 optimizer="sgd",
-                runs=(AccuracyRun(label="Local-only", algorithm="local"),
-                      AccuracyRun(label="FedAvg", algorithm="fedavg", finetune_epochs=5),
-                      AccuracyRun(label="FedProx", algorithm="fedprox", mu=1.0), DITTO_RUN),
+                runs=_with_choice((AccuracyRun(label="Local-only", algorithm="local"),
+                                   AccuracyRun(label="FedAvg", algorithm="fedavg", finetune_epochs=5),
+                                   AccuracyRun(label="FedProx", algorithm="fedprox", mu=1.0), DITTO_RUN)),
                 notes=(note, "Multinomial logistic regression has no head to keep personal: Ditto personalises the whole"
                        " model, FedAvg+FT(all) fine-tunes it; every device takes part in every round."),
                 **common),  # type: ignore[arg-type]

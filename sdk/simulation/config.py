@@ -44,6 +44,10 @@ class SimulationConfig:
     compress their deltas (the device's own code, error feedback);
     ``downlink_compression``: how the server sends model deltas down
     (simulated, flat averaging only): :mod:`sdk.simulation.traffic`.
+    ``choice_epochs`` > 0: after the last round each device also fine-tunes with
+    early stopping on its validation split (at most this many epochs), trains a
+    local-only model, and keeps the candidate that scores best on validation,
+    ties to the local model (see :meth:`FederatedSimulator` docs).
     """
 
     rounds: int
@@ -58,6 +62,7 @@ class SimulationConfig:
     fomo_candidates: int | None = None
     hierarchy: HierarchyConfig | None = None
     finetune_epochs: int = 0
+    choice_epochs: int = 0
     validation_fraction: float = DEFAULT_VALIDATION_FRACTION
     seed: int = 0
     cold_start: ColdStartConfig | None = None
@@ -76,8 +81,10 @@ class SimulationConfig:
             raise ValueError("fomo_candidates must be >= 1")
         if self.straggler_policy not in ("drop", "partial"):
             raise ValueError("straggler_policy must be 'drop' or 'partial'")
-        if self.finetune_epochs < 0:
-            raise ValueError("finetune_epochs must be >= 0")
+        if self.finetune_epochs < 0 or self.choice_epochs < 0:
+            raise ValueError("finetune_epochs and choice_epochs must be >= 0")
+        if self.choice_epochs and (not self.federated or self.fomo_candidates is not None or self.hierarchy is not None):
+            raise ValueError("choice_epochs applies to flat averaging runs (a local-only run is the fallback itself)")
         if self.hierarchy is not None and (self.fomo_candidates is not None or not self.federated):
             raise ValueError("hierarchy applies to averaging algorithms, not to local-only or FedFomo")
         if self.cold_start is not None and max(self.cold_start.join_rounds) > self.rounds:

@@ -67,6 +67,10 @@ class SimulationResult:
     ``validation`` says which clients got a validation split made from their
     training data (None: the simulator was not asked to make any).
     ``cold_start``: how newcomers fared joining the fleet (empty without ``SimulationConfig.cold_start``).
+    With ``choice_epochs`` (:mod:`sdk.simulation.local_choice`): ``candidate_accuracy`` has ``"FT(head)"``/``"FT(all)"``
+    (fine-tuning with early stopping) and ``"local+served"`` (ensemble with a local model); per choice rule (``"ties to local"``, ``"ties by loss"``), ``chosen_model`` names what
+    each device kept on validation (``local``, ``served``, ``FT(head)``, ``FT(all)``) and
+    ``chosen_accuracy`` is its test accuracy.
     """
 
     rounds: tuple[RoundMetrics, ...]
@@ -77,6 +81,9 @@ class SimulationResult:
     seconds: float = 0.0
     validation: ValidationSplit | None = field(default=None, repr=False)
     cold_start: tuple[NewcomerResult, ...] = ()
+    candidate_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    chosen_accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    chosen_model: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def mean_final_accuracy(self) -> float:
@@ -123,4 +130,7 @@ class SimulationResult:
             "test_examples": self.test_examples,
             "seconds": self.seconds,
             "cold_start": [asdict(c) for c in self.cold_start],
+            "candidate_accuracy": self.candidate_accuracy,
+            "chosen_accuracy": self.chosen_accuracy,
+            "chosen_model": self.chosen_model,
         }

@@ -136,7 +136,8 @@ def run_algorithm(
     ``config`` gives rounds, budget, participation, aggregation, hierarchy,
     seed...; the algorithm decides ``federated``, ``straggler_policy`` and
     ``fomo_candidates`` (``fomo_candidates`` here is the FedFomo peer count).
-    ``finetune_epochs`` adds FedAvg+FT rows for algorithms without a personal head.
+    ``finetune_epochs`` adds FedAvg+FT rows for algorithms without a personal head;
+    ``choice_epochs`` the per-device choice against a local-only model (:mod:`sdk.simulation.local_choice`).
     ``checkpoint``: keep the bundle, each round's metrics and the fleet there,
     and resume from it (see :mod:`sdk.simulation.checkpoint`). ``newcomers``:
     the clients that join per ``config.cold_start``; the bundle then carries a
@@ -150,7 +151,7 @@ def run_algorithm(
     from device_agent.bundle.manifest import OptimizerKind, TrainingMode
     from sdk.artifacts import TrainingSpec
     from sdk.bundle_builder import build_bundle
-    from sdk.model_spec import matches_prefix
+    from sdk.model_spec import ParameterSplit, matches_prefix
 
     spec = algorithm(name)
     split, finetune = model.split_for(spec)
@@ -181,7 +182,16 @@ def run_algorithm(
             if checkpoint is not None:
                 checkpoint.public_key_path.write_bytes(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
         bundle = install_bundle(path, public, Path(tmp) / "bundle")
+        local_bundle = None
+        if config.choice_epochs:  # the local-only run's bundle: same seed, same initial weights, plain FedAvg training
+            torch.manual_seed(config.seed)
+            local_key = Ed25519PrivateKey.generate()
+            build_bundle(model.factory(), example_input=torch.zeros((2, *data.input_shape)), split=ParameterSplit(shared=("*",)),
+                         spec=TrainingSpec(mode=TrainingMode.FEDAVG, mu=0.0, optimizer=OptimizerKind(training.optimizer),
+                                           learning_rate=training.learning_rate),
+                         signing_key=local_key, out_path=Path(tmp) / "local.fedge", model_name=model.name)
+            local_bundle = install_bundle(Path(tmp) / "local.fedge", local_key.public_key(), Path(tmp) / "local")
         result = FederatedSimulator(bundle, data, config, threads=threads, checkpoint=checkpoint,
-                                    newcomers=newcomers).run(on_round=on_round)
+                                    newcomers=newcomers, local_bundle=local_bundle).run(on_round=on_round)
     return AlgorithmRun(algorithm=name, result=result, mu=mu, parameters=n_params, personal_parameters=n_personal,
                         ditto_lambda=lam)

@@ -51,6 +51,8 @@ if any); ``regional_accuracy`` its region's model. ``finetune_epochs`` > 0
 adds, after the last round, FedAvg+FT: the device fine-tunes the received
 model locally, the head only (bundles with a ``finetune`` set) and every
 parameter (bundles without personal layers), and is evaluated.
+``choice_epochs`` > 0 adds, after the last round, the per-device choice
+against training alone (:mod:`sdk.simulation.local_choice`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from sdk.datasets.holdout import ensure_validation_split
 from sdk.simulation.checkpoint import SimulationCheckpoint
 from sdk.simulation.cold_start import NewcomerBench, NewcomerResult
 from sdk.simulation.config import HierarchyConfig, SimulationConfig
+from sdk.simulation.local_choice import choose_against_local
 from sdk.simulation.results import RoundMetrics, SimulationResult
 from sdk.simulation.traffic import Downlink, Uplink
 
@@ -100,8 +103,13 @@ class FederatedSimulator:
     """
 
     def __init__(self, bundle: TrainingBundle, dataset: FederatedDataset, config: SimulationConfig, *, threads: int = 1,
-                 checkpoint: SimulationCheckpoint | None = None, newcomers: Sequence[ClientData] = ()) -> None:
+                 checkpoint: SimulationCheckpoint | None = None, newcomers: Sequence[ClientData] = (),
+                 local_bundle: TrainingBundle | None = None) -> None:
         self.bundle = bundle
+        if config.choice_epochs and local_bundle is None:
+            raise ValueError("choice_epochs needs the local-only bundle (local_bundle) to train each device's fallback model")
+        self._local_bundle = local_bundle
+        self._threads = threads
         self.validation = ensure_validation_split(dataset, fraction=config.validation_fraction, seed=config.seed)
         if self.validation.held_out:
             logger.info("%s", self.validation.describe())
@@ -355,7 +363,14 @@ class FederatedSimulator:
                 on_round(record)
         final = records[-1].personalised_accuracy if records else self._evaluate()
         tuned = self._fine_tune() if self.config.finetune_epochs > 0 else {}
+        chosen = None
+        if self.config.choice_epochs and self._local_bundle is not None:
+            chosen = choose_against_local(self._trainers, self._local_bundle, train=self._train, val=self._val,
+                                          test=self._test, rounds=self.config.rounds, budget=self.config.budget,
+                                          max_epochs=self.config.choice_epochs, rng=self._rng, threads=self._threads)
         return SimulationResult(rounds=tuple(records), final_accuracy=final, global_params=dict(self.global_params),
                                 fine_tuned_accuracy=tuned, test_examples=dict(self._test_examples),
                                 seconds=earlier + time.perf_counter() - start, validation=self.validation,
-                                cold_start=tuple(joined))
+                                cold_start=tuple(joined), candidate_accuracy=chosen.candidates if chosen else {},
+                                chosen_accuracy=chosen.accuracy if chosen else {},
+                                chosen_model=chosen.picked if chosen else {})

@@ -1,11 +1,13 @@
-"""The device's round steps: train_local_round and FedFomo's candidate combination."""
+"""The device's round steps: train_local_round, FedFomo's candidate combination, fine-tuning with early stopping."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from device_agent.data import ArrayDataSource
-from device_agent.local_round import combine_candidates_fomo, train_local_round
+from device_agent.local_round import combine_candidates_fomo, fine_tune_early_stopped, train_local_round
+from device_agent.personalization.model_select import best_index
 from device_agent.trainer import DeviceTrainer, TrainBudget
 
 
@@ -92,3 +94,54 @@ def test_local_round_makes_no_choice_without_a_personal_model_or_validation(bund
     ditto = DeviceTrainer(install(bundle_factory("ditto", ditto_lambda=0.1)), threads=1)
     assert train_local_round(ditto, data, global_params=None, round_number=0, budget=TrainBudget()).choice is None
     assert ditto.serving_weight == 1.0
+
+
+def test_early_stopped_fine_tuning_keeps_the_best_validation_epoch(bundle_factory, install, digits):
+    x, y = digits
+    trainer = DeviceTrainer(install(bundle_factory("fedavg", finetune=("head",))))
+    train, val = ArrayDataSource(x[:300], y[:300]), ArrayDataSource(x[1500:1600], y[1500:1600])
+    received = trainer.get_shared()
+    before = trainer.evaluate(val)
+
+    stopped = fine_tune_early_stopped(trainer, train, val, scope="all", max_epochs=6, patience=2,
+                                      rng=np.random.default_rng(0))
+
+    assert 1 <= stopped.epochs <= stopped.trained <= 6 and len(stopped.scores) == stopped.trained + 1
+    assert best_index(stopped.scores) == stopped.epochs
+    assert stopped.trained == 6 or stopped.trained - stopped.epochs == 2  # stopped by patience, or at the cap
+    assert stopped.score.accuracy > before.accuracy  # an untrained model: training helps on the same digits
+    now = trainer.evaluate(val)
+    assert (now.accuracy, now.loss) == pytest.approx((stopped.score.accuracy, stopped.score.loss))
+    # anchors and the delta reference are the received model's still
+    for n, v in trainer.global_reference.items():
+        np.testing.assert_array_equal(v, received[n])
+
+
+def test_early_stopping_keeps_the_received_model_when_no_epoch_beats_it(bundle_factory, install, digits):
+    x, y = digits
+    trainer = DeviceTrainer(install(bundle_factory("fedavg", finetune=("head",))))
+    trainer.train(ArrayDataSource(x[:1000], y[:1000]), TrainBudget(epochs=3, batch_size=32), rng=np.random.default_rng(1))
+    held = trainer.get_shared()
+    # validation: examples the model already gets right; training labels that contradict them
+    right = np.flatnonzero(np.argmax(trainer.predict(x[:1000]), axis=1) == y[:1000])[:100]
+    val = ArrayDataSource(x[right], y[right])
+    train = ArrayDataSource(x[right], (y[right] + 1) % 10)
+
+    stopped = fine_tune_early_stopped(trainer, train, val, scope="all", max_epochs=10, patience=2,
+                                      rng=np.random.default_rng(0))
+
+    assert (stopped.epochs, stopped.trained) == (0, 2), stopped.scores
+    assert best_index(stopped.scores) == 0
+    for n, v in trainer.get_shared().items():
+        np.testing.assert_array_equal(v, held[n])
+
+
+def test_early_stopping_refuses_what_it_cannot_do(bundle_factory, install, digits):
+    x, y = digits
+    data = ArrayDataSource(x[:64], y[:64])
+    fedavg = DeviceTrainer(install(bundle_factory("fedavg", finetune=("head",))))
+    with pytest.raises(ValueError, match="validation data"):
+        fine_tune_early_stopped(fedavg, data, ArrayDataSource(x[:0], y[:0]), scope="head", max_epochs=2)
+    ditto = DeviceTrainer(install(bundle_factory("ditto", ditto_lambda=0.1)))
+    with pytest.raises(ValueError, match="scope 'all'"):
+        fine_tune_early_stopped(ditto, data, data, scope="all", max_epochs=2)

@@ -5,6 +5,8 @@
 - :mod:`~device_agent.personalization.model_choice`: the per-device choice of
   what to serve, a mixture of the personal and the global model's outputs
   (APFL-style weight, Deng et al. 2020) picked on the device's validation data.
+- :mod:`~device_agent.personalization.model_select`: keeping one of several candidate
+  models on validation, ties to a fallback (the device's local model), and early stopping.
 """
 
 from __future__ import annotations
@@ -27,8 +29,14 @@ from device_agent.personalization.model_choice import (
     choose_mixture,
     mix_outputs,
 )
+from device_agent.personalization.model_select import ModelChoice, ModelScore, best_index, choose_model, early_stop_epoch
 
 __all__ = [
+    "ModelChoice",
+    "ModelScore",
+    "best_index",
+    "choose_model",
+    "early_stop_epoch",
     "DEFAULT_ALPHAS",
     "CandidateScore",
     "MixtureChoice",

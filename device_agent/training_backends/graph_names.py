@@ -15,6 +15,12 @@ than per parameter. Which parameters have their own moments is read from the
 graph's inputs (graphs built before this split have only ``opt.m``/``opt.v``).
 The eval graph takes ``x``, ``y``, every ``param.*`` and ``anchor.*`` and
 returns ``loss`` and ``output`` (the model's logits).
+
+In place: a step graph reads each optimizer state input (``opt.*``) only in the
+computation of its own ``new.opt.*`` (the moment's decay, the step's increment),
+so the output may be written into the input's buffer; the builder keeps it so,
+and the device binds both to one buffer. Parameters are read by the backward
+pass too, which may run after their update: never in place.
 """
 
 from __future__ import annotations
@@ -65,3 +71,8 @@ def new(state_name: str) -> str:
 def updated(output_name: str) -> str | None:
     """The input an output updates (``new.param.w`` -> ``param.w``); None for ``loss`` and other outputs."""
     return output_name[len(NEW):] if output_name.startswith(NEW) else None
+
+
+def updated_in_place(state_name: str) -> bool:
+    """Whether a step graph's ``new.<state_name>`` may be written into the buffer ``state_name`` is read from (optimizer state)."""
+    return state_name == OPT_STEP or state_name in (OPT_M, OPT_V) or moment_owner(state_name) is not None

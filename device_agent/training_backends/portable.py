@@ -5,8 +5,14 @@ package, and the InferenceSession of onnxruntime-training). Each step graph
 takes the training state as inputs and returns the next state (see
 ``graph_names``); the backend keeps that state in ORT-owned buffers and runs
 each step through an IO binding, so per step only ``x`` and ``y`` are bound.
-Every updated value has two buffers that swap roles each step (ping-pong):
-ORT never writes a buffer it is reading, and nothing is copied.
+An updated parameter has two buffers that swap roles each step (ping-pong):
+its old value is read by the backward pass, which ORT may schedule after the
+node that writes the new value, so the step must not write the buffer it is
+reading. The optimizer state (step count, AdamW moments) is updated in place,
+one buffer each: in every step graph the node that writes ``new.opt.*`` comes,
+by data dependency, after the only node that reads ``opt.*`` (see
+``graph_names.updated_in_place``), which saves a copy of both moments (4.7 MB
+on the 2D-CNN). Nothing is copied per step.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ from device_agent.training_backends.state import OptimizerState, TrainingState, 
 
 
 class _Slot:
-    """One state value (a parameter, an anchor, a moment vector): two ORT buffers, ``current`` holds the value."""
+    """One state value (a parameter, an anchor, a moment vector): ORT buffers (two for ping-pong), ``current`` holds the value."""
 
-    def __init__(self, ort: Any, value: np.ndarray) -> None:
-        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(value.shape, value.dtype) for _ in range(2)]
+    def __init__(self, ort: Any, value: np.ndarray, *, buffers: int = 2) -> None:
+        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(value.shape, value.dtype) for _ in range(buffers)]
         self.buffers[0].update_inplace(np.ascontiguousarray(value))
         self.current = 0
 
@@ -47,11 +53,12 @@ class _Slot:
 
 
 class _StepGraph:
-    """One set's step graph with its two IO bindings (state in buffer 0 -> 1, and 1 -> 0).
+    """One set's step graph with its two IO bindings (ping-pong state in buffer 0 -> 1, and 1 -> 0).
 
-    While the set trains, its updated slots' ``current`` is not touched per step:
+    While the set trains, its ping-pong slots' ``current`` is not touched per step:
     after k steps their values are in buffer ``next`` (= k mod 2), and
     :meth:`settle_slots` writes that back before anyone else reads a slot.
+    Slots updated in place have one buffer, bound as both input and output.
     """
 
     def __init__(self, ort: Any, path: str, options: Any) -> None:
@@ -62,6 +69,7 @@ class _StepGraph:
         if self.inputs[:3] != [g.X, g.Y, g.LR] or self.outputs[0] != g.LOSS:
             raise BundleError(f"{os.path.basename(path)} is not a fedge portable step graph")
         self.updated = [g.updated(o) or o for o in self.outputs[1:]]
+        self.ping_pong = [n for n in self.updated if not g.updated_in_place(n)]
         self.bindings: list[Any] = []
         self.next = 0
         self.batch: tuple[Any, ...] = ()
@@ -75,11 +83,11 @@ class _StepGraph:
             binding.bind_ortvalue_input(g.LR, lr)
             for name in self.inputs[3:]:
                 slot = slots[name]
-                updated = g.new(name) in self.outputs
-                binding.bind_ortvalue_input(name, slot.buffers[parity if updated else slot.current])
+                binding.bind_ortvalue_input(name, slot.buffers[parity if name in self.ping_pong else slot.current])
             binding.bind_ortvalue_output(g.LOSS, loss)
             for out, name in zip(self.outputs[1:], self.updated):
-                binding.bind_ortvalue_output(out, slots[name].buffers[1 - parity])
+                slot = slots[name]
+                binding.bind_ortvalue_output(out, slot.buffers[1 - parity] if name in self.ping_pong else slot.buffers[slot.current])
             self.bindings.append(binding)
         self.next = 0
         self.batch = ()
@@ -97,7 +105,7 @@ class _StepGraph:
         self.xy[1].update_inplace(y)
 
     def settle_slots(self, slots: dict[str, _Slot]) -> None:
-        for name in self.updated:
+        for name in self.ping_pong:
             slots[name].current = self.next
 
 
@@ -163,7 +171,7 @@ class PortableBackend(TrainingBackend):
             self._set_slots[set_name] = {**self._slots, **self._optimizer_slots(graph, set_name)}
         graph = self._graphs[set_name]
         slots = self._set_slots[set_name]
-        for name in graph.updated:
+        for name in graph.ping_pong:
             slots[name].settle()
         graph.bind(slots, self._lr, self._loss)
         self._active = set_name
@@ -175,16 +183,16 @@ class PortableBackend(TrainingBackend):
         trainable = self._manifest.trainable(set_name)
         separate = {owner[1] for owner in map(g.moment_owner, graph.inputs) if owner is not None}
         shared = tuple(n for n in trainable if n not in separate)
-        slots = {}
+        values = {}
         for name in graph.inputs:
             if name == g.OPT_STEP:
-                slots[name] = _Slot(self._ort, np.array(opt.step, dtype=np.int64))
+                values[name] = np.array(opt.step, dtype=np.int64)
             elif name in (g.OPT_M, g.OPT_V):
-                slots[name] = _Slot(self._ort, _flatten(opt.m if name == g.OPT_M else opt.v, shared))
+                values[name] = _flatten(opt.m if name == g.OPT_M else opt.v, shared)
             elif (owner := g.moment_owner(name)) is not None:
                 kind, param = owner
-                slots[name] = _Slot(self._ort, np.asarray((opt.m if kind == g.OPT_M else opt.v)[param], dtype=np.float32))
-        return slots
+                values[name] = np.asarray((opt.m if kind == g.OPT_M else opt.v)[param], dtype=np.float32)
+        return {name: _Slot(self._ort, value, buffers=2 if name in graph.ping_pong else 1) for name, value in values.items()}
 
     def train_step(self, set_name: ArtifactSetName, x: np.ndarray, y: np.ndarray) -> float:
         graph = self._graphs[set_name] if self._active is set_name else self._activate(set_name)

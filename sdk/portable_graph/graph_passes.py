@@ -13,6 +13,9 @@
   the division moves above the Expand, and an Expand feeding an elementwise
   op whose other operand already has the expanded shape is dropped (ONNX
   broadcasting gives the same result without materialising the copy).
+- The exporter's provenance (every node's FX node, namespace and stack
+  trace as metadata) is dropped: nine tenths of a step graph's bytes, and
+  onnxruntime keeps it in memory (2 MB of a 2D-CNN session).
 """
 
 from __future__ import annotations
@@ -263,8 +266,20 @@ def squeeze_reductions(graph: onnx.GraphProto) -> int:
     return merged
 
 
+def strip_provenance(graph: onnx.GraphProto) -> int:
+    """Drop every node's metadata and doc string (what the exporter records about the traced code); return how many nodes had some."""
+    stripped = 0
+    for node in graph.node:
+        if len(node.metadata_props) or node.doc_string:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            stripped += 1
+    return stripped
+
+
 def clean_up(proto: onnx.ModelProto) -> None:
     """Apply every pass above to ``proto`` in place."""
+    strip_provenance(proto.graph)
     dedupe_initializers(proto.graph)
     fold_matmul_expands(proto.graph)
     hoist_scalar_ops_above_expands(proto.graph)

@@ -15,6 +15,7 @@ from sdk.portable_graph.graph_passes import (
     fold_matmul_expands,
     hoist_scalar_ops_above_expands,
     squeeze_reductions,
+    strip_provenance,
 )
 
 F = TensorProto.FLOAT
@@ -116,6 +117,15 @@ def test_reduce_whose_reshape_does_more_than_drop_axes_is_kept():
     model = _model([helper.make_node("ReduceSum", ["x", "axes"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["out"])],
                    [("x", [6, 4])], [("out", [2, 2])], [_i64("axes", [0]), _i64("shape", [2, 2])], value_info=[("r", [1, 4])])
     assert squeeze_reductions(model.graph) == 0
+
+
+def test_the_exporters_provenance_is_dropped_and_the_graph_still_computes_the_same():
+    neg = helper.make_node("Neg", ["x"], ["out"], doc_string="traced from model.py:12")
+    onnx.helper.set_metadata_props(neg, {"pkg.torch.onnx.fx_node": "%neg : call_function[target=aten.neg]"})
+    model = _model([neg], [("x", [3])], [("out", [3])])
+    changed = _check_unchanged(model, strip_provenance, {"x": np.arange(3, dtype=np.float32)})
+    assert not changed.graph.node[0].metadata_props and not changed.graph.node[0].doc_string
+    assert strip_provenance(changed.graph) == 0
 
 
 def test_clean_up_keeps_a_graph_valid_and_topologically_sorted():

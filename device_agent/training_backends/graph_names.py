@@ -13,6 +13,12 @@ float32 vectors (``opt.m``, ``opt.v``: those parameters flattened and
 concatenated in manifest order), so their update is a dozen ops in all rather
 than per parameter. Which parameters have their own moments is read from the
 graph's inputs (graphs built before this split have only ``opt.m``/``opt.v``).
+The parameters that share the flat moments are also one flat input,
+``flat.param`` (same order), and the step writes them as one output,
+``new.flat.param``, not one ``new.param.*`` each: the device keeps them in one
+buffer and binds each of their ``param.*`` inputs to a view of it, so the
+update needs no concatenation or split. Graphs without ``flat.param`` (built
+before it) output every ``new.param.*``.
 The eval graph takes ``x``, ``y``, every ``param.*`` and ``anchor.*`` and
 returns ``loss`` and ``output`` (the model's logits).
 
@@ -38,6 +44,8 @@ OPT_V = "opt.v"
 #: Separator between a moment's name and the parameter it belongs to (``opt.m@w``).
 OWN = "@"
 NEW = "new."
+#: The parameters that share the flat AdamW moments, flattened and concatenated (a view of each is its param.* input).
+FLAT_PARAMS = "flat.param"
 
 
 def param(name: str) -> str:

@@ -27,7 +27,12 @@ from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, Portabl
 from device_agent.errors import BundleError
 from device_agent.training_backends import graph_names as g
 from device_agent.training_backends.base import BackendName, TrainingBackend
-from device_agent.training_backends.runtime import BackendUnavailableError, has_inference_session, onnxruntime_module
+from device_agent.training_backends.runtime import (
+    BackendUnavailableError,
+    has_inference_session,
+    onnxruntime_module,
+    shared_cpu_arena,
+)
 from device_agent.training_backends.state import OptimizerState, TrainingState, fresh_optimizer
 
 
@@ -38,6 +43,14 @@ class _Slot:
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(value.shape, value.dtype) for _ in range(buffers)]
         self.buffers[0].update_inplace(np.ascontiguousarray(value))
         self.current = 0
+
+    @classmethod
+    def over(cls, buffers: list[Any]) -> _Slot:
+        """A slot over existing buffers (views of a flat group's arrays); the value is in buffer 0."""
+        slot = cls.__new__(cls)
+        slot.buffers = buffers
+        slot.current = 0
+        return slot
 
     def read(self) -> np.ndarray:
         return np.array(self.buffers[self.current].numpy(), copy=True)
@@ -50,6 +63,37 @@ class _Slot:
         if self.current:
             self.buffers[0].update_inplace(self.buffers[1].numpy())
             self.current = 0
+
+
+class _FlatGroup:
+    """The parameters a step graph updates as one ``flat.param``: two flat arrays, each parameter's slot a view of both.
+
+    The arrays are numpy's and the OrtValues wrap them without copying, so a parameter's
+    ``param.*`` input and its piece of ``flat.param`` are the same memory.
+    """
+
+    def __init__(self, ort: Any, names: tuple[str, ...], shapes: dict[str, tuple[int, ...]]) -> None:
+        self.names = names
+        sizes = [int(np.prod(shapes[n], dtype=np.int64)) for n in names]
+        self.arrays = [np.zeros(sum(sizes), dtype=np.float32) for _ in range(2)]
+        self.slot = _Slot.over([ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays])
+        self.pieces: dict[str, slice] = {}
+        self.views: dict[str, list[Any]] = {}
+        offset = 0
+        for name, size in zip(names, sizes):
+            self.pieces[name] = slice(offset, offset + size)
+            self.views[name] = [ort.OrtValue.ortvalue_from_numpy(a[offset:offset + size].reshape(shapes[name])) for a in self.arrays]
+            offset += size
+
+    def adopt(self, slots: dict[str, _Slot]) -> None:
+        """Copy each member's current value into array 0 and point its slot at the group's views (on activation)."""
+        for name in self.names:
+            slot = slots[g.param(name)]
+            self.arrays[0][self.pieces[name]] = slot.buffers[slot.current].numpy().reshape(-1)
+        for name in self.names:
+            slot = slots[g.param(name)]
+            slot.buffers, slot.current = self.views[name], 0
+        self.slot.current = 0
 
 
 class _StepGraph:
@@ -128,6 +172,8 @@ class PortableBackend(TrainingBackend):
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         options.log_severity_level = 3
+        if shared_cpu_arena():
+            options.add_session_config_entry("session.use_env_allocators", "1")
         state = state if state is not None else self._initial_state(bundle, portable)
         self._slots: dict[str, _Slot] = {g.param(n): _Slot(ort, v) for n, v in state.parameters.items()}
         self._slots.update({g.anchor(n): _Slot(ort, v) for n, v in state.anchors.items()})
@@ -137,6 +183,7 @@ class PortableBackend(TrainingBackend):
         self._graphs: dict[ArtifactSetName, _StepGraph] = {}
         self._graph_paths = {pset.name: os.fspath(bundle.path(pset.step_model)) for pset in portable.sets}
         self._set_slots: dict[ArtifactSetName, dict[str, _Slot]] = {}
+        self._groups: dict[ArtifactSetName, _FlatGroup] = {}
         # Optimizer state of the sets whose step graph has not opened yet: the graph's inputs say how its
         # moments are laid out (see graph_names), so their slots are made when it opens.
         self._pending: dict[ArtifactSetName, OptimizerState] = {pset.name: state.optimizers[pset.name] for pset in portable.sets}
@@ -167,22 +214,41 @@ class PortableBackend(TrainingBackend):
         self._settle()
         if set_name not in self._graphs:
             graph = _StepGraph(self._ort, self._graph_paths[set_name], self._options)
+            slots = {**self._slots, **self._optimizer_slots(graph, set_name)}
+            if g.FLAT_PARAMS in graph.inputs:
+                group = self._flat_group(graph, set_name)
+                graph.ping_pong += [g.param(n) for n in group.names]
+                slots[g.FLAT_PARAMS] = group.slot
+                self._groups[set_name] = group
             self._graphs[set_name] = graph
-            self._set_slots[set_name] = {**self._slots, **self._optimizer_slots(graph, set_name)}
+            self._set_slots[set_name] = slots
         graph = self._graphs[set_name]
         slots = self._set_slots[set_name]
+        if set_name in self._groups:
+            self._groups[set_name].adopt(slots)
         for name in graph.ping_pong:
             slots[name].settle()
         graph.bind(slots, self._lr, self._loss)
         self._active = set_name
         return graph
 
+    def _flat_names(self, graph: _StepGraph, set_name: ArtifactSetName) -> tuple[str, ...]:
+        """The set's trainable parameters without moments of their own: the layout of opt.m, opt.v and flat.param."""
+        separate = {owner[1] for owner in map(g.moment_owner, graph.inputs) if owner is not None}
+        return tuple(n for n in self._manifest.trainable(set_name) if n not in separate)
+
+    def _flat_group(self, graph: _StepGraph, set_name: ArtifactSetName) -> _FlatGroup:
+        shapes = {p.name: p.shape for p in self._manifest.parameters}
+        group = _FlatGroup(self._ort, self._flat_names(graph, set_name), shapes)
+        declared = next(i.shape for i in graph.session.get_inputs() if i.name == g.FLAT_PARAMS)
+        if list(declared) != [group.arrays[0].size]:
+            raise BundleError(f"{set_name.value} step graph: {g.FLAT_PARAMS} is {declared}, its parameters hold {group.arrays[0].size}")
+        return group
+
     def _optimizer_slots(self, graph: _StepGraph, set_name: ArtifactSetName) -> dict[str, _Slot]:
         """Slots for the step graph's optimizer inputs, filled from the set's pending optimizer state."""
         opt = self._pending.pop(set_name)
-        trainable = self._manifest.trainable(set_name)
-        separate = {owner[1] for owner in map(g.moment_owner, graph.inputs) if owner is not None}
-        shared = tuple(n for n in trainable if n not in separate)
+        shared = self._flat_names(graph, set_name)
         values = {}
         for name in graph.inputs:
             if name == g.OPT_STEP:

@@ -3,7 +3,8 @@
 It reads what ``fedge fleet status`` reads: the monitoring account's
 credentials for the root broker (every region's statuses are bridged
 there), each region's device registry, and in addition the root's signing
-key (to verify the round announcements) and the ``[metrics]`` table of each
+key (to verify the round announcements), the release root of trust
+(``release/root.json``, to verify the rollout's stage) and the ``[metrics]`` table of each
 aggregator's TOML (an endpoint with a fixed port becomes a scrape URL).
 """
 
@@ -59,8 +60,10 @@ def config_from_fleet(directory: Path, *, metrics: Sequence[str] = ()) -> Dashbo
                            ca_file=root.ca_file, cert_file=root.cert_file, key_file=root.key_file, role="root",
                            max_packet_size=topology.message_size_limit)
     try:
+        release_root = opened.directory / layout.RELEASE_ROOT
         return DashboardConfig(fleet=topology.fleet, topic_prefix=topology.topic_prefix, mqtt=broker,
-                               registries=registries, model_keys=model_keys, metrics=tuple(urls))
+                               registries=registries, model_keys=model_keys, metrics=tuple(urls),
+                               release_root=release_root if release_root.is_file() else None)
     except ValueError as exc:
         raise ConfigError(f"{directory}: {exc}") from exc
 

@@ -33,7 +33,8 @@ MAX_RELEASES = 5
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutReading:
-    """One verified refresh: the releases as plain rows (newest first), or why there are none (``error``)."""
+    """One verified refresh: the releases as plain rows (newest first), or why there are none (``error``).
+    ``timestamp_version`` None with no error: no metadata verified yet (none on the broker so far)."""
 
     releases: tuple[dict[str, Any], ...] = ()
     error: str = ""

@@ -35,7 +35,7 @@ from aiohttp import web
 from device_agent.protocol.topics import TopicLayout
 from sdk.dashboard.config import DashboardConfig
 from sdk.dashboard.plots import accuracy_svg, updates_svg
-from sdk.dashboard.rollout import RolloutWatch
+from sdk.dashboard.rollout import RolloutReading, RolloutWatch
 from sdk.dashboard.security import REALM, SECURITY_HEADERS, Credentials
 from sdk.dashboard.sources import MonitorClient, apply_message, scrape
 from sdk.dashboard.view import FleetView
@@ -71,6 +71,7 @@ class Dashboard:
             self._rollout_dir = Path(tempfile.mkdtemp(prefix="fedge-dashboard-tuf-"))
             self._rollout = RolloutWatch(root=config.release_root.read_bytes(), directory=self._rollout_dir,
                                          prefix=self.layout.release_metadata(""))
+            self.view.apply_rollout(RolloutReading())  # configured; nothing verified yet
         self._monitor = None if config.mqtt is None else MonitorClient(config.mqtt, self.layout,
                                                                          releases=self._rollout is not None)
         self._tasks: list[asyncio.Task[None]] = []

@@ -98,6 +98,7 @@
     const rollout = s.rollout;
     byId("rollout-note").textContent = rollout === null ? "not configured (no release root of trust)"
       : rollout.error ? "release metadata refused: " + rollout.error + " (nothing from it is shown)"
+        : rollout.timestamp_version === null ? "waiting for release metadata on the broker (none published yet)"
         : "From the TUF metadata the root broker retains, verified (timestamp version "
           + text(rollout.timestamp_version) + ")" + (rollout.releases.length ? "." : "; no release yet.");
     fill("rollout", rollout === null || rollout.error ? [] : rollout.releases, (tr, r) => {

@@ -507,7 +507,10 @@ class DeviceAgent:
         self._bundle_version = trainer.manifest.bundle_version
         self.state.clear_pending()
         self._save_progress(AgentProgress(bundle_version=self._bundle_version))
+        foreign = self.intake.foreign_model
         self._build_intake(-1)
+        if foreign is not None:  # the region already serves this version: play its round now, not the next one
+            self.intake.replay_model(foreign)
         changes: dict[str, object] = {"bundle_model": trainer.manifest.model_name, "bundle_version": self._bundle_version}
         if switched.loss is not None:
             changes.update(last_loss=switched.loss, last_val_accuracy=switched.accuracy)

@@ -95,6 +95,9 @@ class MessageIntake:
         self.ignored: Counter[str] = Counter()
         #: The bundle version of the newest trusted model for this region that was for another version (None: none).
         self.foreign_version: int | None = None
+        #: That model's signed bytes, kept so a device that switches to its version can take it at once
+        #: (a retained model is delivered once; the next comes only after the round closes).
+        self.foreign_model: bytes | None = None
         #: Takes messages on other topics first (the release client); returns True when it consumed one.
         self.extra: Callable[[InboundMessage], bool] | None = None
 
@@ -129,6 +132,10 @@ class MessageIntake:
             except queue.Empty:
                 pass
 
+    def replay_model(self, payload: bytes) -> None:
+        """Verify and file a model received earlier (another intake's :attr:`foreign_model`), as if it came now."""
+        self._on_model(payload)
+
     def handle(self, message: InboundMessage) -> None:
         """Verify and file one message (or count and log why it was dropped)."""
         if message.topic == self._model_topic:
@@ -157,6 +164,7 @@ class MessageIntake:
             if h.bundle_version != self._bundle_version and h.fleet == self._topics.fleet \
                     and h.region in (None, self._region):
                 self.foreign_version = h.bundle_version
+                self.foreign_model = payload
                 self._ignore("model_bundle_version", "model for bundle v%d, device runs v%d", h.bundle_version,
                              self._bundle_version)
                 return
@@ -177,6 +185,7 @@ class MessageIntake:
             self._ignore("model_shape", "model tensors do not match the bundle's shared parameters")
         elif self.latest_model is None or h.round >= self.latest_model.header.round:
             self.latest_model = model
+            self.foreign_model = None  # the region serves this device's version again: nothing to replay
 
     def _on_receipt(self, payload: bytes) -> None:
         try:

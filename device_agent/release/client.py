@@ -130,6 +130,9 @@ class ReleaseClient:
         if self._metadata.file(name, payload):
             self._dirty = True
             self._last_metadata = self._clock()
+            # New files end an incomplete-metadata backoff: its delays are for files that do not come (a fleet
+            # whose repository was never published), not for a release arriving now (refresh once it settles).
+            self._next_refresh = min(self._next_refresh, self._last_metadata)
 
     def _on_chunk(self, rest: str, payload: bytes) -> None:
         sha, _, index_text = rest.partition("/")
@@ -192,8 +195,9 @@ class ReleaseClient:
             if exc.transient:
                 self._dirty = True  # something is not on the broker yet: try again soon
                 self._next_refresh = now + self._retry_s
+                logger.info("release metadata incomplete (%s); retrying in %.1f s, or once more arrives",
+                            exc.detail, self._retry_s)
                 self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
-                logger.info("release metadata incomplete (%s); retrying in %.1f s", exc.detail, self._retry_s)
                 return
             logger.error("release metadata refused: %s", exc)
             self._set_report(state="refused", release=None, progress=0, reason=f"{exc.reason}: {exc.detail}")

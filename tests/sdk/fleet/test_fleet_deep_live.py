@@ -11,7 +11,10 @@ X25519 key; a sniffer on the root broker reads the signed global models. Each
 global model must equal the numpy reference (tests/integration/reference.py:
 the bounded sample-weighted mean over every device of the tree), and
 ``fedge fleet status`` must show every device verified, its status bridged up
-two levels from the cells.
+two levels from the cells. Then a release published at the root (bundle v2,
+no canary) must reach every tier and every device through the bridges: each
+service switches to v2 at a round boundary, each device installs it and has
+its last round accepted on it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from device_agent.keys import load_encryption_key, load_verify_key, save_private
 from device_agent.protocol.envelope import open_model, open_update
 from device_agent.protocol.topics import TopicLayout
 from sdk.demo.brokers import free_port
+from tests.device_agent.bundle.resign import resigned
 from tests.integration.reference import Update, global_steps
 from tests.sdk.broker_config.test_broker_integration import Probe
 from tests.sdk.fleet.conftest import DEEP_DEVICES, DEEP_PARENTS, deep_topology
@@ -54,8 +58,9 @@ def test_three_level_fleet_from_init_and_up_matches_the_reference(workdir: Path,
     sites = ("root", *DEEP_PARENTS)
     (workdir / "topology.toml").write_text(deep_topology({s: free_port() for s in sites}, deadline_s=30))
     save_private_key(fleet_key, workdir / "fleet.key")
+    bundle = bundle_factory("fedavg")
     run(tool(["fedge", "fleet", "init", "topology.toml", "--out", "fleet", "--fleet-key", "fleet.key",
-              "--bundle", str(bundle_factory("fedavg"))]), workdir)
+              "--bundle", str(bundle)]), workdir)
     fleet_dir = workdir / "fleet"
     devices = sorted(d for cell in DEEP_DEVICES.values() for d in cell)
     for index, device in enumerate(devices):
@@ -121,6 +126,20 @@ def test_three_level_fleet_from_init_and_up_matches_the_reference(workdir: Path,
         rows = {row["device"]: row for rows in shown["regions"].values() for row in rows}
         assert sorted(rows) == devices
         assert {row["verdict"] for row in rows.values()} == {"verified"}, rows
+
+        # A release published at the root reaches every tier and the devices under the cells through the bridges:
+        # v2 (the same model re-signed as version 2, promoted at once); every service switches at a round boundary,
+        # every device installs it and gets a round accepted on it.
+        v2 = resigned(bundle, workdir / "v2.fedge", fleet_key, version=2)
+        run(tool(["fedge", "release", "publish", str(fleet_dir), str(v2), "--no-canary", "--chunk-size", "16384"]), workdir)
+        agents(fleet_dir, devices, workdir, rounds=3)
+        for site in sites:
+            log = up.service_log(site)
+            assert "switching from bundle v1 to v2" in log, (site, "\n".join(
+                line for line in log.splitlines() if "DEBUG" not in line and ("release" in line or "round" in line))[-3000:])
+        shown = json.loads(run(tool(["fedge", "fleet", "status", str(fleet_dir), "--json"]), workdir).stdout)
+        for row in (row for rows in shown["regions"].values() for row in rows):
+            assert (row["bundle_version"], row["release"]["state"], row["last_round_status"]) == (2, "installed", "accepted"), row
     finally:
         for probe in probes:
             probe.close()

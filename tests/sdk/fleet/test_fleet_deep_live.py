@@ -11,7 +11,7 @@ X25519 key; a sniffer on the root broker reads the signed global models. Each
 global model must equal the numpy reference (tests/integration/reference.py:
 the bounded sample-weighted mean over every device of the tree), and
 ``fedge fleet status`` must show every device verified, its status bridged up
-two levels from the cells. Then a release published at the root (bundle v2,
+two levels from the cells (and, ``--from regions``, on its cell's own broker). Then a release published at the root (bundle v2,
 no canary) must reach every tier and every device through the bridges: each
 service switches to v2 at a round boundary, each device installs it and has
 its last round accepted on it.
@@ -126,6 +126,10 @@ def test_three_level_fleet_from_init_and_up_matches_the_reference(workdir: Path,
         rows = {row["device"]: row for rows in shown["regions"].values() for row in rows}
         assert sorted(rows) == devices
         assert {row["verdict"] for row in rows.values()} == {"verified"}, rows
+        by_cell = json.loads(run(tool(["fedge", "fleet", "status", str(fleet_dir), "--from", "regions", "--json"]),
+                                 workdir).stdout)  # each cell's own broker (a middle tier's holds no device status)
+        assert {r: sorted(row["device"] for row in rows if row["verdict"] == "verified")
+                for r, rows in by_cell["regions"].items()} == DEEP_DEVICES
 
         # A release published at the root reaches every tier and the devices under the cells through the bridges:
         # v2 (the same model re-signed as version 2, promoted at once); every service switches at a round boundary,

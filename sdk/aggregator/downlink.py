@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.compression.downlink import DeltaChain
+from device_agent.compression.downlink import DeltaChain, HeldModel
 from device_agent.compression.spec import NO_COMPRESSION, CompressionSpec
 from device_agent.protocol.envelope import open_model, sign_model
 from device_agent.protocol.headers import ModelDeltaHeader, ModelHeader
@@ -106,6 +106,10 @@ class ModelPublisher:
         self._last: tuple[bytes, Published] | None = None
         #: Bytes of the last full model and delta published (for the benchmarks and metrics).
         self.last_sizes: tuple[int, int | None] | None = None
+
+    def held_model(self) -> HeldModel | None:
+        """The model devices that applied every delta hold (None without deltas or before the first model)."""
+        return None if self._chain is None else self._chain.held
 
     def prepare(self, blob: bytes) -> Published:
         """What to publish for the stored model ``blob`` (signed by this tier); the same answer for the same blob."""

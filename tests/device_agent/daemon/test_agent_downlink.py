@@ -81,7 +81,7 @@ def test_agents_follow_compressed_model_deltas_and_a_restarted_one_falls_back_an
 
     def publisher_held():
         assert thread.service is not None and thread.service.publisher is not None
-        return thread.service.publisher._chain.held  # type: ignore[union-attr]
+        return thread.service.publisher.held_model()
 
     def play(number: int, players: dict) -> None:
         nonlocal true

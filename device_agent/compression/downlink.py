@@ -26,9 +26,10 @@ from device_agent.protocol.model_delta import model_digest
 from device_agent.protocol.tensor_codec import decode_tensors, encode_tensors
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class HeldModel:
-    """A model as devices hold it: float32 tensors by name, the round it starts, its :func:`model_digest`."""
+    """A model as devices hold it: float32 tensors by name, the round it starts, its :func:`model_digest`
+    (compare digests, not objects: equality is identity)."""
 
     round: int
     tensors: dict[str, np.ndarray]
@@ -47,7 +48,7 @@ def add_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -
         return {n: np.add(v, np.asarray(delta[n], dtype=v.dtype), dtype=v.dtype) for n, v in base.items()}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class DeltaStep:
     """One published delta: ``tensors`` to encode with ``encoding``, from ``base`` to ``result``."""
 
@@ -98,7 +99,7 @@ def _layout(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...
     return {n: (tuple(np.shape(v)), np.asarray(v).dtype.name) for n, v in tensors.items()}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class AppliedDelta:
     """The outcome of :func:`apply_model_delta`: ``model`` when it applied, else ``reason`` (a short code) and
     ``detail`` (one line); the device then takes the full model."""

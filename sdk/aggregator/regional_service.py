@@ -57,6 +57,9 @@ class RegionalService(MqttAggregatorService):
                  loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
                  inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None,
                  follower: VersionFollower | None = None, downlink: DownlinkSettings | None = None) -> None:
+        if downlink is not None and downlink.compression.enabled and aggregator.fomo_enabled:
+            raise ValueError("model deltas down and FedFomo cannot be combined: FedFomo's pool rebuilds device models "
+                             "from the model the region served, which devices following deltas do not hold exactly")
         self.aggregator = aggregator
         #: Model deltas down and the round's uplink override (None or inactive: the stored model as it is).
         self.publisher = None if downlink is None or not downlink.active else ModelPublisher(

@@ -216,7 +216,10 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         influence=_influence(top),
         **_common(top, agg, manifest),
     ))
-    return _region_like_service(top, agg, config, fleet=fleet, region=region, downlink=_downlink(top))
+    downlink = _downlink(top)
+    if downlink.compression.enabled and config.fomo_candidates:
+        raise agg.error("fomo_candidates", "FedFomo cannot be combined with [downlink] compression (docs/protocol.md)")
+    return _region_like_service(top, agg, config, fleet=fleet, region=region, downlink=downlink)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:

@@ -154,3 +154,13 @@ def test_cli_regional_downlink_flags_refuse_bad_values_in_one_line(bundle_factor
         result = CliRunner().invoke(aggregator, ["regional", "--config", str(path), flag, "topk:2"])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert flag in result.output and "topk must be in (0, 1]" in result.output
+
+
+def test_service_config_refuses_model_deltas_with_fedfomo(bundle_factory, fleet_key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    path = write_regional(tmp_path, bundle_factory("fedavg"), fleet_key)
+    text = path.read_text().replace('device_keys_dir = "devices"', 'device_keys_dir = "devices"\nfomo_candidates = 2')
+    path.write_text(text + '[downlink]\ncompression = "q4"\n')
+    with pytest.raises(ConfigError, match=r"aggregator\.fomo_candidates: FedFomo cannot be combined"):
+        load_regional_service_config(path)
+    path.write_text(text + '[downlink]\nuplink = "q4"\n')  # the round's uplink override alone is fine
+    assert load_regional_service_config(path).downlink.uplink.describe() == "0:q4"

@@ -6,7 +6,7 @@ own :class:`~device_agent.daemon.intake.MessageIntake` (signature, delta apply, 
 subscribes to the full model only while it needs it, as the agent does. The bench publishes the root's model
 each round (a random walk: for the dense encodings the bytes do not depend on the values); every device
 must reach that round's model, bit for bit the publisher's reconstruction. Bytes are the MQTT payloads each
-device received (headers and signatures included), per round after the first (joining costs one full model).
+device received (headers and signatures included), per round from round 2 on, counted by the round each message is for; rounds 0 and 1 are the join.
 """
 
 from __future__ import annotations
@@ -74,11 +74,15 @@ class _LightDevice:
 
     def __init__(self, index: int, port: int, layout: TopicLayout, intake_args: dict) -> None:
         self.inbox: queue.Queue[InboundMessage] = queue.Queue()
-        self.received = 0
+        #: payload bytes received per model round (a message's round read from its header)
+        self.by_round: dict[int, int] = {}
         self.layout = layout
         self.intake = MessageIntake(inbox=self.inbox, topics=layout, device_id=f"dev-{index:05d}", region=REGION, **intake_args)
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-dev-{index:05d}", clean_session=False)
         self.client.on_message = self._on_message
+        self._settled = threading.Event()  # set when the broker acknowledged the last (un)subscribe
+        self.client.on_subscribe = lambda *_: self._settled.set()
+        self.client.on_unsubscribe = lambda *_: self._settled.set()
         self._full = False
         self.intake.follow_full = self._follow_full
         self.client.connect(LOOPBACK, port)
@@ -87,12 +91,16 @@ class _LightDevice:
         self._follow_full(True)
 
     def _on_message(self, _c: object, _u: object, m: mqtt.MQTTMessage) -> None:
-        self.received += len(m.payload)
+        payload = bytes(m.payload)
+        if payload[:4] in (b"FDGM", b"FDGD"):  # count by the round the message is for (not by arrival time)
+            round = json.loads(payload[7:7 + int.from_bytes(payload[5:7], "little")])["round"]
+            self.by_round[round] = self.by_round.get(round, 0) + len(payload)
         self.inbox.put(InboundMessage(topic=m.topic, payload=bytes(m.payload), retained=bool(m.retain)))
 
     def _follow_full(self, wanted: bool) -> None:
         if wanted != self._full:
             self._full = wanted
+            self._settled.clear()
             (self.client.subscribe(self.layout.global_model, qos=1) if wanted else self.client.unsubscribe(self.layout.global_model))
 
     def wait_round(self, round: int) -> None:
@@ -100,6 +108,10 @@ class _LightDevice:
             return self.intake.latest_model is not None and self.intake.latest_model.header.round >= round
         if not self.intake.pump(time.monotonic() + _WAIT_S, done, threading.Event()):
             raise TimeoutError(f"{self.intake.ignored} no model for round {round}")
+        # rounds are minutes apart in a fleet, milliseconds here: let a switch to the deltas reach the broker
+        # before the next round, or its full model would count although a real device would not receive it
+        if not self._settled.wait(_WAIT_S):
+            raise TimeoutError("the broker did not acknowledge a subscription change")
 
     def close(self) -> None:
         self.client.disconnect()
@@ -159,27 +171,25 @@ def run_one(model: str, compression: str, *, devices: int, rounds: int, work: Pa
         publisher.loop_start()
         rng = np.random.default_rng(0)
         true = {n: (0.1 * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
-        per_round: list[int] = []
         full_size = 0
         bit_equal = True
-        for number in range(rounds + 1):
+        for number in range(rounds + 2):  # the last round only flushes: once a device has it, round ``rounds``'s
+            # messages have all arrived (the region publishes in order, the broker delivers in order)
             true = {n: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for n, v in true.items()}
             blob = sign_model(ModelHeader.create(fleet=FLEET, sender="root", round=number, bundle_version=1), true,
                               signer_key=root)
-            before = sum(c.received for c in clients)
             publisher.publish(layout.root_model, blob, qos=1, retain=True).wait_for_publish(_WAIT_S)
             for c in clients:
                 c.wait_round(number)
-            time.sleep(0.2)  # what is still in flight for this round (a full model arriving after its delta) counts too
-            for c in clients:
-                c.intake.pump(time.monotonic(), lambda: True, threading.Event())
-            per_round.append(sum(c.received for c in clients) - before)
+            if number > rounds:
+                break
             chain = service.publisher.held_model() if service.publisher is not None else None
             digest = chain.digest if chain is not None else model_digest(true)
             bit_equal &= all(c.intake.held is not None and c.intake.held.digest == digest for c in clients)
             full_size = service.publisher.last_sizes[0] if service.publisher is not None else 0
         publisher.loop_stop()
         publisher.disconnect()
+        per_round = [sum(c.by_round.get(r, 0) for c in clients) for r in range(rounds + 1)]
         mean = float(np.mean(per_round[2:])) / devices
         return DownlinkRow(model=model, params=int(sum(np.prod(s) for s in shapes.values())), compression=compression,
                            devices=devices, rounds=rounds, full_message_bytes=full_size or round(mean),

@@ -65,3 +65,23 @@ def test_deltas_rebuild_the_full_model_a_fallback_device_gets_and_a_new_bundle_s
         assert len(published.delta) < len(published.full) / 3  # 600 params: the ~0.5 KB header weighs
     assert publisher.prepare(_stored(5, true, version=2)).delta is None
 
+
+
+@pytest.mark.parametrize("text", ["q4", "topk:0.3+q4"])
+def test_the_publishers_chain_is_the_simulators_downlink_bit_for_bit(text):
+    """What `fedge bench accuracy` simulates (sdk/simulation/traffic.Downlink) is what the region sends."""
+    from device_agent.compression.downlink import DeltaChain
+    from sdk.simulation.traffic import Downlink
+
+    rng = np.random.default_rng(1)
+    target = {"w": rng.normal(size=(30, 20)).astype(np.float32), "b": rng.normal(size=20).astype(np.float32)}
+    spec = CompressionSpec.parse(text)
+    simulated, chain = Downlink(target, spec), DeltaChain(spec)
+    chain.advance(0, target)
+    for r in range(1, 6):
+        target = {n: (v + 0.05 * rng.normal(size=v.shape)).astype(np.float32) for n, v in target.items()}
+        held = simulated.publish(target)
+        step = chain.advance(r, target)
+        assert len(step.payload) == simulated.last_bytes
+        for n in target:
+            assert np.array_equal(held[n], chain.held.tensors[n])

@@ -154,6 +154,12 @@ def test_cli_regional_downlink_flags_refuse_bad_values_in_one_line(bundle_factor
         result = CliRunner().invoke(aggregator, ["regional", "--config", str(path), flag, "topk:2"])
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         assert flag in result.output and "topk must be in (0, 1]" in result.output
+    from sdk.cli.aggregator_cmd import _with_downlink
+
+    loaded = load_regional_service_config(path)
+    assert _with_downlink(loaded, None, None) is loaded
+    both = _with_downlink(loaded, "q4", "0:q8,3:q4").downlink
+    assert (both.compression.describe(), both.uplink.describe()) == ("q4", "0:q8,3:q4")
 
 
 def test_service_config_refuses_model_deltas_with_fedfomo(bundle_factory, fleet_key: Ed25519PrivateKey, tmp_path: Path) -> None:

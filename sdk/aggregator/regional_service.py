@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from device_agent.daemon.backoff import Backoff, BackoffPolicy
 from device_agent.errors import FedgeError
@@ -56,14 +57,15 @@ class RegionalService(MqttAggregatorService):
     def __init__(self, aggregator: RegionalAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
                  inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None,
-                 follower: VersionFollower | None = None, downlink: DownlinkSettings | None = None) -> None:
+                 follower: VersionFollower | None = None, downlink: DownlinkSettings | None = None,
+                 downlink_state: Path | None = None) -> None:
         if downlink is not None and downlink.compression.enabled and aggregator.fomo_enabled:
             raise ValueError("model deltas down and FedFomo cannot be combined: FedFomo's pool rebuilds device models "
                              "from the model the region served, which devices following deltas do not hold exactly")
         self.aggregator = aggregator
         #: Model deltas down and the round's uplink override (None or inactive: the stored model as it is).
         self.publisher = None if downlink is None or not downlink.active else ModelPublisher(
-            downlink, signing_key=aggregator.config.signing_key, clock=aggregator.config.wall_clock)
+            downlink, signing_key=aggregator.config.signing_key, clock=aggregator.config.wall_clock, state=downlink_state)
         self.region = region
         #: Follows the fleet's releases (None: the configured bundle for good); a root model of another
         #: version switches the region at that round boundary once its bundle is in the library.

@@ -79,7 +79,8 @@ def regional(ctx: click.Context, config_path: Path, max_seconds: float | None, d
                                        region=settings.aggregator.region)
             service = RegionalService(agg, region=settings.aggregator.region, layout=layout,
                                       broker=settings.broker, loop=settings.loop, follower=follower,
-                                      downlink=settings.downlink)
+                                      downlink=settings.downlink,
+                                      downlink_state=settings.store.with_name(settings.store.name + ".downlink"))
             logger.info("regional aggregator %s of fleet %s: store %s, bundle v%d, quorum %d, deadline %g s",
                         settings.aggregator.region, settings.aggregator.fleet, settings.store,
                         agg.bundle_version, settings.aggregator.policy.quorum,

@@ -85,3 +85,27 @@ def test_the_publishers_chain_is_the_simulators_downlink_bit_for_bit(text):
         assert len(step.payload) == simulated.last_bytes
         for n in target:
             assert np.array_equal(held[n], chain.held.tensors[n])
+
+
+def test_a_restarted_publisher_resumes_the_chain_from_its_state_file(tmp_path, caplog):
+    rng = np.random.default_rng(2)
+    state = tmp_path / "eu.sqlite.downlink"
+    settings = DownlinkSettings(compression=CompressionSpec.parse("q8"))
+    first = ModelPublisher(settings, signing_key=KEY, state=state)
+    true = {"w": rng.normal(size=(10, 10)).astype(np.float32)}
+    blobs = []
+    for r in range(3):
+        true = {"w": (true["w"] + 0.1 * rng.normal(size=(10, 10))).astype(np.float32)}
+        blobs.append(_stored(r, true))
+        last = first.prepare(blobs[-1])
+    again = ModelPublisher(settings, signing_key=KEY, state=state)
+    assert again.held_model().digest == first.held_model().digest
+    assert again.prepare(blobs[-1]) == last  # the same messages for the same round
+    true = {"w": (true["w"] + 0.1 * rng.normal(size=(10, 10))).astype(np.float32)}
+    step = again.prepare(_stored(3, true))
+    h = open_model_delta(step.delta, trusted_signers=KEY.public_key()).header
+    assert (h.base_round, h.base_digest) == (2, first.held_model().digest)  # the chain goes on: no full round
+    state.write_bytes(state.read_bytes()[:-7])  # torn or tampered: one line, then a fresh start
+    fresh = ModelPublisher(settings, signing_key=KEY, state=state)
+    assert fresh.held_model() is None
+    assert "downlink state" in caplog.text and "goes out in full" in caplog.text

@@ -113,7 +113,8 @@ class ModelPublisher:
         self._chain = DeltaChain(settings.compression) if settings.compression.enabled else None
         self._version: int | None = None
         self._last: tuple[bytes, Published] | None = None
-        self._last_source: bytes | None = None
+        self._last_source: bytes | None = None  # from the state file: the stored model its messages were made from
+        self._resumed: Published | None = None  # ... and those messages
         self._state = state if self._chain is not None else None
         #: Bytes of the last full model and delta published (for the benchmarks and metrics).
         self.last_sizes: tuple[int, int | None] | None = None
@@ -154,8 +155,6 @@ class ModelPublisher:
                 delta = sign_model_delta(header, step.tensors, signer_key=self._key)
         full = sign_model(ModelHeader.create(**fields), tensors, signer_key=self._key)
         return self._remember(blob, Published(round=h.round, full=full, delta=delta))
-
-    _resumed: Published | None = None
 
     def _resume(self, path: Path) -> None:
         """Pick the chain up from the state file (one WARNING line and a fresh start when it does not verify)."""

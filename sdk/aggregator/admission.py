@@ -1,7 +1,7 @@
 """What an authentic, valid update will weigh and whether folding it in is safe: pure checks, no store.
 
-Runs after the validator and before the acceptance transaction. It measures
-the update's raw L2 norm, applies the round's influence bounds
+Runs after the validator and before the acceptance transaction. It takes
+the update's raw L2 norm (as the validator measured it, or measures it), applies the round's influence bounds
 (:class:`~sdk.aggregation.influence.RoundBounds`: weight cap, clip scale) and
 refuses anything whose arithmetic could fail later, so that a round's close
 never throws accepted work away:

@@ -10,9 +10,10 @@ Pipeline, cheapest and least trusting first::
     bundle version (before the round checks)        -> wrong_bundle_version
     round state (collecting, same round)            -> no_round / stale_round / future_round
                                                        (anything for an earlier round is stale, exact resends too)
-    UpdateValidator (header, shapes, finite, norm)  -> its reason
+    UpdateValidator (header, shapes; finite + norm  -> its reason
+      in one pass, the norm kept for admission)
     root: the aggregate's contributor list          -> missing_tensor / malformed
-    admission: norm, bounded weight, float32 range  -> non_finite
+    admission: bounded weight, float32 range        -> non_finite
     fold into a copy of this member's running sum (clipped to the round's bound)
     in ONE transaction per batch: per update the replay window, the round's sample total, (root)
     no device counted by another region, INSERT the accepted row  -> accepted (or replay /

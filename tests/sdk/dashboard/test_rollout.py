@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from device_agent.daemon.errors import ConfigError
+from device_agent.keys import save_public_key
 from device_agent.release.release_info import Stage
+from sdk.dashboard.config import load_dashboard_config
 from sdk.dashboard.rollout import RolloutReading, RolloutWatch
 from sdk.dashboard.view import FleetView
 from tests.release_support import DEVICES, ReleaseFixture, utc
@@ -78,3 +82,14 @@ def test_rollout_watch_refuses_forged_or_replayed_metadata_and_shows_nothing_of_
     assert watch.refresh(DEVICES).error == "expired_metadata"
     watch.file(PREFIX + "evil.json", b"{}")  # not a metadata name: refused before TUF sees it
     assert not watch.due()
+
+
+def test_dashboard_config_takes_a_release_root_and_names_a_missing_one(tmp_path: Path) -> None:
+    save_public_key(Ed25519PrivateKey.generate().public_key(), tmp_path / "eu" / "eu-1.pub")
+    (tmp_path / "root.json").write_text("{}")
+    config = tmp_path / "dashboard.toml"
+    config.write_text('fleet = "demo"\nrelease_root = "root.json"\n\n[registries]\neu = "eu"\n')
+    assert load_dashboard_config(config).release_root == tmp_path / "root.json"
+    config.write_text('fleet = "demo"\nrelease_root = "gone.json"\n\n[registries]\neu = "eu"\n')
+    with pytest.raises(ConfigError, match="release_root"):
+        load_dashboard_config(config)

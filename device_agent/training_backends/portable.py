@@ -3,8 +3,10 @@
 Works on any onnxruntime >= 1.19 (x86_64 and aarch64 wheels, Debian's armhf
 package, and the InferenceSession of onnxruntime-training). Each step graph
 takes the training state as inputs and returns the next state (see
-``graph_names``); the backend keeps that state in ORT-owned buffers and runs
-each step through an IO binding, so per step only ``x`` and ``y`` are bound.
+``graph_names``); the backend keeps that state in ORT-owned buffers (the
+parameters of a graph's ``flat.param`` in one numpy array, each parameter a
+view of it) and runs each step through an IO binding, so per step only ``x``
+and ``y`` are bound.
 An updated parameter has two buffers that swap roles each step (ping-pong):
 its old value is read by the backward pass, which ORT may schedule after the
 node that writes the new value, so the step must not write the buffer it is

@@ -40,10 +40,12 @@ class AccuracyRun:
     ``ditto_lambda``: Ditto's proximal weight (None: the algorithm's default).
     ``compression`` / ``downlink``: what devices send up and the server
     sends down (:class:`~device_agent.compression.CompressionSpec` text;
-    ``none`` is full float32; the downlink is simulated only).
-    ``choice_epochs`` > 0 adds the rows ``<label>, chosen (<rule>)`` and ``<label>+FT(head-es|all-es)``:
-    each device keeps, on its validation split, the best of a local-only model, the run's model and its
-    fine-tunings with early stopping (at most this many epochs) (:mod:`sdk.simulation.local_choice`).
+    ``none`` is full float32; the simulator runs the same downlink arithmetic as the regional
+    aggregator's model deltas, docs/protocol.md).
+    ``choice_epochs`` > 0 adds the rows ``<label>+FT(<scope>, early stop)``, ``<label>, ensemble with local``
+    and ``<label>, chosen (<rule>)``: each device keeps, on its validation split, the best of a local-only
+    model, the run's model, its fine-tunings with early stopping (at most this many epochs) and their
+    ensemble (:mod:`sdk.simulation.local_choice`).
     """
 
     label: str

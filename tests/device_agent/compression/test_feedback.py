@@ -125,12 +125,14 @@ def test_top_k_picks_the_largest_magnitudes_lowest_index_first_on_ties() -> None
     assert top_k_indices(np.zeros(3), 0).tolist() == []
 
 
-@pytest.mark.parametrize("text", ["none", "q8", "q4/16", "topk:0.05", "topk:0.01+q8", "topk:0.5+q4/1024"])
+@pytest.mark.parametrize("text", ["none", "q8", "q4/16", "topk:0.05", "topk:0.01+q8", "topk:0.5+q4/1024", "q4+deflate",
+                                  "topk:0.3+q4/64+deflate"])
 def test_spec_text_round_trips(text: str) -> None:
     assert CompressionSpec.parse(text).describe() == text
 
 
-@pytest.mark.parametrize("text", ["q3", "topk:0", "topk:1.5", "topk:0.1+topk:0.2", "q8+q4", "zip", "q8/0", "topk:0.1+q8/70000"])
+@pytest.mark.parametrize("text", ["q3", "topk:0", "topk:1.5", "topk:0.1+topk:0.2", "q8+q4", "zip", "q8/0", "topk:0.1+q8/70000",
+                                  "deflate", "deflate+q4", "q4+deflate+deflate"])
 def test_spec_rejects_nonsense(text: str) -> None:
     with pytest.raises(ValueError):
         CompressionSpec.parse(text)

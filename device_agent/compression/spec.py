@@ -7,7 +7,8 @@ Text form, one token or two joined by ``+`` (the bundle manifest's
 values), ``topk:F+q8`` / ``topk:F+q4`` (both), and ``/B`` after ``q8``/``q4``
 for the quantisation block size (default 256), e.g. ``topk:0.05+q8/128``;
 a last ``+deflate`` sends the compressed tensors through zlib (lossless,
-payload version 3), e.g. ``q4+deflate``.
+payload version 3), e.g. ``q4+deflate``; ``q6`` (codes in -31..31, one per
+byte before deflate) only with it, e.g. ``q6+deflate``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ from device_agent.compression.quantise import QMAX, QuantisedBlocks, dequantise
 
 DEFAULT_BLOCK = 256
 MAX_BLOCK = 1 << 16
-_TOKEN = re.compile(r"^(?:topk:(?P<frac>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)|q(?P<bits>[48])(?:/(?P<block>[0-9]{1,6}))?)$")
+_TOKEN = re.compile(r"^(?:topk:(?P<frac>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)|q(?P<bits>[468])(?:/(?P<block>[0-9]{1,6}))?)$")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompressionSpec:
     """``topk`` None: dense; else the fraction of entries kept per tensor, in (0, 1].
-    ``bits`` None: float32 values; else 8 or 4 with one power-of-two scale per ``block`` values.
+    ``bits`` None: float32 values; else 8, 6 or 4 with one power-of-two scale per ``block`` values.
     ``deflate``: the encoded tensors go through zlib (lossless; needs ``topk`` or ``bits``)."""
 
     topk: float | None = None
@@ -43,6 +44,8 @@ class CompressionSpec:
             raise ValueError(f"bits must be one of {sorted(QMAX)}, got {self.bits}")
         if not 1 <= self.block <= MAX_BLOCK:
             raise ValueError(f"block must be in 1..{MAX_BLOCK}, got {self.block}")
+        if self.bits == 6 and not self.deflate:
+            raise ValueError("q6 codes travel one per byte: give +deflate with them")
         if self.deflate and not self.enabled:
             raise ValueError("deflate applies to compressed tensors: give topk, q8 or q4 with it")
 
@@ -81,7 +84,7 @@ class CompressionSpec:
         for token in tokens:
             m = _TOKEN.match(token)
             if m is None:
-                raise ValueError(f"compression {text!r}: {token!r} is not topk:F, q8, q4, q8/B or q4/B"
+                raise ValueError(f"compression {text!r}: {token!r} is not topk:F, q8, q6, q4 or qN/B"
                                  " (deflate comes last)")
             if m.group("frac") is not None:
                 if topk is not None:

@@ -5,7 +5,8 @@ Layout (all integers little-endian)::
     magic     4 bytes  b"FDGT"
     version   u8       1 for raw/fp16/int8, 2 for the compressed encodings, 3 for the deflated ones
     encoding  u8       0 = raw, 1 = fp16, 2 = int8, 3 = q8, 4 = q4, 5 = topk, 6 = topk_q8, 7 = topk_q4,
-                       8..12 = q8_deflate, q4_deflate, topk_deflate, topk_q8_deflate, topk_q4_deflate
+                       8..12 = q8_deflate, q4_deflate, topk_deflate, topk_q8_deflate, topk_q4_deflate,
+                       13 = q6_deflate, 14 = topk_q6_deflate
     count     u32      number of tensors
     then per tensor (version 3: all of it as one zlib stream), in ascending order of name (UTF-8 byte order):
       name_len  u16, name (UTF-8, non-empty)
@@ -99,18 +100,22 @@ class Encoding(str, Enum):
     TOPK_DEFLATE = "topk_deflate"
     TOPK_Q8_DEFLATE = "topk_q8_deflate"
     TOPK_Q4_DEFLATE = "topk_q4_deflate"
+    Q6_DEFLATE = "q6_deflate"
+    TOPK_Q6_DEFLATE = "topk_q6_deflate"
 
 
 _ENCODING_CODES = {enc: code for code, enc in enumerate(Encoding)}
 _ENCODING_OF_CODE = {code: enc for enc, code in _ENCODING_CODES.items()}
 _LOSSY_CODE = {Encoding.FP16: _F32_AS_F16, Encoding.INT8: _F32_AS_INT8}
-#: version-2 encodings: (storage code, bits) they carry float32 tensors in.
+#: version-2 and -3 encodings: (storage code, bits) they carry float32 tensors in.
 _COMPRESSED = {
     Encoding.Q8: (DENSE_QUANTISED, 8), Encoding.Q4: (DENSE_QUANTISED, 4), Encoding.TOPK: (SPARSE_F32, None),
     Encoding.TOPK_Q8: (SPARSE_QUANTISED, 8), Encoding.TOPK_Q4: (SPARSE_QUANTISED, 4),
+    Encoding.Q6_DEFLATE: (DENSE_QUANTISED, 6), Encoding.TOPK_Q6_DEFLATE: (SPARSE_QUANTISED, 6),
 }
-#: version-3 encodings: the version-2 encoding whose records they deflate.
-_DEFLATED = {Encoding(f"{enc.value}_deflate"): enc for enc in _COMPRESSED}
+#: version-3 encodings: their per-tensor records are one zlib stream (q6 has no version-2 form).
+_DEFLATED = frozenset(enc for enc in Encoding if enc.value.endswith("_deflate"))
+_COMPRESSED.update({Encoding(f"{enc.value}_deflate"): kind for enc, kind in list(_COMPRESSED.items()) if enc not in _DEFLATED})
 
 
 def payload_version(encoding: Encoding | str) -> int:
@@ -157,7 +162,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray | CompressedTensor], *, enco
     """
     enc = Encoding(encoding)
     head = [MAGIC, pack_u8(payload_version(enc)), pack_u8(_ENCODING_CODES[enc]), pack_u32(len(tensors))]
-    records = [part for name in sorted(tensors) for part in _encode_one(name, tensors[name], _DEFLATED.get(enc, enc))]
+    records = [part for name in sorted(tensors) for part in _encode_one(name, tensors[name], enc)]
     if enc in _DEFLATED:
         return b"".join(head) + zlib.compress(b"".join(records), DEFLATE_LEVEL)
     return b"".join(head + records)
@@ -251,7 +256,6 @@ def decode_tensors(
         raise MalformedMessageError(f"tensor payload: {count} tensors exceeds the limit of {limits.max_tensors}")
     if enc in _DEFLATED:
         reader = ByteReader(_inflate(reader.take(reader.remaining, "records"), limits.max_encoded_bytes), what="tensor payload")
-        enc = _DEFLATED[enc]
     out: dict[str, np.ndarray] = {}
     budget = limits.max_total_bytes
     previous = b""

@@ -20,7 +20,7 @@ from device_agent.protocol.envelope import open_update, seal_update
 from device_agent.protocol.tensor_codec import DecodeLimits, Encoding, decode_tensors, encode_tensors
 
 TEXTS = ["q8", "q4", "q8/3", "topk:0.2", "topk:0.01", "topk:0.3+q8/5", "topk:0.02+q4", "topk:1+q4/1",
-         "q4+deflate", "topk:0.3+q8/5+deflate", "topk:0.01+deflate"]
+         "q4+deflate", "topk:0.3+q8/5+deflate", "topk:0.01+deflate", "q6+deflate", "topk:0.2+q6/7+deflate"]
 
 
 def _payload(spec: str, tensors: dict[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -171,6 +171,7 @@ DEFLATE_BAD: list[tuple[bytes, str]] = [
     (_v3(Encoding.Q4_DEFLATE, zlib.compress(_RECORD)), "8-bit codes, the encoding says 4"),
     (_v3(Encoding.Q8, zlib.compress(_RECORD)), "'q8' is not part of version 3"),
     (_v2(Encoding.Q8_DEFLATE, _RECORD), "'q8_deflate' is not part of version 2"),
+    (_v3(Encoding.Q6_DEFLATE, zlib.compress(_dense_q(bytes([1, 2, 32, 4]), b"\x00", bits=6))), "code outside -31..31"),
 ]
 
 

@@ -313,7 +313,8 @@ COMPRESSED_RUNS = (("q8+deflate", "q8+deflate"), ("q4+deflate", "q4+deflate"), (
 """(up, down) pairs the compression settings compare with full float32. ``+deflate`` is lossless (zlib over the
 encoded tensors), so each run's accuracy is what the same spec without it gives, bit for bit, and its bytes are less."""
 RECOMMENDED_COMPRESSION = ("q4+deflate", "q6+deflate")
-"""What the settings' FedAlt pair uses: 4-bit up (errors average over the devices), 6-bit down (one error, every device)."""
+"""The watch setting's FedAlt pair: 4-bit up (errors average over the devices), 6-bit down (one error, every device).
+Measured since (docs/benchmarks.md): the 6-bit downlink buys no accuracy that the seed noise shows; q4 both ways is cheaper."""
 
 
 def _compress_settings(quick: bool, watch_common: dict[str, Any]) -> list[AccuracySetting]:

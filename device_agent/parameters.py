@@ -100,10 +100,23 @@ def global_norm(params: ParameterDict) -> float:
 
     An infinite or NaN entry makes the result infinite or NaN.
     """
+    return norm_of_squares([sum_of_squares(name, value) for name, value in params.items()])
+
+
+def sum_of_squares(name: str, value: object) -> float:
+    """``sum(value**2)`` over one real array, in float64 (inf or NaN when it holds a non-finite entry).
+
+    For float32 and float16 arrays the converse holds too: their squares cannot overflow float64,
+    so a finite result proves every entry finite (the aggregators' validator relies on it)."""
+    flat = as_real_array(name, value).astype(np.float64, copy=False).ravel()
+    return float(np.dot(flat, flat))
+
+
+def norm_of_squares(squares: list[float]) -> float:
+    """The global L2 norm from per-tensor :func:`sum_of_squares`, added in the order given."""
     total = 0.0
-    for name, value in params.items():
-        flat = as_real_array(name, value).astype(np.float64, copy=False).ravel()
-        total += float(np.dot(flat, flat))
+    for part in squares:
+        total += part
     return math.sqrt(total)
 
 

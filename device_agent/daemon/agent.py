@@ -174,6 +174,8 @@ class DeviceAgent:
         self._bundle_version = trainer.manifest.bundle_version
         #: What the bundle asks devices to send up (``none``: the float32 delta in ``config.encoding``).
         self.compression = CompressionSpec.parse(trainer.manifest.compression or "none")
+        #: The round and spec a model's ``compression`` field asked for (None: the bundle decides).
+        self._round_compression: tuple[int, CompressionSpec] | None = None
         self._residual = ResidualFile(state.directory / "residual.bin")
         self._progress = state.load_progress()
         if self._progress.bundle_version != self._bundle_version:
@@ -213,6 +215,8 @@ class DeviceAgent:
         if old is not None:
             self.intake.ignored.update(old.ignored)
         self.intake.rollback_floor = rollback_floor
+        self.intake.follow_full = self._follow_full
+        self._follow_full(True)  # nothing held yet: the full model first, then deltas once one applies
         if self.release is not None:
             self.intake.extra = self._take_release_message
         #: FedFomo's device side (None when ``fomo_candidates`` is 0).
@@ -220,6 +224,21 @@ class DeviceAgent:
             self.config, keys=self.keys, trainer=self.trainer, connection=self.connection, intake=self.intake,
             pump=self._pump, load_validation=self._load_validation, rng=np.random.default_rng(self._rng.getrandbits(64)),
             clock=self._clock, wall_clock=self._wall_clock, random_bytes=self._random_bytes)
+
+    def _follow_full(self, wanted: bool) -> None:
+        """Subscribe to the full model (``wanted``) or leave it to the deltas; kept across reconnects."""
+        topic = self._topics.global_model
+        subscribed = self.connection.subscriptions
+        if wanted == (topic in subscribed):
+            return
+        if wanted:
+            self.connection.subscriptions = subscribed + (topic,)
+            self.connection.subscribe([topic])
+            logger.info("taking the full model from %s", topic)
+        else:
+            self.connection.subscriptions = tuple(t for t in subscribed if t != topic)
+            self.connection.unsubscribe([topic])
+            logger.info("following the model deltas: no full model from %s until one is needed", topic)
 
     def _take_release_message(self, message: InboundMessage) -> bool:
         """Give a release topic's message to the release client (True: it was one)."""
@@ -289,6 +308,8 @@ class DeviceAgent:
         TrainingError when the data cannot be read or training fails; nothing is saved then.
         """
         data = self._local_data()
+        self._round_compression = None if model.header.compression is None else (
+            model.header.round, CompressionSpec.parse(model.header.compression))
         if self.fomo is not None:
             self.fomo.prepare_round(model)
         update = train_local_round(
@@ -345,15 +366,21 @@ class DeviceAgent:
         self.state.save_pending(sealed)
         return sealed
 
+    def compression_for(self, round: int) -> CompressionSpec:
+        """The uplink compression of ``round``: the override its model named, else the bundle's field."""
+        override = self._round_compression
+        return override[1] if override is not None and override[0] == round else self.compression
+
     def _compress(self, update: LocalUpdate) -> tuple[dict[str, np.ndarray | CompressedTensor], str]:
-        """What to seal and its encoding: the float32 delta, or the bundle's compression with error feedback."""
-        if not self.compression.enabled:
+        """What to seal and its encoding: the float32 delta, or the round's compression with error feedback."""
+        spec = self.compression_for(update.round_number)
+        if not spec.enabled and not self.compression.enabled:
             return update.delta, self.config.encoding.value
         before = residual_for(self._residual.load(), bundle_version=self._bundle_version, round=update.round_number)
-        out = compress_delta(update.delta, before, self.compression)
+        out = compress_delta(update.delta, before, spec)
         self._residual.save(ResidualState(bundle_version=self._bundle_version, round=update.round_number,
                                           before=before or {}, after=out.residual))
-        return out.tensors, self.compression.encoding
+        return out.tensors, spec.encoding
 
     # -- phase 4: submitting ----------------------------------------------------------------
 
@@ -507,7 +534,10 @@ class DeviceAgent:
         self._bundle_version = trainer.manifest.bundle_version
         self.state.clear_pending()
         self._save_progress(AgentProgress(bundle_version=self._bundle_version))
+        foreign = self.intake.foreign_model
         self._build_intake(-1)
+        if foreign is not None:  # the region already serves this version: play its round now, not the next one
+            self.intake.replay_model(foreign)
         changes: dict[str, object] = {"bundle_model": trainer.manifest.model_name, "bundle_version": self._bundle_version}
         if switched.loss is not None:
             changes.update(last_loss=switched.loss, last_val_accuracy=switched.accuracy)

@@ -110,7 +110,7 @@ def open_agent(
         presence_topic=topics.device_status(config.device_id),
         online_payload=status.online_payload,
         offline_payload=status.offline_payload,
-        subscriptions=(topics.global_model, topics.device_receipt(config.device_id))
+        subscriptions=(topics.global_model, topics.global_model_delta, topics.device_receipt(config.device_id))
         + ((topics.device_candidates(config.device_id),) if config.fomo_candidates else ())
         + ((topics.release_metadata_filter,) if config.release is not None else ()),
         backoff=config.backoff,

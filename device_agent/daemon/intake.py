@@ -20,6 +20,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from device_agent.compression.downlink import HeldModel, apply_model_delta
 from device_agent.daemon.connection import InboundMessage, drain
 from device_agent.daemon.errors import AgentStopped
 from device_agent.errors import AuthenticationError, MalformedMessageError
@@ -32,7 +33,8 @@ from device_agent.protocol.envelope import (
     open_model,
     verified_model_header,
 )
-from device_agent.protocol.headers import MAX_CANDIDATES, UpdateHeader
+from device_agent.protocol.headers import MAX_CANDIDATES, ModelHeader, UpdateHeader
+from device_agent.protocol.model_delta import open_model_delta
 from device_agent.protocol.receipts import Receipt, open_receipt
 from device_agent.protocol.tensor_codec import DecodeLimits
 from device_agent.protocol.topics import TopicLayout
@@ -76,6 +78,7 @@ class MessageIntake:
         self._receipt_signers = receipt_signers
         self._clock = clock
         self._model_topic = topics.global_model
+        self._delta_topic = topics.global_model_delta
         self._receipt_topic = topics.device_receipt(device_id)
         self._limits = DecodeLimits(
             max_tensors=len(self._spec),
@@ -95,8 +98,18 @@ class MessageIntake:
         self.ignored: Counter[str] = Counter()
         #: The bundle version of the newest trusted model for this region that was for another version (None: none).
         self.foreign_version: int | None = None
+        #: That model's signed bytes, kept so a device that switches to its version can take it at once
+        #: (a retained model is delivered once; the next comes only after the round closes).
+        self.foreign_model: bytes | None = None
         #: Takes messages on other topics first (the release client); returns True when it consumed one.
         self.extra: Callable[[InboundMessage], bool] | None = None
+        #: The newest model taken, as deltas apply to it (None before the first; a restart starts with None).
+        self.held: HeldModel | None = None
+        #: Called with True when the device needs the full model (no base, a delta refused, the chain restarted),
+        #: False once it follows the deltas (the agent subscribes to ``model/global`` only while True).
+        self.follow_full: Callable[[bool], None] = lambda wanted: None
+        #: Model deltas applied so far.
+        self.deltas_applied = 0
 
     def receipt_for(self, header: UpdateHeader) -> tuple[Receipt, bytes] | None:
         """The verified receipt answering ``header`` and its signed bytes, or None when none came."""
@@ -129,10 +142,16 @@ class MessageIntake:
             except queue.Empty:
                 pass
 
+    def replay_model(self, payload: bytes) -> None:
+        """Verify and file a model received earlier (another intake's :attr:`foreign_model`), as if it came now."""
+        self._on_model(payload)
+
     def handle(self, message: InboundMessage) -> None:
         """Verify and file one message (or count and log why it was dropped)."""
         if message.topic == self._model_topic:
             self._on_model(message.payload)
+        elif message.topic == self._delta_topic:
+            self._on_delta(message.payload)
         elif message.topic == self._receipt_topic:
             self._on_receipt(message.payload)
         elif message.topic == self._candidates_topic:
@@ -157,6 +176,7 @@ class MessageIntake:
             if h.bundle_version != self._bundle_version and h.fleet == self._topics.fleet \
                     and h.region in (None, self._region):
                 self.foreign_version = h.bundle_version
+                self.foreign_model = payload
                 self._ignore("model_bundle_version", "model for bundle v%d, device runs v%d", h.bundle_version,
                              self._bundle_version)
                 return
@@ -176,7 +196,52 @@ class MessageIntake:
         elif {n: (t.shape, t.dtype.name) for n, t in model.tensors.items()} != self._spec:
             self._ignore("model_shape", "model tensors do not match the bundle's shared parameters")
         elif self.latest_model is None or h.round >= self.latest_model.header.round:
-            self.latest_model = model
+            self._take(model, HeldModel.of(h.round, model.tensors))
+
+    def _take(self, model: OpenedModel, held: HeldModel) -> None:
+        self.latest_model = model
+        self.held = held
+        self.foreign_model = None  # the region serves this device's version again: nothing to replay
+
+    def _on_delta(self, payload: bytes) -> None:
+        """A model delta: applied when the device holds its base, else refused with one line and the full model
+        asked for (docs/protocol.md, "Models down as compressed deltas"). An empty payload: the publisher cleared
+        the delta (its chain starts over), so the next model comes in full."""
+        if not payload:
+            self.follow_full(True)
+            return
+        try:
+            opened = open_model_delta(payload, trusted_signers=self._model_signers, limits=self._limits)
+        except AuthenticationError:
+            return self._refuse_delta("untrusted_delta", "model delta not signed by a trusted signer")
+        except MalformedMessageError as exc:
+            return self._refuse_delta("malformed_delta", "%s", exc)
+        h = opened.header
+        if h.fleet != self._topics.fleet or h.region not in (None, self._region) or h.bundle_version != self._bundle_version:
+            return self._refuse_delta("delta_scope", "delta for fleet %s region %s bundle v%d", h.fleet, h.region,
+                                      h.bundle_version)
+        held = self.held
+        if held is not None and h.round <= held.round:
+            if h.round == held.round and h.digest == held.digest:
+                self.follow_full(False)  # it makes what the device holds: the deltas can be followed from here
+            return
+        if h.round < self.rollback_floor:
+            self._ignore("model_rollback", "delta round %d is older than round %d already seen", h.round, self.rollback_floor)
+            return
+        applied = apply_model_delta(held, opened.tensors, round=h.round, base_round=h.base_round,
+                                    base_digest=h.base_digest, digest=h.digest)
+        if applied.model is None:
+            return self._refuse_delta(f"delta_{applied.reason}", "%s", applied.detail)
+        header = ModelHeader(fleet=h.fleet, sender=h.sender, round=h.round, bundle_version=h.bundle_version,
+                             region=h.region, compression=h.compression, nonce=h.nonce, timestamp_ms=h.timestamp_ms)
+        tensors = {n: v.copy() for n, v in applied.model.tensors.items()}  # the trainer's; ``held`` stays the base
+        self._take(OpenedModel(header=header, tensors=tensors, signer_key_id=opened.signer_key_id), applied.model)
+        self.deltas_applied += 1
+        self.follow_full(False)
+
+    def _refuse_delta(self, reason: str, fmt: str, *args: object) -> None:
+        self._ignore(reason, fmt + "; taking the full model", *args)
+        self.follow_full(True)
 
     def _on_receipt(self, payload: bytes) -> None:
         try:

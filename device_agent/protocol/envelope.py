@@ -150,8 +150,8 @@ def _decrypt(frame: Frame, recipient_key: X25519PrivateKey) -> bytes:
     recipient_public = raw_public_bytes(recipient_key.public_key())
     cipher, nonce = _cipher(shared, frame.record, ephemeral_public, recipient_public)
     aad = frame.signed[: len(frame.signed) - len(frame.body) + _PUBLIC_BYTES]
-    try:
-        return cipher.decrypt(nonce, bytes(frame.body[_PUBLIC_BYTES:]), bytes(aad))
+    try:  # views of the received bytes: no copy of the ciphertext
+        return cipher.decrypt(nonce, frame.body[_PUBLIC_BYTES:], aad)
     except InvalidTag as exc:
         raise AuthenticationError() from exc
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, ClassVar, TypeVar
 
+from device_agent.compression.spec import CompressionSpec
 from device_agent.errors import MalformedMessageError
 from device_agent.protocol.tensor_codec import Encoding
 
@@ -26,6 +27,7 @@ NONCE_BYTES = 16
 MAX_CANDIDATES = 32
 """The most FedFomo candidates one device may ask for (and be served) in a round."""
 MAX_HEADER_BYTES = 4096
+DIGEST_BYTES = 32
 _MAX_INT = (1 << 53) - 1  # exact in every JSON reader
 _R = TypeVar("_R", bound="CanonicalRecord")
 _E = TypeVar("_E", bound=Enum)
@@ -86,6 +88,9 @@ class CanonicalRecord:
     """
 
     _HEX_FIELDS: ClassVar[frozenset[str]] = frozenset()
+    #: Fields left out of the canonical form when None (added to a record after it shipped: the
+    #: records that do not use them keep their bytes, so older readers still parse them).
+    _OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset()
     _WHAT: ClassVar[str] = "record"
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,6 +98,8 @@ class CanonicalRecord:
         out: dict[str, Any] = {}
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if value is None and f.name in self._OMITTED_WHEN_NONE:
+                continue
             out[f.name] = value.hex() if isinstance(value, bytes) else value.value if isinstance(value, Enum) else value
         return out
 
@@ -115,7 +122,7 @@ class CanonicalRecord:
         if not isinstance(data, dict):
             raise MalformedMessageError(f"{cls._WHAT}: not a JSON object")
         names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-        if set(data) != names:
+        if not names - cls._OMITTED_WHEN_NONE <= set(data) <= names:
             raise MalformedMessageError(f"{cls._WHAT}: keys {sorted(data)} differ from {sorted(names)}")
         try:
             for name in cls._HEX_FIELDS:
@@ -213,10 +220,40 @@ class ModelHeader(MessageHeader):
 
     kind: MessageKind = MessageKind.MODEL
     region: str | None = None
+    #: The uplink compression the publisher asks for this round (CompressionSpec text); None (left out of
+    #: the canonical form): the bundle's ``compression`` field decides, as before this field existed.
+    compression: str | None = None
+    _OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"compression"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("region", self.region, optional=True)
+        if self.compression is not None and CompressionSpec.parse(self.compression).describe() != self.compression:
+            raise ValueError(f"compression {self.compression!r} is not in its canonical text form")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelDeltaHeader(ModelHeader):
+    """Header of a signed model delta (``FDGD``): the tensors are what to add to the model of ``base_round``
+    whose digest is ``base_digest``; ``digest`` is the digest of the model the sum makes (docs/protocol.md,
+    "Models down as compressed deltas")."""
+
+    _HEX_FIELDS: ClassVar[frozenset[str]] = frozenset({"nonce", "base_digest", "digest"})
+    _WHAT: ClassVar[str] = "model delta header"
+
+    base_round: int
+    base_digest: bytes
+    digest: bytes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("base_round", self.base_round)
+        if self.base_round >= self.round:
+            raise ValueError(f"base_round {self.base_round} must be before round {self.round}")
+        for name in ("base_digest", "digest"):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != DIGEST_BYTES:
+                raise ValueError(f"{name} must be {DIGEST_BYTES} bytes")
 
 
 def check_peer_ids(field: str, value: object, *, limit: int = MAX_CANDIDATES) -> tuple[str, ...]:

@@ -116,6 +116,11 @@ class TopicLayout:
         """Retained, signed model that devices of a region train from."""
         return f"{self.base}/model/global"
 
+    @property
+    def global_model_delta(self) -> str:
+        """Retained, signed delta from the previous model to :attr:`global_model` (when the region sends deltas)."""
+        return f"{self.base}/model/delta"
+
     def region_aggregate(self, region: str) -> str:
         """Where a regional aggregator sends its sealed aggregate to the root."""
         return f"{self.base}/region/{_check_segment('region', region)}/up/aggregate"

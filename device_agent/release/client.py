@@ -23,7 +23,6 @@ Everything the device decides is reported through ``report`` (its status).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -39,12 +38,11 @@ from device_agent.release.policy import Action, Decision, DecideFn, DeviceIdenti
 from device_agent.release.release_info import ReleaseInfo
 from device_agent.release.release_state import ReleaseMemory, ReleaseReport, ReleaseStateFile
 from device_agent.release.settings import ReleaseSettings
-from device_agent.release.tuf_view import UPDATER_CONFIG, BrokerFetcher, ReleaseRefusal, TrustedView, refresh_view
+from device_agent.release.metadata_cache import MetadataCache
+from device_agent.release.tuf_view import BrokerFetcher, ReleaseRefusal, TrustedView, refresh_view
 
 logger = logging.getLogger(__name__)
 
-_METADATA_NAME = re.compile(r"(?:[1-9][0-9]{0,8}\.(?:root|targets|rollout|snapshot)|timestamp)\.json")
-_MAX_METADATA_FILES = 512
 _RETRY_MAX_S = 30.0
 
 
@@ -94,7 +92,7 @@ class ReleaseClient:
         self._state = ReleaseStateFile(directory)
         self.memory = self._state.load()
         self._store = DownloadStore(directory / "downloads")
-        self._metadata: dict[str, bytes] = {}
+        self._metadata = MetadataCache()
         self._dirty = True
         self._last_metadata = clock()
         self._next_refresh = clock()
@@ -129,19 +127,12 @@ class ReleaseClient:
             self._on_chunk(topic[len(self._chunk_prefix):], message.payload)
 
     def _on_metadata(self, name: str, payload: bytes) -> None:
-        if not _METADATA_NAME.fullmatch(name):
-            logger.warning("ignoring release metadata with an unexpected name %r", name)
-            return
-        limit = UPDATER_CONFIG.timestamp_max_length if name == "timestamp.json" else UPDATER_CONFIG.targets_max_length
-        if not payload:
-            self._metadata.pop(name, None)  # a cleared retained message
-        elif len(payload) > limit:
-            logger.warning("ignoring release metadata %s of %d bytes (limit %d)", name, len(payload), limit)
-            return
-        elif name in self._metadata or len(self._metadata) < _MAX_METADATA_FILES:
-            self._metadata[name] = bytes(payload)
-        self._dirty = True
-        self._last_metadata = self._clock()
+        if self._metadata.file(name, payload):
+            self._dirty = True
+            self._last_metadata = self._clock()
+            # New files end an incomplete-metadata backoff: its delays are for files that do not come (a fleet
+            # whose repository was never published), not for a release arriving now (refresh once it settles).
+            self._next_refresh = min(self._next_refresh, self._last_metadata)
 
     def _on_chunk(self, rest: str, payload: bytes) -> None:
         sha, _, index_text = rest.partition("/")
@@ -204,8 +195,9 @@ class ReleaseClient:
             if exc.transient:
                 self._dirty = True  # something is not on the broker yet: try again soon
                 self._next_refresh = now + self._retry_s
+                logger.info("release metadata incomplete (%s); retrying in %.1f s, or once more arrives",
+                            exc.detail, self._retry_s)
                 self._retry_s = min(_RETRY_MAX_S, self._retry_s * 2)
-                logger.info("release metadata incomplete (%s); retrying in %.1f s", exc.detail, self._retry_s)
                 return
             logger.error("release metadata refused: %s", exc)
             self._set_report(state="refused", release=None, progress=0, reason=f"{exc.reason}: {exc.detail}")

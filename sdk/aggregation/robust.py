@@ -65,8 +65,15 @@ def clip_by_norm(delta: ParameterDict, max_norm: float) -> ClippedDelta:
     check_update(None, delta, what="delta")
     norm = global_norm(delta)
     scale = 1.0 if norm <= bound else bound / norm
-    scaled = {name: as_float32(np.asarray(v, dtype=np.float64) * scale) for name, v in delta.items()}
-    return ClippedDelta(delta=scaled, norm=norm, scale=scale)
+    return ClippedDelta(delta=scale_delta(delta, scale), norm=norm, scale=scale)
+
+
+def scale_delta(delta: ParameterDict, scale: float) -> dict[str, np.ndarray]:
+    """``delta * scale`` as float32, computed in float64 and rounded once: the values clipping produces.
+
+    For a caller that knows the norm already (the aggregators' intake: its validator measured it); no checks here.
+    """
+    return {name: as_float32(np.asarray(v, dtype=np.float64) * scale) for name, v in delta.items()}
 
 
 def _stacked(updates: Sequence[ParameterDict]) -> Iterator[tuple[str, np.ndarray]]:

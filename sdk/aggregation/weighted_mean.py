@@ -31,6 +31,7 @@ from device_agent.parameters import (
     Layout,
     ParameterDict,
     as_float32,
+    check_layout,
     check_update,
     check_weight,
     layout_from_shapes,
@@ -89,17 +90,25 @@ class StreamingWeightedMean:
         """Parameter name -> shape every update must match; None until fixed."""
         return None if self._layout is None else dict(self._layout)
 
-    def accumulate(self, delta: ParameterDict, weight: float) -> None:
+    def accumulate(self, delta: ParameterDict, weight: float, *, checked: bool = False) -> None:
         """Fold ``delta`` in with ``weight`` (typically the device's sample count).
 
         Raises ``ValueError`` for a layout mismatch, a non-finite value, or a
         negative or non-finite weight, and ``TypeError`` for non-numeric input;
         on error nothing changes. A zero weight is counted but contributes nothing.
+
+        ``checked``: the caller has validated ``delta`` already (real dtypes, finite values: the aggregators'
+        :class:`~device_agent.protocol.validation.UpdateValidator` did), so only its names and shapes are compared
+        with the fixed layout (ValueError when they differ, or when no layout is fixed yet); the scan for
+        non-finite values, a second pass over the delta, is skipped.
         """
         w = check_weight(weight)
-        layout = check_update(self._layout, delta)
-        if self._layout is None:
-            self._start(layout)
+        if checked:
+            self._check_names_and_shapes(delta)
+        else:
+            layout = check_update(self._layout, delta)
+            if self._layout is None:
+                self._start(layout)
         if w == 0.0:
             self._count += 1
             return
@@ -108,6 +117,16 @@ class StreamingWeightedMean:
             self._sums[name] += w * np.asarray(value, dtype=np.float64)
         self._total_weight += w
         self._count += 1
+
+    def _check_names_and_shapes(self, delta: ParameterDict) -> None:
+        """ValueError unless ``delta`` has exactly the names and shapes of the fixed layout (cheap: no pass over values)."""
+        if self._layout is None:
+            raise ValueError("a checked delta needs a fixed layout (expected_shapes, or an earlier delta)")
+        if delta.keys() != self._layout.keys():
+            check_layout(self._layout, delta)  # names the missing and unexpected parameters
+        for name, shape in self._layout.items():
+            if np.shape(delta[name]) != shape:
+                raise ValueError(f"update: parameter {name!r} has shape {np.shape(delta[name])}, expected {shape}")
 
     def finalize(self) -> dict[str, np.ndarray] | None:
         """The weighted mean as float32 arrays, or None when the total weight is 0.

@@ -1,7 +1,7 @@
 """What an authentic, valid update will weigh and whether folding it in is safe: pure checks, no store.
 
-Runs after the validator and before the acceptance transaction. It measures
-the update's raw L2 norm, applies the round's influence bounds
+Runs after the validator and before the acceptance transaction. It takes
+the update's raw L2 norm (as the validator measured it, or measures it), applies the round's influence bounds
 (:class:`~sdk.aggregation.influence.RoundBounds`: weight cap, clip scale) and
 refuses anything whose arithmetic could fail later, so that a round's close
 never throws accepted work away:
@@ -37,7 +37,8 @@ FLOAT32_SAFE = float(np.finfo(np.float32).max) / 2
 @dataclass(frozen=True, kw_only=True)
 class Admission:
     """One update ready to fold: ``opened`` (tensors only), its ``weight`` in the mean, the ``samples`` it adds to
-    the round's total, its raw ``norm``, whether clipping or the weight cap changed it, and (root) its contributors."""
+    the round's total, its raw ``norm``, the ``scale`` clipping applies to it (1.0: none), whether clipping or the
+    weight cap changed it, and (root) its contributors."""
 
     opened: OpenedUpdate
     weight: float
@@ -46,17 +47,21 @@ class Admission:
     clipped: bool
     capped: bool
     contributors: Contributors | None = None
+    scale: float = 1.0
 
 
 def admit(opened: OpenedUpdate, *, base: Mapping[str, np.ndarray], bounds: RoundBounds | None, weight: float,
-          contributors: Contributors | None = None, base_largest: float | None = None) -> Admission:
+          contributors: Contributors | None = None, base_largest: float | None = None, norm: float | None = None) -> Admission:
     """Measure ``opened`` against the round: ``weight`` is its unbounded weight (a sample count, or 1 for uniform).
 
     ``base_largest``: max |x| over the round's ``base`` model (:func:`largest_magnitude`, computed once per round;
-    None: computed here). RejectedUpdateError ``non_finite`` when applying it could overflow float32.
+    None: computed here). ``norm``: its global L2 norm as the validator measured it
+    (:meth:`~device_agent.protocol.validation.UpdateValidator.check_tensors`; None: measured here).
+    RejectedUpdateError ``non_finite`` when applying it could overflow float32.
     """
     header = opened.header
-    norm = global_norm(opened.tensors)
+    if norm is None:
+        norm = global_norm(opened.tensors)
     scale = 1.0 if bounds is None else bounds.clip_scale(norm)
     if base_largest is None:
         base_largest = largest_magnitude(base)
@@ -71,7 +76,8 @@ def admit(opened: OpenedUpdate, *, base: Mapping[str, np.ndarray], bounds: Round
     samples = header.sample_count if bounds is None else bounds.weight(header.sample_count)
     bounded_weight = weight if bounds is None else float(min(weight, bounds.weight_cap))
     return Admission(opened=opened, weight=bounded_weight, samples=samples, norm=norm, clipped=scale < 1.0,
-                     capped=bounds is not None and header.sample_count > bounds.weight_cap, contributors=contributors)
+                     capped=bounds is not None and header.sample_count > bounds.weight_cap, contributors=contributors,
+                     scale=scale)
 
 
 def largest_magnitude(params: Mapping[str, np.ndarray]) -> float:

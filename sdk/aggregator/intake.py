@@ -10,9 +10,10 @@ Pipeline, cheapest and least trusting first::
     bundle version (before the round checks)        -> wrong_bundle_version
     round state (collecting, same round)            -> no_round / stale_round / future_round
                                                        (anything for an earlier round is stale, exact resends too)
-    UpdateValidator (header, shapes, finite, norm)  -> its reason
+    UpdateValidator (header, shapes; finite + norm  -> its reason
+      in one pass, the norm kept for admission)
     root: the aggregate's contributor list          -> missing_tensor / malformed
-    admission: norm, bounded weight, float32 range  -> non_finite
+    admission: bounded weight, float32 range        -> non_finite
     fold into a copy of this member's running sum (clipped to the round's bound)
     in ONE transaction per batch: per update the replay window, the round's sample total, (root)
     no device counted by another region, INSERT the accepted row  -> accepted (or replay /
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -49,7 +51,7 @@ from device_agent.protocol.receipts import Receipt, sign_receipt
 from device_agent.protocol.validation import RejectReason, UpdateValidator
 from sdk.aggregation import AggregationConfig, StreamingWeightedMean, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy
-from sdk.aggregation.robust import clip_by_norm
+from sdk.aggregation.robust import scale_delta
 from sdk.aggregator.admission import Admission, admit, check_round_total
 from sdk.aggregator.auth_log import AuthFailureLog
 from sdk.aggregator.batching import IncomingUpdate
@@ -232,9 +234,9 @@ class UpdateIntake(RoundCache):
         contributors = None
         if self._sender_is_region:
             opened, contributors = split_contributors(opened)
-        self._validator.check_tensors(opened.tensors)
+        norm = self._validator.check_tensors(opened.tensors)  # measured once: admission and clipping reuse it
         return admit(opened, base=self._record.base_params, bounds=self.bounds, weight=self._weight_of(header),
-                     contributors=contributors, base_largest=self._base_largest)
+                     contributors=contributors, base_largest=self._base_largest, norm=norm)
 
     def _commit(self, admitted: list[tuple[int, Admission]], answers: list[HandledUpdate | None]) -> list[int] | None:
         """Fold the admitted updates, then accept them in ONE transaction, then answer them.
@@ -346,14 +348,13 @@ class UpdateIntake(RoundCache):
             return None, PartialSum(state=state, samples=samples)
         rule = StreamingWeightedMean.from_state(self._rule.to_state()) if self._rule.count else \
             StreamingWeightedMean(expected_shapes=self._config.shapes)
-        clip_norm = self._clip_norm()
         for _, admission in admitted:
             delta = admission.opened.tensors
-            if admission.clipped and clip_norm is not None:
-                # MeanRule's clipping, applied only where it changes something: an update within the bound folds
-                # as it is (clip_by_norm would return the same float32 values), saving a norm and two copies.
-                delta = clip_by_norm(delta, clip_norm).delta
-            rule.accumulate(delta, admission.weight)
+            if admission.clipped:
+                # clip_by_norm's values (float64 product, rounded to float32 once) from the norm the validator
+                # measured; an update within the bound folds as it is (clip_by_norm would return the same values).
+                delta = scale_delta(delta, admission.scale)
+            rule.accumulate(delta, admission.weight, checked=True)  # the validator checked names, shapes, finiteness
         return rule, PartialSum(state=rule.to_state(), samples=samples)
 
     # -- answers ---------------------------------------------------------------
@@ -385,15 +386,16 @@ class UpdateIntake(RoundCache):
             delta=delta,
         )
 
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    """The BLAS and OpenMP pools loaded in this process (inspected once: creating a controller costs ~0.4 ms)."""
+@functools.lru_cache(maxsize=1)
+def _blas_controller(modules: int) -> ThreadpoolController:
+    """The BLAS and OpenMP pools loaded in this process while ``modules`` modules were imported (creating a
+    controller costs ~0.4 ms: it is made again only after an import, which may have loaded another BLAS)."""
     return ThreadpoolController()
 
 
 def _single_threaded_blas() -> AbstractContextManager[object]:
     """BLAS limited to one thread while the block runs (process-wide: another thread's BLAS calls meanwhile too)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
+    return _blas_controller(len(sys.modules)).limit(limits=1, user_api="blas")
 
 
 def _prior_rejection(prior_nonce: bytes, header: UpdateHeader) -> RejectedUpdateError:

@@ -22,12 +22,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from device_agent.daemon.backoff import Backoff, BackoffPolicy
 from device_agent.errors import FedgeError
 from device_agent.protocol.envelope import verified_model_header
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator.batching import IncomingUpdate, UpdateBatch
+from sdk.aggregator.downlink import DownlinkSettings, ModelPublisher
 from sdk.aggregator.errors import ModelRejectedError
 from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.inbox import InboxLimits
@@ -55,8 +57,15 @@ class RegionalService(MqttAggregatorService):
     def __init__(self, aggregator: RegionalAggregator, *, region: str, layout: TopicLayout, broker: BrokerSettings,
                  loop: LoopSettings = LoopSettings(), clock: Callable[[], float] = time.monotonic,
                  inbox: InboxLimits | None = None, metrics: ServiceMetrics | None = None,
-                 follower: VersionFollower | None = None) -> None:
+                 follower: VersionFollower | None = None, downlink: DownlinkSettings | None = None,
+                 downlink_state: Path | None = None) -> None:
+        if downlink is not None and downlink.compression.enabled and aggregator.fomo_enabled:
+            raise ValueError("model deltas down and FedFomo cannot be combined: FedFomo's pool rebuilds device models "
+                             "from the model the region served, which devices following deltas do not hold exactly")
         self.aggregator = aggregator
+        #: Model deltas down and the round's uplink override (None or inactive: the stored model as it is).
+        self.publisher = None if downlink is None or not downlink.active else ModelPublisher(
+            downlink, signing_key=aggregator.config.signing_key, clock=aggregator.config.wall_clock, state=downlink_state)
         self.region = region
         #: Follows the fleet's releases (None: the configured bundle for good); a root model of another
         #: version switches the region at that round boundary once its bundle is in the library.
@@ -106,8 +115,8 @@ class RegionalService(MqttAggregatorService):
     def on_connected(self, first: bool) -> None:
         """Republish the current model (retained) and, when the root has not answered it yet, the stored aggregate."""
         model = self.aggregator.current_model()
-        if model is not None and self.publish(self.layout.global_model, model, retain=True):
-            self.metrics.model_published()
+        if model is not None:
+            self.publish_model(model)
         if self.aggregator.pending_aggregate() is not None:
             self._resend_at = self._clock()  # a reconnect may have lost what was in flight: resend now
 
@@ -156,13 +165,23 @@ class RegionalService(MqttAggregatorService):
             self.count(f"model_refused:{exc.reason}")  # the aggregator counted and logged it as well
             return
         self._waiting_model = None
-        if self.publish(self.layout.global_model, model, retain=True):
-            self.metrics.model_published()
+        self.publish_model(model)
         if self.aggregator.pending_aggregate() is None:
             self._resend_at = None
             self._resend.reset()
             self.metrics.aggregate_settled(acknowledged=False)
         self.refresh_round(force=True)
+
+    def publish_model(self, blob: bytes) -> None:
+        """Publish the round's model retained on ``model/global``; with a publisher, what it makes of it: the delta
+        first on ``model/delta`` (an empty retained message clears a stale one when the chain starts over)."""
+        if self.publisher is not None:
+            published = self.publisher.prepare(blob)
+            blob = published.full
+            if self.publisher.settings.compression.enabled:
+                self.publish(self.layout.global_model_delta, published.delta or b"", retain=True)
+        if self.publish(self.layout.global_model, blob, retain=True):
+            self.metrics.model_published()
 
     def batch_due_in(self) -> float | None:
         """Seconds until the queued updates' latency cap passes; None when none are queued."""

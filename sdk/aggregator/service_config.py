@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from device_agent.bundle.archive import verify_bundle
 from device_agent.bundle.manifest import BundleManifest
+from device_agent.compression.spec import CompressionSpec
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
@@ -32,6 +33,7 @@ from device_agent.release.settings import ReleaseSettings
 from sdk.aggregation import AggregationConfig
 from sdk.aggregation.influence import MAX_SAMPLE_COUNT, InfluencePolicy
 from sdk.aggregator.batching import BatchLimits
+from sdk.aggregator.downlink import DownlinkSettings, UplinkSchedule
 from sdk.aggregator.middle import MiddleConfig
 from sdk.aggregator.regional import RegionalConfig
 from sdk.aggregator.registry import KeyRegistry, RegistryError
@@ -178,6 +180,7 @@ class RegionalServiceConfig:
     loop: LoopSettings = LoopSettings()
     metrics: MetricsSettings | None = None
     release: ServiceRelease | None = None
+    downlink: DownlinkSettings = DownlinkSettings()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,7 +216,10 @@ def load_regional_service_config(path: str | Path) -> RegionalServiceConfig:
         influence=_influence(top),
         **_common(top, agg, manifest),
     ))
-    return _region_like_service(top, agg, config, fleet=fleet, region=region)
+    downlink = _downlink(top)
+    if downlink.compression.enabled and config.fomo_candidates:
+        raise agg.error("fomo_candidates", "FedFomo cannot be combined with [downlink] compression (docs/protocol.md)")
+    return _region_like_service(top, agg, config, fleet=fleet, region=region, downlink=downlink)
 
 
 def load_root_service_config(path: str | Path) -> RootServiceConfig:
@@ -412,6 +418,24 @@ def _metrics(top: TomlTable) -> MetricsSettings | None:
     return settings
 
 
+def _downlink(top: TomlTable) -> DownlinkSettings:
+    """``[downlink]`` of a regional service: ``compression`` (model deltas down; default ``none``) and ``uplink``
+    (the round-by-round uplink override, e.g. ``"0:q8,10:topk:0.3+q4"``; default: the bundle decides)."""
+    table = top.optional_table("downlink")
+    if table is None:
+        return DownlinkSettings()
+    values: dict[str, Any] = {}
+    for key, parse in (("compression", CompressionSpec.parse), ("uplink", UplinkSchedule.parse)):
+        text = table.string(key, None)
+        if text is not None:
+            try:
+                values[key] = parse(text)
+            except ValueError as exc:
+                raise table.error(key, str(exc)) from exc
+    table.done()
+    return DownlinkSettings(**values)
+
+
 def _release(top: TomlTable, *, store: Path, bundle: Path, fleet_public_key: Path) -> ServiceRelease | None:
     """``[release]``: absent, the service runs its configured bundle for good."""
     table = top.optional_table("release")
@@ -470,7 +494,8 @@ def load_middle_service_config(path: str | Path) -> RegionalServiceConfig:
     return _region_like_service(top, agg, config, fleet=fleet, region=region)
 
 
-def _region_like_service(top: TomlTable, agg: TomlTable, config: RegionalConfig, *, fleet: str, region: str) -> RegionalServiceConfig:
+def _region_like_service(top: TomlTable, agg: TomlTable, config: RegionalConfig, *, fleet: str, region: str,
+                         downlink: DownlinkSettings = DownlinkSettings()) -> RegionalServiceConfig:
     """The service settings a region and a middle tier share (store, member, broker, loop, metrics, release)."""
     store = agg.path("store")
     member = agg.string("member", "main")
@@ -481,7 +506,7 @@ def _region_like_service(top: TomlTable, agg: TomlTable, config: RegionalConfig,
     agg.done()
     top.done()
     return RegionalServiceConfig(aggregator=config, store=store, member=member, broker=broker, loop=loop, metrics=metrics,
-                                 release=release)
+                                 release=release, downlink=downlink)
 
 
 def _parent(agg: TomlTable) -> dict[str, Any]:

@@ -100,6 +100,8 @@ class AggregatorStore:
         self._in_transaction = False
         #: Called with the seconds each COMMIT took (None: nobody is timing commits).
         self.commit_observer: Callable[[float], None] | None = None
+        #: Called with the seconds each BEGIN IMMEDIATE waited for another member's write lock (None: not timed).
+        self.lock_wait_observer: Callable[[float], None] | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, identity: str, member: str = "main", busy_timeout_s: float = 30.0) -> AggregatorStore:
@@ -189,19 +191,22 @@ class AggregatorStore:
         """``BEGIN IMMEDIATE``, retried every millisecond while another member holds the write lock (up to the busy
         timeout). SQLite's own busy handler backs off to 100 ms sleeps, which idles a member far longer than the
         other holds the lock (one batch's SQL and fsync, a few ms)."""
-        deadline = time.monotonic() + self._busy_timeout_s
+        started = time.monotonic()
+        deadline = started + self._busy_timeout_s
         self._conn.execute("PRAGMA busy_timeout = 0")
         try:
             while True:
                 try:
                     self._conn.execute("BEGIN IMMEDIATE")
-                    return
+                    break
                 except sqlite3.OperationalError as exc:
                     if not _is_busy(exc) or time.monotonic() >= deadline:
                         raise
                 time.sleep(_LOCK_POLL_S)
         finally:
             self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+        if self.lock_wait_observer is not None:
+            self.lock_wait_observer(time.monotonic() - started)
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

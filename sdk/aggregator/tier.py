@@ -107,6 +107,11 @@ class AggregatorTier:
         """Call ``observer`` with the seconds each store COMMIT takes (None: stop); for the services' metrics."""
         self._intake.store.commit_observer = observer
 
+    def observe_lock_waits(self, observer: Callable[[float], None] | None) -> None:
+        """Call ``observer`` with the seconds each write transaction waited for another member's write lock
+        (0.0 when it got the lock at once; None: stop); for benchmarks and metrics of several members."""
+        self._intake.store.lock_wait_observer = observer
+
     def close_reason(self) -> CloseReason | None:
         """Why the current round should close now: quorum, or deadline with ``min_updates``; None: keep collecting."""
         return self._intake.close_reason()

@@ -40,7 +40,8 @@ class AccuracyRun:
     ``ditto_lambda``: Ditto's proximal weight (None: the algorithm's default).
     ``compression`` / ``downlink``: what devices send up and the server
     sends down (:class:`~device_agent.compression.CompressionSpec` text;
-    ``none`` is full float32; the downlink is simulated only).
+    ``none`` is full float32; the simulator runs the same downlink arithmetic as the regional
+    aggregator's model deltas, docs/protocol.md).
     """
 
     label: str

@@ -20,9 +20,13 @@ peak RSS (``VmHWM``):
   closed by one of them (merging both partial sums). ``members`` / ``durable``
   is the scaling of a region over two cores.
 
-A ``parts`` child times each stage of the intake on the same updates (verify,
-decrypt, decode, digest, validate + bounds + fold, receipt signing); the
-durable child adds the COMMIT time per update. Paths alternate (durable,
+A ``parts`` child times each stage of the intake on the same updates (header
+parse, Ed25519, X25519 + HKDF, ChaCha20-Poly1305, decode, digest, validation,
+bounds + fold, receipt signing: ``PARTS``); the durable child adds the COMMIT
+time per update. Every child also reports its CPU time and its run-queue wait
+(``/proc/self/schedstat``: runnable, waiting for a CPU another process held),
+so the machine's load can be told apart from fedge's own waits (COMMIT, and
+another member's write lock). Paths alternate (durable,
 memory, ..., durable, ...) and medians are reported. Every path's mean is
 checked against a float64 reference computed independently while sealing.
 """
@@ -44,11 +48,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sdk.bench.aggregator_children import MEMBER, SCRIPTS
+from sdk.bench.aggregator_children import MEMBER, PART_NAMES, SCRIPTS
 
 PATHS = ("durable", "memory", "naive", "unbatched", "members")
 REQUIRED_PATHS = ("durable", "memory")
-PARTS = ("verify", "decrypt", "decode", "digest", "validate_fold", "receipt")
+PARTS = PART_NAMES
+FLOOR_PARTS = ("ed25519", "x25519_hkdf", "chacha20", "decode", "validate", "bounds_fold")
+"""The parts no intake can skip: authenticate, decrypt, decode, check finiteness + norm, fold (issue 12's floor,
+plus the key agreement every sealed message needs). Above it: parsing, the content digest, the receipt, the store."""
 FLOOR_MS = 0.6
 """The unavoidable work per update at 100k parameters on one core, as estimated in issue 12."""
 FLEET = "bench"
@@ -77,6 +84,11 @@ class PathFigures:
     ``commit_ms``: COMMIT time per update (durable paths; None elsewhere).
     ``cpu_ms``: CPU time per update over the loop (every member's, summed): the cost
     whatever else shares the machine (None for a path that does not report it).
+    ``runq_ms``: time per update the path's process(es) were runnable but waited for a CPU
+    (Linux ``/proc/self/schedstat``; every member's, summed): the machine's load, not fedge's work.
+    ``lock_ms``: time per update spent waiting for another member's write lock (durable paths).
+    ``unqueued_loop_s``: ``loop_s`` with the run-queue wait taken out (members: the longest
+    member's own loop minus its wait, as if both had started at once): the loop on CPUs nobody else wanted.
     """
 
     updates_per_s: float
@@ -86,12 +98,17 @@ class PathFigures:
     rss_before_mb: float
     commit_ms: float | None = None
     cpu_ms: float | None = None
+    runq_ms: float | None = None
+    lock_ms: float | None = None
+    unqueued_loop_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class AggregatorBenchRow:
     """One N: each path's median figures, the per-part costs (ms per update), the ratios (None when a path
-    was not run), and the largest deviation from the reference mean."""
+    was not run), and the largest deviation from the reference mean. ``members_vs_durable_unqueued``: the
+    members ratio from the loops with each process's run-queue wait taken out (what two free cores would give);
+    ``members_vs_durable_runs``: the wall-clock ratio of each repeat (its spread)."""
 
     updates: int
     parameters: int
@@ -102,6 +119,8 @@ class AggregatorBenchRow:
     parts_ms: dict[str, float]
     durable_vs_memory: float
     members_vs_durable: float | None
+    members_vs_durable_unqueued: float | None
+    members_vs_durable_runs: list[float] | None
     durable_vs_unbatched: float | None
     rss_ratio_naive_durable: float | None
     max_abs_diff: float
@@ -195,10 +214,12 @@ def _run_members(cfg: Mapping[str, object], members: int = 2) -> dict[str, float
                 p.kill()
                 p.wait()
     del lines
-    loop_s = max(t["t1"] for t in timings) - min(t["t0"] for t in timings)
+    start = min(t["t0"] for t in timings)
+    loop_s = max(t["t1"] for t in timings) - start
     count = len(cfg["index"])  # type: ignore[arg-type]
     return dict(closed, loop_s=loop_s, updates_per_s=count / (loop_s + closed["finish_s"]),
-                commit_s=sum(t["commit_s"] for t in timings), cpu_s=sum(t["cpu_s"] for t in timings))
+                unqueued_loop_s=max(t["t1"] - t["t0"] - t["runq_s"] for t in timings),  # start skew is queueing too
+                **{key: sum(t[key] for t in timings) for key in ("commit_s", "cpu_s", "runq_s", "lock_s")})
 
 
 def _line(proc: subprocess.Popen[str]) -> dict[str, float]:
@@ -261,7 +282,7 @@ def run_aggregator_bench(
                     worst = max(worst, diff)
                     for leftover in work.glob(f"region-{count}-{rep}.sqlite*"):
                         leftover.unlink()
-                parts.append(_run_child("parts", dict(base, mean_out="")))
+                parts.append(_run_child("parts", dict(base, mean_out="", part_names=list(PARTS))))
                 if progress is not None:
                     progress(1)
             rows.append(_row(count, parameters, index, repeats, batch, runs, parts, worst))
@@ -274,9 +295,16 @@ def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int
     def median(rs: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in rs)
 
-    figures = {p: PathFigures(**{k: median(rs, k) for k in ("updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb")},
-                              commit_ms=1000 * median(rs, "commit_s") / count if "commit_s" in rs[0] else None,
-                              cpu_ms=1000 * median(rs, "cpu_s") / count if "cpu_s" in rs[0] else None)
+    def per_update_ms(rs: list[dict[str, float]], key: str) -> float | None:
+        return 1000 * median(rs, key) / count if key in rs[0] else None
+
+    for rs in runs.values():
+        for r in rs:
+            r.setdefault("unqueued_loop_s", r["loop_s"] - r.get("runq_s", 0.0))
+    figures = {p: PathFigures(**{k: median(rs, k) for k in ("updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb",
+                                                           "unqueued_loop_s")},
+                              commit_ms=per_update_ms(rs, "commit_s"), cpu_ms=per_update_ms(rs, "cpu_s"),
+                              runq_ms=per_update_ms(rs, "runq_s"), lock_ms=per_update_ms(rs, "lock_s"))
                for p, rs in runs.items()}
 
     def ratio(a: str, b: str, key: str = "updates_per_s") -> float | None:
@@ -286,10 +314,18 @@ def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int
 
     durable_vs_memory = ratio("durable", "memory")
     assert durable_vs_memory is not None  # both paths are required
+    unqueued = None
+    if "members" in figures:  # N / (unqueued loop + finish), members over one member
+        members, durable = figures["members"], figures["durable"]
+        unqueued = (durable.unqueued_loop_s + durable.finish_s) / (members.unqueued_loop_s + members.finish_s)  # type: ignore[operator]
+    per_run = None
+    if "members" in runs:  # the repeats ran alternately: pair each members run with the durable run of its repeat
+        per_run = [m["updates_per_s"] / d["updates_per_s"] for m, d in zip(runs["members"], runs["durable"])]
     return AggregatorBenchRow(
         updates=count, parameters=parameters, update_bytes=int(statistics.median(n for _, n in index)), repeats=repeats,
         batch=batch, paths=figures, parts_ms={name: 1000 * median(parts, name) for name in PARTS},
         durable_vs_memory=durable_vs_memory, members_vs_durable=ratio("members", "durable"),
+        members_vs_durable_unqueued=unqueued, members_vs_durable_runs=per_run,
         durable_vs_unbatched=ratio("durable", "unbatched"), rss_ratio_naive_durable=ratio("naive", "durable", "peak_rss_mb"),
         max_abs_diff=worst,
     )
@@ -297,18 +333,23 @@ def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int
 
 def format_table(rows: list[AggregatorBenchRow]) -> str:
     """Plain-text tables: one line per (N, path) with the ratios, then the per-part costs beside the floor."""
-    head = (f"{'N':>5s} {'path':10s} {'updates/s':>10s} {'CPU ms/upd':>11s} {'commit ms/upd':>14s} {'finish s':>9s}"
-            f" {'peak RSS MB':>12s}")
+    head = (f"{'N':>5s} {'path':10s} {'updates/s':>10s} {'upd/CPU-s':>10s} {'CPU ms/upd':>11s} {'runq ms/upd':>12s}"
+            f" {'lock ms/upd':>12s} {'commit ms/upd':>14s} {'finish s':>9s} {'peak RSS MB':>12s}")
     lines = [head, "-" * len(head)]
+
+    def cell(value: float | None, width: int) -> str:
+        return f"{'' if value is None else f'{value:.3f}':>{width}s}"
+
     for r in rows:
         for p, f in r.paths.items():
-            cell = "" if f.commit_ms is None else f"{f.commit_ms:.3f}"
-            cpu = "" if f.cpu_ms is None else f"{f.cpu_ms:.3f}"
-            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {cpu:>11s} {cell:>14s} {f.finish_s:9.3f}"
-                         f" {f.peak_rss_mb:12.1f}")
+            per_cpu_s = "" if not f.cpu_ms else f"{1000 / f.cpu_ms:.0f}"
+            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {per_cpu_s:>10s} {cell(f.cpu_ms, 11)} {cell(f.runq_ms, 12)}"
+                         f" {cell(f.lock_ms, 12)} {cell(f.commit_ms, 14)} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
         extra = [f"durable/memory {r.durable_vs_memory:.2f}x (target >= 0.8)"]
         if r.members_vs_durable is not None:
-            extra.append(f"2 members/1 {r.members_vs_durable:.2f}x (target >= 1.6)")
+            runs = "/".join(f"{x:.2f}" for x in r.members_vs_durable_runs or [])
+            extra.append(f"2 members/1 {r.members_vs_durable:.2f}x (target >= 1.6; per repeat {runs};"
+                         f" with the run-queue wait taken out {r.members_vs_durable_unqueued:.2f}x)")
         if r.durable_vs_unbatched is not None:
             extra.append(f"batch {r.batch}/batch 1 {r.durable_vs_unbatched:.2f}x")
         if r.rss_ratio_naive_durable is not None:
@@ -318,15 +359,16 @@ def format_table(rows: list[AggregatorBenchRow]) -> str:
         durable = r.paths["durable"]
         per_update = durable.cpu_ms if durable.cpu_ms is not None else 1000 / durable.updates_per_s
         commit = durable.commit_ms or 0.0
-        floor = sum(r.parts_ms[name] for name in ("verify", "decrypt", "decode", "validate_fold"))
-        lines += ["", f"CPU ms per update, N = {r.updates}, {r.parameters:,} parameters, one process (issue 12's floor: ~{FLOOR_MS} ms):"]
+        floor = sum(r.parts_ms[name] for name in FLOOR_PARTS)
+        lines += ["", f"CPU ms per update, N = {r.updates}, {r.parameters:,} parameters, one process (issue 12's floor: ~{FLOOR_MS} ms"
+                      " on an idle core; * = floor part):"]
         for part in PARTS:
-            lines.append(f"  {part:14s} {r.parts_ms[part]:8.3f}")
+            lines.append(f"  {part:14s} {r.parts_ms[part]:8.3f} {'*' if part in FLOOR_PARTS else ''}")
         rest = per_update - sum(r.parts_ms.values())
         lines.append(f"  {'store + rest':14s} {rest:8.3f}   (SQL statements and the sum write, dedup reads, copies, Python)")
         lines.append(f"  {'(commit wait)':14s} {commit:8.3f}   (COMMIT with fsync, batch {r.batch}, per update: wall time, mostly I/O)")
         lines.append(f"  {'durable total':14s} {per_update:8.3f}   = {1000 / per_update:.0f} updates/s per free core;"
-                     f" floor measured here (verify+decrypt+decode+validate_fold) {floor:.3f}")
+                     f" floor measured here (* parts) {floor:.3f}, durable / floor {per_update / floor:.2f}x")
     return "\n".join(lines)
 
 

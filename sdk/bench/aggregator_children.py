@@ -38,6 +38,14 @@ _PRELUDE = textwrap.dedent(
         print(json.dumps({"updates_per_s": len(index) / (loop_s + finish_s), "loop_s": loop_s, "finish_s": finish_s,
                           "peak_rss_mb": status_mb("VmHWM"), "rss_before_mb": rss_before_mb, **extra}), flush=True)
     cpu = time.process_time  # this process's CPU seconds: what the loop cost, whatever else shares the machine
+    def runq():
+        # Seconds this process was runnable but waiting for a CPU (other processes had them): the machine's load,
+        # not fedge's work. Linux /proc/self/schedstat: on-CPU ns, run-queue wait ns, timeslices; 0 elsewhere.
+        try:
+            with open("/proc/self/schedstat") as fh:
+                return int(fh.read().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
     """
 )
 
@@ -71,8 +79,9 @@ _REGION = textwrap.dedent(
     )
     agg = RegionalAggregator.open(cfg["db"], config, member=cfg.get("member", "main"))
     agg.start_round(0, {name: np.zeros(shape, dtype=np.float32) for name, (shape, _) in spec.items()})
-    commits = []
+    commits, lock_waits = [], []
     agg.observe_commits(commits.append)
+    agg.observe_lock_waits(lock_waits.append)
     rss_before_mb = status_mb("VmRSS")
     def run_batches():
         # What the service does under load: the queue fills batches of cfg["batch"] updates.
@@ -87,13 +96,14 @@ _REGION = textwrap.dedent(
 
 DURABLE = _PRELUDE + _REGION + textwrap.dedent(
     """
-    t0, c0 = time.perf_counter(), cpu()
+    t0, c0, q0 = time.perf_counter(), cpu(), runq()
     run_batches()
-    t1, c1 = time.perf_counter(), cpu()
+    t1, c1, q1 = time.perf_counter(), cpu(), runq()
     aggregate = agg.close_round()
     t2 = time.perf_counter()
     agg.close()
-    report(aggregate.mean_delta, t1 - t0, t2 - t1, commit_s=sum(commits), commits=len(commits), cpu_s=c1 - c0)
+    report(aggregate.mean_delta, t1 - t0, t2 - t1, commit_s=sum(commits), commits=len(commits), cpu_s=c1 - c0, runq_s=q1 - q0,
+           lock_s=sum(lock_waits))
     """
 )
 
@@ -101,10 +111,11 @@ MEMBER = _PRELUDE + _REGION + textwrap.dedent(
     """
     print(json.dumps({"ready": True}), flush=True)
     sys.stdin.readline()  # "go": every member starts together
-    t0, c0 = time.perf_counter(), cpu()  # perf_counter is CLOCK_MONOTONIC: comparable across the members
+    t0, c0, q0 = time.perf_counter(), cpu(), runq()  # perf_counter is CLOCK_MONOTONIC: comparable across the members
     run_batches()
-    t1, c1 = time.perf_counter(), cpu()
-    print(json.dumps({"t0": t0, "t1": t1, "commit_s": sum(commits), "commits": len(commits), "cpu_s": c1 - c0}), flush=True)
+    t1, c1, q1 = time.perf_counter(), cpu(), runq()
+    print(json.dumps({"t0": t0, "t1": t1, "commit_s": sum(commits), "commits": len(commits), "cpu_s": c1 - c0,
+                      "runq_s": q1 - q0, "lock_s": sum(lock_waits)}), flush=True)
     if sys.stdin.readline().strip() == "close":
         t2 = time.perf_counter()
         aggregate = agg.close_round()
@@ -115,16 +126,16 @@ MEMBER = _PRELUDE + _REGION + textwrap.dedent(
 
 NAIVE = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
-    t0, c0 = time.perf_counter(), cpu()
+    t0, c0, q0 = time.perf_counter(), cpu(), runq()
     kept = []
     for i in range(len(index)):
         opened = open_valid(i)
         kept.append((opened.tensors, opened.header.sample_count))
-    t1, c1 = time.perf_counter(), cpu()
+    t1, c1, q1 = time.perf_counter(), cpu(), runq()
     total = float(sum(n for _, n in kept))
     mean = {name: (sum(n * t[name].astype(np.float64) for t, n in kept) / total).astype(np.float32) for name in spec}
     t2 = time.perf_counter()
-    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0)
+    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0, runq_s=q1 - q0)
     """
 )
 
@@ -132,28 +143,37 @@ MEMORY = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
     from sdk.aggregation import StreamingWeightedMean
     acc = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
-    t0, c0 = time.perf_counter(), cpu()
+    t0, c0, q0 = time.perf_counter(), cpu(), runq()
     for i in range(len(index)):
         opened = open_valid(i)
-        acc.accumulate(opened.tensors, float(opened.header.sample_count))
-    t1, c1 = time.perf_counter(), cpu()
+        acc.accumulate(opened.tensors, float(opened.header.sample_count), checked=True)  # validated above
+    t1, c1, q1 = time.perf_counter(), cpu(), runq()
     mean = acc.finalize()
     t2 = time.perf_counter()
-    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0)
+    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0, runq_s=q1 - q0)
     """
 )
 
+PART_NAMES = ("header", "ed25519", "x25519_hkdf", "chacha20", "decode", "digest", "validate", "bounds_fold", "receipt")
+"""The stages the ``parts`` child times, in the intake's order: frame + header parse, Ed25519 verification (SHA-512
+over the whole frame), X25519 + HKDF, ChaCha20-Poly1305, tensor decoding, the SHA-256 content digest, validation
+(header checks, names, shapes, finiteness + norm in one float64 pass), admission + clipping + the float64 fold,
+the receipt's Ed25519 signature."""
+
 # Each stage of the durable intake timed alone, on the same updates, in the order the intake runs them.
-# The envelope's private helpers are used so that verification, decryption and decoding can be timed apart.
+# The envelope's private helpers are used so that parsing, verification, key agreement, decryption and decoding
+# can be timed apart.
 PARTS = _PRELUDE + textwrap.dedent(
     """
+    from device_agent.keys import raw_public_bytes
     from device_agent.protocol._frame import split_frame, verify_frame
-    from device_agent.protocol.envelope import UPDATE_MAGIC, _decrypt
+    from device_agent.protocol.envelope import UPDATE_MAGIC, _PUBLIC_BYTES, _cipher
     from device_agent.protocol.headers import UpdateHeader
     from device_agent.protocol.receipts import Receipt, sign_receipt
     from device_agent.protocol.tensor_codec import decode_tensors
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
     from sdk.aggregation import StreamingWeightedMean
-    from sdk.aggregation.robust import clip_by_norm
+    from sdk.aggregation.robust import scale_delta
     from sdk.aggregation.influence import RoundBounds
     from sdk.aggregator.admission import admit
     from device_agent.protocol.envelope import OpenedUpdate
@@ -165,32 +185,38 @@ PARTS = _PRELUDE + textwrap.dedent(
     base = {name: np.zeros(shape, dtype=np.float32) for name, (shape, _) in spec.items()}
     bounds = RoundBounds(clip_norm=cfg["norm_bound"], weight_cap=1_000_000)
     rule = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
-    parts = dict.fromkeys(("verify", "decrypt", "decode", "digest", "validate_fold", "receipt"), 0.0)
+    parts = dict.fromkeys(cfg["part_names"], 0.0)
     clock = time.process_time  # CPU time: the stages' own cost, robust to whatever else shares the cores
     for i in range(len(index)):
         blob = next_blob(i)
         t0 = clock()
         frame = split_frame(blob, magic=UPDATE_MAGIC, what="sealed update", min_body=48, max_bytes=len(blob) + 1)
         header = UpdateHeader.from_bytes(frame.record)
-        verify_frame(frame, [devices[header.sender]])
         t1 = clock()
-        plaintext = _decrypt(frame, region_key)
+        verify_frame(frame, [devices[header.sender]])
         t2 = clock()
-        tensors = decode_tensors(plaintext, encoding=header.encoding, limits=limits)
+        ephemeral = bytes(frame.body[:_PUBLIC_BYTES])
+        shared = region_key.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+        cipher, nonce = _cipher(shared, frame.record, ephemeral, raw_public_bytes(region_key.public_key()))
         t3 = clock()
+        plaintext = cipher.decrypt(nonce, frame.body[_PUBLIC_BYTES:], frame.signed[: len(frame.signed) - len(frame.body) + _PUBLIC_BYTES])
+        t4 = clock()
+        tensors = decode_tensors(plaintext, encoding=header.encoding, limits=limits)
+        t5 = clock()
         hasher = hashlib.sha256(frame.record)
         hasher.update(plaintext)
         hasher.digest()
-        t4 = clock()
-        validator.check_header(header, 0)
-        validator.check_tensors(tensors)
-        admission = admit(OpenedUpdate(header=header, tensors=tensors, sender_key_id=""), base=base, bounds=bounds,
-                          weight=float(header.sample_count))
-        rule.accumulate(clip_by_norm(tensors, bounds.clip_norm).delta if admission.clipped else tensors, admission.weight)
-        t5 = clock()
-        sign_receipt(Receipt.answering(header, issuer=cfg["region"]), signer_key=signer)
         t6 = clock()
-        for name, took in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+        validator.check_header(header, 0)
+        norm = validator.check_tensors(tensors)
+        t7 = clock()
+        admission = admit(OpenedUpdate(header=header, tensors=tensors, sender_key_id=""), base=base, bounds=bounds,
+                          weight=float(header.sample_count), norm=norm, base_largest=0.0)
+        rule.accumulate(scale_delta(tensors, admission.scale) if admission.clipped else tensors, admission.weight, checked=True)
+        t8 = clock()
+        sign_receipt(Receipt.answering(header, issuer=cfg["region"]), signer_key=signer)
+        t9 = clock()
+        for name, took in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6, t8 - t7, t9 - t8)):
             parts[name] += took
     print(json.dumps({name: total / len(index) for name, total in parts.items()}), flush=True)
     """

@@ -58,7 +58,7 @@ def _bridge_blocks(topology: Topology, parent: str) -> list[str]:
 
 def render_region_acl(topology: Topology, region: Region) -> str:
     """ACL of ``region``'s broker: devices confined by ``%u``, the region's aggregators see the fleet,
-    the monitoring account reads statuses, presence and models only."""
+    the monitoring account reads statuses, presence, models and release metadata only."""
     base = topology.layout.base
     parts = [
         _HEADER.format(what=f"region {region.name}", fleet=topology.fleet),
@@ -79,18 +79,19 @@ def render_region_acl(topology: Topology, region: Region) -> str:
     parts += _bridge_blocks(topology, region.name)  # a middle tier's children
     if topology.monitor is not None:
         parts.append(_user_block(
-            "Monitoring (read only): statuses, presence, the region's model. The deny line takes away what the\n"
-            "# device patterns above would give this account under its own name (denials are checked first).",
+            "Monitoring (read only): statuses, presence, the region's model, the signed release metadata. The deny\n"
+            "# line takes away what the device patterns above would give this account under its own name (denials are\n"
+            "# checked first).",
             topology.monitor,
             [("deny", f"{base}/dev/{topology.monitor}/#"), ("read", f"{base}/dev/+/status"),
-             ("read", f"{base}/dev/+/presence"), ("read", f"{base}/model/#")]))
+             ("read", f"{base}/dev/+/presence"), ("read", f"{base}/model/#"), ("read", f"{base}/release/metadata/#")]))
     return "\n".join(parts)
 
 
 def render_root_acl(topology: Topology) -> str:
     """ACL of the root broker: each bridge writes only its region's uplink and its devices' statuses and reads only
-    the root model and its region's downlink; root aggregators see the fleet; the monitor reads statuses, models
-    and bridge states."""
+    the root model and its region's downlink; root aggregators see the fleet; the monitor reads statuses, models,
+    bridge states and release metadata."""
     base = topology.layout.base
     parts = [_HEADER.format(what="the root broker", fleet=topology.fleet)]
     parts += _bridge_blocks(topology, ROOT)
@@ -105,8 +106,9 @@ def render_root_acl(topology: Topology) -> str:
             [("readwrite", f"{base}/release/#"), ("read", f"{base}/region/+/dev/+/status")]))
     if topology.monitor is not None:
         parts.append(_user_block(
-            "Monitoring (read only): every region's device statuses, the root model, the bridge states.",
+            "Monitoring (read only): every region's device statuses, the root model, the bridge states, the signed\n"
+            "# release metadata (the rollout's stage; not the bundle chunks).",
             topology.monitor,
             [("read", f"{base}/region/+/dev/+/status"), ("read", f"{base}/root/model/#"),
-             ("read", f"{base}/region/+/bridge/state")]))
+             ("read", f"{base}/region/+/bridge/state"), ("read", f"{base}/release/metadata/#")]))
     return "\n".join(parts)

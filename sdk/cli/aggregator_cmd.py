@@ -12,23 +12,27 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
 import click
 import numpy as np
 
+from device_agent.compression.spec import CompressionSpec
 from device_agent.daemon.errors import ConfigError
 from device_agent.errors import FedgeError
 from device_agent.keys import load_verify_key
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator import RegionalAggregator, RootAggregator
 from sdk.aggregator.bundles import BundleLibrary, initial_shared_weights
+from sdk.aggregator.downlink import UplinkSchedule
 from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.metrics_endpoint import MetricsEndpoint
 from sdk.aggregator.mqtt_service import MqttAggregatorService, RegionalService, RootService, ServiceReport
 from sdk.aggregator.registry import KeyRegistry
 from sdk.aggregator.service_config import (
+    RegionalServiceConfig,
     MetricsSettings,
     RootServiceConfig,
     ServiceRelease,
@@ -52,21 +56,31 @@ def aggregator() -> None:
 
 @aggregator.command("regional", epilog=examples("fedge aggregator regional --config eu-aggregator.toml",
                                                 "fedge aggregator regional --config eu-aggregator.toml --log-format json",
-                                                "fedge aggregator regional --config eu-aggregator.toml --max-seconds 600 -q"))
+                                                "fedge aggregator regional --config eu-aggregator.toml --max-seconds 600 -q",
+                                                "fedge aggregator regional --config eu-aggregator.toml --downlink-compression q4 "
+                                                "--uplink-compression 0:q8,10:topk:0.3+q4"))
 @_CONFIG
 @_MAX_SECONDS
+@click.option("--downlink-compression", default=None, metavar="SPEC",
+              help="Send models down as compressed deltas (q8, q4, topk:F+q4...; none: full models); overrides [downlink].")
+@click.option("--uplink-compression", default=None, metavar="SCHEDULE",
+              help="The devices' uplink compression by round (q8, or 0:q8,10:topk:0.3+q4), overriding the bundle's; "
+                   "overrides [downlink] uplink.")
 @click.pass_context
-def regional(ctx: click.Context, config_path: Path, max_seconds: float | None) -> None:
+def regional(ctx: click.Context, config_path: Path, max_seconds: float | None, downlink_compression: str | None,
+             uplink_compression: str | None) -> None:
     """Serve one region: device updates in, receipts and the region's model out, aggregates to the root."""
     service_logging(ctx)
     try:
-        settings = load_regional_service_config(config_path)
+        settings = _with_downlink(load_regional_service_config(config_path), downlink_compression, uplink_compression)
         layout = TopicLayout(fleet=settings.aggregator.fleet)
         with RegionalAggregator.open(settings.store, settings.aggregator, member=settings.member) as agg:
             follower = follow_releases(settings.release, agg, layout=layout, identity=settings.broker.client_id,
                                        region=settings.aggregator.region)
             service = RegionalService(agg, region=settings.aggregator.region, layout=layout,
-                                      broker=settings.broker, loop=settings.loop, follower=follower)
+                                      broker=settings.broker, loop=settings.loop, follower=follower,
+                                      downlink=settings.downlink,
+                                      downlink_state=settings.store.with_name(settings.store.name + ".downlink"))
             logger.info("regional aggregator %s of fleet %s: store %s, bundle v%d, quorum %d, deadline %g s",
                         settings.aggregator.region, settings.aggregator.fleet, settings.store,
                         agg.bundle_version, settings.aggregator.policy.quorum,
@@ -74,6 +88,18 @@ def regional(ctx: click.Context, config_path: Path, max_seconds: float | None) -
             _serve(service, settings.metrics, max_seconds, reload=settings.aggregator.device_keys)
     except (ConfigError, FedgeError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _with_downlink(settings: RegionalServiceConfig, downlink: str | None, uplink: str | None) -> RegionalServiceConfig:
+    """The config with the command line's ``--downlink-compression`` / ``--uplink-compression`` applied."""
+    changes = {}
+    for name, text, parse in (("compression", downlink, CompressionSpec.parse), ("uplink", uplink, UplinkSchedule.parse)):
+        if text is not None:
+            try:
+                changes[name] = parse(text)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=f"--{'downlink' if name == 'compression' else 'uplink'}-compression")
+    return replace(settings, downlink=replace(settings.downlink, **changes)) if changes else settings
 
 
 @aggregator.command("root", epilog=examples("fedge aggregator root --config root-aggregator.toml",

@@ -114,6 +114,37 @@ def round_(devices: int, repeats: int, no_tmpfs: bool, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
+@bench.command("downlink", epilog=examples("fedge bench downlink", "fedge bench downlink --quick",
+                                              "fedge bench downlink --models watch --specs q4 --devices 5 --rounds 3"))
+@click.option("--models", default="watch,fmnist", show_default=True,
+              help="Comma-separated: watch (the 1D-CNN), fmnist (the 2D-CNN) of the accuracy benchmark.")
+@click.option("--specs", default="q8,q4,topk:0.3+q4", show_default=True, help="Comma-separated downlink compressions.")
+@click.option("--devices", type=click.IntRange(min=1), default=20, show_default=True, help="Light device clients.")
+@click.option("--rounds", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Rounds after the first (full) one; the mean is taken from round 2 on.")
+@click.option("--quick", is_flag=True, help="The watch model, q4 only, 3 devices, 3 rounds: a smoke run.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/downlink.json"), show_default=True)
+def downlink(models: str, specs: str, devices: int, rounds: int, quick: bool, out: Path) -> None:
+    """Bytes down per device per round over MQTT: compressed model deltas vs full float32 models."""
+    from device_agent.compression.spec import CompressionSpec
+    from sdk.bench.downlink_bench import run
+
+    names = tuple(m.strip() for m in models.split(",") if m.strip())
+    if not names or any(m not in ("watch", "fmnist") for m in names):
+        raise click.BadParameter("expected watch and/or fmnist", param_hint="--models")
+    texts = tuple(t.strip() for t in specs.split(",") if t.strip())
+    for text in texts:
+        try:
+            if not CompressionSpec.parse(text).enabled:
+                raise ValueError("none is always measured (the float32 baseline)")
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--specs") from exc
+    if quick:
+        names, texts, devices, rounds = ("watch",), ("q4",), 3, 3
+    run(models=names, specs=texts, devices=devices, rounds=rounds, out=out)
+    click.echo(f"wrote {out}")
+
+
 @bench.command("fleet", epilog=examples("fedge bench fleet", "fedge bench fleet --quick",
                                            "fedge bench fleet --devices 200 --regions 4 --rounds 2 --agents 0"))
 @click.option("--devices", type=click.IntRange(min=1), default=1000, show_default=True, help="Devices in the fleet (real agents included).")

@@ -42,6 +42,7 @@ def init(topology: Path, out: Path, fleet_key: Path | None, bundle: Path | None,
     """Write a whole fleet from TOPOLOGY into OUT: keys, broker configs, aggregator configs, one directory per device."""
     from sdk.demo.brokers import broker_owner
     from sdk.fleet.provision import init_fleet
+    from sdk.fleet.tiers import describe_sites
 
     spec = _spec(topology)
     key = load_key("--fleet-key", fleet_key, load_signing_key) if fleet_key is not None else None
@@ -54,7 +55,7 @@ def init(topology: Path, out: Path, fleet_key: Path | None, bundle: Path | None,
     except LookupError as exc:
         raise click.BadParameter(str(exc), param_hint="--owner") from exc
     click.echo(f"fleet {spec.topology.fleet} in {made.directory}")
-    click.echo(f"  brokers      {made.directory / 'brokers'}  (root + {len(spec.topology.regions)} regions)")
+    click.echo(f"  brokers      {made.directory / 'brokers'}  ({describe_sites(spec.topology)})")
     click.echo(f"  aggregators  {', '.join(str(p) for p in made.aggregators.values())}")
     click.echo(f"  devices      {len(made.devices)} provisioning directories under {made.directory / 'devices'}")
     click.echo(f"  bundle       {made.bundle if made.bundle else 'none yet: fedge fleet bundle ' + str(made.directory) + ' BUNDLE'}")
@@ -81,7 +82,7 @@ def bundle_cmd(fleet_dir: Path, bundle: Path) -> None:
                                      "fedge fleet up fleet/ --site eu             # the eu broker and service only",
                                      "fedge fleet up fleet/ --no-brokers          # services only (Mosquitto runs under systemd)"))
 @_FLEET_DIR
-@click.option("--site", "sites", multiple=True, help="root or a region name; repeat it (default: every site).")
+@click.option("--site", "sites", multiple=True, help="root or a region (or middle tier) name; repeat it (default: every site).")
 @click.option("--brokers/--no-brokers", default=True, show_default=True,
               help="Start Mosquitto for each site (off: the brokers already run, e.g. under systemd).")
 @click.option("--services/--no-services", default=True, show_default=True,
@@ -89,7 +90,7 @@ def bundle_cmd(fleet_dir: Path, bundle: Path) -> None:
 @click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop after this long (default: until SIGINT/SIGTERM).")
 def up(fleet_dir: Path, sites: tuple[str, ...], brokers: bool, services: bool, max_seconds: float | None) -> None:
-    """Run this host's share of the fleet in the foreground: brokers, then regional services, then the root's."""
+    """Run this host's share of the fleet in the foreground: brokers (parents first), then services (children first)."""
     import signal
     import threading
 
@@ -203,9 +204,6 @@ def status(fleet_dir: Path, source: str, timeout: float, as_json: bool) -> None:
     """Every device's signed status, verified against the registries, as a table per region."""
     import json
 
-    from device_agent.protocol.envelope import SenderKeys
-    from sdk.aggregator.registry import KeyRegistry, RegistryError
-    from sdk.fleet import layout
     from sdk.fleet.day2 import open_fleet
     from sdk.fleet.status_fetch import fetch_statuses, monitor_endpoints
     from sdk.fleet.status_view import build_view, render_table
@@ -214,15 +212,11 @@ def status(fleet_dir: Path, source: str, timeout: float, as_json: bool) -> None:
     topology = opened.spec.topology
     if topology.monitor is None:
         raise InputError("this fleet has no monitoring account ([monitor] enabled = false in its topology)")
-    registries: dict[str, SenderKeys] = {}
-    for region in topology.regions:
-        try:
-            registries[region.name] = KeyRegistry(opened.directory / layout.aggregator_dir(region.name) / layout.REGISTRY_DIR)
-        except RegistryError:
-            registries[region.name] = {}  # a region without devices: every status there is unverifiable
-    messages = fetch_statuses(monitor_endpoints(opened.directory, topology.monitor), source=source, topics=topology.layout,
-                              timeout_s=timeout)
-    view = build_view(layout=topology.layout, regions=[r.name for r in topology.regions], registries=registries,
+    registries = opened.registries()  # the regions devices join (a middle tier has none)
+    endpoints = {site: e for site, e in monitor_endpoints(opened.directory, topology.monitor).items()
+                 if site == "root" or site in registries}
+    messages = fetch_statuses(endpoints, source=source, topics=topology.layout, timeout_s=timeout)
+    view = build_view(layout=topology.layout, regions=list(registries), registries=registries,
                       expected={d: e.region for d, e in opened.inventory.devices.items()}, messages=messages)
     if as_json:
         click.echo(json.dumps(view.to_json(), indent=2))

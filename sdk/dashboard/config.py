@@ -13,6 +13,9 @@ file and key. Relative paths resolve against the file's directory. Example
     [model_keys]            # optional: verify the models' round announcements (signer -> Ed25519 public key)
     root = "aggregators/root/keys/signing.pub"
 
+    release_root = "release/root.json"   # optional (top level, above the tables): the release root of trust;
+                            # the rollout's stage is then read from the retained TUF metadata, verified
+
     [mqtt]                  # the read-only monitoring account (fedge broker-config writes its credentials)
     credentials = "brokers/credentials/monitors/fedge-monitor.json"
     role = "root"           # root: every region's statuses (bridged), the root model, bridge states; region: one region
@@ -105,6 +108,7 @@ class DashboardConfig:
     status`` does). ``model_keys``: signer -> key for model announcements
     (empty: announcements are ignored). ``metrics``: aggregator endpoints.
     ``history_rounds``: rounds of accuracy and tallies kept in memory.
+    ``release_root``: the fleet's TUF root (``release/root.json``); None: the controller's stage is not shown.
     """
 
     fleet: str
@@ -113,6 +117,7 @@ class DashboardConfig:
     registries: Mapping[str, SenderKeys] = field(repr=False)
     model_keys: dict[str, Ed25519PublicKey] = field(default_factory=dict, repr=False)
     metrics: tuple[str, ...] = ()
+    release_root: Path | None = None
     server: ServerSettings = ServerSettings()
     scrape_interval_s: float = 2.0
     push_interval_s: float = 1.0
@@ -151,11 +156,12 @@ def load_dashboard_config(path: str | Path) -> DashboardConfig:
     mqtt = _mqtt(top)
     server = _server(top)
     metrics = top.value("metrics", [])
+    release_root = top.path("release_root", None, must_exist=True)
     if not isinstance(metrics, list) or not all(isinstance(u, str) for u in metrics):
         raise top.error("metrics", "expected a list of URLs")
     try:
         config = DashboardConfig(fleet=fleet, mqtt=mqtt, registries=registries, model_keys=model_keys,
-                                 metrics=tuple(metrics), server=server,
+                                 metrics=tuple(metrics), release_root=release_root, server=server,
                                  scrape_interval_s=top.number("scrape_interval_s", 2.0, positive=True),
                                  push_interval_s=top.number("push_interval_s", 1.0, positive=True),
                                  history_rounds=top.integer("history_rounds", 200, minimum=1, maximum=100_000))

@@ -3,7 +3,8 @@
 It reads what ``fedge fleet status`` reads: the monitoring account's
 credentials for the root broker (every region's statuses are bridged
 there), each region's device registry, and in addition the root's signing
-key (to verify the round announcements) and the ``[metrics]`` table of each
+key (to verify the round announcements), the release root of trust
+(``release/root.json``, to verify the rollout's stage) and the ``[metrics]`` table of each
 aggregator's TOML (an endpoint with a fixed port becomes a scrape URL).
 """
 
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 def config_from_fleet(directory: Path, *, metrics: Sequence[str] = ()) -> DashboardConfig:
     """The dashboard of the fleet in ``directory`` (ConfigError naming what is missing); ``metrics`` adds URLs."""
     from device_agent.errors import FedgeError
-    from sdk.aggregator.registry import KeyRegistry, RegistryError
+    from sdk.fleet.tiers import tier_of
     from sdk.fleet import layout
     from sdk.fleet.day2 import open_fleet
     from sdk.fleet.status_fetch import monitor_endpoints
@@ -44,12 +45,7 @@ def config_from_fleet(directory: Path, *, metrics: Sequence[str] = ()) -> Dashbo
         root = monitor_endpoints(opened.directory, topology.monitor)[layout.ROOT_SITE]
     except FedgeError as exc:
         raise ConfigError(str(exc)) from exc
-    registries: dict[str, SenderKeys] = {}
-    for region in topology.regions:
-        try:
-            registries[region.name] = KeyRegistry(opened.directory / layout.aggregator_dir(region.name) / layout.REGISTRY_DIR)
-        except RegistryError:
-            registries[region.name] = {}  # a region without devices yet: every status there is unverifiable
+    registries: dict[str, SenderKeys] = dict(opened.registries())  # the regions devices join (middle tiers have none)
     root_dir = opened.directory / layout.aggregator_dir(layout.ROOT_SITE)
     model_keys = {}
     signing = root_dir / layout.SIGNING_PUB
@@ -57,14 +53,17 @@ def config_from_fleet(directory: Path, *, metrics: Sequence[str] = ()) -> Dashbo
         model_keys["root"] = load_verify_key(signing)
     urls = [*_metrics_url(root_dir / layout.ROOT_CONFIG)]
     for region in topology.regions:
-        urls += _metrics_url(opened.directory / layout.aggregator_dir(region.name) / layout.REGIONAL_CONFIG)
+        config = layout.service_config(tier_of(topology, region.name).value)
+        urls += _metrics_url(opened.directory / layout.aggregator_dir(region.name) / config)
     urls += [u for u in metrics if u not in urls]
     broker = MonitorBroker(host=root.host, port=root.port, username=root.username, password=root.password,
                            ca_file=root.ca_file, cert_file=root.cert_file, key_file=root.key_file, role="root",
                            max_packet_size=topology.message_size_limit)
     try:
+        release_root = opened.directory / layout.RELEASE_ROOT
         return DashboardConfig(fleet=topology.fleet, topic_prefix=topology.topic_prefix, mqtt=broker,
-                               registries=registries, model_keys=model_keys, metrics=tuple(urls))
+                               registries=registries, model_keys=model_keys, metrics=tuple(urls),
+                               release_root=release_root if release_root.is_file() else None)
     except ValueError as exc:
         raise ConfigError(f"{directory}: {exc}") from exc
 

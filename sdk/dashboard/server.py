@@ -20,10 +20,13 @@ import json
 import logging
 import queue
 import ssl
+import shutil
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,6 +35,7 @@ from aiohttp import web
 from device_agent.protocol.topics import TopicLayout
 from sdk.dashboard.config import DashboardConfig
 from sdk.dashboard.plots import accuracy_svg, updates_svg
+from sdk.dashboard.rollout import RolloutReading, RolloutWatch
 from sdk.dashboard.security import REALM, SECURITY_HEADERS, Credentials
 from sdk.dashboard.sources import MonitorClient, apply_message, scrape
 from sdk.dashboard.view import FleetView
@@ -61,7 +65,15 @@ class Dashboard:
         self.layout = TopicLayout(fleet=config.fleet, root_prefix=config.topic_prefix)
         self.view = FleetView(fleet=config.fleet, history_rounds=config.history_rounds)
         self._credentials = credentials
-        self._monitor = None if config.mqtt is None else MonitorClient(config.mqtt, self.layout)
+        self._rollout_dir: Path | None = None
+        self._rollout: RolloutWatch | None = None
+        if config.release_root is not None and config.mqtt is not None:
+            self._rollout_dir = Path(tempfile.mkdtemp(prefix="fedge-dashboard-tuf-"))
+            self._rollout = RolloutWatch(root=config.release_root.read_bytes(), directory=self._rollout_dir,
+                                         prefix=self.layout.release_metadata(""))
+            self.view.apply_rollout(RolloutReading())  # configured; nothing verified yet
+        self._monitor = None if config.mqtt is None else MonitorClient(config.mqtt, self.layout,
+                                                                         releases=self._rollout is not None)
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
         self._plotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedge-dashboard-plots")
@@ -117,6 +129,8 @@ class Dashboard:
         if self._runner is not None:
             await self._runner.cleanup()
         self._plotter.shutdown(wait=True)
+        if self._rollout_dir is not None:
+            shutil.rmtree(self._rollout_dir, ignore_errors=True)
 
     # -- sources --------------------------------------------------------------------------------
 
@@ -124,6 +138,7 @@ class Dashboard:
         """Move queued MQTT messages into the view (verified on the way)."""
         config = self.config
         region = config.mqtt.region if config.mqtt is not None else None
+        rollout = self._rollout
         while True:
             for _ in range(2000):
                 try:
@@ -131,11 +146,23 @@ class Dashboard:
                 except queue.Empty:
                     break
                 try:
-                    apply_message(self.view, message, layout=self.layout, registries=config.registries,
-                                  model_keys=config.model_keys, region=region)
+                    if rollout is not None and rollout.handles(message.topic):
+                        rollout.file(message.topic, message.payload)
+                    else:
+                        apply_message(self.view, message, layout=self.layout, registries=config.registries,
+                                      model_keys=config.model_keys, region=region)
                 except Exception:  # noqa: BLE001 - one bad message must not stop the dashboard
                     logger.exception("dashboard: could not apply a message on %s", message.topic)
+            if rollout is not None and rollout.due():
+                try:  # a TUF refresh over what arrived: a few ms of signature checks, in this loop
+                    self.view.apply_rollout(rollout.refresh(self._devices()))
+                except Exception:  # noqa: BLE001 - the page must keep running whatever the metadata holds
+                    logger.exception("dashboard: could not refresh the release metadata")
             await asyncio.sleep(_PUMP_S)
+
+    def _devices(self) -> dict[str, str]:
+        """device -> region, from the registries (whom a release targets)."""
+        return {device: region for region, keys in self.config.registries.items() for device in keys}
 
     async def _scrape_loop(self) -> None:
         timeout = min(5.0, max(1.0, self.config.scrape_interval_s))

@@ -1,7 +1,7 @@
 """Where the dashboard's data comes from: the monitoring account on MQTT, and the aggregators' ``/metrics``.
 
 Both only read. The MQTT side subscribes to retained statuses, model
-announcements and bridge states (never updates, receipts or anything with
+announcements, bridge states and the signed release metadata (never updates, receipts or anything with
 weights of a device: the monitoring account's ACL could not read them
 anyway); paho's network thread only queues what arrives (bounded, overflow
 counted), and :func:`apply_message` verifies each message (statuses against
@@ -50,9 +50,10 @@ class Inbound:
 class MonitorClient:
     """The monitoring account's MQTT connection (module docstring): subscribe, queue, reconnect (paho)."""
 
-    def __init__(self, broker: MonitorBroker, layout: TopicLayout) -> None:
+    def __init__(self, broker: MonitorBroker, layout: TopicLayout, *, releases: bool = False) -> None:
         self.broker = broker
         self.layout = layout
+        self.releases = releases
         self.messages: queue.Queue[Inbound] = queue.Queue(MAX_QUEUED)
         self.dropped = 0
         self.connected = False
@@ -72,10 +73,12 @@ class MonitorClient:
         self._client = client
 
     def subscriptions(self) -> list[str]:
-        """Statuses, model announcements and (at the root) bridge states."""
+        """Statuses, model announcements, (at the root) bridge states and (``releases``) the release metadata."""
+        extra = [self.layout.release_metadata_filter] if self.releases else []
         if self.broker.role == "root":
-            return [self.layout.all_region_statuses, self.layout.root_model, f"{self.layout.base}/region/+/bridge/state"]
-        return [self.layout.all_device_statuses, self.layout.global_model]
+            return [self.layout.all_region_statuses, self.layout.root_model, f"{self.layout.base}/region/+/bridge/state",
+                    *extra]
+        return [self.layout.all_device_statuses, self.layout.global_model, *extra]
 
     def start(self) -> None:
         """Connect in the background (paho retries with backoff)."""

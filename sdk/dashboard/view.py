@@ -19,6 +19,7 @@ from typing import Any
 from device_agent.protocol.status import DeviceStatus, ReleaseState
 from sdk.dashboard.aggregators import AggregatorReading, RoundLog
 from sdk.dashboard.history import AccuracyHistory
+from sdk.dashboard.rollout import RolloutReading
 
 #: Most device rows a snapshot carries (problems first); the page says how many it left out.
 MAX_DEVICE_ROWS = 500
@@ -54,6 +55,7 @@ class FleetView:
         self._round_logs: dict[str, RoundLog] = {}
         self._bridges: dict[str, bool] = {}
         self._models: dict[str, int] = {}
+        self._rollout: RolloutReading | None = None
         self.rejected_messages: Counter[str] = Counter()
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -93,6 +95,12 @@ class FleetView:
         """A verified model announcement: ``source`` is ``root`` or a region."""
         if self._models.get(source) != round:
             self._models[source] = round
+            self._changed()
+
+    def apply_rollout(self, reading: RolloutReading) -> None:
+        """The controller's stages as the verified release metadata says (:mod:`sdk.dashboard.rollout`)."""
+        if reading != self._rollout:
+            self._rollout = reading
             self._changed()
 
     def reject(self, what: str) -> None:
@@ -136,6 +144,9 @@ class FleetView:
                                                                    for s in statuses).items(), key=_version_order)],
             "backends": dict(sorted(Counter(s.backend or "unknown" for s in statuses).items())),
             "release": self._release(statuses),
+            "rollout": None if self._rollout is None else {
+                "releases": list(self._rollout.releases), "error": self._rollout.error,
+                "timestamp_version": self._rollout.timestamp_version},
             "refused_messages": dict(sorted(self.rejected_messages.items())),
         }
 
@@ -208,7 +219,7 @@ class FleetView:
         return sorted(out, key=lambda row: (-row["round"], row["aggregator"]))
 
     def _release(self, statuses: list[DeviceStatus]) -> dict[str, Any]:
-        """Rollout progress from the devices' own release records (the rollout's metadata is not read yet)."""
+        """Rollout progress from the devices' own release records (the controller's stage: ``rollout``)."""
         by_version: dict[int, Counter[str]] = {}
         for s in statuses:
             if s.release.version is not None:
@@ -240,6 +251,8 @@ class FleetView:
         failing = sum(1 for s in statuses if s.last_round_status in FAILING_OUTCOMES)
         if failing:
             problems.append(f"{failing} device(s) whose last round was not accepted")
+        if self._rollout is not None and self._rollout.error:
+            problems.append(f"release metadata refused: {self._rollout.error}")
         if self.rejected_messages:
             problems.append(f"{sum(self.rejected_messages.values())} status or model message(s) refused (see below)")
         return problems

@@ -4,11 +4,12 @@ Each operation edits exactly what the device's presence touches: its
 provisioning directory, its line in its broker's password file, its
 credentials, its key in its region's aggregator registry, the region's
 quorum in ``regional.toml``, and the inventory. Removing and re-keying also
-revoke the old key fleet-wide (``revoked.txt`` in every region's registry),
+revoke the old key fleet-wide (``revoked.txt`` in every device region's registry),
 so a stale copy of the ``.pub`` file can never let it back in. Moving takes the
 device out of the old region's registry in the same operation (one device,
 one region, one count; the root still refuses a device counted by two
-regions, as a second line of defence).
+regions, as a second line of defence). Devices join regions without child
+regions only: a middle tier takes aggregates, never updates.
 
 The running broker and aggregator learn of a change on SIGHUP: Mosquitto
 re-reads its password and ACL files (and disconnects a removed account), the
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from device_agent.keys import key_id, load_signing_key, load_verify_key
+from device_agent.protocol.envelope import SenderKeys
 from sdk.broker_config import layout as broker_layout
 from sdk.broker_config.passwords import hash_password, new_password, render_password_file
 from sdk.broker_config.pki import Credential, issue_client_cert
@@ -44,6 +46,7 @@ from sdk.fleet.configs import render_regional_toml
 from sdk.fleet.inventory import DeviceEntry, Inventory, InventoryError, Revocation, load_inventory, save_inventory
 from sdk.fleet.provision import register_device, revoked_text, write_device_dir
 from sdk.fleet.spec import FleetSpec, load_fleet_spec
+from sdk.fleet.tiers import device_regions
 from sdk.fleet.writes import write_file
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,27 @@ class OpenedFleet:
         except KeyError:
             names = ", ".join(r.name for r in self.spec.topology.regions)
             raise InventoryError(f"no region {name!r} in this fleet (regions: {names})") from None
+
+    def device_region(self, name: str) -> Region:
+        """The region called ``name`` if devices can join it; InventoryError naming its cells for a middle tier."""
+        region = self.region(name)
+        below = self.spec.topology.children(name)
+        if below:
+            raise InventoryError(f"region {name!r} is a middle tier (it has child regions): its devices join one of "
+                                 f"{', '.join(r.name for r in below)}")
+        return region
+
+    def registries(self) -> dict[str, SenderKeys]:
+        """Every region devices can join -> its device registry (empty when it has no ``devices/`` directory yet)."""
+        from sdk.aggregator.registry import KeyRegistry, RegistryError
+
+        found: dict[str, SenderKeys] = {}
+        for region in device_regions(self.spec.topology):
+            try:
+                found[region.name] = KeyRegistry(self.directory / layout.aggregator_dir(region.name) / layout.REGISTRY_DIR)
+            except RegistryError:
+                found[region.name] = {}  # every status claiming this region is then unverifiable
+        return found
 
     def sites(self) -> dict[str, Path]:
         """``root`` and every region -> its aggregator directory."""
@@ -153,7 +177,7 @@ def _rewrite_quorum(fleet: OpenedFleet, inventory: Inventory, region: str) -> No
 
 def _write_revoked(fleet: OpenedFleet, inventory: Inventory) -> None:
     text = revoked_text(inventory)
-    for region in fleet.spec.topology.regions:
+    for region in device_regions(fleet.spec.topology):
         write_file(fleet.directory / layout.aggregator_dir(region.name) / layout.REVOKED_FILE, text, secret=False)
 
 
@@ -183,7 +207,7 @@ def _new_credentials(fleet: OpenedFleet, device: str, region: Region, key: Ed255
 def add_device(fleet: OpenedFleet, device: str, region: str) -> FleetChange:
     """Provision a new device in ``region``: key, broker account, registry entry, provisioning directory."""
     _check_new_id(fleet, device)
-    where = fleet.region(region)
+    where = fleet.device_region(region)
     key = Ed25519PrivateKey.generate()
     directory = _new_credentials(fleet, device, where, key)
     inventory = fleet.inventory.with_device(device, DeviceEntry(region=region, key_id=key_id(key.public_key())))
@@ -206,7 +230,7 @@ def remove_device(fleet: OpenedFleet, device: str) -> FleetChange:
     if directory.exists():
         shutil.rmtree(directory)
     save_inventory(fleet.directory / layout.INVENTORY_FILE, inventory)
-    regions = tuple(r.name for r in fleet.spec.topology.regions)
+    regions = tuple(r.name for r in device_regions(fleet.spec.topology))
     return FleetChange(action="remove", device=device, device_dir=None, brokers=(entry.region,), aggregators=regions,
                        revoked_key=entry.key_id)
 
@@ -220,7 +244,7 @@ def rekey_device(fleet: OpenedFleet, device: str) -> FleetChange:
     inventory = inventory.with_revoked(Revocation(device=device, key_id=entry.key_id, reason="rekeyed", at=_now()))
     _write_revoked(fleet, inventory)
     save_inventory(fleet.directory / layout.INVENTORY_FILE, inventory)
-    regions = tuple(r.name for r in fleet.spec.topology.regions)
+    regions = tuple(r.name for r in device_regions(fleet.spec.topology))
     return FleetChange(action="rekey", device=device, device_dir=directory, brokers=(entry.region,), aggregators=regions,
                        revoked_key=entry.key_id, notes=("install the new provisioning directory on the device",))
 
@@ -230,7 +254,7 @@ def move_device(fleet: OpenedFleet, device: str, to_region: str) -> FleetChange:
     entry = fleet.inventory.entry(device)
     if entry.region == to_region:
         raise InventoryError(f"{device} is already in region {to_region}")
-    target = fleet.region(to_region)
+    target = fleet.device_region(to_region)
     old_pub = _registry_file(fleet, entry.region, device)
     public = load_verify_key(old_pub)
     if key_id(public) != entry.key_id:

@@ -11,6 +11,7 @@ Fleet directory (the operator's; keep ``keys/`` and ``brokers/pki/`` offline)::
     brokers/                 fedge broker-config's output: root/ <region>/ (one per broker host), credentials/, pki/
     aggregators/root/        the root service: root.toml, keys/, regions/<region>.pub, bundles/, its store
     aggregators/<region>/    a regional service: regional.toml, keys/, devices/<id>.pub + revoked.txt (the registry)
+    aggregators/<middle>/    a middle tier (a region with child regions): middle.toml, keys/, regions/<child>.pub
     devices/<id>/            one self-contained provisioning directory per device (below)
     run/                     pid files of what `fedge fleet up` started (so day-2 commands can signal reloads)
 
@@ -49,16 +50,21 @@ ROOT_SITE = "root"
 # inside an aggregator directory
 ROOT_CONFIG = PurePosixPath("root.toml")
 REGIONAL_CONFIG = PurePosixPath("regional.toml")
+MIDDLE_CONFIG = PurePosixPath("middle.toml")
 SIGNING_KEY = KEYS_DIR / "signing.key"
 SIGNING_PUB = KEYS_DIR / "signing.pub"
 ENCRYPTION_KEY = KEYS_DIR / "encryption.key"
 ENCRYPTION_PUB = KEYS_DIR / "encryption.x25519.pub"
 ROOT_VERIFY_PUB = KEYS_DIR / "root.pub"
 ROOT_ENCRYPTION_PUB = KEYS_DIR / "root.x25519.pub"
+PARENT_VERIFY_PUB = KEYS_DIR / "parent.pub"
+"""A tier below a middle tier: its parent's Ed25519 key (right below the root: ``keys/root.pub``)."""
+PARENT_ENCRYPTION_PUB = KEYS_DIR / "parent.x25519.pub"
 AGGREGATOR_FLEET_PUB = KEYS_DIR / "fleet.pub"
 MQTT_PASSWORD = KEYS_DIR / "mqtt-password"
 REGISTRY_DIR = PurePosixPath("devices")
 REGION_KEYS_DIR = PurePosixPath("regions")
+"""The keys of the tiers right below (the root's, a middle tier's ``child_keys_dir``): ``<child>.pub``."""
 REVOKED_FILE = REGISTRY_DIR / "revoked.txt"
 STORE_FILE = PurePosixPath("store.sqlite")
 
@@ -82,6 +88,11 @@ TRUST_ANCHOR = KEYS_DIR / "release" / "root.json"
 def aggregator_dir(site: str) -> PurePosixPath:
     """``aggregators/<site>`` (``root`` or a region name)."""
     return AGGREGATORS_DIR / site
+
+
+def service_config(tier: str) -> PurePosixPath:
+    """The TOML file of a ``root``, ``middle`` or ``regional`` service in its aggregator directory."""
+    return {"root": ROOT_CONFIG, "middle": MIDDLE_CONFIG, "regional": REGIONAL_CONFIG}[tier]
 
 
 def device_dir(device: str) -> PurePosixPath:

@@ -1,9 +1,11 @@
 """``fedge fleet init``: from one topology file to every key, broker, aggregator and device file of a fleet.
 
 :func:`init_fleet` writes the fleet directory of :mod:`sdk.fleet.layout`:
-the fleet (bundle signing) key, the brokers (:func:`sdk.broker_config.generate_topology`),
-the root's and each region's aggregator directory with their Ed25519 (signing)
-and X25519 (encryption) keys, and one provisioning directory per device with
+the fleet (bundle signing) key, the brokers (:func:`sdk.broker_config.generate_topology`;
+a region with a ``parent`` gets a broker bridged to its parent region's broker),
+the root's, each middle tier's and each region's aggregator directory with their
+Ed25519 (signing) and X25519 (encryption) keys, each tier's public keys with the
+tier above and the tier above's with it, and one provisioning directory per device with
 its own Ed25519 key, its broker password and copies of every public key it
 trusts. :func:`write_device_dir` and :func:`register_device` are the per-device
 steps, shared with the day-2 operations (:mod:`sdk.fleet.day2`).
@@ -26,14 +28,19 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from device_agent.bundle.archive import verify_bundle
 from device_agent.daemon.config import load_config
 from device_agent.keys import key_id, load_verify_key, save_private_key, save_public_key
-from sdk.aggregator.service_config import load_regional_service_config, load_root_service_config
+from sdk.aggregator.service_config import (
+    load_middle_service_config,
+    load_regional_service_config,
+    load_root_service_config,
+)
 from sdk.broker_config import generate_topology
 from sdk.broker_config.render import CA_CERT_NAME, CREDENTIALS_DIR, credential_path
 from sdk.broker_config.topology import ROOT, Account, Region, Role
 from sdk.fleet import layout
-from sdk.fleet.configs import render_agent_toml, render_regional_toml, render_root_toml
+from sdk.fleet.configs import render_agent_toml, render_middle_toml, render_regional_toml, render_root_toml
 from sdk.fleet.inventory import DeviceEntry, Inventory, save_inventory
 from sdk.fleet.spec import FleetSpec
+from sdk.fleet.tiers import Tier, describe_sites, parent_site, tier_of
 from sdk.fleet.writes import link_or_copy, make_dir, write_file
 from sdk.release.fleet_setup import init_release, key_policy
 
@@ -119,37 +126,52 @@ def register_device(fleet_dir: Path, *, region: str, device: str, key: Ed25519Pr
     return path
 
 
+@dataclass(frozen=True)
+class _TierKeys:
+    signing: Ed25519PrivateKey
+    encryption: X25519PrivateKey
+
+
+def _new_site(fleet_dir: Path, site: str, account: Account) -> tuple[Path, _TierKeys]:
+    """An aggregator directory with its own keys, the fleet key, the release trust anchor and its MQTT password."""
+    directory = make_dir(fleet_dir / layout.aggregator_dir(site), secret=True)
+    make_dir(directory / layout.KEYS_DIR, secret=True)
+    keys = _TierKeys(signing=Ed25519PrivateKey.generate(), encryption=X25519PrivateKey.generate())
+    _write_keypair(directory, layout.SIGNING_KEY, layout.SIGNING_PUB, keys.signing)
+    _write_keypair(directory, layout.ENCRYPTION_KEY, layout.ENCRYPTION_PUB, keys.encryption)
+    shutil.copyfile(fleet_dir / layout.FLEET_PUB, directory / layout.AGGREGATOR_FLEET_PUB)
+    _copy_trust_anchor(fleet_dir, directory)
+    write_file(directory / layout.MQTT_PASSWORD, _account_password(fleet_dir, account) + "\n", secret=True)
+    return directory, keys
+
+
 def _write_aggregators(fleet_dir: Path, spec: FleetSpec, *, inventory: Inventory) -> dict[str, Path]:
+    """Every site's aggregator directory. Each tier's public keys go to the tier above (``regions/<name>.pub``)
+    and the tier above's keys to it (``keys/root.pub`` right below the root, ``keys/parent.pub`` below a middle tier)."""
     topology = spec.topology
-    root_dir = make_dir(fleet_dir / layout.aggregator_dir(layout.ROOT_SITE), secret=True)
-    make_dir(root_dir / layout.KEYS_DIR, secret=True)
-    root_sign, root_enc = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
-    _write_keypair(root_dir, layout.SIGNING_KEY, layout.SIGNING_PUB, root_sign)
-    _write_keypair(root_dir, layout.ENCRYPTION_KEY, layout.ENCRYPTION_PUB, root_enc)
-    shutil.copyfile(fleet_dir / layout.FLEET_PUB, root_dir / layout.AGGREGATOR_FLEET_PUB)
-    _copy_trust_anchor(fleet_dir, root_dir)
-    account = Account(username=topology.root.aggregators[0], role=Role.AGGREGATOR, broker=ROOT, region=None)
-    write_file(root_dir / layout.MQTT_PASSWORD, _account_password(fleet_dir, account) + "\n", secret=True)
+    root_account = Account(username=topology.root.aggregators[0], role=Role.AGGREGATOR, broker=ROOT, region=None)
+    root_dir, root_keys = _new_site(fleet_dir, layout.ROOT_SITE, root_account)
     make_dir(root_dir / layout.REGION_KEYS_DIR)
-    sites = {layout.ROOT_SITE: root_dir}
+    sites, keys = {layout.ROOT_SITE: root_dir}, {layout.ROOT_SITE: root_keys}
     for region in topology.regions:
-        directory = make_dir(fleet_dir / layout.aggregator_dir(region.name), secret=True)
-        make_dir(directory / layout.KEYS_DIR, secret=True)
-        sign = Ed25519PrivateKey.generate()
-        _write_keypair(directory, layout.SIGNING_KEY, layout.SIGNING_PUB, sign)
-        _write_keypair(directory, layout.ENCRYPTION_KEY, layout.ENCRYPTION_PUB, X25519PrivateKey.generate())
-        save_public_key(sign.public_key(), root_dir / layout.REGION_KEYS_DIR / f"{region.name}.pub")
-        save_public_key(root_sign.public_key(), directory / layout.ROOT_VERIFY_PUB)
-        save_public_key(root_enc.public_key(), directory / layout.ROOT_ENCRYPTION_PUB)
-        shutil.copyfile(fleet_dir / layout.FLEET_PUB, directory / layout.AGGREGATOR_FLEET_PUB)
-        _copy_trust_anchor(fleet_dir, directory)
         account = Account(username=region.aggregators[0], role=Role.AGGREGATOR, broker=region.name, region=region.name)
-        write_file(directory / layout.MQTT_PASSWORD, _account_password(fleet_dir, account) + "\n", secret=True)
-        make_dir(directory / layout.REGISTRY_DIR)
-        write_file(directory / layout.REVOKED_FILE, revoked_text(inventory), secret=False)
-        write_file(directory / layout.REGIONAL_CONFIG,
-                   render_regional_toml(spec, region=region, devices=len(region.devices)), secret=False)
-        sites[region.name] = directory
+        sites[region.name], keys[region.name] = _new_site(fleet_dir, region.name, account)
+        if tier_of(topology, region.name) is Tier.MIDDLE:
+            make_dir(sites[region.name] / layout.REGION_KEYS_DIR)
+    for region in topology.regions:
+        directory, parent = sites[region.name], parent_site(topology, region)
+        save_public_key(keys[region.name].signing.public_key(), sites[parent] / layout.REGION_KEYS_DIR / f"{region.name}.pub")
+        verify, encrypt = ((layout.ROOT_VERIFY_PUB, layout.ROOT_ENCRYPTION_PUB) if region.parent is None
+                           else (layout.PARENT_VERIFY_PUB, layout.PARENT_ENCRYPTION_PUB))
+        save_public_key(keys[parent].signing.public_key(), directory / verify)
+        save_public_key(keys[parent].encryption.public_key(), directory / encrypt)
+        if tier_of(topology, region.name) is Tier.MIDDLE:
+            write_file(directory / layout.MIDDLE_CONFIG, render_middle_toml(spec, region=region), secret=False)
+        else:
+            make_dir(directory / layout.REGISTRY_DIR)
+            write_file(directory / layout.REVOKED_FILE, revoked_text(inventory), secret=False)
+            write_file(directory / layout.REGIONAL_CONFIG,
+                       render_regional_toml(spec, region=region, devices=len(region.devices)), secret=False)
     write_file(root_dir / layout.ROOT_CONFIG, render_root_toml(spec), secret=False)
     return sites
 
@@ -184,7 +206,9 @@ def check_aggregator_configs(fleet_dir: Path, spec: FleetSpec) -> None:
     """Load every aggregator TOML with the services' own parser (needs the bundle); ConfigError naming the file."""
     load_root_service_config(fleet_dir / layout.aggregator_dir(layout.ROOT_SITE) / layout.ROOT_CONFIG)
     for region in spec.topology.regions:
-        load_regional_service_config(fleet_dir / layout.aggregator_dir(region.name) / layout.REGIONAL_CONFIG)
+        tier = tier_of(spec.topology, region.name)
+        load = load_middle_service_config if tier is Tier.MIDDLE else load_regional_service_config
+        load(fleet_dir / layout.aggregator_dir(region.name) / layout.service_config(tier.value))
 
 
 def init_fleet(
@@ -237,6 +261,6 @@ def init_fleet(
     save_inventory(out / layout.INVENTORY_FILE, inventory)
     if bundle is not None:
         check_aggregator_configs(out, spec)
-    logger.info("fleet %s: %d regions, %d devices written to %s", topology.fleet, len(topology.regions), len(devices), out)
+    logger.info("fleet %s: %s, %d devices written to %s", topology.fleet, describe_sites(topology), len(devices), out)
     return ProvisionedFleet(directory=out, spec=spec, devices=devices, aggregators=sites,
                             bundle=fleet_bundle(out))

@@ -2,7 +2,8 @@
 
 One ``topology.toml`` describes the whole fleet. Its broker part (``[fleet]``,
 ``[tls]``, ``[root]``, ``[[regions]]``, ``[monitor]``) is read by
-:func:`sdk.broker_config.parse_topology`, unchanged; two optional tables are
+:func:`sdk.broker_config.parse_topology`, unchanged (a region's ``parent``
+makes the tree as deep as needed: root -> regions -> cells -> devices); two optional tables are
 read here, and ignored by the broker generator:
 
 ``[devices]``
@@ -18,7 +19,8 @@ read here, and ignored by the broker generator:
     region's round closes when every device it knows answered, or at the
     deadline), and the sub-tables ``[aggregators.service]`` (copied into
     every aggregator TOML) and ``[aggregators.regional]`` (extra
-    ``[aggregator]`` keys of the regional services, e.g. ``regional_weight``).
+    ``[aggregator]`` keys of the regional services, e.g. ``regional_weight``;
+    middle tiers take its ``regional_weight`` and ``replay_rounds``).
 """
 
 from __future__ import annotations
@@ -119,12 +121,7 @@ def _leftover(table: dict[str, Any], where: str) -> None:
 
 def parse_fleet_spec(text: str) -> FleetSpec:
     """Parse a topology file's text (TopologyError naming the bad key)."""
-    topology = parse_topology(text)
-    nested = [r.name for r in topology.regions if r.parent is not None]
-    if nested:
-        raise TopologyError(f"regions {nested} have a parent: fedge fleet provisions two levels only; generate the "
-                            "brokers with fedge broker-config and write the middle tiers' files (docs/aggregation.md, "
-                            "'Any depth')")
+    topology = parse_topology(text)  # any depth: regions with a parent make middle tiers (sdk.fleet.tiers)
     data = tomllib.loads(text)  # parse_topology has already checked it is valid TOML
     devices = _table(data, "devices", "devices")
     device_sections = _sections(devices, _DEVICE_PASSTHROUGH, "devices")

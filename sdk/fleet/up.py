@@ -2,8 +2,10 @@
 
 Each site (``root`` or a region) is a Mosquitto process started from
 ``brokers/<site>/mosquitto.conf`` and a ``fedge aggregator`` process started
-from ``aggregators/<site>/``; regions start before the root, so the regional
-services are listening when the root publishes round 0. Children log to
+from ``aggregators/<site>/`` (``regional``, ``middle`` or ``root``). Brokers start
+parents first, so each bridge finds its parent's broker listening; services
+start children first (:mod:`sdk.fleet.tiers`: leaf regions, then middle tiers,
+then the root), so every tier listens when the tier above publishes round 0. Children log to
 ``run/<kind>-<site>.log``; their pids go to ``run/<kind>-<site>.pid`` so
 ``fedge fleet add/remove/rekey/move --reload`` can send them SIGHUP. On
 SIGINT/SIGTERM (or ``max_seconds``) everything is stopped, aggregators first;
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from device_agent.errors import FedgeError
 from sdk.broker_config import layout as broker_layout
-from sdk.fleet import layout
+from sdk.fleet import layout, tiers
 from sdk.fleet.day2 import OpenedFleet, pid_file
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,7 @@ class FleetRunner:
     """Starts, watches and stops the brokers and services of ``sites`` (``brokers`` / ``services`` False: leave them out)."""
 
     def __init__(self, fleet: OpenedFleet, *, sites: Sequence[str], brokers: bool = True, services: bool = True) -> None:
-        known = [layout.ROOT_SITE, *(r.name for r in fleet.spec.topology.regions)]
+        known = tiers.sites(fleet.spec.topology)
         unknown = sorted(set(sites) - set(known))
         if unknown:
             raise FleetUpError(f"no site {', '.join(unknown)} in this fleet (sites: {', '.join(known)})")
@@ -107,9 +109,9 @@ class FleetRunner:
 
     def _start_service(self, site: str) -> None:
         directory = self.fleet.directory / layout.aggregator_dir(site)
-        tier, config = ("root", layout.ROOT_CONFIG) if site == layout.ROOT_SITE else ("regional", layout.REGIONAL_CONFIG)
+        tier = tiers.tier_of(self.fleet.spec.topology, site).value
         argv = [sys.executable, "-c", "from sdk.cli.main import main; main()", "-v", "aggregator", tier,
-                "--config", str(directory / config)]
+                "--config", str(directory / layout.service_config(tier))]
         child = self._spawn("aggregator", site, argv, directory)
         self._wait(child, lambda: _CONNECTED in child.tail(200_000), "connected to its broker")
 
@@ -123,14 +125,14 @@ class FleetRunner:
         logger.info("%s started (pid %d), log %s", child.name, child.process.pid, child.log)
 
     def start(self) -> None:
-        """Brokers (root first), then regional services, then the root's; everything stops again if one fails."""
+        """Brokers (parents first), then services (children first, the root's last); everything stops again if one fails."""
+        topology = self.fleet.spec.topology
         try:
             if self.brokers:
-                for site in self.sites:
+                for site in tiers.broker_start_order(topology, self.sites):
                     self._start_broker(site)
             if self.services:
-                regions_first = [s for s in self.sites if s != layout.ROOT_SITE] + [s for s in self.sites if s == layout.ROOT_SITE]
-                for site in regions_first:
+                for site in tiers.service_start_order(topology, self.sites):
                     self._start_service(site)
         except BaseException:
             self.stop()

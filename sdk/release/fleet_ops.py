@@ -21,9 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from device_agent.errors import FedgeError
 from device_agent.keys import load_verify_key
-from device_agent.protocol.envelope import SenderKeys
 from device_agent.protocol.status import DeviceStatus
-from sdk.aggregator.registry import KeyRegistry, RegistryError
 from sdk.aggregator.service_config import BrokerSettings
 from sdk.broker_config.render import CREDENTIALS_DIR
 from sdk.fleet import layout
@@ -85,15 +83,10 @@ class ReleaseFleet:
     def statuses(self, *, timeout_s: float = 10.0) -> FleetView:
         """Every device's retained status from the root broker, verified against its region's registry."""
         topology = self.fleet.spec.topology
-        registries: dict[str, SenderKeys] = {}
-        for region in topology.regions:
-            try:
-                registries[region.name] = KeyRegistry(self.directory / layout.aggregator_dir(region.name) / layout.REGISTRY_DIR)
-            except RegistryError:
-                registries[region.name] = {}
+        registries = self.fleet.registries()
         messages = fetch_statuses({layout.ROOT_SITE: self.endpoint}, source="root", topics=topology.layout,
                                   timeout_s=timeout_s)
-        return build_view(layout=topology.layout, regions=[r.name for r in topology.regions], registries=registries,
+        return build_view(layout=topology.layout, regions=list(registries), registries=registries,
                           expected=self.devices(), messages=messages)
 
 

@@ -33,6 +33,7 @@ from device_agent.protocol._frame import frame_prefix, sign_frame
 from device_agent.protocol.candidate_request import REQUEST_MAGIC, open_candidate_request
 from device_agent.protocol.chunking import Reassembler, parse_chunk
 from device_agent.protocol.envelope import MODEL_MAGIC
+from device_agent.protocol.model_delta import DELTA_MAGIC, open_model_delta
 from device_agent.protocol.receipts import RECEIPT_MAGIC, open_receipt
 from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors
 
@@ -61,6 +62,10 @@ def _signed(magic: bytes, data: bytes) -> bytes:
 
 def _model(data: bytes) -> object:
     return envelope.open_model(data, trusted_signers=[_SIGNER.public_key()], limits=_LIMITS)
+
+
+def _delta(data: bytes) -> object:
+    return open_model_delta(data, trusted_signers=[_SIGNER.public_key()], limits=_LIMITS)
 
 
 def _update(data: bytes) -> object:
@@ -148,6 +153,8 @@ TARGETS: tuple[Target, ...] = (
     Target("tensors", lambda d: decode_tensors(d, limits=_LIMITS), (MalformedMessageError,)),
     Target("model", _model, _WIRE),
     Target("model-signed", lambda d: _model(_signed(MODEL_MAGIC, d)), _WIRE),
+    Target("model-delta", _delta, _WIRE),
+    Target("model-delta-signed", lambda d: _delta(_signed(DELTA_MAGIC, d)), _WIRE),
     Target("update", _update, _WIRE),
     Target("candidates", _candidates, _WIRE),
     Target("receipt", _receipt, _WIRE),
@@ -193,9 +200,19 @@ def seeds() -> dict[str, list[bytes]]:
     record = model_header.to_bytes()
     npz = io.BytesIO()
     np.savez(npz, x=np.ones((4, 3), np.float32), y=np.arange(4))
+    from device_agent.compression import CompressionSpec, compress_delta
+    from device_agent.protocol.headers import ModelDeltaHeader
+    from device_agent.protocol.model_delta import sign_model_delta
+
+    delta_header = ModelDeltaHeader.create(clock=lambda: 1.0, random_bytes=bytes, fleet="f", region="eu", sender="eu-agg",
+                                           round=2, bundle_version=1, encoding="q4", base_round=1, base_digest=bytes(32),
+                                           digest=bytes(range(32)), compression="topk:0.3+q8")
+    delta = sign_model_delta(delta_header, compress_delta(tensors, None, CompressionSpec.parse("q4")).tensors,
+                             signer_key=_SIGNER)
     out = {
         "tensors": [encode_tensors(tensors), encode_tensors(tensors, encoding="int8"), *_compressed_seeds(tensors)],
         "model": [model],
+        "model-delta": [delta],
         "model-signed": [bytes([len(record)]) + record + encode_tensors(tensors)] if len(record) < 256 else [b""],
         "chunk": [],
         "npz": [npz.getvalue()],

@@ -95,6 +95,25 @@
     });
     byId("backends").textContent = "training backends: " + reasons(s.backends) + ".";
 
+    const rollout = s.rollout;
+    byId("rollout-note").textContent = rollout === null ? "not configured (no release root of trust)"
+      : rollout.error ? "release metadata refused: " + rollout.error + " (nothing from it is shown)"
+        : rollout.timestamp_version === null ? "waiting for release metadata on the broker (none published yet)"
+        : "From the TUF metadata the root broker retains, verified (timestamp version "
+          + text(rollout.timestamp_version) + ")" + (rollout.releases.length ? "." : "; no release yet.");
+    fill("rollout", rollout === null || rollout.error ? [] : rollout.releases, (tr, r) => {
+      tr.dataset.release = String(r.release);
+      cell(tr, String(r.release), "release");
+      cell(tr, text(r.model, "?") + " v" + r.version, "bundle");
+      cell(tr, r.stage, "stage");
+      cell(tr, text(r.reason), "why");
+      cell(tr, r.decided_ms === null ? "\u2013" : new Date(r.decided_ms).toLocaleString(), "decided");
+      cell(tr, r.canary + (r.targeted === null ? "" : " of " + r.targeted)
+        + (r.canary_share === null ? "" : " (" + (100 * r.canary_share).toFixed(1) + "%)"), "canary");
+      cell(tr, text(r.targets), "targets");
+      cell(tr, new Date(r.expires_ms).toLocaleString() + (r.expired ? " (expired)" : ""), "expires");
+    });
+
     byId("devices-note").textContent = s.devices_left_out
       ? "Showing " + s.devices.length + " devices (offline and failing first); " + s.devices_left_out + " more not shown."
       : "";

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from device_agent.errors import RejectedUpdateError
+from device_agent.parameters import global_norm
 from device_agent.protocol.envelope import OpenedUpdate
 from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.validation import RejectReason, ReplayWindow, UpdateValidator
@@ -87,6 +89,34 @@ def test_validator_optional_checks_off_accept_anything_structurally_right(make_h
     lenient = UpdateValidator(params=SPEC)
     big = _tensors(w=np.full((2, 3), 1e6, np.float32))
     lenient.validate(_update(make_header, big, timestamp_ms=0, sample_count=10**9), current_round=5)
+
+
+def test_check_tensors_returns_the_global_norm_bit_for_bit() -> None:
+    rng = np.random.default_rng(7)
+    tensors = {"w": rng.normal(size=(2, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32)}
+    assert UpdateValidator(params=SPEC).check_tensors(tensors) == global_norm(tensors)
+    assert UpdateValidator(params=SPEC, max_norm=10.0).check_tensors(tensors) == global_norm(tensors)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_tensors_finds_a_non_finite_value_without_a_norm_bound(bad: float) -> None:
+    """Finiteness is read off the sum of squares: a NaN or Inf anywhere is still named, with or without ``max_norm``."""
+    b = np.array([0.0, 1.0, 2.0], np.float32)
+    b[1] = bad
+    with pytest.raises(RejectedUpdateError) as caught:
+        UpdateValidator(params=SPEC).check_tensors(_tensors(b=b))
+    assert caught.value.reason == RejectReason.NON_FINITE.value and "b" in caught.value.detail
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_check_tensors_a_huge_but_finite_float64_tensor_is_not_non_finite() -> None:
+    """float64 squares can overflow while every value is finite: that is a norm of inf, not ``non_finite``."""
+    spec = {"w": ((2,), "float64")}
+    huge = {"w": np.array([1e200, -1e200], np.float64)}
+    assert UpdateValidator(params=spec).check_tensors(huge) == math.inf
+    with pytest.raises(RejectedUpdateError) as caught:
+        UpdateValidator(params=spec, max_norm=1.0).check_tensors(huge)
+    assert caught.value.reason == RejectReason.NORM.value
 
 
 def test_validator_records_accepted_updates_in_the_replay_window(validator: UpdateValidator, make_header: Callable[..., UpdateHeader]) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device_agent.parameters import global_norm
-from sdk.aggregation.robust import clip_by_norm, coordinate_median, trim_count, trimmed_mean
+from sdk.aggregation.robust import clip_by_norm, coordinate_median, scale_delta, trim_count, trimmed_mean
 
 from .known_answers import assert_params_close, known_answers, params
 
@@ -134,3 +134,13 @@ def test_trimmed_mean_empty_returns_none() -> None:
 def test_trimmed_mean_rejects_non_finite_update() -> None:
     with pytest.raises(ValueError, match="NaN or infinite"):
         trimmed_mean(_column([1.0, math.inf, 3.0]), 0.2)
+
+
+def test_scale_delta_gives_clip_by_norm_values_bit_for_bit() -> None:
+    rng = np.random.default_rng(11)
+    delta = {"w": rng.normal(size=(5, 4)).astype(np.float32), "b": rng.normal(size=4).astype(np.float32)}
+    clipped = clip_by_norm(delta, 0.5)
+    assert clipped.clipped
+    scaled = scale_delta(delta, clipped.scale)
+    for name, value in clipped.delta.items():
+        assert scaled[name].dtype == np.float32 and np.array_equal(scaled[name], value)

@@ -214,3 +214,33 @@ def test_streaming_weighted_mean_empty_state_keeps_expected_shapes() -> None:
 def test_streaming_weighted_mean_from_state_rejects_inconsistent_state(state: WeightedMeanState) -> None:
     with pytest.raises(ValueError):
         StreamingWeightedMean.from_state(state)
+
+
+def test_checked_accumulate_gives_the_same_sums_bit_for_bit() -> None:
+    rng = np.random.default_rng(3)
+    shapes = {"w": (4, 3), "b": (3,)}
+    deltas = [{n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()} for _ in range(5)]
+    plain, checked = StreamingWeightedMean(expected_shapes=shapes), StreamingWeightedMean(expected_shapes=shapes)
+    for k, delta in enumerate(deltas):
+        plain.accumulate(delta, 1.0 + 7 * k)
+        checked.accumulate(delta, 1.0 + 7 * k, checked=True)
+    for name, value in plain.to_state().sums.items():
+        assert np.array_equal(checked.to_state().sums[name], value)
+    assert checked.count == plain.count and checked.total_weight == plain.total_weight
+
+
+@pytest.mark.parametrize("delta", [
+    {"w": np.zeros((4, 3), np.float32)},                                               # missing b
+    {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32), "x": np.zeros(1)},  # unexpected x
+    {"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)},                   # wrong shape
+])
+def test_checked_accumulate_still_compares_names_and_shapes(delta: dict[str, np.ndarray]) -> None:
+    acc = StreamingWeightedMean(expected_shapes={"w": (4, 3), "b": (3,)})
+    with pytest.raises(ValueError):
+        acc.accumulate(delta, 1.0, checked=True)
+    assert acc.count == 0
+
+
+def test_checked_accumulate_needs_a_fixed_layout() -> None:
+    with pytest.raises(ValueError, match="layout"):
+        StreamingWeightedMean().accumulate({"b": np.zeros(3, np.float32)}, 1.0, checked=True)

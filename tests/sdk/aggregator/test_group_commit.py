@@ -281,3 +281,20 @@ def test_group_commit_runs_numpy_blas_single_threaded_and_restores_it(
         assert blas_threads() == {2}
         assert all(h.accepted for h in region.handle_updates([IncomingUpdate(blob=b) for b in blobs[:2]]))
         assert seen == [{1}] and blas_threads() == {2}
+
+
+def test_the_blas_pools_are_inspected_again_after_an_import() -> None:
+    """A library imported after the intake's first batch may bring its own BLAS: the cached pool list is renewed
+    when the number of imported modules changes (a BLAS loaded later stayed multi-threaded before)."""
+    import sys
+    import types
+
+    from sdk.aggregator import intake
+
+    first = intake._blas_controller(len(sys.modules))
+    assert intake._blas_controller(len(sys.modules)) is first  # cached while nothing is imported
+    sys.modules["_fedge_test_fresh_module"] = types.ModuleType("_fedge_test_fresh_module")
+    try:
+        assert intake._blas_controller(len(sys.modules)) is not first
+    finally:
+        del sys.modules["_fedge_test_fresh_module"]

@@ -149,6 +149,9 @@ def test_store_transaction_waits_for_another_writer_then_gives_up_at_the_busy_ti
         holder.execute("ROLLBACK")
         holder.close()
 
+    quick_waits: list[float] = []
+    patient_waits: list[float] = []
+    quick.lock_wait_observer, patient.lock_wait_observer = quick_waits.append, patient_waits.append
     thread = threading.Thread(target=other_member)
     thread.start()
     try:
@@ -156,12 +159,14 @@ def test_store_transaction_waits_for_another_writer_then_gives_up_at_the_busy_ti
         with pytest.raises(sqlite3.OperationalError, match="locked"):
             with quick.transaction():
                 pass
+        assert quick_waits == []  # no lock, no wait reported
         assert quick.pragma("synchronous") == 2  # still FULL: only the lock wait was changed, and restored
         go.set()
         with patient.transaction():  # waits (polling) for the other member's lock, then writes
             began = time.monotonic()
             patient.add_counters({"waited": 1})
         assert released and began >= released[0] and patient.counters() == {"waited": 1}
+        assert len(patient_waits) == 1 and 0.0 <= patient_waits[0] < 30.0  # one report per transaction begun
     finally:
         go.set()
         thread.join(30)

@@ -13,6 +13,7 @@ from device_agent.protocol.headers import ModelHeader
 from device_agent.protocol.receipts import ReceiptStatus, open_receipt
 from sdk.aggregator import RegionalAggregator, RegionalConfig, RoundPolicy
 from sdk.aggregator.mqtt_service import RegionalService
+from sdk.aggregator.downlink import DownlinkSettings
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 from tests.mosquitto_broker import MosquittoFactory
 from tests.sdk.aggregator_service.conftest import Started
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.mosquitto
 
 
 def regional_thread(*, region: str, keys: TierKeys, root: TierKeys, devices: list[Device], store: Path, quorum: int,
-                    broker: BrokerSettings) -> ServiceThread:
-    """A RegionalService thread for ``region`` (regional_weight 0, deadline far away)."""
+                    broker: BrokerSettings, downlink: DownlinkSettings | None = None) -> ServiceThread:
+    """A RegionalService thread for ``region`` (regional_weight 0, deadline far away; ``downlink``: model deltas)."""
     config = RegionalConfig(
         fleet=FLEET, region=region, encryption_key=keys.encryption, signing_key=keys.signing, spec=SPEC,
         bundle_version=BUNDLE_VERSION, policy=RoundPolicy(quorum=quorum, deadline_s=60.0),
@@ -46,7 +47,8 @@ def regional_thread(*, region: str, keys: TierKeys, root: TierKeys, devices: lis
 
     def build() -> tuple[RegionalService, RegionalAggregator]:
         aggregator = RegionalAggregator.open(store, config)
-        service = RegionalService(aggregator, region=region, layout=LAYOUT, broker=broker, loop=LoopSettings(tick_s=0.05))
+        service = RegionalService(aggregator, region=region, layout=LAYOUT, broker=broker, loop=LoopSettings(tick_s=0.05),
+                                  downlink=downlink)
         return service, aggregator
 
     return ServiceThread(build)

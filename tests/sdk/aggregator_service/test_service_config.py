@@ -129,3 +129,44 @@ def test_cli_regional_runs_bounded_against_a_broker(bundle_factory, fleet_key: E
     assert result.exit_code == 0, result.output
     assert "stopped (time_limit) after 1 connection(s)" in result.output
     assert (tmp_path / "eu.sqlite").exists()
+
+
+def test_service_config_reads_the_downlink_table_and_names_bad_values(bundle_factory, fleet_key: Ed25519PrivateKey,
+                                                                       tmp_path: Path) -> None:
+    bundle = bundle_factory("fedavg")
+    path = write_regional(tmp_path, bundle, fleet_key)
+    assert not load_regional_service_config(path).downlink.active  # off unless asked for
+    text = path.read_text()
+    path.write_text(text + '[downlink]\ncompression = "q4"\nuplink = "0:q8,10:topk:0.3+q4"\n')
+    downlink = load_regional_service_config(path).downlink
+    assert downlink.compression.describe() == "q4" and downlink.uplink.describe() == "0:q8,10:topk:0.3+q4"
+    for bad, where in (('compression = "q5"', r"downlink\.compression"), ('uplink = "5:q8,1:q4"', r"downlink\.uplink"),
+                       ('delta = "q4"', r"downlink\.delta: unknown key")):
+        path.write_text(text + f"[downlink]\n{bad}\n")
+        with pytest.raises(ConfigError, match=where):
+            load_regional_service_config(path)
+
+
+def test_cli_regional_downlink_flags_refuse_bad_values_in_one_line(bundle_factory, fleet_key: Ed25519PrivateKey,
+                                                                   tmp_path: Path) -> None:
+    path = write_regional(tmp_path, bundle_factory("fedavg"), fleet_key)
+    for flag in ("--downlink-compression", "--uplink-compression"):
+        result = CliRunner().invoke(aggregator, ["regional", "--config", str(path), flag, "topk:2"])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert flag in result.output and "topk must be in (0, 1]" in result.output
+    from sdk.cli.aggregator_cmd import _with_downlink
+
+    loaded = load_regional_service_config(path)
+    assert _with_downlink(loaded, None, None) is loaded
+    both = _with_downlink(loaded, "q4", "0:q8,3:q4").downlink
+    assert (both.compression.describe(), both.uplink.describe()) == ("q4", "0:q8,3:q4")
+
+
+def test_service_config_refuses_model_deltas_with_fedfomo(bundle_factory, fleet_key: Ed25519PrivateKey, tmp_path: Path) -> None:
+    path = write_regional(tmp_path, bundle_factory("fedavg"), fleet_key)
+    text = path.read_text().replace('device_keys_dir = "devices"', 'device_keys_dir = "devices"\nfomo_candidates = 2')
+    path.write_text(text + '[downlink]\ncompression = "q4"\n')
+    with pytest.raises(ConfigError, match=r"aggregator\.fomo_candidates: FedFomo cannot be combined"):
+        load_regional_service_config(path)
+    path.write_text(text + '[downlink]\nuplink = "q4"\n')  # the round's uplink override alone is fine
+    assert load_regional_service_config(path).downlink.uplink.describe() == "0:q4"

@@ -4,7 +4,9 @@ RootService bootstraps G_0, the bridges carry it to both regions, each
 RegionalService serves it to its devices, devices (each on its own ACL-confined
 account) send sealed updates, the regions forward their aggregates over the
 bridges, and the root publishes G_1 = G_0 + the sample-weighted mean of every
-device's delta, which reaches the devices again as their region's round-1 model.
+device's delta, which reaches the devices again as their region's round-1 model. Region us sends its
+models down as q8 deltas as well: its devices (through the generated ACLs) apply the round-1 delta to
+their round-0 model and hold bit for bit the full model us publishes.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device_agent.compression import CompressionSpec
+from device_agent.compression.downlink import HeldModel, apply_model_delta
 from device_agent.protocol.envelope import open_model
+from device_agent.protocol.model_delta import open_model_delta
 from device_agent.protocol.receipts import ReceiptStatus, open_receipt
 from sdk.aggregator import RootAggregator, RootConfig, RoundPolicy
+from sdk.aggregator.downlink import DownlinkSettings
 from sdk.aggregator.mqtt_service import RootService
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 from tests.mosquitto_broker import MosquittoFactory
@@ -38,6 +44,7 @@ from tests.sdk.broker_config.test_broker_integration import Fleet, Probe, start_
 pytestmark = pytest.mark.mosquitto
 
 DEVICES = {"eu": ("eu-dev-0001", "eu-dev-0002"), "us": ("us-dev-0001", "us-dev-0002")}
+DELTAS = DownlinkSettings(compression=CompressionSpec.parse("q8"))
 
 
 def account(fleet: Fleet, username: str, *, share_group: str | None) -> BrokerSettings:
@@ -78,7 +85,8 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
         for name in DEVICES:
             thread = regional_thread(region=name, keys=region_keys[name], root=root_keys, devices=devices[name],
                                      store=tmp_path / f"{name}.sqlite", quorum=len(DEVICES[name]),
-                                     broker=account(fleet, f"{name}-agg", share_group=f"{name}-aggregators"))
+                                     broker=account(fleet, f"{name}-agg", share_group=f"{name}-aggregators"),
+                                     downlink=DELTAS if name == "us" else None)
             started.thread(thread)
         # A sniffer on every broker sees every message of the fleet (what a broker operator sees).
         sniffers = [fleet.client(user) for user in ("root-agg", "eu-agg", "us-agg")]
@@ -97,6 +105,7 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
         initial = random_params(rng)
         started.thread(root_thread(fleet, keys=root_keys, regions=region_keys, initial=initial, store=tmp_path / "root.sqlite"))
 
+        held = {}
         for name, ds in devices.items():
             verify = region_keys[name].signing.public_key()
             for device in ds:
@@ -105,10 +114,13 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
                 model = open_model(served, trusted_signers=verify)
                 assert (model.header.round, model.header.region) == (0, name)
                 np.testing.assert_array_equal(model.tensors["base.weight"], initial["base.weight"])
+                held[device.device_id] = HeldModel.of(0, model.tensors)
                 client.publish(LAYOUT.device_update(device.device_id), device.seal(device.header(0), region_keys[name].encryption))
                 _, blob, _ = client.receive()
                 receipt = open_receipt(blob, trusted_signers=verify)
                 assert (receipt.device, receipt.status) == (device.device_id, ReceiptStatus.ACCEPTED)
+                if name == "us":
+                    client.subscribe(LAYOUT.global_model_delta)  # round 0's was cleared: nothing retained yet
 
         models = {}
         while 1 not in models:
@@ -121,12 +133,28 @@ def test_one_round_through_root_and_two_bridged_regions(mosquitto: MosquittoFact
             expected = initial[name] + sum(d.samples * d.delta[name].astype(np.float64) for d in everyone) / total
             np.testing.assert_allclose(models[1][name], expected, atol=1e-6, rtol=0)
 
-        # Round 1 reaches the devices as their region's model (regional_weight 0: exactly G_1).
-        for name, ds in devices.items():
-            _, served, _ = clients[ds[0].device_id].receive()
-            model = open_model(served, trusted_signers=region_keys[name].signing.public_key())
+        # Round 1 reaches eu's devices as their region's model (regional_weight 0: exactly G_1), us's as a q8
+        # delta (the delta first) that makes, bit for bit, the full model us publishes: G_1 within q8's error.
+        for device in devices["eu"]:
+            _, served, _ = clients[device.device_id].receive()
+            model = open_model(served, trusted_signers=region_keys["eu"].signing.public_key())
             assert model.header.round == 1
             np.testing.assert_array_equal(model.tensors["base.bias"], models[1]["base.bias"])
+        us_key = region_keys["us"].signing.public_key()
+        for device in devices["us"]:
+            topic, blob, _ = clients[device.device_id].receive()
+            assert topic == LAYOUT.global_model_delta
+            delta = open_model_delta(blob, trusted_signers=us_key)
+            h = delta.header
+            applied = apply_model_delta(held[device.device_id], delta.tensors, round=h.round, base_round=h.base_round,
+                                        base_digest=h.base_digest, digest=h.digest)
+            assert applied.model is not None and applied.model.round == 1, applied.detail
+            topic, served, _ = clients[device.device_id].receive()
+            full = open_model(served, trusted_signers=us_key)
+            assert topic == LAYOUT.global_model and full.header.round == 1
+            for name, value in full.tensors.items():
+                np.testing.assert_array_equal(applied.model.tensors[name], value)
+                np.testing.assert_allclose(value, models[1][name], atol=float(np.max(np.abs(models[1][name] - initial[name]))) / 100)
 
         # No broker ever carried a device's delta in the clear: only ciphertext crossed them.
         seen: list[tuple[str, bytes]] = []

@@ -105,8 +105,8 @@ def test_parent_mistakes_are_named(changes: dict[str, str], message: str) -> Non
         parse_topology(_deep(**changes))
 
 
-def test_fleet_provisioning_refuses_a_tree_deeper_than_two_levels(topology: Topology) -> None:
+def test_fleet_provisioning_takes_a_tree_deeper_than_two_levels(topology: Topology) -> None:
     text = _deep(**{'devices = ["a-1", "a-2"]\n': "", 'aggregators = ["eu-a-x-agg"]\n':
                     'aggregators = ["eu-a-x-agg"]\ndevices = ["a-1", "a-2"]\n'})
-    with pytest.raises(TopologyError, match="fedge fleet provisions two levels only"):
-        parse_fleet_spec(text)
+    spec = parse_fleet_spec(text)  # fedge fleet init provisions any depth (tests/sdk/fleet/test_provision_deep.py)
+    assert spec.topology.region("eu-a-x").parent == "eu-a"

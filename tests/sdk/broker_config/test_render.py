@@ -48,7 +48,7 @@ def test_render_region_acl_confines_devices_with_patterns_and_nothing_for_anonym
     assert rules[first_user:] == ["user eu-agg", "topic readwrite fedge/f/#",
                                   "user fedge-monitor", "topic deny fedge/f/dev/fedge-monitor/#",
                                   "topic read fedge/f/dev/+/status", "topic read fedge/f/dev/+/presence",
-                                  "topic read fedge/f/model/#"]
+                                  "topic read fedge/f/model/#", "topic read fedge/f/release/metadata/#"]
     assert "eu-dev-0001" not in render_region_acl(topology, topology.region("eu"))  # devices need no user block
 
 
@@ -65,12 +65,12 @@ def test_render_root_acl_gives_each_bridge_only_its_region(topology: Topology) -
     ]
     assert rules[7] == "user bridge-us" and "topic write fedge/f/region/us/up/#" in rules
     assert "topic read fedge/f/region/us/down/#" in rules and "topic read fedge/f/region/eu/down/#" not in rules[7:]
-    assert rules[-9:] == ["user root-agg", "topic readwrite fedge/f/#",
+    assert rules[-10:] == ["user root-agg", "topic readwrite fedge/f/#",
                           "user fedge-release", "topic readwrite fedge/f/release/#",
                           "topic read fedge/f/region/+/dev/+/status",
                           "user fedge-monitor",
                           "topic read fedge/f/region/+/dev/+/status", "topic read fedge/f/root/model/#",
-                          "topic read fedge/f/region/+/bridge/state"]
+                          "topic read fedge/f/region/+/bridge/state", "topic read fedge/f/release/metadata/#"]
     assert not [line for line in rules if line.startswith("pattern")]
 
 

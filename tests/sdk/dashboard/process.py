@@ -1,4 +1,4 @@
-"""``fedge dashboard --config`` as a real process in tests: start it, learn its URL, stop it."""
+"""``fedge dashboard --config`` (or ``--fleet``) as a real process in tests: start it, learn its URL, stop it."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ _URL = re.compile(r"fedge dashboard of fleet \S+: (https?://\S+/)")
 class DashboardProcess:
     """The dashboard in a subprocess (its log in ``log``); ``url`` once it listens."""
 
-    def __init__(self, config: Path, log: Path, *extra: str, max_seconds: float = 240.0) -> None:
+    def __init__(self, config: Path, log: Path, *extra: str, max_seconds: float = 240.0, source: str = "--config") -> None:
         self.log = log
         self._out = log.open("wb")
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from sdk.cli.main import main; main()", "dashboard", "--config", str(config),
+            [sys.executable, "-c", "from sdk.cli.main import main; main()", "dashboard", source, str(config),
              "--max-seconds", str(max_seconds), *extra],
             stdin=subprocess.DEVNULL, stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         self.url = self._wait_url()

@@ -29,6 +29,7 @@ def test_config_from_a_fleet_directory(tmp_path: Path, fleet_key, bundle_factory
     assert set(config.registries) == {"eu", "us"}
     assert set(config.registries["eu"]) == {"eu-dev-0001", "eu-dev-0002"} and len(config.registries["us"]) == 2
     assert set(config.model_keys) == {"root"}
+    assert config.release_root == fleet.directory / "release" / "root.json"  # the rollout's stage is verified from it
     assert config.metrics == ("http://127.0.0.1:9100/metrics", "http://127.0.0.1:9102/metrics")
     assert config.server.bind == "127.0.0.1"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from device_agent.bundle.manifest import FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, ArtifactKind, BundleManifest, FileEntry
+from device_agent.bundle.manifest import FORMAT_VERSION, FORMAT_VERSION_WITHOUT_PORTABLE, MANIFEST_NAME, SIGNATURE_NAME, ArtifactKind, BundleManifest, FileEntry
 from device_agent.keys import key_id
 from sdk.artifacts import ALL_KINDS, GeneratedArtifacts, TrainingSpec, generate_training_artifacts
 from sdk.model_spec import ParameterSplit
@@ -39,7 +39,7 @@ def manifest_for(
     """The manifest describing ``generated`` (files hashed from disk); ``compression``: what devices send up (None: float32)."""
     files = {f: _file_entry(generated.directory / f) for f in generated.files}
     return BundleManifest(
-        format_version=FORMAT_VERSION,
+        format_version=FORMAT_VERSION if generated.portable is not None else FORMAT_VERSION_WITHOUT_PORTABLE,
         model_name=model_name,
         bundle_version=int(bundle_version),
         created_at=int(time.time()) if created_at is None else int(created_at),

@@ -16,10 +16,14 @@ from enum import Enum
 from typing import Any
 
 
-#: Written by this version. 2 adds the portable graphs (``portable``) and lets a bundle carry
-#: either artifact kind or both; 1 (ORT-training artifacts only) is still read.
-FORMAT_VERSION = 2
-SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#: Written by this version when a bundle carries portable graphs. 2 adds the portable graphs
+#: (``portable``) and lets a bundle carry either artifact kind or both; 3: the portable step graphs
+#: take their small parameters as one ``flat.param`` buffer (an agent that reads only 1-2 would stop at
+#: the first step, so it refuses the bundle by its version instead). A bundle of ORT-training artifacts
+#: only is still written as 2; 1 (ORT-training artifacts only) and 2 are still read.
+FORMAT_VERSION = 3
+FORMAT_VERSION_WITHOUT_PORTABLE = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 #: The newest ONNX opset a portable graph may use: what onnxruntime 1.19 (the oldest runtime fedge supports) runs.
 MAX_PORTABLE_OPSET = 18
 MANIFEST_NAME = "manifest.json"

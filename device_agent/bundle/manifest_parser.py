@@ -1,8 +1,9 @@
 """Turning signed manifest bytes into typed objects: the one place that parses a manifest.
 
 Every structural problem raises :class:`~device_agent.errors.BundleError`
-naming the field. Format 1 (ORT-training artifacts only) and format 2
-(``portable`` graphs, either kind or both) are read.
+naming the field. Format 1 (ORT-training artifacts only), format 2
+(``portable`` graphs, either kind or both) and format 3 (portable step graphs
+with one ``flat.param`` buffer) are read.
 """
 
 from __future__ import annotations

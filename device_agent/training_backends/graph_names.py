@@ -13,8 +13,20 @@ float32 vectors (``opt.m``, ``opt.v``: those parameters flattened and
 concatenated in manifest order), so their update is a dozen ops in all rather
 than per parameter. Which parameters have their own moments is read from the
 graph's inputs (graphs built before this split have only ``opt.m``/``opt.v``).
+The parameters that share the flat moments are also one flat input,
+``flat.param`` (same order), and the step writes them as one output,
+``new.flat.param``, not one ``new.param.*`` each: the device keeps them in one
+buffer and binds each of their ``param.*`` inputs to a view of it, so the
+update needs no concatenation or split. Graphs without ``flat.param`` (built
+before it) output every ``new.param.*``.
 The eval graph takes ``x``, ``y``, every ``param.*`` and ``anchor.*`` and
 returns ``loss`` and ``output`` (the model's logits).
+
+In place: a step graph reads each optimizer state input (``opt.*``) only in the
+computation of its own ``new.opt.*`` (the moment's decay, the step's increment),
+so the output may be written into the input's buffer; the builder keeps it so,
+and the device binds both to one buffer. Parameters are read by the backward
+pass too, which may run after their update: never in place.
 """
 
 from __future__ import annotations
@@ -32,6 +44,8 @@ OPT_V = "opt.v"
 #: Separator between a moment's name and the parameter it belongs to (``opt.m@w``).
 OWN = "@"
 NEW = "new."
+#: The parameters that share the flat AdamW moments, flattened and concatenated (a view of each is its param.* input).
+FLAT_PARAMS = "flat.param"
 
 
 def param(name: str) -> str:
@@ -65,3 +79,8 @@ def new(state_name: str) -> str:
 def updated(output_name: str) -> str | None:
     """The input an output updates (``new.param.w`` -> ``param.w``); None for ``loss`` and other outputs."""
     return output_name[len(NEW):] if output_name.startswith(NEW) else None
+
+
+def updated_in_place(state_name: str) -> bool:
+    """Whether a step graph's ``new.<state_name>`` may be written into the buffer ``state_name`` is read from (optimizer state)."""
+    return state_name == OPT_STEP or state_name in (OPT_M, OPT_V) or moment_owner(state_name) is not None

@@ -2,7 +2,8 @@
 
 Every graph is run once on onnxruntime right after export and compared with
 the same function run eagerly in PyTorch (batch 3, one step): a graph that
-does not reproduce PyTorch is refused at build time, never shipped.
+does not reproduce PyTorch is refused at build time, never shipped. A step
+graph must also allow its optimizer state to be updated in place (``in_place``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from device_agent.bundle.manifest import ArtifactSetName, LossKind, OptimizerKind, PortableArtifacts, PortableSet
 from sdk.portable_graph.export import OPSET, export_graph
+from sdk.portable_graph.in_place import check_in_place_updates
 from sdk.portable_graph.rewrite import for_training_graph
 from sdk.portable_graph.step import SEPARATE_UPDATE_MIN_SIZE, StepSpec, as_numpy, example_inputs, make_eval, make_step
 from sdk.portable_graph.support import UnsupportedModelError
@@ -92,8 +94,9 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
     for set_name, trainable in plan.sets:
         spec = spec_for(trainable, set_name)
         file = f"portable_{set_name.value}_step.onnx"
-        export_graph(make_step(traced, spec), example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True),
-                     input_names=spec.step_inputs(), output_names=spec.step_outputs(), path=out / file)
+        proto = export_graph(make_step(traced, spec), example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True),
+                             input_names=spec.step_inputs(), output_names=spec.step_outputs(), path=out / file)
+        check_in_place_updates(proto.graph)
         _check_against_eager(out / file, make_step(model, spec),
                              example_inputs(spec, params, x_check, y_check, lr=plan.learning_rate, step=True, warm=generator),
                              spec.step_inputs(), atol=max(_ATOL, _STEP_ATOL_PER_LR * plan.learning_rate))

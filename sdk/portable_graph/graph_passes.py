@@ -13,6 +13,13 @@
   the division moves above the Expand, and an Expand feeding an elementwise
   op whose other operand already has the expanded shape is dropped (ONNX
   broadcasting gives the same result without materialising the copy).
+- Three leftovers of the loss and its gradient that onnxruntime keeps as
+  kernels: a CastLike of a constant (becomes a Cast, which onnxruntime
+  folds), an Expand to a scalar's shape (a no-op), a mean over all axes
+  kept as 1-sized axes then squeezed (one ReduceMean with keepdims=0).
+- The exporter's provenance (every node's FX node, namespace and stack
+  trace as metadata) is dropped: nine tenths of a step graph's bytes, and
+  onnxruntime keeps it in memory (2 MB of a 2D-CNN session).
 """
 
 from __future__ import annotations
@@ -226,11 +233,14 @@ def _bypass(graph: onnx.GraphProto, node: onnx.NodeProto, source: str) -> None:
 
 
 def drop_identity_expands(graph: onnx.GraphProto) -> int:
-    """Remove Expands whose output has their input's shape (the exporter's broadcast of a scalar to a scalar)."""
+    """Remove Expands whose output has their input's shape (the exporter's broadcast of a scalar to a scalar).
+
+    An output of rank 0 needs no recorded input shape: Expand never lowers the rank, so the input is a scalar too.
+    """
     dropped = 0
     for node in [n for n in graph.node if n.op_type == "Expand"]:
         source, target = _dims(graph, node.input[0]), _dims(graph, node.output[0])
-        if source is not None and source == target:
+        if target == [] or (source is not None and source == target):
             _bypass(graph, node, node.input[0])
             dropped += 1
     return dropped
@@ -263,11 +273,71 @@ def squeeze_reductions(graph: onnx.GraphProto) -> int:
     return merged
 
 
+def _elem_type(graph: onnx.GraphProto, name: str) -> int | None:
+    for vi in (*graph.value_info, *graph.input, *graph.output):
+        if vi.name == name and vi.type.tensor_type.elem_type:
+            return int(vi.type.tensor_type.elem_type)
+    for init in graph.initializer:
+        if init.name == name:
+            return int(init.data_type)
+    return None
+
+
+def castlike_to_cast(graph: onnx.GraphProto) -> int:
+    """``CastLike(a, b)`` -> ``Cast(a, to=type of b)`` where b's type is recorded; onnxruntime folds a Cast of a constant."""
+    changed = 0
+    for node in [n for n in graph.node if n.op_type == "CastLike"]:
+        to = _elem_type(graph, node.input[1])
+        if to is None:
+            continue
+        cast = onnx.helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name, to=to)
+        node.CopyFrom(cast)
+        changed += 1
+    return changed
+
+
+def squeeze_full_reductions(graph: onnx.GraphProto) -> int:
+    """``Squeeze(ReduceMean/ReduceSum over every axis, keepdims=1)`` -> the reduction with keepdims=0 (a scalar)."""
+    producers = {out: node for node in graph.node for out in node.output}
+    outputs = {o.name for o in graph.output}
+    merged = 0
+    for squeeze in [n for n in graph.node if n.op_type == "Squeeze" and len(n.input) == 1]:
+        reduce = producers.get(squeeze.input[0])
+        if reduce is None or reduce.op_type not in ("ReduceMean", "ReduceSum") or {reduce.output[0], squeeze.output[0]} & outputs:
+            continue
+        if len(_consumers(graph, reduce.output[0])) != 1 or (len(reduce.input) > 1 and reduce.input[1]):
+            continue  # the reduction must be over every axis (no axes input)
+        attrs = {a.name: a.i for a in reduce.attribute}
+        if attrs.get("noop_with_empty_axes", 0) or attrs.get("keepdims", 1) == 0:
+            continue
+        del reduce.attribute[:]
+        reduce.attribute.append(onnx.helper.make_attribute("keepdims", 0))
+        for vi in [vi for vi in graph.value_info if vi.name == reduce.output[0]]:
+            graph.value_info.remove(vi)
+        _bypass(graph, squeeze, reduce.output[0])
+        merged += 1
+    return merged
+
+
+def strip_provenance(graph: onnx.GraphProto) -> int:
+    """Drop every node's metadata and doc string (what the exporter records about the traced code); return how many nodes had some."""
+    stripped = 0
+    for node in graph.node:
+        if len(node.metadata_props) or node.doc_string:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            stripped += 1
+    return stripped
+
+
 def clean_up(proto: onnx.ModelProto) -> None:
     """Apply every pass above to ``proto`` in place."""
+    strip_provenance(proto.graph)
     dedupe_initializers(proto.graph)
     fold_matmul_expands(proto.graph)
     hoist_scalar_ops_above_expands(proto.graph)
     fold_broadcast_expands(proto.graph)
     drop_identity_expands(proto.graph)
     squeeze_reductions(proto.graph)
+    squeeze_full_reductions(proto.graph)
+    castlike_to_cast(proto.graph)

@@ -75,16 +75,26 @@ class StepSpec:
         """Eval graph inputs: x, y, every parameter, the anchors."""
         return [g.X, g.Y, *map(g.param, self.parameters), *map(g.anchor, self.anchored)]
 
+    @property
+    def flat_params(self) -> bool:
+        """Whether the step reads the flat parameters as one more input and writes them as one output (AdamW only)."""
+        return self.adam and bool(self.flat)
+
     def step_inputs(self) -> list[str]:
-        """Step graph inputs: x, y, lr, every parameter, the anchors, the optimizer state."""
+        """Step graph inputs: x, y, lr, every parameter, the anchors, the flat parameters, the optimizer state."""
         names = [g.X, g.Y, g.LR, *map(g.param, self.parameters), *map(g.anchor, self.anchored)]
+        if self.flat_params:
+            names.append(g.FLAT_PARAMS)
         if self.adam:
             names += [g.OPT_STEP, *self.moments()]
         return names
 
     def step_outputs(self) -> list[str]:
         """Step graph outputs: the loss, then ``new.X`` for every state value X the step updates."""
-        updated = [g.param(n) for n in self.trainable]
+        if self.flat_params:
+            updated = [*map(g.param, self.separate), g.FLAT_PARAMS]
+        else:
+            updated = [g.param(n) for n in self.trainable]
         if self.adam:
             updated += [g.OPT_STEP, *self.moments()]
         return [g.LOSS, *map(g.new, updated)]
@@ -178,28 +188,29 @@ def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[tor
         grads, loss = grad(loss_of, has_aux=True)({n: params[n] for n in spec.trainable})
         if not spec.adam:
             return (loss, *(params[n] - lr * grads[n] for n in spec.trainable))
-        step_count, *moments = state[n_params + n_anchors:]
+        rest = state[n_params + n_anchors:]
+        flat_params = rest[0] if spec.flat else None
+        step_count, *moments = rest[1:] if spec.flat else rest
         t = step_count + 1
         step_size = _hf_step_size(t, lr)
-        new = {n: params[n] for n in spec.trainable}
+        new = []
         new_moments = []
         if spec.flat:
-            # One flat update for the small parameters: ~12 graph nodes instead of ~12 per parameter.
+            # One flat update for the small parameters: ~12 graph nodes instead of ~12 per parameter. The device
+            # keeps them in one buffer too (each of their param.* inputs a view of flat.param), so the update
+            # reads and writes that buffer whole: no concatenation of the parameters, no split of the result.
             m, v = moments[:2]
             moments = moments[2:]
-            trainable = [params[n] for n in spec.flat]
-            flat, m, v = _hf_adamw(_flat(trainable), _flat([grads[n] for n in spec.flat]), m, v, step_size)
-            offset = 0
-            for n, p in zip(spec.flat, trainable):  # Slice, not split: torch.onnx turns split into slower sequence ops
-                piece = flat[offset:offset + p.numel()]
-                new[n] = piece if p.dim() == 1 else piece.reshape(p.shape)
-                offset += p.numel()
+            flat, m, v = _hf_adamw(flat_params, _flat([grads[n] for n in spec.flat]), m, v, step_size)
             new_moments += [m, v]
         for i, n in enumerate(spec.separate):
             # A large parameter on its own: no concatenation, no slicing, the update writes new.param directly.
-            new[n], m, v = _hf_adamw(params[n], grads[n], moments[2 * i], moments[2 * i + 1], step_size)
+            p, m, v = _hf_adamw(params[n], grads[n], moments[2 * i], moments[2 * i + 1], step_size)
+            new.append(p)
             new_moments += [m, v]
-        return (loss, *(new[n] for n in spec.trainable), t, *new_moments)
+        if spec.flat:
+            new.append(flat)
+        return (loss, *new, t, *new_moments)
 
     return step
 
@@ -228,6 +239,8 @@ def example_inputs(spec: StepSpec, params: dict[str, torch.Tensor], x: torch.Ten
     state: list[torch.Tensor] = [params[n].clone() for n in spec.parameters] + [params[n].clone() for n in spec.anchored]
     if not step:
         return [x, y, *state]
+    if spec.flat_params:
+        state.append(_flat([params[n] for n in spec.flat]).clone())
     if spec.adam:
         state += [torch.tensor(0 if warm is None else 10, dtype=torch.int64)]
         shapes = ([torch.Size([sum(params[n].numel() for n in spec.flat)])] if spec.flat else []) + \

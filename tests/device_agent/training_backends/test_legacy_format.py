@@ -33,6 +33,22 @@ def test_format1_bundle_verifies_and_trains_on_ort_training(model_bundle, instal
         DeviceTrainer(install(old), backend="portable")
 
 
+def test_portable_bundles_are_format3_and_an_agent_reading_1_2_refuses_them_by_version(model_bundle, fleet_key, monkeypatch):
+    """Portable step graphs take ``flat.param`` since format 3: an agent that reads formats 1-2 only must refuse
+    such a bundle at verification (one line naming the version), not stop at its first training step."""
+    from device_agent.bundle import manifest_parser
+    from device_agent.errors import BundleError
+
+    both, _ = model_bundle("mlp", "fedavg")
+    ort_only, _ = model_bundle("mlp", "fedalt", mu=0.1, kinds=("ort-training",))
+    assert verify_bundle(both, fleet_key.public_key()).format_version == 3
+    assert verify_bundle(ort_only, fleet_key.public_key()).format_version == 2
+    monkeypatch.setattr(manifest_parser, "SUPPORTED_FORMAT_VERSIONS", (1, 2))  # the constant of the agents before format 3
+    with pytest.raises(BundleError, match=r"format version 3 is not supported \(this agent reads \[1, 2\]\)"):
+        verify_bundle(both, fleet_key.public_key())
+    assert verify_bundle(ort_only, fleet_key.public_key()).format_version == 2
+
+
 @pytest.mark.parametrize("backend", ["ort-training", "portable"])
 def test_format1_state_generation_resumes_with_moments(backend, model_bundle, install, tmp_path):
     """A device saved by the previous release (ORT checkpoints) resumes on either backend, moments and all."""

@@ -8,13 +8,16 @@ import onnxruntime
 from onnx import TensorProto, helper, numpy_helper
 
 from sdk.portable_graph.graph_passes import (
+    castlike_to_cast,
     clean_up,
     dedupe_initializers,
     drop_identity_expands,
     fold_broadcast_expands,
     fold_matmul_expands,
     hoist_scalar_ops_above_expands,
+    squeeze_full_reductions,
     squeeze_reductions,
+    strip_provenance,
 )
 
 F = TensorProto.FLOAT
@@ -116,6 +119,44 @@ def test_reduce_whose_reshape_does_more_than_drop_axes_is_kept():
     model = _model([helper.make_node("ReduceSum", ["x", "axes"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["out"])],
                    [("x", [6, 4])], [("out", [2, 2])], [_i64("axes", [0]), _i64("shape", [2, 2])], value_info=[("r", [1, 4])])
     assert squeeze_reductions(model.graph) == 0
+
+
+def test_expand_to_a_scalar_shape_is_dropped_without_a_recorded_input_shape():
+    model = _model([helper.make_node("Div", ["one", "n"], ["inv"]), helper.make_node("Expand", ["inv", "shape"], ["ge"]),
+                    helper.make_node("Mul", ["ge", "x"], ["out"])],
+                   [("n", []), ("x", [3])], [("out", [3])], [_i64("shape", []), numpy_helper.from_array(np.array(1, np.float32), "one")],
+                   value_info=[("ge", [])])
+    changed = _check_unchanged(model, drop_identity_expands, {"n": np.array(4, np.float32), "x": np.ones(3, np.float32)})
+    assert _ops(changed) == ["Div", "Mul"]
+
+
+def test_a_full_mean_then_squeeze_becomes_one_mean_without_kept_axes():
+    model = _model([helper.make_node("ReduceMean", ["x"], ["r"], keepdims=1), helper.make_node("Squeeze", ["r"], ["s"]),
+                    helper.make_node("Neg", ["s"], ["out"])], [("x", [6, 1])], [("out", [])], value_info=[("r", [1, 1])])
+    changed = _check_unchanged(model, squeeze_full_reductions, {"x": np.arange(6, dtype=np.float32).reshape(6, 1)})
+    assert _ops(changed) == ["ReduceMean", "Neg"]
+
+
+def test_a_mean_over_some_axes_keeps_its_squeeze():
+    model = _model([helper.make_node("ReduceMean", ["x", "axes"], ["r"], keepdims=1), helper.make_node("Squeeze", ["r"], ["out"])],
+                   [("x", [6, 1])], [("out", [1])], [_i64("axes", [0])])
+    assert squeeze_full_reductions(model.graph) == 0
+
+
+def test_castlike_of_a_known_type_becomes_a_cast():
+    model = _model([helper.make_node("CastLike", ["k", "x"], ["c"]), helper.make_node("Mul", ["c", "x"], ["out"])],
+                   [("x", [3])], [("out", [3])], [_i64("k", [2])])
+    changed = _check_unchanged(model, castlike_to_cast, {"x": np.arange(3, dtype=np.float32)})
+    assert _ops(changed) == ["Cast", "Mul"]
+
+
+def test_the_exporters_provenance_is_dropped_and_the_graph_still_computes_the_same():
+    neg = helper.make_node("Neg", ["x"], ["out"], doc_string="traced from model.py:12")
+    onnx.helper.set_metadata_props(neg, {"pkg.torch.onnx.fx_node": "%neg : call_function[target=aten.neg]"})
+    model = _model([neg], [("x", [3])], [("out", [3])])
+    changed = _check_unchanged(model, strip_provenance, {"x": np.arange(3, dtype=np.float32)})
+    assert not changed.graph.node[0].metadata_props and not changed.graph.node[0].doc_string
+    assert strip_provenance(changed.graph) == 0
 
 
 def test_clean_up_keeps_a_graph_valid_and_topologically_sorted():

@@ -93,9 +93,9 @@ def test_cli_artifacts_option_builds_one_kind(tmp_path: Path):
     runner.invoke(cli, ["keys", "generate", "--out", str(tmp_path / "k")])
     common = ["bundle", "build", "--model", "sdk.models:PersonalizedMLP", "--model-arg", "in_features=6", "--input-shape", "6",
               "--shared", "*", "--mode", "fedavg", "--key", str(tmp_path / "k"), "--name", "m"]
-    for kind in ("portable", "ort-training"):
+    for kind, fmt in (("portable", 3), ("ort-training", 2)):
         res = runner.invoke(cli, [*common, "--artifacts", kind, "-o", str(tmp_path / f"{kind}.fedge")])
         assert res.exit_code == 0, res.output
         assert f"artifacts {kind}" in res.output
         res = runner.invoke(cli, ["bundle", "verify", str(tmp_path / f"{kind}.fedge"), "--pub", str(tmp_path / "k.pub")])
-        assert res.exit_code == 0 and f"format 2, artifacts {kind}" in res.output, res.output
+        assert res.exit_code == 0 and f"format {fmt}, artifacts {kind}" in res.output, res.output

@@ -3,7 +3,7 @@
 A flat float vector is cut into blocks of ``block`` values; each block gets
 one scale ``2**e`` (``e`` an int8, the smallest with ``max|x| <= qmax * 2**e``)
 and each value the integer code ``q = round(x / 2**e)`` in ``-qmax..qmax``
-(``qmax`` = 127 for 8 bits, 7 for 4 bits). Decoded value: ``q * 2**e``.
+(``qmax`` = 127 for 8 bits, 31 for 6, 7 for 4). Decoded value: ``q * 2**e``.
 
 Why powers of two: ``x / 2**e`` and ``q * 2**e`` are exact in binary floating
 point, so the rounding decision is exact and the decoded value is exactly
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 6: 31, 4: 7}
+"""Largest code per bit width. 6-bit codes travel one per byte, so only deflated (the spec requires it)."""
 MIN_EXPONENT = -128
 MAX_EXPONENT = 127
 
@@ -88,8 +89,8 @@ def dequantise(blocks: QuantisedBlocks) -> np.ndarray:
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
-    """Codes as bytes: int8 as is for 8 bits; two's-complement nibbles, low nibble first, for 4 bits."""
-    if bits == 8:
+    """Codes as bytes: int8 as is for 8 and 6 bits; two's-complement nibbles, low nibble first, for 4 bits."""
+    if bits != 4:
         return np.ascontiguousarray(codes, dtype=np.int8).tobytes()
     nibbles = (codes.astype(np.int16) & 0x0F).astype(np.uint8)
     if nibbles.size % 2:
@@ -99,13 +100,13 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
 
 def packed_size(count: int, bits: int) -> int:
     """Bytes :func:`pack_codes` makes from ``count`` codes."""
-    return count if bits == 8 else (count + 1) // 2
+    return count if bits != 4 else (count + 1) // 2
 
 
 def unpack_codes(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`; ValueError when a padding nibble is not zero."""
     raw = np.frombuffer(data, dtype=np.uint8)
-    if bits == 8:
+    if bits != 4:
         return raw.view(np.int8)[:count].copy()
     out = np.empty(raw.size * 2, dtype=np.uint8)
     out[0::2] = raw & 0x0F

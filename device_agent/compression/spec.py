@@ -5,7 +5,10 @@ Text form, one token or two joined by ``+`` (the bundle manifest's
 ``none`` (full float32), ``q8`` / ``q4`` (every value, 8 or 4 bits),
 ``topk:F`` (the fraction F of entries with the largest magnitude, float32
 values), ``topk:F+q8`` / ``topk:F+q4`` (both), and ``/B`` after ``q8``/``q4``
-for the quantisation block size (default 256), e.g. ``topk:0.05+q8/128``.
+for the quantisation block size (default 256), e.g. ``topk:0.05+q8/128``;
+a last ``+deflate`` sends the compressed tensors through zlib (lossless,
+payload version 3), e.g. ``q4+deflate``; ``q6`` (codes in -31..31, one per
+byte before deflate) only with it, e.g. ``q6+deflate``.
 """
 
 from __future__ import annotations
@@ -20,17 +23,19 @@ from device_agent.compression.quantise import QMAX, QuantisedBlocks, dequantise
 
 DEFAULT_BLOCK = 256
 MAX_BLOCK = 1 << 16
-_TOKEN = re.compile(r"^(?:topk:(?P<frac>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)|q(?P<bits>[48])(?:/(?P<block>[0-9]{1,6}))?)$")
+_TOKEN = re.compile(r"^(?:topk:(?P<frac>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)|q(?P<bits>[468])(?:/(?P<block>[0-9]{1,6}))?)$")
 
 
 @dataclass(frozen=True, kw_only=True)
 class CompressionSpec:
     """``topk`` None: dense; else the fraction of entries kept per tensor, in (0, 1].
-    ``bits`` None: float32 values; else 8 or 4 with one power-of-two scale per ``block`` values."""
+    ``bits`` None: float32 values; else 8, 6 or 4 with one power-of-two scale per ``block`` values.
+    ``deflate``: the encoded tensors go through zlib (lossless; needs ``topk`` or ``bits``)."""
 
     topk: float | None = None
     bits: int | None = None
     block: int = DEFAULT_BLOCK
+    deflate: bool = False
 
     def __post_init__(self) -> None:
         if self.topk is not None and not (math.isfinite(self.topk) and 0.0 < self.topk <= 1.0):
@@ -39,6 +44,10 @@ class CompressionSpec:
             raise ValueError(f"bits must be one of {sorted(QMAX)}, got {self.bits}")
         if not 1 <= self.block <= MAX_BLOCK:
             raise ValueError(f"block must be in 1..{MAX_BLOCK}, got {self.block}")
+        if self.bits == 6 and not self.deflate:
+            raise ValueError("q6 codes travel one per byte: give +deflate with them")
+        if self.deflate and not self.enabled:
+            raise ValueError("deflate applies to compressed tensors: give topk, q8 or q4 with it")
 
     @property
     def enabled(self) -> bool:
@@ -47,16 +56,16 @@ class CompressionSpec:
 
     @property
     def encoding(self) -> str:
-        """The tensor-codec encoding name this spec's tensors travel in (``raw``, ``q8``, ``topk_q4``...)."""
+        """The tensor-codec encoding name this spec's tensors travel in (``raw``, ``q8``, ``topk_q4``, ``q4_deflate``...)."""
         parts = (["topk"] if self.topk is not None else []) + ([f"q{self.bits}"] if self.bits is not None else [])
-        return "_".join(parts) or "raw"
+        return "_".join(parts + (["deflate"] if self.deflate else [])) or "raw"
 
     def describe(self) -> str:
         """The text form (round-trips through :meth:`parse`)."""
         parts = [f"topk:{self.topk:g}"] if self.topk is not None else []
         if self.bits is not None:
             parts.append(f"q{self.bits}" + (f"/{self.block}" if self.block != DEFAULT_BLOCK else ""))
-        return "+".join(parts) or "none"
+        return "+".join(parts + (["deflate"] if self.deflate else [])) or "none"
 
     @classmethod
     def parse(cls, text: str) -> CompressionSpec:
@@ -66,10 +75,17 @@ class CompressionSpec:
         if text.strip() in ("", "none"):
             return NO_COMPRESSION
         topk, bits, block = None, None, DEFAULT_BLOCK
-        for token in text.strip().split("+"):
-            m = _TOKEN.match(token.strip())
+        tokens = [token.strip() for token in text.strip().split("+")]
+        deflate = tokens[-1] == "deflate"
+        if deflate:
+            tokens.pop()
+            if not tokens:
+                raise ValueError(f"compression {text!r}: deflate needs topk:F, q8 or q4 before it")
+        for token in tokens:
+            m = _TOKEN.match(token)
             if m is None:
-                raise ValueError(f"compression {text!r}: {token!r} is not topk:F, q8, q4, q8/B or q4/B")
+                raise ValueError(f"compression {text!r}: {token!r} is not topk:F, q8, q6, q4 or qN/B"
+                                 " (deflate comes last)")
             if m.group("frac") is not None:
                 if topk is not None:
                     raise ValueError(f"compression {text!r}: topk given twice")
@@ -79,7 +95,7 @@ class CompressionSpec:
                     raise ValueError(f"compression {text!r}: quantisation given twice")
                 bits = int(m.group("bits"))
                 block = int(m.group("block")) if m.group("block") else DEFAULT_BLOCK
-        return cls(topk=topk, bits=bits, block=block)
+        return cls(topk=topk, bits=bits, block=block, deflate=deflate)
 
 
 NO_COMPRESSION = CompressionSpec()

@@ -3,10 +3,12 @@
 Layout (all integers little-endian)::
 
     magic     4 bytes  b"FDGT"
-    version   u8       1 for raw/fp16/int8, 2 for the compressed encodings
-    encoding  u8       0 = raw, 1 = fp16, 2 = int8, 3 = q8, 4 = q4, 5 = topk, 6 = topk_q8, 7 = topk_q4
+    version   u8       1 for raw/fp16/int8, 2 for the compressed encodings, 3 for the deflated ones
+    encoding  u8       0 = raw, 1 = fp16, 2 = int8, 3 = q8, 4 = q4, 5 = topk, 6 = topk_q8, 7 = topk_q4,
+                       8..12 = q8_deflate, q4_deflate, topk_deflate, topk_q8_deflate, topk_q4_deflate,
+                       13 = q6_deflate, 14 = topk_q6_deflate
     count     u32      number of tensors
-    then per tensor, in ascending order of name (UTF-8 byte order):
+    then per tensor (version 3: all of it as one zlib stream), in ascending order of name (UTF-8 byte order):
       name_len  u16, name (UTF-8, non-empty)
       storage   u8     storage code (table below)
       rank      u8
@@ -29,11 +31,18 @@ to 8 or 4 bits), 132 (top-k sparse, float32 values) and 133 (top-k sparse,
 block-quantised values), laid out in :mod:`._compressed_codec`. They are
 encoded from :class:`~device_agent.compression.CompressedTensor` values and
 decode to dense float32, so validation and aggregation see plain arrays.
+
+Version 3 is version 2 with the per-tensor records after ``count`` deflated
+(one zlib stream, RFC 1950): lossless, so what a tensor decodes to is the
+same; block-quantised codes of real deltas take about half their packed size
+(docs/protocol.md). Inflating is bounded by the limits, so a small stream
+cannot expand past what a version-2 payload could declare.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -56,6 +65,8 @@ from device_agent.protocol._reader import ByteReader, pack_f64, pack_u8, pack_u1
 MAGIC = b"FDGT"
 VERSION = 1
 COMPRESSED_VERSION = 2
+DEFLATED_VERSION = 3
+DEFLATE_LEVEL = 6
 
 _RAW_CODES: dict[int, np.dtype] = {
     1: np.dtype("<f4"),
@@ -84,21 +95,33 @@ class Encoding(str, Enum):
     TOPK = "topk"
     TOPK_Q8 = "topk_q8"
     TOPK_Q4 = "topk_q4"
+    Q8_DEFLATE = "q8_deflate"
+    Q4_DEFLATE = "q4_deflate"
+    TOPK_DEFLATE = "topk_deflate"
+    TOPK_Q8_DEFLATE = "topk_q8_deflate"
+    TOPK_Q4_DEFLATE = "topk_q4_deflate"
+    Q6_DEFLATE = "q6_deflate"
+    TOPK_Q6_DEFLATE = "topk_q6_deflate"
 
 
 _ENCODING_CODES = {enc: code for code, enc in enumerate(Encoding)}
 _ENCODING_OF_CODE = {code: enc for enc, code in _ENCODING_CODES.items()}
 _LOSSY_CODE = {Encoding.FP16: _F32_AS_F16, Encoding.INT8: _F32_AS_INT8}
-#: version-2 encodings: (storage code, bits) they carry float32 tensors in.
+#: version-2 and -3 encodings: (storage code, bits) they carry float32 tensors in.
 _COMPRESSED = {
     Encoding.Q8: (DENSE_QUANTISED, 8), Encoding.Q4: (DENSE_QUANTISED, 4), Encoding.TOPK: (SPARSE_F32, None),
     Encoding.TOPK_Q8: (SPARSE_QUANTISED, 8), Encoding.TOPK_Q4: (SPARSE_QUANTISED, 4),
+    Encoding.Q6_DEFLATE: (DENSE_QUANTISED, 6), Encoding.TOPK_Q6_DEFLATE: (SPARSE_QUANTISED, 6),
 }
+#: version-3 encodings: their per-tensor records are one zlib stream (q6 has no version-2 form).
+_DEFLATED = frozenset(enc for enc in Encoding if enc.value.endswith("_deflate"))
+_COMPRESSED.update({Encoding(f"{enc.value}_deflate"): kind for enc, kind in list(_COMPRESSED.items()) if enc not in _DEFLATED})
 
 
 def payload_version(encoding: Encoding | str) -> int:
-    """The payload version an encoding is written in (1 for raw/fp16/int8, 2 for the compressed ones)."""
-    return COMPRESSED_VERSION if Encoding(encoding) in _COMPRESSED else VERSION
+    """The payload version an encoding is written in (1 raw/fp16/int8, 2 compressed, 3 compressed and deflated)."""
+    enc = Encoding(encoding)
+    return DEFLATED_VERSION if enc in _DEFLATED else COMPRESSED_VERSION if enc in _COMPRESSED else VERSION
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,10 +161,11 @@ def encode_tensors(tensors: Mapping[str, np.ndarray | CompressedTensor], *, enco
     array, or a compressed tensor of another kind, is a ValueError.
     """
     enc = Encoding(encoding)
-    parts = [MAGIC, pack_u8(payload_version(enc)), pack_u8(_ENCODING_CODES[enc]), pack_u32(len(tensors))]
-    for name in sorted(tensors):
-        parts.extend(_encode_one(name, tensors[name], enc))
-    return b"".join(parts)
+    head = [MAGIC, pack_u8(payload_version(enc)), pack_u8(_ENCODING_CODES[enc]), pack_u32(len(tensors))]
+    records = [part for name in sorted(tensors) for part in _encode_one(name, tensors[name], enc)]
+    if enc in _DEFLATED:
+        return b"".join(head) + zlib.compress(b"".join(records), DEFLATE_LEVEL)
+    return b"".join(head + records)
 
 
 def _encode_one(name: str, tensor: np.ndarray | CompressedTensor, enc: Encoding) -> list[bytes]:
@@ -218,7 +242,7 @@ def decode_tensors(
         raise MalformedMessageError(f"tensor payload: {len(blob)} bytes exceeds the limit of {limits.max_encoded_bytes}")
     reader = ByteReader(blob, what="tensor payload")
     reader.expect(MAGIC, "magic")
-    if (version := reader.u8("version")) not in (VERSION, COMPRESSED_VERSION):
+    if (version := reader.u8("version")) not in (VERSION, COMPRESSED_VERSION, DEFLATED_VERSION):
         raise MalformedMessageError(f"tensor payload: unsupported version {version}")
     enc = _ENCODING_OF_CODE.get(reader.u8("encoding"))
     if enc is None:
@@ -230,6 +254,8 @@ def decode_tensors(
     count = reader.u32("count")
     if count > limits.max_tensors:
         raise MalformedMessageError(f"tensor payload: {count} tensors exceeds the limit of {limits.max_tensors}")
+    if enc in _DEFLATED:
+        reader = ByteReader(_inflate(reader.take(reader.remaining, "records"), limits.max_encoded_bytes), what="tensor payload")
     out: dict[str, np.ndarray] = {}
     budget = limits.max_total_bytes
     previous = b""
@@ -243,6 +269,22 @@ def decode_tensors(
         out[name] = array
     reader.finish()
     return out
+
+
+def _inflate(stream: memoryview, limit: int) -> bytes:
+    """The records a version-3 payload deflated; refuses more than ``limit`` bytes, a cut stream and trailing bytes."""
+    inflater = zlib.decompressobj()
+    try:
+        records = inflater.decompress(stream, limit + 1)
+    except zlib.error as exc:
+        raise MalformedMessageError(f"tensor payload: deflated records are corrupt ({exc})") from exc
+    if len(records) > limit or inflater.unconsumed_tail:
+        raise MalformedMessageError(f"tensor payload: deflated records inflate past the limit of {limit} bytes")
+    if not inflater.eof:
+        raise MalformedMessageError("tensor payload: deflated records are truncated")
+    if inflater.unused_data:
+        raise MalformedMessageError(f"tensor payload: {len(inflater.unused_data)} trailing bytes after the deflated records")
+    return records
 
 
 def _decode_one(

@@ -74,8 +74,9 @@ def bundle() -> None:
               help="Artifact kinds to include: portable graphs (any onnxruntime >= 1.19, aarch64, armhf), "
                    "ORT-training artifacts (onnxruntime-training, x86_64), or both.")
 @click.option("--compression", default="none", show_default=True, callback=lambda ctx, param, value: _compression(value),
-              help="What devices send up: none (float32), q8, q4, topk:F, topk:F+q8, topk:F+q4 (error feedback;"
-                   " docs/protocol.md 'Compressed updates'), e.g. topk:0.3+q4.")
+              help="What devices send up: none (float32), q8, q4, topk:F, topk:F+q8, topk:F+q4, each optionally"
+                   " +deflate (lossless zlib; q6 only with it) (error feedback; docs/protocol.md 'Compressed updates'),"
+                   " e.g. q4+deflate.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .fedge file.")
 def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared: str, personal: str, mode: str, mu: float,
           loss: str, optimizer: str, lr: float, key_path: Path, model_name: str, bundle_version: int, seed: int, artifacts: str,

@@ -180,7 +180,8 @@ def _compressed_seeds(tensors: dict[str, np.ndarray]) -> list[bytes]:
 
     wide = {**tensors, "v": np.linspace(-1, 1, 300, dtype=np.float32)}
     out = []
-    for text in ("q8", "q4/4", "topk:0.5", "topk:0.02", "topk:0.5+q8/2", "topk:0.02+q4"):
+    for text in ("q8", "q4/4", "topk:0.5", "topk:0.02", "topk:0.5+q8/2", "topk:0.02+q4", "q4+deflate",
+                 "topk:0.5+q8/2+deflate"):
         spec = CompressionSpec.parse(text)
         out.append(encode_tensors(compress_delta(wide, None, spec).tensors, encoding=spec.encoding))
     return out

@@ -19,7 +19,7 @@ def _apply(held, step):
                              base_round=step.base.round, base_digest=step.base.digest, digest=step.result.digest)
 
 
-@pytest.mark.parametrize("text", ["q8", "q4", "topk:0.2+q4", "topk:0.5"])
+@pytest.mark.parametrize("text", ["q8", "q4", "topk:0.2+q4", "topk:0.5", "q4+deflate", "q6+deflate"])
 def test_devices_that_apply_every_delta_hold_the_publishers_model_bit_for_bit(text):
     rng = np.random.default_rng(0)
     target = _model(rng)

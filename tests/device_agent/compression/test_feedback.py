@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from device_agent.compression import CompressionSpec, compress_delta, decoded_values, dequantise, quantise, top_k_indices
 from device_agent.compression.quantise import pack_codes, unpack_codes
 
-SPECS = ["q8", "q4", "q4/3", "topk:0.1", "topk:0.5+q8/4", "topk:0.05+q4", "topk:1+q8"]
+SPECS = ["q8", "q4", "q4/3", "topk:0.1", "topk:0.5+q8/4", "topk:0.05+q4", "topk:1+q8", "q6/8+deflate"]
 
 
 @st.composite
@@ -86,11 +86,11 @@ def test_feedback_leaves_non_float32_tensors_alone() -> None:
     assert "n" not in out.residual
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 6, 4])
 def test_quantise_error_is_within_half_a_step_and_codes_within_range(bits: int) -> None:
     x = np.random.default_rng(3).normal(size=1000) * 0.01
     q = quantise(x, bits=bits, block=64)
-    qmax = {8: 127, 4: 7}[bits]
+    qmax = {8: 127, 6: 31, 4: 7}[bits]
     assert np.abs(q.codes).max() <= qmax
     step = np.repeat(np.exp2(q.exponents.astype(float)), 64)[:1000]
     assert np.all(np.abs(dequantise(q) - x) <= step / 2 + 1e-12)
@@ -125,12 +125,15 @@ def test_top_k_picks_the_largest_magnitudes_lowest_index_first_on_ties() -> None
     assert top_k_indices(np.zeros(3), 0).tolist() == []
 
 
-@pytest.mark.parametrize("text", ["none", "q8", "q4/16", "topk:0.05", "topk:0.01+q8", "topk:0.5+q4/1024"])
+@pytest.mark.parametrize("text", ["none", "q8", "q4/16", "topk:0.05", "topk:0.01+q8", "topk:0.5+q4/1024", "q4+deflate",
+                                  "topk:0.3+q4/64+deflate",
+                                  "q6+deflate"])
 def test_spec_text_round_trips(text: str) -> None:
     assert CompressionSpec.parse(text).describe() == text
 
 
-@pytest.mark.parametrize("text", ["q3", "topk:0", "topk:1.5", "topk:0.1+topk:0.2", "q8+q4", "zip", "q8/0", "topk:0.1+q8/70000"])
+@pytest.mark.parametrize("text", ["q3", "topk:0", "topk:1.5", "topk:0.1+topk:0.2", "q8+q4", "zip", "q8/0", "topk:0.1+q8/70000",
+                                  "deflate", "deflate+q4", "q4+deflate+deflate", "q6", "q5+deflate"])
 def test_spec_rejects_nonsense(text: str) -> None:
     with pytest.raises(ValueError):
         CompressionSpec.parse(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,7 +19,8 @@ from device_agent.errors import MalformedMessageError
 from device_agent.protocol.envelope import open_update, seal_update
 from device_agent.protocol.tensor_codec import DecodeLimits, Encoding, decode_tensors, encode_tensors
 
-TEXTS = ["q8", "q4", "q8/3", "topk:0.2", "topk:0.01", "topk:0.3+q8/5", "topk:0.02+q4", "topk:1+q4/1"]
+TEXTS = ["q8", "q4", "q8/3", "topk:0.2", "topk:0.01", "topk:0.3+q8/5", "topk:0.02+q4", "topk:1+q4/1",
+         "q4+deflate", "topk:0.3+q8/5+deflate", "topk:0.01+deflate", "q6+deflate", "topk:0.2+q6/7+deflate"]
 
 
 def _payload(spec: str, tensors: dict[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -54,6 +56,21 @@ def test_compressed_codec_sizes_per_parameter() -> None:
     assert sizes["topk:0.01"] < 8 * 1000 + 100  # u32 index + f32 value per kept entry
     assert sizes["topk:0.1+q8"] < 100_000 / 8 + 10_000 * 1.01 + 100  # bitmap beats the index list at 10%
     assert sizes["topk:0.1+q4"] < sizes["topk:0.1+q8"]
+
+
+@pytest.mark.parametrize("text", ["q8", "q4/64", "topk:0.05", "topk:0.3+q8", "topk:0.3+q4"])
+def test_deflated_payload_is_version_3_and_decodes_to_the_same_arrays(text: str) -> None:
+    rng = np.random.default_rng(5)
+    # Deltas are peaked: most codes near zero, a few large. Deflate takes what the packed codes waste.
+    tensors = {"w": (rng.laplace(size=(300, 100)) * 1e-3).astype(np.float32), "steps": np.array([3], np.int64)}
+    plain, expected = _payload(text, tensors)
+    deflated, _ = _payload(f"{text}+deflate", tensors)
+    assert plain[4] == 2 and deflated[4] == 3
+    decoded = decode_tensors(deflated, encoding=CompressionSpec.parse(f"{text}+deflate").encoding)
+    assert sorted(decoded) == sorted(tensors)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(decoded[name], value)
+    assert len(deflated) < len(plain)
 
 
 def test_compressed_codec_encode_refuses_mismatched_kinds() -> None:
@@ -140,9 +157,43 @@ def test_compressed_codec_sparse_tensor_cannot_inflate_past_the_limits() -> None
         decode_tensors(blob, limits=DecodeLimits(max_total_bytes=1 << 20))
 
 
+def _v3(encoding: Encoding, stream: bytes, count: int = 1) -> bytes:
+    return b"FDGT" + bytes([3, list(Encoding).index(encoding)]) + struct.pack("<I", count) + stream
+
+
+_RECORD = _dense_q(bytes([1, 2, 3, 4]), b"\x00")
+DEFLATE_BAD: list[tuple[bytes, str]] = [
+    (_v3(Encoding.Q8_DEFLATE, b"not a zlib stream"), "deflated records are corrupt"),
+    (_v3(Encoding.Q8_DEFLATE, zlib.compress(_RECORD)[:-6]), "deflated records are truncated"),
+    (_v3(Encoding.Q8_DEFLATE, zlib.compress(_RECORD) + b"\x00"), "1 trailing bytes after the deflated records"),
+    (_v3(Encoding.Q8_DEFLATE, zlib.compress(_RECORD + b"\x00")), "1 trailing bytes"),
+    (_v3(Encoding.Q8_DEFLATE, zlib.compress(_dense_q(bytes([0x80, 0, 0, 0]), b"\x00"))), "code outside -127..127"),
+    (_v3(Encoding.Q4_DEFLATE, zlib.compress(_RECORD)), "8-bit codes, the encoding says 4"),
+    (_v3(Encoding.Q8, zlib.compress(_RECORD)), "'q8' is not part of version 3"),
+    (_v2(Encoding.Q8_DEFLATE, _RECORD), "'q8_deflate' is not part of version 2"),
+    (_v3(Encoding.Q6_DEFLATE, zlib.compress(_dense_q(bytes([1, 2, 32, 4]), b"\x00", bits=6))), "code outside -31..31"),
+]
+
+
+@pytest.mark.parametrize(("blob", "match"), DEFLATE_BAD, ids=[m for _, m in DEFLATE_BAD])
+def test_deflated_codec_rejects_malformed_streams_with_one_line(blob: bytes, match: str) -> None:
+    with pytest.raises(MalformedMessageError, match=match) as caught:
+        decode_tensors(blob)
+    assert "\n" not in str(caught.value)
+
+
+def test_deflated_codec_cannot_inflate_past_the_limits() -> None:
+    """A small stream of zeros is refused once it inflates past what the limits allow, without inflating the rest."""
+    bomb = _v3(Encoding.Q8_DEFLATE, zlib.compress(bytes(64 << 20), 9))
+    assert len(bomb) < 100_000
+    limits = DecodeLimits(max_total_bytes=1 << 20)
+    with pytest.raises(MalformedMessageError, match=f"inflate past the limit of {limits.max_encoded_bytes} bytes"):
+        decode_tensors(bomb, limits=limits)
+
+
 def test_compressed_codec_survives_random_corruption(corruptions: Callable[..., Iterator[bytes]]) -> None:
     tensors = {"w": np.linspace(-1, 1, 300, dtype=np.float32), "b": np.ones(3, np.float32)}
-    for text in ["q4", "topk:0.5+q8/7", "topk:0.01"]:
+    for text in ["q4", "topk:0.5+q8/7", "topk:0.01", "topk:0.5+q4+deflate"]:
         blob, _ = _payload(text, tensors)
         for mutated in corruptions(blob, seed=11, count=100):
             try:

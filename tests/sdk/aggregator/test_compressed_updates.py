@@ -12,7 +12,7 @@ from sdk.aggregator import RegionalAggregator, Verdict
 from tests.sdk.aggregator import scenario
 
 
-@pytest.mark.parametrize("text", ["topk:0.3+q8", "q4", "topk:0.5"])
+@pytest.mark.parametrize("text", ["topk:0.3+q8", "q4", "topk:0.5", "q6+deflate", "topk:0.3+q4+deflate"])
 def test_compressed_updates_fold_to_the_numpy_mean_of_their_decoded_values(text: str, region: RegionalAggregator) -> None:
     spec = CompressionSpec.parse(text)
     updates = scenario.device_updates(count=5, seed=3)

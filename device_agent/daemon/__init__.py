@@ -12,8 +12,9 @@ Modules: ``config`` and ``toml_table`` (the TOML file, validated in one
 place), ``backoff`` (retry delays), ``connection`` (the paho client, its
 network thread, reconnects, size-checked publishes), ``intake`` (verifying
 models and receipts), ``agent_state`` (the state directory), ``keyring``
-(key files), ``agent`` (the round phases and the loop), ``bootstrap``
-(config -> agent). Nothing here imports torch, onnx or sdk. See
+(key files), ``agent`` (the round phases and the loop) with its
+collaborators ``round_training``, ``update_sealer``, ``update_sender``,
+``release_follower`` and ``round_result``, ``bootstrap`` (config -> agent). Nothing here imports torch, onnx or sdk. See
 docs/device-agent.md.
 """
 

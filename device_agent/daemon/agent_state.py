@@ -140,6 +140,18 @@ class AgentStateFiles:
             return None
         return SealedUpdate(header=header, blob=blob)
 
+    def pending_for(self, *, round: int, bundle_version: int, sender: str, fleet: str) -> SealedUpdate | None:
+        """The pending update if it is ``sender``'s for ``round`` of this bundle and fleet; another is dropped."""
+        pending = self.load_pending()
+        if pending is None:
+            return None
+        h = pending.header
+        if (h.round, h.bundle_version, h.sender, h.fleet) == (round, bundle_version, sender, fleet):
+            return pending
+        logger.info("dropping the pending update of round %d (now at round %d)", h.round, round)
+        self.clear_pending()
+        return None
+
     def clear_pending(self) -> None:
         """Forget the pending update (commit record first)."""
         for name in (_PENDING_META, _PENDING_BLOB):

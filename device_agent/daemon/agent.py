@@ -373,6 +373,7 @@ class DeviceAgent:
         logger.info("now running bundle %s v%d", trainer.manifest.model_name, trainer.manifest.bundle_version)
         self.trainer = trainer
         self._bundle_version = trainer.manifest.bundle_version
+        self.sealer.compression = CompressionSpec.parse(trainer.manifest.compression or "none")  # the new bundle's uplink
         self.state.clear_pending()
         self._save_progress(AgentProgress(bundle_version=self._bundle_version))
         foreign = self.intake.foreign_model

@@ -23,6 +23,7 @@ import pytest
 
 from device_agent.bundle.archive import install_bundle, load_bundle
 from device_agent.bundle.install_policy import read_failed, read_record
+from device_agent.compression import CompressionSpec
 from device_agent.protocol.status import ReleaseState
 from device_agent.protocol.topics import TopicLayout
 from device_agent.release.release_info import Stage
@@ -40,10 +41,12 @@ HIDDEN_V1, HIDDEN_V2 = (32, 16), (48, 16)
 
 @pytest.fixture
 def bundles(bundle_factory, fleet_key, tmp_path: Path) -> dict[int, Path]:
-    """v1 (hidden 32-16), v2 (48-16: other shared shapes, same head), v3 (v2's shapes, SGD at lr 900: diverges)."""
+    """v1 (hidden 32-16, float32 up), v2 (48-16: other shared shapes, same head; q8 up), v3 (v2's shapes, SGD at
+    lr 900: diverges)."""
     return {
         1: bundle_factory("fedalt", hidden=HIDDEN_V1),
-        2: resigned(bundle_factory("fedalt", hidden=HIDDEN_V2, seed=1), tmp_path / "v2.fedge", fleet_key, version=2),
+        2: resigned(bundle_factory("fedalt", hidden=HIDDEN_V2, seed=1), tmp_path / "v2.fedge", fleet_key, version=2,
+                    compression="q8"),
         3: resigned(bundle_factory("fedalt", hidden=HIDDEN_V2, optimizer="sgd", lr=900.0, seed=2), tmp_path / "v3.fedge",
                     fleet_key, version=3),
     }
@@ -81,6 +84,7 @@ def test_agent_installs_tries_and_goes_back(fleet, bundles, fleet_key, tmp_path:
     publish_repository(operator.repo, broker, layout)
     switched = _switch(agent, lambda s: s.bundle.manifest.bundle_version == 2)
     assert agent.trainer.manifest.bundle_version == 2
+    assert agent.compression == CompressionSpec.parse("q8"), "the new bundle's uplink compression is followed"
     v2_init = DeviceTrainer(install_bundle(bundles[2], fleet_key.public_key(), tmp_path / "scratch")).get_personal()
     assert set(agent.trainer.get_personal()) == set(head_v1)
     assert not np.allclose(agent.trainer.get_personal()["head.weight"], v2_init["head.weight"]), "the head was carried over"
@@ -95,6 +99,7 @@ def test_agent_installs_tries_and_goes_back(fleet, bundles, fleet_key, tmp_path:
     publish_repository(operator.repo, broker, layout)
     _switch(agent, lambda s: s.bundle.manifest.bundle_version == 1)
     np.testing.assert_array_equal(agent.trainer.get_personal()["head.weight"], head_v1["head.weight"])
+    assert not agent.compression.enabled, "back on v1: float32 up again"
     status = agent.status.current
     assert (status.bundle_version, status.release.state, status.release.version) == (1, ReleaseState.ROLLED_BACK, 1)
     assert "halted" in status.release.reason

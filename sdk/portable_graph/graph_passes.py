@@ -264,13 +264,18 @@ def squeeze_reductions(graph: onnx.GraphProto) -> int:
         reduced = {a % len(kept) for a in axes}
         if [d for i, d in enumerate(kept) if i not in reduced] != wanted:
             continue
-        del reduce.attribute[:]
-        reduce.attribute.append(onnx.helper.make_attribute("keepdims", 0))
-        for vi in [vi for vi in graph.value_info if vi.name == reduce.output[0]]:
-            graph.value_info.remove(vi)  # it recorded the kept axes
-        _bypass(graph, reshape, reduce.output[0])
+        _drop_kept_axes(graph, reduce, reshape)
         merged += 1
     return merged
+
+
+def _drop_kept_axes(graph: onnx.GraphProto, reduce: onnx.NodeProto, follower: onnx.NodeProto) -> None:
+    """Make ``reduce`` drop its reduced axes (keepdims=0) and bypass ``follower``, the node that dropped them."""
+    del reduce.attribute[:]
+    reduce.attribute.append(onnx.helper.make_attribute("keepdims", 0))
+    for vi in [vi for vi in graph.value_info if vi.name == reduce.output[0]]:
+        graph.value_info.remove(vi)  # it recorded the kept axes
+    _bypass(graph, follower, reduce.output[0])
 
 
 def _elem_type(graph: onnx.GraphProto, name: str) -> int | None:
@@ -310,11 +315,7 @@ def squeeze_full_reductions(graph: onnx.GraphProto) -> int:
         attrs = {a.name: a.i for a in reduce.attribute}
         if attrs.get("noop_with_empty_axes", 0) or attrs.get("keepdims", 1) == 0:
             continue
-        del reduce.attribute[:]
-        reduce.attribute.append(onnx.helper.make_attribute("keepdims", 0))
-        for vi in [vi for vi in graph.value_info if vi.name == reduce.output[0]]:
-            graph.value_info.remove(vi)
-        _bypass(graph, squeeze, reduce.output[0])
+        _drop_kept_axes(graph, reduce, squeeze)
         merged += 1
     return merged
 

@@ -12,6 +12,27 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sdk.fleet.provision import ProvisionedFleet, init_fleet
 from sdk.fleet.spec import parse_fleet_spec
 
+#: The device and aggregator sections every test topology shares (the deadline is added by each).
+DEVICE_SECTIONS = """
+[devices]
+state_dir = "var"
+
+[devices.training]
+epochs = 1
+batch_size = 32
+threads = 1
+
+[devices.submit]
+receipt_timeout_s = 10.0
+max_attempts = 5
+
+[devices.backoff]
+initial_s = 0.5
+max_s = 5.0
+
+[aggregators]
+"""
+
 
 def loopback_topology(ports: dict[str, tuple[int, int]] | None = None, *, tls: bool = False, mtls: bool = False,
                       extra: str = "", fleet: str = "lab") -> str:
@@ -43,25 +64,7 @@ devices = ["eu-dev-0001", "eu-dev-0002"]
 name = "us"
 {address("us")}aggregators = ["us-agg"]
 device_count = 2
-
-[devices]
-state_dir = "var"
-
-[devices.training]
-epochs = 1
-batch_size = 32
-threads = 1
-
-[devices.submit]
-receipt_timeout_s = 10.0
-max_attempts = 5
-
-[devices.backoff]
-initial_s = 0.5
-max_s = 5.0
-
-[aggregators]
-deadline_s = 30
+{DEVICE_SECTIONS}deadline_s = 30
 {extra}"""
 
 
@@ -95,25 +98,7 @@ name = "{name}"
 {address(name)}aggregators = ["{name}-agg"]
 devices = {json.dumps(DEEP_DEVICES.get(name, []))}
 """ + (f'parent = "{parent}"\n' if parent else "")
-    return text + f"""
-[devices]
-state_dir = "var"
-
-[devices.training]
-epochs = 1
-batch_size = 32
-threads = 1
-
-[devices.submit]
-receipt_timeout_s = 10.0
-max_attempts = 5
-
-[devices.backoff]
-initial_s = 0.5
-max_s = 5.0
-
-[aggregators]
-deadline_s = {deadline_s}
+    return text + f"""{DEVICE_SECTIONS}deadline_s = {deadline_s}
 """
 
 

@@ -16,6 +16,8 @@ own local model (:func:`validation_score` and
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -150,6 +152,7 @@ def fine_tune_early_stopped(
     batch_size: int = 32,
     learning_rate: float | None = None,
     rng: np.random.Generator | None = None,
+    fresh_optimizer: bool = True,
 ) -> EarlyStopped:
     """Fine-tune the model the trainer holds one epoch at a time and keep the epoch that scores best on ``validation``.
 
@@ -158,7 +161,10 @@ def fine_tune_early_stopped(
     Epoch 0 (the model as received) is a candidate; an epoch must score strictly better to
     replace the best, and training stops after ``patience`` epochs without one, or at
     ``max_epochs``. The trainer is left holding the kept weights (anchors and the delta
-    reference are not touched). ValueError for empty validation data or a bad scope.
+    reference are not touched). ``fresh_optimizer``: fine-tune from step 0 with zero AdamW
+    moments (:meth:`DeviceTrainer.fresh_optimizers`; the device's own optimizer state is
+    back afterwards), not from the moments its federated rounds or an earlier fine-tuning
+    left (measured in docs/personalization.md). ValueError for empty validation data or a bad scope.
     """
     if len(validation) == 0:
         raise ValueError("early stopping needs validation data")
@@ -173,16 +179,17 @@ def fine_tune_early_stopped(
 
     scores = [validation_score(trainer, validation, "epoch 0")]
     best_weights, best = weights(), 0
-    for epoch in range(1, max_epochs + 1):
-        if scope == "head":
-            trainer.fine_tune(data, budget, rng=rng)
-        else:
-            trainer.train(data, budget, rng=rng)
-        scores.append(validation_score(trainer, validation, f"epoch {epoch}"))
-        if best_index(scores) == epoch:
-            best_weights, best = weights(), epoch
-        if early_stop_epoch(scores, patience=patience) is not None:
-            break
+    with trainer.fresh_optimizers() if fresh_optimizer else contextlib.nullcontext():
+        for epoch in range(1, max_epochs + 1):
+            if scope == "head":
+                trainer.fine_tune(data, budget, rng=rng)
+            else:
+                trainer.train(data, budget, rng=rng)
+            scores.append(validation_score(trainer, validation, f"epoch {epoch}"))
+            if best_index(scores) == epoch:
+                best_weights, best = weights(), epoch
+            if early_stop_epoch(scores, patience=patience) is not None:
+                break
     trainer.set_shared({n: best_weights[n] for n in trainer.manifest.shared_names})
     if trainer.manifest.personal_names:
         trainer.set_personal({n: best_weights[n] for n in trainer.manifest.personal_names})

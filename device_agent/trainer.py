@@ -37,6 +37,7 @@ from device_agent.personalization.model_choice import correct_count, mix_outputs
 from device_agent.state_store import StateStore
 from device_agent.trainer_state import STATE_FORMAT, read_parameter_file, read_serving_weight, read_training_state
 from device_agent.training_backends import BackendName, TrainingState, choose_backend, open_backend
+from device_agent.training_backends.state import OptimizerState, fresh_optimizer
 from device_agent.training_types import EvalReport, ModelView, TrainBudget, TrainReport
 
 __all__ = ["STATE_FORMAT", "DeviceTrainer", "EvalReport", "ModelView", "TrainBudget", "TrainReport"]
@@ -80,6 +81,7 @@ class DeviceTrainer:
             logger.warning("saved state belongs to another bundle; starting from this bundle's weights")
             stored = None
         state = read_training_state(stored, self.manifest) if stored is not None else None
+        self._threads = threads
         self._backend = open_backend(self.backend_name, bundle, threads=threads, state=state)
         self._has_anchors = self.manifest.has_anchors
         if stored is not None:
@@ -136,6 +138,29 @@ class DeviceTrainer:
                 raise ValueError(f"{name}: non-finite values")
             out[name] = np.ascontiguousarray(arr)
         return out
+
+    @contextlib.contextmanager
+    def fresh_optimizers(self) -> Iterator[None]:
+        """Inside the block every artifact set trains from step 0 with zero moments; afterwards each set's previous optimizer state is back.
+
+        For fine-tuning after federation: the moments the federated rounds (or an earlier
+        fine-tuning from another starting point) left behind would scale the first steps
+        from the received model; afterwards the device's own training goes on with its own
+        moments. Weights, anchors and Ditto's personal model are untouched either way. Costs
+        two backend re-opens.
+        """
+        kept = self._backend.export_state().optimizers
+        self._reopen({s: fresh_optimizer(self.manifest, s) for s in kept})
+        try:
+            yield
+        finally:
+            self._reopen(kept)
+
+    def _reopen(self, optimizers: Mapping[ArtifactSetName, OptimizerState]) -> None:
+        """The backend re-opened on its current weights and anchors with ``optimizers`` as every set's optimizer state."""
+        state = self._backend.export_state()
+        self._backend = open_backend(self.backend_name, self.bundle, threads=self._threads,
+                                     state=replace(state, optimizers=dict(optimizers)))
 
     def get_shared(self) -> ParameterDict:
         """Current shared-layer weights (copies), by parameter name."""

@@ -99,6 +99,20 @@ def mix_outputs(personal: np.ndarray, global_: np.ndarray, alpha: float, kind: L
     return (pos - neg).astype(np.float32)
 
 
+def even_ensemble(outputs: Sequence[np.ndarray], kind: LossKind) -> np.ndarray:
+    """The outputs of the even mixture of several models (each weight 1/k), in the models' own output space.
+
+    ``mix_outputs`` folded over the list: the mean of the predicted probabilities (classification)
+    or of the outputs (regression). ValueError for an empty list.
+    """
+    if not len(outputs):
+        raise ValueError("an ensemble needs at least one model's outputs")
+    mixed = np.asarray(outputs[0], dtype=np.float32)
+    for k, out in enumerate(outputs[1:], start=2):
+        mixed = mix_outputs(out, mixed, 1.0 / k, kind)
+    return mixed
+
+
 def _log_mix(terms: Sequence[tuple[float, np.ndarray]]) -> np.ndarray:
     """log(sum_i w_i * exp(log_p_i)) for weights w_i >= 0, stable; zero weights drop out."""
     kept = [np.log(w) + lp for w, lp in terms if w > 0]

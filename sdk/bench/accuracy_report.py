@@ -108,7 +108,12 @@ def _candidate_label(label: str, name: str) -> str:
     """The row of a candidate of the choice against local-only: ``FT(all)`` -> ``FedAvg+FT(all, early stop)``."""
     if name.startswith("FT(") and name.endswith(")"):
         return f"{label}+{name[:-1]}, early stop)"
-    return f"{label}, ensemble with local" if name == "local+served" else f"{label}, {name}"
+    if name.startswith("local+"):  # an even ensemble of the local model and the others named
+        members = name.split("+")[1:]
+        if members == ["served"]:
+            return f"{label}, ensemble with local"
+        return f"{label}+{'+'.join(m[:-1] + ', early stop)' if m.startswith('FT(') else m for m in members)}, ensemble with local"
+    return f"{label}, {name}"
 
 
 def _std(values: Sequence[float]) -> float | None:

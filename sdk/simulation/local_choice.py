@@ -30,13 +30,12 @@ import numpy as np
 from device_agent.bundle.archive import TrainingBundle
 from device_agent.data import DataSource
 from device_agent.local_round import fine_tune_early_stopped, train_local_round
-from device_agent.personalization.model_choice import correct_count, mix_outputs, output_loss
+from device_agent.personalization.model_choice import correct_count, even_ensemble, output_loss
 from device_agent.personalization.model_select import ModelScore, choose_model
 from device_agent.trainer import DeviceTrainer, TrainBudget
 
 LOCAL = "local"
 SERVED = "served"
-ENSEMBLE = "local+served"
 TIES_TO_LOCAL = "ties to local"
 TIES_BY_LOSS = "ties by loss"
 _PATIENCE = 3
@@ -93,9 +92,13 @@ def choose_against_local(
             trainer.set_shared({n: held[n] for n in trainer.manifest.shared_names})
             if trainer.manifest.personal_names:
                 trainer.set_personal({n: held[n] for n in trainer.manifest.personal_names})
-        outputs[ENSEMBLE] = tuple(  # type: ignore[assignment]
-            None if a is None or b is None else (mix_outputs(a[0], b[0], 0.5, kind), a[1])
-            for a, b in zip(outputs[LOCAL], outputs[SERVED]))
+        tuned = [n for n in outputs if n.startswith("FT(")]
+        members = [[n] for n in outputs if n != LOCAL] + ([tuned] if len(tuned) > 1 else [])
+        for names in members:
+            outputs[_ensemble_name(names)] = tuple(  # type: ignore[assignment]
+                None if any(outputs[n][i] is None for n in (LOCAL, *names)) else
+                (even_ensemble([outputs[n][i][0] for n in (LOCAL, *names)], kind), outputs[LOCAL][i][1])  # type: ignore[index]
+                for i in (0, 1))
         test_acc = {name: _accuracy(pair[1], kind) for name, pair in outputs.items()}
         for name, acc in test_acc.items():
             if name not in (LOCAL, SERVED):
@@ -105,6 +108,11 @@ def choose_against_local(
             name = choose_model(scores, fallback=fallback).name if scores else LOCAL
             accuracy[rule][cid], picked[rule][cid] = test_acc[name], name
     return LocalChoice(candidates=candidates, accuracy=accuracy, picked=picked)
+
+
+def _ensemble_name(names: list[str]) -> str:
+    """The even ensemble of the local model with candidates ``names``: ``local+served``, ``local+FT(head)+FT(all)``..."""
+    return "+".join((LOCAL, *names))
 
 
 def _scopes(trainer: DeviceTrainer) -> list[str]:

@@ -71,3 +71,38 @@ def test_finetune_prefixes_must_match_and_leave_something_frozen(prefixes, tmp_p
 def test_finetune_must_be_a_sequence() -> None:
     with pytest.raises(TypeError):
         TrainingSpec(mode="fedavg", finetune="head")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["ort-training", "portable"])
+def test_fresh_optimizers_trains_as_a_new_device_would_then_puts_the_moments_back(bundle_factory, install, digits,
+                                                                                 backend) -> None:
+    x, y = digits
+    bundle = install(bundle_factory("fedavg", finetune=("head",)))
+    data = ArrayDataSource(x[:200], y[:200])
+    trainer = DeviceTrainer(bundle, threads=1, backend=backend)
+    trainer.train(data, TrainBudget(epochs=2, batch_size=32), rng=np.random.default_rng(0))
+    trainer.fine_tune(data, TrainBudget(epochs=1, batch_size=32), rng=np.random.default_rng(1))
+    kept = trainer.export_state().optimizers
+    assert all(opt.step > 0 for opt in kept.values())
+    held = trainer.get_shared()
+    new = DeviceTrainer(bundle, threads=1, backend=backend)
+    new.set_shared(held)
+
+    with trainer.fresh_optimizers():
+        inside = trainer.export_state().optimizers
+        assert all(opt.step == 0 and not any(np.any(m) for m in opt.m.values()) for opt in inside.values())
+        for t in (trainer, new):
+            t.train(data, TrainBudget(epochs=1, batch_size=32), rng=np.random.default_rng(2))
+            t.fine_tune(data, TrainBudget(epochs=1, batch_size=32), rng=np.random.default_rng(3))
+
+    # the same steps as a device that never trained before, from the same weights
+    for n, v in trainer.get_shared().items():
+        np.testing.assert_allclose(v, new.get_shared()[n], rtol=1e-6, atol=1e-7)
+    assert any(not np.array_equal(v, held[n]) for n, v in trainer.get_shared().items())
+    # and the device's own optimizer state is back, as it was
+    after = trainer.export_state().optimizers
+    for name, opt in kept.items():
+        assert after[name].step == opt.step
+        for m in opt.m:
+            np.testing.assert_array_equal(after[name].m[m], opt.m[m])
+            np.testing.assert_array_equal(after[name].v[m], opt.v[m])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device_agent.bundle.manifest import LossKind
-from device_agent.personalization.model_choice import choose_mixture, correct_count, mix_outputs, output_loss
+from device_agent.personalization.model_choice import choose_mixture, correct_count, even_ensemble, mix_outputs, output_loss
 
 CE = LossKind.CROSS_ENTROPY
 
@@ -85,3 +85,16 @@ def test_choose_mixture_refuses_no_examples_or_no_weights() -> None:
         choose_mixture(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0, dtype=np.int64), CE)
     with pytest.raises(ValueError, match="alphas"):
         choose_mixture(np.zeros((1, 2)), np.zeros((1, 2)), np.zeros(1, dtype=np.int64), CE, alphas=())
+
+
+def test_even_ensemble_averages_the_probabilities_of_every_model() -> None:
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(size=(5, 4)).astype(np.float32) for _ in range(3)]
+    probs = [np.exp(z) / np.exp(z).sum(axis=1, keepdims=True) for z in logits]
+    mixed = even_ensemble(logits, LossKind.CROSS_ENTROPY)
+    np.testing.assert_allclose(np.exp(mixed), np.mean(probs, axis=0), rtol=1e-5)
+    assert even_ensemble(logits[:2], LossKind.CROSS_ENTROPY) == pytest.approx(mix_outputs(logits[0], logits[1], 0.5, LossKind.CROSS_ENTROPY))
+    np.testing.assert_allclose(even_ensemble(logits, LossKind.MSE), np.mean(logits, axis=0), rtol=1e-5)
+    np.testing.assert_array_equal(even_ensemble(logits[:1], LossKind.CROSS_ENTROPY), logits[0])
+    with pytest.raises(ValueError, match="at least one"):
+        even_ensemble([], LossKind.MSE)

@@ -237,13 +237,15 @@ def test_compression_claim_compares_bytes_up_and_down_and_accuracy_with_the_floa
 
 def test_a_run_with_the_choice_against_local_gives_its_candidates_and_choices_as_rows() -> None:
     fedavg = _result("FedAvg", "fedavg", {"a": 0.5, "b": 0.5}, global_={"a": 0.5, "b": 0.5})
-    fedavg["final"]["candidates"] = {"FT(all)": {"a": 0.9, "b": 0.6}, "local+served": {"a": 0.8, "b": 0.7}}
+    fedavg["final"]["candidates"] = {"FT(all)": {"a": 0.9, "b": 0.6}, "local+served": {"a": 0.8, "b": 0.7},
+                                     "local+FT(all)": {"a": 0.95, "b": 0.75}}
     fedavg["final"]["chosen"] = {"ties to local": {"a": 0.9, "b": 0.65}}
     fedavg["final"]["chosen_model"] = {"ties to local": {"a": "FT(all)", "b": "local"}}
     summary = summarise(SETTING, [_result("Local-only", "local", {"a": 0.85, "b": 0.65}), fedavg])
     rows = {r["label"]: r for r in summary["rows"]}
     assert rows["FedAvg+FT(all, early stop)"]["personalised_mean"] == pytest.approx(0.75)
     assert rows["FedAvg, ensemble with local"]["gain_mean"] == pytest.approx(0.0)
+    assert rows["FedAvg+FT(all, early stop), ensemble with local"]["gain_mean"] == pytest.approx(0.1)
     assert rows["FedAvg, chosen (ties to local)"]["gain_mean"] == pytest.approx(0.025)
     assert summary["picked"] == {"FedAvg, chosen (ties to local)": {"FT(all)": 1, "local": 1}}
     assert "FedAvg, chosen (ties to local): of 2 devices kept 1 FT(all), 1 local" in format_table(SETTING, summary)

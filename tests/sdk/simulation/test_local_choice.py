@@ -33,9 +33,10 @@ def test_the_fallback_is_the_local_only_model_and_the_choice_is_evaluation_only(
     # the federated run is unchanged by the choice made after it
     assert chosen.final_accuracy == plain.final_accuracy
     assert [r.global_accuracy for r in chosen.rounds] == [r.global_accuracy for r in plain.rounds]
-    assert set(chosen.candidate_accuracy) == {"FT(head)", "FT(all)", "local+served"}
+    ensembles = {"local+served", "local+FT(head)", "local+FT(all)", "local+FT(head)+FT(all)"}
+    assert set(chosen.candidate_accuracy) == {"FT(head)", "FT(all)", *ensembles}
     assert set(chosen.chosen_model) == set(chosen.chosen_accuracy) == {"ties to local", "ties by loss"}
-    names = {"local", "served", "FT(head)", "FT(all)", "local+served"}
+    names = {"local", "served", "FT(head)", "FT(all)", *ensembles}
     for rule, picked in chosen.chosen_model.items():
         assert set(picked) == set(local.final_accuracy) and set(picked.values()) <= names
         for device, name in picked.items():

@@ -145,3 +145,29 @@ def test_early_stopping_refuses_what_it_cannot_do(bundle_factory, install, digit
     ditto = DeviceTrainer(install(bundle_factory("ditto", ditto_lambda=0.1)))
     with pytest.raises(ValueError, match="scope 'all'"):
         fine_tune_early_stopped(ditto, data, data, scope="all", max_epochs=2)
+
+
+def test_early_stopping_fine_tunes_from_fresh_moments_and_leaves_the_devices_own(bundle_factory, install, digits):
+    x, y = digits
+    bundle = install(bundle_factory("fedavg", finetune=("head",)))
+    train, val = ArrayDataSource(x[:200], y[:200]), ArrayDataSource(x[1500:1600], y[1500:1600])
+
+    def trained() -> DeviceTrainer:
+        t = DeviceTrainer(bundle, threads=1)
+        t.train(ArrayDataSource(x[200:600], y[200:600]), TrainBudget(epochs=2, batch_size=32), rng=np.random.default_rng(5))
+        t.fine_tune(train, TrainBudget(epochs=2, batch_size=32), rng=np.random.default_rng(6))  # moments of another start
+        t.set_global(t.get_shared())
+        return t
+
+    device, stale = trained(), trained()
+    kept = device.export_state().optimizers
+    twin = DeviceTrainer(bundle, threads=1)  # never trained: zero moments
+    twin.set_global(device.get_shared())
+    runs = {}
+    for name, t, fresh in (("device", device, True), ("twin", twin, True), ("stale", stale, False)):
+        runs[name] = fine_tune_early_stopped(t, train, val, scope="head", max_epochs=3, patience=3, fresh_optimizer=fresh,
+                                             rng=np.random.default_rng(0))
+    assert [s.loss for s in runs["device"].scores] == pytest.approx([s.loss for s in runs["twin"].scores], rel=1e-5)
+    assert [s.loss for s in runs["stale"].scores][1:] != pytest.approx([s.loss for s in runs["twin"].scores][1:], rel=1e-5)
+    after = device.export_state().optimizers
+    assert all(after[s].step == kept[s].step and all(np.array_equal(after[s].m[n], kept[s].m[n]) for n in kept[s].m) for s in kept)

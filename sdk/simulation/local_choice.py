@@ -7,11 +7,13 @@ Per device, after the last round (evaluation only: the federated trajectory is u
    (``local_bundle``: the local-only run's bundle, so the model is that run's when every device
    takes part in every round);
 2. from the model it holds (``served``: the global model, global trunk + own head, Ditto's chosen
-   mixture) it fine-tunes with early stopping on validation
+   mixture) it fine-tunes with early stopping on validation, from fresh optimizer moments
    (:func:`~device_agent.local_round.fine_tune_early_stopped`): the head (bundles with a
    ``finetune`` set) and every parameter (bundles without a personal head or model);
-3. ``local+served``: the even mixture of the local and the served model's outputs
-   (:func:`~device_agent.personalization.model_choice.mix_outputs`, weight 0.5: an ensemble of the two);
+3. ensembles (:func:`~device_agent.personalization.model_choice.even_ensemble`, the mean of the
+   predicted probabilities): the local model with each other candidate (``local+served``,
+   ``local+FT(head)``, ``local+FT(all)``) and, with two fine-tuned scopes, with both
+   (``local+FT(head)+FT(all)``);
 4. it keeps the candidate with the best validation accuracy, every tie going to the local model
    (:func:`~device_agent.personalization.model_select.choose_model`; rule ``TIES_TO_LOCAL``). For
    comparison the same scores are also read with accuracy ties broken by the lower validation loss,
@@ -46,7 +48,7 @@ Outputs = tuple[np.ndarray, np.ndarray]  # (outputs, labels)
 @dataclass(frozen=True, kw_only=True)
 class LocalChoice:
     """Per device test accuracy: of each candidate but the two plain ones (``candidates[name]``: ``FT(head)``,
-    ``FT(all)``, ``local+served``) and, per rule, of the kept model (``accuracy``) and its name (``picked``)."""
+    ``FT(all)``, ``local+served``, ``local+FT(head)``...) and, per rule, of the kept model (``accuracy``) and its name (``picked``)."""
 
     candidates: dict[str, dict[str, float]]
     accuracy: dict[str, dict[str, float]]

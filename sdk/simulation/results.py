@@ -68,7 +68,7 @@ class SimulationResult:
     training data (None: the simulator was not asked to make any).
     ``cold_start``: how newcomers fared joining the fleet (empty without ``SimulationConfig.cold_start``).
     With ``choice_epochs`` (:mod:`sdk.simulation.local_choice`): ``candidate_accuracy`` has ``"FT(head)"``/``"FT(all)"``
-    (fine-tuning with early stopping) and ``"local+served"`` (ensemble with a local model); per choice rule (``"ties to local"``, ``"ties by loss"``), ``chosen_model`` names what
+    (fine-tuning with early stopping) and ``"local+served"``, ``"local+FT(head)"``... (even ensembles with a local model); per choice rule (``"ties to local"``, ``"ties by loss"``), ``chosen_model`` names what
     each device kept on validation (``local``, ``served``, ``FT(head)``, ``FT(all)``) and
     ``chosen_accuracy`` is its test accuracy.
     """

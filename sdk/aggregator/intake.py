@@ -160,7 +160,7 @@ class UpdateIntake(RoundCache):
         blob = item.blob
         try:
             opened = open_update(blob, recipient_key=self._config.encryption_key, sender_public_key=self._sender_keys,
-                                 limits=self._limits, with_digest=True)
+                                 limits=self._limits, with_digest=True, frame_versions=self._config.update_frames)
         except AuthenticationError:
             self._auth_log.report_update(blob, keys=self._sender_keys, topic_sender=item.topic_sender, what=self._what)
             return self._refuse(IntakeReason.AUTH, "", len(blob))

@@ -170,3 +170,27 @@ def test_service_config_refuses_model_deltas_with_fedfomo(bundle_factory, fleet_
         load_regional_service_config(path)
     path.write_text(text + '[downlink]\nuplink = "q4"\n')  # the round's uplink override alone is fine
     assert load_regional_service_config(path).downlink.uplink.describe() == "0:q4"
+
+
+def test_service_config_reads_frame_versions_and_names_bad_values(bundle_factory, fleet_key: Ed25519PrivateKey,
+                                                                  tmp_path: Path) -> None:
+    bundle = bundle_factory("fedavg")
+    default = load_regional_service_config(write_regional(tmp_path, bundle, fleet_key)).aggregator
+    assert (default.update_frames, default.announce_frames, default.announced_frames) == ({1, 2}, False, None)
+    cases = {
+        'update_frames = "2"\nannounce_frames = true': None,
+        'update_frames = "1,3"': r"aggregator\.update_frames: frame version '3' is not one of 1, 2",
+        'update_frames = "2"': r"aggregator\.update_frames: refusing frame version 1 needs announce_frames = true",
+        'announce_frames = "yes"': r"aggregator\.announce_frames: expected true or false",
+    }
+    for i, (lines, error) in enumerate(cases.items()):
+        case = tmp_path / f"case{i}"
+        case.mkdir()
+        path = write_regional(case, bundle, fleet_key)
+        path.write_text(path.read_text().replace('device_keys_dir = "devices"', f'device_keys_dir = "devices"\n{lines}'))
+        if error is None:
+            config = load_regional_service_config(path).aggregator
+            assert (config.update_frames, config.announced_frames) == ({2}, (2,))
+        else:
+            with pytest.raises(ConfigError, match=error):
+                load_regional_service_config(path)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -45,19 +46,29 @@ _V1_ONLY = frozenset({FRAME_V1})
 
 @dataclass(frozen=True, kw_only=True)
 class Frame:
-    """A structurally valid, not yet authenticated frame.
-
-    ``message`` is what the signature must cover (``signed`` itself for version 1);
-    ``digest`` is the SHA-256 of ``signed`` for a prehashed frame, None for version 1.
-    """
+    """A structurally valid, not yet authenticated frame (``version`` 1 or 2)."""
 
     version: int
     record: bytes
     body: memoryview
     signed: memoryview
     signature: bytes
-    message: bytes | memoryview
-    digest: bytes | None
+
+    @cached_property
+    def _prehashed(self) -> tuple[bytes, bytes] | None:
+        return None if self.version == FRAME_V1 else prehash_message(self.signed)
+
+    @property
+    def message(self) -> bytes | memoryview:
+        """What the signature must cover: ``signed`` itself (version 1) or the context and its SHA-256 (version 2)."""
+        prehashed = self._prehashed
+        return self.signed if prehashed is None else prehashed[0]
+
+    @property
+    def digest(self) -> bytes | None:
+        """The SHA-256 of ``signed`` for a prehashed frame (computed once, on first use); None for version 1."""
+        prehashed = self._prehashed
+        return None if prehashed is None else prehashed[1]
 
 
 def frame_prefix(magic: bytes, record: bytes, *, version: int = FRAME_V1) -> bytes:
@@ -89,7 +100,7 @@ def split_frame(blob: bytes | bytearray | memoryview, *, magic: bytes, what: str
                 versions: frozenset[int] = _V1_ONLY) -> Frame:
     """Parse the frame structure; MalformedMessageError for anything off, a version not in ``versions`` included.
 
-    No signature is checked here; a prehashed frame's digest is computed here (one pass).
+    No signature is checked and nothing is hashed here.
     """
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise MalformedMessageError(f"{what}: expected bytes, got {type(blob).__name__}")
@@ -110,13 +121,7 @@ def split_frame(blob: bytes | bytearray | memoryview, *, magic: bytes, what: str
     body = reader.take(body_len, "body")
     signature = bytes(reader.take(SIGNATURE_BYTES, "signature"))
     view = memoryview(blob).cast("B")
-    signed = view[: len(view) - SIGNATURE_BYTES]
-    if version == FRAME_V1:
-        message: bytes | memoryview = signed
-        digest = None
-    else:
-        message, digest = prehash_message(signed)
-    return Frame(version=version, record=record, body=body, signed=signed, signature=signature, message=message, digest=digest)
+    return Frame(version=version, record=record, body=body, signed=view[: len(view) - SIGNATURE_BYTES], signature=signature)
 
 
 def verify_frame(frame: Frame, keys: Iterable[Ed25519PublicKey]) -> str:

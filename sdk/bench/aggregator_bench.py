@@ -177,8 +177,7 @@ def prepare_updates(spec: Mapping[str, tuple[int, ...]], count: int, work: Path,
         for i in range(count):
             device, delta, samples = _device(i), _delta(spec, i), _samples(i)
             header = UpdateHeader.create(kind=MessageKind.UPDATE, fleet=FLEET, sender=device, region=REGION, round=0,
-                                         bundle_version=BUNDLE_VERSION, sample_count=samples,
-                                         random_bytes=lambda n, i=i: _seed(f"nonce:{i}")[:n])
+                                         bundle_version=BUNDLE_VERSION, sample_count=samples)
             blob = seal_update(header, delta, recipient_public_key=recipient, frame_version=frame,
                                sender_key=Ed25519PrivateKey.from_private_bytes(_seed(f"ed25519:{device}")))
             index.append((fh.tell(), len(blob)))

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from device_agent.protocol.envelope import open_model, open_update, seal_update, sign_model
 from device_agent.protocol.headers import ModelHeader, UpdateHeader
 from device_agent.protocol.raw_keys import key_to_raw
-from tests.device_agent.protocol.test_vectors import _canonical, _keys, _tensors, _inputs as v1_inputs
+from tests.device_agent.protocol.test_vectors import _canonical, _keys, _tensors, write_vectors, _inputs as v1_inputs
 
 VECTORS = Path(__file__).parent / "vectors" / "protocol_frame_v2.json"
 CONTEXT = b"fedge frame v2: Ed25519 over SHA-256\x00"  # docs/protocol.md, "Frames", spelled out again on purpose
@@ -105,18 +105,8 @@ def test_prehashed_vectors_model_announces_frames_and_stays_version_1(vectors: d
     assert open_model(blob, trusted_signers=keys["root"].public_key()).header.frames == (1, 2)
 
 
-def _regenerate() -> None:
-    inputs = json.loads(json.dumps(_inputs()))
-    document = {
-        "description": "fedge frame version 2 (prehashed Ed25519) known-answer vectors; see test_vectors_prehashed.py "
-                       "and docs/protocol.md",
-        "inputs": inputs,
-        "outputs": _outputs(inputs),
-    }
-    VECTORS.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
-
-
 if __name__ == "__main__":
     if sys.argv[1:] != ["--regenerate"]:
         sys.exit("usage: python -m tests.device_agent.protocol.test_vectors_prehashed --regenerate")
-    _regenerate()
+    write_vectors(VECTORS, "fedge frame version 2 (prehashed Ed25519) known-answer vectors; see test_vectors_prehashed.py "
+                           "and docs/protocol.md", _inputs(), _outputs)

@@ -26,7 +26,7 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
     v1, row = doc["rows"]  # the same updates sealed in frame versions 1 and 2, side by side
     assert (v1["frame"], row["frame"]) == (1, 2) and v1["updates"] == row["updates"]
     assert v1["parts_ms"]["digest"] > 0 and v1["update_bytes"] == row["update_bytes"]
-    assert row["parts_ms"]["prehash"] > 0 and v1["parts_ms"]["ed25519"] > row["parts_ms"]["ed25519"]  # 1,000 B vs 70 B signed
+    assert row["parts_ms"]["prehash"] > 0 and row["parts_ms"]["ed25519"] > 0  # timed: no comparison (load)
     assert (row["updates"], row["parameters"], row["repeats"], row["batch"]) == (5, 1000, 1, 2)
     assert row["update_bytes"] > 4 * 1000
     assert set(row["paths"]) == {"durable", "memory", "members"}

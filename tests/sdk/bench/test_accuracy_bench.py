@@ -149,6 +149,7 @@ def test_gains_over_local_only_are_paired_by_device_and_seed() -> None:
     assert row["per_device"]["a"] == pytest.approx(0.61)
     (clear,) = [c for c in summary["claims"] if "seed spread" in c["claim"]]
     assert clear["holds"] is False and "clearly ahead on 50% of devices" in clear["evidence"]
+    assert clear["evidence"].endswith("other rows that meet both: none")
     table = format_table(SCARCE, summary)
     assert "clearly ahead" in table and "| FedAlt | 70.50 ± 0.00 |" in table and "+5.50 ± " in table
 
@@ -249,3 +250,14 @@ def test_a_run_with_the_choice_against_local_gives_its_candidates_and_choices_as
     assert rows["FedAvg, chosen (ties to local)"]["gain_mean"] == pytest.approx(0.025)
     assert summary["picked"] == {"FedAvg, chosen (ties to local)": {"FT(all)": 1, "local": 1}}
     assert "FedAvg, chosen (ties to local): of 2 devices kept 1 FT(all), 1 local" in format_table(SETTING, summary)
+
+
+def test_the_clear_gain_claim_checks_the_highest_gain_and_names_other_rows_that_would_meet_it() -> None:
+    results = []
+    for k, wobble in enumerate((0.0, 0.01, -0.01)):
+        results.append(_seeded(k, "Local-only", "local", {"a": 0.5, "b": 0.6}))
+        results.append(_seeded(k, "FedAlt", "fedalt", {"a": 0.9 if k else 0.4, "b": 0.8}))  # larger gain, device a not consistent
+        results.append(_seeded(k, "Ditto", "ditto", {"a": 0.55 + wobble, "b": 0.65 - wobble}))  # small, steady gains
+    (clear,) = [c for c in summarise(SCARCE, results)["claims"] if "seed spread" in c["claim"]]
+    assert clear["holds"] is False and clear["evidence"].startswith("FedAlt: ")
+    assert "other rows that meet both: Ditto (100%, +5.00 vs " in clear["evidence"]

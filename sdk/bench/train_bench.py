@@ -182,7 +182,7 @@ def _run_child(code: str, cfg: dict[str, object]) -> dict[str, object]:
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey) -> Path:
+def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey, micro_batch: int = 0) -> Path:
     import torch
 
     import sdk.models as zoo
@@ -196,7 +196,8 @@ def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey) -> Path:
     net = getattr(zoo, model.factory)(**model.kwargs)
     path = work / f"{model.name}.fedge"
     build_bundle(net, example_input=torch.zeros((2, *model.input_shape)), split=ParameterSplit(shared=("*",)),
-                 spec=TrainingSpec(mode=TrainingMode.FEDAVG, optimizer=OptimizerKind.ADAMW, learning_rate=1e-3), signing_key=key,
+                 spec=TrainingSpec(mode=TrainingMode.FEDAVG, optimizer=OptimizerKind.ADAMW, learning_rate=1e-3,
+                                  micro_batch=micro_batch), signing_key=key,
                  out_path=path, model_name=model.name)
     install_bundle(path, key.public_key(), work / model.name)
     return work / model.name

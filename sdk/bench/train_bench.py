@@ -127,6 +127,8 @@ class BenchModel:
     input_shape: tuple[int, ...]
     classes: int
     steps: int
+    #: The portable bundle's micro_batch (0: whole batch, the default build; see TrainingSpec.micro_batch).
+    micro_batch: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +172,9 @@ DEFAULT_MODELS = (
                input_shape=(6, 100), classes=7, steps=300),
     BenchModel(name="cnn2d-1x28x28-10", factory="PersonalizedCNN2D", kwargs={"in_channels": 1, "num_classes": 10},
                input_shape=(1, 28, 28), classes=10, steps=60),
+    # Not the default build: the same 2D-CNN with `fedge bundle build --micro-batch 8` (ort-training and torch unchanged).
+    BenchModel(name="cnn2d-28x28-micro8", factory="PersonalizedCNN2D", kwargs={"in_channels": 1, "num_classes": 10},
+               input_shape=(1, 28, 28), classes=10, steps=60, micro_batch=8),
 )
 
 
@@ -236,7 +241,7 @@ def run_train_bench(
         save_public_key(key.public_key(), work / "fleet.pub")
         peak_cfg = {"threads": threads, "windows": 20, "models": write_matmul_models(work)}
         for model in models:
-            bundle_dir = _build(model, work, key)
+            bundle_dir = _build(model, work, key, model.micro_batch)
             steps = max(20, int(model.steps * step_scale))
             base = {"bundle": str(bundle_dir), "pub": str(work / "fleet.pub"), "batch": batch, "input_shape": list(model.input_shape),
                     "classes": model.classes, "threads": threads, "warmup": max(5, steps // 10), "steps": steps,

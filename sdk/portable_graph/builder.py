@@ -114,7 +114,7 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
             proto = export_graph(make_step(traced, spec), inputs, input_names=spec.step_inputs(), output_names=spec.step_outputs(),
                                  path=out / file)
         check_in_place_updates(proto.graph)
-        if parameters_update_in_place(proto.graph):
+        if parameters_update_in_place(proto.graph, spec.flat if spec.flat_params else ()):
             onnx.helper.set_model_props(proto, {g.PARAMS_IN_PLACE: "1"})
             onnx.save(proto, os.fspath(out / file))
         for x, y in checks:

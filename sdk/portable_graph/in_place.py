@@ -12,8 +12,8 @@ reads what its subgraph reads from the enclosing graph too.
   last layer before the backward reads its weights for the layers below), and forcing the order
   there was measured 5 MB worse (every gradient then lives until the first update). A graph that passes is marked for the device
   (:func:`parameters_update_in_place`, ``graph_names.PARAMS_IN_PLACE``), one that does not keeps two
-  buffers per parameter. ``flat.param`` counts with every ``param.*`` that has no ``new.param.*`` of
-  its own, since the device binds the flat parameters' ``param.*`` inputs to views of it.
+  buffers per parameter. ``flat.param`` counts with the ``param.*`` of the parameters it holds, since
+  the device binds those inputs to views of it.
 """
 
 from __future__ import annotations
@@ -100,16 +100,16 @@ def check_in_place_updates(graph: onnx.GraphProto) -> None:
                                         "it cannot be updated in place")
 
 
-def parameters_update_in_place(graph: onnx.GraphProto) -> bool:
-    """Whether every updated parameter (and ``flat.param`` with the parameters it holds) may share one buffer with its update."""
+def parameters_update_in_place(graph: onnx.GraphProto, flat: tuple[str, ...] = ()) -> bool:
+    """Whether every updated parameter (and ``flat.param`` with ``flat``, the parameters it holds) may share one buffer
+    with its update."""
     outputs = {o.name for o in graph.output}
     inputs = [i.name for i in graph.input]
-    own = {n for n in inputs if n.startswith(g.PARAM) and g.new(n) in outputs}
-    updated = [n for n in inputs if g.new(n) in outputs and (n in own or n == g.FLAT_PARAMS)]
+    updated = [n for n in inputs if g.new(n) in outputs and (n.startswith(g.PARAM) or n == g.FLAT_PARAMS)]
     if not updated:
         return False
     for name in updated:
-        aliases = {name} if name != g.FLAT_PARAMS else {name, *(n for n in inputs if n.startswith(g.PARAM) and n not in own)}
+        aliases = {name} if name != g.FLAT_PARAMS else {name, *map(g.param, flat)}
         if _late_reader(graph, aliases, g.new(name)) is not None:
             return False
     return True

@@ -2,7 +2,9 @@
 
 Each measurement runs in its own fresh subprocess so that peak RSS belongs to
 that runtime alone. The agent processes make torch, onnx and sdk unimportable
-(and check torch never loaded), as on a device. Runs alternate (SGEMM peak,
+(and check torch never loaded), as on a device, and import what the device's
+daemon (``fedge-agent run``) holds when it trains: its CLI and daemon stack
+(MQTT, TLS, release metadata), the bundle verification (cryptography), onnxruntime. Runs alternate (SGEMM peak,
 ort-training, portable, torch, ...) and the median of the repeats is reported,
 since the machines are noisy; the headline figures are ratios within one run.
 
@@ -75,6 +77,9 @@ AGENT_CHILD = textwrap.dedent(
     from device_agent.import_guard import ModuleBlocker
     sys.meta_path.insert(0, ModuleBlocker(("torch", "onnx", "sdk")))
     t0 = time.perf_counter()
+    # What the device's daemon (`fedge-agent run`, the firmware's service) holds when it trains: the CLI and the
+    # daemon's stack (MQTT, TLS, release metadata) besides the bundle verification (cryptography) and onnxruntime.
+    import device_agent.cli, device_agent.daemon.bootstrap  # noqa: F401
     from device_agent.bundle.archive import load_bundle
     from device_agent.bundle.manifest import ArtifactSetName
     from device_agent.keys import load_verify_key

@@ -62,3 +62,23 @@ def test_a_micro_batched_step_updates_its_parameters_in_place(model_bundle, inst
     assert whole._graphs[ArtifactSetName.PERSONAL].params_in_place
     for name, value in whole.export_state().parameters.items():
         np.testing.assert_allclose(sliced.get_parameter(name), value, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_an_agent_that_ignores_the_in_place_mark_gets_the_same_numbers(model_bundle, install, monkeypatch):
+    """A micro-batched bundle is format 3 as before: an agent of that format (no mark, ping-pong) trains it alike."""
+    bundle = install(model_bundle("mlp-wide", "fedalt", mu=0.1, optimizer="adamw", micro_batch=3)[0])
+    batches = [make_data("mlp-wide", "cross_entropy", n, seed=10 + i) for i, n in enumerate((8, 5, 8))]
+
+    def train(backend: PortableBackend) -> dict[str, np.ndarray]:
+        for x, y in batches:
+            for set_name in (ArtifactSetName.PERSONAL, ArtifactSetName.SHARED):
+                backend.train_step(set_name, x, y)
+        return backend.export_state().parameters
+
+    in_place = train(PortableBackend(bundle, threads=1))
+    monkeypatch.setattr(g, "PARAMS_IN_PLACE", "fedge.a-key-no-graph-has")
+    old = PortableBackend(bundle, threads=1)
+    ping_ponged = train(old)
+    assert not old._graphs[ArtifactSetName.SHARED].params_in_place and old._graphs[ArtifactSetName.SHARED].ping_pong
+    for name, value in in_place.items():
+        np.testing.assert_array_equal(ping_ponged[name], value, err_msg=name)

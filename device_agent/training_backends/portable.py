@@ -41,7 +41,7 @@ from device_agent.training_backends.state import OptimizerState, TrainingState, 
 
 
 #: Models with at most this many parameters run with onnxruntime's memory pattern (see _session_options).
-MEMORY_PATTERN_MAX_PARAMETERS = 1 << 16
+MEMORY_PATTERN_MAX_PARAMETERS = 1 << 13
 
 
 class _Slot:
@@ -345,9 +345,10 @@ def _session_options(ort: Any, threads: int | None, *, memory_pattern: bool) -> 
 
     With a memory pattern onnxruntime allocates, from the second run on, one block for all of a run's
     intermediates instead of one allocation per intermediate. Measured at batch 32, one thread: the MLP's step
-    (~50 us, dispatch-bound) runs 12-15% faster per CPU-second with it and holds the same memory; the 2D-CNN's
-    holds 7 MB more with it (110.6 vs 103.8 MB, from the doubling shared arena; micro-batched, 9 MB more) at the
-    same speed. So models of up to MEMORY_PATTERN_MAX_PARAMETERS parameters use it, larger ones do not.
+    (3.6k parameters, ~50 us, dispatch-bound) runs 12-15% faster per CPU-second with it and holds the same memory;
+    the 1D-CNN's (16k) holds 3.5 MB more with it at the same speed, the 2D-CNN's (582k) 7 MB more (110.6 vs
+    103.8 MB, from the doubling shared arena; micro-batched, 9 MB more). So models of up to
+    MEMORY_PATTERN_MAX_PARAMETERS parameters use it, larger ones do not.
     """
     options = ort.SessionOptions()
     if threads is not None:

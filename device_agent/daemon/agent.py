@@ -296,6 +296,7 @@ class DeviceAgent:
     def _play_round(self, model: OpenedModel) -> RoundResult:
         number = model.header.round
         report = None
+        self.sealer.follow_frames(model.header.frames)
         try:
             sealed = self._resume(number)
             if sealed is None:

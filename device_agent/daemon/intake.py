@@ -233,7 +233,8 @@ class MessageIntake:
         if applied.model is None:
             return self._refuse_delta(f"delta_{applied.reason}", "%s", applied.detail)
         header = ModelHeader(fleet=h.fleet, sender=h.sender, round=h.round, bundle_version=h.bundle_version,
-                             region=h.region, compression=h.compression, nonce=h.nonce, timestamp_ms=h.timestamp_ms)
+                             region=h.region, compression=h.compression, frames=h.frames, nonce=h.nonce,
+                             timestamp_ms=h.timestamp_ms)
         tensors = {n: v.copy() for n, v in applied.model.tensors.items()}  # the trainer's; ``held`` stays the base
         self._take(OpenedModel(header=header, tensors=tensors, signer_key_id=opened.signer_key_id), applied.model)
         self.deltas_applied += 1

@@ -2,7 +2,8 @@
 
 :class:`UpdateSealer` holds what sealing needs across rounds: the bundle's
 uplink compression, the override a model named for its round, and the
-error-feedback residual file (the part of a delta not sent, added to the next).
+error-feedback residual file (the part of a delta not sent, added to the next),
+and the frame version the aggregator's models announce it reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from device_agent.daemon.config import AgentConfig
 from device_agent.daemon.keyring import DeviceKeys
 from device_agent.local_round import LocalUpdate
 from device_agent.protocol import envelope
+from device_agent.protocol.frame_versions import FRAME_V1, choose_frame_version
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.state_store import ResidualFile
 
@@ -48,10 +50,19 @@ class UpdateSealer:
         #: The round and spec a model's ``compression`` field asked for (None: the bundle decides).
         self._round_compression: tuple[int, CompressionSpec] | None = None
         self._residual = ResidualFile(state.directory / "residual.bin")
+        #: The frame version updates are sealed in: the highest the last model's ``frames`` named and this
+        #: code reads (1 until a model names more; docs/protocol.md, "Frames").
+        self.frame_version = FRAME_V1
 
     def follow_model(self, round: int, compression: str | None) -> None:
         """Note the compression the round's model asked for (None: the bundle's field)."""
         self._round_compression = None if compression is None else (round, CompressionSpec.parse(compression))
+
+    def follow_frames(self, frames: tuple[int, ...] | None) -> None:
+        """Seal in the highest frame version the model's publisher reads (``frames`` None: version 1 only).
+
+        Called for every round played, a re-seal after a restart included."""
+        self.frame_version = choose_frame_version(frames)
 
     def compression_for(self, round: int) -> CompressionSpec:
         """The uplink compression of ``round``: the override its model named, else the bundle's field."""
@@ -77,7 +88,8 @@ class UpdateSealer:
             encoding=encoding,
         )
         blob = envelope.seal_update(
-            header, tensors, recipient_public_key=self._keys.aggregator_key, sender_key=self._keys.signing_key
+            header, tensors, recipient_public_key=self._keys.aggregator_key, sender_key=self._keys.signing_key,
+            frame_version=self.frame_version
         )
         sealed = SealedUpdate(header=header, blob=blob)
         self._state.save_pending(sealed)

@@ -9,10 +9,14 @@ Construction: ``shared = X25519(ephemeral_private, recipient_public)``;
 info="fedge-seal-v1" || 0x00 || ephemeral_public || recipient_public)``;
 ``ciphertext = ChaCha20-Poly1305(key, nonce, plaintext=tensor payload,
 aad=every byte before the ciphertext)``; the signature covers every byte
-before it. A fresh ephemeral key per message makes key and nonce unique.
+before it: directly (frame version 1) or as ``context || SHA-256`` of them
+(version 2, "prehashed": one fast hash instead of Ed25519's SHA-512 over the
+payload; the sender seals the highest version its recipient announced).
+A fresh ephemeral key per message makes key and nonce unique.
 ChaCha20 rather than AES-GCM because the Raspberry Pi 4 has no AES instructions.
 
-A signed model is ``b"FDGM" | version | header_len | header | tensor payload | signature``.
+A signed model is ``b"FDGM" | version | header_len | header | tensor payload | signature``
+(always frame version 1: every device verifies it, and version 1 is what every device reads).
 
 FedFomo candidates (region -> one device) are sealed like an update under
 the magic ``b"FDGK"``, to the X25519 key the device put in its request, and
@@ -41,7 +45,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.keys import TrustedKeys, raw_public_bytes, trusted_key_map
-from device_agent.protocol._frame import SIGNATURE_BYTES, Frame, frame_prefix, sign_frame, split_frame, verify_frame
+from device_agent.protocol._frame import (
+    FRAME_V1,
+    FRAME_VERSIONS,
+    SIGNATURE_BYTES,
+    Frame,
+    frame_prefix,
+    sign_frame,
+    split_frame,
+    verify_frame,
+)
 from device_agent.protocol.headers import MAX_HEADER_BYTES, CandidatesHeader, ModelHeader, UpdateHeader
 from device_agent.compression.spec import CompressedTensor
 from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors, encode_tensors
@@ -64,14 +77,18 @@ SenderKeys = Union[Mapping[str, Ed25519PublicKey], Callable[[str], Union[Ed25519
 class OpenedUpdate:
     """An authenticated, decrypted update; ``sender_key_id`` names the key that signed it.
 
-    ``digest``: SHA-256 of the header bytes and the decrypted payload bytes as received
-    (equal for a resend of the same update, whose ciphertext differs); None unless asked for.
+    ``digest`` names the content for exactly-once; None unless asked for. Frame version 1:
+    SHA-256 of the header bytes and the decrypted payload bytes as received (equal for a
+    re-sealed copy, whose ciphertext differs). Version 2: the SHA-256 the signature covers,
+    of every byte before it (equal for a byte-identical resend, which is what fedge's
+    senders resend; a re-sealed copy has other bytes and another digest).
     """
 
     header: UpdateHeader
     tensors: dict[str, np.ndarray]
     sender_key_id: str
     digest: bytes | None = None
+    frame_version: int = FRAME_V1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,17 +126,21 @@ def seal_update(
     recipient_public_key: X25519PublicKey,
     sender_key: Ed25519PrivateKey,
     ephemeral_key: X25519PrivateKey | None = None,
+    frame_version: int = FRAME_V1,
 ) -> bytes:
     """Encode ``tensors`` with ``header.encoding``, encrypt them to the recipient and sign.
 
     A compressed encoding takes the :class:`CompressedTensor` values ``compress_delta`` made.
+    ``frame_version``: 1, or 2 (prehashed) when the recipient announced it reads it
+    (:func:`device_agent.protocol.frame_versions.choose_frame_version`).
 
     ``ephemeral_key`` None means a fresh random key (always, outside known-answer tests).
     """
     if not isinstance(header, UpdateHeader):
         raise TypeError("header must be an UpdateHeader")
     return _seal(UPDATE_MAGIC, header.to_bytes(), encode_tensors(tensors, encoding=header.encoding),
-                 recipient_public_key=recipient_public_key, sender_key=sender_key, ephemeral_key=ephemeral_key)
+                 recipient_public_key=recipient_public_key, sender_key=sender_key, ephemeral_key=ephemeral_key,
+                 version=frame_version)
 
 
 def _seal(
@@ -130,12 +151,13 @@ def _seal(
     recipient_public_key: X25519PublicKey,
     sender_key: Ed25519PrivateKey,
     ephemeral_key: X25519PrivateKey | None,
+    version: int = FRAME_V1,
 ) -> bytes:
     if not isinstance(recipient_public_key, X25519PublicKey):
         raise TypeError("recipient_public_key must be an X25519PublicKey")
     ephemeral = X25519PrivateKey.generate() if ephemeral_key is None else ephemeral_key
     ephemeral_public = raw_public_bytes(ephemeral.public_key())
-    aad = frame_prefix(magic, record) + ephemeral_public
+    aad = frame_prefix(magic, record, version=version) + ephemeral_public
     cipher, nonce = _cipher(ephemeral.exchange(recipient_public_key), record, ephemeral_public, raw_public_bytes(recipient_public_key))
     return sign_frame(aad + cipher.encrypt(nonce, payload, aad), sender_key)
 
@@ -174,30 +196,34 @@ def open_update(
     sender_public_key: SenderKeys,
     limits: DecodeLimits = DecodeLimits(),
     with_digest: bool = False,
+    frame_versions: frozenset[int] = FRAME_VERSIONS,
 ) -> OpenedUpdate:
     """Authenticate, decrypt and decode a sealed update.
 
     ``sender_public_key`` maps ``header.sender`` to its Ed25519 key (a lookup
     may return None: unknown sender). The header is parsed before the
     signature is checked only to find the sender; nothing is decrypted or
-    decoded until the signature verifies. ``with_digest``: also hash the
-    header and plaintext bytes (:attr:`OpenedUpdate.digest`), no re-encoding.
+    decoded until the signature verifies. ``with_digest``: also give the
+    content digest (:attr:`OpenedUpdate.digest`): free for a prehashed frame
+    (the signature's own SHA-256), a hash of header and plaintext for version 1,
+    never a re-encoding. ``frame_versions``: the frame versions to accept (another
+    is MalformedMessageError naming it).
     """
     if not isinstance(recipient_key, X25519PrivateKey):
         raise TypeError("recipient_key must be an X25519PrivateKey")
-    frame = split_frame(
-        blob, magic=UPDATE_MAGIC, what="sealed update", min_body=_PUBLIC_BYTES + _TAG_BYTES, max_bytes=limits.max_encoded_bytes + _FRAME_OVERHEAD
-    )
+    frame = split_frame(blob, magic=UPDATE_MAGIC, what="sealed update", min_body=_PUBLIC_BYTES + _TAG_BYTES,
+                        max_bytes=limits.max_encoded_bytes + _FRAME_OVERHEAD, versions=frame_versions)
     header = UpdateHeader.from_bytes(frame.record)
     key_id = verify_frame(frame, [lookup_sender(sender_public_key, header.sender)])
     plaintext = _decrypt(frame, recipient_key)
     tensors = decode_tensors(plaintext, encoding=header.encoding, limits=limits)
-    digest = None
-    if with_digest:
+    digest = frame.digest
+    if with_digest and digest is None:
         hasher = hashlib.sha256(frame.record)
         hasher.update(plaintext)
         digest = hasher.digest()
-    return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id, digest=digest)
+    return OpenedUpdate(header=header, tensors=tensors, sender_key_id=key_id, digest=digest if with_digest else None,
+                        frame_version=frame.version)
 
 
 def sign_model(header: ModelHeader, tensors: Mapping[str, np.ndarray], *, signer_key: Ed25519PrivateKey) -> bytes:
@@ -298,7 +324,8 @@ def claimed_update_header(blob: bytes | bytearray | memoryview) -> UpdateHeader 
     is from): never act on it.
     """
     try:
-        frame = split_frame(blob, magic=UPDATE_MAGIC, what="sealed update", min_body=0, max_bytes=len(blob) + 1)
+        frame = split_frame(blob, magic=UPDATE_MAGIC, what="sealed update", min_body=0, max_bytes=len(blob) + 1,
+                            versions=FRAME_VERSIONS)
         return UpdateHeader.from_bytes(frame.record)
     except MalformedMessageError:
         return None

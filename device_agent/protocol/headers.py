@@ -223,13 +223,22 @@ class ModelHeader(MessageHeader):
     #: The uplink compression the publisher asks for this round (CompressionSpec text); None (left out of
     #: the canonical form): the bundle's ``compression`` field decides, as before this field existed.
     compression: str | None = None
-    _OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"compression"})
+    #: The frame versions the publisher opens in the updates (or aggregates) it is sent, ascending
+    #: (docs/protocol.md, "Frames"); None (left out): version 1 only, as before this field existed.
+    frames: tuple[int, ...] | None = None
+    _OMITTED_WHEN_NONE: ClassVar[frozenset[str]] = frozenset({"compression", "frames"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_id("region", self.region, optional=True)
         if self.compression is not None and CompressionSpec.parse(self.compression).describe() != self.compression:
             raise ValueError(f"compression {self.compression!r} is not in its canonical text form")
+        if self.frames is not None:
+            frames = self.frames
+            if (not isinstance(frames, (list, tuple)) or not 1 <= len(frames) <= 8
+                    or any(type(v) is not int or not 1 <= v <= 255 for v in frames) or list(frames) != sorted(set(frames))):
+                raise ValueError(f"frames must be 1 to 8 distinct frame versions (1..255) in ascending order, got {frames!r}")
+            object.__setattr__(self, "frames", tuple(frames))
 
 
 @dataclass(frozen=True, kw_only=True)

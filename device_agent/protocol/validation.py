@@ -22,6 +22,7 @@ import numpy as np
 
 from device_agent.errors import RejectedUpdateError
 from device_agent.parameters import norm_of_squares, sum_of_squares
+from device_agent.protocol.fast_norm import decided_alike, float32_squares
 from device_agent.protocol.envelope import OpenedUpdate
 from device_agent.protocol.headers import MessageKind, UpdateHeader
 
@@ -242,29 +243,42 @@ class UpdateValidator:
         if header.sample_count < 1 or (self.max_sample_count is not None and header.sample_count > self.max_sample_count):
             raise _reject(RejectReason.SAMPLE_COUNT, f"sample count {header.sample_count} outside 1..{self.max_sample_count}")
 
-    def check_tensors(self, tensors: Mapping[str, np.ndarray]) -> float:
+    def check_tensors(self, tensors: Mapping[str, np.ndarray], *, exact_near: tuple[float, ...] = ()) -> float:
         """The tensor checks of :meth:`validate` alone (names, dtypes, shapes, finiteness, norm); returns the
-        global L2 norm it measured (float64, as :func:`~device_agent.parameters.global_norm`), for the caller to reuse.
+        global L2 norm it measured, for the caller to reuse.
 
-        One float64 pass per tensor gives both its share of the norm and its finiteness: a non-finite entry makes
-        the sum of squares non-finite, and only then is the tensor scanned for NaN or Inf (a finite float64 tensor
-        whose squares overflow is not ``non_finite``).
+        One pass per tensor gives both its share of the norm and its finiteness: a non-finite entry makes
+        the sum of squares non-finite, and only then is the tensor scanned for NaN or Inf (a finite tensor
+        whose squares overflow is not ``non_finite``). Float32 tensors are summed by float32 BLAS with a proven
+        error bound (:mod:`device_agent.protocol.fast_norm`); the norm is measured again exactly (float64, as
+        :func:`~device_agent.parameters.global_norm`, bit for bit) whenever ``max_norm`` or a value in
+        ``exact_near`` (the caller's own thresholds, e.g. a clip bound) lies within that bound, so every
+        decision is the exact one; otherwise the value returned is within ``~(n + 1) 2**-24`` (relative) of it.
         """
         if missing := sorted(set(self.params) - set(tensors)):
             raise _reject(RejectReason.MISSING_TENSOR, f"missing {missing[:5]}")
         if unexpected := sorted(set(tensors) - set(self.params)):
             raise _reject(RejectReason.UNEXPECTED_TENSOR, f"unexpected {unexpected[:5]}")
         squares: dict[str, float] = {}
+        slack = 0.0
         for name, (shape, dtype) in sorted(self.params.items()):
             tensor = tensors[name]
             if tensor.dtype.name != dtype:
                 raise _reject(RejectReason.DTYPE, f"{name}: expected {dtype}, got {tensor.dtype.name}")
             if tensor.shape != shape:
                 raise _reject(RejectReason.SHAPE, f"{name}: expected {shape}, got {tensor.shape}")
+            fast = float32_squares(tensor)
+            if fast is not None:
+                squares[name], error = fast
+                slack += error
+                continue
             squares[name] = sum_of_squares(name, tensor)
             if not math.isfinite(squares[name]) and tensor.dtype.kind == "f" and not np.all(np.isfinite(tensor)):
                 raise _reject(RejectReason.NON_FINITE, f"{name} has NaN or Inf values")
-        norm = norm_of_squares([squares[name] for name in tensors])  # global_norm's order: bit for bit the same
+        norm = norm_of_squares([squares[name] for name in tensors])
+        thresholds = exact_near if self.max_norm is None else (self.max_norm, *exact_near)
+        if not decided_alike(norm, slack, thresholds):  # too close to call: global_norm's order, bit for bit
+            norm = norm_of_squares([sum_of_squares(name, tensors[name]) for name in tensors])
         if self.max_norm is not None and norm > self.max_norm:
             raise _reject(RejectReason.NORM, f"L2 norm {norm:.6g} exceeds {self.max_norm:.6g}")
         return norm

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from device_agent.parameters import as_float32, check_finite, check_layout
+from device_agent.protocol.frame_versions import FRAME_V1, FRAME_VERSIONS
 from device_agent.protocol.headers import check_id, check_int
 from device_agent.protocol.tensor_codec import DecodeLimits
 from device_agent.protocol.validation import ParamSpec
@@ -36,6 +37,11 @@ class AggregatorConfig:
     update must come from. ``policy``: quorum and deadline. ``norm_bound``:
     the L2 bound on an incoming update (None: unbounded). ``replay_rounds``:
     how many rounds the replay window (and the accepted set) remembers.
+    ``update_frames``: the frame versions of sealed updates it opens (default both;
+    another is refused as ``malformed``). ``announce_frames``: name them in the
+    ``frames`` field of the models it signs, so senders seal the highest one both
+    speak; off by default because a device older than that field refuses such a
+    model (docs/protocol.md, "Frames": upgrade the devices, then turn it on).
     ``clock``: monotonic seconds, for deadlines. ``wall_clock``: Unix
     seconds, for the timestamps of what this aggregator signs.
     """
@@ -48,6 +54,8 @@ class AggregatorConfig:
     policy: RoundPolicy
     norm_bound: float | None = None
     replay_rounds: int = 8
+    update_frames: frozenset[int] = FRAME_VERSIONS
+    announce_frames: bool = False
     clock: Callable[[], float] = field(default=time.monotonic, compare=False)
     wall_clock: Callable[[], float] = field(default=time.time, compare=False)
 
@@ -68,6 +76,20 @@ class AggregatorConfig:
             raise ValueError(f"norm_bound must be positive and finite or None, got {self.norm_bound}")
         if isinstance(self.replay_rounds, bool) or not isinstance(self.replay_rounds, int) or self.replay_rounds < 1:
             raise ValueError(f"replay_rounds must be an integer >= 1, got {self.replay_rounds!r}")
+        frames = frozenset(self.update_frames)
+        if not frames or not frames <= FRAME_VERSIONS:
+            raise ValueError(f"update_frames must be a non-empty subset of {sorted(FRAME_VERSIONS)}, got {sorted(frames)}")
+        object.__setattr__(self, "update_frames", frames)
+        if not isinstance(self.announce_frames, bool):
+            raise TypeError("announce_frames must be a bool")
+        if FRAME_V1 not in frames and not self.announce_frames:
+            raise ValueError("update_frames without version 1 needs announce_frames: senders seal version 1 "
+                             "unless the model header names another")
+
+    @property
+    def announced_frames(self) -> tuple[int, ...] | None:
+        """The ``frames`` field of the models this aggregator signs (None: left out, version 1 only)."""
+        return tuple(sorted(self.update_frames)) if self.announce_frames else None
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:

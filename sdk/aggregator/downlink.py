@@ -136,7 +136,7 @@ class ModelPublisher:
         if not self.settings.active:
             return self._remember(blob, Published(round=h.round, full=blob, delta=None))
         uplink = self.settings.uplink.for_round(h.round)
-        fields = dict(fleet=h.fleet, sender=h.sender, round=h.round, bundle_version=h.bundle_version, region=h.region,
+        fields = dict(fleet=h.fleet, sender=h.sender, round=h.round, bundle_version=h.bundle_version, region=h.region, frames=h.frames,
                       compression=None if uplink is None else uplink.describe(), clock=self._clock)
         tensors, delta = opened.tensors, None
         if self._chain is not None:

@@ -52,7 +52,7 @@ from device_agent.protocol.validation import RejectReason, UpdateValidator
 from sdk.aggregation import AggregationConfig, StreamingWeightedMean, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy
 from sdk.aggregation.robust import scale_delta
-from sdk.aggregator.admission import Admission, admit, check_round_total
+from sdk.aggregator.admission import FLOAT32_SAFE, Admission, admit, check_round_total
 from sdk.aggregator.auth_log import AuthFailureLog
 from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.config import AggregatorConfig
@@ -160,7 +160,7 @@ class UpdateIntake(RoundCache):
         blob = item.blob
         try:
             opened = open_update(blob, recipient_key=self._config.encryption_key, sender_public_key=self._sender_keys,
-                                 limits=self._limits, with_digest=True)
+                                 limits=self._limits, with_digest=True, frame_versions=self._config.update_frames)
         except AuthenticationError:
             self._auth_log.report_update(blob, keys=self._sender_keys, topic_sender=item.topic_sender, what=self._what)
             return self._refuse(IntakeReason.AUTH, "", len(blob))
@@ -234,7 +234,9 @@ class UpdateIntake(RoundCache):
         contributors = None
         if self._sender_is_region:
             opened, contributors = split_contributors(opened)
-        norm = self._validator.check_tensors(opened.tensors)  # measured once: admission and clipping reuse it
+        bounds = self.bounds  # admission's thresholds: exact decisions near them (clip or not, the float32 range)
+        near = (FLOAT32_SAFE - self._base_largest,) + (() if bounds is None or bounds.clip_norm is None else (bounds.clip_norm,))
+        norm = self._validator.check_tensors(opened.tensors, exact_near=near)  # measured once: admission and clipping reuse it
         return admit(opened, base=self._record.base_params, bounds=self.bounds, weight=self._weight_of(header),
                      contributors=contributors, base_largest=self._base_largest, norm=norm)
 

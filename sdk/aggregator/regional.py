@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from device_agent.errors import AuthenticationError, MalformedMessageError
 from device_agent.protocol.candidate_request import open_candidate_request
 from device_agent.protocol.envelope import SenderKeys, open_model, seal_candidates, seal_update
+from device_agent.protocol.frame_versions import choose_frame_version
 from device_agent.protocol.headers import MAX_CANDIDATES, CandidatesHeader, MessageKind, UpdateHeader, check_id
 from sdk.aggregation import AggregationConfig, mix_regional
 from sdk.aggregation.influence import InfluencePolicy
@@ -175,6 +176,9 @@ class RegionalAggregator(AggregatorTier):
             logger.warning("region %s: influence norm='unbounded': one device can move the model as far as it likes (unsafe)",
                            config.region)
         self._regional = config
+        #: The frame versions the tier above announced in its last model (None: version 1 only); the
+        #: aggregate is sealed in the highest one both read (docs/protocol.md, "Frames").
+        self._parent_frames: tuple[int, ...] | None = None
         #: FedFomo: every device's latest model (in memory; refills from uploads after a restart).
         self.candidates = CandidatePool()
         self._rng = rng if rng is not None else np.random.default_rng()
@@ -256,6 +260,7 @@ class RegionalAggregator(AggregatorTier):
             params = conform_params(self._config.spec, opened.tensors, what="global model")
         except (TypeError, ValueError) as exc:
             raise self._reject_model("params", str(exc)) from exc
+        self._parent_frames = header.frames
         return self.start_round(header.round, params)
 
     def handle_update(self, blob: bytes | bytearray | memoryview, *, topic_device: str | None = None) -> HandledUpdate:
@@ -413,4 +418,5 @@ class RegionalAggregator(AggregatorTier):
             tensors,
             recipient_public_key=self._regional.root_encryption_key,
             sender_key=self._config.signing_key,
+            frame_version=choose_frame_version(self._parent_frames),
         )

@@ -204,6 +204,7 @@ class AggregatorTier:
             round=round,
             bundle_version=self._config.bundle_version if bundle_version is None else bundle_version,
             region=region,
+            frames=self._config.announced_frames,
             clock=self._config.wall_clock,
         )
         return sign_model(header, params, signer_key=self._config.signing_key)

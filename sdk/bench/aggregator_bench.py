@@ -20,9 +20,13 @@ peak RSS (``VmHWM``):
   closed by one of them (merging both partial sums). ``members`` / ``durable``
   is the scaling of a region over two cores.
 
+Every path runs once per frame version in ``frames`` (default both: the same
+deltas and headers sealed in version 1 and in version 2, prehashed), alternating
+inside each repeat, so the two envelopes are compared side by side in one run.
+
 A ``parts`` child times each stage of the intake on the same updates (header
-parse, Ed25519, X25519 + HKDF, ChaCha20-Poly1305, decode, digest, validation,
-bounds + fold, receipt signing: ``PARTS``); the durable child adds the COMMIT
+parse, the version-2 prehash, Ed25519, X25519 + HKDF, ChaCha20-Poly1305, decode,
+digest, validation, bounds + fold, receipt signing: ``PARTS``); the durable child adds the COMMIT
 time per update. Every child also reports its CPU time and its run-queue wait
 (``/proc/self/schedstat``: runnable, waiting for a CPU another process held),
 so the machine's load can be told apart from fedge's own waits (COMMIT, and
@@ -53,9 +57,11 @@ from sdk.bench.aggregator_children import MEMBER, PART_NAMES, SCRIPTS
 PATHS = ("durable", "memory", "naive", "unbatched", "members")
 REQUIRED_PATHS = ("durable", "memory")
 PARTS = PART_NAMES
-FLOOR_PARTS = ("ed25519", "x25519_hkdf", "chacha20", "decode", "validate", "bounds_fold")
-"""The parts no intake can skip: authenticate, decrypt, decode, check finiteness + norm, fold (issue 12's floor,
-plus the key agreement every sealed message needs). Above it: parsing, the content digest, the receipt, the store."""
+FLOOR_PARTS = ("prehash", "ed25519", "x25519_hkdf", "chacha20", "decode", "validate", "bounds_fold")
+"""The parts no intake can skip: authenticate (the prehash and Ed25519), decrypt, decode, check finiteness + norm, fold
+(issue 12's floor, plus the key agreement every sealed message needs). Above it: parsing, the content digest, the
+receipt, the store."""
+FRAMES = (1, 2)
 FLOOR_MS = 0.6
 """The unavoidable work per update at 100k parameters on one core, as estimated in issue 12."""
 FLEET = "bench"
@@ -105,12 +111,13 @@ class PathFigures:
 
 @dataclass(frozen=True, kw_only=True)
 class AggregatorBenchRow:
-    """One N: each path's median figures, the per-part costs (ms per update), the ratios (None when a path
+    """One N and frame version: each path's median figures, the per-part costs (ms per update), the ratios (None when a path
     was not run), and the largest deviation from the reference mean. ``members_vs_durable_unqueued``: the
     members ratio from the loops with each process's run-queue wait taken out (what two free cores would give);
     ``members_vs_durable_runs``: the wall-clock ratio of each repeat (its spread)."""
 
     updates: int
+    frame: int
     parameters: int
     update_bytes: int
     repeats: int
@@ -148,8 +155,9 @@ def _norm_bound(spec: Mapping[str, tuple[int, ...]]) -> float:
     return 10.0 * DELTA_SCALE * math.sqrt(sum(math.prod(s) for s in spec.values())) + 1.0
 
 
-def prepare_updates(spec: Mapping[str, tuple[int, ...]], count: int, work: Path) -> tuple[Path, list[tuple[int, int]], dict[str, np.ndarray]]:
-    """Seal ``count`` updates from ``count`` distinct device keys into one file.
+def prepare_updates(spec: Mapping[str, tuple[int, ...]], count: int, work: Path,
+                    frame: int = 1) -> tuple[Path, list[tuple[int, int]], dict[str, np.ndarray]]:
+    """Seal ``count`` updates from ``count`` distinct device keys into one file, in frame version ``frame``.
 
     Returns the file, the (offset, length) of each update, and the sample-weighted
     mean of the deltas computed in float64 (the reference every path must match).
@@ -164,13 +172,13 @@ def prepare_updates(spec: Mapping[str, tuple[int, ...]], count: int, work: Path)
     sums = {name: np.zeros(shape, dtype=np.float64) for name, shape in spec.items()}
     total = 0.0
     index = []
-    path = work / "updates.bin"
+    path = work / f"updates-v{frame}.bin"
     with path.open("wb") as fh:
         for i in range(count):
             device, delta, samples = _device(i), _delta(spec, i), _samples(i)
             header = UpdateHeader.create(kind=MessageKind.UPDATE, fleet=FLEET, sender=device, region=REGION, round=0,
                                          bundle_version=BUNDLE_VERSION, sample_count=samples)
-            blob = seal_update(header, delta, recipient_public_key=recipient,
+            blob = seal_update(header, delta, recipient_public_key=recipient, frame_version=frame,
                                sender_key=Ed25519PrivateKey.from_private_bytes(_seed(f"ed25519:{device}")))
             index.append((fh.tell(), len(blob)))
             fh.write(blob)
@@ -247,14 +255,18 @@ def _max_abs_diff(path: Path, reference: Mapping[str, np.ndarray]) -> float:
 def run_aggregator_bench(
     *, updates: tuple[int, ...] = (400,), spec: Mapping[str, tuple[int, ...]] = SPEC_100K, repeats: int = 3,
     paths: tuple[str, ...] = PATHS, batch: int = 32, tolerance: float = 1e-5, progress: Callable[[int], object] | None = None,
+    frames: tuple[int, ...] = FRAMES,
 ) -> list[AggregatorBenchRow]:
-    """Measure every path (and the per-part costs) ``repeats`` times per N, alternating, and return median rows.
+    """Measure every path (and the per-part costs) ``repeats`` times per N and frame version, alternating, and
+    return median rows (one per N and frame version).
 
     ``paths`` must include ``durable`` and ``memory``. RuntimeError when any path's mean differs from the
     reference by more than ``tolerance``.
     """
     if not set(REQUIRED_PATHS) <= set(paths) or not set(paths) <= set(PATHS):
         raise ValueError(f"paths must include {REQUIRED_PATHS} and be drawn from {PATHS}, got {paths}")
+    if not frames or not set(frames) <= set(FRAMES) or len(set(frames)) != len(frames):
+        raise ValueError(f"frames must be distinct values from {FRAMES}, got {frames}")
     if repeats < 1 or batch < 1 or any(n < 1 for n in updates):
         raise ValueError("repeats, batch and every update count must be >= 1")
     parameters = sum(math.prod(s) for s in spec.values())
@@ -262,35 +274,41 @@ def run_aggregator_bench(
     with tempfile.TemporaryDirectory(prefix="fedge-aggbench-") as tmp:
         work = Path(tmp)
         for count in updates:
-            blob_path, index, reference = prepare_updates(spec, count, work)
-            base = {"spec": {k: list(v) for k, v in spec.items()}, "devices": [_device(i) for i in range(count)], "region": REGION,
-                    "fleet": FLEET, "bundle_version": BUNDLE_VERSION, "norm_bound": _norm_bound(spec),
-                    "blobs": str(blob_path), "index": index, "batch": batch}
-            runs: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
-            parts: list[dict[str, float]] = []
-            worst = 0.0
+            prepared = {frame: prepare_updates(spec, count, work, frame) for frame in frames}
+            bases = {frame: {"spec": {k: list(v) for k, v in spec.items()}, "devices": [_device(i) for i in range(count)],
+                             "region": REGION, "fleet": FLEET, "bundle_version": BUNDLE_VERSION, "norm_bound": _norm_bound(spec),
+                             "blobs": str(blob_path), "index": index, "batch": batch}
+                     for frame, (blob_path, index, _) in prepared.items()}
+            runs: dict[int, dict[str, list[dict[str, float]]]] = {frame: {p: [] for p in paths} for frame in frames}
+            parts: dict[int, list[dict[str, float]]] = {frame: [] for frame in frames}
+            worst = dict.fromkeys(frames, 0.0)
             for rep in range(repeats):
                 for p in paths:
-                    mean_out = work / f"mean-{p}-{count}-{rep}.npz"
-                    cfg = dict(base, mean_out=str(mean_out), db=str(work / f"region-{count}-{rep}.sqlite"))
-                    if p == "unbatched":
-                        cfg["batch"] = 1
-                    runs[p].append(_run_members(cfg) if p == "members" else _run_child(p, cfg))
-                    diff = _max_abs_diff(mean_out, reference)
-                    if not diff <= tolerance:
-                        raise RuntimeError(f"{p} path with {count} updates: mean differs from the reference by {diff:.3g} > {tolerance}")
-                    worst = max(worst, diff)
-                    for leftover in work.glob(f"region-{count}-{rep}.sqlite*"):
-                        leftover.unlink()
-                parts.append(_run_child("parts", dict(base, mean_out="", part_names=list(PARTS))))
+                    for frame in frames:  # the two envelopes back to back: the same load for both
+                        mean_out = work / f"mean-{p}-{count}-{rep}-v{frame}.npz"
+                        cfg = dict(bases[frame], mean_out=str(mean_out), db=str(work / f"region-{count}-{rep}.sqlite"))
+                        if p == "unbatched":
+                            cfg["batch"] = 1
+                        runs[frame][p].append(_run_members(cfg) if p == "members" else _run_child(p, cfg))
+                        diff = _max_abs_diff(mean_out, prepared[frame][2])
+                        if not diff <= tolerance:
+                            raise RuntimeError(f"{p} path with {count} updates (frame version {frame}): mean differs from the "
+                                               f"reference by {diff:.3g} > {tolerance}")
+                        worst[frame] = max(worst[frame], diff)
+                        for leftover in work.glob(f"region-{count}-{rep}.sqlite*"):
+                            leftover.unlink()
+                for frame in frames:
+                    parts[frame].append(_run_child("parts", dict(bases[frame], mean_out="", part_names=list(PARTS))))
                 if progress is not None:
                     progress(1)
-            rows.append(_row(count, parameters, index, repeats, batch, runs, parts, worst))
-            blob_path.unlink()
+            for frame in frames:
+                rows.append(_row(count, frame, parameters, prepared[frame][1], repeats, batch, runs[frame], parts[frame],
+                                 worst[frame]))
+                prepared[frame][0].unlink()
     return rows
 
 
-def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int, batch: int,
+def _row(count: int, frame: int, parameters: int, index: list[tuple[int, int]], repeats: int, batch: int,
          runs: dict[str, list[dict[str, float]]], parts: list[dict[str, float]], worst: float) -> AggregatorBenchRow:
     def median(rs: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in rs)
@@ -322,7 +340,7 @@ def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int
     if "members" in runs:  # the repeats ran alternately: pair each members run with the durable run of its repeat
         per_run = [m["updates_per_s"] / d["updates_per_s"] for m, d in zip(runs["members"], runs["durable"])]
     return AggregatorBenchRow(
-        updates=count, parameters=parameters, update_bytes=int(statistics.median(n for _, n in index)), repeats=repeats,
+        updates=count, frame=frame, parameters=parameters, update_bytes=int(statistics.median(n for _, n in index)), repeats=repeats,
         batch=batch, paths=figures, parts_ms={name: 1000 * median(parts, name) for name in PARTS},
         durable_vs_memory=durable_vs_memory, members_vs_durable=ratio("members", "durable"),
         members_vs_durable_unqueued=unqueued, members_vs_durable_runs=per_run,
@@ -332,19 +350,24 @@ def _row(count: int, parameters: int, index: list[tuple[int, int]], repeats: int
 
 
 def format_table(rows: list[AggregatorBenchRow]) -> str:
-    """Plain-text tables: one line per (N, path) with the ratios, then the per-part costs beside the floor."""
-    head = (f"{'N':>5s} {'path':10s} {'updates/s':>10s} {'upd/CPU-s':>10s} {'CPU ms/upd':>11s} {'runq ms/upd':>12s}"
+    """Plain-text tables: one line per (N, frame version, path) with the ratios, the frame versions side by side,
+    then the per-part costs of each frame version beside the floor."""
+    head = (f"{'N':>5s} {'frame':5s} {'path':10s} {'updates/s':>10s} {'upd/CPU-s':>10s} {'CPU ms/upd':>11s} {'runq ms/upd':>12s}"
             f" {'lock ms/upd':>12s} {'commit ms/upd':>14s} {'finish s':>9s} {'peak RSS MB':>12s}")
     lines = [head, "-" * len(head)]
 
     def cell(value: float | None, width: int) -> str:
         return f"{'' if value is None else f'{value:.3f}':>{width}s}"
 
+    def cpu_ms(r: AggregatorBenchRow, path: str = "durable") -> float:
+        f = r.paths[path]
+        return f.cpu_ms if f.cpu_ms is not None else 1000 / f.updates_per_s
+
     for r in rows:
         for p, f in r.paths.items():
             per_cpu_s = "" if not f.cpu_ms else f"{1000 / f.cpu_ms:.0f}"
-            lines.append(f"{r.updates:5d} {p:10s} {f.updates_per_s:10.1f} {per_cpu_s:>10s} {cell(f.cpu_ms, 11)} {cell(f.runq_ms, 12)}"
-                         f" {cell(f.lock_ms, 12)} {cell(f.commit_ms, 14)} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
+            lines.append(f"{r.updates:5d} {'v' + str(r.frame):5s} {p:10s} {f.updates_per_s:10.1f} {per_cpu_s:>10s} {cell(f.cpu_ms, 11)}"
+                         f" {cell(f.runq_ms, 12)} {cell(f.lock_ms, 12)} {cell(f.commit_ms, 14)} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
         extra = [f"durable/memory {r.durable_vs_memory:.2f}x (target >= 0.8)"]
         if r.members_vs_durable is not None:
             runs = "/".join(f"{x:.2f}" for x in r.members_vs_durable_runs or [])
@@ -354,21 +377,29 @@ def format_table(rows: list[AggregatorBenchRow]) -> str:
             extra.append(f"batch {r.batch}/batch 1 {r.durable_vs_unbatched:.2f}x")
         if r.rss_ratio_naive_durable is not None:
             extra.append(f"RSS naive/durable {r.rss_ratio_naive_durable:.2f}x")
-        lines.append(f"{'':5s} " + ", ".join(extra) + f", max |mean - reference| {r.max_abs_diff:.2g}")
+        lines.append(f"{'':11s} " + ", ".join(extra) + f", max |mean - reference| {r.max_abs_diff:.2g}")
+    by_n: dict[int, list[AggregatorBenchRow]] = {}
     for r in rows:
-        durable = r.paths["durable"]
-        per_update = durable.cpu_ms if durable.cpu_ms is not None else 1000 / durable.updates_per_s
-        commit = durable.commit_ms or 0.0
-        floor = sum(r.parts_ms[name] for name in FLOOR_PARTS)
-        lines += ["", f"CPU ms per update, N = {r.updates}, {r.parameters:,} parameters, one process (issue 12's floor: ~{FLOOR_MS} ms"
-                      " on an idle core; * = floor part):"]
+        by_n.setdefault(r.updates, []).append(r)
+    for n, group in by_n.items():
+        if len(group) == 2:
+            v1, v2 = group
+            ratios = ", ".join(f"{p} {v2.paths[p].updates_per_s / v1.paths[p].updates_per_s:.2f}x" for p in v1.paths if p in v2.paths)
+            lines += ["", f"N = {n}: frame v{v2.frame} / v{v1.frame} updates/s (same run, alternating): {ratios}; durable CPU ms"
+                          f" per update {cpu_ms(v1):.3f} -> {cpu_ms(v2):.3f} ({cpu_ms(v1) / cpu_ms(v2):.2f}x fewer)"]
+        lines += ["", f"CPU ms per update, N = {n}, {group[0].parameters:,} parameters, one process (issue 12's floor: ~{FLOOR_MS} ms"
+                      " on an idle core; * = floor part):", f"  {'part':14s}" + "".join(f" {'v' + str(r.frame):>8s}" for r in group)]
         for part in PARTS:
-            lines.append(f"  {part:14s} {r.parts_ms[part]:8.3f} {'*' if part in FLOOR_PARTS else ''}")
-        rest = per_update - sum(r.parts_ms.values())
-        lines.append(f"  {'store + rest':14s} {rest:8.3f}   (SQL statements and the sum write, dedup reads, copies, Python)")
-        lines.append(f"  {'(commit wait)':14s} {commit:8.3f}   (COMMIT with fsync, batch {r.batch}, per update: wall time, mostly I/O)")
-        lines.append(f"  {'durable total':14s} {per_update:8.3f}   = {1000 / per_update:.0f} updates/s per free core;"
-                     f" floor measured here (* parts) {floor:.3f}, durable / floor {per_update / floor:.2f}x")
+            lines.append(f"  {part:14s}" + "".join(f" {r.parts_ms[part]:8.3f}" for r in group) + (" *" if part in FLOOR_PARTS else ""))
+        lines.append(f"  {'store + rest':14s}" + "".join(f" {cpu_ms(r) - sum(r.parts_ms.values()):8.3f}" for r in group)
+                     + "   (SQL statements and the sum write, dedup reads, copies, Python)")
+        lines.append(f"  {'(commit wait)':14s}" + "".join(f" {r.paths['durable'].commit_ms or 0.0:8.3f}" for r in group)
+                     + f"   (COMMIT with fsync, batch {group[0].batch}, per update: wall time, mostly I/O)")
+        lines.append(f"  {'durable total':14s}" + "".join(f" {cpu_ms(r):8.3f}" for r in group) + "   = "
+                     + ", ".join(f"v{r.frame} {1000 / cpu_ms(r):.0f}" for r in group) + " updates/s per free core")
+        lines.append(f"  {'floor (*)':14s}" + "".join(f" {sum(r.parts_ms[p] for p in FLOOR_PARTS):8.3f}" for r in group)
+                     + "   durable / floor " + ", ".join(f"v{r.frame} {cpu_ms(r) / sum(r.parts_ms[p] for p in FLOOR_PARTS):.2f}x"
+                                                         for r in group))
     return "\n".join(lines)
 
 

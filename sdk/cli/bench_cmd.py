@@ -58,9 +58,11 @@ def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> t
               help="Updates per group commit in the durable paths (the service's batch_max_updates).")
 @click.option("--paths", default="durable,memory,naive,unbatched,members", show_default=True,
               help="Comma-separated paths to run; durable and memory are required.")
+@click.option("--frames", type=click.Choice(["1", "2", "1,2"]), default="1,2", show_default=True,
+              help="Frame versions to seal the updates in (2: prehashed signatures); both: side by side in one run.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/aggregator.json"), show_default=True,
               help="JSON results; a PNG chart is written next to it.")
-def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, out: Path) -> None:
+def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, frames: str, out: Path) -> None:
     """Regional aggregator, 100k-parameter model: durable (group commit) vs in memory, 2 members vs 1, per-part costs."""
     from tqdm import tqdm
 
@@ -70,7 +72,8 @@ def aggregator(updates: tuple[int, ...], repeats: int, batch: int, paths: str, o
     if not set(REQUIRED_PATHS) <= set(chosen) or not set(chosen) <= set(PATHS):
         raise click.BadParameter(f"choose from {', '.join(PATHS)}, including {' and '.join(REQUIRED_PATHS)}", param_hint="--paths")
     with tqdm(total=repeats * len(updates), desc="aggregator bench", unit="round") as bar:
-        rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=chosen, batch=batch, progress=bar.update)
+        rows = run_aggregator_bench(updates=updates, repeats=repeats, paths=chosen, batch=batch, progress=bar.update,
+                                    frames=tuple(int(v) for v in frames.split(",")))
     click.echo(format_table(rows))
     write_json(rows, out)
     write_png(rows, out.with_suffix(".png"))

@@ -89,11 +89,17 @@ def _broker(fleet: DemoFleet, *, broker: str, username: str, share_group: str | 
                           password=fleet.password(username), share_group=share_group, max_packet_size=MESSAGE_SIZE_LIMIT)
 
 
+def _frames(frames: frozenset[int] | None) -> dict[str, Any]:
+    return {} if frames is None else {"update_frames": frames, "announce_frames": True}
+
+
 def regional_thread(fleet: DemoFleet, region: str, *, spec: Mapping[str, Any], bundle_version: int,
-                    deadline_s: float, max_seconds: float, shared: bool = True) -> ServiceThread:
+                    deadline_s: float, max_seconds: float, shared: bool = True,
+                    frames: frozenset[int] | None = None) -> ServiceThread:
     """The aggregator service of ``region``: quorum = all its devices, plain mean, regional_weight 0.
 
     ``shared`` False subscribes directly instead of through ``$share/`` (the embedded broker has no shared subscriptions).
+    ``frames``: open only these frame versions and announce them in the models (None: the defaults, docs/protocol.md).
     """
     devices = fleet.devices_in(region)
     keys = fleet.region_keys[region]
@@ -102,6 +108,7 @@ def regional_thread(fleet: DemoFleet, region: str, *, spec: Mapping[str, Any], b
         bundle_version=bundle_version, policy=RoundPolicy(quorum=len(devices), deadline_s=deadline_s),
         device_keys={d.device_id: d.public_key for d in devices},
         root_verify_key=fleet.root_keys.signing.public_key(), root_encryption_key=fleet.root_keys.encryption.public_key(),
+        **_frames(frames),
     )
     account = aggregator_account(region)
     broker = _broker(fleet, broker=region, username=account, share_group=f"{region}-aggregators" if shared else None)
@@ -115,15 +122,17 @@ def regional_thread(fleet: DemoFleet, region: str, *, spec: Mapping[str, Any], b
 
 
 def root_thread(fleet: DemoFleet, *, initial: Mapping[str, np.ndarray], spec: Mapping[str, Any], bundle_version: int,
-                deadline_s: float, max_seconds: float, shared: bool = True) -> ServiceThread:
+                deadline_s: float, max_seconds: float, shared: bool = True,
+                frames: frozenset[int] | None = None) -> ServiceThread:
     """The root service: quorum = every region, sample-weighted mean of the regions' deltas; round 0 = ``initial``.
 
-    ``shared``: as for :func:`regional_thread`.
+    ``shared``, ``frames``: as for :func:`regional_thread`.
     """
     config = RootConfig(
         fleet=FLEET, encryption_key=fleet.root_keys.encryption, signing_key=fleet.root_keys.signing, spec=dict(spec),
         bundle_version=bundle_version, policy=RoundPolicy(quorum=len(fleet.regions), deadline_s=deadline_s, min_updates=0),
         region_keys={name: keys.signing.public_key() for name, keys in fleet.region_keys.items()},
+        **_frames(frames),
     )
     broker = _broker(fleet, broker="root", username=ROOT_ACCOUNT, share_group="root" if shared else None)
     store = fleet.workdir / "aggregators" / "root.sqlite"

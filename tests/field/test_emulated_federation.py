@@ -11,6 +11,8 @@ sample stream), and runs ``fedge-agent run --config /etc/fedge/agent.toml``
 as user ``fedge`` with the unit's environment, exactly as the unit's
 ExecStart does (plus ``--rounds 2``). The aggregators must have accepted its
 update in both rounds and the agent must have verified both signed receipts.
+The aggregators open only frame version 2 (prehashed) and announce it, so the
+Pi must negotiate and seal it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from tests.integration.test_federation_end_to_end import _accepted_rows
 pytestmark = [pytest.mark.aarch64, pytest.mark.mosquitto, pytest.mark.timeout(1800)]
 
 ROUNDS = 2
+#: Every aggregator opens only frame version 2 and announces it: the Pi's updates are accepted only if it seals the
+#: prehashed frame on aarch64 (a version-1 update would be refused as malformed, with no receipt).
+PREHASHED_ONLY = frozenset({2})
 SETTINGS = DemoSettings(devices=4, rounds=ROUNDS, epochs=1, round_deadline_s=240.0, timeout_s=600.0)
 #: Bound on the federated part (brokers up to the Pi's exit); the Pi trains under emulation (50-75x slower).
 RUN_LIMIT_S = 420.0
@@ -148,10 +153,10 @@ def run_federation_with_pi(pi: EmulatedPi, overlay_template: bytes, timings: Tim
             workers: list[DeviceWorker] = []
             stack.callback(_stop_all, services, workers)
             for region in fleet.regions:
-                services.append(regional_thread(fleet, region, spec=spec, bundle_version=version,
+                services.append(regional_thread(fleet, region, spec=spec, bundle_version=version, frames=PREHASHED_ONLY,
                                                 deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
                 services[-1].start()
-            services.append(root_thread(fleet, initial=initial, spec=spec, bundle_version=version,
+            services.append(root_thread(fleet, initial=initial, spec=spec, bundle_version=version, frames=PREHASHED_ONLY,
                                         deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
             services[-1].start()
             started = time.monotonic()

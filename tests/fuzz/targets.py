@@ -32,7 +32,7 @@ from device_agent.protocol import envelope
 from device_agent.protocol._frame import frame_prefix, sign_frame
 from device_agent.protocol.candidate_request import REQUEST_MAGIC, open_candidate_request
 from device_agent.protocol.chunking import Reassembler, parse_chunk
-from device_agent.protocol.envelope import MODEL_MAGIC
+from device_agent.protocol.envelope import MODEL_MAGIC, UPDATE_MAGIC
 from device_agent.protocol.model_delta import DELTA_MAGIC, open_model_delta
 from device_agent.protocol.receipts import RECEIPT_MAGIC, open_receipt
 from device_agent.protocol.tensor_codec import DecodeLimits, decode_tensors
@@ -53,11 +53,11 @@ class Target:
     allowed: tuple[type[BaseException], ...]
 
 
-def _signed(magic: bytes, data: bytes) -> bytes:
-    """``data`` as record + body behind a valid signature: its first byte chooses where the record ends."""
+def _signed(magic: bytes, data: bytes, version: int = 1) -> bytes:
+    """``data`` as record + body behind a valid signature (frame ``version``): its first byte chooses where the record ends."""
     cut = data[0] if data else 0
     record, body = data[1:1 + cut], data[1 + cut:]
-    return sign_frame(frame_prefix(magic, record) + body, _SIGNER)
+    return sign_frame(frame_prefix(magic, record, version=version) + body, _SIGNER)
 
 
 def _model(data: bytes) -> object:
@@ -156,6 +156,7 @@ TARGETS: tuple[Target, ...] = (
     Target("model-delta", _delta, _WIRE),
     Target("model-delta-signed", lambda d: _delta(_signed(DELTA_MAGIC, d)), _WIRE),
     Target("update", _update, _WIRE),
+    Target("update-prehashed-signed", lambda d: _update(_signed(UPDATE_MAGIC, d, version=2)), _WIRE),
     Target("candidates", _candidates, _WIRE),
     Target("receipt", _receipt, _WIRE),
     Target("receipt-signed", lambda d: _receipt(_signed(RECEIPT_MAGIC, d)), _WIRE),
@@ -195,8 +196,16 @@ def seeds() -> dict[str, list[bytes]]:
 
     tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float32)}
     model_header = ModelHeader.create(clock=lambda: 1.0, random_bytes=bytes, fleet="f", region=None, sender="root",
-                                      round=1, bundle_version=1, encoding="raw")
+                                      round=1, bundle_version=1, encoding="raw", frames=(1, 2))
     model = envelope.sign_model(model_header, tensors, signer_key=_SIGNER)
+    from device_agent.protocol.headers import UpdateHeader
+
+    update_header = UpdateHeader.create(clock=lambda: 1.0, random_bytes=bytes, fleet="f", region="r", sender="dev-1",
+                                        round=1, bundle_version=1, sample_count=3)
+    updates = [envelope.seal_update(update_header, tensors, recipient_public_key=_RECIPIENT.public_key(), sender_key=_SIGNER,
+                                    ephemeral_key=X25519PrivateKey.from_private_bytes(bytes(range(2, 34))), frame_version=v)
+               for v in (1, 2)]
+    update_record = update_header.to_bytes()
     record = model_header.to_bytes()
     npz = io.BytesIO()
     np.savez(npz, x=np.ones((4, 3), np.float32), y=np.arange(4))
@@ -212,6 +221,8 @@ def seeds() -> dict[str, list[bytes]]:
     out = {
         "tensors": [encode_tensors(tensors), encode_tensors(tensors, encoding="int8"), *_compressed_seeds(tensors)],
         "model": [model],
+        "update": updates,
+        "update-prehashed-signed": [bytes([len(update_record)]) + updates[1][7:-64]] if len(update_record) < 256 else [b""],
         "model-delta": [delta],
         "model-signed": [bytes([len(record)]) + record + encode_tensors(tensors)] if len(record) < 256 else [b""],
         "chunk": [],

@@ -95,9 +95,10 @@ class Sniffer:
             probe.close()
 
 
-def run_federation(*, restart: Fault | None = None) -> Capture:
+def run_federation(*, restart: Fault | None = None, frames: frozenset[int] | None = None) -> Capture:
     """Run the demo's fleet for ``ROUNDS`` rounds with sniffers on every broker; tear everything down whatever happens.
 
+    ``frames``: the frame versions every aggregator opens and announces (None: the defaults: both opened, none announced).
     ``restart(event, brokers, sniffers)`` is called in this thread for each
     finished device round until it returns True (it may restart a broker).
     """
@@ -117,7 +118,7 @@ def run_federation(*, restart: Fault | None = None) -> Capture:
                 stack.callback(sniffers[name].close)
             services: list[ServiceThread] = []
             stack.callback(_stop_all, services, [])
-            start_services(fleet, services, spec=spec, bundle_version=version, initial=initial)
+            start_services(fleet, services, spec=spec, bundle_version=version, initial=initial, frames=frames)
             events: queue.Queue[DeviceEvent] = queue.Queue()
             workers = [DeviceWorker(device, rounds=ROUNDS, events=events) for device in fleet.devices]
             stack.callback(_stop_all, [], workers)
@@ -157,15 +158,16 @@ def run_federation(*, restart: Fault | None = None) -> Capture:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def start_services(fleet, services: list, *, spec, bundle_version: int, initial, skip_regions: tuple[str, ...] = ()) -> None:
+def start_services(fleet, services: list, *, spec, bundle_version: int, initial, skip_regions: tuple[str, ...] = (),
+                   frames: frozenset[int] | None = None) -> None:
     """Start a regional service thread per region (except ``skip_regions``) and the root's, appending them to ``services``."""
     for region in fleet.regions:
         if region not in skip_regions:
             services.append(regional_thread(fleet, region, spec=spec, bundle_version=bundle_version,
-                                            deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
+                                            deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S, frames=frames))
             services[-1].start()
     services.append(root_thread(fleet, initial=initial, spec=spec, bundle_version=bundle_version,
-                                deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S))
+                                deadline_s=SETTINGS.round_deadline_s, max_seconds=RUN_LIMIT_S, frames=frames))
     services[-1].start()
 
 
@@ -269,8 +271,19 @@ def assert_aggregates_count_each_device_once(capture: Capture,
 
 @pytest.fixture(scope="module")
 def clean_run() -> Capture:
-    """One fault-free run shared by the tests that only read what it captured."""
-    return run_federation()
+    """One fault-free run shared by the tests that only read what it captured; every aggregator opens only frame
+    version 2 (prehashed) and announces it, so every device and region must negotiate it (the crash run below keeps
+    the defaults: version 1)."""
+    return run_federation(frames=frozenset({2}))
+
+
+def test_federation_every_update_and_aggregate_travels_prehashed_once_announced(clean_run: Capture) -> None:
+    sealed = [(topic, payload) for _, topic, payload in clean_run.sniffed if payload[:4] == b"FDGU"]
+    kinds = {topic.rsplit("/", 1)[-1] for topic, _ in sealed}
+    assert kinds == {"update", "aggregate"}, kinds  # whole frames: these updates fit one MQTT message
+    assert {payload[4] for _, payload in sealed} == {2}
+    models = [payload for _, topic, payload in clean_run.sniffed if payload[:4] == b"FDGM"]
+    assert models and {m[4] for m in models} == {1} and all(b'"frames":[2]' in m for m in models)
 
 
 def test_federation_global_models_equal_the_sample_weighted_mean_of_the_sniffed_deltas(clean_run: Capture) -> None:

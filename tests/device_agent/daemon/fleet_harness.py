@@ -164,10 +164,11 @@ class Responder:
         self._worker.join(WAIT)
 
     def publish_model(self, round_number: int, tensors: Mapping[str, np.ndarray], *, signer: Ed25519PrivateKey | None = None,
-                      bundle_version: int = 1, region: str | None = REGION, encoding: Encoding = Encoding.RAW) -> bytes:
-        """Sign (with the region key unless ``signer``) and publish a retained model; its bytes."""
+                      bundle_version: int = 1, region: str | None = REGION, encoding: Encoding = Encoding.RAW,
+                      frames: tuple[int, ...] | None = None) -> bytes:
+        """Sign (with the region key unless ``signer``) and publish a retained model (announcing ``frames``); its bytes."""
         header = ModelHeader.create(fleet=FLEET, sender=self.issuer, round=round_number, bundle_version=bundle_version,
-                                    region=region, encoding=encoding)
+                                    region=region, encoding=encoding, frames=frames)
         blob = sign_model(header, tensors, signer_key=signer or self.keys.region)
         info = self.client.publish(self.topics.global_model, blob, qos=1, retain=True)
         info.wait_for_publish(WAIT)

@@ -47,7 +47,7 @@ def _published(rounds: int):
                                signing_key=REGION_KEY)
     out = []
     for number, model in enumerate(_models(rounds)):
-        header = ModelHeader.create(fleet="f", sender="eu-agg", region="eu", round=number, bundle_version=1)
+        header = ModelHeader.create(fleet="f", sender="eu-agg", region="eu", round=number, bundle_version=1, frames=(1, 2))
         out.append(publisher.prepare(sign_model(header, model, signer_key=REGION_KEY)))
     return publisher, out
 
@@ -62,6 +62,7 @@ def test_a_device_follows_deltas_then_after_a_missed_round_falls_back_and_rejoin
     _give(intake, LAYOUT.global_model, published[0].full)
     _give(intake, LAYOUT.global_model_delta, published[1].delta)
     assert intake.latest_model.header.round == 1 and intake.latest_model.header.compression == "q4"
+    assert intake.latest_model.header.frames == (1, 2)  # the frame versions the region reads ride the delta too
     assert asked == [False] and intake.deltas_applied == 1
     # round 2's delta never arrives; round 3's names round 2 as its base
     with caplog.at_level(logging.WARNING):

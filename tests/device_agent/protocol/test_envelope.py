@@ -199,7 +199,7 @@ def test_envelope_verifies_signature_before_decrypting(sealed: bytes, region_key
     ("mutate", "match"),
     [
         (lambda b: b"XXXX" + b[4:], "magic"),
-        (lambda b: b[:4] + b"\x02" + b[5:], "version"),
+        (lambda b: b[:4] + b"\x03" + b[5:], "frame version 3"),
         (lambda b: b[:5] + b"\xff\xff" + b[7:], "record length"),
         (lambda b: b[:7 + 40], "truncated"),
         (lambda b: b[:6], "truncated"),

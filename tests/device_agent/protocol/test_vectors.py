@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,14 @@ def _outputs(inputs: dict[str, Any]) -> dict[str, Any]:
         "signed_receipt": receipt.hex(),
         "chunks": [f.hex() for f in split_message(model, max_frame_bytes=200, random_bytes=lambda n: message_id[:n])],
     }
+
+
+def write_vectors(path: Path, description: str, inputs: dict[str, Any], outputs: Callable[[dict[str, Any]], dict[str, Any]],
+                  **extra: str) -> None:
+    """Write a vectors file: ``inputs`` (as JSON gives them back) and what ``outputs`` computes from them."""
+    inputs = json.loads(json.dumps(inputs))
+    document = {"description": description, **extra, "inputs": inputs, "outputs": outputs(inputs)}
+    path.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
 
 
 def _load() -> dict[str, Any]:

@@ -35,7 +35,7 @@ from device_agent.protocol.envelope import open_model, open_update, seal_update,
 from device_agent.protocol.headers import ModelDeltaHeader, ModelHeader, UpdateHeader
 from device_agent.protocol.model_delta import model_digest, open_model_delta, sign_model_delta
 from device_agent.protocol.tensor_codec import Encoding, decode_tensors, encode_tensors, payload_version
-from tests.device_agent.protocol.test_vectors import _canonical, _keys, _tensor_json, _tensors, _inputs as v1_inputs
+from tests.device_agent.protocol.test_vectors import _canonical, _keys, _tensor_json, _tensors, write_vectors, _inputs as v1_inputs
 
 VECTORS = Path(__file__).parent / "vectors" / "protocol_v1_compressed.json"
 #: One spec per compressed encoding (payload versions 2 and 3).
@@ -277,15 +277,9 @@ def test_a_flipped_byte_in_a_signed_vector_is_refused(vectors: dict[str, Any], s
 
 
 def _regenerate() -> None:
-    inputs = json.loads(json.dumps(_inputs()))
-    document = {
-        "description": "fedge compressed payloads (versions 2 and 3), model header compression, FDGD model deltas: "
-                       "known-answer vectors; see test_vectors_compressed.py and docs/protocol.md",
-        "zlib": f"deflate streams written by zlib {zlib.ZLIB_RUNTIME_VERSION} at level 6",
-        "inputs": inputs,
-        "outputs": _outputs(inputs),
-    }
-    VECTORS.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+    write_vectors(VECTORS, "fedge compressed payloads (versions 2 and 3), model header compression, FDGD model deltas: "
+                           "known-answer vectors; see test_vectors_compressed.py and docs/protocol.md", _inputs(), _outputs,
+                  zlib=f"deflate streams written by zlib {zlib.ZLIB_RUNTIME_VERSION} at level 6")
 
 
 if __name__ == "__main__":

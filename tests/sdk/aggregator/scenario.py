@@ -148,9 +148,11 @@ def seal(
     delta: Mapping[str, np.ndarray] | None = None,
     key: Ed25519PrivateKey | None = None,
     recipient: X25519PublicKey | None = None,
+    frame_version: int = 1,
     **header: Any,
 ) -> bytes:
-    """``update`` sealed for ``region``'s aggregator; keyword arguments override header fields, the delta, the key or the recipient."""
+    """``update`` sealed for ``region``'s aggregator (in ``frame_version``); keyword arguments override header fields,
+    the delta, the key or the recipient."""
     fields: dict[str, Any] = dict(
         kind=MessageKind.UPDATE,
         fleet=FLEET,
@@ -169,6 +171,7 @@ def seal(
         dict(update.delta if delta is None else delta),
         recipient_public_key=recipient or encryption_key(region).public_key(),
         sender_key=key or signing_key(update.device),
+        frame_version=frame_version,
     )
 
 

@@ -49,6 +49,14 @@ share_group = "eu-aggregators"
     return path
 
 
+def _edited(directory: Path, bundle: Path, fleet_key: Ed25519PrivateKey, old: str, new: str) -> Path:
+    """A regional config in ``directory`` (made here) with ``old`` replaced by ``new``."""
+    directory.mkdir()
+    path = write_regional(directory, bundle, fleet_key)
+    path.write_text(path.read_text().replace(old, new))
+    return path
+
+
 def test_service_config_reads_spec_from_bundle_and_names_bad_keys(bundle_factory, fleet_key: Ed25519PrivateKey, tmp_path: Path) -> None:
     bundle = bundle_factory("fedavg")
     config = load_regional_service_config(write_regional(tmp_path, bundle, fleet_key))
@@ -99,10 +107,7 @@ def test_service_config_influence_and_limits_default_on_and_named_when_wrong(bun
         "[service]\nbatch_max_wait_s = 2.0": r"service\.batch_max_wait_s: must be at most 1 s",
     }
     for i, (extra, error) in enumerate(cases.items()):
-        directory = tmp_path / f"case{i}"
-        directory.mkdir()
-        path = write_regional(directory, bundle, fleet_key)
-        path.write_text(path.read_text().replace("[broker]", extra + "\n[broker]"))
+        path = _edited(tmp_path / f"case{i}", bundle, fleet_key, "[broker]", extra + "\n[broker]")
         if error is None:
             policy = load_regional_service_config(path).aggregator.influence
             assert (policy.unsafe, policy.weight, policy.max_sample_count) == (True, "fixed", 5000)
@@ -170,3 +175,24 @@ def test_service_config_refuses_model_deltas_with_fedfomo(bundle_factory, fleet_
         load_regional_service_config(path)
     path.write_text(text + '[downlink]\nuplink = "q4"\n')  # the round's uplink override alone is fine
     assert load_regional_service_config(path).downlink.uplink.describe() == "0:q4"
+
+
+def test_service_config_reads_frame_versions_and_names_bad_values(bundle_factory, fleet_key: Ed25519PrivateKey,
+                                                                  tmp_path: Path) -> None:
+    bundle = bundle_factory("fedavg")
+    default = load_regional_service_config(write_regional(tmp_path, bundle, fleet_key)).aggregator
+    assert (default.update_frames, default.announce_frames, default.announced_frames) == ({1, 2}, False, None)
+    cases = {
+        'update_frames = "2"\nannounce_frames = true': None,
+        'update_frames = "1,3"': r"aggregator\.update_frames: frame version '3' is not one of 1, 2",
+        'update_frames = "2"': r"aggregator\.update_frames: refusing frame version 1 needs announce_frames = true",
+        'announce_frames = "yes"': r"aggregator\.announce_frames: expected true or false",
+    }
+    for i, (lines, error) in enumerate(cases.items()):
+        path = _edited(tmp_path / f"case{i}", bundle, fleet_key, 'device_keys_dir = "devices"', f'device_keys_dir = "devices"\n{lines}')
+        if error is None:
+            config = load_regional_service_config(path).aggregator
+            assert (config.update_frames, config.announced_frames) == ({2}, (2,))
+        else:
+            with pytest.raises(ConfigError, match=error):
+                load_regional_service_config(path)

@@ -33,7 +33,6 @@ from tests.sdk.aggregator_service.harness import (
     FLEET,
     LAYOUT,
     SPEC,
-    WAIT,
     Device,
     Observer,
     ServiceThread,
@@ -43,6 +42,10 @@ from tests.sdk.aggregator_service.harness import (
 from tests.sdk.aggregator_service.test_regional_service import regional_thread
 from tests.sdk.aggregator_service.test_two_tier_round import account
 from tests.sdk.broker_config.test_broker_integration import Fleet, Probe, topology_toml, wait_bridges_up
+
+#: A receipt or model that needs a region's round, a bridge hop and the root's answer: under a loaded CI
+#: machine that has taken longer than a probe's 5 s (the root's own deadline here is 10 s).
+ROUND_WAIT = 30.0
 
 pytestmark = pytest.mark.mosquitto
 
@@ -135,7 +138,7 @@ def test_root_counts_a_device_in_two_regions_once_and_refuses_the_second_aggrega
             client = fleet.client(device.device_id)
             probes.append(client)
             client.publish(LAYOUT.device_update(device.device_id), device.seal(device.header(0), region_keys["eu"].encryption))
-        _, blob, _ = sniffers["eu"].receive()
+        _, blob, _ = sniffers["eu"].receive(timeout=ROUND_WAIT)
         assert open_receipt(blob, trusted_signers=root_keys.signing.public_key()).status is ReceiptStatus.ACCEPTED
         # ... then on its new one, with the same id and key, alongside us's own devices.
         on_us = Probe.connect(moved, creds["password"], port=fleet.brokers["us"].ports[0])
@@ -145,13 +148,13 @@ def test_root_counts_a_device_in_two_regions_once_and_refuses_the_second_aggrega
             probes.append(client)
             sealed = Device(device_id=device.device_id, region="us", samples=device.samples, delta=device.delta, key=device.key)
             client.publish(LAYOUT.device_update(device.device_id), sealed.seal(sealed.header(0), region_keys["us"].encryption))
-        _, blob, _ = sniffers["us"].receive()
+        _, blob, _ = sniffers["us"].receive(timeout=ROUND_WAIT)
         refused = open_receipt(blob, trusted_signers=root_keys.signing.public_key())
         assert (refused.device, refused.round, refused.status, refused.reason) == ("us", 0, ReceiptStatus.REJECTED,
                                                                                      "device_overlap")
         # The root's round closes at its deadline with eu alone: the device is counted once, by eu.
         while True:
-            _, blob, _ = sniffers["root"].receive(timeout=WAIT)
+            _, blob, _ = sniffers["root"].receive(timeout=ROUND_WAIT)
             g1 = open_model(blob, trusted_signers=root_keys.signing.public_key())
             if g1.header.round == 1:
                 break

@@ -23,7 +23,10 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
 
     assert doc["benchmark"] == "aggregator" and set(doc["machine"]) == {"python", "cpu_count", "platform"}
     assert doc["floor_ms"] == FLOOR_MS
-    (row,) = doc["rows"]
+    v1, row = doc["rows"]  # the same updates sealed in frame versions 1 and 2, side by side
+    assert (v1["frame"], row["frame"]) == (1, 2) and v1["updates"] == row["updates"]
+    assert v1["parts_ms"]["digest"] > 0 and v1["update_bytes"] == row["update_bytes"]
+    assert row["parts_ms"]["prehash"] > 0 and row["parts_ms"]["ed25519"] > 0  # timed: no comparison (load)
     assert (row["updates"], row["parameters"], row["repeats"], row["batch"]) == (5, 1000, 1, 2)
     assert row["update_bytes"] > 4 * 1000
     assert set(row["paths"]) == {"durable", "memory", "members"}
@@ -33,7 +36,7 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
         assert figures["updates_per_s"] > 0 and figures["peak_rss_mb"] >= figures["rss_before_mb"] > 0
         assert (figures["commit_ms"] is None) == (name == "memory") == (figures["lock_ms"] is None)
         assert figures["runq_ms"] >= 0 and 0 < figures["unqueued_loop_s"] <= figures["loop_s"]
-    assert set(row["parts_ms"]) == set(PARTS) and all(v > 0 for v in row["parts_ms"].values())
+    assert set(row["parts_ms"]) == set(PARTS) and all(v >= 0 for v in row["parts_ms"].values())
     assert row["max_abs_diff"] <= 1e-5
     assert row["durable_vs_memory"] == pytest.approx(row["paths"]["durable"]["updates_per_s"] / row["paths"]["memory"]["updates_per_s"])
     assert row["members_vs_durable"] == pytest.approx(row["paths"]["members"]["updates_per_s"] / row["paths"]["durable"]["updates_per_s"])
@@ -45,6 +48,12 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
     table = format_table(rows)
     assert "durable/memory" in table and "2 members/1" in table and "ed25519" in table and "commit" in table
     assert "run-queue wait taken out" in table and "upd/CPU-s" in table
+    assert "frame v2 / v1 updates/s" in table and "prehash" in table
+
+
+def test_aggregator_bench_rejects_unknown_frame_versions() -> None:
+    with pytest.raises(ValueError, match="frames"):
+        run_aggregator_bench(updates=(2,), spec=TINY_SPEC, repeats=1, paths=("durable", "memory"), frames=(3,))
 
 
 def test_aggregator_bench_reference_is_the_sample_weighted_mean(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ ORT-training's: task loss + mu/2 * sum over shared w of ||w - anchor.w||^2
 (``adam_mode=1``: bias correction folded into the learning rate, decay after
 the update) with ``generate_artifacts``' defaults (betas 0.9/0.999, eps 1e-6,
 no weight decay), evaluated in the same float32 order, with the bias
-corrections' powers in float64 as ORT's ``std::pow`` does.
+corrections' powers in float64 as ORT's ``std::pow`` does. A micro-batched
+step is traced in two halves, one slice's scaled gradients
+(``make_slice_gradients``) and the FedProx term plus the update
+(``make_apply``), which ``micro_batch`` joins in a loop.
 """
 
 from __future__ import annotations

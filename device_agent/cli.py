@@ -25,8 +25,6 @@ import numpy as np
 from device_agent import __version__
 from device_agent.bundle.archive import TrainingBundle, install_bundle, load_bundle
 from device_agent.bundle.install_policy import BundleDowngradeError
-from device_agent.daemon.bootstrap import open_agent
-from device_agent.daemon.config import load_config
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import BundleVerificationError, FedgeError, TrainingError
 from device_agent.keys import load_verify_key
@@ -109,6 +107,11 @@ def _require_saved_state(state: str, bundle: TrainingBundle) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> dict[str, object]:
+    # The daemon's stack (MQTT, TLS, release metadata: ~11 MB resident) is imported by `run` alone, so the one-shot
+    # commands (install, train, evaluate) do not hold it (docs/device-agent.md "Footprint").
+    from device_agent.daemon.bootstrap import open_agent
+    from device_agent.daemon.config import load_config
+
     config = load_config(args.config)
     if args.backend is not None:
         config = replace(config, backend=BackendName(args.backend))

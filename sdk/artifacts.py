@@ -91,6 +91,9 @@ class TrainingSpec:
     mu: float = 0.0
     finetune: tuple[str, ...] = ()
     ditto_lambda: float = 0.0
+    #: Portable step graphs: 0 runs the forward and backward on the whole batch, k > 0 on slices of k examples
+    #: (same numbers, less memory, some speed; docs/device-agent.md "Micro-batched steps").
+    micro_batch: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.finetune, str):
@@ -109,6 +112,8 @@ class TrainingSpec:
             raise ValueError("fedprox needs mu > 0")
         if (self.mode is TrainingMode.DITTO) != (self.ditto_lambda > 0) or not self.ditto_lambda >= 0:
             raise ValueError("ditto_lambda must be > 0 for mode ditto and 0 for every other mode")
+        if not isinstance(self.micro_batch, int) or self.micro_batch < 0:
+            raise ValueError("micro_batch must be 0 (whole batch) or a positive slice size")
 
     def prox_weight(self, set_name: ArtifactSetName) -> float:
         """The proximal weight in set ``set_name``'s loss: lambda for Ditto's personal set, mu otherwise."""
@@ -364,7 +369,7 @@ def generate_training_artifacts(
     if ArtifactKind.PORTABLE in kinds:  # first: its refusals name the op that cannot be expressed
         portable = build_portable_graphs(model, example_input=example_input, out_dir=out, plan=PortablePlan(
             sets=tuple((name, tuple(trainable)) for name, trainable, _ in plan), shared=tuple(shared), mu=float(spec.mu),
-            ditto_lambda=float(spec.ditto_lambda),
+            ditto_lambda=float(spec.ditto_lambda), micro_batch=spec.micro_batch,
             loss=spec.loss, optimizer=spec.optimizer, learning_rate=float(spec.learning_rate)))
     sets: list[ArtifactSet] = []
     if ArtifactKind.ORT_TRAINING in kinds:

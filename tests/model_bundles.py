@@ -49,7 +49,7 @@ def make_data(model: str, loss: str, n: int, seed: int) -> tuple[np.ndarray, np.
 
 @pytest.fixture(scope="session")
 def model_bundle(run_shared_dir: Path, fleet_key):
-    """build(model, mode, mu=, optimizer=, loss=, lr=, finetune=, kinds=, ditto_lambda=) -> (bundle path, torch model) (built once per run).
+    """build(model, mode, mu=, optimizer=, loss=, lr=, finetune=, kinds=, ditto_lambda=, micro_batch=) -> (bundle path, torch model) (built once per run).
 
     Every model starts from ``torch.manual_seed(0)`` (as ``bundle_factory``'s), not from the
     order of builds, so every xdist worker holds the same model as the bundle another worker
@@ -69,8 +69,8 @@ def model_bundle(run_shared_dir: Path, fleet_key):
 
     def build(model: str, mode: str, *, mu: float = 0.0, optimizer: str = "adamw", loss: str = "cross_entropy",
               lr: float = 0.01, finetune: tuple[str, ...] = (), kinds: tuple[str, ...] = ("ort-training", "portable"),
-              ditto_lambda: float = 0.0):
-        key = (model, mode, mu, optimizer, loss, lr, finetune, kinds, ditto_lambda)
+              ditto_lambda: float = 0.0, micro_batch: int = 0):
+        key = (model, mode, mu, optimizer, loss, lr, finetune, kinds, ditto_lambda, *((micro_batch,) if micro_batch else ()))
         if key not in cache:
             case = MODELS[model]
             torch.manual_seed(0)
@@ -80,7 +80,7 @@ def model_bundle(run_shared_dir: Path, fleet_key):
             def _build(path: Path) -> None:
                 build_bundle(net, example_input=torch.zeros((2, *case.input_shape)), split=split,
                              spec=TrainingSpec(mode=mode, mu=mu, optimizer=optimizer, learning_rate=lr, loss=loss, finetune=finetune,
-                                               ditto_lambda=ditto_lambda),
+                                               ditto_lambda=ditto_lambda, micro_batch=micro_batch),
                              signing_key=fleet_key, out_path=path, model_name=f"{model}-{mode}", kinds=kinds)
 
             cache[key] = (build_once(run_shared_dir, ("model-bundle", *key), _build), net)

@@ -26,7 +26,12 @@ In place: a step graph reads each optimizer state input (``opt.*``) only in the
 computation of its own ``new.opt.*`` (the moment's decay, the step's increment),
 so the output may be written into the input's buffer; the builder keeps it so,
 and the device binds both to one buffer. Parameters are read by the backward
-pass too, which may run after their update: never in place.
+pass too, which could run after their update: a step graph whose builder proved
+otherwise (every read of a parameter, and of the flat parameters' views, comes
+before its update by data dependency) says so in its model metadata
+(``PARAMS_IN_PLACE`` = ``"1"``), and the device then keeps one buffer per
+parameter; without it (graphs built before, or a model the proof does not
+cover) each updated parameter has two buffers that swap roles each step.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ OWN = "@"
 NEW = "new."
 #: The parameters that share the flat AdamW moments, flattened and concatenated (a view of each is its param.* input).
 FLAT_PARAMS = "flat.param"
+#: Model metadata key: "1" when the step graph's parameters may be updated in place (see the module docstring).
+PARAMS_IN_PLACE = "fedge.params_in_place"
 
 
 def param(name: str) -> str:

@@ -10,7 +10,9 @@ and ``y`` are bound.
 An updated parameter has two buffers that swap roles each step (ping-pong):
 its old value is read by the backward pass, which ORT may schedule after the
 node that writes the new value, so the step must not write the buffer it is
-reading. The optimizer state (step count, AdamW moments) is updated in place,
+reading; unless the step graph is marked ``graph_names.PARAMS_IN_PLACE`` (its
+builder proved every read of a parameter comes first), then a parameter has
+one buffer, bound as input and output (2.3 MB less on the 2D-CNN). The optimizer state (step count, AdamW moments) is updated in place,
 one buffer each: in every step graph the node that writes ``new.opt.*`` comes,
 by data dependency, after the only node that reads ``opt.*`` (see
 ``graph_names.updated_in_place``), which saves a copy of both moments (4.7 MB
@@ -38,13 +40,24 @@ from device_agent.training_backends.runtime import (
 from device_agent.training_backends.state import OptimizerState, TrainingState, fresh_optimizer
 
 
+#: Models with at most this many parameters run with onnxruntime's memory pattern (see _session_options).
+MEMORY_PATTERN_MAX_PARAMETERS = 1 << 13
+
+
 class _Slot:
     """One state value (a parameter, an anchor, a moment vector): ORT buffers (two for ping-pong), ``current`` holds the value."""
 
-    def __init__(self, ort: Any, value: np.ndarray, *, buffers: int = 2) -> None:
+    def __init__(self, ort: Any, value: np.ndarray, *, buffers: int = 1) -> None:
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type(value.shape, value.dtype) for _ in range(buffers)]
         self.buffers[0].update_inplace(np.ascontiguousarray(value))
         self.current = 0
+        self._ort = ort
+
+    def pair(self) -> None:
+        """Give the slot its second buffer (when a step graph that ping-pongs it is bound)."""
+        if len(self.buffers) == 1 and self._ort is not None:
+            first = self.buffers[0]
+            self.buffers = [first, self._ort.OrtValue.ortvalue_from_shape_and_type(first.shape(), first.numpy().dtype)]
 
     @classmethod
     def over(cls, buffers: list[Any]) -> _Slot:
@@ -52,6 +65,7 @@ class _Slot:
         slot = cls.__new__(cls)
         slot.buffers = buffers
         slot.current = 0
+        slot._ort = None  # the group made its views in pairs, or singly, for the graph that binds them
         return slot
 
     def read(self) -> np.ndarray:
@@ -68,16 +82,16 @@ class _Slot:
 
 
 class _FlatGroup:
-    """The parameters a step graph updates as one ``flat.param``: two flat arrays, each parameter's slot a view of both.
+    """The parameters a step graph updates as one ``flat.param``: one flat array (two to ping-pong), each parameter's slot a view of it.
 
     The arrays are numpy's and the OrtValues wrap them without copying, so a parameter's
     ``param.*`` input and its piece of ``flat.param`` are the same memory.
     """
 
-    def __init__(self, ort: Any, names: tuple[str, ...], shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, ort: Any, names: tuple[str, ...], shapes: dict[str, tuple[int, ...]], *, pairs: bool) -> None:
         self.names = names
         sizes = [int(np.prod(shapes[n], dtype=np.int64)) for n in names]
-        self.arrays = [np.zeros(sum(sizes), dtype=np.float32) for _ in range(2)]
+        self.arrays = [np.zeros(sum(sizes), dtype=np.float32) for _ in range(2 if pairs else 1)]
         self.slot = _Slot.over([ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays])
         self.pieces: dict[str, slice] = {}
         self.views: dict[str, list[Any]] = {}
@@ -115,7 +129,9 @@ class _StepGraph:
         if self.inputs[:3] != [g.X, g.Y, g.LR] or self.outputs[0] != g.LOSS:
             raise BundleError(f"{os.path.basename(path)} is not a fedge portable step graph")
         self.updated = [g.updated(o) or o for o in self.outputs[1:]]
-        self.ping_pong = [n for n in self.updated if not g.updated_in_place(n)]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.params_in_place = meta.get(g.PARAMS_IN_PLACE) == "1"
+        self.ping_pong = [] if self.params_in_place else [n for n in self.updated if not g.updated_in_place(n)]
         self.bindings: list[Any] = []
         self.next = 0
         self.batch: tuple[Any, ...] = ()
@@ -170,12 +186,8 @@ class PortableBackend(TrainingBackend):
         self._ort = ort
         self._manifest = manifest
         portable: PortableArtifacts = manifest.portable
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        options.log_severity_level = 3
-        if shared_cpu_arena():
-            options.add_session_config_entry("session.use_env_allocators", "1")
+        size = sum(int(np.prod(p.shape, dtype=np.int64)) for p in manifest.parameters)
+        options = _session_options(ort, threads, memory_pattern=size <= MEMORY_PATTERN_MAX_PARAMETERS)
         state = state if state is not None else self._initial_state(bundle, portable)
         self._slots: dict[str, _Slot] = {g.param(n): _Slot(ort, v) for n, v in state.parameters.items()}
         self._slots.update({g.anchor(n): _Slot(ort, v) for n, v in state.anchors.items()})
@@ -219,7 +231,8 @@ class PortableBackend(TrainingBackend):
             slots = {**self._slots, **self._optimizer_slots(graph, set_name)}
             if g.FLAT_PARAMS in graph.inputs:
                 group = self._flat_group(graph, set_name)
-                graph.ping_pong += [g.param(n) for n in group.names]
+                if not graph.params_in_place:
+                    graph.ping_pong += [g.param(n) for n in group.names]
                 slots[g.FLAT_PARAMS] = group.slot
                 self._groups[set_name] = group
             self._graphs[set_name] = graph
@@ -229,6 +242,7 @@ class PortableBackend(TrainingBackend):
         if set_name in self._groups:
             self._groups[set_name].adopt(slots)
         for name in graph.ping_pong:
+            slots[name].pair()
             slots[name].settle()
         graph.bind(slots, self._lr, self._loss)
         self._active = set_name
@@ -241,7 +255,7 @@ class PortableBackend(TrainingBackend):
 
     def _flat_group(self, graph: _StepGraph, set_name: ArtifactSetName) -> _FlatGroup:
         shapes = {p.name: p.shape for p in self._manifest.parameters}
-        group = _FlatGroup(self._ort, self._flat_names(graph, set_name), shapes)
+        group = _FlatGroup(self._ort, self._flat_names(graph, set_name), shapes, pairs=not graph.params_in_place)
         declared = next(i.shape for i in graph.session.get_inputs() if i.name == g.FLAT_PARAMS)
         if list(declared) != [group.arrays[0].size]:
             raise BundleError(f"{set_name.value} step graph: {g.FLAT_PARAMS} is {declared}, its parameters hold {group.arrays[0].size}")
@@ -324,6 +338,26 @@ class PortableBackend(TrainingBackend):
                 (m if kind == g.OPT_M else v)[param] = slots[g.own_moment(kind, param)].read()
             optimizers[set_name] = OptimizerState(step=self._steps[set_name], m=m, v=v)
         return TrainingState(parameters=params, anchors=anchors, optimizers=optimizers)
+
+
+def _session_options(ort: Any, threads: int | None, *, memory_pattern: bool) -> Any:
+    """Session options for the portable graphs: on the shared arena; onnxruntime's memory pattern for small models only.
+
+    With a memory pattern onnxruntime allocates, from the second run on, one block for all of a run's
+    intermediates instead of one allocation per intermediate. Measured at batch 32, one thread: the MLP's step
+    (3.6k parameters, ~50 us, dispatch-bound) runs 12-15% faster per CPU-second with it and holds the same memory;
+    the 1D-CNN's (16k) holds 3.5 MB more with it at the same speed, the 2D-CNN's (582k) 7 MB more (110.6 vs
+    103.8 MB, from the doubling shared arena; micro-batched, 9 MB more). So models of up to
+    MEMORY_PATTERN_MAX_PARAMETERS parameters use it, larger ones do not.
+    """
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    options.log_severity_level = 3
+    options.enable_mem_pattern = memory_pattern
+    if shared_cpu_arena():
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
 
 
 def _flatten(arrays: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 Each measurement runs in its own fresh subprocess so that peak RSS belongs to
 that runtime alone. The agent processes make torch, onnx and sdk unimportable
-(and check torch never loaded), as on a device. Runs alternate (SGEMM peak,
+(and check torch never loaded), as on a device, and import what the device's
+daemon (``fedge-agent run``) holds when it trains: its CLI and daemon stack
+(MQTT, TLS, release metadata), the bundle verification (cryptography), onnxruntime. Runs alternate (SGEMM peak,
 ort-training, portable, torch, ...) and the median of the repeats is reported,
 since the machines are noisy; the headline figures are ratios within one run.
 
@@ -75,6 +77,9 @@ AGENT_CHILD = textwrap.dedent(
     from device_agent.import_guard import ModuleBlocker
     sys.meta_path.insert(0, ModuleBlocker(("torch", "onnx", "sdk")))
     t0 = time.perf_counter()
+    # What the device's daemon (`fedge-agent run`, the firmware's service) holds when it trains: the CLI and the
+    # daemon's stack (MQTT, TLS, release metadata) besides the bundle verification (cryptography) and onnxruntime.
+    import device_agent.cli, device_agent.daemon.bootstrap  # noqa: F401
     from device_agent.bundle.archive import load_bundle
     from device_agent.bundle.manifest import ArtifactSetName
     from device_agent.keys import load_verify_key
@@ -127,6 +132,8 @@ class BenchModel:
     input_shape: tuple[int, ...]
     classes: int
     steps: int
+    #: The portable bundle's micro_batch (0: whole batch, the default build; see TrainingSpec.micro_batch).
+    micro_batch: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -170,6 +177,9 @@ DEFAULT_MODELS = (
                input_shape=(6, 100), classes=7, steps=300),
     BenchModel(name="cnn2d-1x28x28-10", factory="PersonalizedCNN2D", kwargs={"in_channels": 1, "num_classes": 10},
                input_shape=(1, 28, 28), classes=10, steps=60),
+    # Not the default build: the same 2D-CNN with `fedge bundle build --micro-batch 8` (ort-training and torch unchanged).
+    BenchModel(name="cnn2d-28x28-micro8", factory="PersonalizedCNN2D", kwargs={"in_channels": 1, "num_classes": 10},
+               input_shape=(1, 28, 28), classes=10, steps=60, micro_batch=8),
 )
 
 
@@ -182,7 +192,7 @@ def _run_child(code: str, cfg: dict[str, object]) -> dict[str, object]:
     return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey) -> Path:
+def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey, micro_batch: int = 0) -> Path:
     import torch
 
     import sdk.models as zoo
@@ -196,7 +206,8 @@ def _build(model: BenchModel, work: Path, key: Ed25519PrivateKey) -> Path:
     net = getattr(zoo, model.factory)(**model.kwargs)
     path = work / f"{model.name}.fedge"
     build_bundle(net, example_input=torch.zeros((2, *model.input_shape)), split=ParameterSplit(shared=("*",)),
-                 spec=TrainingSpec(mode=TrainingMode.FEDAVG, optimizer=OptimizerKind.ADAMW, learning_rate=1e-3), signing_key=key,
+                 spec=TrainingSpec(mode=TrainingMode.FEDAVG, optimizer=OptimizerKind.ADAMW, learning_rate=1e-3,
+                                  micro_batch=micro_batch), signing_key=key,
                  out_path=path, model_name=model.name)
     install_bundle(path, key.public_key(), work / model.name)
     return work / model.name
@@ -235,7 +246,7 @@ def run_train_bench(
         save_public_key(key.public_key(), work / "fleet.pub")
         peak_cfg = {"threads": threads, "windows": 20, "models": write_matmul_models(work)}
         for model in models:
-            bundle_dir = _build(model, work, key)
+            bundle_dir = _build(model, work, key, model.micro_batch)
             steps = max(20, int(model.steps * step_scale))
             base = {"bundle": str(bundle_dir), "pub": str(work / "fleet.pub"), "batch": batch, "input_shape": list(model.input_shape),
                     "classes": model.classes, "threads": threads, "warmup": max(5, steps // 10), "steps": steps,

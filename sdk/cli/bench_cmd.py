@@ -26,7 +26,8 @@ def bench() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/train.json"), show_default=True,
               help="JSON results; a PNG chart is written next to it.")
 def train(repeats: int, threads: int, batch: int, quick: bool, out: Path) -> None:
-    """Portable and ort-training backends (torch hidden) vs PyTorch eager: steps/s, peak RSS, import time; MLP, 1D-CNN, 2D-CNN."""
+    """Portable and ort-training backends (torch hidden) vs PyTorch eager: steps/s, peak RSS, import time; MLP, 1D-CNN, 2D-CNN
+    (and the 2D-CNN with a micro-batched portable step, not the default build)."""
     from tqdm import tqdm
 
     from sdk.bench.train_bench import DEFAULT_MODELS, format_table, run_train_bench, write_json, write_png

@@ -77,10 +77,13 @@ def bundle() -> None:
               help="What devices send up: none (float32), q8, q4, topk:F, topk:F+q8, topk:F+q4, each optionally"
                    " +deflate (lossless zlib; q6 only with it) (error feedback; docs/protocol.md 'Compressed updates'),"
                    " e.g. q4+deflate.")
+@click.option("--micro-batch", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Portable steps: run the forward and backward on slices of this many examples (same numbers, less"
+                   " peak memory, slower; 0 = the whole batch; docs/device-agent.md 'Micro-batched steps').")
 @click.option("-o", "--out", type=click.Path(path_type=Path), required=True, help="Output .fedge file.")
 def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared: str, personal: str, mode: str, mu: float,
           loss: str, optimizer: str, lr: float, key_path: Path, model_name: str, bundle_version: int, seed: int, artifacts: str,
-          compression: str, out: Path, ditto_lambda: float | None) -> None:
+          compression: str, out: Path, ditto_lambda: float | None, micro_batch: int) -> None:
     """Export a PyTorch model and write a signed training bundle.
 
     A model with a layer the training graphs cannot express (BatchNorm, Dropout, ...) is
@@ -111,7 +114,7 @@ def build(model_spec: str, model_args: tuple[str, ...], input_shape: str, shared
             model, example_input=torch.zeros((2, *shape)), split=split,
             spec=TrainingSpec(mode=TrainingMode(mode), mu=mu, loss=LossKind(loss), optimizer=OptimizerKind(optimizer), learning_rate=lr,
                               ditto_lambda=(DEFAULT_DITTO_LAMBDA if ditto_lambda is None else ditto_lambda) if mode == "ditto"
-                              else ditto_lambda or 0.0),
+                              else ditto_lambda or 0.0, micro_batch=micro_batch),
             signing_key=signing_key, out_path=out, model_name=model_name, bundle_version=bundle_version,
             kinds=("ort-training", "portable") if artifacts == "both" else (artifacts,), compression=compression,
         )

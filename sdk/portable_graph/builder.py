@@ -3,7 +3,8 @@
 Every graph is run once on onnxruntime right after export and compared with
 the same function run eagerly in PyTorch (batch 3, one step): a graph that
 does not reproduce PyTorch is refused at build time, never shipped. A step
-graph must also allow its optimizer state to be updated in place (``in_place``).
+graph must also allow its optimizer state to be updated in place, and is marked
+when its parameters may be too (``in_place``).
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from device_agent.bundle.manifest import ArtifactSetName, LossKind, OptimizerKind, PortableArtifacts, PortableSet
+from device_agent.training_backends import graph_names as g
 from sdk.portable_graph.export import OPSET, export_graph
-from sdk.portable_graph.in_place import check_in_place_updates
+from sdk.portable_graph.in_place import check_in_place_updates, parameters_update_in_place
+from sdk.portable_graph.micro_batch import SUMMED, TASK_LOSS, compose_micro_batched
 from sdk.portable_graph.rewrite import for_training_graph
-from sdk.portable_graph.step import SEPARATE_UPDATE_MIN_SIZE, StepSpec, as_numpy, example_inputs, make_eval, make_step
+from sdk.portable_graph.step import (SEPARATE_UPDATE_MIN_SIZE, StepSpec, as_numpy, example_inputs, gradient_names,
+                                     make_apply, make_eval, make_slice_gradients, make_step)
 from sdk.portable_graph.support import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +45,8 @@ class PortablePlan:
     """What to build: the sets (name -> trainable parameters), the shared parameters and the objective.
 
     ``mu`` is every set's proximal weight except Ditto's personal set, which has ``ditto_lambda``.
+    ``micro_batch``: 0 runs every step on the whole batch, k > 0 runs the forward and backward on slices
+    of k examples (``micro_batch``).
     """
 
     sets: tuple[tuple[ArtifactSetName, tuple[str, ...]], ...]
@@ -49,6 +56,7 @@ class PortablePlan:
     optimizer: OptimizerKind
     learning_rate: float
     ditto_lambda: float = 0.0
+    micro_batch: int = 0
 
 
 def _labels(kind: LossKind, output: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,21 +98,56 @@ def build_portable_graphs(model: torch.nn.Module, *, example_input: torch.Tensor
     _check_against_eager(out / eval_file, make_eval(model, eval_spec), example_inputs(eval_spec, params, x_check, y_check,
                                                                                       lr=plan.learning_rate, step=False),
                          eval_spec.eval_inputs())
+    micro_batch = plan.micro_batch
+    checks = [(x_check, y_check)]
+    if micro_batch:  # a batch of two whole slices and a shorter one: the sums and the last slice's share are checked
+        x_long = torch.randn((2 * micro_batch + 1, *example_input.shape[1:]), generator=generator)
+        checks.append((x_long, _labels(plan.loss, output, x_long.shape[0], generator)))
     sets = []
     for set_name, trainable in plan.sets:
         spec = spec_for(trainable, set_name)
         file = f"portable_{set_name.value}_step.onnx"
-        proto = export_graph(make_step(traced, spec), example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True),
-                             input_names=spec.step_inputs(), output_names=spec.step_outputs(), path=out / file)
+        inputs = example_inputs(spec, params, x_trace, y_trace, lr=plan.learning_rate, step=True)
+        if micro_batch:
+            proto = _export_micro_batched(traced, spec, inputs, micro_batch, out / file)
+        else:
+            proto = export_graph(make_step(traced, spec), inputs, input_names=spec.step_inputs(), output_names=spec.step_outputs(),
+                                 path=out / file)
         check_in_place_updates(proto.graph)
-        _check_against_eager(out / file, make_step(model, spec),
-                             example_inputs(spec, params, x_check, y_check, lr=plan.learning_rate, step=True, warm=generator),
-                             spec.step_inputs(), atol=max(_ATOL, _STEP_ATOL_PER_LR * plan.learning_rate))
+        if parameters_update_in_place(proto.graph, spec.flat if spec.flat_params else ()):
+            onnx.helper.set_model_props(proto, {g.PARAMS_IN_PLACE: "1"})
+            onnx.save(proto, os.fspath(out / file))
+        for x, y in checks:
+            _check_against_eager(out / file, make_step(model, spec),
+                                 example_inputs(spec, params, x, y, lr=plan.learning_rate, step=True, warm=generator),
+                                 spec.step_inputs(), atol=max(_ATOL, _STEP_ATOL_PER_LR * plan.learning_rate))
         sets.append(PortableSet(name=set_name, step_model=file, trainable=trainable))
+    if micro_batch:
+        logger.info("portable step graphs run the forward and backward in slices of %d examples", micro_batch)
     init_file = "portable_parameters.npz"
     with open(out / init_file, "wb") as fh:
         np.savez(fh, **{n: v.numpy() for n, v in params.items()})  # type: ignore[arg-type]
     return PortableArtifacts(opset=OPSET, eval_model=eval_file, initial_parameters=init_file, sets=tuple(sets))
+
+
+def _export_micro_batched(model: torch.nn.Module, spec: StepSpec, inputs: list[torch.Tensor], micro_batch: int,
+                          path: Path) -> onnx.ModelProto:
+    """Export a micro-batch's gradients and the update separately, join them in a loop (``micro_batch``), save to ``path``."""
+    x, y, lr = inputs[:3]
+    state = inputs[3:]
+    params = state[:len(spec.parameters)]
+    names = gradient_names(spec)
+    scale = torch.tensor(0.5, dtype=torch.float32)
+    sliced = make_slice_gradients(model, spec)(x, y, scale, *params)
+    gradients = export_graph(make_slice_gradients(model, spec), [x, y, scale, *params],
+                             input_names=[g.X, g.Y, "scale", *map(g.param, spec.parameters)], output_names=[g.LOSS, *names],
+                             path=path)
+    apply = export_graph(make_apply(spec), [lr, *state, *(t.detach().clone() for t in sliced)],
+                         input_names=[*spec.step_inputs()[2:], TASK_LOSS, *(SUMMED + n for n in names)],
+                         output_names=spec.step_outputs(), path=path, batch_inputs=())
+    proto = compose_micro_batched(gradients, apply, micro_batch=micro_batch)
+    onnx.save(proto, os.fspath(path))
+    return proto
 
 
 def _check_against_eager(path: Path, fn, inputs: Sequence[torch.Tensor], input_names: list[str], *,

@@ -41,8 +41,8 @@ _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, input_names: list[str], output_names: list[str],
-                 path: Path) -> onnx.ModelProto:
-    """Trace ``fn(*inputs)`` and write it to ``path`` with a dynamic batch on the first two inputs (x, y)."""
+                 path: Path, batch_inputs: Sequence[int] = (0, 1)) -> onnx.ModelProto:
+    """Trace ``fn(*inputs)`` and write it to ``path`` with a dynamic first axis on the inputs at ``batch_inputs`` (x, y)."""
     try:
         # Without duck shaping: a batch that happens to equal some weight dimension (4 channels, batch 4)
         # would share its symbol and be specialised into a fixed batch size.
@@ -50,7 +50,7 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
             gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*inputs)
             gm = make_fx(gm, decomposition_table=lowering_table(), tracing_mode="symbolic")(*inputs)
             batch = Dim("batch")
-            dynamic: list[Any] = [{0: batch}, {0: batch}] + [None] * (len(inputs) - 2)
+            dynamic: list[Any] = [{0: batch} if i in batch_inputs else None for i in range(len(inputs))]
             torch.onnx.export(gm, tuple(inputs), os.fspath(path), dynamo=True, opset_version=OPSET, optimize=False,
                               dynamic_shapes=tuple(dynamic), input_names=input_names, output_names=output_names,
                               verbose=False)

@@ -7,7 +7,10 @@ ORT-training's: task loss + mu/2 * sum over shared w of ||w - anchor.w||^2
 (``adam_mode=1``: bias correction folded into the learning rate, decay after
 the update) with ``generate_artifacts``' defaults (betas 0.9/0.999, eps 1e-6,
 no weight decay), evaluated in the same float32 order, with the bias
-corrections' powers in float64 as ORT's ``std::pow`` does.
+corrections' powers in float64 as ORT's ``std::pow`` does. A micro-batched
+step is traced in two halves, one slice's scaled gradients
+(``make_slice_gradients``) and the FedProx term plus the update
+(``make_apply``), which ``micro_batch`` joins in a loop.
 """
 
 from __future__ import annotations
@@ -142,15 +145,20 @@ def objective(model: torch.nn.Module, spec: StepSpec, params: dict[str, torch.Te
     out = functional_call(model, params, (x,))
     loss = task_loss(spec.loss, out, y)
     if spec.anchored:
-        terms = []
-        for name in spec.anchored:
-            diff = params[name] - anchors[name]
-            terms.append((diff * diff).sum())  # a Mul, not a Pow: measured faster in ORT
-        total = terms[0]
-        for term in terms[1:]:  # summed in order, as ORT-training's loss block does
-            total = total + term
-        loss = loss + total * torch.tensor(np.float32(spec.mu / 2))
+        loss = loss + _prox_term(spec, params, anchors)
     return loss, out
+
+
+def _prox_term(spec: StepSpec, params: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """mu/2 * sum over the anchored parameters of ||w - anchor||^2, summed in order as ORT-training's loss block does."""
+    terms = []
+    for name in spec.anchored:
+        diff = params[name] - anchors[name]
+        terms.append((diff * diff).sum())  # a Mul, not a Pow: measured faster in ORT
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total * torch.tensor(np.float32(spec.mu / 2))
 
 
 def _hf_step_size(t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
@@ -172,6 +180,39 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])  # no Reshape node for vectors
 
 
+def _update(spec: StepSpec, lr: torch.Tensor, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+            rest: Sequence[torch.Tensor], flat_grad: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """The optimizer's outputs (``step_outputs()`` after the loss) from the gradients; ``rest``: the state after the anchors.
+
+    ``flat_grad``: the flat parameters' gradients already concatenated (else taken from ``grads``).
+    """
+    if not spec.adam:
+        return tuple(params[n] - lr * grads[n] for n in spec.trainable)
+    flat_params = rest[0] if spec.flat else None
+    step_count, *moments = rest[1:] if spec.flat else rest
+    t = step_count + 1
+    step_size = _hf_step_size(t, lr)
+    new = []
+    new_moments = []
+    if spec.flat:
+        # One flat update for the small parameters: ~12 graph nodes instead of ~12 per parameter. The device
+        # keeps them in one buffer too (each of their param.* inputs a view of flat.param), so the update
+        # reads and writes that buffer whole: no concatenation of the parameters, no split of the result.
+        m, v = moments[:2]
+        moments = moments[2:]
+        flat_g = flat_grad if flat_grad is not None else _flat([grads[n] for n in spec.flat])
+        flat, m, v = _hf_adamw(flat_params, flat_g, m, v, step_size)
+        new_moments += [m, v]
+    for i, n in enumerate(spec.separate):
+        # A large parameter on its own: no concatenation, no slicing, the update writes new.param directly.
+        p, m, v = _hf_adamw(params[n], grads[n], moments[2 * i], moments[2 * i + 1], step_size)
+        new.append(p)
+        new_moments += [m, v]
+    if spec.flat:
+        new.append(flat)
+    return (*new, t, *new_moments)
+
+
 def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[torch.Tensor, ...]]:
     """``step(*inputs) -> outputs`` in the order of ``spec.step_inputs()`` / ``spec.step_outputs()``."""
     n_params, n_anchors = len(spec.parameters), len(spec.anchored)
@@ -186,33 +227,81 @@ def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[tor
             return loss, loss
 
         grads, loss = grad(loss_of, has_aux=True)({n: params[n] for n in spec.trainable})
-        if not spec.adam:
-            return (loss, *(params[n] - lr * grads[n] for n in spec.trainable))
-        rest = state[n_params + n_anchors:]
-        flat_params = rest[0] if spec.flat else None
-        step_count, *moments = rest[1:] if spec.flat else rest
-        t = step_count + 1
-        step_size = _hf_step_size(t, lr)
-        new = []
-        new_moments = []
-        if spec.flat:
-            # One flat update for the small parameters: ~12 graph nodes instead of ~12 per parameter. The device
-            # keeps them in one buffer too (each of their param.* inputs a view of flat.param), so the update
-            # reads and writes that buffer whole: no concatenation of the parameters, no split of the result.
-            m, v = moments[:2]
-            moments = moments[2:]
-            flat, m, v = _hf_adamw(flat_params, _flat([grads[n] for n in spec.flat]), m, v, step_size)
-            new_moments += [m, v]
-        for i, n in enumerate(spec.separate):
-            # A large parameter on its own: no concatenation, no slicing, the update writes new.param directly.
-            p, m, v = _hf_adamw(params[n], grads[n], moments[2 * i], moments[2 * i + 1], step_size)
-            new.append(p)
-            new_moments += [m, v]
-        if spec.flat:
-            new.append(flat)
-        return (loss, *new, t, *new_moments)
+        return (loss, *_update(spec, lr, params, grads, state[n_params + n_anchors:]))
 
     return step
+
+
+def gradient_names(spec: StepSpec) -> list[str]:
+    """What a micro-batch's gradient function returns after the loss: the flat gradient (AdamW with flat
+    parameters), then one per separately updated parameter; with SGD, one per trainable parameter."""
+    if spec.adam:
+        return (["grad.flat"] if spec.flat else []) + [f"grad.{n}" for n in spec.separate]
+    return [f"grad.{n}" for n in spec.trainable]
+
+
+def make_slice_gradients(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``grads(x, y, scale, *params) -> (scale * task loss, *scale * gradients)`` for one micro-batch (``gradient_names``).
+
+    ``scale`` is the slice's share of the batch (its size / the batch size): the step sums these over the slices,
+    which is the whole batch's mean loss and its gradient. The FedProx term is not here: it is added once, by
+    :func:`make_apply`. Scaling the loss scales every gradient without a pass over the gradients.
+    """
+
+    def gradients(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, *params_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        params = dict(zip(spec.parameters, params_in))
+        frozen = {n: v for n, v in params.items() if n not in spec.trainable}
+
+        def loss_of(trainable: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            out = functional_call(model, {**frozen, **trainable}, (x,))
+            loss = task_loss(spec.loss, out, y) * scale
+            return loss, loss
+
+        grads, loss = grad(loss_of, has_aux=True)({n: params[n] for n in spec.trainable})
+        if not spec.adam:
+            return (loss, *(grads[n] for n in spec.trainable))
+        flat = [_flat([grads[n] for n in spec.flat])] if spec.flat else []
+        return (loss, *flat, *(grads[n] for n in spec.separate))
+
+    return gradients
+
+
+def make_apply(spec: StepSpec) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """``apply(lr, *state, task_loss, *gradients) -> step_outputs()``: the FedProx term and the optimizer update.
+
+    ``state`` is the step's inputs after ``lr`` (``step_inputs()[3:]``); ``task_loss`` and the gradients are the
+    sums of :func:`make_slice_gradients` over the micro-batches.
+    """
+    n_params, n_anchors = len(spec.parameters), len(spec.anchored)
+    n_state = len(spec.step_inputs()) - 3
+
+    def apply(lr: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        state, loss, summed = inputs[:n_state], inputs[n_state], inputs[n_state + 1:]
+        params = dict(zip(spec.parameters, state[:n_params]))
+        anchors = dict(zip(spec.anchored, state[n_params:n_params + n_anchors]))
+        has_flat = spec.adam and bool(spec.flat)
+        grads = dict(zip(spec.separate if spec.adam else spec.trainable, summed[1:] if has_flat else summed))
+        flat_grad = summed[0] if has_flat else None
+        anchored = [n for n in spec.anchored if n in spec.trainable]
+        if spec.anchored:
+            def prox_of(p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                term = _prox_term(spec, {**params, **p}, anchors)
+                return term, term
+
+            if anchored:
+                prox_grads, prox = grad(prox_of, has_aux=True)({n: params[n] for n in anchored})
+                for n in anchored:
+                    if n in grads:
+                        grads[n] = grads[n] + prox_grads[n]
+                if flat_grad is not None and any(n in prox_grads for n in spec.flat):
+                    flat_grad = flat_grad + _flat([prox_grads[n] if n in prox_grads else torch.zeros_like(params[n])
+                                                   for n in spec.flat])
+            else:
+                prox = _prox_term(spec, params, anchors)
+            loss = loss + prox
+        return (loss, *_update(spec, lr, params, grads, state[n_params + n_anchors:], flat_grad))
+
+    return apply
 
 
 def make_eval(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:

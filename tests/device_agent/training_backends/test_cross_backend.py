@@ -37,6 +37,8 @@ class Case:
     loss: str = "cross_entropy"
     mu: float = 0.0
     finetune: tuple[str, ...] = ()
+    #: Portable step graphs on slices of this many examples (batches 8, 8, 5: slices 3, 3, 2 and 3, 2).
+    micro_batch: int = 0
 
 
 CASES = {
@@ -47,6 +49,9 @@ CASES = {
     "mlpwide-fedalt-adamw-ce": Case(model="mlp-wide", mode="fedalt", optimizer="adamw", mu=0.1),
     "cnn1d-fedalt-adamw-ce": Case(model="cnn1d", mode="fedalt", optimizer="adamw", mu=0.05),
     "cnn2d-fedavg-adamw-ce": Case(model="cnn2d", mode="fedavg", optimizer="adamw"),
+    "mlp-fedprox-sgd-ce-micro": Case(model="mlp", mode="fedprox", optimizer="sgd", mu=0.5, micro_batch=3),
+    "mlpwide-fedalt-adamw-ce-micro": Case(model="mlp-wide", mode="fedalt", optimizer="adamw", mu=0.1, micro_batch=3),
+    "cnn2d-fedavg-adamw-ce-micro": Case(model="cnn2d", mode="fedavg", optimizer="adamw", micro_batch=3),
 }
 
 
@@ -69,7 +74,8 @@ def _assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], tol: 
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_backends_match_each_other_and_pytorch_step_by_step(case_id, model_bundle, install):
     case = CASES[case_id]
-    path, net = model_bundle(case.model, case.mode, mu=case.mu, optimizer=case.optimizer, loss=case.loss, finetune=case.finetune)
+    path, net = model_bundle(case.model, case.mode, mu=case.mu, optimizer=case.optimizer, loss=case.loss, finetune=case.finetune,
+                             micro_batch=case.micro_batch)
     bundle = install(path)
     trainers = {b: DeviceTrainer(bundle, backend=b, threads=1) for b in BACKENDS}
     manifest = bundle.manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from device_agent.bundle.manifest import ArtifactSetName
 from device_agent.training_backends import graph_names as g
@@ -39,3 +40,45 @@ def test_portable_sessions_draw_on_the_shared_arena(model_bundle, install):
     backend = PortableBackend(install(path), threads=1)
     assert shared_cpu_arena()
     assert backend._options.get_session_config_entry("session.use_env_allocators") == "1"
+
+
+def test_a_micro_batched_step_updates_its_parameters_in_place(model_bundle, install):
+    """Its builder proved every read of a parameter precedes the update: one buffer each, and the numbers of a whole-batch step."""
+    sliced = PortableBackend(install(model_bundle("mlp-wide", "fedalt", mu=0.1, optimizer="adamw", micro_batch=3)[0]), threads=1)
+    whole = PortableBackend(install(model_bundle("mlp-wide", "fedalt", mu=0.1, optimizer="adamw")[0]), threads=1)
+    for step, batch in enumerate((8, 8, 5)):  # slices 3, 3, 2 and 3, 2
+        x, y = make_data("mlp-wide", "cross_entropy", batch, seed=step)
+        for set_name in (ArtifactSetName.PERSONAL, ArtifactSetName.SHARED):
+            assert sliced.train_step(set_name, x, y) == pytest.approx(whole.train_step(set_name, x, y), rel=1e-5)
+    for set_name in (ArtifactSetName.PERSONAL, ArtifactSetName.SHARED):
+        graph, slots = sliced._graphs[set_name], sliced._set_slots[set_name]
+        assert graph.params_in_place and graph.ping_pong == []
+        updated = [n for n in graph.updated if n.startswith(g.PARAM) or n == g.FLAT_PARAMS]
+        assert updated and all(len(slots[n].buffers) == 1 for n in updated)
+        assert len(sliced._groups[set_name].arrays) == 1
+    # whole batch: the shared layers' backward reads base.2.weight (for base.0's gradient) after its update may run;
+    # the personal set trains only the head, which nothing reads once its gradient is known
+    assert not whole._graphs[ArtifactSetName.SHARED].params_in_place and len(whole._groups[ArtifactSetName.SHARED].arrays) == 2
+    assert whole._graphs[ArtifactSetName.PERSONAL].params_in_place
+    for name, value in whole.export_state().parameters.items():
+        np.testing.assert_allclose(sliced.get_parameter(name), value, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_an_agent_that_ignores_the_in_place_mark_gets_the_same_numbers(model_bundle, install, monkeypatch):
+    """A micro-batched bundle is format 3 as before: an agent of that format (no mark, ping-pong) trains it alike."""
+    bundle = install(model_bundle("mlp-wide", "fedalt", mu=0.1, optimizer="adamw", micro_batch=3)[0])
+    batches = [make_data("mlp-wide", "cross_entropy", n, seed=10 + i) for i, n in enumerate((8, 5, 8))]
+
+    def train(backend: PortableBackend) -> dict[str, np.ndarray]:
+        for x, y in batches:
+            for set_name in (ArtifactSetName.PERSONAL, ArtifactSetName.SHARED):
+                backend.train_step(set_name, x, y)
+        return backend.export_state().parameters
+
+    in_place = train(PortableBackend(bundle, threads=1))
+    monkeypatch.setattr(g, "PARAMS_IN_PLACE", "fedge.a-key-no-graph-has")
+    old = PortableBackend(bundle, threads=1)
+    ping_ponged = train(old)
+    assert not old._graphs[ArtifactSetName.SHARED].params_in_place and old._graphs[ArtifactSetName.SHARED].ping_pong
+    for name, value in in_place.items():
+        np.testing.assert_array_equal(ping_ponged[name], value, err_msg=name)

@@ -100,6 +100,9 @@ TORCH_CHILD = textwrap.dedent(
     """
     import sys, time
     t0 = time.perf_counter()
+    # The same non-training stack as the agent processes (CLI, MQTT, TLS, release metadata, cryptography; no
+    # onnxruntime): a device training with PyTorch would hold it too, so peak RSS compares the runtimes alone.
+    import device_agent.cli, device_agent.daemon.bootstrap  # noqa: F401
     import torch
     import sdk.models as zoo
     t_import = time.perf_counter() - t0

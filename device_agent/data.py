@@ -14,7 +14,6 @@ import itertools
 import math
 import os
 import struct
-import tokenize
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from device_agent.errors import FedgeError
+from device_agent.npy_header import NpyFormatError, read_npy_data, read_npy_header
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,26 +124,21 @@ def _read_npy_member(archive: zipfile.ZipFile, member: str, path: Path, key: str
     if info.file_size > limit + 65536:
         raise DataFileError(f"{path}: array {key!r} is {info.file_size} bytes, over the {limit}-byte limit")
     with archive.open(info) as fh:
-        version = np.lib.format.read_magic(fh)
-        if version not in ((1, 0), (2, 0), (3, 0)):
-            raise DataFileError(f"{path}: array {key!r} has unsupported .npy format version {version}")
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        try:
-            shape, fortran, dtype = read_header(fh)
-        except (SyntaxError, tokenize.TokenError) as exc:  # numpy tokenizes the header text (found by atheris)
-            raise DataFileError(f"{path}: array {key!r} has a malformed .npy header") from exc
+        try:  # our own strict parser: numpy's uses ast, which CPython 3.11 cannot run in two threads at once
+            header = read_npy_header(fh)
+        except NpyFormatError as exc:
+            raise DataFileError(f"{path}: array {key!r}: {exc}") from None
+        shape, dtype = header.shape, header.dtype
         if dtype.hasobject or dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None:
             raise DataFileError(f"{path}: array {key!r} has dtype {dtype}; only numeric arrays are read "
                                 "(arrays of Python objects would need pickle, which fedge never loads)")
-        count = math.prod(shape)
-        size = count * dtype.itemsize
+        size = math.prod(shape) * dtype.itemsize
         if size > limit:
             raise DataFileError(f"{path}: array {key!r} declares shape {shape} ({size} bytes), over the {limit}-byte limit")
-        data = fh.read(size)
-    if len(data) != size:
-        raise DataFileError(f"{path}: array {key!r} is truncated ({len(data)} of {size} bytes)")
-    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
-    return array.astype(dtype.newbyteorder("="), copy=True)
+        try:
+            return read_npy_data(fh, header)
+        except NpyFormatError as exc:
+            raise DataFileError(f"{path}: array {key!r} is {exc}") from None
 
 
 def load_csv(

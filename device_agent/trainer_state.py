@@ -10,6 +10,7 @@ import numpy as np
 
 from device_agent.bundle.manifest import BundleManifest
 from device_agent.errors import StateError
+from device_agent.npy_header import NpyFormatError, load_npz_arrays
 from device_agent.state_store import StoredState
 from device_agent.training_backends import TrainingState
 from device_agent.training_backends.legacy_state import is_legacy_generation, state_from_ort_checkpoints
@@ -28,8 +29,7 @@ def read_training_state(stored: StoredState, manifest: BundleManifest) -> Traini
         return state_from_ort_checkpoints(stored.directory, manifest)
     path = stored.directory / "state.npz"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {n: data[n] for n in data.files}
+        arrays = load_npz_arrays(path)
     except (OSError, ValueError) as exc:
         raise StateError(f"{path}: cannot read: {exc}") from exc
     return state_from_arrays(arrays, manifest)
@@ -37,10 +37,13 @@ def read_training_state(stored: StoredState, manifest: BundleManifest) -> Traini
 
 def read_parameter_file(path: Path, spec: Mapping[str, tuple[tuple[int, ...], str]]) -> dict[str, np.ndarray]:
     """Arrays of ``path`` (an ``.npz``), checked to be exactly ``spec``'s names and shapes; StateError otherwise."""
-    with np.load(path, allow_pickle=False) as data:
-        if set(data.files) != set(spec):
-            raise StateError(f"{path}: arrays {sorted(data.files)} do not match the bundle's shared parameters")
-        out = {n: np.asarray(data[n], dtype=np.float32) for n in data.files}
+    try:
+        arrays = load_npz_arrays(path)
+    except NpyFormatError as exc:
+        raise StateError(f"{path}: cannot read: {exc}") from exc
+    if set(arrays) != set(spec):
+        raise StateError(f"{path}: arrays {sorted(arrays)} do not match the bundle's shared parameters")
+    out = {n: np.asarray(a, dtype=np.float32) for n, a in arrays.items()}
     for n, arr in out.items():
         if arr.shape != spec[n][0]:
             raise StateError(f"{path}: {n} has shape {arr.shape}, expected {spec[n][0]}")

@@ -29,6 +29,7 @@ import numpy as np
 from device_agent.bundle.archive import TrainingBundle
 from device_agent.bundle.manifest import ANCHOR_PREFIX, ArtifactSetName, PortableArtifacts
 from device_agent.errors import BundleError
+from device_agent.npy_header import load_npz_arrays
 from device_agent.training_backends import graph_names as g
 from device_agent.training_backends.base import BackendName, TrainingBackend
 from device_agent.training_backends.runtime import (
@@ -210,8 +211,8 @@ class PortableBackend(TrainingBackend):
 
     def _initial_state(self, bundle: TrainingBundle, portable: PortableArtifacts) -> TrainingState:
         manifest = bundle.manifest
-        with np.load(bundle.path(portable.initial_parameters), allow_pickle=False) as data:
-            params = {p.name: np.asarray(data[p.name], dtype=np.float32) for p in manifest.parameters if p.name in data.files}
+        stored = load_npz_arrays(bundle.path(portable.initial_parameters))
+        params = {p.name: np.asarray(stored[p.name], dtype=np.float32) for p in manifest.parameters if p.name in stored}
         bad = [p.name for p in manifest.parameters if p.name not in params or params[p.name].shape != p.shape]
         if bad:
             raise BundleError(f"{portable.initial_parameters}: missing or misshapen parameters {bad}")

@@ -83,7 +83,7 @@ def _run(python: Path, *args: str, code: str | None = None) -> subprocess.Comple
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "micro_batch"), [("mlp", 0), ("cnn1d", 0), ("cnn1d", 3)])  # 3: slices in a Loop
+@pytest.mark.parametrize(("model", "micro_batch"), [("mlp", 0), ("cnn1d", 0), ("mlp", 3)])  # 3: slices in a Loop (convolutions in a Loop: test_cross_backend)
 def test_portable_graphs_give_the_host_numbers_on_mainstream_onnxruntime(model, micro_batch, mainstream, model_bundle, install,
                                                                          fleet_key, tmp_path):
     path, _ = model_bundle(model, "fedalt", mu=0.1, optimizer="adamw", micro_batch=micro_batch)

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 
 from device_agent.protocol._frame import FRAME_PREHASHED, FRAME_V1, FRAME_VERSIONS
 
-__all__ = ["FRAME_PREHASHED", "FRAME_V1", "FRAME_VERSIONS", "choose_frame_version", "parse_frame_versions"]
+__all__ = ["FRAME_PREHASHED", "FRAME_V1", "FRAME_VERSIONS", "check_frame_policy", "choose_frame_version",
+           "parse_frame_versions"]
 
 
 def choose_frame_version(announced: Iterable[int] | None) -> int:
@@ -34,3 +35,10 @@ def parse_frame_versions(text: str) -> frozenset[int]:
             raise ValueError(f"frame version {part!r} is not one of {', '.join(map(str, sorted(FRAME_VERSIONS)))}")
         versions.add(int(part))
     return frozenset(versions)
+
+
+def check_frame_policy(update_frames: frozenset[int], announce: bool) -> None:
+    """ValueError when a tier opening ``update_frames`` could not be sent to: without version 1 it must announce."""
+    if FRAME_V1 not in update_frames and not announce:
+        raise ValueError("refusing frame version 1 needs announce_frames = true "
+                         "(senders seal version 1 unless the model header names another)")

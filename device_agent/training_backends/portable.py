@@ -53,12 +53,13 @@ class _Slot:
         self.buffers[0].update_inplace(np.ascontiguousarray(value))
         self.current = 0
         self._ort = ort
+        self._dtype = value.dtype
 
     def pair(self) -> None:
         """Give the slot its second buffer (when a step graph that ping-pongs it is bound)."""
         if len(self.buffers) == 1 and self._ort is not None:
             first = self.buffers[0]
-            self.buffers = [first, self._ort.OrtValue.ortvalue_from_shape_and_type(first.shape(), first.numpy().dtype)]
+            self.buffers = [first, self._ort.OrtValue.ortvalue_from_shape_and_type(first.shape(), self._dtype)]
 
     @classmethod
     def over(cls, buffers: list[Any]) -> _Slot:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from device_agent.parameters import as_float32, check_finite, check_layout
-from device_agent.protocol.frame_versions import FRAME_V1, FRAME_VERSIONS
+from device_agent.protocol.frame_versions import FRAME_VERSIONS, check_frame_policy
 from device_agent.protocol.headers import check_id, check_int
 from device_agent.protocol.tensor_codec import DecodeLimits
 from device_agent.protocol.validation import ParamSpec
@@ -82,9 +82,7 @@ class AggregatorConfig:
         object.__setattr__(self, "update_frames", frames)
         if not isinstance(self.announce_frames, bool):
             raise TypeError("announce_frames must be a bool")
-        if FRAME_V1 not in frames and not self.announce_frames:
-            raise ValueError("update_frames without version 1 needs announce_frames: senders seal version 1 "
-                             "unless the model header names another")
+        check_frame_policy(frames, self.announce_frames)
 
     @property
     def announced_frames(self) -> tuple[int, ...] | None:

@@ -237,7 +237,7 @@ class UpdateIntake(RoundCache):
         bounds = self.bounds  # admission's thresholds: exact decisions near them (clip or not, the float32 range)
         near = (FLOAT32_SAFE - self._base_largest,) + (() if bounds is None or bounds.clip_norm is None else (bounds.clip_norm,))
         norm = self._validator.check_tensors(opened.tensors, exact_near=near)  # measured once: admission and clipping reuse it
-        return admit(opened, base=self._record.base_params, bounds=self.bounds, weight=self._weight_of(header),
+        return admit(opened, base=self._record.base_params, bounds=bounds, weight=self._weight_of(header),
                      contributors=contributors, base_largest=self._base_largest, norm=norm)
 
     def _commit(self, admitted: list[tuple[int, Admission]], answers: list[HandledUpdate | None]) -> list[int] | None:

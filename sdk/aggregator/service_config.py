@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from device_agent.bundle.archive import verify_bundle
 from device_agent.bundle.manifest import BundleManifest
 from device_agent.compression.spec import CompressionSpec
-from device_agent.protocol.frame_versions import FRAME_V1, parse_frame_versions
+from device_agent.protocol.frame_versions import check_frame_policy, parse_frame_versions
 from device_agent.daemon.errors import ConfigError
 from device_agent.daemon.toml_table import REQUIRED, TomlTable
 from device_agent.errors import BundleError
@@ -209,9 +209,10 @@ def _frames(agg: TomlTable) -> dict[str, Any]:
     announce = agg.value("announce_frames", False)
     if not isinstance(announce, bool):
         raise agg.error("announce_frames", f"expected true or false, got {announce!r}")
-    if FRAME_V1 not in frames and not announce:
-        raise agg.error("update_frames", "refusing frame version 1 needs announce_frames = true "
-                                         "(senders seal version 1 unless the model header names another)")
+    try:
+        check_frame_policy(frames, announce)
+    except ValueError as exc:
+        raise agg.error("update_frames", str(exc)) from None
     return dict(update_frames=frames, announce_frames=announce)
 
 

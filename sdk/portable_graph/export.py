@@ -3,10 +3,15 @@
 ``make_fx`` with the decomposition table turns the function (forward,
 ``torch.func.grad``, optimizer) into a flat ATen graph; symbolic tracing keeps
 the batch axis free (real tracing bakes the batch size into convolution
-graphs). torch's dynamo exporter then writes it at opset 18 with its graph
-optimizer off (``optimize=True`` deletes ``Add(x, eps)`` and Adam's weights
-go NaN). The result is checked to hold ``ai.onnx`` ops only at opset <= 18
-and stamped to IR 10, what onnxruntime 1.19 loads.
+graphs). ``onnx_capture`` then captures it with torch.export's ATen-IR path,
+the convolution lowering inside that capture, and hands it to torch.onnx with
+nothing left to decompose; where it cannot (other torch internals), a second
+``make_fx`` pass lowers the convolutions and ``torch.onnx.export`` captures and
+decomposes on its own (the same graph, about twice the time). torch's dynamo
+exporter writes it at opset 18 with its graph optimizer off (``optimize=True``
+deletes ``Add(x, eps)`` and Adam's weights go NaN). The result is checked to
+hold ``ai.onnx`` ops only at opset <= 18 and stamped to IR 10, what
+onnxruntime 1.19 loads.
 """
 
 from __future__ import annotations

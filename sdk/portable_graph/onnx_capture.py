@@ -15,7 +15,7 @@ of a bundle build, spent on a graph that is already decomposed. Here:
   without one), else it runs as before.
 
 ``export_with_capture`` returns False when this torch's internals are not the
-ones it was written against (torch 2.13) or the capture fails; the caller then
+ones it was written against (torch 2.13) or the route fails; the caller then
 takes the public route (two ``make_fx`` passes and ``torch.onnx.export``).
 """
 
@@ -54,19 +54,19 @@ def available() -> bool:
 def export_with_capture(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor], *, lowering: dict[Any, Callable[..., Any]],
                         dynamic_shapes: tuple[Any, ...], path: Path, opset: int, input_names: list[str],
                         output_names: list[str]) -> bool:
-    """Write ``gm`` (already decomposed by make_fx) to ``path`` as ONNX the cheap way; False when it cannot (nothing written)."""
+    """Write ``gm`` (already decomposed by make_fx) to ``path`` as ONNX the cheap way; False when it cannot (the caller overwrites)."""
     if not available():
         return False
     try:
         lowered = _call_lowerings(gm, lowering)
         with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # as torch.onnx's own capture
             program = _export_aten_ir(lowered, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False, pre_dispatch=False)
-    except Exception as exc:  # internals that differ from torch 2.13's, or a graph the ATen-IR capture refuses
-        logger.debug("ATen-IR capture failed, taking torch.onnx's own: %s", exc)
+        with _decompose_only_untranslatable():
+            torch.onnx.export(program, tuple(inputs), os.fspath(path), dynamo=True, opset_version=opset, optimize=False,
+                              input_names=input_names, output_names=output_names, verbose=False)
+    except Exception as exc:  # internals that differ from torch 2.13's, or a graph this route cannot take: the public one decides
+        logger.debug("cheap export route failed, taking torch.onnx's own: %s", exc)
         return False
-    with _decompose_only_untranslatable():
-        torch.onnx.export(program, tuple(inputs), os.fspath(path), dynamo=True, opset_version=opset, optimize=False,
-                          input_names=input_names, output_names=output_names, verbose=False)
     return True
 
 

@@ -9,7 +9,8 @@ of a bundle build, spent on a graph that is already decomposed. Here:
   functional and decomposed in the one trace;
 - the rewrites of the lowering table (the convolution forward) run inside that
   same capture, in place of a second ``make_fx`` pass: the graph's nodes call
-  them instead of the ATen op;
+  them instead of the ATen op; so do rewrites of the few ops make_fx leaves that
+  torch.onnx cannot translate (``squeeze.dims``);
 - torch.onnx's decomposition returns the program untouched when every op in it
   already has an ONNX translation (what it would decompose is exactly the ops
   without one), else it runs as before.
@@ -58,7 +59,7 @@ def export_with_capture(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]
     if not available():
         return False
     try:
-        lowered = _call_lowerings(gm, lowering)
+        lowered = _call_lowerings(gm, {**_UNTRANSLATED, **lowering})
         with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]  # as torch.onnx's own capture
             program = _export_aten_ir(lowered, tuple(inputs), dynamic_shapes=dynamic_shapes, strict=False, pre_dispatch=False)
         with _decompose_only_untranslatable():
@@ -68,6 +69,18 @@ def export_with_capture(gm: torch.fx.GraphModule, inputs: Sequence[torch.Tensor]
         logger.debug("cheap export route failed, taking torch.onnx's own: %s", exc)
         return False
     return True
+
+
+def _squeeze_dims(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    # No ONNX translation in torch 2.13 (its reference decomposition emits prims.squeeze, which the capture cannot
+    # functionalise): one squeeze.dim per axis, last axis first, each a no-op unless that axis has size 1, as squeeze.dims.
+    for dim in sorted({d % x.dim() for d in dims}, reverse=True):
+        x = torch.ops.aten.squeeze.dim(x, dim)
+    return x
+
+
+#: Ops make_fx leaves that torch.onnx cannot translate, rewritten inside the capture (else its re-trace would run).
+_UNTRANSLATED: dict[Any, Callable[..., Any]] = {torch.ops.aten.squeeze.dims: _squeeze_dims}
 
 
 def _call_lowerings(gm: torch.fx.GraphModule, lowering: dict[Any, Callable[..., Any]]) -> torch.fx.GraphModule:

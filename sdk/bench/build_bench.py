@@ -5,8 +5,9 @@ model, the fedalt/AdamW artifacts of both kinds (portable + ORT-training), alter
 route of ``sdk.portable_graph.onnx_capture`` (ATen-IR capture, no re-trace) with the public route
 it falls back to (two ``make_fx`` passes, ``torch.onnx.export`` with its own capture and
 decomposition) in one process, and prints a table of seconds per build (best of ``--repeat``).
-A model is a reference model's name or ``module:Class@AxB`` (a no-argument constructor whose
-parameters are named ``base.*``/``head.*``, one example's shape ``AxB``), e.g. ``tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8``.
+A model is a reference model's name or ``module:Class@AxB?key=json`` (a constructor taking those
+keyword arguments, parameters named ``base.*``/``head.*``, one example's shape ``AxB``), e.g.
+``tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8?avg_pool=false``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ _REFERENCE = {  # the reference models of the test suite's bundles (tests/model_
     "cnn1d": ("PersonalizedCNN1D", {"in_channels": 3, "num_classes": 5, "width": 4}, (3, 20)),
     "cnn2d": ("PersonalizedCNN2D", {"in_channels": 1, "num_classes": 10, "hidden": 16}, (1, 28, 28)),
 }
-DEFAULT_MODELS = ("mlp", "cnn1d", "cnn2d", "tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8")
+#: EveryLayerNet without its average pools: onnxruntime-training cannot train those, and both kinds are built.
+DEFAULT_MODELS = ("mlp", "cnn1d", "cnn2d", "tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8?avg_pool=false")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,11 +52,13 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
         factory, kwargs, shape = _REFERENCE[name]
         return getattr(zoo, factory)(**kwargs), shape
-    target, _, dims = name.partition("@")
+    target, _, rest = name.partition("@")
+    dims, _, options = rest.partition("?")
     module, _, cls = target.partition(":")
     if not cls or not dims:
-        raise SystemExit(f"model {name!r}: expected a reference model ({', '.join(_REFERENCE)}) or module:Class@AxB")
-    return getattr(importlib.import_module(module), cls)(), tuple(int(d) for d in dims.split("x"))
+        raise SystemExit(f"model {name!r}: expected a reference model ({', '.join(_REFERENCE)}) or module:Class@AxB[?key=json&...]")
+    kwargs = {k: json.loads(v) for k, v in (item.split("=", 1) for item in options.split("&") if item)}
+    return getattr(importlib.import_module(module), cls)(**kwargs), tuple(int(d) for d in dims.split("x"))
 
 
 def _build_once(name: str, *, cheap: bool) -> float:

@@ -137,11 +137,13 @@ def _region_like(spec: FleetSpec, region: Region, aggregator: dict[str, Any], ro
                  f"(fedge aggregator {command} --config {file})", "docs/aggregation.md, 'Running the services'", data)
 
 
-def render_regional_toml(spec: FleetSpec, *, region: Region, devices: int) -> str:
-    """``regional.toml`` of ``region``'s service: quorum from ``devices`` (the devices it knows now)."""
+def render_regional_toml(spec: FleetSpec, *, region: Region, devices: int, announce_frames: bool = True) -> str:
+    """``regional.toml`` of ``region``'s service: quorum from ``devices`` (the devices it knows now).
+
+    ``announce_frames``: the default when ``[aggregators.regional]`` does not set it (a rewrite keeps the file's)."""
     agg = spec.aggregators
-    aggregator = {**_common_aggregator(spec.topology, region), "device_keys_dir": _s(layout.REGISTRY_DIR),
-                  **agg.sections.get("regional", {})}
+    aggregator = {**_common_aggregator(spec.topology, region), "announce_frames": announce_frames,
+                  "device_keys_dir": _s(layout.REGISTRY_DIR), **agg.sections.get("regional", {})}
     return _region_like(spec, region, aggregator, {"quorum": agg.quorum(devices), "deadline_s": deadline_s(spec, region.name)},
                         what="region", command="regional", file=_s(layout.REGIONAL_CONFIG))
 

@@ -26,4 +26,4 @@ fi
 bash scripts/setup_env.sh
 [ -z "$apt_pid" ] || wait "$apt_pid"
 . .venv/bin/activate
-exec python -m pytest -n "${FEDGE_TEST_WORKERS:-4}" --dist loadgroup "$@"
+exec python -m pytest -n "${FEDGE_TEST_WORKERS:-4}" --dist loadgroup --durations=20 "$@"

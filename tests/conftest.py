@@ -11,7 +11,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
+pytest_plugins = ["tests.cpu_accounting"]
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    from tests.cpu_accounting import CpuSummary
+
+    if not config.pluginmanager.has_plugin("fedge-cpu-summary") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(CpuSummary(), "fedge-cpu-summary")
     config.addinivalue_line("markers", "mosquitto: integration test against a real Mosquitto broker")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "packaging: builds device-only venvs (cached under ~/.cache/fedge-tests) and resolves wheels with pip")

@@ -47,7 +47,7 @@ CASES = {
     "mlp-fedavg-adamw-mse-finetune": Case(model="mlp", mode="fedavg", optimizer="adamw", loss="mse", finetune=("head",)),
     "mlp-fedsim-sgd-bce": Case(model="mlp", mode="fedsim", optimizer="sgd", loss="bce_with_logits", mu=0.2),
     "mlpwide-fedalt-adamw-ce": Case(model="mlp-wide", mode="fedalt", optimizer="adamw", mu=0.1),
-    "cnn1d-fedalt-adamw-ce": Case(model="cnn1d", mode="fedalt", optimizer="adamw", mu=0.05),
+    "cnn1d-fedalt-adamw-ce": Case(model="cnn1d", mode="fedalt", optimizer="adamw", mu=0.1),  # the bundle of test_mainstream_onnxruntime
     "cnn2d-fedavg-adamw-ce": Case(model="cnn2d", mode="fedavg", optimizer="adamw"),
     "mlp-fedprox-sgd-ce-micro": Case(model="mlp", mode="fedprox", optimizer="sgd", mu=0.5, micro_batch=3),
     "mlpwide-fedalt-adamw-ce-micro": Case(model="mlp-wide", mode="fedalt", optimizer="adamw", mu=0.1, micro_batch=3),

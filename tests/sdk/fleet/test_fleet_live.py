@@ -88,7 +88,7 @@ def workdir() -> Iterator[Path]:
 class Up:
     """``fedge fleet up`` in a subprocess, stopped (SIGTERM) at the end."""
 
-    def __init__(self, fleet_dir: Path, cwd: Path, *extra: str, max_seconds: float = 240) -> None:
+    def __init__(self, fleet_dir: Path, cwd: Path, *extra: str, max_seconds: float = 600) -> None:
         self.log = cwd / "fleet-up.log"
         self._handle = self.log.open("w")
         self.proc = subprocess.Popen(tool(["fedge", "fleet", "up", str(fleet_dir), "--max-seconds", str(max_seconds), *extra]),
@@ -119,7 +119,7 @@ def agents(fleet_dir: Path, devices: list[str], cwd: Path, rounds: int) -> dict[
     results = {}
     for device, proc in procs.items():
         try:
-            out, err = proc.communicate(timeout=240)
+            out, err = proc.communicate(timeout=420)
         except subprocess.TimeoutExpired:
             proc.kill()
             out, err = proc.communicate()

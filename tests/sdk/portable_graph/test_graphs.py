@@ -18,8 +18,9 @@ from tests.device_agent.training_backends.reference import ReferenceTrainer
 from tests.model_bundles import make_data
 from tests.sdk.portable_graph import zoo
 
+# The bundles other tests build too (built once per run): FedAlt's three graphs, MSE, a 2D-CNN with AdamW.
 GRAPH_CASES = [("mlp", "fedalt", "adamw", "cross_entropy"), ("cnn1d", "fedavg", "sgd", "mse"),
-               ("cnn2d", "fedsim", "adamw", "bce_with_logits")]
+               ("cnn2d", "fedavg", "adamw", "cross_entropy")]
 
 
 @pytest.mark.parametrize(("model", "mode", "optimizer", "loss"), GRAPH_CASES)
@@ -66,7 +67,7 @@ def test_portable_graph_trains_batches_of_one(model_bundle, install):
 def _train_against_reference(net, backends, optimizer, fleet_key, install, tmp_path, kinds):
     split = ParameterSplit(shared=("base",), personal=("head",))
     build_bundle(net, example_input=torch.zeros(2, 2, 8, 8), split=split,
-                 spec=TrainingSpec(mode="fedalt", mu=0.05, optimizer=optimizer, learning_rate=0.05),
+                 spec=TrainingSpec(mode="fedsim", mu=0.05, optimizer=optimizer, learning_rate=0.05),
                  signing_key=fleet_key, out_path=tmp_path / "every.fedge", model_name="every", kinds=kinds)
     bundle = install(tmp_path / "every.fedge")
     trainers = {b: DeviceTrainer(bundle, backend=b, threads=1) for b in backends}
@@ -76,8 +77,7 @@ def _train_against_reference(net, backends, optimizer, fleet_key, install, tmp_p
     for step, n in enumerate((6, 6, 3)):
         x = rng.normal(size=(n, 2, 8, 8)).astype(np.float32)
         y = rng.integers(0, 3, n).astype(np.int64)
-        ref.step("personal", list(bundle.manifest.personal_names), x, y)
-        ref.step("shared", list(bundle.manifest.shared_names), x, y)
+        ref.step("joint", list(bundle.manifest.shared_names + bundle.manifest.personal_names), x, y)
         for t in trainers.values():
             t.train(ArrayDataSource(x, y), TrainBudget(epochs=1, batch_size=n))
         got = {b: {**t.get_shared(), **t.get_personal()} for b, t in trainers.items()}
@@ -89,10 +89,11 @@ def _train_against_reference(net, backends, optimizer, fleet_key, install, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_every_supported_layer_trains_on_both_backends(optimizer, fleet_key, install, tmp_path):
+def test_every_supported_layer_trains_on_both_backends(fleet_key, install, tmp_path):
+    """One joint FedSim step graph with AdamW (whose division by sqrt(v) magnifies any gradient error; SGD's update of
+    the same gradients is held to PyTorch in test_cross_backend); the phases of FedAlt are covered there too."""
     torch.manual_seed(0)
-    _train_against_reference(zoo.EveryLayerNet(avg_pool=False), ("portable", "ort-training"), optimizer, fleet_key, install,
+    _train_against_reference(zoo.EveryLayerNet(avg_pool=False), ("portable", "ort-training"), "adamw", fleet_key, install,
                              tmp_path, kinds=("ort-training", "portable"))
 
 

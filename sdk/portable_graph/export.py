@@ -7,7 +7,7 @@ graphs). ``onnx_capture`` then captures it with torch.export's ATen-IR path,
 the convolution lowering inside that capture, and hands it to torch.onnx with
 nothing left to decompose; where it cannot (other torch internals), a second
 ``make_fx`` pass lowers the convolutions and ``torch.onnx.export`` captures and
-decomposes on its own (the same graph, about twice the time). torch's dynamo
+decomposes on its own (the same graph, more time). torch's dynamo
 exporter writes it at opset 18 with its graph optimizer off (``optimize=True``
 deletes ``Add(x, eps)`` and Adam's weights go NaN). The result is checked to
 hold ``ai.onnx`` ops only at opset <= 18 and stamped to IR 10, what

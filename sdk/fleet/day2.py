@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,11 @@ from sdk.fleet.provision import register_device, revoked_text, write_device_dir
 from sdk.fleet.spec import FleetSpec, load_fleet_spec
 from sdk.fleet.tiers import device_regions
 from sdk.fleet.writes import write_file
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the tomli backport
+    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +176,20 @@ def _drop_credentials(fleet: OpenedFleet, device: str, region: str) -> None:
 
 
 def _rewrite_quorum(fleet: OpenedFleet, inventory: Inventory, region: str) -> None:
-    write_file(fleet.directory / layout.aggregator_dir(region) / layout.REGIONAL_CONFIG,
-               render_regional_toml(fleet.spec, region=fleet.region(region), devices=len(inventory.in_region(region))),
-               secret=False)
+    path = fleet.directory / layout.aggregator_dir(region) / layout.REGIONAL_CONFIG
+    write_file(path, render_regional_toml(fleet.spec, region=fleet.region(region), devices=len(inventory.in_region(region)),
+                                          announce_frames=_announces(path)), secret=False)
+
+
+def _announces(regional_toml: Path) -> bool:
+    """Whether the region's service announces frame versions now: a fleet made before ``fleet init`` announced them
+    runs agents that refuse the ``frames`` field, so a day-2 rewrite must not turn it on behind the operator's back."""
+    try:
+        with regional_toml.open("rb") as fh:
+            value = tomllib.load(fh).get("aggregator", {}).get("announce_frames", False)
+    except (OSError, tomllib.TOMLDecodeError):
+        return True  # no readable file: a fresh one, as init writes it
+    return value is True
 
 
 def _write_revoked(fleet: OpenedFleet, inventory: Inventory) -> None:

@@ -18,9 +18,11 @@ read here, and ignored by the broker generator:
     ``deadline_s`` (default 300) and ``quorum_fraction`` (default 1.0: a
     region's round closes when every device it knows answered, or at the
     deadline), and the sub-tables ``[aggregators.service]`` (copied into
-    every aggregator TOML) and ``[aggregators.regional]`` (extra
+    every aggregator TOML), ``[aggregators.regional]`` (extra
     ``[aggregator]`` keys of the regional services, e.g. ``regional_weight``;
-    middle tiers take its ``regional_weight`` and ``replay_rounds``).
+    middle tiers take its ``regional_weight``, ``replay_rounds``, ``update_frames``
+    and ``announce_frames``) and ``[aggregators.root]`` (extra ``[aggregator]`` keys of the root's).
+    Every tier announces its frame versions (``announce_frames = true``) unless these tables say otherwise.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
 DEFAULT_STATE_DIR = "/var/lib/fedge"
 """Where an agent keeps what it writes, on a device built from the firmware overlay (its unit's StateDirectory)."""
 _DEVICE_PASSTHROUGH = ("training", "submit", "backoff", "broker", "release")
-_AGGREGATOR_PASSTHROUGH = ("service", "regional")
+_AGGREGATOR_PASSTHROUGH = ("service", "regional", "root")
 
 
 @dataclass(frozen=True, kw_only=True)

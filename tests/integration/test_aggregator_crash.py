@@ -54,7 +54,7 @@ pytestmark = pytest.mark.mosquitto
 CRASHED = "left"
 SETTINGS = DemoSettings(devices=10, rounds=ROUNDS, epochs=1, round_deadline_s=30.0, timeout_s=50.0)
 #: Bound on the federated part (brokers up to every device's final evaluation); devices resend after 10 s.
-RUN_LIMIT_S = 50.0
+RUN_LIMIT_S = 150.0  # a bound for a hang, not a speed target: CI machines run 2-3x slower than a dev machine
 
 
 def _regional_process(config: Path, log: Path) -> ServiceProcess:

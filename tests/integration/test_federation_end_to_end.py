@@ -41,7 +41,7 @@ pytestmark = pytest.mark.mosquitto
 ROUNDS = 3
 SETTINGS = DemoSettings(devices=10, rounds=ROUNDS, epochs=1, round_deadline_s=30.0, timeout_s=50.0)
 #: Bound on the federated part of one run (brokers up to every device's final evaluation).
-RUN_LIMIT_S = 50.0
+RUN_LIMIT_S = 150.0  # a bound for a hang, not a speed target: CI machines run 2-3x slower than a dev machine
 TOLERANCE = 1e-5
 
 #: Called with each finished device round and the brokers and sniffers by name; True once it injected its fault.

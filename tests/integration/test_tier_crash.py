@@ -57,7 +57,7 @@ pytestmark = pytest.mark.mosquitto
 
 KILLED_REGION = "left"
 SETTINGS = DemoSettings(devices=10, rounds=ROUNDS, epochs=1, round_deadline_s=40.0, timeout_s=90.0)
-RUN_LIMIT_S = 90.0
+RUN_LIMIT_S = 180.0  # a bound for a hang, not a speed target: CI machines run 2-3x slower than a dev machine
 
 
 def _accepted(fleet: DemoFleet, name: str) -> list[tuple[str, int]]:

@@ -35,6 +35,20 @@ def assert_others_untouched(before: dict[str, dict[str, bytes]], after: dict[str
             assert after[device] == files, f"{device}'s files changed"
 
 
+def test_a_day2_rewrite_keeps_the_regions_frame_announcing_as_it_was(make_fleet) -> None:
+    """A region file written before init announced frame versions (no ``announce_frames`` key) serves agents that
+    refuse the field: adding a device rewrites its quorum and leaves announcing off; a fleet made now keeps it on."""
+    fleet_dir = make_fleet().directory
+    eu = fleet_dir / "aggregators/eu/regional.toml"
+    eu.write_text("\n".join(line for line in eu.read_text().splitlines() if not line.startswith("announce_frames")) + "\n")
+    assert load_regional_service_config(eu).aggregator.announced_frames is None
+    add_device(open_fleet(fleet_dir), "eu-dev-0003", "eu")
+    add_device(open_fleet(fleet_dir), "us-dev-0003", "us")
+    assert load_regional_service_config(eu).aggregator.announced_frames is None
+    assert load_regional_service_config(eu).aggregator.policy.quorum == 3
+    assert load_regional_service_config(fleet_dir / "aggregators/us/regional.toml").aggregator.announced_frames == (1, 2)
+
+
 def test_add_device_provisions_it_and_touches_no_other_device(make_fleet) -> None:
     fleet_dir = make_fleet().directory
     before, eu_before = devices_snapshot(fleet_dir), password_lines(fleet_dir, "eu")

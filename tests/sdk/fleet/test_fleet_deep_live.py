@@ -105,6 +105,7 @@ def test_three_level_fleet_from_init_and_up_matches_the_reference(workdir: Path,
             senders = {d: load_verify_key(fleet_dir / "devices" / d / "keys/device.pub") for d in DEEP_DEVICES[cell]}
             seen: dict[tuple[str, int], Update] = {}
             for topic, payload in _drain(probe):
+                assert payload[4] == 2, "fleet init makes every tier announce frame version 2, so devices seal it"
                 update = open_update(payload, recipient_key=key, sender_public_key=senders)
                 header = update.header
                 assert header.region == cell and LAYOUT.device_update(header.sender) == topic

@@ -86,6 +86,18 @@ def test_fleet_init_aggregator_configs_run_as_they_are(make_fleet) -> None:
     assert root.aggregator.policy.deadline_s == 45.0  # half as long again as a region
 
 
+def test_fleet_init_announces_frame_versions_at_every_tier_unless_told_not_to(make_fleet) -> None:
+    """A fleet made by init has only agents that read a model's ``frames`` field: every tier announces (devices and
+    regions seal version 2); ``announce_frames = false`` in [aggregators.regional] / [aggregators.root] turns it off."""
+    made = make_fleet()
+    assert load_root_service_config(made.aggregators["root"] / "root.toml").aggregator.announced_frames == (1, 2)
+    for region in ("eu", "us"):
+        assert load_regional_service_config(made.aggregators[region] / "regional.toml").aggregator.announced_frames == (1, 2)
+    quiet = make_fleet(extra="\n[aggregators.regional]\nannounce_frames = false\n[aggregators.root]\nannounce_frames = false\n")
+    assert load_root_service_config(quiet.aggregators["root"] / "root.toml").aggregator.announced_frames is None
+    assert load_regional_service_config(quiet.aggregators["eu"] / "regional.toml").aggregator.announced_frames is None
+
+
 def test_fleet_init_keeps_keys_inventory_and_monitor_credentials(make_fleet, fleet_key) -> None:
     made = make_fleet()
     fleet_dir = made.directory

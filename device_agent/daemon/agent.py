@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -58,8 +59,10 @@ from device_agent.protocol.chunking import PayloadTooLargeError
 from device_agent.protocol.envelope import OpenedModel
 from device_agent.protocol.receipts import Receipt, ReceiptStatus
 from device_agent.protocol.status import DeviceStatus
-from device_agent.release.client import ReleaseClient
 from device_agent.trainer import DeviceTrainer
+
+if TYPE_CHECKING:  # python-tuf loads with the release client, only when [release] is configured (docs/benchmarks.md)
+    from device_agent.release.client import ReleaseClient
 
 logger = logging.getLogger(__name__)
 

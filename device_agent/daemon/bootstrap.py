@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,10 +24,12 @@ from device_agent.daemon.version_switch import VersionSwitch
 from device_agent.data import DataSource, load_csv, load_npz
 from device_agent.errors import BundleError
 from device_agent.keys import load_verify_key
-from device_agent.release.client import ReleaseClient
 from device_agent.release.policy import DeviceIdentity
 from device_agent.trainer import DeviceTrainer
 from device_agent.training_backends.runtime import onnxruntime_version
+
+if TYPE_CHECKING:  # python-tuf loads with the release client, only when [release] is configured
+    from device_agent.release.client import ReleaseClient
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +152,8 @@ def _release(config: AgentConfig, connection: MqttConnection, state: AgentStateF
     if settings is None:
         return None, None
     fleet_key = load_verify_key(config.fleet_public_key)
+    from device_agent.release.client import ReleaseClient  # python-tuf: only in a daemon that follows releases
+
     client = ReleaseClient(
         settings,
         identity=DeviceIdentity(device=config.device_id, fleet=config.fleet, region=config.region, groups=settings.groups),

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from device_agent.daemon.connection import InboundMessage
 from device_agent.daemon.version_switch import Switched, VersionSwitch
 from device_agent.protocol.status import ReleaseState, ReleaseStatus, short_text
-from device_agent.release.client import ReleaseClient
 from device_agent.release.release_state import ReleaseReport
 from device_agent.trainer import DeviceTrainer
+
+if TYPE_CHECKING:  # python-tuf loads with the release client, only when [release] is configured
+    from device_agent.release.client import ReleaseClient
 
 logger = logging.getLogger(__name__)
 

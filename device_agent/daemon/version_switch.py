@@ -30,6 +30,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,11 +42,13 @@ from device_agent.errors import BundleError, TrainingError
 from device_agent.keys import TrustedKeys
 from device_agent.local_round import train_local_round
 from device_agent.release.carry import carry_parameters
-from device_agent.release.client import InstallReady, ReleaseClient, RevertNeeded
 from device_agent.release.policy import Action, Decision, LocalRelease, judge_trial
 from device_agent.release.release_info import SharedStart
 from device_agent.release.release_state import PendingTrial, ReleaseReport
 from device_agent.trainer import DeviceTrainer, TrainBudget
+
+if TYPE_CHECKING:  # python-tuf loads with the release client, only when [release] is configured
+    from device_agent.release.client import InstallReady, ReleaseClient, RevertNeeded
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ class VersionSwitch:
             recovered = self.recover(trainer)
             if recovered is not None:
                 return recovered
+        from device_agent.release.client import InstallReady, RevertNeeded  # python-tuf loads with the release client
+
         record = read_record(self._config.install_dir)
         local = LocalRelease(bundle_version=trainer.manifest.bundle_version, running_release=self._client.memory.running_release,
                              highest=record)
@@ -156,6 +161,8 @@ class VersionSwitch:
         except Exception as exc:  # noqa: BLE001 - a version that does not even load is a failed trial, not a crash loop
             logger.error("release %d: the new version does not load here (%s): going back", info.release, exc)
             client.save(client.memory.with_failed(info.release))
+            from device_agent.release.client import RevertNeeded  # python-tuf loads with the release client
+
             return self.revert(RevertNeeded(decision=Decision(action=Action.REVERT, reason="failed",
                                                               detail=f"the new version does not load: {exc}")),
                                bundle=bundle)
@@ -184,6 +191,8 @@ class VersionSwitch:
             logger.error("release %d diverged on this device (%s): going back", release, health.reason)
             client.save(client.memory.with_failed(release))
             decision = Decision(action=Action.REVERT, reason="diverged", detail=health.reason)
+            from device_agent.release.client import RevertNeeded  # python-tuf loads with the release client
+
             back = self.revert(RevertNeeded(decision=decision), bundle=bundle)
             return replace(back, loss=loss, accuracy=accuracy)
         trainer.save_state()

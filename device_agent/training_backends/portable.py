@@ -36,6 +36,7 @@ from device_agent.training_backends.runtime import (
     BackendUnavailableError,
     has_inference_session,
     onnxruntime_module,
+    release_free_heap,
     shared_cpu_arena,
 )
 from device_agent.training_backends.state import OptimizerState, TrainingState, fresh_optimizer
@@ -239,6 +240,7 @@ class PortableBackend(TrainingBackend):
                 self._groups[set_name] = group
             self._graphs[set_name] = graph
             self._set_slots[set_name] = slots
+            release_free_heap()  # the temporaries of opening it (flattened moments, first copies)
         graph = self._graphs[set_name]
         slots = self._set_slots[set_name]
         if set_name in self._groups:

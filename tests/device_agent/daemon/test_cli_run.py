@@ -27,6 +27,7 @@ NO_TORCH_CLI = textwrap.dedent(
     code = main(sys.argv[1:])
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx", "sdk"))
     print("heavy=" + ",".join(heavy))
+    print("tuf=" + str("tuf" in sys.modules))  # python-tuf loads only in a daemon that follows releases
     sys.exit(code)
     """
 )
@@ -82,5 +83,6 @@ def test_cli_run_stops_cleanly_on_sigterm_without_importing_torch(fleet):
     assert json.loads(lines[0]) == {"device": "eu-dev-0001", "backend": "portable", "finished": 0, "stopped": True,
                                     "rounds": []}
     assert lines[1] == "heavy="
+    assert lines[2] == "tuf=False", "no [release] section: the daemon must not load python-tuf (3.3 MB)"
     # the start-up line names the backend at the default verbosity
     assert "training backend portable (onnxruntime " in err

@@ -3,10 +3,15 @@
 ``make_fx`` with the decomposition table turns the function (forward,
 ``torch.func.grad``, optimizer) into a flat ATen graph; symbolic tracing keeps
 the batch axis free (real tracing bakes the batch size into convolution
-graphs). torch's dynamo exporter then writes it at opset 18 with its graph
-optimizer off (``optimize=True`` deletes ``Add(x, eps)`` and Adam's weights
-go NaN). The result is checked to hold ``ai.onnx`` ops only at opset <= 18
-and stamped to IR 10, what onnxruntime 1.19 loads.
+graphs). ``onnx_capture`` then captures it with torch.export's ATen-IR path,
+the convolution lowering inside that capture, and hands it to torch.onnx with
+nothing left to decompose; where it cannot (other torch internals), a second
+``make_fx`` pass lowers the convolutions and ``torch.onnx.export`` captures and
+decomposes on its own (the same graph, more time). torch's dynamo
+exporter writes it at opset 18 with its graph optimizer off (``optimize=True``
+deletes ``Add(x, eps)`` and Adam's weights go NaN). The result is checked to
+hold ``ai.onnx`` ops only at opset <= 18 and stamped to IR 10, what
+onnxruntime 1.19 loads.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from device_agent.bundle.manifest import MAX_PORTABLE_OPSET
+from sdk.portable_graph import onnx_capture
 from sdk.portable_graph.decompositions import decomposition_table, lowering_table
 from sdk.portable_graph.graph_passes import clean_up
 from sdk.portable_graph.support import UnsupportedModelError
@@ -48,12 +54,14 @@ def export_graph(fn: Callable[..., Any], inputs: Sequence[torch.Tensor], *, inpu
         # would share its symbol and be specialised into a fixed batch size.
         with _quiet(), _shared_torchlib_registry(), fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
             gm = make_fx(fn, decomposition_table=decomposition_table(), tracing_mode="symbolic")(*inputs)
-            gm = make_fx(gm, decomposition_table=lowering_table(), tracing_mode="symbolic")(*inputs)
             batch = Dim("batch")
-            dynamic: list[Any] = [{0: batch} if i in batch_inputs else None for i in range(len(inputs))]
-            torch.onnx.export(gm, tuple(inputs), os.fspath(path), dynamo=True, opset_version=OPSET, optimize=False,
-                              dynamic_shapes=tuple(dynamic), input_names=input_names, output_names=output_names,
-                              verbose=False)
+            dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(inputs)))
+            if not onnx_capture.export_with_capture(gm, inputs, lowering=lowering_table(), dynamic_shapes=dynamic, path=path,
+                                                    opset=OPSET, input_names=input_names, output_names=output_names):
+                gm = make_fx(gm, decomposition_table=lowering_table(), tracing_mode="symbolic")(*inputs)
+                torch.onnx.export(gm, tuple(inputs), os.fspath(path), dynamo=True, opset_version=OPSET, optimize=False,
+                                  dynamic_shapes=dynamic, input_names=input_names, output_names=output_names,
+                                  verbose=False)
     except Exception as exc:  # the tracer and exporter raise many types; all mean "cannot express this model"
         raise UnsupportedModelError(f"cannot express the model as a standard ONNX training graph: {_first_line(exc)}") from exc
     proto = onnx.load(os.fspath(path))

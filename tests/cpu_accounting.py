@@ -21,25 +21,23 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+_START = pytest.StashKey[float]()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    start = _cpu_seconds()
-    item.user_properties.append(("cpu_s", start))  # replaced below; reports made during the test carry the start
+    item.stash[_START] = _cpu_seconds()
     yield
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     outcome = yield
-    if call.when != "teardown":
+    if call.when != "teardown" or _START not in item.stash:
         return
-    report = outcome.get_result()
-    start = next((v for k, v in item.user_properties if k == "cpu_s"), None)
-    if start is None:
-        return
-    spent = round(_cpu_seconds() - float(start), 2)
-    item.user_properties[:] = [(k, v) for k, v in item.user_properties if k != "cpu_s"] + [("cpu_s", spent)]
-    report.user_properties = list(item.user_properties)
+    spent = ("cpu_s", round(_cpu_seconds() - item.stash[_START], 2))
+    item.user_properties.append(spent)
+    outcome.get_result().user_properties.append(spent)
 
 
 class CpuSummary:

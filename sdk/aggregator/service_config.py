@@ -61,7 +61,8 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "BrokerSettings", "LoopSettings", "MetricsSettings", "RegionalServiceConfig", "RootServiceConfig", "ServiceRelease",
-    "check_listen_address", "load_middle_service_config", "load_regional_service_config", "load_root_service_config",
+    "announces_frames", "check_listen_address", "load_middle_service_config", "load_regional_service_config",
+    "load_root_service_config",
 ]
 _K = TypeVar("_K")
 
@@ -197,6 +198,12 @@ def _common(top: TomlTable, agg: TomlTable, manifest: BundleManifest, *, default
         replay_rounds=agg.integer("replay_rounds", 8, minimum=1),
         **_frames(agg),
     )
+
+
+def announces_frames(path: str | Path) -> bool:
+    """Whether the service file at ``path`` announces its frame versions (its ``[aggregator]`` read as the service reads it;
+    ConfigError when the file is unreadable or its frame keys are bad)."""
+    return bool(_frames(_open_toml(Path(path)).table("aggregator"))["announce_frames"])
 
 
 def _frames(agg: TomlTable) -> dict[str, Any]:

@@ -5,15 +5,15 @@ model, the fedalt/AdamW artifacts of both kinds (portable + ORT-training), alter
 route of ``sdk.portable_graph.onnx_capture`` (ATen-IR capture, no re-trace) with the public route
 it falls back to (two ``make_fx`` passes, ``torch.onnx.export`` with its own capture and
 decomposition) in one process, and prints a table of seconds per build (best of ``--repeat``).
-A model is a reference model's name or ``module:Class@AxB?key=json`` (a constructor taking those
-keyword arguments, parameters named ``base.*``/``head.*``, one example's shape ``AxB``), e.g.
-``tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8?avg_pool=false``.
+A model is a reference model's name or ``MODULE:CALLABLE@AxB?KEY=VALUE&...`` (loaded the way ``fedge bundle
+build --model MODULE:CALLABLE --model-arg KEY=VALUE`` loads it, ``sdk.model_factory``; parameters named
+``base.*``/``head.*``, one example's shape ``AxB``), e.g.
+``tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8?avg_pool=False``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import tempfile
@@ -29,7 +29,7 @@ _REFERENCE = {  # the reference models of the test suite's bundles (tests/model_
     "cnn2d": ("PersonalizedCNN2D", {"in_channels": 1, "num_classes": 10, "hidden": 16}, (1, 28, 28)),
 }
 #: EveryLayerNet without its average pools: onnxruntime-training cannot train those, and both kinds are built.
-DEFAULT_MODELS = ("mlp", "cnn1d", "cnn2d", "tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8?avg_pool=false")
+DEFAULT_MODELS = ("mlp", "cnn1d", "cnn2d", "tests.sdk.portable_graph.zoo:EveryLayerNet@2x8x8?avg_pool=False")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,13 +52,13 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
 
         factory, kwargs, shape = _REFERENCE[name]
         return getattr(zoo, factory)(**kwargs), shape
+    from sdk.model_factory import load_model
+
     target, _, rest = name.partition("@")
     dims, _, options = rest.partition("?")
-    module, _, cls = target.partition(":")
-    if not cls or not dims:
-        raise SystemExit(f"model {name!r}: expected a reference model ({', '.join(_REFERENCE)}) or module:Class@AxB[?key=json&...]")
-    kwargs = {k: json.loads(v) for k, v in (item.split("=", 1) for item in options.split("&") if item)}
-    return getattr(importlib.import_module(module), cls)(**kwargs), tuple(int(d) for d in dims.split("x"))
+    if ":" not in target or not dims:
+        raise SystemExit(f"model {name!r}: expected a reference model ({', '.join(_REFERENCE)}) or MODULE:CALLABLE@AxB[?KEY=VALUE&...]")
+    return load_model(target, [item for item in options.split("&") if item]), tuple(int(d) for d in dims.split("x"))
 
 
 def _build_once(name: str, *, cheap: bool) -> float:

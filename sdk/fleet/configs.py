@@ -110,14 +110,14 @@ def _parent_keys(topology: Topology, region: Region) -> dict[str, Any]:
 #: A fleet made by ``fedge fleet init`` has only agents that read a model's ``frames`` field, so every tier announces
 #: the frame versions it opens and senders seal version 2 (docs/protocol.md, "Frames"); an operator joining older
 #: agents sets ``announce_frames = false`` in ``[aggregators.regional]`` (regions and middle tiers) or ``[aggregators.root]``.
-ANNOUNCE_FRAMES = {"announce_frames": True}
+ANNOUNCE_FRAMES = True
 
 
-def _common_aggregator(topology: Topology, region: Region) -> dict[str, Any]:
+def _common_aggregator(topology: Topology, region: Region, *, announce_frames: bool = ANNOUNCE_FRAMES) -> dict[str, Any]:
     return {"fleet": topology.fleet, "region": region.name, "store": _s(layout.STORE_FILE),
             "bundle": _s(layout.BUNDLE_FILE), "fleet_public_key": _s(layout.AGGREGATOR_FLEET_PUB),
             "signing_key": _s(layout.SIGNING_KEY), "encryption_key": _s(layout.ENCRYPTION_KEY),
-            **_parent_keys(topology, region), **ANNOUNCE_FRAMES}
+            **_parent_keys(topology, region), "announce_frames": announce_frames}
 
 
 def _region_like(spec: FleetSpec, region: Region, aggregator: dict[str, Any], rounds: dict[str, Any], *,
@@ -137,12 +137,12 @@ def _region_like(spec: FleetSpec, region: Region, aggregator: dict[str, Any], ro
                  f"(fedge aggregator {command} --config {file})", "docs/aggregation.md, 'Running the services'", data)
 
 
-def render_regional_toml(spec: FleetSpec, *, region: Region, devices: int, announce_frames: bool = True) -> str:
+def render_regional_toml(spec: FleetSpec, *, region: Region, devices: int, announce_frames: bool = ANNOUNCE_FRAMES) -> str:
     """``regional.toml`` of ``region``'s service: quorum from ``devices`` (the devices it knows now).
 
     ``announce_frames``: the default when ``[aggregators.regional]`` does not set it (a rewrite keeps the file's)."""
     agg = spec.aggregators
-    aggregator = {**_common_aggregator(spec.topology, region), "announce_frames": announce_frames,
+    aggregator = {**_common_aggregator(spec.topology, region, announce_frames=announce_frames),
                   "device_keys_dir": _s(layout.REGISTRY_DIR), **agg.sections.get("regional", {})}
     return _region_like(spec, region, aggregator, {"quorum": agg.quorum(devices), "deadline_s": deadline_s(spec, region.name)},
                         what="region", command="regional", file=_s(layout.REGIONAL_CONFIG))
@@ -182,7 +182,7 @@ def render_root_toml(spec: FleetSpec) -> str:
             "fleet": topology.fleet, "store": _s(layout.STORE_FILE), "bundle": _s(layout.BUNDLE_FILE),
             "fleet_public_key": _s(layout.AGGREGATOR_FLEET_PUB), "signing_key": _s(layout.SIGNING_KEY),
             "encryption_key": _s(layout.ENCRYPTION_KEY), "region_keys_dir": _s(layout.REGION_KEYS_DIR),
-            **ANNOUNCE_FRAMES, **spec.aggregators.sections.get("root", {}),
+            "announce_frames": ANNOUNCE_FRAMES, **spec.aggregators.sections.get("root", {}),
         },
         "round": {"deadline_s": root_deadline_s(spec)},
         "broker": _broker_section(spec, account=root_account(topology),

@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from device_agent.daemon.errors import ConfigError
 from device_agent.keys import key_id, load_signing_key, load_verify_key
 from device_agent.protocol.envelope import SenderKeys
 from sdk.broker_config import layout as broker_layout
@@ -43,17 +43,13 @@ from sdk.broker_config.pki import Credential, issue_client_cert
 from sdk.broker_config.render import CA_CERT_NAME, CA_KEY_NAME, PKI_DIR, credential_document, credential_path
 from sdk.broker_config.topology import Account, Region, Role, TopologyError, _check_account
 from sdk.fleet import layout
-from sdk.fleet.configs import render_regional_toml
+from sdk.aggregator.service_config import announces_frames
+from sdk.fleet.configs import ANNOUNCE_FRAMES, render_regional_toml
 from sdk.fleet.inventory import DeviceEntry, Inventory, InventoryError, Revocation, load_inventory, save_inventory
 from sdk.fleet.provision import register_device, revoked_text, write_device_dir
 from sdk.fleet.spec import FleetSpec, load_fleet_spec
 from sdk.fleet.tiers import device_regions
 from sdk.fleet.writes import write_file
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 needs the tomli backport
-    import tomli as tomllib
 
 logger = logging.getLogger(__name__)
 
@@ -183,13 +179,16 @@ def _rewrite_quorum(fleet: OpenedFleet, inventory: Inventory, region: str) -> No
 
 def _announces(regional_toml: Path) -> bool:
     """Whether the region's service announces frame versions now: a fleet made before ``fleet init`` announced them
-    runs agents that refuse the ``frames`` field, so a day-2 rewrite must not turn it on behind the operator's back."""
+    runs agents that refuse the ``frames`` field, so a day-2 rewrite must not turn it on behind the operator's back.
+    No file yet: as init writes it. A file the service itself could not read is rewritten (as before) without
+    announcing, the setting every agent accepts, and said so."""
+    if not regional_toml.exists():
+        return ANNOUNCE_FRAMES
     try:
-        with regional_toml.open("rb") as fh:
-            value = tomllib.load(fh).get("aggregator", {}).get("announce_frames", False)
-    except (OSError, tomllib.TOMLDecodeError):
-        return True  # no readable file: a fresh one, as init writes it
-    return value is True
+        return announces_frames(regional_toml)
+    except ConfigError as exc:
+        logger.warning("%s; rewriting it with announce_frames = false", exc)
+        return False
 
 
 def _write_revoked(fleet: OpenedFleet, inventory: Inventory) -> None:

@@ -47,6 +47,10 @@ def test_a_day2_rewrite_keeps_the_regions_frame_announcing_as_it_was(make_fleet)
     assert load_regional_service_config(eu).aggregator.announced_frames is None
     assert load_regional_service_config(eu).aggregator.policy.quorum == 3
     assert load_regional_service_config(fleet_dir / "aggregators/us/regional.toml").aggregator.announced_frames == (1, 2)
+    eu.write_text("[aggregator\nnot toml")  # unreadable: rewritten from the topology as before, without announcing
+    remove_device(open_fleet(fleet_dir), "eu-dev-0003")
+    assert load_regional_service_config(eu).aggregator.announced_frames is None
+    assert load_regional_service_config(eu).aggregator.policy.quorum == 2
 
 
 def test_add_device_provisions_it_and_touches_no_other_device(make_fleet) -> None:

@@ -1,11 +1,13 @@
 """Where a device process's memory goes: ``VmRSS`` / ``VmHWM`` after each phase of training one bundle.
 
-``python -m sdk.bench.train_phases [model]`` (default the 2D-CNN) builds the
-model's bundle as ``fedge bench train`` does and runs one fresh device process
-(torch, onnx and sdk unimportable; the daemon's imports, as in the benchmark's
-device processes) that prints its ``VmRSS`` and ``VmHWM`` after: the imports,
-verifying and loading the bundle, opening the backend, opening the step
-session, the first step, and five steps. One thread, batch 32, portable backend.
+``python -m sdk.bench.train_phases [model] [--batch N]`` (default the 2D-CNN, batch 32)
+builds the model's bundle as ``fedge bench train`` does and runs one fresh device
+process (torch, onnx and sdk unimportable; the daemon's imports, as in the
+benchmark's device processes) that prints its ``VmRSS`` and ``VmHWM``, and how
+the resident set splits into anonymous memory (heap, arenas, buffers: ``RssAnon``)
+and file-backed pages (the libraries' code and data: ``RssFile``), after: the
+imports, verifying and loading the bundle, opening the backend, opening the step
+session, the first step, and five steps. One thread, portable backend.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ PHASES_CHILD = textwrap.dedent(
     cfg = json.loads(sys.argv[1])
     phases = []
     def mark(name):
-        status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+        keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+        status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(keys))
         phases.append({"phase": name, **{k: int(v.split()[0]) / 1024 for k, v in status.items()}})
     import numpy as np
     import device_agent.cli, device_agent.daemon.bootstrap  # noqa: F401
@@ -60,6 +63,7 @@ PHASES_CHILD = textwrap.dedent(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="cnn2d-1x28x28-10", choices=[m.name for m in DEFAULT_MODELS])
+    parser.add_argument("--batch", type=int, default=32, help="examples per step (default 32, as fedge bench train)")
     args = parser.parse_args(argv)
     model = next(m for m in DEFAULT_MODELS if m.name == args.model)
     from device_agent.keys import save_public_key
@@ -69,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         save_public_key(key.public_key(), work / "fleet.pub")
         bundle_dir = _build(model, work, key, model.micro_batch)
-        result = _run_child(PHASES_CHILD, {"bundle": str(bundle_dir), "pub": str(work / "fleet.pub"), "batch": 32,
+        result = _run_child(PHASES_CHILD, {"bundle": str(bundle_dir), "pub": str(work / "fleet.pub"), "batch": args.batch,
                                            "input_shape": list(model.input_shape), "classes": model.classes, "threads": 1})
-    print(f"{model.name}: device process, portable backend, batch 32, one thread (python-tuf loaded: {result['tuf_loaded']})")
+    print(f"{model.name}: device process, portable backend, batch {args.batch}, one thread "
+          f"(python-tuf loaded: {result['tuf_loaded']})")
     previous = 0.0
     for p in result["phases"]:  # type: ignore[union-attr]
-        print(f"  {p['phase']:30s} VmRSS {p['VmRSS']:6.1f} MB ({p['VmRSS'] - previous:+5.1f})   VmHWM {p['VmHWM']:6.1f} MB")
+        print(f"  {p['phase']:30s} VmRSS {p['VmRSS']:6.1f} MB ({p['VmRSS'] - previous:+5.1f})   VmHWM {p['VmHWM']:6.1f} MB   "
+              f"anonymous {p['RssAnon']:5.1f}  file-backed {p['RssFile']:5.1f}")
         previous = p["VmRSS"]
     return 0
 

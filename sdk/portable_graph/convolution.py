@@ -36,6 +36,10 @@ aten = torch.ops.aten
 
 #: Below this many input channels the unfold slices taps instead of gathering channel vectors.
 _GATHER_MIN_CHANNELS = 4
+#: The forward unfolds a convolution's input in ranges of output positions of at most about this many bytes per
+#: example: the unfold is the step's largest tensor (6.25 MiB on the 2D-CNN's second convolution at batch 32) and its
+#: Transpose to channel-major order holds a second copy while the first exists, so whole it set the step's peak.
+UNFOLD_GROUP_BYTES = 1 << 16
 
 
 def _prod(values: Any) -> int:
@@ -97,8 +101,8 @@ class _Geometry:
         self.gather = self.channels >= _GATHER_MIN_CHANNELS
 
 
-def _unfold_rows(inp: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """(N*P, C*K): every output position's receptive field, channel-major like the weights.
+def _unfold_rows(inp: torch.Tensor, geo: _Geometry, positions: tuple[int, int]) -> torch.Tensor:
+    """(N*P', C*K): the receptive field of each output position in ``positions`` (a range), channel-major like the weights.
 
     One Gather of whole channel vectors gives (tap, channel) order; a Transpose makes it (channel, tap) so that
     the GEMM sums each output in the same order as onnxruntime's Conv (im2col + GEMM), which makes the
@@ -106,8 +110,18 @@ def _unfold_rows(inp: torch.Tensor, geo: _Geometry) -> torch.Tensor:
     """
     x = _pad_spatial(_channels_last(inp), geo.padding, channels_last=True).reshape(-1, _prod(geo.padded), geo.channels)
     index = _gather_index(tuple(geo.padded), tuple(geo.kernel), tuple(geo.stride), tuple(geo.dilation), tuple(geo.out_sizes))
+    start, stop = positions
+    index = index[start * geo.taps:stop * geo.taps]
     rows = aten.index_select(x, 1, torch.tensor(index, dtype=torch.int64)).reshape(-1, geo.taps, geo.channels)
     return rows.transpose(1, 2).reshape(-1, geo.channels * geo.taps)
+
+
+def _position_groups(geo: _Geometry) -> list[tuple[int, int]]:
+    """The output positions in ranges whose unfold holds at most about UNFOLD_GROUP_BYTES per example (one range if small)."""
+    per_example = geo.positions * geo.channels * geo.taps * 4
+    count = min(geo.positions, max(1, -(-per_example // UNFOLD_GROUP_BYTES)))
+    size = -(-geo.positions // count)
+    return [(start, min(start + size, geo.positions)) for start in range(0, geo.positions, size)]
 
 
 def _unfold_taps(inp: torch.Tensor, geo: _Geometry) -> torch.Tensor:
@@ -131,10 +145,18 @@ def convolution(inp: torch.Tensor, weight: torch.Tensor, bias: Any, stride: list
     if transposed or groups != 1 or inp.dim() not in (3, 4):
         return NotImplemented  # type: ignore[no-any-return]
     geo = _Geometry(inp, weight, stride, padding, dilation)
-    rows = _unfold_rows(inp, geo) if geo.gather else _unfold_taps(inp, geo).t()  # (N*P, C*K)
     weights = weight.reshape(geo.out_channels, -1).t()
-    out = torch.mm(rows, weights) if bias is None else torch.addmm(bias, rows, weights)
-    return _channels_first(out, geo.out_sizes, geo.out_channels)
+    if not geo.gather:
+        rows = _unfold_taps(inp, geo).t()  # (N*P, C*K)
+        out = torch.mm(rows, weights) if bias is None else torch.addmm(bias, rows, weights)
+        return _channels_first(out, geo.out_sizes, geo.out_channels)
+    parts = []
+    for start, stop in _position_groups(geo):  # one GEMM per range of output positions, each row summed as before
+        rows = _unfold_rows(inp, geo, (start, stop))  # (N*P', C*K)
+        part = torch.mm(rows, weights) if bias is None else torch.addmm(bias, rows, weights)
+        parts.append(part.reshape(-1, stop - start, geo.out_channels))
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return _channels_first(out.reshape(-1, geo.out_channels), geo.out_sizes, geo.out_channels)
 
 
 def _input_grad(grad_output: torch.Tensor, weight: torch.Tensor, geo: _Geometry) -> torch.Tensor:
@@ -159,6 +181,33 @@ def _input_grad(grad_output: torch.Tensor, weight: torch.Tensor, geo: _Geometry)
     return image
 
 
+def _weight_grad_by_rows(inp: torch.Tensor, grads: torch.Tensor, geo: _Geometry) -> torch.Tensor:
+    """The weight gradient one kernel row at a time: ``rows_i^T g`` (kw*C x O) for each offset i of the outer axes.
+
+    ``rows_i`` unfolds only the last spatial axis of the input's strided view at offset i (a Gather of channel
+    vectors, 1/kh of the whole unfold); every weight's gradient is still one sum over the same N*P positions. So the
+    forward's unfold (N*P x C*K, 6.25 MiB on the 2D-CNN's second convolution at batch 32) dies right after the
+    forward GEMM instead of living until the backward reaches this layer, and the backward holds one row's unfold
+    at a time.
+    """
+    x = _pad_spatial(_channels_last(inp), geo.padding, channels_last=True)  # (N, *S, C)
+    last = geo.nd - 1
+    index = _gather_index((geo.padded[last],), (geo.kernel[last],), (geo.stride[last],), (geo.dilation[last],),
+                          (geo.out_sizes[last],))
+    index_t = torch.tensor(index, dtype=torch.int64)
+    parts = []
+    for offsets in itertools.product(*(range(k) for k in geo.kernel[:last])):
+        view = x
+        for axis, offset in enumerate(offsets):
+            start = offset * geo.dilation[axis]
+            view = aten.slice(view, 1 + axis, start, start + (geo.out_sizes[axis] - 1) * geo.stride[axis] + 1, geo.stride[axis])
+        rows = aten.index_select(view, 1 + last, index_t).reshape(-1, geo.kernel[last] * geo.channels)  # (N*P, kw*C)
+        parts.append(torch.mm(rows.t(), grads))  # (kw*C, O)
+    # (*k_outer, kw, C, O) -> (O, C, *k)
+    grad = torch.stack(parts, dim=0).reshape(*geo.kernel, geo.channels, geo.out_channels)
+    return grad.permute(geo.nd + 1, geo.nd, *range(geo.nd)).contiguous()
+
+
 def convolution_backward(grad_output: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
                          stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
                          output_padding: list[int], groups: int, output_mask: list[bool]) -> tuple[Any, Any, Any]:
@@ -171,8 +220,8 @@ def convolution_backward(grad_output: torch.Tensor, inp: torch.Tensor, weight: t
     if output_mask[0]:
         grad_input = _input_grad(grad_output, weight, geo)
     if output_mask[1]:
-        cols = _unfold_rows(inp, geo).t() if geo.gather else _unfold_taps(inp, geo)  # (C*K, N*P)
-        grad_weight = torch.mm(cols, grads).t().reshape(weight.shape)  # (C*K, O) -> (O, C, *k)
+        grad_weight = _weight_grad_by_rows(inp, grads, geo) if geo.gather else \
+            torch.mm(_unfold_taps(inp, geo), grads).t().reshape(weight.shape)  # (C*K, O) -> (O, C, *k)
     if output_mask[2]:
         grad_bias = grads.sum(0)
     return grad_input, grad_weight, grad_bias

@@ -7,10 +7,13 @@ reads what its subgraph reads from the enclosing graph too.
 
 - The optimizer state (``opt.*``, ``graph_names.updated_in_place``) must pass: the builder refuses
   a step graph otherwise (:func:`check_in_place_updates`).
-- The parameters pass when the whole backward is an ancestor of every update: in a micro-batched
-  step every update waits for the loop. A whole-batch step does not pass (onnxruntime may update the
-  last layer before the backward reads its weights for the layers below), and forcing the order
-  there was measured 5 MB worse (every gradient then lives until the first update). A graph that passes is marked for the device
+- The parameters pass when every read of a parameter is an ancestor of its update: in a micro-batched
+  step every update waits for the loop; in a whole-batch step each separately updated weight's update
+  waits for the gradient of the parameter before it (``step.update_order``), which the backward
+  computes from that layer's input gradient, the last read of the weight (without it onnxruntime may
+  update a layer before the backward reads its weights for the layer below; making every update wait
+  for the whole backward instead was measured 5 MB worse, every gradient then living until the first
+  update). A graph that passes is marked for the device
   (:func:`parameters_update_in_place`, ``graph_names.PARAMS_IN_PLACE``), one that does not keeps two
   buffers per parameter. ``flat.param`` counts with the ``param.*`` of the parameters it holds, since
   the device binds those inputs to views of it.

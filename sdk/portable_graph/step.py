@@ -180,11 +180,32 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t if t.dim() == 1 else t.reshape(-1) for t in tensors])  # no Reshape node for vectors
 
 
+def _after(value: torch.Tensor, dependency: torch.Tensor | None) -> torch.Tensor:
+    """``value`` itself, as a node that reads ``dependency``: ``Where(isnan(d[0]), value, value)``, exact for any d."""
+    if dependency is None:
+        return value
+    return torch.where(torch.isnan(dependency.reshape(-1)[0]), value, value)
+
+
+def update_order(spec: StepSpec, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """For each separately updated parameter, the gradient its update waits for: the previous trainable parameter's.
+
+    In a layer stack that gradient is computed from the layer's input gradient, the backward's last read of the
+    layer's weights, so the update comes after every read of the old weights and the device may keep one buffer
+    per parameter (``in_place.parameters_update_in_place`` proves it on the exported graph; where it does not hold,
+    the graph is simply not marked). The update waits only for the layer below, not for the whole backward.
+    """
+    order = list(spec.trainable)
+    return {n: grads[order[order.index(n) - 1]] for n in spec.separate if order.index(n) > 0}
+
+
 def _update(spec: StepSpec, lr: torch.Tensor, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
-            rest: Sequence[torch.Tensor], flat_grad: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+            rest: Sequence[torch.Tensor], flat_grad: torch.Tensor | None = None,
+            after: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """The optimizer's outputs (``step_outputs()`` after the loss) from the gradients; ``rest``: the state after the anchors.
 
-    ``flat_grad``: the flat parameters' gradients already concatenated (else taken from ``grads``).
+    ``flat_grad``: the flat parameters' gradients already concatenated (else taken from ``grads``); ``after``: per
+    separately updated parameter, a tensor its update must wait for (:func:`update_order`).
     """
     if not spec.adam:
         return tuple(params[n] - lr * grads[n] for n in spec.trainable)
@@ -205,7 +226,8 @@ def _update(spec: StepSpec, lr: torch.Tensor, params: dict[str, torch.Tensor], g
         new_moments += [m, v]
     for i, n in enumerate(spec.separate):
         # A large parameter on its own: no concatenation, no slicing, the update writes new.param directly.
-        p, m, v = _hf_adamw(params[n], grads[n], moments[2 * i], moments[2 * i + 1], step_size)
+        size = step_size if after is None else _after(step_size, after.get(n))
+        p, m, v = _hf_adamw(params[n], grads[n], moments[2 * i], moments[2 * i + 1], size)
         new.append(p)
         new_moments += [m, v]
     if spec.flat:
@@ -227,7 +249,7 @@ def make_step(model: torch.nn.Module, spec: StepSpec) -> Callable[..., tuple[tor
             return loss, loss
 
         grads, loss = grad(loss_of, has_aux=True)({n: params[n] for n in spec.trainable})
-        return (loss, *_update(spec, lr, params, grads, state[n_params + n_anchors:]))
+        return (loss, *_update(spec, lr, params, grads, state[n_params + n_anchors:], after=update_order(spec, grads)))
 
     return step
 

@@ -12,18 +12,23 @@ from device_agent.training_backends.runtime import shared_cpu_arena
 from tests.model_bundles import make_data
 
 
-def test_flat_parameters_are_views_of_flat_param_and_the_optimizer_state_has_one_buffer(model_bundle, install):
+@pytest.mark.parametrize("marked", [True, False], ids=["in-place", "agent-ignoring-the-mark"])
+def test_flat_parameters_are_views_of_flat_param_and_the_optimizer_state_has_one_buffer(marked, model_bundle, install,
+                                                                                      monkeypatch):
     # mlp-wide: one shared weight has moments of its own; the bundle test_cross_backend builds too
     path, _ = model_bundle("mlp-wide", "fedalt", mu=0.1, optimizer="adamw")
+    if not marked:  # an agent that predates the mark (or a graph without it): two buffers per parameter, ping-pong
+        monkeypatch.setattr(g, "PARAMS_IN_PLACE", "fedge.a-key-no-graph-has")
     backend = PortableBackend(install(path), threads=1)
     x, y = make_data("mlp-wide", "cross_entropy", 8, seed=0)
-    for _ in range(3):  # an odd number of steps: the values end in the second ping-pong buffer
+    for _ in range(3):  # an odd number of steps: ping-ponged values end in the second buffer
         backend.train_step(ArtifactSetName.SHARED, x, y)
     graph = backend._graphs[ArtifactSetName.SHARED]
     slots = backend._set_slots[ArtifactSetName.SHARED]
     group = backend._groups[ArtifactSetName.SHARED]
-    assert graph.next == 1 and len(group.names) >= 2 and g.FLAT_PARAMS in graph.inputs
-    flat = group.arrays[graph.next]
+    assert graph.params_in_place is marked and len(group.names) >= 2 and g.FLAT_PARAMS in graph.inputs
+    assert len(group.arrays) == (1 if marked else 2) and graph.next == 1
+    flat = group.arrays[graph.next if len(group.arrays) == 2 else 0]
     for name in group.names:  # each flat parameter's current value is its piece of flat.param, the same memory
         np.testing.assert_array_equal(backend.get_parameter(name).reshape(-1), flat[group.pieces[name]])
     own = [n for n in graph.inputs if g.moment_owner(n) is not None]
@@ -31,7 +36,7 @@ def test_flat_parameters_are_views_of_flat_param_and_the_optimizer_state_has_one
     for name in [g.OPT_STEP, g.OPT_M, g.OPT_V, *own]:
         assert len(slots[name].buffers) == 1, name
     separate = [g.param(owner[1]) for owner in map(g.moment_owner, own) if owner is not None]
-    assert all(len(slots[name].buffers) == 2 for name in separate)
+    assert all(len(slots[name].buffers) == (1 if marked else 2) for name in separate)
     assert backend.export_state().optimizers[ArtifactSetName.SHARED].step == 3
 
 
@@ -56,17 +61,18 @@ def test_a_micro_batched_step_updates_its_parameters_in_place(model_bundle, inst
         updated = [n for n in graph.updated if n.startswith(g.PARAM) or n == g.FLAT_PARAMS]
         assert updated and all(len(slots[n].buffers) == 1 for n in updated)
         assert len(sliced._groups[set_name].arrays) == 1
-    # whole batch: the shared layers' backward reads base.2.weight (for base.0's gradient) after its update may run;
-    # the personal set trains only the head, which nothing reads once its gradient is known
-    assert not whole._graphs[ArtifactSetName.SHARED].params_in_place and len(whole._groups[ArtifactSetName.SHARED].arrays) == 2
-    assert whole._graphs[ArtifactSetName.PERSONAL].params_in_place
+    # whole batch too: each separately updated weight's update waits for the gradient of the parameter before it
+    # (step.update_order), which the backward computes from that layer's input gradient, its last read of the weight
+    for set_name in (ArtifactSetName.PERSONAL, ArtifactSetName.SHARED):
+        assert whole._graphs[set_name].params_in_place and len(whole._groups[set_name].arrays) == 1
     for name, value in whole.export_state().parameters.items():
         np.testing.assert_allclose(sliced.get_parameter(name), value, rtol=1e-5, atol=2e-6, err_msg=name)
 
 
-def test_an_agent_that_ignores_the_in_place_mark_gets_the_same_numbers(model_bundle, install, monkeypatch):
-    """A micro-batched bundle is format 3 as before: an agent of that format (no mark, ping-pong) trains it alike."""
-    bundle = install(model_bundle("mlp-wide", "fedalt", mu=0.1, optimizer="adamw", micro_batch=3)[0])
+@pytest.mark.parametrize("micro_batch", [3, 0], ids=["micro-batched", "whole-batch"])
+def test_an_agent_that_ignores_the_in_place_mark_gets_the_same_numbers(micro_batch, model_bundle, install, monkeypatch):
+    """A bundle with marked graphs is format 3 as before: an agent of that format (no mark, ping-pong) trains it alike."""
+    bundle = install(model_bundle("mlp-wide", "fedalt", mu=0.1, optimizer="adamw", micro_batch=micro_batch)[0])
     batches = [make_data("mlp-wide", "cross_entropy", n, seed=10 + i) for i, n in enumerate((8, 5, 8))]
 
     def train(backend: PortableBackend) -> dict[str, np.ndarray]:

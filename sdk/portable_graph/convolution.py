@@ -15,7 +15,13 @@ convolution is written as matrix products over the whole batch at once:
   output channels last; weight gradient: one ``Gemm`` of the unfolded input
   with the output gradient; the backward recomputes the unfold from the same
   input, which onnxruntime's common-subexpression elimination merges with the
-  forward's.
+  forward's. A large unfold (more than ``UNFOLD_GROUP_BYTES`` per example) is
+  instead made in ranges of output positions, one Gather + Transpose + Gemm
+  each, and the weight gradient unfolds one kernel row at a time: the step then
+  never holds the whole unfold twice (the Gather's output and its transposed
+  copy) nor keeps it alive until the backward. Each output and each weight
+  gradient is still one GEMM sum in the same order, so the numbers are the
+  same bits.
 - Input gradient: one batched ``MatMul`` ``W^T g`` per example (``C*K`` x
   ``P``) and ONNX ``Col2Im`` (opset 18) to add every tap back into place.
 
@@ -150,13 +156,15 @@ def convolution(inp: torch.Tensor, weight: torch.Tensor, bias: Any, stride: list
         rows = _unfold_taps(inp, geo).t()  # (N*P, C*K)
         out = torch.mm(rows, weights) if bias is None else torch.addmm(bias, rows, weights)
         return _channels_first(out, geo.out_sizes, geo.out_channels)
+    groups = _position_groups(geo)
     parts = []
-    for start, stop in _position_groups(geo):  # one GEMM per range of output positions, each row summed as before
+    for start, stop in groups:  # one GEMM per range of output positions, each output summed as in one GEMM
         rows = _unfold_rows(inp, geo, (start, stop))  # (N*P', C*K)
-        part = torch.mm(rows, weights) if bias is None else torch.addmm(bias, rows, weights)
-        parts.append(part.reshape(-1, stop - start, geo.out_channels))
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    return _channels_first(out.reshape(-1, geo.out_channels), geo.out_sizes, geo.out_channels)
+        parts.append(torch.mm(rows, weights) if bias is None else torch.addmm(bias, rows, weights))
+    if len(groups) > 1:  # (N*P', O) per range -> (N*P, O), positions in order within each example
+        out = torch.cat([part.reshape(-1, stop - start, geo.out_channels) for part, (start, stop) in zip(parts, groups)], dim=1)
+        parts = [out.reshape(-1, geo.out_channels)]
+    return _channels_first(parts[0], geo.out_sizes, geo.out_channels)
 
 
 def _input_grad(grad_output: torch.Tensor, weight: torch.Tensor, geo: _Geometry) -> torch.Tensor:
@@ -220,8 +228,11 @@ def convolution_backward(grad_output: torch.Tensor, inp: torch.Tensor, weight: t
     if output_mask[0]:
         grad_input = _input_grad(grad_output, weight, geo)
     if output_mask[1]:
-        grad_weight = _weight_grad_by_rows(inp, grads, geo) if geo.gather else \
-            torch.mm(_unfold_taps(inp, geo), grads).t().reshape(weight.shape)  # (C*K, O) -> (O, C, *k)
+        if geo.gather and len(_position_groups(geo)) > 1:  # a large unfold: not kept from the forward
+            grad_weight = _weight_grad_by_rows(inp, grads, geo)
+        else:  # a small one: the forward's, which onnxruntime's common-subexpression elimination shares
+            cols = _unfold_rows(inp, geo, (0, geo.positions)).t() if geo.gather else _unfold_taps(inp, geo)  # (C*K, N*P)
+            grad_weight = torch.mm(cols, grads).t().reshape(weight.shape)  # (C*K, O) -> (O, C, *k)
     if output_mask[2]:
         grad_bias = grads.sum(0)
     return grad_input, grad_weight, grad_bias

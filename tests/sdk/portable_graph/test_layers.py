@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad
 
+from sdk.portable_graph import convolution
 from sdk.portable_graph.export import export_graph
 from sdk.portable_graph.rewrite import for_training_graph
 
@@ -92,6 +93,26 @@ def test_convolution_forward_and_gradients_match_pytorch(layer, tmp_path):
     got, want = _run_exported(model, torch.randn(shape), tmp_path)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(5, 4, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                                   nn.Conv1d(6, 8, 5, stride=2, padding=2)])
+def test_an_unfold_in_ranges_and_a_weight_gradient_by_rows_give_the_same_bits(layer, tmp_path, monkeypatch):
+    """A large unfold is made in ranges of output positions, its weight gradient by kernel rows: same sums, same bits."""
+    torch.manual_seed(0)
+    model = nn.Sequential(layer, nn.Flatten())
+    x = torch.randn((3, layer.in_channels, 9, 8) if isinstance(layer, nn.Conv2d) else (3, layer.in_channels, 17))
+    whole, _ = _run_exported(model, x, tmp_path)
+    monkeypatch.setattr(convolution, "UNFOLD_GROUP_BYTES", 64)  # a few output positions per range
+    geo = convolution._Geometry(x, layer.weight, list(layer.stride), list(layer.padding), list(layer.dilation))
+    groups = convolution._position_groups(geo)
+    assert len(groups) > 1 and groups[0][0] == 0 and groups[-1][1] == geo.positions
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    split, want = _run_exported(model, x, tmp_path)
+    for got, expected in zip(split, whole):  # loss, input gradient, weight and bias gradients
+        np.testing.assert_array_equal(got, expected)
+    for got, expected in zip(split, want):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_convolution_forward_rounds_exactly_as_onnxruntime_conv(tmp_path):

@@ -244,7 +244,7 @@ def _mode(info: tarfile.TarInfo) -> int:
 
 def write_tar(root: Path, out: Path, epoch: int) -> None:
     """A reproducible gzip tar of ``root``: sorted names, root:root, normalised modes, every mtime ``epoch``."""
-    with open(out, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=epoch) as gz, \
+    with open(out, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=epoch, compresslevel=6) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for path in sorted(root.rglob("*"), key=lambda p: p.relative_to(root).as_posix()):
             name = path.relative_to(root).as_posix()

@@ -21,8 +21,11 @@ Progress: every run writes its result to ``<out>/.progress/<setting>/<run>-seed<
 as soon as it finishes, and settings with ``checkpoint_every`` also keep each
 round's metrics and, every few rounds, the whole simulated fleet there
 (:mod:`sdk.simulation.checkpoint`). ``resume=True`` reuses finished runs and
-continues interrupted ones from their last checkpoint; without it a setting's
-progress is cleared first. Once a setting's report is written its progress
+continues interrupted ones from their last checkpoint; it also reuses the runs
+an earlier report of the setting in ``<out>/<setting>.json`` holds (same
+profile, setting, run and hyper-parameters; a report cut to some runs with
+``--run`` counts), so adding runs to a report runs only those. Without it a
+setting's progress is cleared first. Once a setting's report is written its progress
 folder is removed, and ``<out>/.progress`` itself once it is empty.
 """
 
@@ -205,20 +208,53 @@ def _numbers_of(setting: AccuracySetting) -> dict[str, Any]:
     return {k: v for k, v in plain.items() if k not in ("title", "notes")}
 
 
-def finished_result(folder: Path, setting: AccuracySetting, run: AccuracyRun) -> dict[str, Any] | None:
-    """The result a finished run left in ``folder``, if it was made with this setting, run and hyper-parameters (else None)."""
+def _same_run(saved_setting: dict[str, Any], result: dict[str, Any], setting: AccuracySetting, run: AccuracyRun) -> bool:
+    """Whether ``result`` (saved with ``saved_setting``) is ``run`` of ``setting`` with today's hyper-parameters.
+
+    The settings are compared without their run lists, which a cut (``--run``) shortens; the run itself is compared whole.
+    """
     from sdk.simulation.algorithms import algorithm
 
     try:
-        saved = json.loads((folder / "result.json").read_text())
-        result = saved["result"]
-        same = (_numbers_of(setting_from_dict(saved["setting"])) == _numbers_of(setting) and result["run"] == asdict(run))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        saved = _numbers_of(setting_from_dict(saved_setting))
+        same = ({k: v for k, v in saved.items() if k != "runs"} == {k: v for k, v in _numbers_of(setting).items() if k != "runs"}
+                and result["run"] == asdict(run) and result["label"] == run.label)
+    except (ValueError, KeyError, TypeError):
+        return False
     spec = algorithm(run.algorithm)
     lam = run.ditto_lambda if run.ditto_lambda is not None else spec.default_ditto_lambda
     mu = run.mu if run.mu is not None else spec.default_mu
-    return result if same and result.get("mu") == mu and result.get("ditto_lambda", 0.0) == lam else None
+    return same and result.get("mu") == mu and result.get("ditto_lambda", 0.0) == lam
+
+
+def finished_result(folder: Path, setting: AccuracySetting, run: AccuracyRun) -> dict[str, Any] | None:
+    """The result a finished run left in ``folder``, if it was made with this setting, run and hyper-parameters (else None)."""
+    try:
+        saved = json.loads((folder / "result.json").read_text())
+        return saved["result"] if _same_run(saved["setting"], saved["result"], setting, run) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def reported_results(out_dir: Path, setting: AccuracySetting, *, profile: Profile, seed: int = 0
+                     ) -> dict[tuple[str, int], dict[str, Any]]:
+    """(run label, seed) -> each run of ``setting`` the report ``out_dir/<name>.json`` already holds with the same
+    setting, run and hyper-parameters (the report may be a cut: runs added later reuse the ones it has)."""
+    try:
+        payload = json.loads((out_dir / f"{setting.name}.json").read_text())
+        if payload["profile"] != profile:
+            return {}
+        saved_setting, saved_runs = payload["setting"], list(payload["runs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    runs = {run.label: run for run in setting.runs}
+    seeds = set(setting.run_seeds(seed))
+    found: dict[tuple[str, int], dict[str, Any]] = {}
+    for result in saved_runs:
+        run = runs.get(result.get("label")) if isinstance(result, dict) else None
+        if run is not None and result.get("seed") in seeds and _same_run(saved_setting, result, setting, run):
+            found[(run.label, result["seed"])] = result
+    return found
 
 
 def _run_in_worker(setting: AccuracySetting, run: AccuracyRun, seed: int, folder: Path) -> tuple[str, str, int, dict[str, Any]]:
@@ -258,14 +294,17 @@ def run_accuracy_bench(
     chosen = [table[n] for n in names if n in table and n not in added] + list(added.values())
     jobs = [(s, run, k) for s in chosen for k in s.run_seeds(seed) for run in s.runs]
     results: dict[str, dict[tuple[str, int], dict[str, Any]]] = {s.name: {} for s in chosen}
+    reported = {s.name: reported_results(out_dir, s, profile=profile, seed=seed) if resume else {} for s in chosen}
     pending = []
     for s, run, k in jobs:
         folder = run_dir(out_dir, s, run, k)
-        found = finished_result(folder, s, run) if resume else None
+        found, source = (finished_result(folder, s, run), folder) if resume else (None, folder)
+        if found is None and (run.label, k) in reported[s.name]:
+            found, source = reported[s.name][(run.label, k)], out_dir / f"{s.name}.json"
         if found is not None:
             results[s.name][(run.label, k)] = found
             if progress is not None:
-                progress(f"{s.name}: {run.label} (seed {k}) reused from {folder}")
+                progress(f"{s.name}: {run.label} (seed {k}) reused from {source}")
             continue
         if not resume:
             shutil.rmtree(folder, ignore_errors=True)

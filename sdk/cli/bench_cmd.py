@@ -239,8 +239,10 @@ def fleet(ctx: click.Context, devices: int, regions: int, rounds: int, agents: i
               help="Where <setting>.json, <setting>.md and the PNG plots go (the committed report is regenerated only with"
                    " an explicit --out docs/results).")
 @click.option("--report-only", is_flag=True, help="Rebuild the tables and plots from the JSON already under --out; train nothing.")
-@click.option("--resume", is_flag=True, help="Reuse runs finished under --out/.progress and continue interrupted ones from their"
-                                            " last checkpoint (without it, a setting's progress there is cleared first).")
+@click.option("--resume", is_flag=True, help="Reuse runs finished under --out/.progress and the runs the setting's report under"
+                                            " --out already holds (same settings and hyper-parameters: adding runs to a report"
+                                            " runs only those), and continue interrupted runs from their last checkpoint"
+                                            " (without it, a setting's progress there is cleared first).")
 def accuracy(names: tuple[str, ...], data_dir: Path | None, name: str | None, num_classes: int | None, model_spec: str | None,
              model_args: tuple[str, ...], shared: str, personal: str, algorithms: tuple[str, ...], rounds: int, epochs: int,
              batch_size: int, lr: float, quick: bool, workers: int, seed: int, out: Path, report_only: bool, resume: bool,

@@ -13,16 +13,18 @@ from __future__ import annotations
 import queue
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
 
 from device_agent.bundle.archive import install_bundle
-from device_agent.daemon.agent import RoundStatus
-from device_agent.protocol.envelope import open_model, open_update
+from device_agent.daemon.agent import DeviceAgent, RoundStatus
+from device_agent.daemon.agent_state import SealedUpdate
+from device_agent.protocol.envelope import OpenedModel, open_model, open_update
 from device_agent.protocol.headers import UpdateHeader
 from device_agent.trainer import DeviceTrainer
 from sdk.aggregator.contributors import split_contributors
@@ -63,6 +65,34 @@ class Capture:
     connects: dict[str, int] = field(default_factory=dict)
     #: devices of the restarted region that had finished the fault's round when the broker was killed.
     finished_before_fault: frozenset[str] = frozenset()
+    #: (device, round) -> the sealed update the device published (every attempt sends these bytes).
+    published: dict[tuple[str, int], bytes] = field(default_factory=dict)
+
+
+class RecordingWorker(DeviceWorker):
+    """A demo device that also records the sealed update it publishes each round.
+
+    A sniffer that reconnects after a broker restart can miss a resend made
+    before it subscribed; the crash test takes those from here, and only those.
+    """
+
+    def __init__(self, *args: Any, published: dict[tuple[str, int], bytes], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._published = published
+        self._spying = False
+
+    def _next_model(self, agent: DeviceAgent) -> OpenedModel:
+        if not self._spying:
+            submit = agent.submit
+
+            def recorded_submit(sealed: SealedUpdate):  # the agent's own submit, after noting the bytes
+                key = (sealed.header.sender, sealed.header.round)
+                assert self._published.setdefault(key, sealed.blob) == sealed.blob, f"{key}: two different updates"
+                return submit(sealed)
+
+            agent.submit = recorded_submit  # type: ignore[method-assign]
+            self._spying = True
+        return super()._next_model(agent)
 
 
 class Sniffer:
@@ -120,7 +150,8 @@ def run_federation(*, restart: Fault | None = None, frames: frozenset[int] | Non
             stack.callback(_stop_all, services, [])
             start_services(fleet, services, spec=spec, bundle_version=version, initial=initial, frames=frames)
             events: queue.Queue[DeviceEvent] = queue.Queue()
-            workers = [DeviceWorker(device, rounds=ROUNDS, events=events) for device in fleet.devices]
+            workers = [RecordingWorker(device, rounds=ROUNDS, events=events, published=capture.published)
+                       for device in fleet.devices]
             stack.callback(_stop_all, [], workers)
             for worker in workers:
                 worker.start()
@@ -193,18 +224,20 @@ def _accepted_rows(fleet: DemoFleet) -> dict[str, list[tuple[str, int]]]:
     return rows
 
 
-def opened_device_updates(capture: Capture) -> dict[tuple[str, int], tuple[UpdateHeader, dict[str, np.ndarray]]]:
+def opened_device_updates(capture: Capture, *, unsniffed: Collection[tuple[str, int]] = ()
+                          ) -> dict[tuple[str, int], tuple[UpdateHeader, dict[str, np.ndarray]]]:
     """(device, round) -> the header and delta it sent, opened from the regional brokers' traffic with the region key.
 
     A resend must carry the very same delta (the agent persists its pending update).
+    ``unsniffed``: (device, round) pairs a restarted broker's sniffer may have
+    missed; those missing from the traffic are taken from what the device
+    recorded publishing (:class:`RecordingWorker`); every other one must be sniffed.
     """
     fleet = capture.fleet
     device_keys = {d.device_id: d.public_key for d in fleet.devices}
     opened: dict[tuple[str, int], tuple[UpdateHeader, dict[str, np.ndarray]]] = {}
-    for broker, topic, payload in capture.sniffed:
-        device = LAYOUT.device_of(topic)
-        if broker == "root" or device is None or topic != LAYOUT.device_update(device):
-            continue
+
+    def add(broker: str, device: str, payload: bytes) -> None:
         update = open_update(payload, recipient_key=fleet.region_keys[broker].encryption, sender_public_key=device_keys)
         assert (update.header.sender, update.header.region) == (device, broker)
         key = (device, update.header.round)
@@ -212,6 +245,14 @@ def opened_device_updates(capture: Capture) -> dict[tuple[str, int], tuple[Updat
             for name, value in opened[key][1].items():
                 np.testing.assert_array_equal(update.tensors[name], value)
         opened[key] = (update.header, update.tensors)
+
+    for broker, topic, payload in capture.sniffed:
+        device = LAYOUT.device_of(topic)
+        if broker != "root" and device is not None and topic == LAYOUT.device_update(device):
+            add(broker, device, payload)
+    regions = {d.device_id: d.region for d in fleet.devices}
+    for device, r in sorted(set(unsniffed) - set(opened)):
+        add(regions[device], device, capture.published[(device, r)])
     return opened
 
 
@@ -370,7 +411,9 @@ def test_federation_survives_a_regional_broker_crash_mid_round_without_double_co
     for r in range(ROUNDS):
         assert sorted(s for s, rnd in capture.accepted["root"] if rnd == r) == sorted(fleet.regions)
     # What the regions forwarded counts every device once (bounded weights), and the root moved by exactly that.
-    updates = opened_device_updates(capture)
+    # The left sniffer reconnects after the restarted broker is up: a device's round-1 resend may come first.
+    updates = opened_device_updates(capture, unsniffed={(device, 1) for device in members["left"]})
+    assert set(updates) == {(d, r) for d in samples for r in range(ROUNDS)}
     assert_aggregates_count_each_device_once(capture, updates)
     aggregates = sniffed_aggregates(capture)
     models = root_models(capture)

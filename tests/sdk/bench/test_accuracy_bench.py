@@ -12,11 +12,14 @@ from sdk.bench.accuracy_bench import (
     AccuracyRun,
     AccuracySetting,
     format_table,
+    reported_results,
+    run_accuracy_bench,
     run_one,
     settings,
     summarise,
     write_setting,
 )
+from sdk.bench.accuracy_settings import cut_setting
 
 SETTING = AccuracySetting(name="t", title="test", dataset="digits", model="mlp", rounds=2, epochs=1, batch_size=16,
                           learning_rate=0.01, optimizer="adamw", runs=())
@@ -103,6 +106,26 @@ def test_a_real_tiny_run_writes_json_markdown_and_plots(tmp_path) -> None:
     payload = json.loads((tmp_path / "digits-tiny.json").read_text())
     assert payload["summary"] == json.loads(json.dumps(summary))
     assert "Hier. FedAvg a=0.5" in table
+    _resume_reuses_the_reports_runs(setting, tmp_path)
+
+
+def _resume_reuses_the_reports_runs(setting: AccuracySetting, out) -> None:
+    """--resume takes the runs a report already holds (also from a report cut with --run) and trains nothing again;
+    a changed hyper-parameter, another profile or another seed reuses nothing."""
+    saved = json.loads((out / f"{setting.name}.json").read_text())["runs"]
+    assert set(reported_results(out, setting, profile="quick")) == {(r.label, 0) for r in setting.runs}
+    assert reported_results(out, setting, profile="full") == {}
+    assert reported_results(out, replace(setting, learning_rate=0.02), profile="quick") == {}
+    assert reported_results(out, replace(setting, seeds=(1,)), profile="quick") == {}
+    changed = replace(setting, runs=(replace(setting.runs[0], finetune_epochs=3), *setting.runs[1:]))
+    assert set(reported_results(out, changed, profile="quick")) == {(r.label, 0) for r in setting.runs[1:]}
+    said: list[str] = []
+    run_accuracy_bench([setting.name], profile="quick", workers=1, out_dir=out, extra=[setting], resume=True, progress=said.append)
+    assert said == [f"{setting.name}: {r.label} (seed 0) reused from {out / f'{setting.name}.json'}" for r in setting.runs]
+    assert json.loads((out / f"{setting.name}.json").read_text())["runs"] == saved
+    cut = cut_setting(setting, labels=("FedAvg",))
+    write_setting(cut, [r for r in saved if r["label"] == "FedAvg"], out, seed=0, profile="quick")
+    assert set(reported_results(out, setting, profile="quick")) == {("FedAvg", 0)}
 
 
 def test_every_setting_names_known_algorithms() -> None:

@@ -101,5 +101,5 @@ def test_every_supported_layer_trains_on_both_backends(fleet_key, install, tmp_p
 def test_average_pooling_trains_on_the_portable_backend(fleet_key, install, tmp_path):
     """AvgPool1d/2d: portable-only bundles (onnxruntime-training crashes on its gradient; see test_support)."""
     torch.manual_seed(0)
-    _train_against_reference(zoo.EveryLayerNet(avg_pool=True), ("portable",), "adamw", fleet_key, install, tmp_path,
+    _train_against_reference(zoo.AvgPoolNet(), ("portable",), "adamw", fleet_key, install, tmp_path,
                              kinds=("portable",))

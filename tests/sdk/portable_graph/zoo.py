@@ -40,6 +40,26 @@ class EveryLayerNet(nn.Module):
         return self.head(h)
 
 
+class AvgPoolNet(nn.Module):
+    """The two average pools (what only the portable backend trains) behind convolutions, on a (2, 8, 8) input.
+
+    A few ops only: each op costs the bundle build a trace, and EveryLayerNet covers the rest on both backends.
+    """
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.base = nn.ModuleDict({
+            "conv2d": nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.AvgPool2d(2), nn.Flatten()),
+            "conv1d": nn.Sequential(nn.Conv1d(16, 4, 3), nn.AvgPool1d(2), nn.Flatten()),
+        })
+        self.head = nn.Linear(4 * 4 * 4 + 4 * 3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.base["conv2d"](x)
+        b = self.base["conv1d"](x.reshape(x.shape[0], 16, 8))
+        return self.head(torch.cat([a, b], dim=1))
+
+
 class BatchNormNet(nn.Module):
     """An MLP with BatchNorm1d: builds nowhere, since no backend trains batch statistics."""
 

@@ -46,9 +46,6 @@ _GATHER_MIN_CHANNELS = 4
 #: example: the unfold is the step's largest tensor (6.25 MiB on the 2D-CNN's second convolution at batch 32) and its
 #: Transpose to channel-major order holds a second copy while the first exists, so whole it set the step's peak.
 UNFOLD_GROUP_BYTES = 1 << 16
-#: A few-channel convolution's unfold (the sliced taps) of more than this many bytes per example is not kept for the
-#: weight gradient, which slices one kernel row at a time instead (the 2D-CNN's first convolution: 57.6 KB).
-TAP_UNFOLD_KEEP_BYTES = 1 << 14
 
 
 def _prod(values: Any) -> int:
@@ -219,31 +216,6 @@ def _weight_grad_by_rows(inp: torch.Tensor, grads: torch.Tensor, geo: _Geometry)
     return grad.permute(geo.nd + 1, geo.nd, *range(geo.nd)).contiguous()
 
 
-def _tap_weight_grad_by_rows(inp: torch.Tensor, grads: torch.Tensor, geo: _Geometry) -> torch.Tensor:
-    """The weight gradient of a few-channel 2-D convolution one kernel row at a time: ``cols_i g`` (C*kw x O).
-
-    ``cols_i`` stacks the row's kw tap views (as :func:`_unfold_taps` does for all K taps), slicing the columns
-    before the rows so that onnxruntime's common-subexpression elimination does not merge these slices with the
-    forward's, which would keep every tap alive until the backward. Each weight's gradient is the same sum over
-    the N*P positions as with the whole unfold (1.76 MiB on the 2D-CNN's first convolution at batch 32, which
-    then dies after the forward GEMM instead of living through the whole step).
-    """
-    x = _pad_spatial(inp.transpose(0, 1), geo.padding, channels_last=False)  # (C, N, H, W)
-    parts = []
-    for i in range(geo.kernel[0]):
-        taps = []
-        for j in range(geo.kernel[1]):
-            sj = j * geo.dilation[1]
-            view = aten.slice(x, 3, sj, sj + (geo.out_sizes[1] - 1) * geo.stride[1] + 1, geo.stride[1])
-            si = i * geo.dilation[0]
-            view = aten.slice(view, 2, si, si + (geo.out_sizes[0] - 1) * geo.stride[0] + 1, geo.stride[0])
-            taps.append(view.unsqueeze(1))
-        cols = torch.cat(taps, dim=1).reshape(geo.channels * geo.kernel[1], -1)  # (C*kw, N*P)
-        parts.append(torch.mm(cols, grads))  # (C*kw, O)
-    grad = torch.stack(parts, dim=0).reshape(geo.kernel[0], geo.channels, geo.kernel[1], geo.out_channels)
-    return grad.permute(3, 1, 0, 2).contiguous()
-
-
 def convolution_backward(grad_output: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias_sizes: Any,
                          stride: list[int], padding: list[int], dilation: list[int], transposed: bool,
                          output_padding: list[int], groups: int, output_mask: list[bool]) -> tuple[Any, Any, Any]:
@@ -258,8 +230,6 @@ def convolution_backward(grad_output: torch.Tensor, inp: torch.Tensor, weight: t
     if output_mask[1]:
         if geo.gather and len(_position_groups(geo)) > 1:  # a large unfold: not kept from the forward
             grad_weight = _weight_grad_by_rows(inp, grads, geo)
-        elif not geo.gather and geo.nd == 2 and geo.positions * geo.channels * geo.taps * 4 > TAP_UNFOLD_KEEP_BYTES:
-            grad_weight = _tap_weight_grad_by_rows(inp, grads, geo)  # a large sliced unfold: not kept either
         else:  # a small one: the forward's, which onnxruntime's common-subexpression elimination shares
             cols = _unfold_rows(inp, geo, (0, geo.positions)).t() if geo.gather else _unfold_taps(inp, geo)  # (C*K, N*P)
             grad_weight = torch.mm(cols, grads).t().reshape(weight.shape)  # (C*K, O) -> (O, C, *k)

@@ -298,7 +298,7 @@ def run_accuracy_bench(
     pending = []
     for s, run, k in jobs:
         folder = run_dir(out_dir, s, run, k)
-        found, source = (finished_result(folder, s, run), folder) if resume else (None, folder)
+        found, source = finished_result(folder, s, run) if resume else None, folder
         if found is None and (run.label, k) in reported[s.name]:
             found, source = reported[s.name][(run.label, k)], out_dir / f"{s.name}.json"
         if found is not None:

@@ -122,10 +122,14 @@ def _unfold_rows(inp: torch.Tensor, geo: _Geometry, positions: tuple[int, int]) 
     return rows.transpose(1, 2).reshape(-1, geo.channels * geo.taps)
 
 
+def unfold_bytes_per_example(geo: _Geometry) -> int:
+    """The float32 bytes of one example's whole unfold (every output position's receptive field)."""
+    return geo.positions * geo.channels * geo.taps * 4
+
+
 def _position_groups(geo: _Geometry) -> list[tuple[int, int]]:
     """The output positions in ranges whose unfold holds at most about UNFOLD_GROUP_BYTES per example (one range if small)."""
-    per_example = geo.positions * geo.channels * geo.taps * 4
-    count = min(geo.positions, max(1, -(-per_example // UNFOLD_GROUP_BYTES)))
+    count = min(geo.positions, max(1, -(-unfold_bytes_per_example(geo) // UNFOLD_GROUP_BYTES)))
     size = -(-geo.positions // count)
     return [(start, min(start + size, geo.positions)) for start in range(0, geo.positions, size)]
 

@@ -104,8 +104,7 @@ def test_an_unfold_in_ranges_and_a_weight_gradient_by_rows_give_the_same_bits(la
     x = torch.randn((3, layer.in_channels, 9, 8) if isinstance(layer, nn.Conv2d) else (3, layer.in_channels, 17))
     whole, _ = _run_exported(model, x, tmp_path)
     geo = convolution._Geometry(x, layer.weight, list(layer.stride), list(layer.padding), list(layer.dilation))
-    per_example = geo.positions * geo.channels * geo.taps * 4
-    monkeypatch.setattr(convolution, "UNFOLD_GROUP_BYTES", per_example // 3)  # 3-4 ranges: few ops to export
+    monkeypatch.setattr(convolution, "UNFOLD_GROUP_BYTES", convolution.unfold_bytes_per_example(geo) // 3)  # 3-4 ranges
     groups = convolution._position_groups(geo)
     assert 3 <= len(groups) <= 4 and groups[0][0] == 0 and groups[-1][1] == geo.positions
     assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))

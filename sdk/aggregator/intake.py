@@ -4,6 +4,9 @@ Pipeline, cheapest and least trusting first::
 
     open_update (authenticate, decrypt, decode)     -> auth / malformed, no receipt
     for the CURRENT round (collecting or closed), already accepted from this sender?
+      (first pass: asked of the store when the replay window knows the sender for the
+      round; an acceptance by another member the window has not caught up with yet is
+      found by the commit, and the next pass asks the store for every sender)
         same nonce, same content                    -> duplicate: "accepted" receipt again, not counted
         same nonce, other content                   -> replay
         another nonce                               -> already_counted
@@ -23,8 +26,10 @@ Pipeline, cheapest and least trusting first::
 The rule for repeats is docs/protocol.md, "Rounds, resends and replays".
 
 Group commit: :meth:`UpdateIntake.handle_batch` runs a batch through the
-checks above, folds the admitted updates into a copy of the running sum
-(outside the transaction), then takes the write lock once for the batch:
+checks above one update at a time, folding each admitted update into a copy
+of the running sum as soon as it is admitted and then letting go of its
+tensors (:mod:`~sdk.aggregator.batch_fold`: the batch never holds all its
+decoded deltas), then takes the write lock once for the batch:
 per update the in-transaction checks and its ``accepted`` row (a bad one is
 answered alone), then the new sum, then ONE commit; every receipt of the
 batch is signed after it. :meth:`UpdateIntake.handle` is a batch of one.
@@ -49,11 +54,11 @@ from device_agent.protocol.envelope import OpenedUpdate, SenderKeys, open_update
 from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.receipts import Receipt, sign_receipt
 from device_agent.protocol.validation import RejectReason, UpdateValidator
-from sdk.aggregation import AggregationConfig, StreamingWeightedMean, WeightedMeanState
+from sdk.aggregation import AggregationConfig, StreamingWeightedMean
 from sdk.aggregation.influence import InfluencePolicy
-from sdk.aggregation.robust import scale_delta
 from sdk.aggregator.admission import FLOAT32_SAFE, Admission, admit, check_round_total
 from sdk.aggregator.auth_log import AuthFailureLog
+from sdk.aggregator.batch_fold import BatchFold
 from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
@@ -81,7 +86,8 @@ class UpdateIntake(RoundCache):
     equal the header's region (the root's rule for aggregates; such an intake
     also requires and checks each aggregate's contributor list). ``weight_of``:
     an accepted update's weight in the mean before bounds. ``influence``: how
-    each round's bounds are set (None: no bounds, as at the root).
+    each round's bounds are set (None: no bounds, as at the root). ``keep_deltas``: an accepted update's
+    :attr:`HandledUpdate.delta` holds its tensors (else None: the intake lets go of them once folded).
     """
 
     def __init__(
@@ -97,8 +103,10 @@ class UpdateIntake(RoundCache):
         weight_of: WeightOf,
         sender_is_region: bool = False,
         influence: InfluencePolicy | None = None,
+        keep_deltas: bool = False,
     ) -> None:
         self._identity = identity
+        self._keep_deltas = keep_deltas
         self._sender_keys = sender_keys
         self._weight_of = weight_of
         self._sender_is_region = sender_is_region
@@ -136,20 +144,15 @@ class UpdateIntake(RoundCache):
 
     def _handle_batch(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
         answers: list[HandledUpdate | None] = [None] * len(items)
-        opened: dict[int, OpenedUpdate] = {}
-        for i, item in enumerate(items):
-            result = self._open(item)
-            if isinstance(result, HandledUpdate):
-                answers[i] = result
-            else:
-                opened[i] = result
-        todo, conflicts = sorted(opened), 0
+        todo, conflicts, passes = list(range(len(items))), 0, 0
         while todo:
-            todo, conflicted = self._decide(todo, opened, answers)
+            # A later pass decides what the first could not (a second update of a sender, or the store changed
+            # under the commit): it asks the store about every sender, not only those the replay window knows.
+            todo, conflicted = self._decide(items, todo, answers, ask_store=passes > 0)
+            passes += 1
             conflicts += conflicted
             if conflicts > _MAX_ATTEMPTS:
-                header = opened[todo[0]].header
-                raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
+                raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {len(todo)} update(s) of a batch")
         done = [answer for answer in answers if answer is not None]
         if len(done) != len(items):  # every path above answers its item; checked, not assumed
             raise RuntimeError(f"the intake left {len(items) - len(done)} of {len(items)} updates unanswered")
@@ -171,38 +174,60 @@ class UpdateIntake(RoundCache):
             return self._refuse(IntakeReason.AUTH, "", len(blob))
         return opened
 
-    def _decide(self, todo: list[int], opened: dict[int, OpenedUpdate],
-                answers: list[HandledUpdate | None]) -> tuple[list[int], int]:
-        """One pass over the undecided items: answer what can be answered, commit the admitted ones together.
+    def _reopen(self, item: IncomingUpdate) -> OpenedUpdate:
+        """An item that opened before opens again (the same bytes, keys and checks)."""
+        opened = self._open(item)
+        if isinstance(opened, HandledUpdate):
+            raise RuntimeError(f"an update that opened before did not open again: {opened.reason}")
+        return opened
+
+    def _decide(self, items: Sequence[IncomingUpdate], todo: list[int], answers: list[HandledUpdate | None], *,
+                ask_store: bool) -> tuple[list[int], int]:
+        """One pass over the undecided items: open each, answer what can be answered, fold the admitted ones at
+        once (batch_fold), then commit them together.
 
         Returns the items to decide again (a second update of a sender already in this pass, or an item
         another member took meanwhile) and 1 if the store changed under the commit, else 0.
         """
         self.refresh()
+        fold = self._batch_fold()
         admitted: list[tuple[int, Admission]] = []
         later: list[int] = []
         taken: set[tuple[str, int]] = set()
         current = None if self._state is None else self._state.round
-        priors = {} if current is None else \
-            self._store.find_acceptances(current, [opened[i].header.sender for i in todo if opened[i].header.round == current])
         for i in todo:
-            header = opened[i].header
+            opened = self._open(items[i])
+            if isinstance(opened, HandledUpdate):
+                answers[i] = opened
+                continue
+            header = opened.header
             if (header.sender, header.round) in taken:
                 later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
                 continue
             try:
-                if header.round == current and self._answer_repeat(i, opened[i], priors.get(header.sender), answers):
+                if header.round == current and self._answer_repeat(i, opened, self._prior(header, ask_store), answers):
                     continue
-                admitted.append((i, self._admit(opened[i])))
+                admitted.append((i, fold.add(self._admit(opened))))
                 taken.add((header.sender, header.round))
             except RejectedUpdateError as rejection:
                 answers[i] = self._answer(header, Verdict.REJECTED, rejection)
         if not admitted:
             return later, 0
-        retry = self._commit(admitted, answers)
+        retry = self._commit(items, admitted, fold, answers)
         if retry is None:
             return sorted(later + [i for i, _ in admitted]), 1
         return sorted(later + retry), 1 if retry else 0
+
+    def _prior(self, header: UpdateHeader, ask_store: bool) -> Acceptance | None:
+        """What the store holds from ``header.sender`` for its round. On a first pass only a sender the replay window
+        knows for that round is looked up: an acceptance the window has not seen yet (another member's, since this
+        member last caught up) is found by the commit (a conflict), and the next pass asks the store."""
+        if not ask_store and not self._window.knows(header.sender, header.round):
+            return None
+        return self._store.find_acceptance(header.sender, header.round)
+
+    def _batch_fold(self) -> BatchFold:
+        return BatchFold(self._rule, self._partial, shapes=self._config.shapes, keep_tensors=self._keep_deltas)
 
     def _answer_repeat(self, i: int, opened: OpenedUpdate, prior: Acceptance | None, answers: list[HandledUpdate | None]) -> bool:
         """Answer an update of a sender already accepted (``prior``) in the CURRENT round (collecting, or closed and
@@ -240,15 +265,16 @@ class UpdateIntake(RoundCache):
         return admit(opened, base=self._record.base_params, bounds=bounds, weight=self._weight_of(header),
                      contributors=contributors, base_largest=self._base_largest, norm=norm)
 
-    def _commit(self, admitted: list[tuple[int, Admission]], answers: list[HandledUpdate | None]) -> list[int] | None:
-        """Fold the admitted updates, then accept them in ONE transaction, then answer them.
+    def _commit(self, items: Sequence[IncomingUpdate], admitted: list[tuple[int, Admission]], fold: BatchFold,
+                answers: list[HandledUpdate | None]) -> list[int] | None:
+        """Accept the admitted updates, already in ``fold``, in ONE transaction, then answer them.
 
-        The fold runs before the transaction (into a copy of the running sum), so the write lock is held only
+        The fold ran before the transaction (into a copy of the running sum), so the write lock is held only
         for the SQL. Returns the items to decide again (another member accepted them meanwhile), or None when
         the round moved under the batch (decide every item again). Nothing is answered before the commit.
         """
         batch_digests = {i: adm.opened.digest for i, adm in admitted}
-        rule, partial = self._folded(admitted)
+        rule, partial = fold.result()
         logger.debug("%d update(s) folded, committing", len(admitted))
         kept: list[tuple[int, Admission, int]] = []
         rejected: list[tuple[int, RejectedUpdateError]] = []
@@ -276,7 +302,7 @@ class UpdateIntake(RoundCache):
                     total += admission.samples
                     kept.append((i, admission, seq))
                 if len(kept) != len(admitted):  # rare: refold what the transaction kept
-                    rule, partial = self._folded([(i, a) for i, a, _ in kept])
+                    rule, partial = self._refolded(items, [(i, a) for i, a, _ in kept])
                 if kept:
                     self._store.write_partial(round, partial)
                 accepted, samples = self._store.round_totals(round)
@@ -294,7 +320,7 @@ class UpdateIntake(RoundCache):
             self._window.record(header.sender, header.round, header.nonce)
             self._window_seq = max(self._window_seq, seq)
             self._count_bounds(admission)
-            answers[i] = self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors)
+            answers[i] = self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors if self._keep_deltas else None)
         for i, refusal in rejected:
             answers[i] = self._answer(dict(admitted)[i].opened.header, Verdict.REJECTED, refusal)
         return retry
@@ -340,24 +366,16 @@ class UpdateIntake(RoundCache):
             raise RejectedUpdateError(IntakeReason.DEVICE_OVERLAP.value, f"already counted by another region: {pairs}")
         self._store.insert_contributors(round, region, devices)
 
-    def _folded(self, admitted: Sequence[tuple[int, Admission]]) -> tuple[StreamingWeightedMean | None, PartialSum]:
-        """The running sum with ``admitted`` folded in, in order, computed on a copy (the cache stays as committed)."""
-        old = self._partial
-        weight = sum(admission.weight for _, admission in admitted)
-        samples = old.samples + sum(admission.samples for _, admission in admitted)
-        if self._rule is None:  # buffered rules keep each delta in its row; the sum only counts
-            state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + len(admitted))
-            return None, PartialSum(state=state, samples=samples)
-        rule = StreamingWeightedMean.from_state(self._rule.to_state()) if self._rule.count else \
-            StreamingWeightedMean(expected_shapes=self._config.shapes)
-        for _, admission in admitted:
-            delta = admission.opened.tensors
-            if admission.clipped:
-                # clip_by_norm's values (float64 product, rounded to float32 once) from the norm the validator
-                # measured; an update within the bound folds as it is (clip_by_norm would return the same values).
-                delta = scale_delta(delta, admission.scale)
-            rule.accumulate(delta, admission.weight, checked=True)  # the validator checked names, shapes, finiteness
-        return rule, PartialSum(state=rule.to_state(), samples=samples)
+    def _refolded(self, items: Sequence[IncomingUpdate],
+                  kept: Sequence[tuple[int, Admission]]) -> tuple[StreamingWeightedMean | None, PartialSum]:
+        """The running sum with only ``kept`` folded in, in order (the batch's fold let go of their tensors: an
+        update without them opens again from its item's bytes)."""
+        fold = self._batch_fold()
+        for i, admission in kept:
+            if not admission.opened.tensors:
+                admission = replace(admission, opened=replace(admission.opened, tensors=self._reopen(items[i]).tensors))
+            fold.add(admission)
+        return fold.result()
 
     # -- answers ---------------------------------------------------------------
 

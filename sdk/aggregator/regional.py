@@ -198,6 +198,7 @@ class RegionalAggregator(AggregatorTier):
             aggregation=config.aggregation,
             weight_of=lambda header: float(header.sample_count),
             influence=config.influence,
+            keep_deltas=config.fomo_candidates > 0,  # FedFomo's pool takes each accepted device's delta
         )
 
     @property

@@ -13,7 +13,11 @@ peak RSS (``VmHWM``):
 - ``unbatched``: the same with batches of one (a commit per update: the intake before group commit).
 - ``memory``: ``open_update`` + :class:`UpdateValidator`, folded into a
   :class:`~sdk.aggregation.StreamingWeightedMean`, no store, no digest, no receipt.
-  ``durable`` / ``memory`` is the price of durability and exactly-once.
+  ``durable`` / ``memory`` is the price of durability and exactly-once, and of taking updates a batch at a time.
+- ``memory-batched``: ``memory`` fed as ``durable`` is, a batch of ``batch`` received updates at a time (the
+  service's queue holds them until their batch is handled), then each opened, validated and folded.
+  ``durable`` / ``memory-batched`` is the price of the store and the receipts alone: the two differ only
+  in them, while ``memory`` also reads each update just before it opens it (its bytes still in the CPU's caches).
 - ``naive``: the same open + validate, every decoded delta kept in a list, the mean at the end (memory grows with N).
 - ``members``: two ``durable`` processes, members of ONE region sharing its
   store, each taking every other update, started together; the round is
@@ -54,7 +58,7 @@ import numpy as np
 
 from sdk.bench.aggregator_children import MEMBER, PART_NAMES, SCRIPTS
 
-PATHS = ("durable", "memory", "naive", "unbatched", "members")
+PATHS = ("durable", "memory", "memory-batched", "naive", "unbatched", "members")
 REQUIRED_PATHS = ("durable", "memory")
 PARTS = PART_NAMES
 FLOOR_PARTS = ("prehash", "ed25519", "x25519_hkdf", "chacha20", "decode", "validate", "bounds_fold")
@@ -125,6 +129,7 @@ class AggregatorBenchRow:
     paths: dict[str, PathFigures]
     parts_ms: dict[str, float]
     durable_vs_memory: float
+    durable_vs_memory_batched: float | None
     members_vs_durable: float | None
     members_vs_durable_unqueued: float | None
     members_vs_durable_runs: list[float] | None
@@ -342,7 +347,8 @@ def _row(count: int, frame: int, parameters: int, index: list[tuple[int, int]], 
     return AggregatorBenchRow(
         updates=count, frame=frame, parameters=parameters, update_bytes=int(statistics.median(n for _, n in index)), repeats=repeats,
         batch=batch, paths=figures, parts_ms={name: 1000 * median(parts, name) for name in PARTS},
-        durable_vs_memory=durable_vs_memory, members_vs_durable=ratio("members", "durable"),
+        durable_vs_memory=durable_vs_memory, durable_vs_memory_batched=ratio("durable", "memory-batched"),
+        members_vs_durable=ratio("members", "durable"),
         members_vs_durable_unqueued=unqueued, members_vs_durable_runs=per_run,
         durable_vs_unbatched=ratio("durable", "unbatched"), rss_ratio_naive_durable=ratio("naive", "durable", "peak_rss_mb"),
         max_abs_diff=worst,
@@ -352,7 +358,7 @@ def _row(count: int, frame: int, parameters: int, index: list[tuple[int, int]], 
 def format_table(rows: list[AggregatorBenchRow]) -> str:
     """Plain-text tables: one line per (N, frame version, path) with the ratios, the frame versions side by side,
     then the per-part costs of each frame version beside the floor."""
-    head = (f"{'N':>5s} {'frame':5s} {'path':10s} {'updates/s':>10s} {'upd/CPU-s':>10s} {'CPU ms/upd':>11s} {'runq ms/upd':>12s}"
+    head = (f"{'N':>5s} {'frame':5s} {'path':14s} {'updates/s':>10s} {'upd/CPU-s':>10s} {'CPU ms/upd':>11s} {'runq ms/upd':>12s}"
             f" {'lock ms/upd':>12s} {'commit ms/upd':>14s} {'finish s':>9s} {'peak RSS MB':>12s}")
     lines = [head, "-" * len(head)]
 
@@ -366,9 +372,11 @@ def format_table(rows: list[AggregatorBenchRow]) -> str:
     for r in rows:
         for p, f in r.paths.items():
             per_cpu_s = "" if not f.cpu_ms else f"{1000 / f.cpu_ms:.0f}"
-            lines.append(f"{r.updates:5d} {'v' + str(r.frame):5s} {p:10s} {f.updates_per_s:10.1f} {per_cpu_s:>10s} {cell(f.cpu_ms, 11)}"
+            lines.append(f"{r.updates:5d} {'v' + str(r.frame):5s} {p:14s} {f.updates_per_s:10.1f} {per_cpu_s:>10s} {cell(f.cpu_ms, 11)}"
                          f" {cell(f.runq_ms, 12)} {cell(f.lock_ms, 12)} {cell(f.commit_ms, 14)} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
         extra = [f"durable/memory {r.durable_vs_memory:.2f}x (target >= 0.8)"]
+        if r.durable_vs_memory_batched is not None:
+            extra.append(f"durable/memory-batched {r.durable_vs_memory_batched:.2f}x (the store and receipts alone)")
         if r.members_vs_durable is not None:
             runs = "/".join(f"{x:.2f}" for x in r.members_vs_durable_runs or [])
             extra.append(f"2 members/1 {r.members_vs_durable:.2f}x (target >= 1.6; per repeat {runs};"

@@ -55,10 +55,12 @@ _OPEN_VALIDATE = textwrap.dedent(
                                 bundle_version=cfg["bundle_version"])
     limits_total = sum(8 * int(np.prod(s)) for s, _ in spec.values())
     limits = DecodeLimits(max_tensors=2 * len(spec) + 8, max_total_bytes=2 * limits_total + 4096)
-    def open_valid(i):
-        opened = open_update(next_blob(i), recipient_key=region_key, sender_public_key=devices, limits=limits)
+    def open_blob(blob):
+        opened = open_update(blob, recipient_key=region_key, sender_public_key=devices, limits=limits)
         validator.validate(opened, current_round=0)
         return opened
+    def open_valid(i):
+        return open_blob(next_blob(i))
     """
 )
 
@@ -154,6 +156,26 @@ MEMORY = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
 )
 
+# The memory path fed as the durable path is: a batch of received updates at a time (the service's queue holds them),
+# then each opened, validated and folded. durable / this is the price of the store and the receipts alone.
+MEMORY_BATCHED = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
+    """
+    from sdk.aggregation import StreamingWeightedMean
+    acc = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
+    t0, c0, q0 = time.perf_counter(), cpu(), runq()
+    for start in range(0, len(index), cfg["batch"]):
+        received = [next_blob(i) for i in range(start, min(start + cfg["batch"], len(index)))]
+        for blob in received:
+            opened = open_blob(blob)
+            acc.accumulate(opened.tensors, float(opened.header.sample_count), checked=True)  # validated above
+        del received
+    t1, c1, q1 = time.perf_counter(), cpu(), runq()
+    mean = acc.finalize()
+    t2 = time.perf_counter()
+    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0, runq_s=q1 - q0)
+    """
+)
+
 PART_NAMES = ("header", "prehash", "ed25519", "x25519_hkdf", "chacha20", "decode", "digest", "validate", "bounds_fold",
               "receipt")
 """The stages the ``parts`` child times, in the intake's order: frame + header parse, the prehash (frame version 2:
@@ -229,4 +251,5 @@ PARTS = _PRELUDE + textwrap.dedent(
     """
 )
 
-SCRIPTS = {"durable": DURABLE, "unbatched": DURABLE, "naive": NAIVE, "memory": MEMORY, "parts": PARTS}
+SCRIPTS = {"durable": DURABLE, "unbatched": DURABLE, "naive": NAIVE, "memory": MEMORY, "memory-batched": MEMORY_BATCHED,
+           "parts": PARTS}

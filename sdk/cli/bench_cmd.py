@@ -56,7 +56,7 @@ def _updates_list(_ctx: click.Context, _param: click.Parameter, value: str) -> t
 @click.option("--repeats", type=int, default=3, show_default=True, help="Alternating runs per path; the median is reported.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Updates per group commit in the durable paths (the service's batch_max_updates).")
-@click.option("--paths", default="durable,memory,naive,unbatched,members", show_default=True,
+@click.option("--paths", default="durable,memory,memory-batched,naive,unbatched,members", show_default=True,
               help="Comma-separated paths to run; durable and memory are required.")
 @click.option("--frames", type=click.Choice(["1", "2", "1,2"]), default="1,2", show_default=True,
               help="Frame versions to seal the updates in (2: prehashed signatures); both: side by side in one run.")

@@ -16,7 +16,7 @@ TINY_SPEC = {"base.0.weight": (10, 90), "base.0.bias": (10,), "head.weight": (9,
 
 
 def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path: Path) -> None:
-    rows = run_aggregator_bench(updates=(5,), spec=TINY_SPEC, repeats=1, batch=2, paths=("durable", "memory", "members"))
+    rows = run_aggregator_bench(updates=(5,), spec=TINY_SPEC, repeats=1, batch=2, paths=("durable", "memory", "memory-batched", "members"))
     out = tmp_path / "aggregator.json"
     write_json(rows, out)
     doc = json.loads(out.read_text())
@@ -29,16 +29,18 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
     assert row["parts_ms"]["prehash"] > 0 and row["parts_ms"]["ed25519"] > 0  # timed: no comparison (load)
     assert (row["updates"], row["parameters"], row["repeats"], row["batch"]) == (5, 1000, 1, 2)
     assert row["update_bytes"] > 4 * 1000
-    assert set(row["paths"]) == {"durable", "memory", "members"}
+    assert set(row["paths"]) == {"durable", "memory", "memory-batched", "members"}
     for name, figures in row["paths"].items():
         assert set(figures) == {"updates_per_s", "loop_s", "finish_s", "peak_rss_mb", "rss_before_mb", "commit_ms", "cpu_ms",
                                 "runq_ms", "lock_ms", "unqueued_loop_s"}
         assert figures["updates_per_s"] > 0 and figures["peak_rss_mb"] >= figures["rss_before_mb"] > 0
-        assert (figures["commit_ms"] is None) == (name == "memory") == (figures["lock_ms"] is None)
+        assert (figures["commit_ms"] is None) == name.startswith("memory") == (figures["lock_ms"] is None)
         assert figures["runq_ms"] >= 0 and 0 < figures["unqueued_loop_s"] <= figures["loop_s"]
     assert set(row["parts_ms"]) == set(PARTS) and all(v >= 0 for v in row["parts_ms"].values())
     assert row["max_abs_diff"] <= 1e-5
     assert row["durable_vs_memory"] == pytest.approx(row["paths"]["durable"]["updates_per_s"] / row["paths"]["memory"]["updates_per_s"])
+    assert row["durable_vs_memory_batched"] == pytest.approx(
+        row["paths"]["durable"]["updates_per_s"] / row["paths"]["memory-batched"]["updates_per_s"])
     assert row["members_vs_durable"] == pytest.approx(row["paths"]["members"]["updates_per_s"] / row["paths"]["durable"]["updates_per_s"])
     assert row["members_vs_durable_runs"] == [pytest.approx(row["members_vs_durable"])]  # one repeat: its own ratio
     assert row["members_vs_durable_unqueued"] > 0
@@ -46,7 +48,7 @@ def test_aggregator_bench_paths_agree_and_json_has_the_documented_shape(tmp_path
     write_png(rows, tmp_path / "aggregator.png")
     assert (tmp_path / "aggregator.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(rows)
-    assert "durable/memory" in table and "2 members/1" in table and "ed25519" in table and "commit" in table
+    assert "durable/memory" in table and "durable/memory-batched" in table and "2 members/1" in table and "ed25519" in table and "commit" in table
     assert "run-queue wait taken out" in table and "upd/CPU-s" in table
     assert "frame v2 / v1 updates/s" in table and "prehash" in table
 

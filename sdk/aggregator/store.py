@@ -122,7 +122,7 @@ class AggregatorStore:
             raise StoreError(f"member {member!r} of {path} is already open in a live process") from None
         try:
             conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _switch_to_wal(conn, busy_timeout_s)
             if mode != "wal":
                 raise StoreError(f"{path}: cannot switch to WAL mode (got {mode!r})")
             conn.execute("PRAGMA synchronous=FULL")
@@ -473,6 +473,20 @@ class AggregatorStore:
                     "INSERT INTO counters (name, count) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET count = count + excluded.count",
                     (name, count),
                 )
+
+
+def _switch_to_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> str:
+    """``PRAGMA journal_mode=WAL``, retried every millisecond while another connection holds a lock, up to the busy
+    timeout: two members opening a new store at once both switch it, and SQLite answers the second "database is
+    locked" at once, without its busy handler (waiting could deadlock it). The journal mode it ends in."""
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(_LOCK_POLL_S)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

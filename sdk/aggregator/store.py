@@ -26,12 +26,13 @@ stay float64, so a resumed sum is bit-for-bit the one written), never pickle.
 Every write method must run inside :meth:`AggregatorStore.transaction`
 (``BEGIN IMMEDIATE``), so that accepting a batch of updates, i.e. inserting
 their ``accepted`` rows and writing the new partial sum, is one atomic commit
-(:meth:`AggregatorStore.savepoint` scopes one update's writes inside it).
+(:meth:`AggregatorStore.savepoint` scopes one update's writes inside it). The
+connection itself (member lock, WAL, the polled write lock) is
+:mod:`sdk.aggregator.store_connection`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -60,13 +61,12 @@ from sdk.aggregator.records import (
     RoundRecord,
 )
 from sdk.aggregator.round_state import RoundStatus
+from sdk.aggregator.store_connection import begin_immediate, open_member_connection
 from sdk.aggregator.store_schema import SCHEMA_VERSION, create_or_migrate
 
 logger = logging.getLogger(__name__)
 
 # The file is our own, written by this module: the limits only guard against a corrupt file.
-_SQLITE_BUSY = 5
-_LOCK_POLL_S = 0.001
 _OWN_LIMITS = DecodeLimits(max_tensors=1 << 16, max_total_bytes=1 << 40, max_rank=32, max_name_bytes=4096)
 
 
@@ -114,21 +114,12 @@ class AggregatorStore:
         """
         check_id("member", member)
         path = Path(path)
-        lock = open(f"{path}.{member}.lock", "ab")  # noqa: SIM115 - held for the store's lifetime
+        conn, lock = open_member_connection(path, member=member, busy_timeout_s=busy_timeout_s)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise StoreError(f"member {member!r} of {path} is already open in a live process") from None
-        try:
-            conn = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout_s)
-            mode = _switch_to_wal(conn, busy_timeout_s)
-            if mode != "wal":
-                raise StoreError(f"{path}: cannot switch to WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous=FULL")
             store = cls(conn, member=member, lock=lock, path=path, busy_timeout_s=busy_timeout_s)
             store._init_schema(identity)
         except BaseException:
+            conn.close()
             lock.close()
             raise
         return store
@@ -188,25 +179,9 @@ class AggregatorStore:
             self._in_transaction = False
 
     def _begin(self) -> None:
-        """``BEGIN IMMEDIATE``, retried every millisecond while another member holds the write lock (up to the busy
-        timeout). SQLite's own busy handler backs off to 100 ms sleeps, which idles a member far longer than the
-        other holds the lock (one batch's SQL and fsync, a few ms)."""
-        started = time.monotonic()
-        deadline = started + self._busy_timeout_s
-        self._conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            while True:
-                try:
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    break
-                except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc) or time.monotonic() >= deadline:
-                        raise
-                time.sleep(_LOCK_POLL_S)
-        finally:
-            self._conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+        waited = begin_immediate(self._conn, self._busy_timeout_s)
         if self.lock_wait_observer is not None:
-            self.lock_wait_observer(time.monotonic() - started)
+            self.lock_wait_observer(waited)
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -473,26 +448,6 @@ class AggregatorStore:
                     "INSERT INTO counters (name, count) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET count = count + excluded.count",
                     (name, count),
                 )
-
-
-def _switch_to_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> str:
-    """``PRAGMA journal_mode=WAL``, retried every millisecond while another connection holds a lock, up to the busy
-    timeout: two members opening a new store at once both switch it, and SQLite answers the second "database is
-    locked" at once, without its busy handler (waiting could deadlock it). The journal mode it ends in."""
-    deadline = time.monotonic() + busy_timeout_s
-    while True:
-        try:
-            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
-        except sqlite3.OperationalError as exc:
-            if not _is_busy(exc) or time.monotonic() >= deadline:
-                raise
-        time.sleep(_LOCK_POLL_S)
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    """True for SQLITE_BUSY (another connection holds the lock), false for every other failure."""
-    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
-    return (code & 0xFF) == _SQLITE_BUSY if isinstance(code, int) else "database is locked" in str(exc)
 
 
 def _partial(row: tuple[Any, ...]) -> PartialSum:

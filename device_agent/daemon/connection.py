@@ -34,10 +34,8 @@ Shape (paho-mqtt 2.x, callback API version 2):
   growing, so a misconfigured device retries a few times a minute, not 160.
 - :meth:`MqttConnection.publish_checked` sizes every payload against the
   packet limit *before* anything reaches paho, which ignores the broker's
-  maximum packet size: an oversized PUBLISH would get the client
-  disconnected and paho would resend it after every reconnect. The limit is
-  ``broker.max_packet_size``, lowered to the broker's own when its MQTT 5
-  CONNACK announces a smaller one (logged once).
+  maximum packet size (:mod:`device_agent.daemon.packet_limit`: the limit,
+  the smaller one a broker announces, what a drop says about it).
 - **Reports at the default level (WARNING), one line each, rate-limited:** a
   broker that cannot be reached (host:port and the reason), a lost
   connection, a refused password, a packet-size mismatch.
@@ -76,6 +74,7 @@ from device_agent.daemon.connection_types import (
     _SubAck,
     drain,
 )
+from device_agent.daemon.packet_limit import PACKET_TOO_LARGE, PacketLimit
 from device_agent.protocol.chunking import PayloadTooLargeError, check_publish_size, frames_for_publish
 
 __all__ = ["ConnectionState", "InboundMessage", "MqttConnection", "MqttProtocol", "PublishTicket", "drain"]
@@ -138,8 +137,7 @@ class MqttConnection:
         self.connects = 0
         #: Connect attempts so far (successful or not).
         self.attempts = 0
-        #: The largest PUBLISH sent: ``broker.max_packet_size``, or the broker's own limit when its CONNACK announced a smaller one.
-        self.packet_limit = broker.max_packet_size
+        self._packets = PacketLimit(broker.max_packet_size, report_interval_s=REPORT_INTERVAL_S, clock=clock)
         self.protocol = MqttProtocol.V311 if protocol is MqttProtocol.V311 else MqttProtocol.V5
         self._fallback = protocol is MqttProtocol.AUTO
         self._backoff = Backoff(backoff, rng=rng)
@@ -150,10 +148,8 @@ class MqttConnection:
         self._proved = False
         self._passwords: tuple[str, ...] = ()
         self._password_index = 0
-        self._sizes: dict[int, int] = {}
         self._waiting: list[PublishTicket] = []
         self._unreachable = Throttle(REPORT_INTERVAL_S, clock=clock)
-        self._size_trouble = Throttle(REPORT_INTERVAL_S, clock=clock)
         self._events: queue.Queue[_Event] = queue.Queue()
         self._commands: queue.Queue[PublishTicket] = queue.Queue()
         self._subscription_changes: queue.Queue[tuple[bool, tuple[str, ...]]] = queue.Queue()
@@ -169,6 +165,11 @@ class MqttConnection:
         self._client = self._make_client()
 
     # -- public surface -------------------------------------------------------------------
+
+    @property
+    def packet_limit(self) -> int:
+        """The largest PUBLISH sent: ``broker.max_packet_size``, or the broker's own limit when its CONNACK announced a smaller one."""
+        return self._packets.limit
 
     @property
     def state(self) -> ConnectionState:
@@ -412,46 +413,28 @@ class MqttConnection:
         if was_up:
             logger.warning("MQTT connection to %s lost after %.1f s (%s); next attempt in %.2f s",
                            self._address, lasted, reason, delay)
-            self._suspect_packet_size(reason, lasted)
+            self._packets.explain_drop(reason, lasted, suspicious=not (self._proved or lasted >= self._stable_after),
+                                       address=self._address, client_id=self.client_id)
         elif not retry_now:
             report, held = self._unreachable.ready()
             log = logger.warning if report else logger.info
             log("MQTT cannot reach broker %s as %s: %s; next attempt in %.2f s%s", self._address, self.client_id,
                 reason, delay, f" ({held} more failed attempts since the last report)" if report and held else "")
-        self._sizes.clear()
-
-    def _suspect_packet_size(self, reason: str, lasted: float) -> None:
-        """One line when the drop looks like a packet over the broker's limit (the usual cause of a reconnect storm)."""
-        largest = max(self._sizes.values(), default=0)
-        explicit = reason == "Packet too large"
-        if not explicit and (largest == 0 or lasted >= self._stable_after or self._proved):
-            return
-        report, held = self._size_trouble.ready()
-        if not report:
-            return
-        if explicit:
-            logger.error("broker %s disconnected %s for a packet too large (largest PUBLISH in flight: %d bytes, "
-                         "broker.max_packet_size = %d): set broker.max_packet_size to the broker's limit%s",
-                         self._address, self.client_id, largest, self.packet_limit, _held(held))
-        else:
-            logger.error("broker %s closed the connection %.1f s after CONNACK (%s) while a %d-byte PUBLISH was "
-                         "unacknowledged: its packet size limit is probably below broker.max_packet_size (%d); "
-                         "set broker.max_packet_size to the broker's message_size_limit%s",
-                         self._address, lasted, reason, largest, self.packet_limit, _held(held))
+        self._packets.forget()
 
     def _drain_events(self) -> None:
         for event in drain(self._events):
             if isinstance(event, _ConnAck):
                 self._on_connack(event)
             elif isinstance(event, _Lost):
-                self._mark_down("Packet too large" if event.code == _PACKET_TOO_LARGE else event.reason)
+                self._mark_down(PACKET_TOO_LARGE if event.code == _PACKET_TOO_LARGE else event.reason)
             elif isinstance(event, _Published):
                 self._on_published(event)
             elif event.refused:
                 logger.error("broker refused subscriptions of %s: %s", self.client_id, ", ".join(event.refused))
 
     def _on_published(self, event: _Published) -> None:
-        self._sizes.pop(event.mid, None)
+        self._packets.acknowledged(event.mid)
         ticket = self._in_flight.pop(event.mid, None)
         if ticket is None:
             return
@@ -470,7 +453,7 @@ class MqttConnection:
         self._connected_at = self._clock()
         self._proved = False
         self._unreachable.clear()
-        self._adopt_limit(event.max_packet_size)  # before CONNECTED: publish_checked must see the new limit
+        self._packets.adopt(event.max_packet_size, address=self._address)  # before CONNECTED: publish_checked must see it
         self._set_state(ConnectionState.CONNECTED)
         logger.info("MQTT connected to %s as %s (MQTT %s, session present: %s)",
                     self._address, self.client_id, self.protocol.value, event.session_present)
@@ -507,16 +490,6 @@ class MqttConnection:
         logger.error("broker %s refused the connection of %s: %s", self._address, self.client_id, event.reason)
         self._mark_down(f"CONNACK {event.reason}")
 
-    def _adopt_limit(self, announced: int | None) -> None:
-        """Lower the packet limit to what the broker announced (MQTT 5); say so once when the config was larger."""
-        limit = self.broker.max_packet_size if announced is None else min(self.broker.max_packet_size, announced)
-        if limit < self.packet_limit or (announced is not None and limit != self.packet_limit):
-            if limit < self.broker.max_packet_size and limit != self.packet_limit:
-                logger.warning("broker %s accepts packets up to %d bytes, less than broker.max_packet_size = %d: "
-                               "using %d (set broker.max_packet_size to the broker's limit)",
-                               self._address, limit, self.broker.max_packet_size, limit)
-            self.packet_limit = limit
-
     def _drop_socket(self) -> None:
         sock = self._client.socket()
         if sock is not None:
@@ -529,7 +502,7 @@ class MqttConnection:
         """Hand the waiting publishes to paho (connected: the broker's limit is known); re-frame any that no longer fit."""
         waiting, self._waiting = self._waiting, []
         for ticket in waiting:
-            if any(not _fits(len(f), self.packet_limit, ticket.topic) for f in ticket.payloads):
+            if any(not self._packets.fits(len(f), ticket.topic) for f in ticket.payloads):
                 try:
                     ticket.payloads = self._frames(ticket.topic, ticket.payload, retain=ticket.retain)
                 except PayloadTooLargeError as exc:
@@ -539,7 +512,7 @@ class MqttConnection:
             mids = []
             for frame in ticket.payloads:
                 mid = self._client.publish(ticket.topic, frame, qos=ticket.qos, retain=ticket.retain).mid
-                self._sizes[mid] = len(frame)
+                self._packets.sent(mid, len(frame))
                 mids.append(mid)
             self._in_flight.update((mid, ticket) for mid in mids)
             ticket._handed(mids)
@@ -558,15 +531,3 @@ class MqttConnection:
                 break
         self._client.disconnect()
         self._client.loop(timeout=self._poll)
-
-
-def _fits(size: int, limit: int, topic: str) -> bool:
-    try:
-        check_publish_size(size, limit, topic=topic)
-    except PayloadTooLargeError:
-        return False
-    return True
-
-
-def _held(count: int) -> str:
-    return f" ({count} similar since the last report)" if count else ""

@@ -89,10 +89,6 @@ class ReplayWindow:
         """How many (sender, round, nonce) entries are remembered."""
         return sum(len(nonces) for rounds in self._seen.values() for nonces in rounds.values())
 
-    def knows(self, sender: str, round: int) -> bool:
-        """True when some nonce of ``sender`` for ``round`` is remembered."""
-        return bool(self._seen.get(sender, {}).get(round))
-
     def check(self, sender: str, round: int, nonce: bytes) -> None:
         """RejectedUpdateError (``stale_round``, ``replay``, ``replay_capacity``) unless the pair is new; records nothing."""
         floor = max(self._floor, self._floors.get(sender, 0))

@@ -144,12 +144,9 @@ class UpdateIntake(RoundCache):
 
     def _handle_batch(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
         answers: list[HandledUpdate | None] = [None] * len(items)
-        todo, conflicts, passes = list(range(len(items))), 0, 0
+        todo, conflicts = list(range(len(items))), 0
         while todo:
-            # A later pass decides what the first could not (a second update of a sender, or the store changed
-            # under the commit): it asks the store about every sender, not only those the replay window knows.
-            todo, conflicted = self._decide(items, todo, answers, ask_store=passes > 0)
-            passes += 1
+            todo, conflicted = self._decide(items, todo, answers)
             conflicts += conflicted
             if conflicts > _MAX_ATTEMPTS:
                 raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {len(todo)} update(s) of a batch")
@@ -174,15 +171,20 @@ class UpdateIntake(RoundCache):
             return self._refuse(IntakeReason.AUTH, "", len(blob))
         return opened
 
-    def _reopen(self, item: IncomingUpdate) -> OpenedUpdate:
-        """An item that opened before opens again (the same bytes, keys and checks)."""
+    def _reopened_tensors(self, item: IncomingUpdate) -> dict[str, np.ndarray]:
+        """The tensors of an item that opened before, opened again from its bytes (a root's or middle tier's
+        aggregate without its contributor list). _Retry when it no longer opens (its sender's key was revoked
+        meanwhile): the batch is decided again and the update refused then."""
         opened = self._open(item)
         if isinstance(opened, HandledUpdate):
-            raise RuntimeError(f"an update that opened before did not open again: {opened.reason}")
-        return opened
+            logger.warning("an update that opened before did not open again (%s): deciding its batch again", opened.reason)
+            raise _Retry()
+        if self._sender_is_region:
+            opened, _ = split_contributors(opened)
+        return opened.tensors
 
-    def _decide(self, items: Sequence[IncomingUpdate], todo: list[int], answers: list[HandledUpdate | None], *,
-                ask_store: bool) -> tuple[list[int], int]:
+    def _decide(self, items: Sequence[IncomingUpdate], todo: list[int],
+                answers: list[HandledUpdate | None]) -> tuple[list[int], int]:
         """One pass over the undecided items: open each, answer what can be answered, fold the admitted ones at
         once (batch_fold), then commit them together.
 
@@ -205,7 +207,9 @@ class UpdateIntake(RoundCache):
                 later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
                 continue
             try:
-                if header.round == current and self._answer_repeat(i, opened, self._prior(header, ask_store), answers):
+                # One indexed lookup per update: a repeat is answered before validation, whoever counted the first.
+                prior = self._store.find_acceptance(header.sender, header.round) if header.round == current else None
+                if self._answer_repeat(i, opened, prior, answers):
                     continue
                 admitted.append((i, fold.add(self._admit(opened))))
                 taken.add((header.sender, header.round))
@@ -217,14 +221,6 @@ class UpdateIntake(RoundCache):
         if retry is None:
             return sorted(later + [i for i, _ in admitted]), 1
         return sorted(later + retry), 1 if retry else 0
-
-    def _prior(self, header: UpdateHeader, ask_store: bool) -> Acceptance | None:
-        """What the store holds from ``header.sender`` for its round. On a first pass only a sender the replay window
-        knows for that round is looked up: an acceptance the window has not seen yet (another member's, since this
-        member last caught up) is found by the commit (a conflict), and the next pass asks the store."""
-        if not ask_store and not self._window.knows(header.sender, header.round):
-            return None
-        return self._store.find_acceptance(header.sender, header.round)
 
     def _batch_fold(self) -> BatchFold:
         return BatchFold(self._rule, self._partial, shapes=self._config.shapes, keep_tensors=self._keep_deltas)
@@ -373,7 +369,7 @@ class UpdateIntake(RoundCache):
         fold = self._batch_fold()
         for i, admission in kept:
             if not admission.opened.tensors:
-                admission = replace(admission, opened=replace(admission.opened, tensors=self._reopen(items[i]).tensors))
+                admission = replace(admission, opened=replace(admission.opened, tensors=self._reopened_tensors(items[i])))
             fold.add(admission)
         return fold.result()
 

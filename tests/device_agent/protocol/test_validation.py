@@ -162,15 +162,6 @@ def test_replay_window_rejects_repeats_and_accepts_new_nonces() -> None:
     assert caught.value.reason == "replay"
 
 
-def test_replay_window_knows_a_sender_for_a_round_once_a_nonce_of_it_is_recorded() -> None:
-    window = ReplayWindow(rounds=2)
-    window.record("dev-1", 5, _nonce(1))
-    assert window.knows("dev-1", 5)
-    assert not window.knows("dev-1", 6) and not window.knows("dev-2", 5)
-    window.advance(7)  # round 5 falls out of the window: forgotten
-    assert not window.knows("dev-1", 5)
-
-
 def test_replay_window_rejects_rounds_older_than_the_window() -> None:
     window = ReplayWindow(rounds=3)
     window.record("dev-1", 10, _nonce(1))

@@ -177,3 +177,18 @@ def test_intake_review_window_at_capacity_resend_after_close_is_a_duplicate(
     assert _batch(a, blobs[2]) == [(Verdict.DUPLICATE, "")]
     assert _batch(a, scenario.seal(updates[2], nonce=scenario.random_nonce())) == [(Verdict.REJECTED, "already_counted")]
     assert a.status().accepted == 3
+
+
+def test_intake_review_a_batch_of_the_other_members_acceptances_is_answered_within_the_attempts(
+        open_region: Callable[..., RegionalAggregator]) -> None:
+    updates = scenario.device_updates(count=8, seed=29)
+    blobs = [scenario.seal(u) for u in updates]
+    a, b = _pair(open_region)
+    assert _batch(b, *blobs[:6]) == [(Verdict.ACCEPTED, "")] * 6
+    # Every sender b took, three times over (exact, exact, another nonce), and two newcomers twice: the first pass
+    # admits one update per sender; the commit finds b's six rows; later passes answer from the store.
+    batch = [*blobs[:6], *blobs[:6], *(scenario.seal(u, nonce=bytes(16)) for u in updates[:6]), blobs[6], blobs[7], blobs[7]]
+    answers = _batch(a, *batch)
+    assert answers == [(Verdict.DUPLICATE, "")] * 12 + [(Verdict.REJECTED, "already_counted")] * 6 + \
+        [(Verdict.ACCEPTED, ""), (Verdict.ACCEPTED, ""), (Verdict.DUPLICATE, "")]
+    assert a.status().accepted == 8

@@ -88,7 +88,7 @@ def test_intake_review_round_closed_by_the_other_member_answers_resends_and_newc
         (Verdict.DUPLICATE, ""), (Verdict.REJECTED, "already_counted"), (Verdict.REJECTED, "stale_round")]
 
 
-class _CloseOnLookup:
+class _OnLookup:
     """The devices' keys, and ``action`` run once, when ``sender``'s key is looked up the ``nth`` time: a point in
     the middle of a batch where another member (or a SIGHUP reload thread) can act."""
 
@@ -108,7 +108,7 @@ class _CloseOnLookup:
 def test_intake_review_round_closed_under_the_commit_answers_every_update_stale(
         open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate]) -> None:
     keys = scenario.device_keys("eu")
-    hook = _CloseOnLookup(keys.get, updates[2].device, nth=1)
+    hook = _OnLookup(keys.get, updates[2].device, nth=1)
     a, b = _pair(open_region, device_keys=hook)
     assert _batch(b, scenario.seal(updates[0])) == [(Verdict.ACCEPTED, "")]
     hook.action = lambda: (b.close_round(), None)[1]  # b closes round 0 after a opened the batch's last update
@@ -129,7 +129,7 @@ def test_intake_review_a_key_revoked_while_a_batch_is_refolded_still_answers_the
         (keys_dir / REVOKED_FILE).write_text(f"{key_id(scenario.signing_key(updates[1].device).public_key())} removed\n")
         assert registry.reload() is not None
 
-    hook = _CloseOnLookup(registry, updates[1].device, nth=1)
+    hook = _OnLookup(registry, updates[1].device, nth=1)
     hook.action = revoke  # right after updates[1] opened (authenticated) in the batch's first pass
     a, b = _pair(open_region, device_keys=hook)
     blobs = [scenario.seal(u) for u in updates]

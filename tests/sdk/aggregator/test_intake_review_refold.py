@@ -2,7 +2,8 @@
 
 A device_overlap refusal happens inside the write transaction, after the batch was folded: the intake refolds the
 aggregates it kept, re-opening them from their bytes. Real regional aggregators close real rounds; the root's intake
-takes their sealed aggregates as ONE batch (``UpdateIntake.handle_batch``, the intake's public batch entry).
+takes their sealed aggregates as ONE batch (``UpdateIntake.handle_batch``, the intake's public batch entry; the root
+and middle services hand it one aggregate at a time today, so in production this path is reached only by batching).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from device_agent.protocol.envelope import open_update
 from sdk.aggregation import StreamingWeightedMean
 from sdk.aggregator import IncomingUpdate, RegionalAggregator, RootAggregator, Verdict
 from sdk.aggregator.contributors import split_contributors
-from device_agent.protocol.envelope import open_update
 from tests.sdk.aggregator import scenario
 
 

@@ -1,8 +1,10 @@
-"""Review of the fold-as-admitted intake: two members on one real SQLite file, the replay window behind the store.
+"""Review of the fold-as-admitted intake: two members on one real SQLite file.
 
-On a first pass the intake asks the store about a sender only when its replay window knows that sender for the
-round; member ``a``'s window learns of member ``b``'s acceptances only at a commit or when the round marker moves.
-Each answer here is what the old intake (branch main, prior acceptances looked up first) gives, and the exactly-once
+The intake looks each sender up in the store before it validates (a repeat is answered first, whichever member
+counted the first), folds what it admits at once and lets go of the tensors. An acceptance another member commits
+between that lookup and this member's commit is found at the commit, and the kept updates are refolded from their
+bytes: the tests below make that race happen at a chosen point (a hook on the key lookup of a later update). Each
+answer here is what the old intake (branch main, prior acceptances looked up first) gives, and the exactly-once
 rules of docs/protocol.md ("Rounds, resends and replays") ask for.
 """
 
@@ -42,13 +44,19 @@ def _batch(region: RegionalAggregator, *blobs: bytes) -> list[tuple[Verdict, str
 
 
 def test_intake_review_resend_of_the_other_members_acceptance_is_a_duplicate_and_the_refold_is_exact(
-        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate]) -> None:
+        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     blobs = [scenario.seal(u) for u in updates]
-    a, b = _pair(open_region)
-    assert _batch(b, blobs[0]) == [(Verdict.ACCEPTED, "")]
-    # a's window has not seen b's row: the first pass admits and folds blobs[0]; the commit finds b's row (a conflict),
-    # keeps blobs[1] and blobs[2] (refolded from their bytes), and the next pass answers blobs[0] as a duplicate.
+    hook = _OnLookup(scenario.device_keys("eu").get, updates[2].device, nth=1)
+    a = open_region(db="shared.sqlite", member="a", policy=QUORUM, device_keys=hook)
+    a.start_round(0, scenario.initial_model())
+    b = open_region(db="shared.sqlite", member="b", policy=QUORUM)
+    # b counts blobs[0] after a looked it up and folded it (while a opens blobs[2]): a's commit finds b's row (a
+    # conflict), keeps blobs[1] and blobs[2] refolded from their bytes, and the next pass answers blobs[0] a duplicate.
+    hook.action = lambda: _accepted(b, blobs[0])
+    reopened = _count_reopens(a, monkeypatch)
     assert _batch(a, blobs[0], blobs[1], blobs[2]) == [(Verdict.DUPLICATE, ""), (Verdict.ACCEPTED, ""), (Verdict.ACCEPTED, "")]
+    assert len(reopened) == 2  # the refold path ran
     assert a.status().accepted == 3 and a.status().counters["duplicate"] == 1
     merged = a._intake.merge(0)
     # The same acceptances folded one at a time (b: blobs[0]; a: blobs[1], then blobs[2]) on another store.
@@ -118,27 +126,58 @@ def test_intake_review_round_closed_under_the_commit_answers_every_update_stale(
 
 
 def test_intake_review_a_key_revoked_while_a_batch_is_refolded_still_answers_the_batch(
-        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate], tmp_path: Path) -> None:
+        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     keys_dir = tmp_path / "devices"
     keys_dir.mkdir()
     for u in updates:
         save_public_key(scenario.signing_key(u.device).public_key(), keys_dir / f"{u.device}.pub")
     registry = KeyRegistry(keys_dir)
+    blobs = [scenario.seal(u) for u in updates]
+    hook = _OnLookup(registry, updates[2].device, nth=1)
+    a = open_region(db="shared.sqlite", member="a", policy=QUORUM, device_keys=hook)
+    a.start_round(0, scenario.initial_model())
+    b = open_region(db="shared.sqlite", member="b", policy=QUORUM, device_keys=registry)
 
-    def revoke() -> None:  # `fedge fleet remove` then SIGHUP: the service reloads in another thread, at any moment
+    def race() -> None:  # while a opens blobs[2]: b counts blobs[0], and updates[1]'s device is removed (SIGHUP reload)
+        _accepted(b, blobs[0])
         (keys_dir / REVOKED_FILE).write_text(f"{key_id(scenario.signing_key(updates[1].device).public_key())} removed\n")
         assert registry.reload() is not None
 
-    hook = _OnLookup(registry, updates[1].device, nth=1)
-    hook.action = revoke  # right after updates[1] opened (authenticated) in the batch's first pass
-    a, b = _pair(open_region, device_keys=hook)
-    blobs = [scenario.seal(u) for u in updates]
-    assert _batch(b, blobs[0]) == [(Verdict.ACCEPTED, "")]
-    # blobs[0] conflicts at the commit (b took it), so a keeps fewer updates than it folded and refolds the others.
+    hook.action = race
+    reopened = _count_reopens(a, monkeypatch)
+    # a's commit conflicts on blobs[0]; its refold cannot open blobs[1] again (revoked), so the batch is decided
+    # again: a duplicate, an update that no longer authenticates (no receipt), and blobs[2] counted.
     answers = _batch(a, blobs[0], blobs[1], blobs[2])
-    assert answers[0] == (Verdict.DUPLICATE, "") and answers[2] == (Verdict.ACCEPTED, "")
-    assert answers[1] in ((Verdict.ACCEPTED, ""), (Verdict.REJECTED, "auth"))
-    assert a.status().accepted == 1 + sum(v is Verdict.ACCEPTED for v, _ in answers)
+    assert answers == [(Verdict.DUPLICATE, ""), (Verdict.REJECTED, "auth"), (Verdict.ACCEPTED, "")]
+    assert reopened[:1] == [updates[1].device]
+    assert a.status().accepted == 2
+
+
+def _accepted(region: RegionalAggregator, blob: bytes) -> None:
+    assert _batch(region, blob) == [(Verdict.ACCEPTED, "")]
+
+
+def _count_reopens(region: RegionalAggregator, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The senders whose updates the refold opens again (white box: the refold path is otherwise invisible)."""
+    intake, seen = region._intake, []
+    original = intake._reopened_tensors
+
+    def counting(item: IncomingUpdate) -> object:
+        seen.append(_sender(item.blob))
+        return original(item)
+
+    monkeypatch.setattr(intake, "_reopened_tensors", counting)
+    return seen
+
+
+def _sender(blob: bytes) -> str:
+    from device_agent.protocol._frame import FRAME_VERSIONS, split_frame
+    from device_agent.protocol.envelope import UPDATE_MAGIC
+    from device_agent.protocol.headers import UpdateHeader
+    frame = split_frame(blob, magic=UPDATE_MAGIC, what="sealed update", min_body=0, max_bytes=len(blob) + 1,
+                        versions=FRAME_VERSIONS)
+    return UpdateHeader.from_bytes(frame.record).sender
 
 
 class _SmallWindow(ReplayWindow):
@@ -171,7 +210,7 @@ def test_intake_review_window_at_capacity_resend_after_close_is_a_duplicate(
     request.getfixturevalue("small_windows")
     a = open_region(db="shared.sqlite", member="a", policy=QUORUM)  # its window remembers 2 of the 3 senders
     assert len(a._intake._window) == 2  # the third sender's acceptance is not in it
-    assert _batch(a, blobs[2]) == [(Verdict.DUPLICATE, "")]  # collecting: the commit finds b's row, then a duplicate
+    assert _batch(a, blobs[2]) == [(Verdict.DUPLICATE, "")]  # collecting: the store lookup finds b's row
     b.close_round()
     # Closed and not yet replaced: an exact resend is acknowledged again (its receipt may have been lost).
     assert _batch(a, blobs[2]) == [(Verdict.DUPLICATE, "")]
@@ -185,8 +224,8 @@ def test_intake_review_a_batch_of_the_other_members_acceptances_is_answered_with
     blobs = [scenario.seal(u) for u in updates]
     a, b = _pair(open_region)
     assert _batch(b, *blobs[:6]) == [(Verdict.ACCEPTED, "")] * 6
-    # Every sender b took, three times over (exact, exact, another nonce), and two newcomers twice: the first pass
-    # admits one update per sender; the commit finds b's six rows; later passes answer from the store.
+    # Every sender b took, three times over (exact, exact, another nonce), and two newcomers twice: the store lookups
+    # answer b's senders; the second copy of a newcomer waits for the first's commit.
     batch = [*blobs[:6], *blobs[:6], *(scenario.seal(u, nonce=bytes(16)) for u in updates[:6]), blobs[6], blobs[7], blobs[7]]
     answers = _batch(a, *batch)
     assert answers == [(Verdict.DUPLICATE, "")] * 12 + [(Verdict.REJECTED, "already_counted")] * 6 + \

@@ -195,8 +195,20 @@ class UpdateIntake(RoundCache):
         fold = self._batch_fold()
         admitted: list[tuple[int, Admission]] = []
         later: list[int] = []
-        taken: set[tuple[str, int]] = set()
         current = None if self._state is None else self._state.round
+        with self._store.snapshot():  # the pass's lookups read one state of the store (cheaper than one read each)
+            self._first_look(items, todo, answers, current, fold, admitted, later)
+        if not admitted:
+            return later, 0
+        retry = self._commit(items, admitted, fold, answers)
+        if retry is None:
+            return sorted(later + [i for i, _ in admitted]), 1
+        return sorted(later + retry), 1 if retry else 0
+
+    def _first_look(self, items: Sequence[IncomingUpdate], todo: list[int], answers: list[HandledUpdate | None],
+                    current: int | None, fold: BatchFold, admitted: list[tuple[int, Admission]], later: list[int]) -> None:
+        """Open each item, answer what can be answered now, admit and fold the rest (into ``admitted``, ``later``)."""
+        taken: set[tuple[str, int]] = set()
         for i in todo:
             opened = self._open(items[i])
             if isinstance(opened, HandledUpdate):
@@ -215,12 +227,6 @@ class UpdateIntake(RoundCache):
                 taken.add((header.sender, header.round))
             except RejectedUpdateError as rejection:
                 answers[i] = self._answer(header, Verdict.REJECTED, rejection)
-        if not admitted:
-            return later, 0
-        retry = self._commit(items, admitted, fold, answers)
-        if retry is None:
-            return sorted(later + [i for i, _ in admitted]), 1
-        return sorted(later + retry), 1 if retry else 0
 
     def _batch_fold(self) -> BatchFold:
         return BatchFold(self._rule, self._partial, shapes=self._config.shapes, keep_tensors=self._keep_deltas)

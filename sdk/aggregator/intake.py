@@ -44,7 +44,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
@@ -137,19 +137,30 @@ class UpdateIntake(RoundCache):
         """Run several sealed messages through the pipeline with ONE commit (group commit): one answer per
         item, in order. Every accepted update is durable before any receipt of the batch is signed; a bad
         update is answered alone and the others still commit. StoreError when the store keeps changing."""
-        # The norms are float64 dot products over ~1e5 values: a multi-threaded BLAS wakes its threads for each
-        # and, on a busy 2-core host, made an update cost 10x its single-threaded time (docs/aggregation.md).
-        with _single_threaded_blas():
-            return self._handle_batch(items)
+        batch = self.begin_batch()
+        with self._store.snapshot():  # the lookups of updates handed over together read one state of the store
+            for item in items:
+                batch.add(item)
+        return batch.commit()
 
-    def _handle_batch(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
-        answers: list[HandledUpdate | None] = [None] * len(items)
-        todo, conflicts = list(range(len(items))), 0
+    def begin_batch(self) -> PendingBatch:
+        """A batch to fill as updates arrive (:meth:`PendingBatch.add`: each is opened, checked and folded at once,
+        while its bytes are fresh) and then commit (:meth:`PendingBatch.commit`). One at a time per intake; nothing
+        else may write through this intake between the first add and the commit."""
+        self.refresh()
+        return PendingBatch(self)
+
+    def _new_pass(self) -> _Pass:
+        return _Pass(fold=self._batch_fold(), current=None if self._state is None else self._state.round)
+
+    def _settle(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None], todo: list[int],
+                conflicts: int) -> list[HandledUpdate]:
+        """Decide ``todo`` again, pass after pass, until every item is answered; the answers in order."""
         while todo:
-            todo, conflicted = self._decide(items, todo, answers)
-            conflicts += conflicted
             if conflicts > _MAX_ATTEMPTS:
                 raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {len(todo)} update(s) of a batch")
+            todo, conflicted = self._decide(items, todo, answers)
+            conflicts += conflicted
         done = [answer for answer in answers if answer is not None]
         if len(done) != len(items):  # every path above answers its item; checked, not assumed
             raise RuntimeError(f"the intake left {len(items) - len(done)} of {len(items)} updates unanswered")
@@ -185,48 +196,45 @@ class UpdateIntake(RoundCache):
 
     def _decide(self, items: Sequence[IncomingUpdate], todo: list[int],
                 answers: list[HandledUpdate | None]) -> tuple[list[int], int]:
-        """One pass over the undecided items: open each, answer what can be answered, fold the admitted ones at
-        once (batch_fold), then commit them together.
-
-        Returns the items to decide again (a second update of a sender already in this pass, or an item
-        another member took meanwhile) and 1 if the store changed under the commit, else 0.
-        """
+        """A later pass over the undecided items: open each, answer what can be answered, fold the admitted ones
+        at once (batch_fold), then commit them together. Returns what :meth:`_finish` returns."""
         self.refresh()
-        fold = self._batch_fold()
-        admitted: list[tuple[int, Admission]] = []
-        later: list[int] = []
-        current = None if self._state is None else self._state.round
+        state = self._new_pass()
         with self._store.snapshot():  # the pass's lookups read one state of the store (cheaper than one read each)
-            self._first_look(items, todo, answers, current, fold, admitted, later)
-        if not admitted:
-            return later, 0
-        retry = self._commit(items, admitted, fold, answers)
-        if retry is None:
-            return sorted(later + [i for i, _ in admitted]), 1
-        return sorted(later + retry), 1 if retry else 0
+            for i in todo:
+                self._look(items, answers, state, i)
+        return self._finish(items, answers, state)
 
-    def _first_look(self, items: Sequence[IncomingUpdate], todo: list[int], answers: list[HandledUpdate | None],
-                    current: int | None, fold: BatchFold, admitted: list[tuple[int, Admission]], later: list[int]) -> None:
-        """Open each item, answer what can be answered now, admit and fold the rest (into ``admitted``, ``later``)."""
-        taken: set[tuple[str, int]] = set()
-        for i in todo:
-            opened = self._open(items[i])
-            if isinstance(opened, HandledUpdate):
-                answers[i] = opened
-                continue
-            header = opened.header
-            if (header.sender, header.round) in taken:
-                later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
-                continue
-            try:
-                # One indexed lookup per update: a repeat is answered before validation, whoever counted the first.
-                prior = self._store.find_acceptance(header.sender, header.round) if header.round == current else None
-                if self._answer_repeat(i, opened, prior, answers):
-                    continue
-                admitted.append((i, fold.add(self._admit(opened))))
-                taken.add((header.sender, header.round))
-            except RejectedUpdateError as rejection:
-                answers[i] = self._answer(header, Verdict.REJECTED, rejection)
+    def _finish(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None],
+                state: _Pass) -> tuple[list[int], int]:
+        """Commit a pass's admitted updates. Returns the items to decide again (a second update of a sender already
+        in the pass, or an item another member took meanwhile) and 1 if the store changed under the commit, else 0."""
+        if not state.admitted:
+            return state.later, 0
+        retry = self._commit(items, state.admitted, state.fold, answers)
+        if retry is None:
+            return sorted(state.later + [i for i, _ in state.admitted]), 1
+        return sorted(state.later + retry), 1 if retry else 0
+
+    def _look(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None], state: _Pass, i: int) -> None:
+        """Open item ``i``, answer it now if it can be answered, else admit and fold it into the pass (or defer it)."""
+        opened = self._open(items[i])
+        if isinstance(opened, HandledUpdate):
+            answers[i] = opened
+            return
+        header = opened.header
+        if (header.sender, header.round) in state.taken:
+            state.later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
+            return
+        try:
+            # One indexed lookup per update: a repeat is answered before validation, whoever counted the first.
+            prior = self._store.find_acceptance(header.sender, header.round) if header.round == state.current else None
+            if self._answer_repeat(i, opened, prior, answers):
+                return
+            state.admitted.append((i, state.fold.add(self._admit(opened))))
+            state.taken.add((header.sender, header.round))
+        except RejectedUpdateError as rejection:
+            answers[i] = self._answer(header, Verdict.REJECTED, rejection)
 
     def _batch_fold(self) -> BatchFold:
         return BatchFold(self._rule, self._partial, shapes=self._config.shapes, keep_tensors=self._keep_deltas)
@@ -407,6 +415,60 @@ class UpdateIntake(RoundCache):
             header=header,
             delta=delta,
         )
+
+@dataclass(kw_only=True)
+class _Pass:
+    """One pass over a batch's items: the fold so far, what it admitted, what waits for the commit."""
+
+    fold: BatchFold
+    current: int | None
+    admitted: list[tuple[int, Admission]] = field(default_factory=list)
+    later: list[int] = field(default_factory=list)
+    taken: set[tuple[str, int]] = field(default_factory=set)
+
+
+class PendingBatch:
+    """A group-commit batch filled as updates arrive (:meth:`UpdateIntake.begin_batch`).
+
+    :meth:`add` opens, authenticates, deduplicates, validates and folds an update at once, while its bytes are
+    fresh in the CPU's caches, and answers nothing; :meth:`commit` accepts the admitted ones in ONE transaction
+    and returns one answer per added item, in order (the same answers :meth:`UpdateIntake.handle_batch` gives).
+    """
+
+    def __init__(self, intake: UpdateIntake) -> None:
+        self._intake = intake
+        self._items: list[IncomingUpdate] = []
+        self._answers: list[HandledUpdate | None] = []
+        self._pass = intake._new_pass()
+        self._done = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: IncomingUpdate) -> None:
+        """Take in one sealed update (its answer comes from :meth:`commit`)."""
+        if self._done:
+            raise RuntimeError("this batch was committed")
+        self._items.append(item)
+        self._answers.append(None)
+        try:
+            with _single_threaded_blas():
+                self._intake._look(self._items, self._answers, self._pass, len(self._items) - 1)
+        except BaseException:  # a store failure before anything was folded: the batch stays as it was
+            self._items.pop()
+            self._answers.pop()
+            raise
+
+    def commit(self) -> list[HandledUpdate]:
+        """Make the admitted updates durable together, then answer every item (StoreError when the store keeps
+        changing). A batch commits once."""
+        if self._done:
+            raise RuntimeError("this batch was committed")
+        self._done = True
+        with _single_threaded_blas():
+            todo, conflicts = self._intake._finish(self._items, self._answers, self._pass)
+            return self._intake._settle(self._items, self._answers, todo, conflicts)
+
 
 @functools.lru_cache(maxsize=1)
 def _blas_controller(modules: int) -> ThreadpoolController:

@@ -1,0 +1,94 @@
+"""Review of the service's take-on-arrival path: events that run between two adds of an open batch.
+
+Real SQLite stores and real sealed updates; the service is driven without a broker (``handle_message``,
+``on_tick`` and ``flush_batch``, as the service loop calls them). What the old path (updates queued as
+bytes, ``handle_updates`` at the flush) answers is computed on a second store and compared with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from device_agent.protocol.topics import TopicLayout
+from sdk.aggregator import IncomingUpdate, RegionalAggregator, Verdict
+from sdk.aggregator.outcomes import HandledUpdate
+from sdk.aggregator.regional_service import RegionalService
+from sdk.aggregator.service_config import BrokerSettings, LoopSettings
+from tests.sdk.aggregator import scenario
+
+LAYOUT = TopicLayout(fleet=scenario.FLEET)
+
+
+class _Recording(RegionalService):
+    """The real service; every answer it sends a receipt for is kept (device, verdict, reason)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.answers: list[tuple[str, Verdict, str]] = []
+
+    def send_receipt(self, device: str, handled: HandledUpdate, *, arrived: float | None) -> None:
+        self.answers.append((device, handled.verdict, handled.reason))
+        super().send_receipt(device, handled, arrived=arrived)
+
+
+@pytest.fixture(scope="module")
+def updates() -> list[scenario.DeviceUpdate]:
+    return scenario.device_updates(count=6, seed=23)
+
+
+@pytest.fixture(scope="module")
+def blobs(updates: list[scenario.DeviceUpdate]) -> list[bytes]:
+    return [scenario.seal(update) for update in updates]
+
+
+def _service(region: RegionalAggregator, clock: scenario.StepClock) -> _Recording:
+    return _Recording(region, region="eu", layout=LAYOUT, clock=clock,
+                      broker=BrokerSettings(host="127.0.0.1", port=1, client_id="eu-review"),  # never connected
+                      loop=LoopSettings(batch_max_updates=10, batch_max_wait_s=1.0))
+
+
+def _started(open_region: Callable[..., RegionalAggregator], db: str) -> RegionalAggregator:
+    region = open_region(db=db, policy=scenario.RoundPolicy(quorum=6, deadline_s=60.0))
+    region.start_round(0, scenario.initial_model())
+    return region
+
+
+def _old_path_answers(open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate],
+                      blobs: list[bytes]) -> list[tuple[str, Verdict, str]]:
+    """The old path on a second store: three committed, the round closed by its deadline, then the two that
+    were queued (as bytes) handed to handle_updates at the flush."""
+    region = _started(open_region, "old.sqlite")
+    first = region.handle_updates([IncomingUpdate(blob=b, topic_sender=u.device) for u, b in zip(updates[:3], blobs[:3])])
+    region.close_round()
+    late = region.handle_updates([IncomingUpdate(blob=b, topic_sender=u.device) for u, b in zip(updates[3:5], blobs[3:5])])
+    return [(u.device, h.verdict, h.reason) for u, h in zip(updates[:5], first + late)]
+
+
+def test_arrive_review_deadline_close_between_adds_never_acknowledges_an_update_left_out_of_the_aggregate(
+    open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
+    updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    region = _started(open_region, "eu.sqlite")
+    service = _service(region, clock)
+    for update, blob in zip(updates[:3], blobs[:3]):
+        service.handle_message(LAYOUT.device_update(update.device), blob)
+    service.flush_batch(force=True)  # three committed and acknowledged
+    clock.advance(59.5)
+    for update, blob in zip(updates[3:5], blobs[3:5]):
+        service.handle_message(LAYOUT.device_update(update.device), blob)  # folded into the open batch, not committed
+    clock.advance(0.6)  # the deadline (60 s) has passed; the batch's latency cap (1 s) has not
+    service.flush_batch()  # as the loop calls it: not due yet
+    assert service.batch_due_in() is not None
+    service.on_tick()  # the loop's tick while the batch waits: the deadline closes round 0
+    closed = region.close_round()  # idempotent: what the tick closed
+    assert closed.update_count == 3
+    service.flush_batch(force=True)  # the batch's latency cap, or the next flush
+    acknowledged = [device for device, verdict, _ in service.answers if verdict is Verdict.ACCEPTED]
+    # Every "accepted" receipt promises the update counts: all of them must be in the sealed aggregate.
+    assert len(acknowledged) == closed.update_count, (
+        f"{len(acknowledged)} updates acknowledged as accepted, the closed round's aggregate counts {closed.update_count}: "
+        f"{service.answers}")
+    assert region.status().accepted == closed.update_count
+    assert service.answers == _old_path_answers(open_region, updates, blobs)

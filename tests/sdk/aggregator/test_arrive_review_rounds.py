@@ -92,3 +92,32 @@ def test_arrive_review_deadline_close_between_adds_never_acknowledges_an_update_
         f"{service.answers}")
     assert region.status().accepted == closed.update_count
     assert service.answers == _old_path_answers(open_region, updates, blobs)
+
+
+def test_arrive_review_counter_flush_and_another_members_commit_between_adds_answer_as_the_old_path(
+    open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
+    updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    """Between two adds: a counter flush (after a refused forgery), and member ``b`` of the same store accepting
+    the very update this member holds folded plus one of its own. Each update counts once, the held copy is
+    answered as a duplicate, and the answers are those of the old path."""
+    region = _started(open_region, "eu.sqlite")
+    other = open_region(db="eu.sqlite", member="b", policy=scenario.RoundPolicy(quorum=6, deadline_s=60.0))
+    service = _service(region, clock)
+    forged = scenario.seal(updates[5], key=scenario.signing_key("intruder"))
+    service.handle_message(LAYOUT.device_update(updates[5].device), forged)
+    service.handle_message(LAYOUT.device_update(updates[0].device), blobs[0])
+    service.flush_counters()
+    assert region.status().rejections() == {"auth": 1}  # the refusal is counted; nothing of the batch committed
+    assert region.status().accepted == 0
+    assert [h.verdict for h in other.handle_updates([IncomingUpdate(blob=b) for b in blobs[:2]])] == [Verdict.ACCEPTED] * 2
+    service.handle_message(LAYOUT.device_update(updates[1].device), blobs[1])  # b counted it: a duplicate on arrival
+    service.handle_message(LAYOUT.device_update(updates[2].device), blobs[2])
+    service.flush_batch(force=True)
+    assert [(v, r) for _, v, r in service.answers] == [
+        (Verdict.REJECTED, "auth"), (Verdict.DUPLICATE, ""), (Verdict.DUPLICATE, ""), (Verdict.ACCEPTED, "")]
+    service.flush_counters()
+    status = region.status()
+    assert (status.accepted, status.rejections()) == (3, {"auth": 1})
+    closed = region.close_round()
+    assert closed.update_count == 3 and closed.sample_count == sum(u.samples for u in updates[:3])

@@ -121,3 +121,24 @@ def test_arrive_review_counter_flush_and_another_members_commit_between_adds_ans
     assert (status.accepted, status.rejections()) == (3, {"auth": 1})
     closed = region.close_round()
     assert closed.update_count == 3 and closed.sample_count == sum(u.samples for u in updates[:3])
+
+
+def test_arrive_review_quorum_reached_by_another_member_closes_between_adds_without_losing_the_held_update(
+    open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
+    updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    """This member holds one update folded; member ``b`` commits three others, reaching the quorum (3); this
+    member's tick closes the round. The held update must not be acknowledged unless the aggregate counts it
+    (the old path answers it stale_round)."""
+    region = open_region(db="eu.sqlite", policy=scenario.RoundPolicy(quorum=3, deadline_s=60.0))
+    region.start_round(0, scenario.initial_model())
+    other = open_region(db="eu.sqlite", member="b", policy=scenario.RoundPolicy(quorum=3, deadline_s=60.0))
+    service = _service(region, clock)
+    service.handle_message(LAYOUT.device_update(updates[0].device), blobs[0])
+    assert [h.verdict for h in other.handle_updates([IncomingUpdate(blob=b) for b in blobs[1:4]])] == [Verdict.ACCEPTED] * 3
+    service.on_tick()  # the loop's tick while the batch waits: the quorum closes round 0 here
+    closed = region.close_round()
+    service.flush_batch(force=True)
+    assert service.answers[0][1:] != (Verdict.ACCEPTED, "") or closed.update_count == 4, (
+        f"{updates[0].device} acknowledged as accepted, the aggregate counts {closed.update_count} updates without it")
+    assert service.answers == [(updates[0].device, Verdict.REJECTED, "stale_round")]

@@ -8,9 +8,12 @@ bytes, ``handle_updates`` at the flush) answers is computed on a second store an
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
+from device_agent.protocol.envelope import sign_model
+from device_agent.protocol.headers import ModelHeader
 from device_agent.protocol.topics import TopicLayout
 from sdk.aggregator import IncomingUpdate, RegionalAggregator, Verdict
 from sdk.aggregator.outcomes import HandledUpdate
@@ -142,3 +145,29 @@ def test_arrive_review_quorum_reached_by_another_member_closes_between_adds_with
     assert service.answers[0][1:] != (Verdict.ACCEPTED, "") or closed.update_count == 4, (
         f"{updates[0].device} acknowledged as accepted, the aggregate counts {closed.update_count} updates without it")
     assert service.answers == [(updates[0].device, Verdict.REJECTED, "stale_round")]
+
+
+def test_arrive_review_a_bundle_switch_while_a_batch_is_open_takes_the_new_versions_updates(
+    open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
+    updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    """RegionalService.on_tick starts a root model that waited for its bundle (``_waiting_model``) WITHOUT
+    flushing the open batch: ``_switch_for`` adopts the new version's config (a new intake) and the round of
+    that model starts. Done here by the same two calls on_tick makes (a follower needs a built bundle library).
+    Updates of the new version arriving next must be taken by the new version, as the old path (bytes queued,
+    handle_updates at the flush) takes them; the one held from before is wrong_bundle_version there (checked
+    before the round, docs/rollout.md)."""
+    region = _started(open_region, "eu.sqlite")
+    service = _service(region, clock)
+    service.handle_message(LAYOUT.device_update(updates[0].device), blobs[0])  # v3, round 0: held in the open batch
+    new = 4
+    region.adopt(replace(region.config, bundle_version=new))  # what _switch_for does once the bundle is here
+    model = sign_model(ModelHeader.create(fleet=scenario.FLEET, sender="root", round=1, bundle_version=new),
+                       scenario.initial_model(), signer_key=scenario.signing_key("root"))
+    service.handle_root_model(model)  # what on_tick then does with the waiting model
+    for update in updates[1:3]:
+        service.handle_message(LAYOUT.device_update(update.device), scenario.seal(update, round=1, bundle_version=new))
+    service.flush_batch(force=True)
+    assert service.answers == [(updates[0].device, Verdict.REJECTED, "wrong_bundle_version"),
+                               (updates[1].device, Verdict.ACCEPTED, ""), (updates[2].device, Verdict.ACCEPTED, "")]
+    assert region.status().accepted == 2

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from device_agent.keys import raw_public_bytes
+from device_agent.protocol.candidate_request import CandidateRequest, sign_candidate_request
 from device_agent.protocol.envelope import sign_model
 from device_agent.protocol.headers import ModelHeader
 from device_agent.protocol.topics import TopicLayout
-from sdk.aggregator import IncomingUpdate, RegionalAggregator, Verdict
+from sdk.aggregator import IncomingUpdate, RegionalAggregator, RootAggregator, Verdict
 from sdk.aggregator.outcomes import HandledUpdate
 from sdk.aggregator.regional_service import RegionalService
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
@@ -171,3 +175,60 @@ def test_arrive_review_a_bundle_switch_while_a_batch_is_open_takes_the_new_versi
     assert service.answers == [(updates[0].device, Verdict.REJECTED, "wrong_bundle_version"),
                                (updates[1].device, Verdict.ACCEPTED, ""), (updates[2].device, Verdict.ACCEPTED, "")]
     assert region.status().accepted == 2
+
+
+def test_arrive_review_root_receipt_between_adds_settles_the_aggregate_and_the_held_updates_answer_as_the_old_path(
+    open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock, tmp_path: Path,
+    updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    """Round 0 closed by its deadline with an empty batch; late updates are held (refused on arrival) while the
+    root's receipt for the aggregate arrives between two adds: the aggregate settles, the late ones are stale_round
+    (the old path's answers), nothing else is counted."""
+    region = _started(open_region, "eu.sqlite")
+    service = _service(region, clock)
+    for update, blob in zip(updates[:3], blobs[:3]):
+        service.handle_message(LAYOUT.device_update(update.device), blob)
+    service.flush_batch(force=True)
+    clock.advance(61.0)
+    service.on_tick()  # nothing open: the deadline closes round 0 with the three
+    pending = region.pending_aggregate()
+    assert pending is not None
+    root = RootAggregator.open(tmp_path / "root.sqlite", scenario.root_config(regions=("eu",), clock=clock))
+    root.start_round(0, scenario.initial_model())
+    answer = root.handle_aggregate(pending, topic_region="eu")
+    root.close()
+    assert answer.verdict is Verdict.ACCEPTED and answer.receipt is not None
+    service.handle_message(LAYOUT.device_update(updates[3].device), blobs[3])
+    service.handle_message(LAYOUT.region_receipt("eu"), answer.receipt)
+    service.handle_message(LAYOUT.device_update(updates[4].device), blobs[4])
+    service.flush_batch(force=True)
+    assert region.pending_aggregate() is None and region.status().counters["aggregate_acknowledged"] == 1
+    assert service.answers == _old_path_answers(open_region, updates, blobs)
+    assert region.status().accepted == 3 and region.close_round().update_count == 3
+
+
+def test_arrive_review_fedfomo_request_between_adds_is_served_from_committed_updates_only(
+    open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
+    updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    """FedFomo on: a candidate request between two adds is answered from the pool of COMMITTED updates (as the
+    old path, which had not handled the queued ones yet); the held update joins the pool at its commit."""
+    region = open_region(db="eu.sqlite", policy=scenario.RoundPolicy(quorum=6, deadline_s=60.0), fomo_candidates=4)
+    region.start_round(0, scenario.initial_model())
+    service = _service(region, clock)
+    for update, blob in zip(updates[:2], blobs[:2]):
+        service.handle_message(LAYOUT.device_update(update.device), blob)
+    service.flush_batch(force=True)
+    service.handle_message(LAYOUT.device_update(updates[2].device), blobs[2])  # held, folded, not committed
+    asker = updates[5].device
+    request = sign_candidate_request(CandidateRequest.create(
+        fleet=scenario.FLEET, region="eu", device=asker, round=0, k=4, prefer=(updates[2].device,),
+        reply_key=raw_public_bytes(X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key())),
+        signer_key=scenario.signing_key(asker))
+    served = region.handle_candidate_request(request, topic_device=asker)
+    assert sorted(served.peers) == sorted(u.device for u in updates[:2])  # the held one is not in the pool yet
+    service.handle_message(LAYOUT.device_update(updates[3].device), blobs[3])
+    service.flush_batch(force=True)
+    assert [v for _, v, _ in service.answers] == [Verdict.ACCEPTED] * 4
+    assert sorted(d for d in (u.device for u in updates[:4]) if d in region.candidates) == sorted(u.device for u in updates[:4])
+    assert region.status().accepted == 4

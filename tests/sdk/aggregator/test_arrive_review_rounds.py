@@ -7,6 +7,7 @@ bytes, ``handle_updates`` at the flush) answers is computed on a second store an
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -232,3 +233,21 @@ def test_arrive_review_fedfomo_request_between_adds_is_served_from_committed_upd
     assert [v for _, v, _ in service.answers] == [Verdict.ACCEPTED] * 4
     assert sorted(d for d in (u.device for u in updates[:4]) if d in region.candidates) == sorted(u.device for u in updates[:4])
     assert region.status().accepted == 4
+
+
+def test_arrive_review_stop_commits_and_answers_the_open_batch(
+    open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
+    updates: list[scenario.DeviceUpdate], blobs: list[bytes],
+) -> None:
+    """The service stops while a batch is open (its updates folded, not committed): run()'s last flush commits
+    and answers them; nothing is left in the open batch. No broker listens on the port: run() ends at once."""
+    region = _started(open_region, "eu.sqlite")
+    service = _service(region, clock)
+    for update, blob in zip(updates[:2], blobs[:2]):
+        service.handle_message(LAYOUT.device_update(update.device), blob)
+    assert region.status().accepted == 0
+    stop = threading.Event()
+    stop.set()
+    service.run(stop)
+    assert [(d, v) for d, v, _ in service.answers] == [(u.device, Verdict.ACCEPTED) for u in updates[:2]]
+    assert region.status().accepted == 2 and service.batch_due_in() is None

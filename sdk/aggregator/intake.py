@@ -64,7 +64,7 @@ from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
 from sdk.aggregator.errors import StoreError
 from sdk.aggregator.outcomes import HandledUpdate, IntakeReason, Verdict
-from sdk.aggregator.records import Acceptance, PartialSum
+from sdk.aggregator.records import Acceptance, PartialSum, RoundMarker
 from sdk.aggregator.round_cache import RoundCache
 from sdk.aggregator.store import AcceptanceConflict, AggregatorStore
 
@@ -151,7 +151,7 @@ class UpdateIntake(RoundCache):
         return PendingBatch(self)
 
     def _new_pass(self) -> _Pass:
-        return _Pass(fold=self._batch_fold(), current=None if self._state is None else self._state.round)
+        return _Pass(fold=self._batch_fold(), current=None if self._state is None else self._state.round, marker=self._marker)
 
     def _settle(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None], todo: list[int],
                 conflicts: int) -> list[HandledUpdate]:
@@ -211,7 +211,7 @@ class UpdateIntake(RoundCache):
         in the pass, or an item another member took meanwhile) and 1 if the store changed under the commit, else 0."""
         if not state.admitted:
             return state.later, 0
-        retry = self._commit(items, state.admitted, state.fold, answers)
+        retry = self._commit(items, state.admitted, state.fold, answers, state.marker)
         if retry is None:
             return sorted(state.later + [i for i, _ in state.admitted]), 1
         return sorted(state.later + retry), 1 if retry else 0
@@ -276,7 +276,7 @@ class UpdateIntake(RoundCache):
                      contributors=contributors, base_largest=self._base_largest, norm=norm)
 
     def _commit(self, items: Sequence[IncomingUpdate], admitted: list[tuple[int, Admission]], fold: BatchFold,
-                answers: list[HandledUpdate | None]) -> list[int] | None:
+                answers: list[HandledUpdate | None], marker: RoundMarker | None) -> list[int] | None:
         """Accept the admitted updates, already in ``fold``, in ONE transaction, then answer them.
 
         The fold ran before the transaction (into a copy of the running sum), so the write lock is held only
@@ -291,7 +291,9 @@ class UpdateIntake(RoundCache):
         retry: list[int] = []
         try:
             with self.write_transaction():
-                if self._store.round_marker() != self._marker:
+                # The round as it stood when the pass began (a batch filled on arrival may see this member close
+                # the round between two adds, which refreshes the cache): anything else, decide the batch again.
+                if self._store.round_marker() != marker or self._marker != marker:
                     raise _Retry()
                 self._catch_up()
                 round = admitted[0][1].opened.header.round
@@ -422,6 +424,7 @@ class _Pass:
 
     fold: BatchFold
     current: int | None
+    marker: RoundMarker | None
     admitted: list[tuple[int, Admission]] = field(default_factory=list)
     later: list[int] = field(default_factory=list)
     taken: set[tuple[str, int]] = field(default_factory=set)

@@ -125,7 +125,6 @@ class RegionalService(MqttAggregatorService):
     def handle_message(self, topic: str, payload: bytes) -> None:
         """Route one message: the root's model or receipt, a device's (possibly chunked) update or request."""
         if topic == self.layout.root_model:
-            self.flush_batch(force=True)  # updates that arrived before the next round's model are decided in their round
             self.handle_root_model(payload)
             return
         if self.follower is not None and self.follower.handles(topic):
@@ -162,6 +161,7 @@ class RegionalService(MqttAggregatorService):
 
     def handle_root_model(self, blob: bytes) -> None:
         """Start the round of the root's model and publish the region's signed model retained."""
+        self.flush_batch(force=True)  # updates that arrived before the next round's model are decided in their round
         try:
             model = self.aggregator.handle_root_model(blob)
         except ModelRejectedError as exc:

@@ -151,6 +151,7 @@ class UpdateIntake(RoundCache):
         return PendingBatch(self)
 
     def _new_pass(self) -> _Pass:
+        self._catch_up()  # every acceptance committed so far, by any member: the pass's lookups start from it
         return _Pass(fold=self._batch_fold(), current=None if self._state is None else self._state.round, marker=self._marker)
 
     def _settle(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None], todo: list[int],
@@ -227,8 +228,10 @@ class UpdateIntake(RoundCache):
             state.later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
             return
         try:
-            # One indexed lookup per update: a repeat is answered before validation, whoever counted the first.
-            prior = self._store.find_acceptance(header.sender, header.round) if header.round == state.current else None
+            # A repeat is answered before validation, whoever counted the first: the store is asked about a sender
+            # the pass's catch-up saw accepted. One accepted by another member since is found at the commit.
+            known = header.round == state.current and (header.sender, header.round) in self._accepted_keys
+            prior = self._store.find_acceptance(header.sender, header.round) if known else None
             if self._answer_repeat(i, opened, prior, answers):
                 return
             state.admitted.append((i, state.fold.add(self._admit(opened))))
@@ -329,6 +332,7 @@ class UpdateIntake(RoundCache):
             self._state = self._state.with_totals(accepted=accepted, samples=samples)
         for i, admission, seq in kept:
             header = admission.opened.header
+            self._accepted_keys.add((header.sender, header.round))
             self._window.record(header.sender, header.round, header.nonce)
             self._window_seq = max(self._window_seq, seq)
             self._count_bounds(admission)
@@ -444,6 +448,10 @@ class PendingBatch:
         self._answers: list[HandledUpdate | None] = []
         self._pass = intake._new_pass()
         self._done = False
+        # numpy's BLAS single-threaded from the first add to the end of the commit (not per add: threadpoolctl's
+        # limit costs tens of microseconds each time, a tenth of a small update's whole intake).
+        self._blas = _single_threaded_blas()
+        self._blas.__enter__()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -455,8 +463,7 @@ class PendingBatch:
         self._items.append(item)
         self._answers.append(None)
         try:
-            with _single_threaded_blas():
-                self._intake._look(self._items, self._answers, self._pass, len(self._items) - 1)
+            self._intake._look(self._items, self._answers, self._pass, len(self._items) - 1)
         except BaseException:  # a store failure before anything was folded: the batch stays as it was
             self._items.pop()
             self._answers.pop()
@@ -468,9 +475,11 @@ class PendingBatch:
         if self._done:
             raise RuntimeError("this batch was committed")
         self._done = True
-        with _single_threaded_blas():
+        try:
             todo, conflicts = self._intake._finish(self._items, self._answers, self._pass)
             return self._intake._settle(self._items, self._answers, todo, conflicts)
+        finally:
+            self._blas.__exit__(None, None, None)
 
 
 @functools.lru_cache(maxsize=1)

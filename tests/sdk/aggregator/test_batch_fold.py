@@ -39,18 +39,18 @@ def test_batch_fold_equals_the_running_sum_fed_directly_and_leaves_the_committed
     batch = [_admission(s) for s in (3, 4, 5)]
     rule, partial = _committed(before)
     committed = {name: value.copy() for name, value in rule.to_state().sums.items()}
+    direct, direct_partial = _committed(before + batch)  # before the fold lets go of the batch's tensors
     fold = BatchFold(rule, partial, shapes=SHAPES)
     kept = [fold.add(a) for a in batch]
     folded, new_partial = fold.result()
 
-    direct, direct_partial = _committed(before + batch)
     assert folded is not None and folded.count == 5
     for name in SHAPES:
         assert folded.to_state().sums[name].tobytes() == direct.to_state().sums[name].tobytes()  # same order, same bits
         assert rule.to_state().sums[name].tobytes() == committed[name].tobytes()  # the cache's sum is untouched
     assert (new_partial.samples, new_partial.state.count, new_partial.state.total_weight) == \
         (direct_partial.samples, 5, direct_partial.state.total_weight)
-    assert all(k.opened.tensors == {} for k in kept)  # let go of once folded
+    assert all(k.opened.tensors == {} for k in kept) and all(a.opened.tensors == {} for a in batch)  # let go of once folded
     assert [k.opened.header for k in kept] == [a.opened.header for a in batch] and [k.weight for k in kept] == [a.weight for a in batch]
 
 
@@ -58,11 +58,11 @@ def test_batch_fold_folds_a_clipped_update_as_clip_by_norm_would() -> None:
     bounds = RoundBounds(clip_norm=0.5, weight_cap=1_000)
     admission = _admission(7, scale=3.0, bounds=bounds)
     assert admission.clipped
+    expected = StreamingWeightedMean(expected_shapes=SHAPES)
+    expected.accumulate(clip_by_norm(admission.opened.tensors, 0.5).delta, admission.weight)
     fold = BatchFold(StreamingWeightedMean(expected_shapes=SHAPES), PartialSum(), shapes=SHAPES)
     fold.add(admission)
     folded, _ = fold.result()
-    expected = StreamingWeightedMean(expected_shapes=SHAPES)
-    expected.accumulate(clip_by_norm(admission.opened.tensors, 0.5).delta, admission.weight)
     assert folded is not None
     for name in SHAPES:
         assert folded.to_state().sums[name].tobytes() == expected.to_state().sums[name].tobytes()

@@ -1,27 +1,27 @@
-"""Group commit: when the updates taken into a batch are committed together.
+"""Group commit: which queued updates go through the intake together, and when a batch is due.
 
-The regional service takes each update into the open batch when it arrives
-(:meth:`~sdk.aggregator.intake.UpdateIntake.begin_batch`: opened, validated and
-folded then, nothing answered), and commits the batch in ONE SQLite transaction,
-signing its receipts only after that, so the fsync and the O(model)
-running-sum write are paid once per batch instead of once per update (Gray &
-Reuter's group commit; the same idea as PostgreSQL's ``commit_delay`` and
-InnoDB's binlog group commit).
+The intake (:meth:`~sdk.aggregator.intake.UpdateIntake.handle_batch`) opens,
+validates and folds every update of a batch, commits them in ONE SQLite
+transaction, and only then signs their receipts, so the fsync and the
+O(model) running-sum write are paid once per batch instead of once per
+update (Gray & Reuter's group commit; the same idea as PostgreSQL's
+``commit_delay`` and InnoDB's binlog group commit).
 
 This module holds the policy and nothing else (no I/O, an injected clock):
 
 - a batch closes when it holds ``max_updates`` updates or ``max_bytes`` of
   sealed bytes (at least one update, whatever its size);
 - it is also due once its first update has waited ``max_wait_s``: the
-  latency cap. The service commits as soon as its inbox has nothing more
+  latency cap. The service flushes as soon as its inbox has nothing more
   waiting *and* the cap has passed, so under light load an update waits at
-  most ``max_wait_s`` (plus the batch's later updates' processing) for its
-  commit, and under load batches fill from the queue without waiting at all.
+  most ``max_wait_s`` before it is processed, and under load batches fill
+  from the queue without waiting at all.
 
-A receipt therefore leaves at most ``max_wait_s`` + the processing of the
-batch's later updates (about 1.1-1.8 ms of CPU each at 100k parameters on a
-2-core host, docs/benchmarks.md) + one commit after its update arrived.
-Defaults: 32 updates, 32 MiB, 5 ms (docs/aggregation.md, "Group commit").
+A receipt therefore leaves at most ``max_wait_s`` + the batch's processing
+time (about ``max_updates`` x 1.8 ms of CPU at 100k parameters on a busy 2-core host,
+docs/benchmarks.md) + one commit after
+its update arrived. Defaults: 32 updates, 32 MiB, 5 ms (docs/aggregation.md,
+"Group commit").
 """
 
 from __future__ import annotations

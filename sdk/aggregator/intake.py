@@ -4,9 +4,6 @@ Pipeline, cheapest and least trusting first::
 
     open_update (authenticate, decrypt, decode)     -> auth / malformed, no receipt
     for the CURRENT round (collecting or closed), already accepted from this sender?
-      (first pass: asked of the store when the replay window knows the sender for the
-      round; an acceptance by another member the window has not caught up with yet is
-      found by the commit, and the next pass asks the store for every sender)
         same nonce, same content                    -> duplicate: "accepted" receipt again, not counted
         same nonce, other content                   -> replay
         another nonce                               -> already_counted
@@ -26,10 +23,8 @@ Pipeline, cheapest and least trusting first::
 The rule for repeats is docs/protocol.md, "Rounds, resends and replays".
 
 Group commit: :meth:`UpdateIntake.handle_batch` runs a batch through the
-checks above one update at a time, folding each admitted update into a copy
-of the running sum as soon as it is admitted and then letting go of its
-tensors (:mod:`~sdk.aggregator.batch_fold`: the batch never holds all its
-decoded deltas), then takes the write lock once for the batch:
+checks above, folds the admitted updates into a copy of the running sum
+(outside the transaction), then takes the write lock once for the batch:
 per update the in-transaction checks and its ``accepted`` row (a bad one is
 answered alone), then the new sum, then ONE commit; every receipt of the
 batch is signed after it. :meth:`UpdateIntake.handle` is a batch of one.
@@ -44,7 +39,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 from threadpoolctl import ThreadpoolController  # type: ignore[import-untyped]
@@ -54,17 +49,17 @@ from device_agent.protocol.envelope import OpenedUpdate, SenderKeys, open_update
 from device_agent.protocol.headers import MessageKind, UpdateHeader
 from device_agent.protocol.receipts import Receipt, sign_receipt
 from device_agent.protocol.validation import RejectReason, UpdateValidator
-from sdk.aggregation import AggregationConfig, StreamingWeightedMean
+from sdk.aggregation import AggregationConfig, StreamingWeightedMean, WeightedMeanState
 from sdk.aggregation.influence import InfluencePolicy
+from sdk.aggregation.robust import scale_delta
 from sdk.aggregator.admission import FLOAT32_SAFE, Admission, admit, check_round_total
 from sdk.aggregator.auth_log import AuthFailureLog
-from sdk.aggregator.batch_fold import BatchFold
 from sdk.aggregator.batching import IncomingUpdate
 from sdk.aggregator.config import AggregatorConfig
 from sdk.aggregator.contributors import MAX_CONTRIBUTOR_BYTES, split_contributors
 from sdk.aggregator.errors import StoreError
 from sdk.aggregator.outcomes import HandledUpdate, IntakeReason, Verdict
-from sdk.aggregator.records import Acceptance, PartialSum, RoundMarker
+from sdk.aggregator.records import Acceptance, PartialSum
 from sdk.aggregator.round_cache import RoundCache
 from sdk.aggregator.store import AcceptanceConflict, AggregatorStore
 
@@ -86,8 +81,7 @@ class UpdateIntake(RoundCache):
     equal the header's region (the root's rule for aggregates; such an intake
     also requires and checks each aggregate's contributor list). ``weight_of``:
     an accepted update's weight in the mean before bounds. ``influence``: how
-    each round's bounds are set (None: no bounds, as at the root). ``keep_deltas``: an accepted update's
-    :attr:`HandledUpdate.delta` holds its tensors (else None: the intake lets go of them once folded).
+    each round's bounds are set (None: no bounds, as at the root).
     """
 
     def __init__(
@@ -103,10 +97,8 @@ class UpdateIntake(RoundCache):
         weight_of: WeightOf,
         sender_is_region: bool = False,
         influence: InfluencePolicy | None = None,
-        keep_deltas: bool = False,
     ) -> None:
         self._identity = identity
-        self._keep_deltas = keep_deltas
         self._sender_keys = sender_keys
         self._weight_of = weight_of
         self._sender_is_region = sender_is_region
@@ -137,31 +129,27 @@ class UpdateIntake(RoundCache):
         """Run several sealed messages through the pipeline with ONE commit (group commit): one answer per
         item, in order. Every accepted update is durable before any receipt of the batch is signed; a bad
         update is answered alone and the others still commit. StoreError when the store keeps changing."""
-        batch = self.begin_batch()
-        with self._store.snapshot():  # the lookups of updates handed over together read one state of the store
-            for item in items:
-                batch.add(item)
-        return batch.commit()
+        # The norms are float64 dot products over ~1e5 values: a multi-threaded BLAS wakes its threads for each
+        # and, on a busy 2-core host, made an update cost 10x its single-threaded time (docs/aggregation.md).
+        with _single_threaded_blas():
+            return self._handle_batch(items)
 
-    def begin_batch(self) -> PendingBatch:
-        """A batch to fill as updates arrive (:meth:`PendingBatch.add`: each is opened, checked and folded at once,
-        while its bytes are fresh) and then commit (:meth:`PendingBatch.commit`). One at a time per intake; nothing
-        else may write through this intake between the first add and the commit."""
-        self.refresh()
-        return PendingBatch(self)
-
-    def _new_pass(self) -> _Pass:
-        self._catch_up()  # every acceptance committed so far, by any member: the pass's lookups start from it
-        return _Pass(fold=self._batch_fold(), current=None if self._state is None else self._state.round, marker=self._marker)
-
-    def _settle(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None], todo: list[int],
-                conflicts: int) -> list[HandledUpdate]:
-        """Decide ``todo`` again, pass after pass, until every item is answered; the answers in order."""
+    def _handle_batch(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
+        answers: list[HandledUpdate | None] = [None] * len(items)
+        opened: dict[int, OpenedUpdate] = {}
+        for i, item in enumerate(items):
+            result = self._open(item)
+            if isinstance(result, HandledUpdate):
+                answers[i] = result
+            else:
+                opened[i] = result
+        todo, conflicts = sorted(opened), 0
         while todo:
-            if conflicts > _MAX_ATTEMPTS:
-                raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {len(todo)} update(s) of a batch")
-            todo, conflicted = self._decide(items, todo, answers)
+            todo, conflicted = self._decide(todo, opened, answers)
             conflicts += conflicted
+            if conflicts > _MAX_ATTEMPTS:
+                header = opened[todo[0]].header
+                raise StoreError(f"the store kept changing for {_MAX_ATTEMPTS} attempts at {header.sender} round {header.round}")
         done = [answer for answer in answers if answer is not None]
         if len(done) != len(items):  # every path above answers its item; checked, not assumed
             raise RuntimeError(f"the intake left {len(items) - len(done)} of {len(items)} updates unanswered")
@@ -183,64 +171,38 @@ class UpdateIntake(RoundCache):
             return self._refuse(IntakeReason.AUTH, "", len(blob))
         return opened
 
-    def _reopened_tensors(self, item: IncomingUpdate) -> dict[str, np.ndarray]:
-        """The tensors of an item that opened before, opened again from its bytes (a root's or middle tier's
-        aggregate without its contributor list). _Retry when it no longer opens (its sender's key was revoked
-        meanwhile): the batch is decided again and the update refused then."""
-        opened = self._open(item)
-        if isinstance(opened, HandledUpdate):
-            logger.warning("an update that opened before did not open again (%s): deciding its batch again", opened.reason)
-            raise _Retry()
-        if self._sender_is_region:
-            opened, _ = split_contributors(opened)
-        return opened.tensors
-
-    def _decide(self, items: Sequence[IncomingUpdate], todo: list[int],
+    def _decide(self, todo: list[int], opened: dict[int, OpenedUpdate],
                 answers: list[HandledUpdate | None]) -> tuple[list[int], int]:
-        """A later pass over the undecided items: open each, answer what can be answered, fold the admitted ones
-        at once (batch_fold), then commit them together. Returns what :meth:`_finish` returns."""
+        """One pass over the undecided items: answer what can be answered, commit the admitted ones together.
+
+        Returns the items to decide again (a second update of a sender already in this pass, or an item
+        another member took meanwhile) and 1 if the store changed under the commit, else 0.
+        """
         self.refresh()
-        state = self._new_pass()
-        with self._store.snapshot():  # the pass's lookups read one state of the store (cheaper than one read each)
-            for i in todo:
-                self._look(items, answers, state, i)
-        return self._finish(items, answers, state)
-
-    def _finish(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None],
-                state: _Pass) -> tuple[list[int], int]:
-        """Commit a pass's admitted updates. Returns the items to decide again (a second update of a sender already
-        in the pass, or an item another member took meanwhile) and 1 if the store changed under the commit, else 0."""
-        if not state.admitted:
-            return state.later, 0
-        retry = self._commit(items, state.admitted, state.fold, answers, state.marker)
+        admitted: list[tuple[int, Admission]] = []
+        later: list[int] = []
+        taken: set[tuple[str, int]] = set()
+        current = None if self._state is None else self._state.round
+        priors = {} if current is None else \
+            self._store.find_acceptances(current, [opened[i].header.sender for i in todo if opened[i].header.round == current])
+        for i in todo:
+            header = opened[i].header
+            if (header.sender, header.round) in taken:
+                later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
+                continue
+            try:
+                if header.round == current and self._answer_repeat(i, opened[i], priors.get(header.sender), answers):
+                    continue
+                admitted.append((i, self._admit(opened[i])))
+                taken.add((header.sender, header.round))
+            except RejectedUpdateError as rejection:
+                answers[i] = self._answer(header, Verdict.REJECTED, rejection)
+        if not admitted:
+            return later, 0
+        retry = self._commit(admitted, answers)
         if retry is None:
-            return sorted(state.later + [i for i, _ in state.admitted]), 1
-        return sorted(state.later + retry), 1 if retry else 0
-
-    def _look(self, items: Sequence[IncomingUpdate], answers: list[HandledUpdate | None], state: _Pass, i: int) -> None:
-        """Open item ``i``, answer it now if it can be answered, else admit and fold it into the pass (or defer it)."""
-        opened = self._open(items[i])
-        if isinstance(opened, HandledUpdate):
-            answers[i] = opened
-            return
-        header = opened.header
-        if (header.sender, header.round) in state.taken:
-            state.later.append(i)  # decided once its batch-mate is committed: a duplicate, a replay, or already_counted
-            return
-        try:
-            # A repeat is answered before validation, whoever counted the first: the store is asked about a sender
-            # the pass's catch-up saw accepted. One accepted by another member since is found at the commit.
-            known = header.round == state.current and (header.sender, header.round) in self._accepted_keys
-            prior = self._store.find_acceptance(header.sender, header.round) if known else None
-            if self._answer_repeat(i, opened, prior, answers):
-                return
-            state.admitted.append((i, state.fold.add(self._admit(opened))))
-            state.taken.add((header.sender, header.round))
-        except RejectedUpdateError as rejection:
-            answers[i] = self._answer(header, Verdict.REJECTED, rejection)
-
-    def _batch_fold(self) -> BatchFold:
-        return BatchFold(self._rule, self._partial, shapes=self._config.shapes, keep_tensors=self._keep_deltas)
+            return sorted(later + [i for i, _ in admitted]), 1
+        return sorted(later + retry), 1 if retry else 0
 
     def _answer_repeat(self, i: int, opened: OpenedUpdate, prior: Acceptance | None, answers: list[HandledUpdate | None]) -> bool:
         """Answer an update of a sender already accepted (``prior``) in the CURRENT round (collecting, or closed and
@@ -278,25 +240,22 @@ class UpdateIntake(RoundCache):
         return admit(opened, base=self._record.base_params, bounds=bounds, weight=self._weight_of(header),
                      contributors=contributors, base_largest=self._base_largest, norm=norm)
 
-    def _commit(self, items: Sequence[IncomingUpdate], admitted: list[tuple[int, Admission]], fold: BatchFold,
-                answers: list[HandledUpdate | None], marker: RoundMarker | None) -> list[int] | None:
-        """Accept the admitted updates, already in ``fold``, in ONE transaction, then answer them.
+    def _commit(self, admitted: list[tuple[int, Admission]], answers: list[HandledUpdate | None]) -> list[int] | None:
+        """Fold the admitted updates, then accept them in ONE transaction, then answer them.
 
-        The fold ran before the transaction (into a copy of the running sum), so the write lock is held only
+        The fold runs before the transaction (into a copy of the running sum), so the write lock is held only
         for the SQL. Returns the items to decide again (another member accepted them meanwhile), or None when
         the round moved under the batch (decide every item again). Nothing is answered before the commit.
         """
         batch_digests = {i: adm.opened.digest for i, adm in admitted}
-        rule, partial = fold.result()
+        rule, partial = self._folded(admitted)
         logger.debug("%d update(s) folded, committing", len(admitted))
         kept: list[tuple[int, Admission, int]] = []
         rejected: list[tuple[int, RejectedUpdateError]] = []
         retry: list[int] = []
         try:
             with self.write_transaction():
-                # The round as it stood when the pass began (a batch filled on arrival may see this member close
-                # the round between two adds, which refreshes the cache): anything else, decide the batch again.
-                if self._store.round_marker() != marker or self._marker != marker:
+                if self._store.round_marker() != self._marker:
                     raise _Retry()
                 self._catch_up()
                 round = admitted[0][1].opened.header.round
@@ -317,7 +276,7 @@ class UpdateIntake(RoundCache):
                     total += admission.samples
                     kept.append((i, admission, seq))
                 if len(kept) != len(admitted):  # rare: refold what the transaction kept
-                    rule, partial = self._refolded(items, [(i, a) for i, a, _ in kept])
+                    rule, partial = self._folded([(i, a) for i, a, _ in kept])
                 if kept:
                     self._store.write_partial(round, partial)
                 accepted, samples = self._store.round_totals(round)
@@ -332,11 +291,10 @@ class UpdateIntake(RoundCache):
             self._state = self._state.with_totals(accepted=accepted, samples=samples)
         for i, admission, seq in kept:
             header = admission.opened.header
-            self._accepted_keys.add((header.sender, header.round))
             self._window.record(header.sender, header.round, header.nonce)
             self._window_seq = max(self._window_seq, seq)
             self._count_bounds(admission)
-            answers[i] = self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors if self._keep_deltas else None)
+            answers[i] = self._answer(header, Verdict.ACCEPTED, delta=admission.opened.tensors)
         for i, refusal in rejected:
             answers[i] = self._answer(dict(admitted)[i].opened.header, Verdict.REJECTED, refusal)
         return retry
@@ -382,16 +340,24 @@ class UpdateIntake(RoundCache):
             raise RejectedUpdateError(IntakeReason.DEVICE_OVERLAP.value, f"already counted by another region: {pairs}")
         self._store.insert_contributors(round, region, devices)
 
-    def _refolded(self, items: Sequence[IncomingUpdate],
-                  kept: Sequence[tuple[int, Admission]]) -> tuple[StreamingWeightedMean | None, PartialSum]:
-        """The running sum with only ``kept`` folded in, in order (the batch's fold let go of their tensors: an
-        update without them opens again from its item's bytes)."""
-        fold = self._batch_fold()
-        for i, admission in kept:
-            if not admission.opened.tensors:
-                admission = replace(admission, opened=replace(admission.opened, tensors=self._reopened_tensors(items[i])))
-            fold.add(admission)
-        return fold.result()
+    def _folded(self, admitted: Sequence[tuple[int, Admission]]) -> tuple[StreamingWeightedMean | None, PartialSum]:
+        """The running sum with ``admitted`` folded in, in order, computed on a copy (the cache stays as committed)."""
+        old = self._partial
+        weight = sum(admission.weight for _, admission in admitted)
+        samples = old.samples + sum(admission.samples for _, admission in admitted)
+        if self._rule is None:  # buffered rules keep each delta in its row; the sum only counts
+            state = WeightedMeanState(sums={}, total_weight=old.state.total_weight + weight, count=old.state.count + len(admitted))
+            return None, PartialSum(state=state, samples=samples)
+        rule = StreamingWeightedMean.from_state(self._rule.to_state()) if self._rule.count else \
+            StreamingWeightedMean(expected_shapes=self._config.shapes)
+        for _, admission in admitted:
+            delta = admission.opened.tensors
+            if admission.clipped:
+                # clip_by_norm's values (float64 product, rounded to float32 once) from the norm the validator
+                # measured; an update within the bound folds as it is (clip_by_norm would return the same values).
+                delta = scale_delta(delta, admission.scale)
+            rule.accumulate(delta, admission.weight, checked=True)  # the validator checked names, shapes, finiteness
+        return rule, PartialSum(state=rule.to_state(), samples=samples)
 
     # -- answers ---------------------------------------------------------------
 
@@ -421,66 +387,6 @@ class UpdateIntake(RoundCache):
             header=header,
             delta=delta,
         )
-
-@dataclass(kw_only=True)
-class _Pass:
-    """One pass over a batch's items: the fold so far, what it admitted, what waits for the commit."""
-
-    fold: BatchFold
-    current: int | None
-    marker: RoundMarker | None
-    admitted: list[tuple[int, Admission]] = field(default_factory=list)
-    later: list[int] = field(default_factory=list)
-    taken: set[tuple[str, int]] = field(default_factory=set)
-
-
-class PendingBatch:
-    """A group-commit batch filled as updates arrive (:meth:`UpdateIntake.begin_batch`).
-
-    :meth:`add` opens, authenticates, deduplicates, validates and folds an update at once, while its bytes are
-    fresh in the CPU's caches, and answers nothing; :meth:`commit` accepts the admitted ones in ONE transaction
-    and returns one answer per added item, in order (the same answers :meth:`UpdateIntake.handle_batch` gives).
-    """
-
-    def __init__(self, intake: UpdateIntake) -> None:
-        self._intake = intake
-        self._items: list[IncomingUpdate] = []
-        self._answers: list[HandledUpdate | None] = []
-        self._pass = intake._new_pass()
-        self._done = False
-        # numpy's BLAS single-threaded from the first add to the end of the commit (not per add: threadpoolctl's
-        # limit costs tens of microseconds each time, a tenth of a small update's whole intake).
-        self._blas = _single_threaded_blas()
-        self._blas.__enter__()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, item: IncomingUpdate) -> None:
-        """Take in one sealed update (its answer comes from :meth:`commit`)."""
-        if self._done:
-            raise RuntimeError("this batch was committed")
-        self._items.append(item)
-        self._answers.append(None)
-        try:
-            self._intake._look(self._items, self._answers, self._pass, len(self._items) - 1)
-        except BaseException:  # a store failure before anything was folded: the batch stays as it was
-            self._items.pop()
-            self._answers.pop()
-            raise
-
-    def commit(self) -> list[HandledUpdate]:
-        """Make the admitted updates durable together, then answer every item (StoreError when the store keeps
-        changing). A batch commits once."""
-        if self._done:
-            raise RuntimeError("this batch was committed")
-        self._done = True
-        try:
-            todo, conflicts = self._intake._finish(self._items, self._answers, self._pass)
-            return self._intake._settle(self._items, self._answers, todo, conflicts)
-        finally:
-            self._blas.__exit__(None, None, None)
-
 
 @functools.lru_cache(maxsize=1)
 def _blas_controller(modules: int) -> ThreadpoolController:

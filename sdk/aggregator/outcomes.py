@@ -54,7 +54,7 @@ class HandledUpdate:
     which check failed. ``receipt`` is the signed receipt to send back, None
     when the message did not authenticate (answering it would let anyone make
     the aggregator sign things). ``header`` is None in that case too.
-    ``delta``: the update's tensors when accepted now by an intake that keeps them (a FedFomo region's), else None.
+    ``delta``: the update's tensors when accepted now, else None.
     """
 
     verdict: Verdict

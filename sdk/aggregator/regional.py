@@ -36,7 +36,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +57,7 @@ from sdk.aggregator.config import AggregatorConfig, apply_delta, conform_params
 from sdk.aggregator.contributors import CONTRIBUTORS_TENSOR, encode_contributors
 from sdk.aggregator.errors import RoundStateError
 from sdk.aggregator.forwarding import ForwardAnswer, settle_forward
-from sdk.aggregator.intake import PendingBatch, UpdateIntake
+from sdk.aggregator.intake import UpdateIntake
 from sdk.aggregator.merge import MergedRound
 from sdk.aggregator.outcomes import HandledUpdate
 from sdk.aggregator.records import ClosedRound, RoundRecord
@@ -157,24 +157,6 @@ class RegionalAggregate:
     blob: bytes | None
 
 
-class RegionalBatch:
-    """Updates taken in one at a time and committed together (:meth:`RegionalAggregator.begin_updates`)."""
-
-    def __init__(self, batch: PendingBatch, took: Callable[[list[HandledUpdate]], list[HandledUpdate]]) -> None:
-        self._batch, self._took = batch, took
-
-    def __len__(self) -> int:
-        return len(self._batch)
-
-    def add(self, item: IncomingUpdate) -> None:
-        """Open, check and fold one update now; its answer comes from :meth:`commit`."""
-        self._batch.add(item)
-
-    def commit(self) -> list[HandledUpdate]:
-        """Accept the admitted updates in one transaction; one answer per added update, in order."""
-        return self._took(self._batch.commit())
-
-
 class RegionalAggregator(AggregatorTier):
     """One region's aggregator over a durable store; see the module docstring for the round's math.
 
@@ -216,7 +198,6 @@ class RegionalAggregator(AggregatorTier):
             aggregation=config.aggregation,
             weight_of=lambda header: float(header.sample_count),
             influence=config.influence,
-            keep_deltas=config.fomo_candidates > 0,  # FedFomo's pool takes each accepted device's delta
         )
 
     @property
@@ -293,15 +274,7 @@ class RegionalAggregator(AggregatorTier):
     def handle_updates(self, items: Sequence[IncomingUpdate]) -> list[HandledUpdate]:
         """:meth:`handle_update` for several updates with one commit (group commit, docs/aggregation.md):
         one answer per item, in order; no receipt of the batch exists before every accepted update is durable."""
-        return self._took(self._intake.handle_batch(items))
-
-    def begin_updates(self) -> RegionalBatch:
-        """A group-commit batch filled as updates arrive (the service's path): each is opened, checked and folded
-        when added, and answered by the batch's commit, as :meth:`handle_updates` answers them."""
-        return RegionalBatch(self._intake.begin_batch(), self._took)
-
-    def _took(self, answers: list[HandledUpdate]) -> list[HandledUpdate]:
-        """The committed batch's answers, after FedFomo's pool took the accepted devices' models."""
+        answers = self._intake.handle_batch(items)
         record = self._intake.record
         if self._regional.fomo_candidates and record is not None:
             for handled in answers:

@@ -35,7 +35,7 @@ from sdk.aggregator.follower import VersionFollower
 from sdk.aggregator.inbox import InboxLimits
 from sdk.aggregator.metrics import ServiceMetrics
 from sdk.aggregator.outcomes import AggregatorStatus, HandledUpdate
-from sdk.aggregator.regional import RegionalAggregator, RegionalBatch
+from sdk.aggregator.regional import RegionalAggregator
 from sdk.aggregator.service_base import MqttAggregatorService
 from sdk.aggregator.service_config import BrokerSettings, LoopSettings
 
@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class _Queued:
-    """A whole device update taken into the open batch: ``arrived`` is when its last frame came (receipt latency)."""
+    """A whole device update waiting for its batch: ``arrived`` is when its last frame came (receipt latency)."""
 
+    blob: bytes
     device: str
     arrived: float | None
 
@@ -82,9 +83,6 @@ class RegionalService(MqttAggregatorService):
         self._resend = Backoff(BackoffPolicy(initial_s=loop.resend_min_s, max_s=loop.resend_max_s))
         self._resend_at: float | None = None
         self._batch: UpdateBatch[_Queued] = UpdateBatch(loop.batch_limits(), clock=clock)
-        #: The open group-commit batch: each update is opened, checked and folded when it arrives (its bytes fresh
-        #: in the CPU's caches), and the batch commits when ``_batch`` says it is due.
-        self._taking: RegionalBatch | None = None
 
     def expected_update_bytes(self) -> int:
         """One sealed update of this bundle's shared parameters, at most."""
@@ -128,7 +126,6 @@ class RegionalService(MqttAggregatorService):
             self.handle_root_model(payload)
             return
         if self.follower is not None and self.follower.handles(topic):
-            self.flush_batch(force=True)  # a release may switch the region's bundle: decide what came before it
             self.follower.handle(topic, payload)
             return
         if topic == self.layout.region_receipt(self.region):
@@ -148,10 +145,7 @@ class RegionalService(MqttAggregatorService):
             return
         blob = self.reassemble(payload, sender=device)
         if blob is not None:
-            if self._taking is None:
-                self._taking = self.aggregator.begin_updates()
-            self._taking.add(IncomingUpdate(blob=blob, topic_sender=device))
-            self._batch.add(_Queued(device=device, arrived=self.arrived), len(blob))
+            self._batch.add(_Queued(blob=blob, device=device, arrived=self.arrived), len(blob))
 
     def handle_candidate_request(self, payload: bytes, *, device: str) -> None:
         """Answer a device's FedFomo request with its sealed candidates, chunked to fit (nothing for a refused request)."""
@@ -161,7 +155,9 @@ class RegionalService(MqttAggregatorService):
 
     def handle_root_model(self, blob: bytes) -> None:
         """Start the round of the root's model and publish the region's signed model retained."""
-        self.flush_batch(force=True)  # updates that arrived before the next round's model are decided in their round
+        # Updates that arrived before the next round's model are decided in their round (here, not in handle_message:
+        # the tick also starts a model that waited for its bundle).
+        self.flush_batch(force=True)
         try:
             model = self.aggregator.handle_root_model(blob)
         except ModelRejectedError as exc:
@@ -199,10 +195,8 @@ class RegionalService(MqttAggregatorService):
         batch = self._batch
         if not len(batch) or not (force or batch.full or (batch.due() and self.inbox.pending() == 0)):
             return
-        queued, taking, self._taking = batch.drain(), self._taking, None
-        if taking is None or len(taking) != len(queued):  # every queued update was added to the open batch
-            raise RuntimeError(f"{len(queued)} queued update(s) but {0 if taking is None else len(taking)} in the open batch")
-        answers = taking.commit()
+        queued = batch.drain()
+        answers = self.aggregator.handle_updates([IncomingUpdate(blob=q.blob, topic_sender=q.device) for q in queued])
         for q, handled in zip(queued, answers):
             self.send_receipt(q.device, handled, arrived=q.arrived)
         self.on_tick()  # a quorum may have just been reached

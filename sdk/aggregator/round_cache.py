@@ -50,9 +50,6 @@ class RoundCache(CounterLedger):
         self._rule: StreamingWeightedMean | None = None
         self._window = ReplayWindow(rounds=config.replay_rounds)
         self._window_seq = 0
-        #: (sender, round) of every update the store holds as accepted for the cached round, as of the last catch-up
-        #: (any member's): the intake asks the store about a sender only when it is in here. One round's devices.
-        self._accepted_keys: set[tuple[str, int]] = set()
         self._base_largest = 0.0
         self.refresh()
 
@@ -113,7 +110,6 @@ class RoundCache(CounterLedger):
         return StreamingWeightedMean.from_state(self._partial.state)  # the intake clips before folding
 
     def _load_window(self) -> None:
-        self._accepted_keys = set()  # a new round: its rows all come after its snapshot, replayed below
         snapshot = self._store.replay_snapshot()
         if snapshot is None:
             self._window, self._window_seq = ReplayWindow(rounds=self._config.replay_rounds), 0
@@ -124,7 +120,6 @@ class RoundCache(CounterLedger):
     def _catch_up(self) -> None:
         """Replay accepted rows committed since the window last looked (by any member)."""
         for key in self._store.accepted_since(self._window_seq):
-            self._accepted_keys.add((key.sender, key.round))
             try:
                 self._window.record(key.sender, key.round, key.nonce)
             except RejectedUpdateError as exc:  # the window dropped that round or is full; the accepted table still guards it

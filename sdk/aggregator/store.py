@@ -184,18 +184,6 @@ class AggregatorStore:
             self.lock_wait_observer(waited)
 
     @contextmanager
-    def snapshot(self) -> Iterator[None]:
-        """One read transaction around several reads: they see one state of the file, and each costs less than a
-        read of its own (SQLite starts a read transaction per statement otherwise). Not inside :meth:`transaction`."""
-        if self._in_transaction:
-            raise RuntimeError("a snapshot cannot run inside a write transaction")
-        self._conn.execute("BEGIN DEFERRED")
-        try:
-            yield
-        finally:
-            self._conn.execute("COMMIT")  # ends the read; nothing was written
-
-    @contextmanager
     def savepoint(self) -> Iterator[None]:
         """Inside :meth:`transaction`: a nested scope whose writes are undone alone when it raises (one update of a batch)."""
         self._write("SAVEPOINT item")

@@ -7,16 +7,17 @@ that file as they would arrive from the broker, and reports updates/s and its
 peak RSS (``VmHWM``):
 
 - ``durable``: :class:`~sdk.aggregator.RegionalAggregator` on a SQLite file
-  (WAL, ``synchronous=FULL``), each update taken into the open batch as it is
-  read (opened, validated and folded then, as the service does on arrival), one
-  commit per ``batch`` updates, then the batch's signed receipts; then ``close_round``.
+  (WAL, ``synchronous=FULL``), updates handed over in batches of ``batch``
+  (what the service's queue does under load): open + validate + fold a batch,
+  one commit, then the batch's signed receipts; then ``close_round``.
 - ``unbatched``: the same with batches of one (a commit per update: the intake before group commit).
 - ``memory``: ``open_update`` + :class:`UpdateValidator`, folded into a
   :class:`~sdk.aggregation.StreamingWeightedMean`, no store, no digest, no receipt.
   ``durable`` / ``memory`` is the price of durability and exactly-once, and of taking updates a batch at a time.
-- ``memory-batched``: ``memory`` fed a batch of ``batch`` received updates at a time, then each opened,
-  validated and folded: the input of a service that queues a batch and opens it at the commit (what fedge's
-  did before it took updates in on arrival); ``memory`` and ``durable`` read each update just before they open it.
+- ``memory-batched``: ``memory`` fed as ``durable`` is, a batch of ``batch`` received updates at a time (the
+  service's queue holds them until their batch is handled), then each opened, validated and folded.
+  ``durable`` / ``memory-batched`` is the price of the store and the receipts alone: the two differ only
+  in them, while ``memory`` also reads each update just before it opens it (its bytes still in the CPU's caches).
 - ``naive``: the same open + validate, every decoded delta kept in a list, the mean at the end (memory grows with N).
 - ``members``: two ``durable`` processes, members of ONE region sharing its
   store, each taking every other update, started together; the round is
@@ -375,7 +376,7 @@ def format_table(rows: list[AggregatorBenchRow]) -> str:
                          f" {cell(f.runq_ms, 12)} {cell(f.lock_ms, 12)} {cell(f.commit_ms, 14)} {f.finish_s:9.3f} {f.peak_rss_mb:12.1f}")
         extra = [f"durable/memory {r.durable_vs_memory:.2f}x (target >= 0.8)"]
         if r.durable_vs_memory_batched is not None:
-            extra.append(f"durable/memory-batched {r.durable_vs_memory_batched:.2f}x")
+            extra.append(f"durable/memory-batched {r.durable_vs_memory_batched:.2f}x (the store and receipts alone)")
         if r.members_vs_durable is not None:
             runs = "/".join(f"{x:.2f}" for x in r.members_vs_durable_runs or [])
             extra.append(f"2 members/1 {r.members_vs_durable:.2f}x (target >= 1.6; per repeat {runs};"

@@ -86,14 +86,11 @@ _REGION = textwrap.dedent(
     agg.observe_lock_waits(lock_waits.append)
     rss_before_mb = status_mb("VmRSS")
     def run_batches():
-        # What the service does: each update is taken into the open batch as it arrives (opened, checked and
-        # folded then), and the batch commits once it holds cfg["batch"] updates.
+        # What the service does under load: the queue fills batches of cfg["batch"] updates.
         batch = cfg["batch"]
         for start in range(0, len(mine), batch):
-            taking = agg.begin_updates()
-            for i in mine[start:start + batch]:
-                taking.add(IncomingUpdate(blob=next_blob(i)))
-            for handled in taking.commit():
+            items = [IncomingUpdate(blob=next_blob(i)) for i in mine[start:start + batch]]
+            for handled in agg.handle_updates(items):
                 if handled.verdict is not Verdict.ACCEPTED:
                     raise SystemExit(f"an update was not accepted: {handled.reason}")
     """
@@ -159,8 +156,8 @@ MEMORY = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
 )
 
-# The memory path fed a batch of received updates at a time, then each opened, validated and folded: what a batch's
-# input cost when the service queued updates and opened them at the commit (before it took them in on arrival).
+# The memory path fed as the durable path is: a batch of received updates at a time (the service's queue holds them),
+# then each opened, validated and folded. durable / this is the price of the store and the receipts alone.
 MEMORY_BATCHED = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
     from sdk.aggregation import StreamingWeightedMean

@@ -7,7 +7,6 @@ resent batch gives the fault-free result bit for bit.
 
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import signal
@@ -270,27 +269,6 @@ def test_group_commit_service_queues_updates_and_decides_them_before_the_next_ro
     service.handle_message(layout.root_model, model)  # the queued update is decided in round 0, then round 1 starts
     status = region.status()
     assert (status.round, status.counters["abandoned_updates"]) == (1, 4) and "stale_round" not in status.rejections()
-
-
-def test_group_commit_service_opens_each_update_when_it_arrives_and_answers_at_the_commit(
-    open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate], blobs: list[bytes],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    region = _six(open_region)
-    layout = TopicLayout(fleet=scenario.FLEET)
-    service = RegionalService(region, region="eu", layout=layout, broker=BrokerSettings(host="127.0.0.1", port=1, client_id="eu-t"),
-                              loop=LoopSettings(batch_max_updates=3, batch_max_wait_s=1.0))  # never connected: no broker needed
-    caplog.set_level(logging.WARNING, logger="sdk.aggregator")
-    forged = scenario.seal(updates[0], key=scenario.signing_key("intruder"))
-    service.handle_message(layout.device_update(updates[0].device), forged)
-    # Opened on arrival: the forgery is refused (and logged) now, while nothing of the batch is committed yet.
-    assert [r for r in caplog.records if "authentication failed" in r.getMessage()]
-    assert region.status().accepted == 0 and service.batch_due_in() is not None
-    for update, blob in zip(updates[1:3], blobs[1:3]):
-        service.handle_message(layout.device_update(update.device), blob)
-    service.flush_batch()  # full: one commit, then the answers
-    status = region.status()
-    assert (status.accepted, status.rejections()) == (2, {"auth": 1}) and service.batch_due_in() is None
 
 
 def test_group_commit_runs_numpy_blas_single_threaded_and_restores_it(

@@ -60,21 +60,6 @@ def test_store_round_state_survives_reopen(tmp_path: Path) -> None:
     store.close()
 
 
-def test_store_snapshot_reads_one_state_while_another_member_commits(tmp_path: Path) -> None:
-    a, b = _open(tmp_path / "s.sqlite", member="a"), _open(tmp_path / "s.sqlite", member="b")
-    _begin(a)
-    with a.snapshot():
-        assert a.find_acceptance("dev-1", 0) is None
-        with b.transaction():  # WAL: a reader does not block a writer
-            b.insert_acceptance(_acceptance())
-        assert a.find_acceptance("dev-1", 0) is None  # the snapshot's state
-    assert a.find_acceptance("dev-1", 0) == _acceptance()  # a fresh read sees b's commit
-    with a.transaction(), pytest.raises(RuntimeError, match="snapshot"), a.snapshot():
-        pass
-    a.close()
-    b.close()
-
-
 def test_store_accepts_one_update_per_sender_and_round(tmp_path: Path) -> None:
     store = _open(tmp_path / "s.sqlite")
     _begin(store)

@@ -1,9 +1,10 @@
-"""Review of the fold-as-admitted intake: the refold path at the root (contributor lists, device_overlap in a batch).
+"""The refold path at the root (contributor lists, device_overlap in a batch): a regression test from the review of
+an intake that folded each update as it was admitted (measured and reverted, see docs/benchmarks.md).
 
 A device_overlap refusal happens inside the write transaction, after the batch was folded: the intake refolds the
-aggregates it kept, re-opening them from their bytes. Real regional aggregators close real rounds; the root's intake
-takes their sealed aggregates as ONE batch (``UpdateIntake.handle_batch``, the intake's public batch entry; the root
-and middle services hand it one aggregate at a time today, so in production this path is reached only by batching).
+aggregates it kept. Real regional aggregators close real rounds; the root's intake takes their sealed aggregates as
+ONE batch (``UpdateIntake.handle_batch``, the intake's public batch entry; the root and middle services hand it one
+aggregate at a time today, so in production this path is reached only by batching).
 """
 
 from __future__ import annotations

@@ -13,13 +13,14 @@ from __future__ import annotations
 import fcntl
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from sdk.aggregator.errors import StoreError
 
 _SQLITE_BUSY = 5
-POLL_S = 0.001
+_POLL_S = 0.001
 
 
 def open_member_connection(path: Path, *, member: str, busy_timeout_s: float) -> tuple[sqlite3.Connection, IO[bytes]]:
@@ -50,37 +51,38 @@ def begin_immediate(conn: sqlite3.Connection, busy_timeout_s: float) -> float:
     """``BEGIN IMMEDIATE``, retried every millisecond while another connection holds the write lock (up to the busy
     timeout, then the busy error); the seconds it waited."""
     started = time.monotonic()
-    deadline = started + busy_timeout_s
     conn.execute("PRAGMA busy_timeout = 0")
     try:
-        while True:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                break
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or time.monotonic() >= deadline:
-                    raise
-            time.sleep(POLL_S)
+        _while_busy(lambda: conn.execute("BEGIN IMMEDIATE"), deadline=started + busy_timeout_s)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
     return time.monotonic() - started
 
 
-def is_busy(exc: sqlite3.OperationalError) -> bool:
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
     """True for SQLITE_BUSY (another connection holds the lock), false for every other failure."""
     code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
     return (code & 0xFF) == _SQLITE_BUSY if isinstance(code, int) else "database is locked" in str(exc)
 
 
 def _switch_to_wal(conn: sqlite3.Connection, busy_timeout_s: float) -> str:
-    """``PRAGMA journal_mode=WAL``, retried every millisecond while another connection holds a lock, up to the busy
-    timeout: two members opening a new store at once both switch it, and SQLite answers the second "database is
-    locked" at once, without its busy handler (waiting could deadlock it). The journal mode it ends in."""
-    deadline = time.monotonic() + busy_timeout_s
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds a lock, up to the busy timeout: two
+    members opening a new store at once both switch it, and SQLite answers the second "database is locked" at
+    once, without its busy handler (waiting could deadlock it). The journal mode it ends in."""
+    row = _while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone(), deadline=time.monotonic() + busy_timeout_s)
+    return str(row[0])
+
+
+_T = TypeVar("_T")
+
+
+def _while_busy(statement: Callable[[], _T], *, deadline: float) -> _T:
+    """``statement()``, run again every millisecond while it fails with SQLITE_BUSY, until ``deadline`` (monotonic
+    seconds; then the busy error). Any other failure is raised at once."""
     while True:
         try:
-            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+            return statement()
         except sqlite3.OperationalError as exc:
-            if not is_busy(exc) or time.monotonic() >= deadline:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
                 raise
-        time.sleep(POLL_S)
+        time.sleep(_POLL_S)

@@ -294,6 +294,8 @@ def run_aggregator_bench(
                         cfg = dict(bases[frame], mean_out=str(mean_out), db=str(work / f"region-{count}-{rep}.sqlite"))
                         if p == "unbatched":
                             cfg["batch"] = 1
+                        if p == "memory-batched":
+                            cfg["received"] = batch  # the durable path's batches, received before any is opened
                         runs[frame][p].append(_run_members(cfg) if p == "members" else _run_child(p, cfg))
                         diff = _max_abs_diff(mean_out, prepared[frame][2])
                         if not diff <= tolerance:

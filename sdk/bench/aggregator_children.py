@@ -141,30 +141,17 @@ NAIVE = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
 )
 
+# "memory" reads each update just before it opens it (cfg["received"] 1); "memory-batched" takes cfg["batch"]
+# received updates at a time, as the durable path is handed them (the service's queue holds them), then opens each:
+# durable / memory-batched is the price of the store and the receipts alone.
 MEMORY = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
     """
     from sdk.aggregation import StreamingWeightedMean
     acc = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
+    received_at_once = cfg.get("received", 1)
     t0, c0, q0 = time.perf_counter(), cpu(), runq()
-    for i in range(len(index)):
-        opened = open_valid(i)
-        acc.accumulate(opened.tensors, float(opened.header.sample_count), checked=True)  # validated above
-    t1, c1, q1 = time.perf_counter(), cpu(), runq()
-    mean = acc.finalize()
-    t2 = time.perf_counter()
-    report(mean, t1 - t0, t2 - t1, cpu_s=c1 - c0, runq_s=q1 - q0)
-    """
-)
-
-# The memory path fed as the durable path is: a batch of received updates at a time (the service's queue holds them),
-# then each opened, validated and folded. durable / this is the price of the store and the receipts alone.
-MEMORY_BATCHED = _PRELUDE + _OPEN_VALIDATE + textwrap.dedent(
-    """
-    from sdk.aggregation import StreamingWeightedMean
-    acc = StreamingWeightedMean(expected_shapes={name: shape for name, (shape, _) in spec.items()})
-    t0, c0, q0 = time.perf_counter(), cpu(), runq()
-    for start in range(0, len(index), cfg["batch"]):
-        received = [next_blob(i) for i in range(start, min(start + cfg["batch"], len(index)))]
+    for start in range(0, len(index), received_at_once):
+        received = [next_blob(i) for i in range(start, min(start + received_at_once, len(index)))]
         for blob in received:
             opened = open_blob(blob)
             acc.accumulate(opened.tensors, float(opened.header.sample_count), checked=True)  # validated above
@@ -251,5 +238,4 @@ PARTS = _PRELUDE + textwrap.dedent(
     """
 )
 
-SCRIPTS = {"durable": DURABLE, "unbatched": DURABLE, "naive": NAIVE, "memory": MEMORY, "memory-batched": MEMORY_BATCHED,
-           "parts": PARTS}
+SCRIPTS = {"durable": DURABLE, "unbatched": DURABLE, "naive": NAIVE, "memory": MEMORY, "memory-batched": MEMORY, "parts": PARTS}

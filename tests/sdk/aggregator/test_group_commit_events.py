@@ -68,7 +68,7 @@ def _started(open_region: Callable[..., RegionalAggregator], db: str) -> Regiona
 
 def _old_path_answers(open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate],
                       blobs: list[bytes]) -> list[tuple[str, Verdict, str]]:
-    """The old path on a second store: three committed, the round closed by its deadline, then the two that
+    """handle_updates on a second store: three committed, the round closed by its deadline, then the two that
     were queued (as bytes) handed to handle_updates at the flush."""
     region = _started(open_region, "old.sqlite")
     first = region.handle_updates([IncomingUpdate(blob=b, topic_sender=u.device) for u, b in zip(updates[:3], blobs[:3])])
@@ -77,7 +77,7 @@ def _old_path_answers(open_region: Callable[..., RegionalAggregator], updates: l
     return [(u.device, h.verdict, h.reason) for u, h in zip(updates[:5], first + late)]
 
 
-def test_arrive_review_deadline_close_between_adds_never_acknowledges_an_update_left_out_of_the_aggregate(
+def test_service_deadline_close_while_updates_wait_never_acknowledges_an_update_left_out_of_the_aggregate(
     open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
     updates: list[scenario.DeviceUpdate], blobs: list[bytes],
 ) -> None:
@@ -88,7 +88,7 @@ def test_arrive_review_deadline_close_between_adds_never_acknowledges_an_update_
     service.flush_batch(force=True)  # three committed and acknowledged
     clock.advance(59.5)
     for update, blob in zip(updates[3:5], blobs[3:5]):
-        service.handle_message(LAYOUT.device_update(update.device), blob)  # folded into the open batch, not committed
+        service.handle_message(LAYOUT.device_update(update.device), blob)  # queued for the batch, not committed
     clock.advance(0.6)  # the deadline (60 s) has passed; the batch's latency cap (1 s) has not
     service.flush_batch()  # as the loop calls it: not due yet
     assert service.batch_due_in() is not None
@@ -105,13 +105,13 @@ def test_arrive_review_deadline_close_between_adds_never_acknowledges_an_update_
     assert service.answers == _old_path_answers(open_region, updates, blobs)
 
 
-def test_arrive_review_counter_flush_and_another_members_commit_between_adds_answer_as_the_old_path(
+def test_service_counter_flush_and_another_members_commit_while_updates_wait_answer_once_each(
     open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
     updates: list[scenario.DeviceUpdate], blobs: list[bytes],
 ) -> None:
     """Between two adds: a counter flush (after a refused forgery), and member ``b`` of the same store accepting
-    the very update this member holds folded plus one of its own. Each update counts once, the held copy is
-    answered as a duplicate, and the answers are those of the old path."""
+    the very update this member has queued plus one of its own. Each update counts once, the queued copy is
+    answered as a duplicate."""
     region = _started(open_region, "eu.sqlite")
     other = open_region(db="eu.sqlite", member="b", policy=scenario.RoundPolicy(quorum=6, deadline_s=60.0))
     service = _service(region, clock)
@@ -133,13 +133,13 @@ def test_arrive_review_counter_flush_and_another_members_commit_between_adds_ans
     assert closed.update_count == 3 and closed.sample_count == sum(u.samples for u in updates[:3])
 
 
-def test_arrive_review_quorum_reached_by_another_member_closes_between_adds_without_losing_the_held_update(
+def test_service_quorum_reached_by_another_member_closes_while_updates_wait_without_losing_the_queued_update(
     open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
     updates: list[scenario.DeviceUpdate], blobs: list[bytes],
 ) -> None:
-    """This member holds one update folded; member ``b`` commits three others, reaching the quorum (3); this
-    member's tick closes the round. The held update must not be acknowledged unless the aggregate counts it
-    (the old path answers it stale_round)."""
+    """This member has one update queued; member ``b`` commits three others, reaching the quorum (3); this
+    member's tick closes the round. The queued update must not be acknowledged unless the aggregate counts it
+    (it is answered stale_round)."""
     region = open_region(db="eu.sqlite", policy=scenario.RoundPolicy(quorum=3, deadline_s=60.0))
     region.start_round(0, scenario.initial_model())
     other = open_region(db="eu.sqlite", member="b", policy=scenario.RoundPolicy(quorum=3, deadline_s=60.0))
@@ -163,21 +163,18 @@ class _SwitchesTo4(_Recording):
         return True
 
 
-def test_arrive_review_a_waiting_root_model_of_another_version_commits_the_open_batch_before_switching(
+def test_service_a_waiting_root_model_of_another_version_commits_the_queued_updates_before_switching(
     open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
     updates: list[scenario.DeviceUpdate], blobs: list[bytes],
 ) -> None:
     """RegionalService.on_tick starts a root model that waited for its bundle (``_waiting_model``) by calling
-    handle_root_model WITHOUT committing the open batch (only handle_message's root-model branch flushes). The
-    switch (``_switch_for`` -> adopt: a new intake) then leaves the open batch bound to the OLD intake: the
-    update held from round 0 is not decided in its round, and the new version's updates that arrive next are
-    refused wrong_bundle_version by the old version's checks. The rule (docs/aggregation.md, "Group commit"):
-    a root model commits the open batch first, so the held update counts in round 0."""
+    handle_root_model directly. The rule (docs/aggregation.md, "Group commit"): a root model first commits the
+    updates queued before it, so the one queued from round 0 counts in round 0, not stale after the switch to v4."""
     region = _started(open_region, "eu.sqlite")
     service = _SwitchesTo4(region, region="eu", layout=LAYOUT, clock=clock,
                            broker=BrokerSettings(host="127.0.0.1", port=1, client_id="eu-review"),
                            loop=LoopSettings(batch_max_updates=10, batch_max_wait_s=1.0))
-    service.handle_message(LAYOUT.device_update(updates[0].device), blobs[0])  # v3, round 0: held in the open batch
+    service.handle_message(LAYOUT.device_update(updates[0].device), blobs[0])  # v3, round 0: queued for the batch
     model = sign_model(ModelHeader.create(fleet=scenario.FLEET, sender="root", round=1, bundle_version=4),
                        scenario.initial_model(), signer_key=scenario.signing_key("root"))
     service.handle_root_model(model)  # what on_tick does with the waiting model once its bundle is here
@@ -190,13 +187,13 @@ def test_arrive_review_a_waiting_root_model_of_another_version_commits_the_open_
     assert region.status().accepted == 2  # round 1's
 
 
-def test_arrive_review_root_receipt_between_adds_settles_the_aggregate_and_the_held_updates_answer_as_the_old_path(
+def test_service_root_receipt_while_updates_wait_settles_the_aggregate_and_the_queued_updates_answer_stale(
     open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock, tmp_path: Path,
     updates: list[scenario.DeviceUpdate], blobs: list[bytes],
 ) -> None:
-    """Round 0 closed by its deadline with an empty batch; late updates are held (refused on arrival) while the
-    root's receipt for the aggregate arrives between two adds: the aggregate settles, the late ones are stale_round
-    (the old path's answers), nothing else is counted."""
+    """Round 0 closed by its deadline with an empty batch; late updates are queued while the root's receipt for
+    the aggregate arrives between two of them: the aggregate settles, the late ones are stale_round, nothing else
+    is counted."""
     region = _started(open_region, "eu.sqlite")
     service = _service(region, clock)
     for update, blob in zip(updates[:3], blobs[:3]):
@@ -220,26 +217,26 @@ def test_arrive_review_root_receipt_between_adds_settles_the_aggregate_and_the_h
     assert region.status().accepted == 3 and region.close_round().update_count == 3
 
 
-def test_arrive_review_fedfomo_request_between_adds_is_served_from_committed_updates_only(
+def test_service_fedfomo_request_while_updates_wait_is_served_from_committed_updates_only(
     open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
     updates: list[scenario.DeviceUpdate], blobs: list[bytes],
 ) -> None:
-    """FedFomo on: a candidate request between two adds is answered from the pool of COMMITTED updates (as the
-    old path, which had not handled the queued ones yet); the held update joins the pool at its commit."""
+    """FedFomo on: a candidate request between two queued updates is answered from the pool of COMMITTED updates;
+    the queued update joins the pool at its commit."""
     region = open_region(db="eu.sqlite", policy=scenario.RoundPolicy(quorum=6, deadline_s=60.0), fomo_candidates=4)
     region.start_round(0, scenario.initial_model())
     service = _service(region, clock)
     for update, blob in zip(updates[:2], blobs[:2]):
         service.handle_message(LAYOUT.device_update(update.device), blob)
     service.flush_batch(force=True)
-    service.handle_message(LAYOUT.device_update(updates[2].device), blobs[2])  # held, folded, not committed
+    service.handle_message(LAYOUT.device_update(updates[2].device), blobs[2])  # queued, not committed
     asker = updates[5].device
     request = sign_candidate_request(CandidateRequest.create(
         fleet=scenario.FLEET, region="eu", device=asker, round=0, k=4, prefer=(updates[2].device,),
         reply_key=raw_public_bytes(X25519PrivateKey.from_private_bytes(bytes(range(32))).public_key())),
         signer_key=scenario.signing_key(asker))
     served = region.handle_candidate_request(request, topic_device=asker)
-    assert sorted(served.peers) == sorted(u.device for u in updates[:2])  # the held one is not in the pool yet
+    assert sorted(served.peers) == sorted(u.device for u in updates[:2])  # the queued one is not in the pool yet
     service.handle_message(LAYOUT.device_update(updates[3].device), blobs[3])
     service.flush_batch(force=True)
     assert [v for _, v, _ in service.answers] == [Verdict.ACCEPTED] * 4
@@ -247,12 +244,12 @@ def test_arrive_review_fedfomo_request_between_adds_is_served_from_committed_upd
     assert region.status().accepted == 4
 
 
-def test_arrive_review_stop_commits_and_answers_the_open_batch(
+def test_service_stop_commits_and_answers_the_queued_updates(
     open_region: Callable[..., RegionalAggregator], clock: scenario.StepClock,
     updates: list[scenario.DeviceUpdate], blobs: list[bytes],
 ) -> None:
-    """The service stops while a batch is open (its updates folded, not committed): run()'s last flush commits
-    and answers them; nothing is left in the open batch. No broker listens on the port: run() ends at once."""
+    """The service stops while updates wait for their batch: run()'s last flush commits and answers them;
+    nothing is left queued. No broker listens on the port: run() ends at once."""
     region = _started(open_region, "eu.sqlite")
     service = _service(region, clock)
     for update, blob in zip(updates[:2], blobs[:2]):

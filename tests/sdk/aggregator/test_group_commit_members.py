@@ -43,16 +43,14 @@ def _batch(region: RegionalAggregator, *blobs: bytes) -> list[tuple[Verdict, str
     return [(h.verdict, h.reason) for h in region.handle_updates([IncomingUpdate(blob=b) for b in blobs])]
 
 
-def test_intake_review_resend_of_the_other_members_acceptance_is_a_duplicate_and_the_refold_is_exact(
-        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate]) -> None:
+def test_group_commit_resend_of_the_other_members_acceptance_is_a_duplicate_and_the_refold_is_exact(
+        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     blobs = [scenario.seal(u) for u in updates]
-    hook = _OnLookup(scenario.device_keys("eu").get, updates[2].device, nth=1)
-    a = open_region(db="shared.sqlite", member="a", policy=QUORUM, device_keys=hook)
-    a.start_round(0, scenario.initial_model())
-    b = open_region(db="shared.sqlite", member="b", policy=QUORUM)
-    # b counts blobs[0] after a looked it up and folded it (while a opens blobs[2]): a's commit finds b's row (a
-    # conflict), keeps blobs[1] and blobs[2] refolded from their bytes, and the next pass answers blobs[0] a duplicate.
-    hook.action = lambda: _accepted(b, blobs[0])
+    a, b = _pair(open_region)
+    # b counts blobs[0] after a looked its batch up: a's commit finds b's row (a conflict), refolds blobs[1] and
+    # blobs[2] alone, and the next pass answers blobs[0] a duplicate (only that path can: the lookup saw nothing).
+    _after_lookup(a, lambda: _accepted(b, blobs[0]), monkeypatch)
     assert _batch(a, blobs[0], blobs[1], blobs[2]) == [(Verdict.DUPLICATE, ""), (Verdict.ACCEPTED, ""), (Verdict.ACCEPTED, "")]
     assert a.status().accepted == 3 and a.status().counters["duplicate"] == 1
     merged = a._intake.merge(0)
@@ -70,7 +68,7 @@ def test_intake_review_resend_of_the_other_members_acceptance_is_a_duplicate_and
         np.testing.assert_array_equal(merged.mean_delta[name], value)
 
 
-def test_intake_review_a_second_update_of_a_sender_the_other_member_counted_is_already_counted_even_when_invalid(
+def test_group_commit_a_second_update_of_a_sender_the_other_member_counted_is_already_counted_even_when_invalid(
         open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate]) -> None:
     a, b = _pair(open_region)
     assert _batch(b, scenario.seal(updates[0])) == [(Verdict.ACCEPTED, "")]
@@ -82,7 +80,7 @@ def test_intake_review_a_second_update_of_a_sender_the_other_member_counted_is_a
     assert _batch(a, second) == [(Verdict.REJECTED, "already_counted")]
 
 
-def test_intake_review_round_closed_by_the_other_member_answers_resends_and_newcomers_as_before(
+def test_group_commit_round_closed_by_the_other_member_answers_resends_and_newcomers_as_before(
         open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate]) -> None:
     blobs = [scenario.seal(u) for u in updates]
     a, b = _pair(open_region)
@@ -93,59 +91,56 @@ def test_intake_review_round_closed_by_the_other_member_answers_resends_and_newc
         (Verdict.DUPLICATE, ""), (Verdict.REJECTED, "already_counted"), (Verdict.REJECTED, "stale_round")]
 
 
-class _OnLookup:
-    """The devices' keys, and ``action`` run once, when ``sender``'s key is looked up the ``nth`` time: a point in
-    the middle of a batch where another member (or a SIGHUP reload thread) can act."""
+def _after_lookup(region: RegionalAggregator, action: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``action`` once, right after ``region`` looked its batch's senders up in the store and before its commit:
+    the window in which another member's commit (or a SIGHUP reload thread) races this member's batch."""
+    store = region._intake._store
+    lookup = store.find_acceptances
+    pending = [action]
 
-    def __init__(self, keys: Callable[[str], object], sender: str, nth: int) -> None:
-        self.keys, self.sender, self.nth, self.seen = keys, sender, nth, 0
-        self.action: Callable[[], None] = lambda: None
+    def find_then_act(round: int, senders: object) -> object:
+        found = lookup(round, senders)  # type: ignore[arg-type]
+        while pending:
+            pending.pop()()
+        return found
 
-    def __call__(self, sender: str) -> object:
-        key = self.keys(sender)
-        if sender == self.sender:
-            self.seen += 1
-            if self.seen == self.nth:
-                self.action()
-        return key
+    monkeypatch.setattr(store, "find_acceptances", find_then_act)
 
 
-def test_intake_review_round_closed_under_the_commit_answers_every_update_stale(
-        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate]) -> None:
-    keys = scenario.device_keys("eu")
-    hook = _OnLookup(keys.get, updates[2].device, nth=1)
-    a, b = _pair(open_region, device_keys=hook)
+def test_group_commit_round_closed_under_the_commit_answers_every_update_stale(
+        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = _pair(open_region)
     assert _batch(b, scenario.seal(updates[0])) == [(Verdict.ACCEPTED, "")]
-    hook.action = lambda: (b.close_round(), None)[1]  # b closes round 0 after a opened the batch's last update
+    _after_lookup(a, b.close_round, monkeypatch)  # b closes round 0 between a's lookup and a's commit
     answers = _batch(a, scenario.seal(updates[1]), scenario.seal(updates[2]), scenario.seal(updates[0]))
     assert answers == [(Verdict.REJECTED, "stale_round"), (Verdict.REJECTED, "stale_round"), (Verdict.DUPLICATE, "")]
     assert a.status().accepted == 1 and b._intake.merge(0).update_count == 1
 
 
-def test_intake_review_a_key_revoked_while_a_batch_is_refolded_still_answers_the_batch(
-        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate], tmp_path: Path) -> None:
+def test_group_commit_a_key_revoked_while_a_batch_is_refolded_still_answers_the_batch(
+        open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     keys_dir = tmp_path / "devices"
     keys_dir.mkdir()
     for u in updates:
         save_public_key(scenario.signing_key(u.device).public_key(), keys_dir / f"{u.device}.pub")
     registry = KeyRegistry(keys_dir)
     blobs = [scenario.seal(u) for u in updates]
-    hook = _OnLookup(registry, updates[2].device, nth=1)
-    a = open_region(db="shared.sqlite", member="a", policy=QUORUM, device_keys=hook)
-    a.start_round(0, scenario.initial_model())
-    b = open_region(db="shared.sqlite", member="b", policy=QUORUM, device_keys=registry)
+    a, b = _pair(open_region, device_keys=registry)
 
-    def race() -> None:  # while a opens blobs[2]: b counts blobs[0], and updates[1]'s device is removed (SIGHUP reload)
+    def race() -> None:  # after a's lookup: b counts blobs[0], and updates[1]'s device is removed (SIGHUP reload)
         _accepted(b, blobs[0])
         (keys_dir / REVOKED_FILE).write_text(f"{key_id(scenario.signing_key(updates[1].device).public_key())} removed\n")
         assert registry.reload() is not None
 
-    hook.action = race
+    _after_lookup(a, race, monkeypatch)
     # a's commit conflicts on blobs[0] and refolds the others from the tensors it holds: blobs[1] authenticated when
     # it arrived and counts, although its key is revoked now (the next update from that device will not).
     answers = _batch(a, blobs[0], blobs[1], blobs[2])
     assert answers == [(Verdict.DUPLICATE, ""), (Verdict.ACCEPTED, ""), (Verdict.ACCEPTED, "")]
     assert a.status().accepted == 3
+    assert _batch(a, scenario.seal(updates[1], nonce=scenario.random_nonce())) == [(Verdict.REJECTED, "auth")]
 
 
 def _accepted(region: RegionalAggregator, blob: bytes) -> None:
@@ -172,7 +167,7 @@ def small_windows(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def test_intake_review_window_at_capacity_resend_after_close_is_a_duplicate(
+def test_group_commit_window_at_capacity_resend_after_close_is_a_duplicate(
         open_region: Callable[..., RegionalAggregator], updates: list[scenario.DeviceUpdate],
         request: pytest.FixtureRequest) -> None:
     blobs = [scenario.seal(u) for u in updates]
@@ -190,7 +185,7 @@ def test_intake_review_window_at_capacity_resend_after_close_is_a_duplicate(
     assert a.status().accepted == 3
 
 
-def test_intake_review_a_batch_of_the_other_members_acceptances_is_answered_within_the_attempts(
+def test_group_commit_a_batch_of_the_other_members_acceptances_is_answered_within_the_attempts(
         open_region: Callable[..., RegionalAggregator]) -> None:
     updates = scenario.device_updates(count=8, seed=29)
     blobs = [scenario.seal(u) for u in updates]

@@ -40,7 +40,7 @@ def _delta(blob: bytes) -> tuple[dict[str, np.ndarray], int]:
     return dict(stripped.tensors), opened.header.sample_count
 
 
-def test_intake_review_root_batch_with_a_device_overlap_answers_every_aggregate_and_counts_the_kept_one(
+def test_group_commit_root_batch_with_a_device_overlap_answers_every_aggregate_and_counts_the_kept_one(
         open_region: Callable[..., RegionalAggregator], tmp_path: Path, clock: scenario.StepClock) -> None:
     shared = scenario.device_updates("eu", count=1)[0]  # re-provisioned into us with the same id and key
     eu = _closed_region(open_region, "eu", scenario.device_updates("eu", count=3))
